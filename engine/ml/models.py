@@ -1,0 +1,210 @@
+"""Classifier architectures. Layer names follow the reference implementations so that their
+state dicts import directly: ``resnet18`` and ``vgg11-bn`` follow kuangliu/pytorch-cifar (the
+checkpoints the MESA paper started from), ``preact-resnet18`` follows BackdoorBench.
+
+Every model takes any class count, 1 or 3 channels and 28 or 32 pixel images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.errors import UserError
+
+# ---------------------------------------------------------------------------------------------
+# ResNet-18, CIFAR variant (3x3 stem, no max-pool)
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    def __init__(self, num_blocks: list[int], num_classes: int, in_channels: int):
+        super().__init__()
+        self.in_planes = 64
+        self.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.layer1 = self._make_layer(64, num_blocks[0], 1)
+        self.layer2 = self._make_layer(128, num_blocks[1], 2)
+        self.layer3 = self._make_layer(256, num_blocks[2], 2)
+        self.layer4 = self._make_layer(512, num_blocks[3], 2)
+        self.linear = nn.Linear(512, num_classes)
+
+    def _make_layer(self, planes: int, n: int, stride: int) -> nn.Sequential:
+        layers = []
+        for s in [stride] + [1] * (n - 1):
+            layers.append(BasicBlock(self.in_planes, planes, s))
+            self.in_planes = planes
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)  # = avg_pool2d(out, 4) at 32 px
+        return self.linear(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# PreAct-ResNet-18 (BackdoorBench's default)
+
+
+class PreActBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if hasattr(self, "shortcut") else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + shortcut
+
+
+class PreActResNet18(nn.Module):
+    def __init__(self, num_classes: int, in_channels: int):
+        super().__init__()
+        self.in_planes = 64
+        self.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+        self.layer1 = self._make_layer(64, 2, 1)
+        self.layer2 = self._make_layer(128, 2, 2)
+        self.layer3 = self._make_layer(256, 2, 2)
+        self.layer4 = self._make_layer(512, 2, 2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.linear = nn.Linear(512, num_classes)
+
+    def _make_layer(self, planes: int, n: int, stride: int) -> nn.Sequential:
+        layers = []
+        for s in [stride] + [1] * (n - 1):
+            layers.append(PreActBlock(self.in_planes, planes, s))
+            self.in_planes = planes
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv1(x)
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        return self.linear(self.avgpool(out).flatten(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# VGG-11 with batch norm
+
+
+class VGG(nn.Module):
+    CFG_11 = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
+
+    def __init__(self, num_classes: int, in_channels: int):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = in_channels
+        for v in self.CFG_11:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
+            else:
+                layers += [
+                    nn.Conv2d(c, int(v), 3, padding=1),
+                    nn.BatchNorm2d(int(v)),
+                    nn.ReLU(True),
+                ]
+                c = int(v)
+        layers.append(nn.AvgPool2d(1, 1))
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# A small fast network for CPU work (airbench-like: conv, pool, BN, GELU)
+
+
+class ConvGroup(nn.Module):
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+        self.pool = nn.MaxPool2d(2)
+        self.norm1 = nn.BatchNorm2d(c_out, momentum=0.4)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.norm2 = nn.BatchNorm2d(c_out, momentum=0.4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.norm1(self.pool(self.conv1(x))))
+        return F.gelu(self.norm2(self.conv2(x)))
+
+
+class SmallNet(nn.Module):
+    """About 0.1 M parameters per 32 of width; reaches mid-80s on CIFAR-10 in minutes on a CPU."""
+
+    def __init__(
+        self, num_classes: int, in_channels: int, widths: tuple[int, int, int] = (32, 64, 128)
+    ):
+        super().__init__()
+        stem = widths[0] // 2
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, stem, 3, padding=1, bias=False),
+            nn.BatchNorm2d(stem, momentum=0.4),
+            nn.GELU(),
+        )
+        self.layer1 = ConvGroup(stem, widths[0])
+        self.layer2 = ConvGroup(widths[0], widths[1])
+        self.layer3 = ConvGroup(widths[1], widths[2])
+        self.linear = nn.Linear(widths[2], num_classes, bias=False)
+        self.scale = 1 / 9  # logit temperature as in airbench
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
+        x = F.adaptive_max_pool2d(x, 1).flatten(1)
+        return self.linear(x) * self.scale
+
+
+ARCHITECTURES: dict[str, Callable[[int, int], nn.Module]] = {
+    "resnet18": lambda n, c: ResNet([2, 2, 2, 2], n, c),
+    "preact-resnet18": PreActResNet18,
+    "vgg11-bn": VGG,
+    "small": lambda n, c: SmallNet(n, c, (32, 64, 128)),
+    "small-wide": lambda n, c: SmallNet(n, c, (64, 128, 256)),
+}
+
+
+def build_model(arch: str, num_classes: int, in_channels: int = 3) -> nn.Module:
+    if arch not in ARCHITECTURES:
+        raise UserError(f"architecture '{arch}' is unknown; use one of {', '.join(ARCHITECTURES)}")
+    if num_classes < 2:
+        raise UserError(f"num_classes {num_classes} is too small; a classifier needs at least 2")
+    if in_channels not in (1, 3):
+        raise UserError(f"in_channels {in_channels} is unsupported; use 1 (grey) or 3 (RGB)")
+    return ARCHITECTURES[arch](num_classes, in_channels)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,270 @@
+"""Patch triggers: parsing trigger specs, placements, and vectorised stamping.
+
+All stamping happens in pixel space ([0, 1] floats), before normalisation. A trigger pattern is a
+float tensor ``(C, k, k)``; a batch of patterns is ``(N, C, k, k)``. Stamping overwrites the patch
+(no mask, no blending), as in BadNets and the MESA paper.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.errors import UserError
+from engine.triggerspec import SPEC_HELP as _SPEC_HELP
+
+PLACEMENTS = ("per-image", "per-batch", "corner")
+
+
+# ---------------------------------------------------------------------------------------------
+# Black/white 3x3 patterns
+
+
+def bw_pattern(pattern_id: int, channels: int = 3) -> torch.Tensor:
+    """The 3x3 black/white pattern ``pattern_id`` (0..511): row-major bits, MSB top left."""
+    if not 0 <= pattern_id <= 511:
+        raise UserError(f"bw trigger id {pattern_id} is out of range; use an id in 0..511")
+    bits = [(pattern_id >> (8 - i)) & 1 for i in range(9)]
+    grid = torch.tensor(bits, dtype=torch.float32).reshape(3, 3)
+    return grid.unsqueeze(0).repeat(channels, 1, 1)
+
+
+def _bits_to_id(bits: np.ndarray) -> int:
+    flat = bits.reshape(-1)
+    return int(sum(int(b) << (8 - i) for i, b in enumerate(flat)))
+
+
+def bw_orbit(pattern_id: int) -> set[int]:
+    """All ids equivalent to ``pattern_id`` under the 8 symmetries of the square and inversion."""
+    grid = np.array([(pattern_id >> (8 - i)) & 1 for i in range(9)]).reshape(3, 3)
+    orbit = set()
+    for flip, rot, invert in itertools.product((False, True), range(4), (False, True)):
+        g = np.fliplr(grid) if flip else grid
+        g = np.rot90(g, rot)
+        if invert:
+            g = 1 - g
+        orbit.add(_bits_to_id(g))
+    return orbit
+
+
+def canonical_bw_ids() -> list[int]:
+    """The smallest id of each orbit of the 512 patterns: the paper's 51 black/white triggers."""
+    seen: set[int] = set()
+    ids = []
+    for pid in range(512):
+        if pid in seen:
+            continue
+        orbit = bw_orbit(pid)
+        seen |= orbit
+        ids.append(min(orbit))
+    return sorted(ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# Trigger specs
+
+
+def color_pattern(seed: int, channels: int = 3, size: int = 3) -> torch.Tensor:
+    """A random colour patch as in the paper: ``randint(0, 256, (C, k, k)) / 256``, seeded."""
+    rng = np.random.default_rng(seed)
+    values = rng.integers(0, 256, size=(channels, size, size)) / 256.0
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def _load_file_pattern(path: Path, channels: int) -> torch.Tensor:
+    if not path.exists():
+        raise UserError(f"trigger file {path} does not exist; give the path of a PNG or .npy file")
+    if path.suffix.lower() == ".npy":
+        array = np.load(path, allow_pickle=False).astype(np.float32)
+        if array.max() > 1.0:
+            array = array / 255.0
+    else:
+        from PIL import Image
+
+        with Image.open(path) as img:
+            img = img.convert("L" if channels == 1 else "RGB")
+            array = np.asarray(img, dtype=np.float32) / 255.0
+    if array.ndim == 2:
+        array = np.repeat(array[None], channels, axis=0)
+    elif array.ndim == 3 and array.shape[-1] in (1, 3) and array.shape[0] not in (1, 3):
+        array = array.transpose(2, 0, 1)
+    if array.ndim != 3 or array.shape[1] != array.shape[2]:
+        raise UserError(
+            f"trigger file {path} has shape {array.shape}; it must be a square k x k patch "
+            "(HxW, HxWxC or CxHxW)"
+        )
+    if array.shape[0] == 1 and channels == 3:
+        array = np.repeat(array, 3, axis=0)
+    if array.shape[0] == 3 and channels == 1:
+        array = array.mean(axis=0, keepdims=True)
+    return torch.tensor(np.clip(array, 0.0, 1.0), dtype=torch.float32)
+
+
+
+
+def parse_trigger(spec: str, channels: int = 3) -> torch.Tensor:
+    """Turn a trigger spec (``bw:170``, ``color:3``, ``square:white``, ``file:t.png``) into pixels."""
+    kind, _, arg = spec.partition(":")
+    if kind == "bw":
+        if not re.fullmatch(r"\d+", arg):
+            raise UserError(f"trigger '{spec}' needs a numeric id; {_SPEC_HELP}")
+        return bw_pattern(int(arg), channels)
+    if kind == "color":
+        if not re.fullmatch(r"\d+", arg):
+            raise UserError(f"trigger '{spec}' needs a numeric seed; {_SPEC_HELP}")
+        return color_pattern(int(arg), channels)
+    if kind == "square":
+        if arg not in ("white", "black"):
+            raise UserError(f"trigger '{spec}' is unknown; use square:white or square:black")
+        return torch.full((channels, 3, 3), 1.0 if arg == "white" else 0.0)
+    if kind == "file":
+        return _load_file_pattern(Path(arg).expanduser(), channels)
+    raise UserError(f"trigger '{spec}' is not a known kind; {_SPEC_HELP}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Placement and stamping
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where patches go. ``per-image``: uniform over every valid offset, independently per image
+    (the corrected default); ``per-batch``: one offset per batch drawn from 0..H-k-1 exactly as the
+    authors' script did (off-by-one included); ``corner``: fixed bottom-right corner."""
+
+    mode: str = "per-image"
+
+    def __post_init__(self) -> None:
+        if self.mode not in PLACEMENTS:
+            raise UserError(
+                f"placement '{self.mode}' is unknown; use one of {', '.join(PLACEMENTS)}"
+            )
+
+    def sample(
+        self,
+        n: int,
+        image_size: tuple[int, int],
+        k: int,
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+    ) -> torch.Tensor:
+        """Top-left offsets ``(n, 2)`` (row, col) as int64 on ``device``."""
+        h, w = image_size
+        if k > h or k > w:
+            raise UserError(
+                f"trigger size {k} is bigger than the image {h}x{w}; use a smaller patch"
+            )
+        if self.mode == "corner":
+            pos = torch.tensor([h - k, w - k], dtype=torch.long)
+            return pos.expand(n, 2).to(device)
+        if self.mode == "per-batch":
+            # The script's randint(0, 32 - 3) is exclusive: offsets 0..28 on CIFAR.
+            hi_r, hi_c = max(h - k, 1), max(w - k, 1)
+            r = torch.randint(0, hi_r, (1,), generator=generator)
+            c = torch.randint(0, hi_c, (1,), generator=generator)
+            return torch.stack([r, c], dim=1).expand(n, 2).to(device)
+        r = torch.randint(0, h - k + 1, (n,), generator=generator)
+        c = torch.randint(0, w - k + 1, (n,), generator=generator)
+        return torch.stack([r, c], dim=1).to(device)
+
+
+def stamp(images: torch.Tensor, patterns: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Paste ``patterns`` onto ``images`` at ``positions``; one vectorised operation.
+
+    images: ``(N, C, H, W)`` pixel-space floats. patterns: ``(C, k, k)`` or ``(N, C, k, k)``.
+    positions: ``(N, 2)`` top-left (row, col). Returns a new tensor; differentiable in ``patterns``.
+    """
+    n, c, _, _ = images.shape
+    if patterns.dim() == 3:
+        patterns = patterns.unsqueeze(0).expand(n, -1, -1, -1)
+    k = patterns.shape[-1]
+    device = images.device
+    positions = positions.to(device)
+    ar = torch.arange(k, device=device)
+    rows = (positions[:, 0:1] + ar)[:, :, None]  # (N, k, 1)
+    cols = (positions[:, 1:2] + ar)[:, None, :]  # (N, 1, k)
+    idx_n = torch.arange(n, device=device)[:, None, None]
+    out = images.clone()
+    values = patterns.to(dtype=images.dtype).permute(0, 2, 3, 1)  # (N, k, k, C)
+    out.permute(0, 2, 3, 1)[idx_n, rows, cols] = values
+    return out
+
+
+def stamp_reference(
+    images: torch.Tensor, patterns: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """Per-image loop; the definition that ``stamp`` must equal (used by tests only)."""
+    out = images.clone()
+    if patterns.dim() == 3:
+        patterns = patterns.unsqueeze(0).expand(images.shape[0], -1, -1, -1)
+    k = patterns.shape[-1]
+    for i in range(images.shape[0]):
+        r, c = int(positions[i, 0]), int(positions[i, 1])
+        out[i, :, r : r + k, c : c + k] = patterns[i]
+    return out
+
+
+def blend(images: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+    """Full-image mask-and-pattern trigger (Neural Cleanse): ``x * (1 - m) + m * p``.
+
+    mask: ``(H, W)`` or ``(1, H, W)`` in [0, 1]; pattern: ``(C, H, W)`` in pixel space.
+    """
+    if mask.dim() == 2:
+        mask = mask.unsqueeze(0)
+    return images * (1 - mask) + mask * pattern
+
+
+@dataclass(frozen=True)
+class PatchTrigger:
+    """A placed patch trigger: pixels plus placement."""
+
+    pattern: torch.Tensor  # (C, k, k)
+    placement: Placement = Placement()
+
+    @property
+    def size(self) -> int:
+        return int(self.pattern.shape[-1])
+
+    def apply(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        pos = self.placement.sample(
+            images.shape[0], (images.shape[2], images.shape[3]), self.size, generator, images.device
+        )
+        return stamp(images, self.pattern.to(images.device), pos)
+
+
+@dataclass(frozen=True)
+class MaskTrigger:
+    """A full-image mask-and-pattern trigger at a fixed place (Neural Cleanse's reversal)."""
+
+    mask: torch.Tensor  # (H, W)
+    pattern: torch.Tensor  # (C, H, W)
+
+    def apply(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return blend(images, self.mask.to(images.device), self.pattern.to(images.device))
+
+
+def trigger_variations(
+    pattern: torch.Tensor, generator: torch.Generator | None = None
+) -> dict[str, torch.Tensor]:
+    """Variations of a pattern for robustness checks (keys become ``eval/asr_<name>``)."""
+    g = generator
+    c, k, _ = pattern.shape
+    out = {
+        "noise": (pattern + 0.1 * torch.randn(pattern.shape, generator=g)).clamp(0, 1),
+        "rot90": torch.rot90(pattern, 1, dims=(1, 2)),
+        "invert": 1.0 - pattern,
+    }
+    flip = pattern.clone()
+    flat = flip.view(c, -1)
+    i = int(torch.randint(0, k * k, (1,), generator=g))
+    flat[:, i] = 1.0 - flat[:, i]
+    out["flip1"] = flip
+    occl = pattern.clone()
+    occl.view(c, -1)[:, int(torch.randint(0, k * k, (1,), generator=g))] = 0.5
+    out["occlude1"] = occl
+    return out

@@ -1,0 +1,52 @@
+"""Where mesa-tui keeps its data, caches and artifacts (XDG through platformdirs).
+
+Setting ``XDG_DATA_HOME`` and ``XDG_CACHE_HOME`` (or ``MESA_HOME``) isolates a run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import platformdirs
+
+APP = "mesa-tui"
+
+
+def data_home() -> Path:
+    """Persistent state: imported datasets, artifacts, the default store."""
+    if home := os.environ.get("MESA_HOME"):
+        return Path(home) / "data"
+    return Path(platformdirs.user_data_dir(APP, appauthor=False))
+
+
+def cache_home() -> Path:
+    """Re-creatable state: decoded dataset caches."""
+    if home := os.environ.get("MESA_HOME"):
+        return Path(home) / "cache"
+    return Path(platformdirs.user_cache_dir(APP, appauthor=False))
+
+
+def datasets_dir() -> Path:
+    return data_home() / "datasets"
+
+
+def artifacts_dir() -> Path:
+    return data_home() / "artifacts"
+
+
+def dataset_cache_dir() -> Path:
+    return cache_home() / "datasets"
+
+
+def torchvision_root() -> Path:
+    """Where torchvision datasets are downloaded or expected (``MESA_DATA_ROOT`` overrides)."""
+    if root := os.environ.get("MESA_DATA_ROOT"):
+        return Path(root)
+    return data_home() / "torchvision"
+
+
+def default_db_url() -> str:
+    if url := os.environ.get("MESA_DB"):
+        return url
+    return f"sqlite:///{data_home() / 'mesa.db'}"

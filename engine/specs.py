@@ -1,0 +1,234 @@
+"""Job parameters: pydantic models, the only schema of every job kind (no torch here).
+
+A spec is built from a preset, then a TOML file, then command-line overrides, in that order.
+Invalid values raise ``UserError`` with one line naming the value and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from engine.catalog import dataset_info
+from engine.errors import UserError
+from engine.triggerspec import check_trigger_syntax, trigger_size
+
+Precision = Literal["auto", "fp32", "bf16"]
+PlacementMode = Literal["per-image", "per-batch", "corner"]
+
+
+class SpecBase(BaseModel):
+    """Common settings of every job kind."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seed: int = Field(0, ge=0, description="random seed; the same seed gives the same run")
+    precision: Precision = Field(
+        "auto", description="auto: bf16 autocast on CUDA and bf16-capable CPUs"
+    )
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v in ("auto", "cpu", "cuda", "mps") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError(f"device '{v}' is unknown; use auto, cpu, cuda or cuda:N")
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def spec_hash(self) -> str:
+        canonical = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class TrainSpec(SpecBase):
+    """Clean or poisoned training: the attack. ``trigger=None`` or ``poison_rate=0`` trains clean."""
+
+    kind: Literal["train"] = "train"
+    dataset: str = Field(
+        "cifar10",
+        description="cifar10, cifar100, mnist, fashion-mnist, imagefolder:PATH or an imported name",
+    )
+    arch: str = Field("small", description="resnet18, preact-resnet18, vgg11-bn, small, small-wide")
+    init_from: str | None = Field(
+        None, description="model artifact to fine-tune from (None: from scratch)"
+    )
+    epochs: int = Field(10, ge=1, le=10000)
+    batch_size: int = Field(128, ge=1, le=65536)
+    lr: float = Field(0.1, gt=0, le=100)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(5e-4, ge=0, le=1)
+    schedule: Literal["constant", "cosine", "multistep", "onecycle"] = "cosine"
+    milestones: list[int] = Field(
+        default_factory=list, description="epochs where multistep divides lr by 10"
+    )
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    augment: bool = True
+    trigger: str | None = Field(
+        "bw:170", description="bw:ID, color:SEED, square:white, file:PATH, or none"
+    )
+    target: int = Field(0, ge=0, description="target class of the backdoor")
+    poison_rate: float = Field(
+        0.1, ge=0, le=1, description="probability that a training image is poisoned"
+    )
+    placement: PlacementMode = "per-image"
+    channels_last: bool = True
+    eval_every: int = Field(
+        1, ge=1, description="evaluate every N epochs (and always after the last)"
+    )
+    eval_batch_size: int = Field(1000, ge=1)
+    defender_fraction: float = Field(
+        0.8, gt=0, lt=1, description="share of the test set the defender owns"
+    )
+    split_seed: int = Field(0, ge=0, description="seed of the fixed defender/held-out permutation")
+    max_train_images: int | None = Field(
+        None, ge=1, description="use only the first N training images"
+    )
+    max_test_images: int | None = Field(None, ge=1, description="use only the first N test images")
+
+    @field_validator("trigger")
+    @classmethod
+    def _trigger(cls, v: str | None) -> str | None:
+        if v is None or v in ("", "none"):
+            return None
+        return check_trigger_syntax(v)
+
+    @property
+    def poisoned(self) -> bool:
+        return self.trigger is not None and self.poison_rate > 0
+
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "train": {
+        "cpu-quick": {
+            "arch": "small",
+            "epochs": 8,
+            "batch_size": 256,
+            "lr": 0.2,
+            "momentum": 0.9,
+            "nesterov": True,
+            "weight_decay": 5e-4,
+            "schedule": "onecycle",
+            "label_smoothing": 0.1,
+            "augment": True,
+            "poison_rate": 0.1,
+        },
+        "paper-cifar10": {
+            "arch": "resnet18",
+            "epochs": 10,
+            "batch_size": 128,
+            "lr": 1e-3,
+            "momentum": 0.9,
+            "weight_decay": 0.0,
+            "schedule": "constant",
+            "augment": False,
+            "poison_rate": 0.01,
+        },
+        "backdoorbench-cifar10": {
+            "arch": "preact-resnet18",
+            "epochs": 100,
+            "batch_size": 128,
+            "lr": 0.01,
+            "momentum": 0.9,
+            "weight_decay": 5e-4,
+            "schedule": "cosine",
+            "augment": True,
+            "poison_rate": 0.1,
+        },
+        "clean-cifar10": {
+            "arch": "resnet18",
+            "epochs": 30,
+            "batch_size": 512,
+            "lr": 0.2,
+            "momentum": 0.9,
+            "nesterov": True,
+            "weight_decay": 5e-4,
+            "schedule": "onecycle",
+            "label_smoothing": 0.1,
+            "augment": True,
+            "trigger": None,
+            "poison_rate": 0.0,
+        },
+    },
+}
+
+SPEC_CLASSES: dict[str, type[SpecBase]] = {"train": TrainSpec}
+
+
+def format_validation_error(exc: ValidationError, prefix: str = "--") -> str:
+    """One line: the bad field, the value given, and what would be accepted."""
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err.get("loc", ())) or "spec"
+    value = err.get("input")
+    msg = err.get("msg", "invalid").removeprefix("Value error, ")
+    flag = f"{prefix}{field.replace('_', '-')}" if prefix else field
+    if err.get("type") == "extra_forbidden":
+        return f"unknown setting '{field}'; check the spelling (see --help for the settings)"
+    return f"invalid {flag} {value!r}: {msg}"
+
+
+def load_spec_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML spec file; a top-level table named after the kind is also accepted."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"spec file {path} does not exist; give the path of a TOML file")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"spec file {path} is not valid TOML ({exc}); fix the syntax") from None
+    return data
+
+
+def build_spec(
+    kind: str,
+    preset: str | None = None,
+    file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> SpecBase:
+    """Preset, then TOML file, then overrides (``None`` values in overrides are ignored)."""
+    if kind not in SPEC_CLASSES:
+        raise UserError(f"job kind '{kind}' is unknown; use one of {', '.join(SPEC_CLASSES)}")
+    values: dict[str, Any] = {}
+    if preset:
+        presets = PRESETS.get(kind, {})
+        if preset not in presets:
+            raise UserError(
+                f"preset '{preset}' is unknown for {kind}; use one of {', '.join(presets) or 'none'}"
+            )
+        values.update(presets[preset])
+    if file:
+        data = load_spec_file(file)
+        values.update(data.get(kind, data))
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = value
+    values.pop("kind", None)
+    try:
+        return SPEC_CLASSES[kind](**values)
+    except ValidationError as exc:
+        raise UserError(format_validation_error(exc)) from None
+
+
+def check_against_dataset(spec: TrainSpec) -> None:
+    """Checks that need the dataset's shape and classes (cheap: no decoding)."""
+    info = dataset_info(spec.dataset)
+    if spec.target >= info.num_classes:
+        raise UserError(
+            f"invalid --target {spec.target}: {spec.dataset} has {info.num_classes} classes; "
+            f"use a class in 0..{info.num_classes - 1}"
+        )
+    if spec.trigger:
+        k = trigger_size(spec.trigger)
+        if k is not None and (k > info.image_size[0] or k > info.image_size[1]):
+            raise UserError(
+                f"invalid --trigger {spec.trigger}: its {k}x{k} patch is bigger than the "
+                f"{info.image_size[0]}x{info.image_size[1]} images; use a smaller patch"
+            )

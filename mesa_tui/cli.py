@@ -1,0 +1,60 @@
+"""The ``mesa-tui`` command: no arguments opens the Textual app; subcommands run headless.
+
+Heavy modules (torch, textual, sqlalchemy) are imported inside the commands that need them, so
+``mesa-tui --help`` answers at once. Exit codes: 0 success, 1 a job or task failed, 2 bad input
+(one line on stderr naming the value and the fix), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from mesa_tui.commands import data as data_cmd
+from mesa_tui.commands import model as model_cmd
+from mesa_tui.commands import run as run_cmd
+
+app = typer.Typer(
+    name="mesa-tui",
+    help="MESA backdoor trigger-distribution recovery and defenses, with a terminal experiment manager.",
+    no_args_is_help=False,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(run_cmd.app, name="run")
+app.add_typer(data_cmd.app, name="data")
+app.add_typer(model_cmd.app, name="model")
+
+
+@app.callback(invoke_without_command=True)
+def main_callback(
+    ctx: typer.Context,
+    db: str | None = typer.Option(None, "--db", envvar="MESA_DB", help="store URL (default: SQLite in the data home)"),
+) -> None:
+    """Without a command, open the terminal app."""
+    if db:
+        os.environ["MESA_DB"] = db
+    if ctx.invoked_subcommand is None:
+        from mesa_tui.commands.common import open_app
+
+        open_app()
+
+
+def main() -> None:
+    from engine.errors import UserError
+
+    try:
+        app()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

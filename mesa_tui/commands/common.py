@@ -1,0 +1,47 @@
+"""Shared pieces of the commands: one-line errors with exit code 2, JSON output."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def cli_errors(fn: F) -> F:
+    """Turn expected mistakes (``UserError``) into one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from engine.errors import UserError
+
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def print_json(obj: Any) -> None:
+    """One JSON object on stdout (the machine-readable contract of every ``--json``)."""
+    sys.stdout.write(json.dumps(obj, default=str, sort_keys=False) + "\n")
+    sys.stdout.flush()
+
+
+def open_app() -> None:
+    try:
+        from mesa_tui.app import run_app
+    except ImportError:
+        typer.echo("the terminal app is not available in this build; use the subcommands (see --help)", err=True)
+        raise typer.Exit(2) from None
+    run_app()
