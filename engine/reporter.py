@@ -9,6 +9,7 @@ Metric keys are ``stage/name`` or ``stage/param=value/name`` (``train/loss``, ``
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +27,20 @@ class TaskResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"artifact": self.artifact, "metrics": dict(self.metrics)}
-        out.update(self.extra)
+        """JSON-safe: NaN and infinities (a metric that has no value) become null."""
+        out: dict[str, Any] = {"artifact": self.artifact, "metrics": _finite(self.metrics)}
+        out.update(_finite(self.extra))
         return out
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 @runtime_checkable

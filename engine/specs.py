@@ -232,3 +232,117 @@ def check_against_dataset(spec: TrainSpec) -> None:
                 f"invalid --trigger {spec.trigger}: its {k}x{k} patch is bigger than the "
                 f"{info.image_size[0]}x{info.image_size[1]} images; use a smaller patch"
             )
+
+
+# ---------------------------------------------------------------------------------------------
+# MESA search and target-class detection
+
+
+def _parse_betas(v: Any) -> Any:
+    """Accept "0.9,0.8,0.5" (the command line) as well as a list."""
+    if isinstance(v, str):
+        try:
+            return [float(part) for part in v.split(",") if part.strip()]
+        except ValueError:
+            raise ValueError(
+                f"betas '{v}' is not a comma-separated list of numbers; e.g. 0.9,0.8,0.5"
+            ) from None
+    return v
+
+
+class MesaSpec(SpecBase):
+    """A MESA search for one target class of a model artifact (one generator per beta)."""
+
+    kind: Literal["mesa"] = "mesa"
+    model: str = Field(..., description="model artifact directory")
+    target: int = Field(0, ge=0, description="class whose trigger distribution is searched")
+    betas: list[float] = Field(
+        default_factory=lambda: [0.9, 0.8, 0.5], description="thresholds, e.g. 0.9,0.8,0.5"
+    )
+    alpha: float = Field(0.1, ge=0, le=1e4, description="weight of the entropy (MINE) term")
+    steps: int = Field(620, ge=1, le=10_000_000, description="generator steps per beta")
+    batch_size: int = Field(128, ge=2, le=65536)
+    hidden: int = Field(512, ge=4, le=65536, description="hidden width of G and T")
+    lr_g: float = Field(2e-4, gt=0, le=1)
+    lr_t: float = Field(2e-4, gt=0, le=1)
+    noise: Literal["uniform", "gaussian"] = "uniform"
+    score: Literal["prob", "ce"] = Field(
+        "prob", description="prob: hinge on the softmax probability; ce: on cross-entropy"
+    )
+    jitter: float = Field(0.1, ge=0, le=1, description="std of the pixel noise added when stamping")
+    jitter_clamp: bool = Field(True, description="clamp jittered triggers to [0, 1]")
+    placement: Literal["per-image", "per-batch"] = "per-image"
+    stats_every: int = Field(20, ge=1, description="log live statistics every N steps")
+    sample_every: int = Field(200, ge=1, description="evaluate sampled triggers every N steps")
+    n_eval_triggers: int = Field(64, ge=1, le=100_000, description="K triggers per evaluation")
+    eval_images: int = Field(128, ge=1, description="clean non-target images per validity check")
+    samples: int = Field(1024, ge=2, le=1_000_000, description="triggers stored per beta")
+    defender_fraction: float = Field(0.8, gt=0, lt=1)
+    split_seed: int = Field(0, ge=0)
+
+    @field_validator("betas", mode="before")
+    @classmethod
+    def _betas_list(cls, v: Any) -> Any:
+        return _parse_betas(v)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_range(cls, v: list[float]) -> list[float]:
+        if not v:
+            raise ValueError("give at least one beta, e.g. 0.9,0.8,0.5")
+        for b in v:
+            if not 0.0 < b < 1.0:
+                raise ValueError(f"beta {b} is outside (0, 1); use thresholds such as 0.9,0.8,0.5")
+        if len(set(v)) != len(v):
+            raise ValueError("a beta repeats; give each threshold once")
+        return v
+
+
+class DetectSpec(SpecBase):
+    """Target-class detection: a short search per class, flag classes with many valid triggers."""
+
+    kind: Literal["detect"] = "detect"
+    model: str = Field(..., description="model artifact directory")
+    classes: list[int] | None = Field(None, description="classes to test (default: all)")
+    steps: int = Field(200, ge=1, le=10_000_000, description="search steps per class")
+    beta: float = Field(0.9, gt=0, lt=1)
+    alpha: float = Field(0.1, ge=0, le=1e4)
+    batch_size: int = Field(128, ge=2, le=65536)
+    hidden: int = Field(512, ge=4, le=65536)
+    n_eval_triggers: int = Field(64, ge=1, le=100_000)
+    eval_images: int = Field(128, ge=1)
+    classes_per_pass: int = Field(
+        10, ge=1, le=1000, description="classes whose generators share one model pass"
+    )
+    z_threshold: float = Field(2.0, gt=0)
+    min_score: float = Field(0.5, ge=0, le=1)
+    mad_floor: float = Field(0.05, gt=0)
+    defender_fraction: float = Field(0.8, gt=0, lt=1)
+    split_seed: int = Field(0, ge=0)
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _classes_list(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            try:
+                return [int(part) for part in v.split(",") if part.strip()]
+            except ValueError:
+                raise ValueError(f"classes '{v}' is not a comma-separated list of integers") from None
+        return v
+
+    @field_validator("classes")
+    @classmethod
+    def _classes_valid(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or min(v) < 0 or len(set(v)) != len(v)):
+            raise ValueError("give distinct non-negative class indices, e.g. 0,3,5")
+        return v
+
+
+SPEC_CLASSES["mesa"] = MesaSpec
+SPEC_CLASSES["detect"] = DetectSpec
+PRESETS["mesa"] = {
+    # A shorter search for CPU machines: fewer steps, fewer sampled triggers.
+    "cpu-quick": {"steps": 300, "sample_every": 100, "n_eval_triggers": 48, "samples": 512},
+    "paper": {"steps": 620, "batch_size": 128, "hidden": 512, "alpha": 0.1},
+}
+PRESETS["detect"] = {"cpu-quick": {"steps": 150, "n_eval_triggers": 32, "eval_images": 96}}

@@ -32,7 +32,9 @@ app.add_typer(model_cmd.app, name="model")
 @app.callback(invoke_without_command=True)
 def main_callback(
     ctx: typer.Context,
-    db: str | None = typer.Option(None, "--db", envvar="MESA_DB", help="store URL (default: SQLite in the data home)"),
+    db: str | None = typer.Option(
+        None, "--db", envvar="MESA_DB", help="store URL (default: SQLite in the data home)"
+    ),
 ) -> None:
     """Without a command, open the terminal app."""
     if db:

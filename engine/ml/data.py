@@ -308,6 +308,9 @@ class _Source:
     def read(self, name: str) -> bytes:
         raise NotImplementedError
 
+    def read_many(self, names: list[str]) -> dict[str, bytes]:
+        return {n: self.read(n) for n in names}
+
 
 class _DirSource(_Source):
     def __init__(self, root: Path):
@@ -364,6 +367,17 @@ class _TarSource(_Source):
         f = self.tar.extractfile(self.members[name])
         assert f is not None
         return f.read()
+
+    def read_many(self, names: list[str]) -> dict[str, bytes]:
+        # One pass in archive order: random access into a compressed tar re-reads it from the start.
+        wanted = set(names)
+        out = {}
+        for name, member in self.members.items():
+            if name in wanted:
+                f = self.tar.extractfile(member)
+                assert f is not None
+                out[name] = f.read()
+        return out
 
 
 class _ZipSource(_Source):
@@ -465,16 +479,16 @@ def _decode_image_tree(
     done = 0
     arrays: dict[str, np.ndarray] = {}
     shape = None
+    blobs = source.read_many([f for items in split_files.values() for _, f in items])
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
         for split in ("train", "test"):
             items = sorted(split_files[split], key=lambda t: t[1])
-            # Reading from a tar is sequential; decoding runs in threads (PIL releases the GIL).
-            chunk = 2048
             images = []
+            chunk = 4096
             for start in range(0, len(items), chunk):
                 part = items[start : start + chunk]
-                blobs = [(source.read(f), f) for _, f in part]
-                images += list(pool.map(lambda b: _decode_one(*b), blobs))
+                # PIL releases the GIL while decoding, so threads use every core.
+                images += list(pool.map(lambda t: _decode_one(blobs[t[1]], t[1]), part))
                 done += len(part)
                 if progress:
                     progress(done, total)
@@ -490,8 +504,11 @@ def _decode_image_tree(
                 np.stack(images) if images else np.zeros((0, *(shape or (32, 32, 3))), np.uint8)
             )
             stacked = stacked[:, None] if stacked.ndim == 3 else stacked.transpose(0, 3, 1, 2)
-            arrays[f"{split}_x"] = np.ascontiguousarray(stacked)
-            arrays[f"{split}_y"] = np.array([index[c] for c, _ in items], dtype=np.int64)
+            labels = np.array([index[c] for c, _ in items], dtype=np.int64)
+            # A fixed shuffle, so that the first N images of a split are a fair sample of classes.
+            order = np.random.default_rng(0).permutation(len(items))
+            arrays[f"{split}_x"] = np.ascontiguousarray(stacked[order])
+            arrays[f"{split}_y"] = labels[order]
     return arrays, classes
 
 
@@ -579,18 +596,22 @@ class Normalizer:
 def augment(
     x: torch.Tensor, generator: torch.Generator | None, padding: int = 4, flip: bool = True
 ) -> torch.Tensor:
-    """Random crop with zero padding and random horizontal flip, per image, vectorised."""
+    """Random crop with zero padding and random horizontal flip, per image, as two gathers."""
     n, c, h, w = x.shape
     device = x.device
     if padding > 0:
-        padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
+        x = torch.nn.functional.pad(x, (padding, padding, padding, padding))
         dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(device)
         dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(device)
-        rows = (dy[:, None] + torch.arange(h, device=device))[:, :, None]
-        cols = (dx[:, None] + torch.arange(w, device=device))[:, None, :]
-        idx_n = torch.arange(n, device=device)[:, None, None]
-        x = padded.permute(0, 2, 3, 1)[idx_n, rows, cols].permute(0, 3, 1, 2)
+    else:
+        dy = dx = torch.zeros(n, dtype=torch.long, device=device)
+    ar_h = torch.arange(h, device=device)
+    ar_w = torch.arange(w, device=device)
+    cols = ar_w.expand(n, w)
     if flip:
-        mask = (torch.rand(n, generator=generator) < 0.5).to(device)
-        x = torch.where(mask[:, None, None, None], x.flip(3), x)
-    return x.contiguous()
+        # A flipped crop reads its window's columns in reverse order.
+        flipped = (torch.rand(n, generator=generator) < 0.5).to(device)
+        cols = torch.where(flipped[:, None], (w - 1 - ar_w).expand(n, w), cols)
+    rows = (dy[:, None] + ar_h).view(n, 1, h, 1).expand(n, c, h, x.shape[3])
+    cols = (dx[:, None] + cols).view(n, 1, 1, w).expand(n, c, h, w)
+    return x.gather(2, rows).gather(3, cols)

@@ -54,7 +54,9 @@ def predict(
     return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long, device=device)
 
 
-def _fixed_positions(n: int, image_size: tuple[int, int], k: int, placement: Placement, seed: int) -> torch.Tensor:
+def _fixed_positions(
+    n: int, image_size: tuple[int, int], k: int, placement: Placement, seed: int
+) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     if placement.mode == "per-batch":
         # Evaluation draws per image even for per-batch attacks: a fairer average over places.
@@ -135,7 +137,13 @@ def attack_success_rate(
     asr = ra = 0.0
     for r in range(repeats):
         preds = stamped_predictions(
-            model, xs, normalizer, trigger, seed=seed + r, batch_size=batch_size, precision=precision,
+            model,
+            xs,
+            normalizer,
+            trigger,
+            seed=seed + r,
+            batch_size=batch_size,
+            precision=precision,
             channels_last=channels_last,
         )
         asr += float((preds == target).float().mean())
@@ -160,7 +168,14 @@ def evaluate(
     seed: int = 1234,
 ) -> dict[str, float]:
     """The standard evaluation; keys without the ``eval/`` prefix."""
-    preds = predict(model, x_u8, normalizer, batch_size=batch_size, precision=precision, channels_last=channels_last)
+    preds = predict(
+        model,
+        x_u8,
+        normalizer,
+        batch_size=batch_size,
+        precision=precision,
+        channels_last=channels_last,
+    )
     y_dev = y.to(preds.device)
     out = {"acc_clean": clean_accuracy(preds, y_dev)}
     if per_class:
@@ -168,8 +183,17 @@ def evaluate(
             out[f"acc_class/{c}"] = acc
     if trigger is not None and target is not None:
         asr, ra = attack_success_rate(
-            model, x_u8, y_dev, normalizer, trigger, target, repeats=repeats, seed=seed,
-            batch_size=batch_size, precision=precision, channels_last=channels_last,
+            model,
+            x_u8,
+            y_dev,
+            normalizer,
+            trigger,
+            target,
+            repeats=repeats,
+            seed=seed,
+            batch_size=batch_size,
+            precision=precision,
+            channels_last=channels_last,
         )
         out["asr"] = asr
         out["ra"] = ra
@@ -196,13 +220,29 @@ def variation_asr(
     variants = trigger_variations(trigger.pattern.cpu(), g)
     for name, pattern in variants.items():
         asr, _ = attack_success_rate(
-            model, x_u8, y, normalizer, PatchTrigger(pattern, trigger.placement), target, seed=seed,
-            batch_size=batch_size, precision=precision, channels_last=channels_last,
+            model,
+            x_u8,
+            y,
+            normalizer,
+            PatchTrigger(pattern, trigger.placement),
+            target,
+            seed=seed,
+            batch_size=batch_size,
+            precision=precision,
+            channels_last=channels_last,
         )
         out[f"asr_{name}"] = asr
     asr, _ = attack_success_rate(
-        model, x_u8, y, normalizer, PatchTrigger(trigger.pattern, Placement("corner")), target, seed=seed,
-        batch_size=batch_size, precision=precision, channels_last=channels_last,
+        model,
+        x_u8,
+        y,
+        normalizer,
+        PatchTrigger(trigger.pattern, Placement("corner")),
+        target,
+        seed=seed,
+        batch_size=batch_size,
+        precision=precision,
+        channels_last=channels_last,
     )
     out["asr_corner"] = asr
     return out

@@ -19,7 +19,9 @@ def pick_device(name: str = "auto") -> torch.device:
             return torch.device("cuda")
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device '{name}' was asked for but no CUDA GPU is visible; use --device cpu or auto")
+        raise UserError(
+            f"device '{name}' was asked for but no CUDA GPU is visible; use --device cpu or auto"
+        )
     return torch.device(name)
 
 

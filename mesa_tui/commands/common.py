@@ -42,6 +42,9 @@ def open_app() -> None:
     try:
         from mesa_tui.app import run_app
     except ImportError:
-        typer.echo("the terminal app is not available in this build; use the subcommands (see --help)", err=True)
+        typer.echo(
+            "the terminal app is not available in this build; use the subcommands (see --help)",
+            err=True,
+        )
         raise typer.Exit(2) from None
     run_app()
