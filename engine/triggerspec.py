@@ -27,7 +27,25 @@ def check_trigger_syntax(spec: str) -> str:
     return spec
 
 
-def trigger_size(spec: str) -> int | None:
-    """Side of the square patch, when known without reading pixels (None for files)."""
-    kind = spec.partition(":")[0]
-    return 3 if kind in ("bw", "color", "square") else None
+def trigger_size(spec: str, read_files: bool = False) -> int | None:
+    """Side of the patch; for files read from the PNG or .npy header when ``read_files``."""
+    kind, _, arg = spec.partition(":")
+    if kind in ("bw", "color", "square"):
+        return 3
+    if kind == "file" and read_files:
+        path = Path(arg).expanduser()
+        try:
+            if path.suffix.lower() == ".npy":
+                import numpy as np
+
+                shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+                return int(
+                    max(shape[-2:]) if len(shape) == 3 and shape[0] in (1, 3) else max(shape[:2])
+                )
+            from PIL import Image
+
+            with Image.open(path) as img:
+                return int(max(img.size))
+        except Exception:
+            return None  # the task reads it properly and says what is wrong
+    return None

@@ -287,11 +287,23 @@ def read_foreign_weights(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else "it needs arbitrary unpickling"
+        # torch's message starts by telling how to load the file unsafely; keep only the cause.
+        cause = next(
+            (
+                line.strip().removeprefix("WeightsUnpickler error: ")
+                for line in str(exc).splitlines()
+                if "WeightsUnpickler error:" in line
+            ),
+            "",
+        ).split(" was not an allowed global")[0]
         raise UnsafeFile(
-            f"{path} cannot be loaded safely ({first[:160]}); save its state_dict "
-            "with torch.save(model.state_dict(), ...) or as safetensors"
+            f"{path} needs arbitrary unpickling ({cause[:160] or 'not a plain state dict'}); "
+            "refusing to load it. Save its state_dict with torch.save(model.state_dict(), ...) "
+            "or as safetensors"
         ) from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise UserError(f"{path} is not a readable PyTorch checkpoint ({str(exc)[:120]})") from None
+    except Exception as exc:  # garbage makes the weights-only unpickler fail in many ways
+        raise UserError(
+            f"{path} is not a readable PyTorch checkpoint ({exc.__class__.__name__}: "
+            f"{str(exc).splitlines()[0][:120] if str(exc) else '-'}); give a .safetensors, .pt or .pth file"
+        ) from None
     return _unwrap_state_dict(obj, path)

@@ -242,6 +242,21 @@ FASHION_CLASSES = [
 MNIST_CLASSES = [str(i) for i in range(10)]
 
 
+def _folder_fingerprint(folder: Path) -> str:
+    """Names, sizes and modification times of every image: any added, removed or changed file
+    makes the decoded cache stale (a directory's own mtime misses changes in subfolders)."""
+    h = hashlib.sha256()
+    for dirpath, dirs, names in sorted(os.walk(folder)):
+        dirs.sort()
+        for n in sorted(names):
+            if Path(n).suffix.lower() in IMAGE_SUFFIXES:
+                st = os.stat(os.path.join(dirpath, n))
+                h.update(
+                    f"{os.path.relpath(os.path.join(dirpath, n), folder)}|{st.st_size}|{st.st_mtime_ns}\n".encode()
+                )
+    return h.hexdigest()[:32]
+
+
 def load_dataset(name: str, download: bool | None = None) -> Dataset:
     """Load a dataset by name (see the module docstring for where it is looked for).
 
@@ -253,15 +268,16 @@ def load_dataset(name: str, download: bool | None = None) -> Dataset:
     if name.startswith("imagefolder:"):
         folder = Path(name[12:]).expanduser()
         cached = cache_path(name)
-        if cached.exists() and folder.exists() and cached.stat().st_mtime >= folder.stat().st_mtime:
-            return _load_stored(name, cached)
         if not folder.is_dir():
             raise UserError(
                 f"image folder '{folder}' does not exist; give a directory with train/ and test/"
             )
+        source = f"{folder.resolve()}#{_folder_fingerprint(folder)}"
+        if cached.exists() and _read_meta(cached).get("source") == source:
+            return _load_stored(name, cached)
         arrays, classes = _decode_image_tree(_DirSource(folder))
         mean, std = _stats(arrays["train_x"])
-        _save_arrays(cached, arrays, classes, mean, std, str(folder))
+        _save_arrays(cached, arrays, classes, mean, std, source)
         return _load_stored(name, cached)
 
     imported = imported_path(name)
@@ -358,7 +374,7 @@ class _TarSource(_Source):
                     f"archive {path} has a device or fifo '{m.name}'; refusing to import it"
                 )
             if m.isfile():
-                self.members[m.name.lstrip("./") if m.name.startswith("./") else m.name] = m
+                self.members[m.name.removeprefix("./")] = m
 
     def files(self) -> list[str]:
         return list(self.members)

@@ -1,0 +1,92 @@
+"""Models: output shapes for every architecture and input, and reference state-dict layouts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.errors import UserError
+from engine.ml.models import ARCHITECTURES, build_model, count_parameters
+
+ARCHS = ["resnet18", "preact-resnet18", "vgg11-bn", "small", "small-wide"]
+
+
+def test_every_named_architecture_is_registered():
+    assert set(ARCHS) <= set(ARCHITECTURES)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(("channels", "size"), [(3, 32), (1, 28)])
+@pytest.mark.parametrize("classes", [10, 100])
+def test_output_shape(arch, channels, size, classes):
+    torch.manual_seed(0)
+    model = build_model(arch, classes, channels).eval()
+    with torch.no_grad():
+        out = model(torch.rand(2, channels, size, size))
+    assert out.shape == (2, classes)
+    assert torch.isfinite(out).all()
+
+
+def test_train_mode_backward_and_channels_last():
+    model = build_model("small", 10, 3).to(memory_format=torch.channels_last)
+    x = torch.rand(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    model(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+# Keys (and parameter counts) of the reference implementations, so their checkpoints import:
+# kuangliu/pytorch-cifar for resnet18 and vgg11-bn, BackdoorBench for preact-resnet18.
+REFERENCE_KEYS = {
+    "resnet18": [
+        "conv1.weight",
+        "bn1.running_mean",
+        "layer1.0.conv1.weight",
+        "layer1.1.bn2.weight",
+        "layer2.0.shortcut.0.weight",
+        "layer2.0.shortcut.1.running_var",
+        "layer4.1.conv2.weight",
+        "linear.weight",
+        "linear.bias",
+    ],
+    "preact-resnet18": [
+        "conv1.weight",
+        "layer1.0.bn1.weight",
+        "layer1.0.conv1.weight",
+        "layer2.0.shortcut.0.weight",
+        "layer4.1.bn2.running_mean",
+        "linear.weight",
+    ],
+    "vgg11-bn": [
+        "features.0.weight",
+        "features.1.running_mean",
+        "features.25.weight",
+        "features.26.running_var",
+        "classifier.weight",
+    ],
+}
+REFERENCE_PARAMS = {"resnet18": 11_173_962, "preact-resnet18": 11_171_146, "vgg11-bn": 9_231_114}
+
+
+@pytest.mark.parametrize("arch", list(REFERENCE_KEYS))
+def test_reference_state_dict_layout(arch):
+    model = build_model(arch, 10, 3)
+    keys = set(model.state_dict())
+    assert set(REFERENCE_KEYS[arch]) <= keys
+    assert count_parameters(model) == REFERENCE_PARAMS[arch]
+    # No prefix that a foreign checkpoint would lack.
+    assert not any(k.startswith(("module.", "model.", "net.")) for k in keys)
+
+
+def test_resnet18_is_the_cifar_variant():
+    model = build_model("resnet18", 10, 3)
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [(("resnet50", 10, 3), "resnet50"), (("small", 1, 3), "1"), (("small", 10, 4), "4")],
+)
+def test_bad_arguments(args, named):
+    with pytest.raises(UserError, match=named):
+        build_model(*args)
