@@ -1,0 +1,1143 @@
+"""MESA: max-entropy staircase approximation of a backdoor's trigger distribution.
+
+One generator per threshold beta learns to spread its samples as widely as possible (a MINE
+estimate of I(z; G(z)) as the entropy term) while staying inside {t : F(t) > beta}, with F the
+frozen backdoored model's target-class score on images stamped with t (mesa-method.md section 3).
+
+Public entry points:
+
+- ``search(model, normalizer, images_u8, target, config, *, labels=None, device="cpu",
+  precision="fp32", reporter=None, true_pattern=None, bw_stats=False, seed=0) -> SearchResult``
+  trains one generator per beta in ``config.betas`` on any model and returns the generators,
+  statistics networks, samples and final statistics (``result.metrics`` is flat, keys
+  ``mesa/beta=0.9/validity`` ...; ``result.validity(beta)``, ``result.best_validity``).
+  ``search_targets`` does the same for several (beta, target) pairs at once (detection).
+- ``write_search_artifact(result, directory, ...)`` writes the search artifact: per beta
+  ``beta=0.9/G.safetensors``, ``T.safetensors``, ``samples.npy``, ``grid.png``; ``embedding.png``,
+  ``stats.json`` and the manifest (kind ``search``).
+- ``open_search(directory, device="cpu") -> SearchArtifact`` reads it back;
+  ``SearchArtifact.sampler(beta=None, ensemble=None) -> TriggerSampler`` gives triggers
+  ``sampler.sample(n, generator)`` of shape (n, C, k, k) in [0, 1] on the search's device;
+  ``sampler.set_epoch(epoch)`` switches generators for the round-robin ensemble.
+
+All betas of a search train in one process: their stamped batches go through the frozen model as
+one concatenated batch per step. Each (beta, target) pair owns its generator, statistics network,
+optimisers and random stream, so a pair's arithmetic does not depend on which others train beside
+it (the frozen model is in eval mode, so its images are independent).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from engine.errors import UserError
+from engine.ml.data import Normalizer, to_float
+from engine.ml.runtime import autocast, resolve_precision
+from engine.ml.triggers import Placement, stamp
+from engine.reporter import Reporter, stop_point
+
+NOISE_KINDS = ("uniform", "gaussian")
+SCORE_KINDS = ("prob", "ce")
+ENSEMBLES = ("round-robin", "equal", "staircase")
+HIST_BINS = 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass(frozen=True)
+class MesaConfig:
+    """Every knob of a search; defaults follow mesa-method.md section 3 (the script's choices,
+    its defects corrected)."""
+
+    betas: tuple[float, ...] = (0.9, 0.8, 0.5)
+    alpha: float = 0.1
+    steps: int = 620
+    batch_size: int = 128
+    hidden: int = 512
+    noise_dim: int = 64
+    noise_chunks: int = 4
+    lr_g: float = 2e-4
+    lr_t: float = 2e-4
+    adam_betas: tuple[float, float] = (0.5, 0.999)
+    noise: str = "uniform"
+    score: str = "prob"
+    jitter: float = 0.1
+    jitter_clamp: bool = True
+    placement: str = "per-image"
+    trigger_size: int = 3
+    ma_rate: float = 0.001
+    stats_every: int = 20
+    sample_every: int = 200
+    n_eval_triggers: int = 64
+    eval_images: int = 128
+    samples: int = 1024
+    knn_k: int = 3
+    channels_last: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.betas:
+            raise UserError("betas is empty; give at least one threshold, e.g. 0.9,0.8,0.5")
+        for b in self.betas:
+            if not 0.0 < b < 1.0:
+                raise UserError(f"beta {b} is outside (0, 1); use thresholds such as 0.9,0.8,0.5")
+        if len(set(self.betas)) != len(self.betas):
+            raise UserError(f"betas {list(self.betas)} repeat a value; give each threshold once")
+        if self.noise not in NOISE_KINDS:
+            raise UserError(f"noise '{self.noise}' is unknown; use uniform or gaussian")
+        if self.score not in SCORE_KINDS:
+            raise UserError(f"score '{self.score}' is unknown; use prob or ce")
+        if self.placement not in ("per-image", "per-batch"):
+            raise UserError(f"placement '{self.placement}' is unknown; use per-image or per-batch")
+        if self.noise_dim % self.noise_chunks or self.noise_chunks < 2:
+            raise UserError(
+                f"noise_dim {self.noise_dim} does not split into {self.noise_chunks} chunks; "
+                "use a multiple of the chunk count (at least 2 chunks)"
+            )
+        if self.n_eval_triggers > self.samples:
+            raise UserError(
+                f"n_eval_triggers {self.n_eval_triggers} exceeds samples {self.samples}; "
+                "sample at least as many triggers as are evaluated"
+            )
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        d["adam_betas"] = list(self.adam_betas)
+        return d
+
+
+def beta_label(beta: float) -> str:
+    """The beta as it appears in metric keys and folder names (``0.9``)."""
+    return f"{beta:g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks
+
+
+class TriggerGenerator(nn.Module):
+    """G: noise split into chunks; each layer sees the previous hidden state and a fresh chunk;
+    a sigmoid maps to a (C, k, k) patch in pixel space."""
+
+    def __init__(
+        self,
+        hidden: int = 512,
+        channels: int = 3,
+        size: int = 3,
+        noise_dim: int = 64,
+        chunks: int = 4,
+    ):
+        super().__init__()
+        self.hidden, self.channels, self.size = hidden, channels, size
+        self.noise_dim, self.chunks = noise_dim, chunks
+        self.chunk = noise_dim // chunks
+        widths = [self.chunk] + [hidden + self.chunk] * (chunks - 2)
+        self.layers = nn.ModuleList(nn.Linear(w, hidden) for w in widths)
+        self.norms = nn.ModuleList(nn.BatchNorm1d(hidden) for _ in widths)
+        self.out = nn.Linear(hidden + self.chunk, channels * size * size)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        parts = z.split(self.chunk, dim=1)
+        h = F.leaky_relu(self.norms[0](self.layers[0](parts[0])), 0.2)
+        for i in range(1, self.chunks - 1):
+            h = F.leaky_relu(self.norms[i](self.layers[i](torch.cat([h, parts[i]], 1))), 0.2)
+        out = torch.sigmoid(self.out(torch.cat([h, parts[-1]], 1)))
+        return out.view(-1, self.channels, self.size, self.size)
+
+
+class StatisticsNetwork(nn.Module):
+    """T(z, t): a1 = LReLU(Wz z + Wt t + b), a2 = LReLU(Linear(a1)), T = LReLU(Linear(a2))."""
+
+    def __init__(self, noise_dim: int = 64, trigger_dim: int = 27, hidden: int = 512):
+        super().__init__()
+        self.wz = nn.Linear(noise_dim, hidden, bias=False)
+        self.wt = nn.Linear(trigger_dim, hidden, bias=False)
+        self.bias = nn.Parameter(torch.zeros(hidden))
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.fc3 = nn.Linear(hidden, 1)
+
+    def forward(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a1 = F.leaky_relu(self.wz(z) + self.wt(t.flatten(1)) + self.bias, 0.2)
+        a2 = F.leaky_relu(self.fc2(a1), 0.2)
+        return F.leaky_relu(self.fc3(a2), 0.2).squeeze(1)
+
+
+def draw_noise(
+    n: int,
+    dim: int,
+    kind: str,
+    generator: torch.Generator | None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Generator input: U[0,1)^dim (the script) or N(0, I) (the poster)."""
+    if kind == "gaussian":
+        return torch.randn(n, dim, generator=generator, device=device)
+    return torch.rand(n, dim, generator=generator, device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# MINE
+
+
+def mine_estimate(
+    stat_net: nn.Module, z: torch.Tensor, z_marginal: torch.Tensor, t: torch.Tensor
+) -> torch.Tensor:
+    """Donsker-Varadhan lower bound on I(z; t): mean T(z,t) - log(mean exp T(z',t) + 1e-8)."""
+    joint = stat_net(z, t).mean()
+    marginal = torch.exp(stat_net(z_marginal, t)).mean()
+    return joint - torch.log(marginal + 1e-8)
+
+
+class MineObjective:
+    """The bias-corrected objective for T's step: mean T(z,t) - log(e) * e.detach() / m, with
+    m an exponential moving average of e = mean exp T(z',t) (rate 0.001, starts at the first e)."""
+
+    def __init__(self, rate: float = 0.001):
+        self.rate = rate
+        self.moving_average: torch.Tensor | None = None
+
+    def __call__(
+        self, stat_net: nn.Module, z: torch.Tensor, z_marginal: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        joint = stat_net(z, t).mean()
+        e = torch.exp(stat_net(z_marginal, t)).mean()
+        if self.moving_average is None:
+            self.moving_average = e.detach()
+        else:
+            self.moving_average = (1 - self.rate) * self.moving_average + self.rate * e.detach()
+        return joint - torch.log(e) * e.detach() / self.moving_average
+
+
+# ---------------------------------------------------------------------------------------------
+# Sample statistics
+
+
+def knn_entropy(samples: torch.Tensor, k: int = 3) -> float:
+    """Kozachenko-Leonenko k-NN differential entropy estimate in nats of (N, ...) samples."""
+    x = samples.detach().flatten(1).double().cpu()
+    n, d = x.shape
+    if n <= k:
+        return float("nan")
+    dist = torch.cdist(x, x)
+    dist.fill_diagonal_(float("inf"))
+    radius = dist.kthvalue(k, dim=1).values.clamp_min(1e-12)
+    log_unit_ball = (d / 2) * math.log(math.pi) - math.lgamma(d / 2 + 1)
+    digamma = torch.special.digamma
+    return float(
+        digamma(torch.tensor(float(n), dtype=torch.float64))
+        - digamma(torch.tensor(float(k), dtype=torch.float64))
+        + log_unit_ball
+        + d * torch.log(radius).mean()
+    )
+
+
+def bw_ids(samples: torch.Tensor) -> torch.Tensor:
+    """Binarise (N, C, 3, 3) samples (channel mean > 0.5) to black/white ids 0..511."""
+    bits = (samples.detach().float().mean(dim=1).flatten(1) > 0.5).long()
+    weights = 2 ** torch.arange(bits.shape[1] - 1, -1, -1, device=bits.device)
+    return (bits * weights).sum(1)
+
+
+def diversity_stats(
+    samples: torch.Tensor,
+    *,
+    k: int = 3,
+    true_pattern: torch.Tensor | None = None,
+    bw: bool = False,
+) -> dict[str, float]:
+    """Mean pairwise L2, mean per-pixel std, k-NN entropy; bw_distinct and nearest_to_true when
+    asked for (the latter needs the true trigger, so only evaluation passes it)."""
+    flat = samples.detach().float().flatten(1).cpu()
+    out = {
+        "pairwise_l2": float(torch.pdist(flat).mean()) if flat.shape[0] > 1 else 0.0,
+        "pixel_std": float(flat.std(dim=0).mean()) if flat.shape[0] > 1 else 0.0,
+        "knn_entropy": knn_entropy(flat, k),
+    }
+    if bw and samples.shape[-1] == 3:
+        out["bw_distinct"] = float(bw_ids(samples).unique().numel())
+    if true_pattern is not None:
+        truth = true_pattern.detach().float().flatten().cpu()
+        if truth.numel() == flat.shape[1]:
+            out["nearest_to_true"] = float((flat - truth).norm(dim=1).min())
+    return out
+
+
+@torch.no_grad()
+def trigger_success(
+    model: nn.Module,
+    normalizer: Normalizer,
+    triggers: torch.Tensor,
+    images_u8: torch.Tensor,
+    positions: torch.Tensor,
+    target: int,
+    *,
+    precision: str = "fp32",
+    channels_last: bool = False,
+    max_batch: int = 2048,
+) -> torch.Tensor:
+    """Each trigger's own ASR: share of ``images_u8`` stamped with it (at fixed ``positions``)
+    that the model classifies as ``target``. Returns (K,) floats on the CPU."""
+    device = images_u8.device
+    m = images_u8.shape[0]
+    x = to_float(images_u8)
+    per_chunk = max(1, max_batch // max(m, 1))
+    out = []
+    for start in range(0, triggers.shape[0], per_chunk):
+        chunk = triggers[start : start + per_chunk].to(device)
+        kc = chunk.shape[0]
+        xs = x.repeat(kc, 1, 1, 1)
+        pats = chunk.repeat_interleave(m, dim=0)
+        xs = normalizer(stamp(xs, pats, positions.repeat(kc, 1)))
+        if channels_last:
+            xs = xs.contiguous(memory_format=torch.channels_last)
+        with autocast(device, precision):
+            pred = model(xs).argmax(1)
+        out.append((pred == target).float().view(kc, m).mean(1).cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def validity_stats(success: torch.Tensor, beta: float) -> tuple[dict[str, float], list[int]]:
+    """Validity share (own ASR >= beta), mean own ASR, and a 10-bin histogram over [0, 1]."""
+    hist = torch.histc(success.float(), bins=HIST_BINS, min=0.0, max=1.0)
+    return (
+        {
+            "validity": float((success >= beta).float().mean()),
+            "validity_mean": float(success.mean()),
+        },
+        [int(v) for v in hist.tolist()],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def _run_seed(seed: int, beta: float, target: int) -> int:
+    """A stream seed that depends on the pair, not on its position among the others."""
+    return (seed * 1_000_003 + round(beta * 1_000_000) * 7919 + target * 104_729) % (2**62)
+
+
+@dataclass
+class _Run:
+    """One (beta, target) pair: its networks, optimisers and random stream."""
+
+    beta: float
+    target: int
+    key: str
+    G: TriggerGenerator
+    T: StatisticsNetwork
+    opt_g: torch.optim.Optimizer
+    opt_t: torch.optim.Optimizer
+    stream: torch.Generator
+    mine_objective: MineObjective
+    order: torch.Tensor | None = None
+    cursor: int = 0
+
+
+class MesaTrainer:
+    """Alternating generator and statistics-network steps for several (beta, target) pairs, their
+    stamped batches concatenated into one forward/backward pass of the frozen model.
+
+    ``step()`` leaves each generator's gradients of the step in place (until the next step), so
+    tests can compare them.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        normalizer: Normalizer,
+        images_u8: torch.Tensor,
+        pairs: list[tuple[float, int, str]],
+        config: MesaConfig,
+        *,
+        device: torch.device | str = "cpu",
+        precision: str = "fp32",
+        seed: int = 0,
+    ):
+        self.device = torch.device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.config = config
+        # Frozen: eval-mode BN (images independent) and no weight gradients, only input gradients.
+        self.model = model.eval().requires_grad_(False)
+        self.normalizer = normalizer
+        self.images = images_u8.to(self.device)
+        if self.images.dtype != torch.uint8:
+            raise UserError("search images must be uint8 (N, C, H, W); pass the dataset tensors")
+        self.channels = int(self.images.shape[1])
+        self.image_size = (int(self.images.shape[2]), int(self.images.shape[3]))
+        if self.images.shape[0] < config.batch_size:
+            raise UserError(
+                f"the defender split has {self.images.shape[0]} images, fewer than the batch size "
+                f"{config.batch_size}; lower --batch-size"
+            )
+        self.placement = Placement(config.placement)
+        self.use_channels_last = config.channels_last and self.device.type != "mps"
+        self.step_count = 0
+        self.runs: list[_Run] = []
+        k = config.trigger_size
+        for beta, target, key in pairs:
+            run_seed = _run_seed(seed, beta, target)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(run_seed)
+                G = TriggerGenerator(
+                    config.hidden, self.channels, k, config.noise_dim, config.noise_chunks
+                )
+                T = StatisticsNetwork(config.noise_dim, self.channels * k * k, config.hidden)
+            G, T = G.to(self.device).train(), T.to(self.device).train()
+            self.runs.append(
+                _Run(
+                    beta=beta,
+                    target=target,
+                    key=key,
+                    G=G,
+                    T=T,
+                    opt_g=torch.optim.Adam(G.parameters(), lr=config.lr_g, betas=config.adam_betas),
+                    opt_t=torch.optim.Adam(T.parameters(), lr=config.lr_t, betas=config.adam_betas),
+                    stream=torch.Generator().manual_seed(run_seed),
+                    mine_objective=MineObjective(config.ma_rate),
+                )
+            )
+        self.targets = torch.tensor(
+            [r.target for r in self.runs], device=self.device
+        ).repeat_interleave(config.batch_size)
+        # Per-run sums since the last log: hinge, mine, p_target, above_beta (no host sync per step).
+        self._window = torch.zeros(len(self.runs), 4, device=self.device)
+        self._window_steps = 0
+
+    # -- one step ----------------------------------------------------------------------------
+
+    def _next_indices(self, run: _Run) -> torch.Tensor:
+        b, n = self.config.batch_size, self.images.shape[0]
+        if run.order is None or run.cursor + b > n:  # a new epoch; drop_last
+            run.order = torch.randperm(n, generator=run.stream)
+            run.cursor = 0
+        idx = run.order[run.cursor : run.cursor + b]
+        run.cursor += b
+        return idx
+
+    def _noise(self, run: _Run, n: int) -> torch.Tensor:
+        return draw_noise(n, self.config.noise_dim, self.config.noise, run.stream)
+
+    def step(self) -> torch.Tensor:
+        """One generator step and one statistics-network step for every run.
+
+        Returns per-run (hinge, mine, p_target, above_beta) of the generator step, shape (R, 4).
+        """
+        cfg, dev = self.config, self.device
+        b, k = cfg.batch_size, cfg.trigger_size
+        idx, zs, zms, eps, pos = [], [], [], [], []
+        for run in self.runs:
+            idx.append(self._next_indices(run))
+            zs.append(self._noise(run, b))
+            zms.append(self._noise(run, b))
+            eps.append(torch.randn(b, self.channels, k, k, generator=run.stream) * cfg.jitter)
+            pos.append(self.placement.sample(b, self.image_size, k, run.stream))
+        idx_all = torch.cat(idx).to(dev, non_blocking=True)
+        eps_all = torch.cat(eps).to(dev, non_blocking=True)
+        pos_all = torch.cat(pos).to(dev, non_blocking=True)
+
+        for run in self.runs:
+            run.opt_g.zero_grad(set_to_none=True)
+        triggers, mines = [], []
+        for run, z, zm in zip(self.runs, zs, zms, strict=True):
+            z, zm = z.to(dev, non_blocking=True), zm.to(dev, non_blocking=True)
+            t = run.G(z)
+            triggers.append(t)
+            mines.append(mine_estimate(run.T, z, zm, t))
+        t_all = torch.cat(triggers)
+        stamped_patterns = t_all + eps_all
+        if cfg.jitter_clamp:
+            stamped_patterns = stamped_patterns.clamp(0.0, 1.0)
+        x = stamp(to_float(self.images[idx_all]), stamped_patterns, pos_all)
+        x = self.normalizer(x)
+        if self.use_channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(dev, self.precision):
+            logits = self.model(x)
+        logits = logits.float()
+        p = logits.softmax(1).gather(1, self.targets[:, None]).squeeze(1).view(len(self.runs), b)
+        betas = torch.tensor([r.beta for r in self.runs], device=dev)
+        mine = torch.stack(mines)
+        if cfg.score == "ce":
+            ce = F.cross_entropy(logits, self.targets, reduction="none").view(len(self.runs), b)
+            hinge = (ce + torch.log(betas)[:, None]).clamp_min(0.0).mean(1)
+            loss = hinge - cfg.alpha * mine
+        else:
+            hinge = torch.minimum(p, betas[:, None]).mean(1)
+            loss = -hinge - cfg.alpha * mine
+        loss.sum().backward()
+        for run in self.runs:
+            run.opt_g.step()
+
+        for run in self.runs:
+            z2, zm2 = self._noise(run, b).to(dev), self._noise(run, b).to(dev)
+            with torch.no_grad():
+                t2 = run.G(z2)
+            run.opt_t.zero_grad(set_to_none=True)
+            objective = run.mine_objective(run.T, z2, zm2, t2)
+            (-objective).backward()
+            run.opt_t.step()
+
+        with torch.no_grad():
+            row = torch.stack(
+                [hinge, mine, p.mean(1), (p >= betas[:, None]).float().mean(1)], dim=1
+            ).detach()
+            self._window += row
+        self._window_steps += 1
+        self.step_count += 1
+        return row
+
+    def take_window(self) -> dict[str, float]:
+        """Means of the live statistics since the last call, keyed ``<run key>/<name>``."""
+        if self._window_steps == 0:
+            return {}
+        means = (self._window / self._window_steps).cpu()
+        self._window.zero_()
+        self._window_steps = 0
+        out = {}
+        for run, row in zip(self.runs, means, strict=True):
+            for name, value in zip(("hinge", "mine", "p_target", "above_beta"), row, strict=True):
+                out[f"{run.key}/{name}"] = float(value)
+        return out
+
+    # -- sampling and evaluation ---------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(self, run: _Run, n: int, generator: torch.Generator) -> torch.Tensor:
+        """Triggers from a generator in eval mode (BN running statistics), on the device."""
+        was_training = run.G.training
+        run.G.eval()
+        z = draw_noise(n, self.config.noise_dim, self.config.noise, generator).to(self.device)
+        out = run.G(z)
+        run.G.train(was_training)
+        return out
+
+
+@dataclass
+class _EvalSet:
+    images: torch.Tensor
+    positions: torch.Tensor
+
+
+def _eval_sets(
+    trainer: MesaTrainer,
+    labels: torch.Tensor | None,
+    seed: int,
+) -> dict[int, _EvalSet]:
+    """A fixed clean batch of non-target images per target, with fixed per-image positions."""
+    cfg = trainer.config
+    g = torch.Generator().manual_seed(seed + 7)
+    images = trainer.images
+    perm = torch.randperm(images.shape[0], generator=g)
+    if labels is None:
+        from engine.ml.metrics import predict
+
+        labels = predict(
+            trainer.model, images, trainer.normalizer, precision=trainer.precision
+        ).cpu()
+    labels = labels.cpu()[perm]
+    sets = {}
+    for target in sorted({r.target for r in trainer.runs}):
+        keep = perm[labels != target][: cfg.eval_images]
+        if keep.numel() == 0:
+            raise UserError(
+                f"the defender split has no images outside class {target}; validity needs some"
+            )
+        positions = Placement("per-image").sample(
+            keep.numel(), trainer.image_size, cfg.trigger_size, g
+        )
+        sets[target] = _EvalSet(images[keep.to(images.device)], positions.to(images.device))
+    return sets
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass
+class SearchResult:
+    """What a finished search returns. Index i refers to the i-th (beta, target) pair."""
+
+    betas: list[float]
+    targets: list[int]
+    keys: list[str]
+    generators: list[TriggerGenerator]
+    statistics: list[StatisticsNetwork]
+    samples: list[torch.Tensor]  # (N, C, k, k) float32 on the CPU
+    metrics: dict[str, float]
+    histograms: dict[str, list[int]]
+    config: MesaConfig
+    history: list[dict[str, Any]] = field(default_factory=list)
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+    pca: dict[str, list] | None = None
+    seconds: float = 0.0
+    device: str = "cpu"
+
+    @property
+    def target(self) -> int:
+        return self.targets[0]
+
+    def index(self, beta: float, target: int | None = None) -> int:
+        for i, (b, t) in enumerate(zip(self.betas, self.targets, strict=True)):
+            if math.isclose(b, beta) and (target is None or t == target):
+                return i
+        raise UserError(f"beta {beta} is not in this search ({self.betas}); use one of those")
+
+    def validity(self, beta: float, target: int | None = None) -> float:
+        return self.metrics[f"{self.keys[self.index(beta, target)]}/validity"]
+
+    @property
+    def best_validity(self) -> float:
+        return max(self.metrics[f"{k}/validity"] for k in self.keys)
+
+    def entropies(self) -> list[float]:
+        return [knn_entropy(s, self.config.knn_k) for s in self.samples]
+
+    def sampler(self, beta: float | None = None, ensemble: str | None = None) -> TriggerSampler:
+        gens = {b: g for b, g in zip(self.betas, self.generators, strict=True)}
+        return _make_sampler(
+            self.betas,
+            gens,
+            self.entropies(),
+            self.config.noise,
+            self.config.noise_dim,
+            beta,
+            ensemble,
+            torch.device(self.device),
+        )
+
+
+def search_targets(
+    model: nn.Module,
+    normalizer: Normalizer,
+    images_u8: torch.Tensor,
+    pairs: list[tuple[float, int, str]],
+    config: MesaConfig,
+    *,
+    labels: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    reporter: Reporter | None = None,
+    true_pattern: torch.Tensor | None = None,
+    bw_stats: bool = False,
+    seed: int = 0,
+    stage: str = "mesa",
+    pca_warmup: int | None = None,
+) -> SearchResult:
+    """Train one generator per (beta, target, metric-key prefix) in one process; see ``search``."""
+    device = torch.device(device)
+    cfg = config
+    frozen_flags = [p.requires_grad for p in model.parameters()]
+    was_training = model.training
+    if cfg.channels_last and device.type != "mps":
+        model.to(memory_format=torch.channels_last)
+    try:
+        trainer = MesaTrainer(
+            model, normalizer, images_u8, pairs, cfg, device=device, precision=precision, seed=seed
+        )
+        eval_sets = _eval_sets(trainer, labels, seed)
+        started = time.monotonic()
+        history: list[dict[str, Any]] = []
+        evaluations: list[dict[str, Any]] = []
+        pca_basis: dict[str, list] | None = None
+        pca_step = pca_warmup if pca_warmup is not None else min(cfg.sample_every, cfg.steps)
+        last_eval_s = 0.0
+
+        def evaluate(step: int, n: int) -> tuple[dict[str, float], dict, list[torch.Tensor]]:
+            flat: dict[str, float] = {}
+            hists: dict[str, list[int]] = {}
+            all_samples = []
+            for i, run in enumerate(trainer.runs):
+                g = torch.Generator().manual_seed(_run_seed(seed + 1, run.beta, run.target))
+                samples = trainer.sample(run, n, g)
+                ev = eval_sets[run.target]
+                success = trigger_success(
+                    model,
+                    normalizer,
+                    samples[: cfg.n_eval_triggers],
+                    ev.images,
+                    ev.positions,
+                    run.target,
+                    precision=trainer.precision,
+                    channels_last=trainer.use_channels_last,
+                )
+                vstats, hist = validity_stats(success, run.beta)
+                dstats = diversity_stats(
+                    samples, k=cfg.knn_k, true_pattern=true_pattern, bw=bw_stats
+                )
+                for name, value in {**vstats, **dstats}.items():
+                    flat[f"{run.key}/{name}"] = value
+                hists[run.key] = hist
+                all_samples.append(samples.float().cpu())
+                if reporter is not None:
+                    reporter.progress(f"{stage}: sampling", i + 1, len(trainer.runs), {})
+            return flat, hists, all_samples
+
+        for step in range(1, cfg.steps + 1):
+            if reporter is not None:
+                stop_point(reporter)
+            trainer.step()
+            if step % cfg.stats_every == 0 or step == cfg.steps:
+                window = trainer.take_window()
+                history.append({"step": step, **window})
+                if reporter is not None:
+                    reporter.log(window, step)
+                    per_step = (time.monotonic() - started) / step
+                    reporter.check_in(max(60.0, 5 * per_step * cfg.stats_every + 3 * last_eval_s))
+            if step % cfg.sample_every == 0 and step != cfg.steps:
+                t0 = time.monotonic()
+                flat, hists, all_samples = evaluate(step, cfg.samples)
+                last_eval_s = time.monotonic() - t0
+                evaluations.append({"step": step, "metrics": flat, "histograms": hists})
+                if reporter is not None:
+                    reporter.log(flat, step)
+                if pca_basis is None and step >= pca_step:
+                    pca_basis = pca_fit(torch.cat(all_samples))
+            if reporter is not None:
+                reporter.progress(
+                    stage, step, cfg.steps, {"step/s": step / max(time.monotonic() - started, 1e-9)}
+                )
+        train_seconds = time.monotonic() - started
+        flat, hists, final_samples = evaluate(cfg.steps, cfg.samples)
+        evaluations.append({"step": cfg.steps, "metrics": flat, "histograms": hists})
+        if reporter is not None:
+            reporter.log(flat, cfg.steps)
+        if pca_basis is None:
+            pca_basis = pca_fit(torch.cat(final_samples))
+        metrics = dict(history[-1]) if history else {}
+        metrics.pop("step", None)
+        metrics.update(flat)
+        return SearchResult(
+            betas=[r.beta for r in trainer.runs],
+            targets=[r.target for r in trainer.runs],
+            keys=[r.key for r in trainer.runs],
+            generators=[r.G.eval() for r in trainer.runs],
+            statistics=[r.T.eval() for r in trainer.runs],
+            samples=final_samples,
+            metrics=metrics,
+            histograms=hists,
+            config=cfg,
+            history=history,
+            evaluations=evaluations,
+            pca=pca_basis,
+            seconds=train_seconds,
+            device=str(device),
+        )
+    finally:
+        for p, flag in zip(model.parameters(), frozen_flags, strict=True):
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def search(
+    model: nn.Module,
+    normalizer: Normalizer,
+    images_u8: torch.Tensor,
+    target: int,
+    config: MesaConfig,
+    *,
+    labels: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    reporter: Reporter | None = None,
+    true_pattern: torch.Tensor | None = None,
+    bw_stats: bool = False,
+    seed: int = 0,
+) -> SearchResult:
+    """A MESA search on any classifier: one generator per beta in ``config.betas``.
+
+    images_u8: the defender's clean images (N, C, H, W) uint8 (never the held-out split).
+    labels: their labels, used only to pick the non-target images of the validity check (without
+    them the model's clean predictions decide). true_pattern: the original trigger, for the
+    ``nearest_to_true`` evaluation metric only; the search itself never sees it.
+    The model is left as it came (training mode and requires_grad flags restored).
+    """
+    pairs = [(b, target, f"mesa/beta={beta_label(b)}") for b in config.betas]
+    return search_targets(
+        model,
+        normalizer,
+        images_u8,
+        pairs,
+        config,
+        labels=labels,
+        device=device,
+        precision=precision,
+        reporter=reporter,
+        true_pattern=true_pattern,
+        bw_stats=bw_stats,
+        seed=seed,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# PCA embedding and pictures
+
+
+def pca_fit(samples: torch.Tensor) -> dict[str, list]:
+    """A 2-D PCA basis of flattened samples (fitted once, after warm-up, then kept fixed)."""
+    flat = samples.detach().double().flatten(1).cpu()
+    mean = flat.mean(0)
+    _, _, v = torch.linalg.svd(flat - mean, full_matrices=False)
+    return {"mean": mean.tolist(), "components": v[:2].tolist()}
+
+
+def pca_project(samples: torch.Tensor | np.ndarray, basis: dict[str, list]) -> np.ndarray:
+    flat = np.asarray(samples, dtype=np.float64).reshape(len(samples), -1)
+    return (flat - np.asarray(basis["mean"])) @ np.asarray(basis["components"]).T
+
+
+def trigger_grid(
+    samples: np.ndarray, true_pattern: np.ndarray | None = None, cols: int = 8, scale: int = 8
+) -> np.ndarray:
+    """Tile up to cols x cols samples (N, C, k, k) with a grey border; the original trigger, when
+    known, stands to the right. Returns an (H, W, 3) uint8 image."""
+    samples = np.asarray(samples, dtype=np.float32)[: cols * cols]
+    c, k = samples.shape[1], samples.shape[-1]
+    cell, border = k * scale, 2
+    rows = max(1, math.ceil(len(samples) / cols))
+    grid_w = cols * (cell + border) + border
+    extra = (cell + 3 * border) if true_pattern is not None else 0
+    height = max(rows * (cell + border) + border, cell + 2 * border)
+    canvas = np.full((height, grid_w + extra, 3), 0.5, dtype=np.float32)
+
+    def to_rgb(pattern: np.ndarray) -> np.ndarray:
+        img = np.repeat(np.repeat(pattern, scale, axis=1), scale, axis=2).transpose(1, 2, 0)
+        return np.repeat(img, 3, axis=2) if c == 1 else img[..., :3]
+
+    for i, s in enumerate(samples):
+        r, col = divmod(i, cols)
+        y, x = border + r * (cell + border), border + col * (cell + border)
+        canvas[y : y + cell, x : x + cell] = to_rgb(s)
+    if true_pattern is not None:
+        x = grid_w + 2 * border
+        canvas[:, grid_w : grid_w + border] = 1.0  # a white rule separates the original
+        canvas[border : border + cell, x : x + cell] = to_rgb(np.asarray(true_pattern, np.float32))
+    return (np.clip(canvas, 0, 1) * 255).round().astype(np.uint8)
+
+
+def write_png(path: str | Path, image: np.ndarray) -> None:
+    from PIL import Image
+
+    Image.fromarray(image).save(path)
+
+
+def plot_embedding(
+    path: str | Path,
+    samples_by_beta: dict[str, np.ndarray],
+    basis: dict[str, list],
+    true_pattern: np.ndarray | None = None,
+) -> None:
+    """A scatter of every beta's samples on the fixed PCA axes (matplotlib Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
+    for label, samples in samples_by_beta.items():
+        xy = pca_project(samples, basis)
+        ax.scatter(xy[:, 0], xy[:, 1], s=4, alpha=0.5, label=f"beta={label}")
+    if true_pattern is not None:
+        xy = pca_project(np.asarray(true_pattern)[None], basis)
+        ax.scatter(xy[:, 0], xy[:, 1], marker="*", s=200, c="black", label="original")
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.set_title("MESA samples (PCA axes fixed after warm-up)")
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# The search artifact
+
+
+def _save_module(path: Path, module: nn.Module, meta: dict[str, Any]) -> None:
+    state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+    tmp = path.with_suffix(".part")
+    save_file(state, str(tmp), metadata={"mesa_tui_meta": json.dumps(meta)})
+    tmp.replace(path)
+
+
+def write_search_artifact(
+    result: SearchResult,
+    directory: str | Path,
+    *,
+    spec: dict[str, Any] | None = None,
+    spec_hash: str | None = None,
+    upstream: list[str | Path] | None = None,
+    meta: dict[str, Any] | None = None,
+    true_pattern: torch.Tensor | None = None,
+) -> Path:
+    """Write weights, samples, pictures, stats.json and the manifest (written last)."""
+    from engine.ml.artifacts import save_array, write_manifest
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg = result.config
+    truth = true_pattern.detach().float().cpu().numpy() if true_pattern is not None else None
+    files: list[str] = []
+    samples_by_beta: dict[str, np.ndarray] = {}
+    entropies = result.entropies()
+    for i, beta in enumerate(result.betas):
+        label = beta_label(beta)
+        sub = directory / f"beta={label}"
+        sub.mkdir(exist_ok=True)
+        G = result.generators[i]
+        net_meta = {
+            "beta": beta,
+            "target": result.targets[i],
+            "hidden": cfg.hidden,
+            "channels": G.channels,
+            "size": G.size,
+            "noise_dim": cfg.noise_dim,
+            "noise_chunks": cfg.noise_chunks,
+            "noise": cfg.noise,
+        }
+        _save_module(sub / "G.safetensors", G, net_meta)
+        _save_module(sub / "T.safetensors", result.statistics[i], net_meta)
+        samples = result.samples[i].numpy().astype(np.float32)
+        save_array(sub / "samples.npy", samples)
+        write_png(sub / "grid.png", trigger_grid(samples, truth))
+        samples_by_beta[label] = samples
+        files += [
+            f"beta={label}/{name}"
+            for name in ("G.safetensors", "T.safetensors", "samples.npy", "grid.png")
+        ]
+    if result.pca is not None:
+        plot_embedding(directory / "embedding.png", samples_by_beta, result.pca, truth)
+        files.append("embedding.png")
+    stats = {
+        "betas": result.betas,
+        "target": result.target,
+        "config": cfg.to_json(),
+        "final": result.metrics,
+        "histograms": result.histograms,
+        "knn_entropy": {beta_label(b): h for b, h in zip(result.betas, entropies, strict=True)},
+        "history": result.history,
+        "evaluations": result.evaluations,
+        "pca": result.pca,
+        "seconds": result.seconds,
+    }
+    (directory / "stats.json").write_text(json.dumps(stats, indent=1, allow_nan=True))
+    files.append("stats.json")
+    manifest_meta = {
+        "betas": result.betas,
+        "target": result.target,
+        "config": cfg.to_json(),
+        **(meta or {}),
+    }
+    write_manifest(
+        directory,
+        "search",
+        files,
+        spec=spec,
+        spec_hash=spec_hash,
+        upstream=upstream,
+        meta=manifest_meta,
+        metrics=result.metrics,
+    )
+    return directory
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling from a finished search (the repair loop's contract)
+
+
+class TriggerSampler:
+    """Triggers (n, C, k, k) in [0, 1] from one generator or an ensemble of them."""
+
+    size: int
+    channels: int
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def set_epoch(self, epoch: int) -> None:
+        """Only the round-robin ensemble uses the epoch; the others ignore it."""
+
+
+class _GeneratorSampler(TriggerSampler):
+    def __init__(
+        self, generators: list[TriggerGenerator], noise: str, noise_dim: int, device: torch.device
+    ):
+        self.generators = [g.to(device).eval() for g in generators]
+        self.noise, self.noise_dim, self.device = noise, noise_dim, device
+        self.size = generators[0].size
+        self.channels = generators[0].channels
+
+    @torch.no_grad()
+    def _from(self, i: int, n: int, generator: torch.Generator) -> torch.Tensor:
+        z = draw_noise(n, self.noise_dim, self.noise, generator, generator.device)
+        return self.generators[i](z.to(self.device)).float()
+
+
+class SingleSampler(_GeneratorSampler):
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        return self._from(0, n, generator)
+
+
+class RoundRobinSampler(_GeneratorSampler):
+    """The script's ensemble: one generator per repair epoch, in the order of the betas."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        return self._from(self.epoch % len(self.generators), n, generator)
+
+
+class MixtureSampler(_GeneratorSampler):
+    """Per-sample mixing: each trigger comes from generator i with probability weights[i]."""
+
+    def __init__(self, generators, noise, noise_dim, device, weights: list[float]):
+        super().__init__(generators, noise, noise_dim, device)
+        self.weights = torch.tensor(weights, dtype=torch.float64)
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        weights = self.weights.to(generator.device)
+        choice = torch.multinomial(weights, n, replacement=True, generator=generator)
+        out = torch.empty(n, self.channels, self.size, self.size, device=self.device)
+        for i in range(len(self.generators)):
+            where = (choice == i).nonzero().flatten()
+            if where.numel():
+                out[where.to(self.device)] = self._from(i, where.numel(), generator)
+        return out
+
+
+def staircase_weights(betas: list[float], entropies: list[float]) -> list[float]:
+    """gamma_i proportional to (b_i - b_{i-1}) * exp(H_i), betas sorted ascending, b_0 = 0;
+    computed in log space. Returned in the order of ``betas``."""
+    order = sorted(range(len(betas)), key=lambda i: betas[i])
+    logs = torch.empty(len(betas), dtype=torch.float64)
+    previous = 0.0
+    for i in order:
+        logs[i] = math.log(betas[i] - previous) + entropies[i]
+        previous = betas[i]
+    return torch.softmax(logs, 0).tolist()
+
+
+def _make_sampler(
+    betas: list[float],
+    generators: dict[float, TriggerGenerator],
+    entropies: list[float],
+    noise: str,
+    noise_dim: int,
+    beta: float | None,
+    ensemble: str | None,
+    device: torch.device,
+) -> TriggerSampler:
+    if beta is not None and ensemble is not None:
+        raise UserError("give either a beta or an ensemble, not both")
+    if beta is None and ensemble is None:
+        if len(betas) == 1:
+            beta = betas[0]
+        else:
+            ensemble = "round-robin"
+    if beta is not None:
+        match = [b for b in betas if math.isclose(b, beta)]
+        if not match:
+            raise UserError(
+                f"beta {beta} is not in this search; use one of {', '.join(map(beta_label, betas))}"
+            )
+        return SingleSampler([generators[match[0]]], noise, noise_dim, device)
+    gens = [generators[b] for b in betas]
+    if ensemble == "round-robin":
+        return RoundRobinSampler(gens, noise, noise_dim, device)
+    if ensemble == "equal":
+        return MixtureSampler(gens, noise, noise_dim, device, [1.0 / len(gens)] * len(gens))
+    if ensemble == "staircase":
+        return MixtureSampler(gens, noise, noise_dim, device, staircase_weights(betas, entropies))
+    raise UserError(f"ensemble '{ensemble}' is unknown; use one of {', '.join(ENSEMBLES)}")
+
+
+def load_generator(path: str | Path, device: torch.device | str = "cpu") -> TriggerGenerator:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {})["mesa_tui_meta"])
+    G = TriggerGenerator(
+        meta["hidden"], meta["channels"], meta["size"], meta["noise_dim"], meta["noise_chunks"]
+    )
+    G.load_state_dict(load_file(str(path), device="cpu"), strict=True)
+    return G.to(device).eval()
+
+
+@dataclass
+class SearchArtifact:
+    """A finished search read back from disk (hashes verified)."""
+
+    directory: Path
+    betas: list[float]
+    target: int
+    manifest: dict[str, Any]
+    device: torch.device
+    generators: dict[float, TriggerGenerator]
+    noise: str
+    noise_dim: int
+
+    def samples(self, beta: float) -> np.ndarray:
+        from engine.ml.artifacts import load_array
+
+        return load_array(self.directory / f"beta={beta_label(beta)}" / "samples.npy")
+
+    def entropies(self) -> list[float]:
+        k = int(self.manifest["meta"].get("config", {}).get("knn_k", 3))
+        return [knn_entropy(torch.from_numpy(self.samples(b)), k) for b in self.betas]
+
+    def sampler(self, beta: float | None = None, ensemble: str | None = None) -> TriggerSampler:
+        entropies = self.entropies() if ensemble == "staircase" else [0.0] * len(self.betas)
+        return _make_sampler(
+            self.betas,
+            self.generators,
+            entropies,
+            self.noise,
+            self.noise_dim,
+            beta,
+            ensemble,
+            self.device,
+        )
+
+
+def open_search(directory: str | Path, device: torch.device | str = "cpu") -> SearchArtifact:
+    """Read a search artifact; generators come back in eval mode on ``device``."""
+    from engine.ml.artifacts import read_manifest
+
+    directory = Path(directory)
+    manifest = read_manifest(directory, kind="search")
+    meta = manifest["meta"]
+    betas = [float(b) for b in meta["betas"]]
+    device = torch.device(device)
+    generators = {
+        b: load_generator(directory / f"beta={beta_label(b)}" / "G.safetensors", device)
+        for b in betas
+    }
+    cfg = meta.get("config", {})
+    return SearchArtifact(
+        directory=directory,
+        betas=betas,
+        target=int(meta["target"]),
+        manifest=manifest,
+        device=device,
+        generators=generators,
+        noise=cfg.get("noise", "uniform"),
+        noise_dim=int(cfg.get("noise_dim", 64)),
+    )

@@ -1,0 +1,155 @@
+"""Target-class detection: ``run(spec: DetectSpec, reporter) -> TaskResult``.
+
+A short MESA search (one beta) for every class; several classes' generators share one pass of
+the frozen model, like the betas of a search. A class's score is the validity share of its
+sampled triggers (own ASR >= beta on clean non-target images). Only the high side is flagged:
+robust z = (score - median) / max(1.4826 * MAD, floor) above ``z_threshold`` AND score at least
+``min_score``, so that near-zero scores on a clean model (MAD about 0) flag nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from engine.errors import UserError
+from engine.reporter import Reporter, TaskResult, stop_point
+from engine.specs import DetectSpec
+
+
+def robust_z(scores: dict[int, float], floor: float) -> dict[int, float]:
+    """(score - median) / max(1.4826 * MAD, floor) per class."""
+    values = list(scores.values())
+    median = statistics.median(values)
+    mad = statistics.median([abs(v - median) for v in values])
+    scale = max(1.4826 * mad, floor)
+    return {c: (s - median) / scale for c, s in scores.items()}
+
+
+def flag_classes(
+    scores: dict[int, float], *, z_threshold: float, min_score: float, floor: float
+) -> tuple[list[int], dict[int, float]]:
+    z = robust_z(scores, floor)
+    flagged = sorted(c for c, s in scores.items() if z[c] > z_threshold and s >= min_score)
+    return flagged, z
+
+
+def check_spec(spec: DetectSpec) -> list[int]:
+    """Refuse bad input before anything is written; returns the classes to test."""
+    from engine.tasks.mesa import read_model_meta
+
+    meta = read_model_meta(spec.model)
+    num_classes = int(meta["num_classes"])
+    classes = spec.classes if spec.classes is not None else list(range(num_classes))
+    bad = [c for c in classes if c >= num_classes]
+    if bad:
+        raise UserError(
+            f"invalid --classes {bad[0]}: the model has {num_classes} classes; "
+            f"use classes in 0..{num_classes - 1}"
+        )
+    return classes
+
+
+def run(spec: DetectSpec, reporter: Reporter) -> TaskResult:
+    from engine.ml.artifacts import write_manifest
+    from engine.ml.mesa import MesaConfig, search_targets
+    from engine.ml.runtime import configure_threads, pick_device, resolve_precision, seed_everything
+    from engine.tasks.mesa import load_defender_data
+
+    classes = check_spec(spec)
+    config = MesaConfig(
+        betas=(spec.beta,),
+        alpha=spec.alpha,
+        steps=spec.steps,
+        batch_size=spec.batch_size,
+        hidden=spec.hidden,
+        lr_g=spec.lr_g,
+        lr_t=spec.lr_t,
+        stats_every=max(1, spec.steps // 10),
+        sample_every=spec.steps,  # one evaluation, at the end
+        n_eval_triggers=spec.n_eval_triggers,
+        eval_images=spec.eval_images,
+        samples=max(spec.n_eval_triggers, 256),
+    )
+    configure_threads()
+    device = pick_device(spec.device)
+    precision = resolve_precision(spec.precision, device)
+    seed_everything(spec.seed)
+    model, _meta, normalizer, images, labels, _data = load_defender_data(
+        spec.model, device, spec.defender_fraction, spec.split_seed
+    )
+    reporter.text(
+        f"detection: {len(classes)} classes, {spec.steps} steps each, beta {spec.beta}, "
+        f"{images.shape[0]} defender images, {device} {precision}"
+    )
+    metrics: dict[str, float] = {}
+    histograms: dict[str, list[int]] = {}
+    scores: dict[int, float] = {}
+    groups = [
+        classes[i : i + spec.classes_per_pass]
+        for i in range(0, len(classes), spec.classes_per_pass)
+    ]
+    for gi, group in enumerate(groups):
+        stop_point(reporter)
+        pairs = [(spec.beta, c, f"detect/class={c}") for c in group]
+        result = search_targets(
+            model,
+            normalizer,
+            images,
+            pairs,
+            config,
+            labels=labels,
+            device=device,
+            precision=precision,
+            reporter=reporter,
+            seed=spec.seed,
+            stage=f"detect {gi + 1}/{len(groups)} (classes {group[0]}..{group[-1]})",
+        )
+        for c, key in zip(group, result.keys, strict=True):
+            scores[c] = result.metrics[f"{key}/validity"]
+            metrics[f"detect/class={c}/score"] = scores[c]
+            metrics[f"detect/class={c}/validity_mean"] = result.metrics[f"{key}/validity_mean"]
+            metrics[f"detect/class={c}/p_target"] = result.metrics[f"{key}/p_target"]
+            histograms[str(c)] = result.histograms[key]
+    flagged, z = flag_classes(
+        scores, z_threshold=spec.z_threshold, min_score=spec.min_score, floor=spec.mad_floor
+    )
+    for c in classes:
+        metrics[f"detect/class={c}/z"] = z[c]
+    metrics["detect/flagged_count"] = float(len(flagged))
+    metrics["detect/max_score"] = max(scores.values())
+    reporter.log(metrics, spec.steps)
+
+    workdir = Path(reporter.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    report = {
+        "flagged": flagged,
+        "scores": {str(c): s for c, s in scores.items()},
+        "z": {str(c): v for c, v in z.items()},
+        "histograms": histograms,
+        "model": str(Path(spec.model).resolve()),
+    }
+    (workdir / "detect.json").write_text(json.dumps(report, indent=1))
+    write_manifest(
+        workdir,
+        "detection",
+        ["detect.json"],
+        spec=spec.to_json(),
+        spec_hash=spec.spec_hash(),
+        upstream=[spec.model],
+        meta={"flagged": flagged, "classes": classes},
+        metrics=metrics,
+    )
+    reporter.artifact(workdir, "detection")
+    return TaskResult(
+        artifact=str(workdir),
+        metrics=metrics,
+        extra={
+            "flagged": flagged,
+            "scores": {c: scores[c] for c in classes},
+            "z": {c: round(z[c], 4) for c in classes},
+            "device": str(device),
+            "precision": precision,
+        },
+    )

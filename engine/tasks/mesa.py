@@ -1,0 +1,175 @@
+"""MESA search task: ``run(spec: MesaSpec, reporter) -> TaskResult``.
+
+Loads the model artifact, its dataset and normalisation, takes the defender split of the test
+set (the held-out images are never touched), and trains one trigger generator per beta for
+``spec.target`` (engine.ml.mesa). The ground truth of the model artifact is read only for
+evaluation metrics (``nearest_to_true``, ``bw_distinct``, the original trigger beside the grid);
+the search itself never sees it, so stripping ``ground_truth.json`` gives identical generators.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from engine.errors import UserError
+from engine.reporter import Reporter, TaskResult
+from engine.specs import MesaSpec
+
+
+def read_model_meta(model_dir: str | Path) -> dict[str, Any]:
+    """The model artifact's meta (architecture, classes, dataset) without loading weights."""
+    from engine.ml.artifacts import read_manifest
+
+    path = Path(model_dir).expanduser()
+    if not path.is_dir():
+        raise UserError(
+            f"model artifact '{model_dir}' does not exist; give a model directory "
+            "(see mesa-tui run train)"
+        )
+    manifest = read_manifest(path, verify=False)
+    if manifest.get("kind") not in ("model", "repaired-model"):
+        raise UserError(
+            f"'{model_dir}' is a {manifest.get('kind')} artifact; give a model artifact"
+        )
+    return manifest["meta"]
+
+
+def check_spec(spec: MesaSpec) -> dict[str, Any]:
+    """Everything that can be refused before anything is written; returns the model's meta."""
+    meta = read_model_meta(spec.model)
+    classes = int(meta["num_classes"])
+    if spec.target >= classes:
+        raise UserError(
+            f"invalid --target {spec.target}: the model has {classes} classes; "
+            f"use a class in 0..{classes - 1}"
+        )
+    mesa_config(spec)
+    return meta
+
+
+def mesa_config(spec: MesaSpec):
+    from engine.ml.mesa import MesaConfig
+
+    return MesaConfig(
+        betas=tuple(spec.betas),
+        alpha=spec.alpha,
+        steps=spec.steps,
+        batch_size=spec.batch_size,
+        hidden=spec.hidden,
+        lr_g=spec.lr_g,
+        lr_t=spec.lr_t,
+        noise=spec.noise,
+        score=spec.score,
+        jitter=spec.jitter,
+        jitter_clamp=spec.jitter_clamp,
+        placement=spec.placement,
+        stats_every=spec.stats_every,
+        sample_every=spec.sample_every,
+        n_eval_triggers=spec.n_eval_triggers,
+        eval_images=spec.eval_images,
+        samples=spec.samples,
+    )
+
+
+def load_defender_data(model_dir: str, device, defender_fraction: float, split_seed: int):
+    """(model, meta, normalizer, defender images on the device (uint8), their labels)."""
+    from engine.ml.artifacts import load_model
+    from engine.ml.data import Normalizer, defender_split, load_dataset
+
+    model, meta, _ = load_model(model_dir, device)
+    data = load_dataset(meta.dataset)
+    if (data.channels, data.image_size) != (meta.in_channels, tuple(meta.image_size)):
+        raise UserError(
+            f"dataset '{meta.dataset}' has {data.channels}x{data.image_size} images but the model "
+            f"expects {meta.in_channels}x{tuple(meta.image_size)}; import the matching dataset"
+        )
+    defender, _held_out = defender_split(data.test_x.shape[0], defender_fraction, split_seed)
+    images = data.test_x[defender].to(device)
+    labels = data.test_y[defender]
+    normalizer = Normalizer(meta.mean, meta.std, device)
+    return model, meta, normalizer, images, labels, data
+
+
+def run(spec: MesaSpec, reporter: Reporter) -> TaskResult:
+    from engine.ml.artifacts import load_ground_truth
+    from engine.ml.mesa import search, write_search_artifact
+    from engine.ml.runtime import (
+        configure_threads,
+        pick_device,
+        resolve_precision,
+        seed_everything,
+    )
+
+    check_spec(spec)
+    config = mesa_config(spec)
+    configure_threads()
+    device = pick_device(spec.device)
+    precision = resolve_precision(spec.precision, device)
+    seed_everything(spec.seed)
+    model, meta, normalizer, images, labels, data = load_defender_data(
+        spec.model, device, spec.defender_fraction, spec.split_seed
+    )
+    if meta.dataset_sha256 and data.sha256 != meta.dataset_sha256:
+        reporter.text(
+            f"dataset '{meta.dataset}' differs from the one the model was trained on "
+            "(hash mismatch); results may not be comparable",
+            "warning",
+        )
+    # Evaluation only: the search below receives none of it.
+    truth = load_ground_truth(spec.model)
+    true_pattern = truth.pattern if truth is not None else None
+    bw_task = truth is not None and truth.trigger.startswith("bw:")
+    reporter.text(
+        f"MESA search: target {spec.target}, betas {spec.betas}, {spec.steps} steps, "
+        f"{images.shape[0]} defender images, {device} {precision}"
+    )
+    result = search(
+        model,
+        normalizer,
+        images,
+        spec.target,
+        config,
+        labels=labels,
+        device=device,
+        precision=precision,
+        reporter=reporter,
+        true_pattern=true_pattern,
+        bw_stats=bw_task,
+        seed=spec.seed,
+    )
+    workdir = Path(reporter.workdir)
+    write_search_artifact(
+        result,
+        workdir,
+        spec=spec.to_json(),
+        spec_hash=spec.spec_hash(),
+        upstream=[spec.model],
+        meta={
+            "model": str(Path(spec.model).resolve()),
+            "dataset": meta.dataset,
+            "num_classes": meta.num_classes,
+            "channels": meta.in_channels,
+            "image_size": list(meta.image_size),
+            "defender_fraction": spec.defender_fraction,
+            "split_seed": spec.split_seed,
+            "seed": spec.seed,
+            "precision": precision,
+        },
+        true_pattern=true_pattern,
+    )
+    reporter.artifact(workdir, "search")
+    total_steps = spec.steps * len(spec.betas)
+    return TaskResult(
+        artifact=str(workdir),
+        metrics=result.metrics,
+        extra={
+            "betas": list(spec.betas),
+            "target": spec.target,
+            "histograms": result.histograms,
+            "seconds": round(result.seconds, 2),
+            "generator_steps_per_s": round(total_steps / max(result.seconds, 1e-9), 3),
+            "device": str(device),
+            "precision": precision,
+        },
+    )
