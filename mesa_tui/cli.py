@@ -27,6 +27,16 @@ app = typer.Typer(
 app.add_typer(run_cmd.app, name="run")
 app.add_typer(data_cmd.app, name="data")
 app.add_typer(model_cmd.app, name="model")
+# Jobs, engine, studies and the store (issue 4).
+from mesa_tui.commands import db as db_cmd  # noqa: E402
+from mesa_tui.commands import engine_cmd, jobs, paths, study, submit  # noqa: E402
+
+app.add_typer(submit.app, name="submit")
+jobs.register(app)
+app.add_typer(engine_cmd.app, name="engine")
+app.add_typer(study.app, name="study")
+app.add_typer(db_cmd.app, name="db")
+paths.register(app)
 
 
 @app.callback(invoke_without_command=True)

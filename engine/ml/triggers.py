@@ -105,8 +105,6 @@ def _load_file_pattern(path: Path, channels: int) -> torch.Tensor:
     return torch.tensor(np.clip(array, 0.0, 1.0), dtype=torch.float32)
 
 
-
-
 def parse_trigger(spec: str, channels: int = 3) -> torch.Tensor:
     """Turn a trigger spec (``bw:170``, ``color:3``, ``square:white``, ``file:t.png``) into pixels."""
     kind, _, arg = spec.partition(":")

@@ -1,0 +1,622 @@
+"""The engine process: sweep stale runs, honour cancels, claim jobs, launch children, drain events.
+
+One loop, one thread. The engine is the only writer of runs, metrics and heartbeats: children
+stream events through pipes and the engine writes them in batches, one short transaction each.
+It never imports torch: GPU figures come from NVML when the ``pynvml`` module is present.
+
+Run it with ``mesa-tui engine start`` (or ``python -m engine.daemon``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from engine import paths
+from engine.executors.base import Executor, Handle, Launch, Slot
+from engine.executors.local import LocalExecutor, is_runner_process, kill_group, pid_alive
+from engine.version import code_version
+
+log = logging.getLogger("mesa.engine")
+
+
+def _env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+@dataclass
+class EngineConfig:
+    """Slots and timings. The check-in and grace figures can be shortened through the
+    environment (``MESA_STARTUP_GRACE_S``, ``MESA_CANCEL_GRACE_S``) for tests."""
+
+    cpu_slots: int | None = None
+    gpus: list[str] | None = None
+    slots_per_gpu: int = 1
+    log_path: str | None = None
+    tick_s: float = 0.02
+    claim_every_s: float = 0.2
+    heartbeat_every_s: float = 2.0
+    sweep_every_s: float = 5.0
+    cancel_check_every_s: float = 0.5
+    flush_every_s: float = 0.2
+    startup_grace_s: float = field(default_factory=lambda: _env_float("MESA_STARTUP_GRACE_S", 300))
+    cancel_grace_s: float = field(default_factory=lambda: _env_float("MESA_CANCEL_GRACE_S", 3.0))
+    checkin_slack_s: float = field(default_factory=lambda: _env_float("MESA_CHECKIN_SLACK_S", 10.0))
+
+
+# ------------------------------------------------------------------------------------------------
+# GPUs without torch
+
+
+def _nvml() -> Any | None:
+    try:
+        import pynvml  # optional: nvidia-ml-py
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except Exception:
+        return None
+    return pynvml
+
+
+def visible_gpus() -> list[str]:
+    """GPU indices this engine may use: ``CUDA_VISIBLE_DEVICES`` if set, else NVML's count."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [g.strip() for g in visible.split(",") if g.strip() and g.strip() != "-1"]
+    nvml = _nvml()
+    if nvml is None:
+        return []
+    try:
+        return [str(i) for i in range(nvml.nvmlDeviceGetCount())]
+    except Exception:
+        return []
+
+
+def gpu_snapshot(gpus: list[str]) -> list[dict[str, Any]]:
+    """Name, memory and utilisation of each GPU through NVML (only the index without NVML)."""
+    nvml = _nvml() if gpus else None
+    out = []
+    for gpu in gpus:
+        entry: dict[str, Any] = {
+            "index": int(gpu) if gpu.isdigit() else len(out),
+            "name": f"gpu {gpu}",
+        }
+        if nvml is not None and gpu.isdigit():
+            try:
+                handle = nvml.nvmlDeviceGetHandleByIndex(int(gpu))
+                name = nvml.nvmlDeviceGetName(handle)
+                memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+                util = nvml.nvmlDeviceGetUtilizationRates(handle)
+                entry.update(
+                    name=name.decode() if isinstance(name, bytes) else str(name),
+                    memory_used_mb=memory.used / 2**20,
+                    memory_total_mb=memory.total / 2**20,
+                    utilization_pct=float(util.gpu),
+                )
+            except Exception:
+                pass
+        out.append(entry)
+    return out
+
+
+def make_slots(config: EngineConfig) -> list[Slot]:
+    """One slot per GPU (times ``slots_per_gpu``); CPU slots when no GPU is given or found."""
+    gpus = config.gpus if config.gpus is not None else ([] if config.cpu_slots else visible_gpus())
+    slots = [
+        Slot(name=f"gpu{g}" + (f".{k}" if config.slots_per_gpu > 1 else ""), gpu=g)
+        for g in gpus
+        for k in range(config.slots_per_gpu)
+    ]
+    if not gpus:
+        slots = [Slot(name=f"cpu{k}") for k in range(max(1, config.cpu_slots or 1))]
+    return slots
+
+
+def workdir_for(kind: str, job_id: int) -> Path:
+    """A job's work directory, the same for every attempt (checkpoints survive a retry)."""
+    return paths.artifacts_dir() / f"{kind}-{job_id}"
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ActiveRun:
+    handle: Handle
+    events: Any
+    promise_s: float
+    deadline: float
+    launched: float
+    final: dict[str, Any] | None = None
+    cancel_stage: str | None = None
+    cancel_since: float = 0.0
+    shutdown: bool = False
+    first_event_at: float | None = None
+
+
+class Engine:
+    """One engine process bound to one store."""
+
+    def __init__(self, config: EngineConfig, store: Any = None, executor: Executor | None = None):
+        from store.repository import Store
+
+        self.config = config
+        self.store = store or Store()
+        self.slots = make_slots(config)
+        self.gpus = sorted({s.gpu for s in self.slots if s.gpu is not None})
+        self.executor = executor or LocalExecutor(paths.data_home() / "logs")
+        self.host = socket.gethostname()
+        self.version = code_version()
+        self.active: dict[int, ActiveRun] = {}
+        self.stopping = False
+        self.engine_id: int | None = None
+
+    # -------------------------------------------------------------------------------- lifecycle
+
+    def request_stop(self, *_: Any) -> None:
+        self.stopping = True
+
+    def run(self) -> None:
+        info = self.store.register_engine(
+            self.host,
+            os.getpid(),
+            self.version,
+            len(self.slots),
+            gpu_snapshot(self.gpus),
+            executor=self.executor.name,
+            log_path=self.config.log_path,
+        )
+        self.engine_id = info.id
+        log.info(
+            "engine %d started on %s (pid %d): %d slot(s) %s; store %s",
+            info.id,
+            self.host,
+            os.getpid(),
+            len(self.slots),
+            ", ".join(s.name for s in self.slots),
+            self.store.url,
+        )
+        self.sweep()
+        due = {"heartbeat": 0.0, "sweep": time.monotonic() + self.config.sweep_every_s}
+        due.update(claim=0.0, cancel=0.0, flush=0.0)
+        try:
+            while not (self.stopping and not self.active):
+                try:
+                    self.step(due)
+                except Exception:
+                    # A store hiccup must not take the engine (and its children) down.
+                    log.exception("engine step failed; retrying in a second")
+                    time.sleep(1.0)
+        finally:
+            self.flush()
+            self.store.engine_stopped(self.engine_id)
+            log.info("engine %d stopped", self.engine_id)
+
+    def step(self, due: dict[str, float]) -> None:
+        """One turn of the loop: heartbeat, sweep, cancels, claims, events, exits, writes."""
+        now = time.monotonic()
+        if now >= due["heartbeat"]:
+            due["heartbeat"] = now + self.config.heartbeat_every_s
+            beat = self.store.engine_heartbeat(
+                self.engine_id, len(self.active), gpu_snapshot(self.gpus)
+            )
+            if beat.stop_requested_at is not None and not self.stopping:
+                log.info("stop requested through the store")
+                self.stopping = True
+        if now >= due["sweep"]:
+            due["sweep"] = now + self.config.sweep_every_s
+            self.sweep()
+        if now >= due["cancel"]:
+            due["cancel"] = now + self.config.cancel_check_every_s
+            self.check_cancels()
+        if self.stopping:
+            self.begin_shutdown()
+        self.advance_cancels(now)
+        free = len(self.slots) - len(self.active)
+        if not self.stopping and free > 0 and now >= due["claim"]:
+            due["claim"] = now + self.config.claim_every_s
+            self.claim_and_launch()
+        self.drain_events()
+        finished = self.collect_exits()
+        self.check_deadlines()
+        if finished or time.monotonic() >= due["flush"]:
+            due["flush"] = time.monotonic() + self.config.flush_every_s
+            self.flush()
+        self.finalize(finished)
+        time.sleep(self.config.tick_s)
+
+    # -------------------------------------------------------------------------------- claiming
+
+    def claim_and_launch(self) -> None:
+        from store.repository import RunEvents
+
+        busy = {run.handle.slot for run in self.active.values()}
+        free_slots = [s for s in self.slots if s not in busy]
+        claimed = self.store.claim_jobs(
+            self.engine_id,
+            len(free_slots),
+            host=self.host,
+            executor=self.executor.name,
+            code_version=self.version,
+            workdir_for=workdir_for,
+            startup_grace_s=self.config.startup_grace_s,
+        )
+        for job, slot in zip(claimed, free_slots, strict=False):
+            spec = dict(job.spec)
+            try:
+                inputs = self.resolve_inputs(job.inputs)
+                spec.update(inputs)
+                launch = Launch(
+                    run_id=job.run_id,
+                    job_id=job.job_id,
+                    attempt=job.attempt,
+                    kind=job.kind,
+                    spec=spec,
+                    workdir=job.workdir or str(workdir_for(job.kind, job.job_id)),
+                    resume=job.resume,
+                )
+                handle = self.executor.launch(launch, slot)
+            except Exception as exc:
+                log.error("job %d could not start: %s", job.job_id, exc)
+                self.store.finish_run(job.run_id, "failed", error=f"could not start: {exc}")
+                continue
+            self.store.set_run_process(job.run_id, handle.external_id, slot.gpu)
+            now = time.monotonic()
+            events = RunEvents(job.run_id, job.job_id)
+            if inputs:
+                events.logs.append(
+                    (
+                        "info",
+                        "inputs: " + ", ".join(f"{k}={v}" for k, v in inputs.items()),
+                        time.time(),
+                    )
+                )
+            self.active[job.run_id] = ActiveRun(
+                handle=handle,
+                events=events,
+                promise_s=self.config.startup_grace_s,
+                deadline=now + self.config.startup_grace_s + self.config.checkin_slack_s,
+                launched=now,
+            )
+            log.info(
+                "job %d (%s) attempt %d started as run %d, pid %s on %s%s",
+                job.job_id,
+                job.kind,
+                job.attempt,
+                job.run_id,
+                handle.external_id,
+                slot.name,
+                ", resuming" if job.resume else "",
+            )
+
+    def resolve_inputs(self, inputs: dict[str, int]) -> dict[str, Any]:
+        """Spec values from upstream jobs: an artifact path, or the class a detect job flagged
+        (input ``target:flagged``)."""
+        from engine.pipelines import flagged_target
+
+        values: dict[str, Any] = {}
+        for input_field, upstream in inputs.items():
+            field, _, source = input_field.partition(":")
+            if source == "flagged":
+                target = flagged_target(self.store.job_detail(upstream).result)
+                if target is None:
+                    raise RuntimeError(
+                        f"detect job {upstream} flagged no class (the model looks clean); "
+                        "submit with --target N to search a class anyway"
+                    )
+                values[field] = target
+                continue
+            artifact = self.store.upstream_artifact(upstream)
+            if artifact is None:
+                raise RuntimeError(f"upstream job {upstream} left no artifact for {field}")
+            values[field] = artifact.path
+        return values
+
+    # -------------------------------------------------------------------------------- events
+
+    def drain_events(self) -> None:
+        from store.repository import utcnow
+
+        for run in self.active.values():
+            events = self.executor.events(run.handle)
+            if not events:
+                continue
+            buffer = run.events
+            for event in events:
+                kind = event.get("t")
+                if kind == "metrics":
+                    buffer.metrics.extend(
+                        (str(k), int(s), float(v), float(t)) for k, s, v, t in event["points"]
+                    )
+                elif kind == "checkin":
+                    run.promise_s = float(event.get("within", run.promise_s))
+                elif kind == "log":
+                    buffer.logs.append(
+                        (
+                            str(event.get("level", "info")),
+                            str(event.get("msg", "")),
+                            float(event.get("time", time.time())),
+                        )
+                    )
+                elif kind == "artifact":
+                    buffer.artifacts.append(
+                        (
+                            event["path"],
+                            event.get("kind", ""),
+                            event.get("sha256"),
+                            event.get("bytes"),
+                        )
+                    )
+                elif kind == "progress":
+                    buffer.progress = {
+                        "stage": event.get("stage", ""),
+                        "done": event.get("done", 0),
+                        "total": event.get("total", 0),
+                        "info": event.get("info", {}),
+                        "wall_time": event.get("time", time.time()),
+                    }
+                elif kind == "env":
+                    buffer.env = dict(event.get("env") or {})
+                elif kind == "started":
+                    run.first_event_at = time.monotonic()
+                    buffer.logs.append(
+                        (
+                            "debug",
+                            f"child {event.get('pid')} started",
+                            float(event.get("time", time.time())),
+                        )
+                    )
+                elif kind == "status":
+                    run.final = event
+            now = time.monotonic()
+            run.deadline = now + run.promise_s + self.config.checkin_slack_s
+            buffer.expect_next_by = utcnow() + timedelta(
+                seconds=run.promise_s + self.config.checkin_slack_s
+            )
+
+    def flush(self) -> None:
+        batches = [run.events for run in self.active.values() if not run.events.empty()]
+        if not batches:
+            return
+        try:
+            self.store.record_events(batches)
+        except Exception as exc:
+            # Keep the buffers: the next flush writes them (nothing is lost or doubled).
+            log.warning("could not write events (will retry): %s", exc)
+            return
+        for batch in batches:
+            batch.clear()
+
+    # -------------------------------------------------------------------------------- endings
+
+    def collect_exits(self) -> list[tuple[int, int]]:
+        finished = []
+        for run_id, run in self.active.items():
+            code = self.executor.poll(run.handle)
+            if code is not None:
+                finished.append((run_id, code))
+        return finished
+
+    def finalize(self, finished: list[tuple[int, int]]) -> None:
+        for run_id, code in finished:
+            run = self.active.pop(run_id)
+            if not run.events.empty():
+                self.store.record_events([run.events])
+            self.executor.close(run.handle)
+            final = run.final or {}
+            status = final.get("status")
+            job_id = run.handle.launch.job_id
+            if run.shutdown:
+                if status == "succeeded":
+                    self.store.finish_run(
+                        run_id, "succeeded", exit_code=code, result=final.get("result")
+                    )
+                else:
+                    self.store.mark_lost([run_id], "engine stopped", refund=True)
+                    log.info("job %d requeued: its engine stopped", job_id)
+                continue
+            if status in ("succeeded", "failed", "cancelled"):
+                if run.cancel_stage and status != "succeeded":
+                    status = "cancelled"
+                self.store.finish_run(
+                    run_id,
+                    status,
+                    exit_code=code,
+                    error=final.get("error"),
+                    result=final.get("result"),
+                )
+            elif run.cancel_stage:
+                self.store.finish_run(
+                    run_id, "cancelled", exit_code=code, error="cancelled by request"
+                )
+                status = "cancelled"
+            elif code < 0:
+                self.store.mark_lost([run_id], f"child killed by signal {-code}")
+                status = "lost"
+            else:
+                tail = _tail(run.handle.state.get("log"))
+                self.store.finish_run(
+                    run_id,
+                    "failed",
+                    exit_code=code,
+                    error=f"child exited with code {code} without a result; {tail}",
+                )
+                status = "failed"
+            log.info("job %d run %d ended: %s (exit %s)", job_id, run_id, status, code)
+
+    def check_deadlines(self) -> None:
+        now = time.monotonic()
+        for run_id, run in list(self.active.items()):
+            if run.final is None and run.cancel_stage is None and now > run.deadline:
+                silent = now - (run.deadline - run.promise_s - self.config.checkin_slack_s)
+                reason = f"missed its check-in (silent for {silent:.0f} s)"
+                log.warning("run %d %s: killing it", run_id, reason)
+                self.executor.cancel(run.handle, "kill")
+                self.flush()
+                self.store.mark_lost([run_id], reason)
+                self.active.pop(run_id)
+                self.executor.close(run.handle)
+
+    # -------------------------------------------------------------------------------- cancel
+
+    def check_cancels(self) -> None:
+        for _job_id, run_id in self.store.cancel_requests(self.engine_id):
+            run = self.active.get(run_id)
+            if run is not None and run.cancel_stage is None:
+                log.info("cancelling job %d (run %d)", run.handle.launch.job_id, run_id)
+                self._cancel(run, "stop")
+
+    def begin_shutdown(self) -> None:
+        for run in self.active.values():
+            if not run.shutdown:
+                run.shutdown = True
+                if run.cancel_stage is None:
+                    self._cancel(run, "stop")
+
+    def _cancel(self, run: ActiveRun, stage: str) -> None:
+        run.cancel_stage = stage
+        run.cancel_since = time.monotonic()
+        self.executor.cancel(run.handle, stage)
+
+    def advance_cancels(self, now: float) -> None:
+        """Cooperative stop first; SIGTERM, then SIGKILL to the group after the grace period."""
+        grace = self.config.cancel_grace_s
+        for run in self.active.values():
+            if run.cancel_stage == "stop" and now - run.cancel_since > grace:
+                self._cancel(run, "term")
+            elif run.cancel_stage == "term" and now - run.cancel_since > grace:
+                self._cancel(run, "kill")
+
+    # -------------------------------------------------------------------------------- faults
+
+    def sweep(self) -> None:
+        """Runs that stopped reporting or whose engine died become lost (and are retried).
+
+        A dead engine on this host is recognised at once by its pid; elsewhere by a stale
+        heartbeat. An orphaned child still alive here is killed first, so two attempts never
+        share a work directory.
+        """
+        for run in self.store.running_runs():
+            # A foreground `mesa-tui run` that died (kill -9, power) cannot close its own run.
+            if (
+                run.executor == "foreground"
+                and run.host == self.host
+                and (run.external_id or "").isdigit()
+                and not pid_alive(int(run.external_id))
+            ):
+                self.store.finish_run(
+                    run.id, "failed", error="the foreground process ended without closing its run"
+                )
+        from store.repository import utcnow
+
+        dead_here, alive_here = [], []
+        for engine in self.store.engines():
+            if engine.id == self.engine_id or engine.stopped_at is not None:
+                continue
+            if engine.host == self.host:
+                (alive_here if pid_alive(engine.pid) else dead_here).append(engine.id)
+        for engine_id in dead_here:
+            self.store.engine_stopped(engine_id)
+        now = utcnow()
+        # A live engine here with a late heartbeat is busy, not dead: only its runs' own
+        # check-in deadlines apply to it.
+        stale = [
+            r
+            for r in self.store.stale_runs(now=now, dead_engine_ids=dead_here)
+            if r.id not in self.active
+            and not (
+                r.engine_id in alive_here
+                and r.expect_next_by is not None
+                and r.expect_next_by > now
+            )
+        ]
+        if not stale:
+            return
+        for run in stale:
+            if run.host == self.host and run.external_id and run.external_id.isdigit():
+                pid = int(run.external_id)
+                if pid_alive(pid) and is_runner_process(pid):
+                    kill_group(pid, signal.SIGKILL)
+        reasons = {
+            r.id: "its engine died" if r.engine_id in dead_here else "missed its check-in"
+            for r in stale
+        }
+        for reason in set(reasons.values()):
+            ids = [run_id for run_id, why in reasons.items() if why == reason]
+            for job in self.store.mark_lost(ids, reason):
+                log.warning("job %d: run lost (%s); now %s", job.id, reason, job.status)
+
+
+def _tail(path: str | None, lines: int = 3) -> str:
+    if not path or not Path(path).exists():
+        return "no output"
+    text = Path(path).read_text(errors="replace").strip().splitlines()[-lines:]
+    return " | ".join(text) if text else f"no output (log {path})"
+
+
+def configure_logging(log_path: str | None = None) -> None:
+    handler: logging.Handler = (
+        logging.FileHandler(log_path) if log_path else logging.StreamHandler()
+    )
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root = logging.getLogger("mesa")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+
+
+def serve(config: EngineConfig) -> None:
+    """Run an engine until SIGTERM/SIGINT or a stop request; stops its children cleanly."""
+    configure_logging(config.log_path)
+    engine = Engine(config)
+    signal.signal(signal.SIGTERM, engine.request_stop)
+    signal.signal(signal.SIGINT, engine.request_stop)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    engine.run()
+
+
+def parse_gpus(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    gpus = [g.strip() for g in value.split(",") if g.strip()]
+    for g in gpus:
+        if not g.isdigit():
+            from engine.errors import UserError
+
+            raise UserError(f"invalid --gpus {value!r}: give GPU indices like 0,1")
+    return gpus
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.daemon")
+    parser.add_argument("--cpu-slots", type=int, default=None)
+    parser.add_argument("--gpus", default=None)
+    parser.add_argument("--slots-per-gpu", type=int, default=1)
+    parser.add_argument("--log", default=None)
+    args = parser.parse_args(argv)
+    serve(
+        EngineConfig(
+            cpu_slots=args.cpu_slots,
+            gpus=parse_gpus(args.gpus),
+            slots_per_gpu=args.slots_per_gpu,
+            log_path=args.log,
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,608 @@
+"""Pipelines (train -> [detect] -> mesa -> defend per method) and study templates (torch-free).
+
+A dependent job's spec names its upstream job instead of a path (``"model": "job:12"``); the
+engine puts the upstream artifact's path there at launch. ``target`` can come from a detect job
+(``"target": "job:13:flagged"``): the search then uses the class the detection flagged, as a real
+defender must. Spec hashes treat such references as equal, so a finished job is reused only when
+its spec, code version, dataset hash and upstream artifact hashes all match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from engine.errors import UserError
+from store.entities import NewJob
+
+# The paper's 51 black/white triggers: the smallest id of each orbit of the 512 3x3 patterns under
+# the square's symmetries and inversion (engine.ml.triggers.canonical_bw_ids computes the same;
+# a test checks it), kept here so the CLI and the engine stay free of torch.
+CANONICAL_BW_IDS = (
+    0, 1, 2, 3, 5, 7, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 21, 23, 26, 27, 28, 29, 30, 40, 41,
+    42, 43, 45, 56, 57, 58, 59, 61, 68, 69, 70, 78, 84, 85, 86, 94, 97, 98, 99, 101, 106, 108, 113,
+    114, 170, 186,
+)  # fmt: skip
+CIFAR100_COLOR_TARGETS = (51, 90, 96, 79, 8, 50, 19, 7, 7, 91)
+
+ALL_METHODS = (
+    "mesa",
+    "mesa-0.9",
+    "mesa-0.8",
+    "mesa-0.5",
+    "mesa-ensemble",
+    "ideal",
+    "point",
+    "neural-cleanse",
+    "finetune",
+    "random-patch",
+)
+DEFAULT_METHODS = ("mesa", "ideal", "point", "finetune")
+STAGES = ("train", "detect", "mesa", "defend")
+REFERENCE = re.compile(r"^job:(#?\d+)(:flagged)?$")
+
+
+def reference_hash(spec: dict[str, Any]) -> str:
+    """The spec hash with job references blanked (they differ between equal pipelines); equal to
+    ``SpecBase.spec_hash()`` for a spec without references."""
+    normal = {
+        k: ("job:*" if isinstance(v, str) and REFERENCE.match(v) else v) for k, v in spec.items()
+    }
+    return hashlib.sha256(
+        json.dumps(normal, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
+
+
+def method_settings(method: str) -> dict[str, Any]:
+    """DefendSpec values of a method name (``mesa`` and ``mesa-ensemble``: the round-robin
+    ensemble of the search's generators; ``mesa-0.9``: the beta 0.9 generator alone)."""
+    if method in ("mesa", "mesa-ensemble"):
+        return {"method": "mesa", "ensemble": "round-robin"}
+    if method.startswith("mesa-"):
+        try:
+            beta = float(method[5:])
+        except ValueError:
+            beta = -1.0
+        if not 0 < beta < 1:
+            raise UserError(
+                f"method '{method}' is unknown; use mesa, mesa-ensemble or mesa-BETA like mesa-0.9"
+            )
+        return {"method": "mesa", "beta": beta}
+    if method not in ALL_METHODS:
+        raise UserError(f"method '{method}' is unknown; use one of {', '.join(ALL_METHODS)}")
+    return {"method": method}
+
+
+def parse_methods(value: str | None) -> list[str]:
+    if not value:
+        return list(DEFAULT_METHODS)
+    if value.strip() == "all":
+        return ["mesa-0.9", "mesa-0.8", "mesa-0.5", "mesa-ensemble", "ideal", "point",
+                "neural-cleanse", "finetune", "random-patch"]  # fmt: skip
+    methods = [m.strip() for m in value.split(",") if m.strip()]
+    for m in methods:
+        method_settings(m)
+    return list(dict.fromkeys(methods))
+
+
+def split_overrides(overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Route overrides to stages: ``train_epochs`` goes to train only; a plain ``epochs`` goes
+    to every stage whose spec has that field (train and defend)."""
+    from engine.specs import SPEC_CLASSES
+
+    routed: dict[str, dict[str, Any]] = {stage: {} for stage in STAGES}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        stage, _, field = key.partition("_")
+        if stage in STAGES and field in SPEC_CLASSES[stage].model_fields:
+            routed[stage][field] = value
+            continue
+        targets = [s for s in STAGES if key in SPEC_CLASSES[s].model_fields]
+        if not targets:
+            raise UserError(
+                f"unknown setting '{key}' for a pipeline; use a field of train, detect, mesa or "
+                "defend (prefix it, e.g. --train-epochs, to set one stage only)"
+            )
+        for s in targets:
+            routed[s][key] = value
+    return routed
+
+
+def _stage_spec(
+    kind: str, preset: str | None, values: dict[str, Any], references: dict[str, str]
+) -> dict[str, Any]:
+    """Validate a stage's spec (references stand in as valid placeholders) and return its JSON
+    with the references in place."""
+    from engine.specs import PRESETS, build_spec
+
+    placeholders = {k: (0 if k == "target" else "job") for k in references}
+    stage_preset = preset if preset and preset in PRESETS.get(kind, {}) else None
+    spec = build_spec(kind, stage_preset, None, {**values, **placeholders})
+    data = spec.to_json()
+    data.update(references)
+    return data
+
+
+@dataclass
+class PipelineJobs:
+    """The jobs of one pipeline, in submission order (dependencies point backwards)."""
+
+    jobs: list[NewJob]
+    train_index: int
+
+
+def build_pipeline(
+    *,
+    preset: str | None,
+    trigger: str | None,
+    target: str,
+    methods: list[str],
+    overrides: dict[str, Any],
+    seed: int = 0,
+    start: int = 0,
+    train_from: tuple[int | str, str] | None = None,
+    study_seed: int | None = None,
+    split_point_restarts: bool = False,
+) -> PipelineJobs:
+    """train (the attack) -> [detect] -> mesa -> defend per method.
+
+    ``target`` is a class number (the oracle shortcut: the search is told the attacked class) or
+    ``auto`` (detect first; the search and the target-needing defenses use the flagged class).
+    ``start`` is the index of this pipeline's first job in the whole submission. With
+    ``split_point_restarts`` each point restart is its own job (studies report mean and worst
+    over restarts); otherwise one job repairs with every restart in turn.
+    """
+    routed = split_overrides(overrides)
+    auto = target == "auto"
+    if not auto and not target.isdigit():
+        raise UserError(f"invalid --target {target!r}: give a class number or auto")
+    jobs: list[NewJob] = []
+
+    def ref(i: int) -> str:
+        return f"#{start + i}"
+
+    def add(
+        kind: str, spec: dict[str, Any], deps: list[tuple[int | str, str | None]], **meta: Any
+    ) -> int:
+        jobs.append(
+            NewJob(
+                kind=kind,
+                spec=spec,
+                spec_hash=reference_hash(spec),
+                label=meta.pop("label", ""),
+                depends_on=tuple(deps),
+                role=kind,
+                trigger=trigger,
+                seed=study_seed,
+                **meta,
+            )
+        )
+        return len(jobs) - 1
+
+    train_values = {"seed": seed, **routed["train"]}
+    if trigger is not None:
+        train_values["trigger"] = trigger
+    if not auto:
+        train_values.setdefault("target", int(target))
+    train_refs: dict[str, str] = {}
+    train_deps: list[tuple[int | str, str | None]] = []
+    if train_from is not None:
+        train_refs["init_from"] = f"job:{train_from[0]}"
+        train_deps.append((train_from[0], "init_from"))
+    train_spec = _stage_spec("train", preset, train_values, train_refs)
+    if auto and "target" not in routed["train"]:
+        train_spec["target"] = 0
+    label = f"{train_spec.get('trigger') or 'clean'} -> {train_spec['target']}"
+    train = add("train", train_spec, train_deps, label=f"attack {label}")
+    model = f"job:{ref(train)}"
+
+    target_refs: dict[str, str] = {}
+    target_deps: list[tuple[int | str, str | None]] = []
+    if auto:
+        detect_spec = _stage_spec(
+            "detect", preset, {"seed": seed, **routed["detect"]}, {"model": model}
+        )
+        detect = add("detect", detect_spec, [(ref(train), "model")], label=f"detect {label}")
+        target_refs["target"] = f"job:{ref(detect)}:flagged"
+        target_deps.append((ref(detect), "target:flagged"))
+        target_values: dict[str, Any] = {}
+    else:
+        target_values = {"target": int(target)}
+
+    search = None
+    if any(m.startswith("mesa") for m in methods):
+        mesa_spec = _stage_spec(
+            "mesa",
+            preset,
+            {"seed": seed, **target_values, **routed["mesa"]},
+            {"model": model, **target_refs},
+        )
+        search = add(
+            "mesa",
+            mesa_spec,
+            [(ref(train), "model"), *target_deps],
+            label=f"mesa {label}",
+        )
+    for method in methods:
+        settings = method_settings(method)
+        values = {"seed": seed, **routed["defend"], **settings}
+        refs: dict[str, str] = {"model": model}
+        deps: list[tuple[int | str, str | None]] = [(ref(train), "model")]
+        if settings["method"] == "mesa":
+            refs["search"] = f"job:{ref(search)}"
+            deps.append((ref(search), "search"))
+        elif settings["method"] in ("point", "neural-cleanse"):
+            if auto:
+                refs.update(target_refs)
+                deps.extend(target_deps)
+            else:
+                values.update(target_values)
+        restarts = [None]
+        if (
+            split_point_restarts
+            and settings["method"] == "point"
+            and "point_index" not in routed["defend"]
+        ):
+            count = routed["defend"].get("point_restarts") or _preset_value(
+                "defend", preset, "point_restarts", 10
+            )
+            restarts = list(range(int(count)))
+        for index in restarts:
+            spec_values = dict(values)
+            if index is not None:
+                spec_values["point_index"] = index
+            spec = _stage_spec("defend", preset, spec_values, refs)
+            suffix = f" #{index}" if index is not None else ""
+            add("defend", spec, list(deps), label=f"{method}{suffix} {label}", method=method)
+    return PipelineJobs(jobs=jobs, train_index=train)
+
+
+def _preset_value(kind: str, preset: str | None, key: str, default: Any) -> Any:
+    from engine.specs import PRESETS, SPEC_CLASSES
+
+    values = PRESETS.get(kind, {}).get(preset or "", {})
+    if key in values:
+        return values[key]
+    field = SPEC_CLASSES[kind].model_fields.get(key)
+    return field.default if field is not None and field.default is not None else default
+
+
+# ------------------------------------------------------------------------------------------------
+# Studies
+
+
+PAPER_BW = {
+    "before repair": {"mean": 0.987, "worst": 0.924},
+    "ideal": {"mean": 0.024, "worst": 0.037},
+    "mesa-0.9": {"mean": 0.034, "worst": 0.059},
+    "mesa-0.8": {"mean": 0.036, "worst": 0.091},
+    "mesa-0.5": {"mean": 0.042, "worst": 0.090},
+    "mesa-ensemble": {"mean": 0.036, "worst": 0.082},
+    "point": {"mean": 0.105, "worst": 0.514},
+}
+PAPER_COLOR_CIFAR10 = {
+    "mesa-0.9": {"mean": 0.0204},
+    "mesa-0.8": {"mean": 0.0193},
+    "mesa-0.5": {"mean": 0.0177},
+    "mesa-ensemble": {"mean": 0.0191},
+    "point": {"mean": 0.2275},
+}
+PAPER_COLOR_CIFAR100 = {
+    "mesa-0.9": {"mean": 0.0142},
+    "mesa-0.8": {"mean": 0.0141},
+    "mesa-0.5": {"mean": 0.0156},
+    "mesa-ensemble": {"mean": 0.0114},
+    "point": {"mean": 0.2741},
+}
+PAPER_METHODS = ["ideal", "point", "mesa-0.9", "mesa-0.8", "mesa-0.5", "mesa-ensemble",
+                 "neural-cleanse", "finetune"]  # fmt: skip
+PAPER_NOTES = [
+    "model: ResNet-18 (CIFAR variant) as in the paper, but its clean model is trained here "
+    "(preset clean-cifar10), not the authors' unpublished checkpoint",
+    "attack: the paper's recipe (fine-tune the clean model 10 epochs, lr 1e-3, 1 % poisoning, "
+    "no augmentation)",
+    "repair stamping rate 0.01 (the script's); the paper's numbers come from the poster",
+    "target class: found by detect (a real defender), where the paper gave it to the search",
+    "data: the local CIFAR copy; ASR and clean accuracy on the 2,000 held-out test images",
+]
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    description: str
+    build: Callable[[list[int], dict[str, Any], str], tuple[dict[str, Any], list[NewJob]]]
+
+
+def _study(
+    *,
+    name: str,
+    dataset: str,
+    triggers: list[str],
+    targets: list[int],
+    methods: list[str],
+    seeds: list[int],
+    attack_preset: str,
+    stage_preset: str | None,
+    clean_preset: str | None,
+    overrides: dict[str, Any],
+    target_mode: str,
+    paper: dict[str, Any],
+    notes: list[str],
+    stage_defaults: dict[str, Any],
+    split_point_restarts: bool = True,
+) -> tuple[dict[str, Any], list[NewJob]]:
+    from engine.specs import PRESETS
+
+    jobs: list[NewJob] = []
+    for seed in seeds:
+        clean_ref = None
+        if clean_preset is not None:
+            clean_values = {**PRESETS["train"][clean_preset], "dataset": dataset, "seed": seed}
+            clean_values.update(
+                {k[6:]: v for k, v in overrides.items() if k.startswith("clean_") and v is not None}
+            )
+            spec = _stage_spec("train", None, clean_values, {})
+            jobs.append(
+                NewJob(
+                    "train",
+                    spec,
+                    reference_hash(spec),
+                    label=f"clean {dataset}",
+                    role="clean",
+                    seed=seed,
+                )  # fmt: skip
+            )
+            clean_ref = (f"#{len(jobs) - 1}", "init_from")
+        for trigger, target in zip(triggers, targets, strict=True):
+            values = {
+                **stage_defaults,
+                **{k: v for k, v in overrides.items() if not k.startswith("clean_")},
+            }
+            values.setdefault("train_dataset", dataset)
+            values.setdefault("train_target", target)
+            values.update({f"train_{k}": v for k, v in PRESETS["train"][attack_preset].items()
+                           if f"train_{k}" not in values and k not in overrides})  # fmt: skip
+            pipeline = build_pipeline(
+                preset=stage_preset,
+                trigger=trigger,
+                target=target_mode if target_mode == "auto" else str(target),
+                methods=methods,
+                overrides=values,
+                seed=seed,
+                start=len(jobs),
+                train_from=clean_ref,
+                study_seed=seed,
+                split_point_restarts=split_point_restarts,
+            )
+            jobs.extend(pipeline.jobs)
+    params = {
+        "template": name,
+        "dataset": dataset,
+        "triggers": triggers,
+        "targets": targets,
+        "methods": methods,
+        "seeds": seeds,
+        "target_mode": target_mode,
+        "overrides": {k: v for k, v in overrides.items() if v is not None},
+        "paper": paper,
+        "protocol_notes": notes,
+    }
+    return params, jobs
+
+
+def _paper_bw(seeds: list[int], overrides: dict[str, Any], target_mode: str):
+    return _study(
+        name="paper-cifar10-bw",
+        dataset="cifar10",
+        triggers=[f"bw:{i}" for i in CANONICAL_BW_IDS],
+        targets=[0] * len(CANONICAL_BW_IDS),
+        methods=PAPER_METHODS,
+        seeds=seeds,
+        attack_preset="paper-cifar10",
+        stage_preset="paper",
+        clean_preset="clean-cifar10",
+        overrides=overrides,
+        target_mode=target_mode,
+        paper=PAPER_BW,
+        notes=PAPER_NOTES,
+        stage_defaults={},
+    )
+
+
+def _paper_color(dataset: str, targets: list[int], paper: dict[str, Any]):
+    def build(seeds: list[int], overrides: dict[str, Any], target_mode: str):
+        return _study(
+            name=f"paper-{dataset}-color",
+            dataset=dataset,
+            triggers=[f"color:{i}" for i in range(10)],
+            targets=targets,
+            methods=PAPER_METHODS,
+            seeds=seeds,
+            attack_preset="paper-cifar10",
+            stage_preset="paper",
+            clean_preset="clean-cifar10",
+            overrides=overrides,
+            target_mode=target_mode,
+            paper=paper,
+            notes=[
+                *PAPER_NOTES,
+                "colour patterns: randint(0,256)/256 from our seeds 0..9 "
+                "(the paper's files are lost)",
+            ],  # fmt: skip
+            stage_defaults={"train_dataset": dataset, "mesa_hidden": 2048}
+            if dataset == "cifar100"
+            else {},
+        )
+
+    return build
+
+
+def _cpu_mini(seeds: list[int], overrides: dict[str, Any], target_mode: str):
+    return _study(
+        name="cpu-mini",
+        dataset="cifar10",
+        triggers=["bw:170", "bw:0", "bw:85"],
+        targets=[0, 0, 0],
+        methods=["mesa-ensemble", "ideal", "point", "finetune"],
+        seeds=seeds,
+        attack_preset="cpu-quick",
+        stage_preset="cpu-quick",
+        clean_preset=None,
+        overrides=overrides,
+        target_mode=target_mode,
+        paper={
+            k: v
+            for k, v in PAPER_BW.items()
+            if k in ("before repair", "ideal", "mesa-ensemble", "point")
+        },
+        notes=[
+            "model: the small CPU network (preset cpu-quick, trained from scratch with 10 % "
+            "poisoning), not the paper's fine-tuned ResNet-18",
+            "repair stamping rate 0.1, not 0.01: at 1 % the repair is too weak on this model "
+            "(mesa-method.md section 4)",
+            "reduced budgets: MESA search 300 steps, detection 150 steps per class, one point "
+            "repair per trigger using its 3 restarts in turn; 3 of the 51 black/white triggers",
+            "data: the local CIFAR-10 copy; ASR and clean accuracy on the 2,000 held-out images",
+        ],
+        stage_defaults={"defend_stamp_rate": 0.1, "defend_point_restarts": 3},
+        # One point job per trigger (its 3 restarts in turn) keeps the study under an hour.
+        split_point_restarts=False,
+    )
+
+
+TEMPLATES: dict[str, Template] = {
+    "paper-cifar10-bw": Template(
+        "paper-cifar10-bw",
+        "the paper's 51 black/white triggers on CIFAR-10, every method, one shared clean model",
+        _paper_bw,
+    ),
+    "paper-cifar10-color": Template(
+        "paper-cifar10-color",
+        "10 random colour triggers on CIFAR-10 (target 0)",
+        _paper_color("cifar10", [0] * 10, PAPER_COLOR_CIFAR10),
+    ),
+    "paper-cifar100-color": Template(
+        "paper-cifar100-color",
+        "10 random colour triggers on CIFAR-100 (the paper's targets)",
+        _paper_color("cifar100", list(CIFAR100_COLOR_TARGETS), PAPER_COLOR_CIFAR100),
+    ),
+    "cpu-mini": Template(
+        "cpu-mini",
+        "3 black/white triggers, quick CPU preset, reduced budgets (under an hour here)",
+        _cpu_mini,
+    ),
+}
+
+
+def build_study(
+    template: str, seeds: list[int], overrides: dict[str, Any], target_mode: str = "auto"
+) -> tuple[dict[str, Any], list[NewJob]]:
+    if template not in TEMPLATES:
+        raise UserError(f"template '{template}' is unknown; use one of {', '.join(TEMPLATES)}")
+    if target_mode not in ("auto", "oracle"):
+        raise UserError(
+            f"invalid --target {target_mode!r}: use auto (detect the attacked class) or oracle "
+            "(tell the search each pattern's target)"
+        )
+    return TEMPLATES[template].build(seeds, overrides, target_mode)
+
+
+def dedupe(jobs: list[NewJob]) -> list[NewJob]:
+    """Within one submission, identical jobs (same kind, spec and upstream) become one: the
+    first stands in for the others (``reuse_of`` = "#i" resolved by ``Store.submit``)."""
+    seen: dict[tuple[Any, ...], int] = {}
+    index_map: dict[int, int] = {}
+    out: list[NewJob] = []
+    for i, job in enumerate(jobs):
+        deps = tuple(
+            (f"#{index_map[int(str(r)[1:])]}" if isinstance(r, str) else r, f)
+            for r, f in job.depends_on
+        )
+        spec = _renumber(job.spec, index_map)
+        key = (job.kind, json.dumps(spec, sort_keys=True), deps)
+        if key in seen and job.role == out[seen[key]].role:
+            index_map[i] = seen[key]
+            continue
+        index_map[i] = len(out)
+        seen[key] = len(out)
+        out.append(NewJob(**{**job.__dict__, "depends_on": deps, "spec": spec}))
+    return out
+
+
+def _renumber(spec: dict[str, Any], index_map: dict[int, int]) -> dict[str, Any]:
+    out = {}
+    for k, v in spec.items():
+        m = REFERENCE.match(v) if isinstance(v, str) else None
+        if m and m.group(1).startswith("#"):
+            v = f"job:#{index_map[int(m.group(1)[1:])]}{m.group(2) or ''}"
+        out[k] = v
+    return out
+
+
+def resolve_reference(spec_value: str) -> tuple[str, bool] | None:
+    """``job:12`` -> ("12", False); ``job:12:flagged`` -> ("12", True); else None."""
+    m = REFERENCE.match(spec_value) if isinstance(spec_value, str) else None
+    return (m.group(1), bool(m.group(2))) if m else None
+
+
+def flagged_target(result: dict[str, Any] | None) -> int | None:
+    """The class a detect job flagged (the highest score among several)."""
+    result = result or {}
+    flagged = list(result.get("flagged") or [])
+    if not flagged:
+        return None
+    scores = result.get("scores")
+    if isinstance(scores, dict):
+        return int(max(flagged, key=lambda c: float(scores.get(str(c), scores.get(c, 0.0)))))
+    if isinstance(scores, list):
+        return int(max(flagged, key=lambda c: float(scores[c]) if c < len(scores) else 0.0))
+    return int(flagged[0])
+
+
+def apply_reuse(store: Any, jobs: list[NewJob]) -> list[NewJob]:
+    """Mark jobs that a finished job can stand in for (``reuse_of``): same spec hash, code
+    version, dataset hash and upstream artifact hashes. A job whose upstream runs anew runs
+    anew too."""
+    import dataclasses
+
+    from engine.runner import dataset_hash
+    from engine.version import code_version
+
+    version = code_version()
+    reused: dict[int, int] = {}
+    out = []
+    for i, job in enumerate(jobs):
+        upstream: dict[str, str] = {}
+        possible = True
+        for ref, input_field in job.depends_on:
+            if isinstance(ref, str):
+                index = int(ref[1:])
+                if index not in reused:
+                    possible = False
+                    break
+                ref = reused[index]
+            artifact = store.upstream_artifact(ref)
+            if artifact is None or artifact.sha256 is None or input_field is None:
+                possible = False
+                break
+            upstream[input_field] = artifact.sha256
+        dataset = job.spec.get("dataset")
+        digest = dataset_hash(dataset) if dataset else None
+        if dataset and digest is None:
+            possible = False
+        found = (
+            store.find_reusable(job.kind, job.spec_hash, version, digest, upstream)
+            if possible
+            else None
+        )
+        if found is not None:
+            reused[i] = found.id
+            job = dataclasses.replace(job, reuse_of=found.id)
+        out.append(job)
+    return out

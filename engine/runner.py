@@ -1,0 +1,328 @@
+"""The child process of one run: ``python -m engine.runner --events-fd N``.
+
+The engine writes one JSON line on stdin (the launch: kind, spec with inputs resolved, work
+directory, resume flag, run id), then may write ``stop``. The child never touches the store: it
+runs the task and streams JSON lines to the events pipe, one object per line, field ``t`` =
+
+- ``started``: first thing, before the heavy imports (queue latency is measured to this event);
+- ``env``: seed, code version, torch and CUDA versions, device name, dataset hash, import time;
+- ``metrics``: ``points`` = [[key, step, value, wall_time], ...] (buffered, flushed in batches);
+- ``checkin``: ``within`` seconds until the next sign of life;
+- ``artifact``: path, kind, sha256 of its manifest, bytes; ``log``: level, msg; ``progress``;
+- ``status``: succeeded | failed | cancelled, with the TaskResult JSON or the error.
+
+Standard output and error go to the run's log file, so a stray print cannot break the stream.
+Test-only task kinds come from ``MESA_TASK_MODULES`` ("kind=module,kind=module"); such a module
+has ``Spec`` and ``run``.
+"""
+
+from __future__ import annotations
+
+import time
+
+PROCESS_START = time.time()
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import importlib  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+# Metric points are flushed at least this often, or when this many are waiting.
+FLUSH_INTERVAL_S = 0.05
+FLUSH_POINTS = 5000
+PROGRESS_INTERVAL_S = 0.5
+# The promise made for the task before it checks in itself (dataset loading, model building).
+DEFAULT_CHECKIN_S = 600.0
+# After the engine vanished (stdin closed), the task gets this long to stop before the child exits.
+ORPHAN_GRACE_S = 10.0
+
+
+class EventStream:
+    """Thread-safe writer of JSON lines to the events pipe; a broken pipe means the engine died."""
+
+    def __init__(self, fd: int):
+        self._file = os.fdopen(fd, "w", buffering=1 << 16)
+        self._lock = threading.Lock()
+        self.broken = threading.Event()
+
+    def send(self, event: dict[str, Any]) -> None:
+        line = json.dumps(event, separators=(",", ":"), allow_nan=True) + "\n"
+        with self._lock:
+            if self.broken.is_set():
+                return
+            try:
+                self._file.write(line)
+                self._file.flush()
+            except (BrokenPipeError, OSError, ValueError):
+                self.broken.set()
+
+    def close(self) -> None:
+        with self._lock, contextlib.suppress(OSError):
+            self._file.close()
+
+
+class RunnerReporter:
+    """The engine's reporter: every call becomes an event; metrics are buffered."""
+
+    def __init__(
+        self,
+        stream: EventStream,
+        workdir: Path,
+        resume: bool,
+        stop: threading.Event,
+        orphaned: threading.Event,
+    ):
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.resume = resume
+        self._stream = stream
+        self._stop = stop
+        self._orphaned = orphaned
+        self._lock = threading.Lock()
+        self._points: list[list[Any]] = []
+        self._last_flush = time.monotonic()
+        self._last_progress = 0.0
+
+    def _check_engine(self) -> None:
+        """Without an engine nothing more is recorded: stop before the task writes another
+        checkpoint, or a retry would resume past steps whose metrics never reached the store."""
+        if self._orphaned.is_set() or self._stream.broken.is_set():
+            from engine.errors import Cancelled
+
+            raise Cancelled("the engine went away")
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self._check_engine()
+        now = time.time()
+        with self._lock:
+            for key, value in metrics.items():
+                self._points.append([key, int(step), float(value), now])
+            due = (
+                len(self._points) >= FLUSH_POINTS
+                or time.monotonic() - self._last_flush >= FLUSH_INTERVAL_S
+            )
+        if due:
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            points, self._points = self._points, []
+            self._last_flush = time.monotonic()
+        if points:
+            self._stream.send({"t": "metrics", "points": points})
+
+    def check_in(self, next_within_s: float) -> None:
+        self._check_engine()
+        self.flush()
+        self._stream.send({"t": "checkin", "within": float(next_within_s)})
+
+    def artifact(self, path: str | Path, kind: str) -> None:
+        self._check_engine()
+        self.flush()
+        path = Path(path).resolve()
+        sha, size = artifact_identity(path)
+        self._stream.send(
+            {"t": "artifact", "path": str(path), "kind": kind, "sha256": sha, "bytes": size}
+        )
+
+    def should_stop(self) -> bool:
+        return self._stop.is_set()
+
+    def text(self, message: str, level: str = "info") -> None:
+        self._stream.send({"t": "log", "level": level, "msg": str(message), "time": time.time()})
+
+    def progress(self, stage: str, done: int, total: int, info: dict[str, float]) -> None:
+        now = time.monotonic()
+        if done < total and now - self._last_progress < PROGRESS_INTERVAL_S:
+            return
+        self._last_progress = now
+        self._stream.send(
+            {
+                "t": "progress",
+                "stage": stage,
+                "done": int(done),
+                "total": int(total),
+                "info": {k: float(v) for k, v in (info or {}).items()},
+                "time": time.time(),
+            }
+        )
+
+
+def artifact_identity(path: Path) -> tuple[str | None, int]:
+    """(sha256 of the manifest, total bytes): the manifest lists every file's hash, so its own
+    hash identifies the artifact's content."""
+    import hashlib
+
+    manifest = path / "manifest.json" if path.is_dir() else path
+    sha = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
+    if path.is_dir():
+        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    else:
+        size = path.stat().st_size if path.exists() else 0
+    return sha, size
+
+
+def extra_task_modules() -> dict[str, str]:
+    """Kinds registered through ``MESA_TASK_MODULES`` (used by tests and benchmarks)."""
+    out = {}
+    for item in os.environ.get("MESA_TASK_MODULES", "").split(","):
+        kind, _, module = item.partition("=")
+        if kind.strip() and module.strip():
+            out[kind.strip()] = module.strip()
+    return out
+
+
+def load_task(kind: str) -> tuple[Any, type]:
+    """The task module and its spec class for a job kind."""
+    extra = extra_task_modules()
+    if kind in extra:
+        module = importlib.import_module(extra[kind])
+        return module, module.Spec
+    from engine.specs import SPEC_CLASSES
+
+    module = importlib.import_module(f"engine.tasks.{kind}")
+    return module, SPEC_CLASSES[kind]
+
+
+def dataset_hash(name: str | None) -> str | None:
+    """The content hash stored with a decoded dataset (None before it was ever decoded)."""
+    if not name:
+        return None
+    from engine import catalog
+
+    try:
+        candidates = [catalog.cache_path(name)]
+        if not name.startswith("imagefolder:"):
+            candidates.insert(0, catalog.imported_path(name))
+    except Exception:
+        return None
+    for path in candidates:
+        if path.exists():
+            try:
+                from safetensors import safe_open
+
+                with safe_open(str(path), framework="numpy") as f:
+                    return (f.metadata() or {}).get("sha256")
+            except Exception:
+                return None
+    return None
+
+
+def model_dataset_hash(model_dir: str | None) -> str | None:
+    """The dataset hash a model artifact was trained on (searches and repairs inherit it)."""
+    if not model_dir:
+        return None
+    try:
+        manifest = json.loads((Path(model_dir) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return (manifest.get("meta") or {}).get("dataset_sha256")
+
+
+def environment(spec: Any) -> dict[str, Any]:
+    """Where and with what the run ran (torch is imported here, in the child only)."""
+    from engine.version import code_version
+
+    env: dict[str, Any] = {
+        "seed": getattr(spec, "seed", None),
+        "code_version": code_version(),
+        "python": sys.version.split()[0],
+        "host": os.uname().nodename,
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "dataset_hash": dataset_hash(getattr(spec, "dataset", None))
+        or model_dataset_hash(getattr(spec, "model", None)),
+    }
+    if "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        env["torch"] = torch.__version__
+        env["cuda"] = torch.version.cuda or ""
+        device = getattr(spec, "device", "auto")
+        if torch.cuda.is_available() and device != "cpu":
+            index = int(device.split(":")[1]) if device.startswith("cuda:") else 0
+            env["device_name"] = torch.cuda.get_device_name(index)
+        else:
+            env["device_name"] = "cpu"
+    return env
+
+
+def watch_stdin(stop: threading.Event, orphaned: threading.Event) -> None:
+    """``stop`` lines ask the task to stop; end of input means the engine is gone."""
+    for line in sys.stdin:
+        if line.strip() == "stop":
+            stop.set()
+    orphaned.set()
+    stop.set()
+
+
+def exit_when_orphaned(orphaned: threading.Event) -> None:
+    """A task that ignores the stop request after its engine died must not keep running: a new
+    engine retries the job in the same work directory."""
+    orphaned.wait()
+    time.sleep(ORPHAN_GRACE_S)
+    os._exit(4)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.runner")
+    parser.add_argument("--events-fd", type=int, required=True)
+    args = parser.parse_args(argv)
+    stream = EventStream(args.events_fd)
+    stream.send({"t": "started", "pid": os.getpid(), "time": time.time(), "t0": PROCESS_START})
+    launch = json.loads(sys.stdin.readline())
+    stop, orphaned = threading.Event(), threading.Event()
+    threading.Thread(target=watch_stdin, args=(stop, orphaned), daemon=True).start()
+    threading.Thread(target=exit_when_orphaned, args=(orphaned,), daemon=True).start()
+
+    status, result, error = "failed", None, None
+    reporter = None
+    try:
+        import_start = time.time()
+        module, spec_class = load_task(launch["kind"])
+        if launch["kind"] not in extra_task_modules():
+            import torch  # noqa: F401  (the task needs it anyway; its versions are recorded)
+
+        spec = spec_class(**launch["spec"])
+        imports_s = time.time() - import_start
+        env = environment(spec)
+        env["imports_s"] = round(imports_s, 3)
+        env["startup_s"] = round(time.time() - PROCESS_START, 3)
+        stream.send({"t": "env", "env": env})
+        stream.send({"t": "checkin", "within": DEFAULT_CHECKIN_S})
+        reporter = RunnerReporter(
+            stream, Path(launch["workdir"]), bool(launch["resume"]), stop, orphaned
+        )
+        if launch.get("resume"):
+            reporter.text(f"attempt {launch.get('attempt')}: resuming in {reporter.workdir}")
+        task_result = module.run(spec, reporter)
+        reporter.flush()
+        result = task_result.to_json()
+        status = "succeeded"
+    except BaseException as exc:  # the child reports every ending, then exits
+        from engine.errors import Cancelled, UserError
+
+        if reporter is not None:
+            reporter.flush()
+        if isinstance(exc, Cancelled | KeyboardInterrupt):
+            status, error = "cancelled", "cancelled by request"
+            if orphaned.is_set():
+                error = "engine went away"
+        elif isinstance(exc, UserError):
+            error = str(exc)
+        else:
+            traceback.print_exc()
+            error = f"{type(exc).__name__}: {exc}"
+    stream.send({"t": "status", "status": status, "result": result, "error": error})
+    stream.close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return {"succeeded": 0, "cancelled": 3}.get(status, 1)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,302 @@
+"""Frozen value objects the repository hands to the CLI, the TUI and the engine (never ORM rows).
+
+Everything here is plain data: safe to pass between threads, to post in Textual messages and to
+turn into JSON with ``to_json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "lost")
+FINISHED = ("succeeded", "failed", "cancelled", "lost")
+ACTIVE = ("queued", "running")
+
+
+def to_json(obj: Any) -> Any:
+    """Any entity (or list/dict of them) as JSON-ready data; datetimes as ISO-8601 UTC strings."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_json(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, datetime):
+        return obj.isoformat().replace("+00:00", "Z")
+    if isinstance(obj, dict):
+        return {str(k): to_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_json(v) for v in obj]
+    return obj
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    """One GPU as the engine's heartbeat reports it (NVML); the faces never touch CUDA."""
+
+    index: int
+    name: str
+    memory_used_mb: float | None = None
+    memory_total_mb: float | None = None
+    utilization_pct: float | None = None
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """An engine process; ``alive`` is computed when read (fresh heartbeat, not stopped)."""
+
+    id: int
+    host: str
+    pid: int
+    version: str
+    executor: str
+    slots: int
+    slots_used: int
+    gpus: tuple[GpuInfo, ...]
+    log_path: str | None
+    started_at: datetime
+    heartbeat_at: datetime
+    stop_requested_at: datetime | None
+    stopped_at: datetime | None
+    alive: bool
+
+
+@dataclass(frozen=True)
+class Progress:
+    """The latest ``reporter.progress`` of a run (drives progress bars and ETAs)."""
+
+    stage: str
+    done: int
+    total: int
+    info: dict[str, float]
+    wall_time: float
+    started: float | None = None
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.total if self.total else 0.0
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    """One row of the jobs list. ``latest`` holds the newest metric values of the current run."""
+
+    id: int
+    kind: str
+    label: str
+    status: str
+    priority: int
+    attempts: int
+    max_attempts: int
+    executor: str
+    spec: dict[str, Any]
+    spec_hash: str
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    ended_at: datetime | None
+    reused_from: int | None
+    studies: tuple[str, ...]
+    current_run_id: int | None
+    progress: Progress | None
+    latest: dict[str, float]
+    cancel_requested: bool
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """One attempt of a job, with where and how it ran."""
+
+    id: int
+    job_id: int
+    attempt: int
+    status: str
+    executor: str
+    engine_id: int | None
+    external_id: str | None
+    host: str | None
+    gpu: str | None
+    resumed: bool
+    start_step: int | None
+    started_at: datetime
+    ended_at: datetime | None
+    heartbeat_at: datetime | None
+    expect_next_by: datetime | None
+    exit_code: int | None
+    error: str | None
+    seed: int | None
+    code_version: str | None
+    spec_hash: str | None
+    dataset_hash: str | None
+    env: dict[str, Any]
+    progress: Progress | None
+    result: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class Dependency:
+    """An upstream job; ``input_field`` is the spec field that receives its artifact."""
+
+    job_id: int
+    kind: str
+    status: str
+    input_field: str | None
+
+
+@dataclass(frozen=True)
+class ArtifactInfo:
+    id: int
+    run_id: int
+    job_id: int
+    kind: str
+    path: str
+    sha256: str | None
+    bytes: int | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class JobDetail:
+    """Everything about one job: the summary, the spec, every attempt, links and artifacts."""
+
+    job: JobSummary
+    workdir: str | None
+    code_version: str | None
+    dataset_hash: str | None
+    result: dict[str, Any] | None
+    runs: tuple[RunInfo, ...]
+    depends_on: tuple[Dependency, ...]
+    dependents: tuple[int, ...]
+    artifacts: tuple[ArtifactInfo, ...]
+    params: dict[str, str]
+
+
+@dataclass(frozen=True)
+class MetricPoint:
+    """A stored metric value; ``id`` is the cursor for incremental reads."""
+
+    id: int
+    run_id: int
+    key: str
+    step: int
+    value: float
+    wall_time: float
+
+
+@dataclass(frozen=True)
+class SeriesPoint:
+    """A point of a job's series with the attempt it came from (attempts joined at resume)."""
+
+    step: int
+    value: float
+    wall_time: float
+    run_id: int
+    attempt: int
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    id: int
+    run_id: int
+    level: str
+    message: str
+    wall_time: float
+
+
+@dataclass(frozen=True)
+class StudyInfo:
+    """A study and how many of its jobs are in each status."""
+
+    id: int
+    name: str
+    template: str
+    params: dict[str, Any]
+    created_at: datetime
+    job_count: int
+    status_counts: dict[str, int]
+
+
+@dataclass(frozen=True)
+class StudyMember:
+    study_id: int
+    job_id: int
+    role: str
+    trigger: str | None
+    method: str | None
+    seed: int | None
+    kind: str
+    status: str
+
+
+@dataclass(frozen=True)
+class StudyCell:
+    """One finished (or pending) defense of a study: trigger x method x seed."""
+
+    trigger: str
+    method: str
+    seed: int | None
+    job_id: int
+    status: str
+    asr: float | None
+    acc_clean: float | None
+    ra: float | None
+
+
+@dataclass(frozen=True)
+class MethodSummary:
+    """A row of the study table: ours (mean, worst, spread over seeds) and the paper's."""
+
+    method: str
+    cells: int
+    done: int
+    asr_mean: float | None
+    asr_worst: float | None
+    asr_seed_std: float | None
+    acc_clean_mean: float | None
+    ra_mean: float | None
+    paper_asr_mean: float | None
+    paper_asr_worst: float | None
+
+
+@dataclass(frozen=True)
+class StudySummary:
+    """What ``study show`` prints and the TUI's study screen draws (the same function)."""
+
+    study: StudyInfo
+    rows: tuple[MethodSummary, ...]
+    cells: tuple[StudyCell, ...]
+    protocol_notes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A job to submit. ``depends_on`` items are ``(upstream, input_field)`` where upstream is an
+    existing job id (int) or ``"#i"``, the i-th job of the same submission."""
+
+    kind: str
+    spec: dict[str, Any]
+    spec_hash: str
+    label: str = ""
+    depends_on: tuple[tuple[int | str, str | None], ...] = ()
+    priority: int = 0
+    max_attempts: int = 3
+    role: str = ""
+    trigger: str | None = None
+    method: str | None = None
+    seed: int | None = None
+    reuse_of: int | None = None
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """What the engine needs to launch one attempt (from ``claim_jobs``)."""
+
+    job_id: int
+    run_id: int
+    attempt: int
+    kind: str
+    spec: dict[str, Any]
+    spec_hash: str
+    workdir: str | None
+    resume: bool
+    inputs: dict[str, int] = field(default_factory=dict)

@@ -1,0 +1,177 @@
+"""The headless CLI of the store and engine: submit, ls, show, cancel, retry, rm, db, paths,
+bad input (exit 2, one line, no row) and the schema upgrade."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from alembic import command
+from typer.testing import CliRunner
+
+from engine import paths
+from mesa_tui.cli import app
+from store.migrations import alembic_config
+from store.repository import Store
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def jobs_in_store() -> int:
+    return len(Store().list_jobs())
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["submit", "train", "--epochs", "abc"],
+        ["submit", "train", "--bogus-setting", "1"],
+        ["submit", "train", "--trigger", "bw:999"],
+        ["submit", "train", "--target", "12"],
+        ["submit", "mesa", "--model", "job:99"],
+        ["submit", "defend", "--method", "magic", "--model", "/tmp/m"],
+        ["submit", "pipeline", "--trigger", "bw:999"],
+        ["submit", "pipeline", "--methods", "mesa,wishful"],
+        ["submit", "pipeline", "--target", "sometimes"],
+        ["submit", "pipeline", "--no-such-setting", "3"],
+        ["study", "create", "s", "--template", "nope"],
+        ["study", "create", "s", "--template", "cpu-mini", "--seeds", "x"],
+    ],
+)
+def test_invalid_specs_exit_2_with_one_line_and_no_row(args):
+    result = run(*args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert jobs_in_store() == 0
+    assert Store().studies() == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["show", "99"],
+        ["logs", "99"],
+        ["metrics", "99", "--key", "eval/asr"],
+        ["cancel", "99"],
+        ["retry", "99"],
+        ["rm", "99", "--yes"],
+        ["study", "show", "nope"],
+    ],
+)
+def test_unknown_ids_exit_2(args):
+    result = run(*args)
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert "does not exist" in result.stderr
+
+
+def test_pipeline_jobs_ls_show_cancel_retry_rm():
+    result = run(
+        "submit", "pipeline", "--preset", "cpu-quick", "--trigger", "bw:170", "--target", "0",
+        "--methods", "mesa,ideal", "--epochs", "1", "--steps", "20", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    train, mesa, defend_mesa, defend_ideal = json.loads(result.stdout)["jobs"]
+    listed = json.loads(run("ls", "--json").stdout)["jobs"]
+    assert [(j["id"], j["kind"], j["status"]) for j in listed] == [
+        (train, "train", "queued"),
+        (mesa, "mesa", "queued"),
+        (defend_mesa, "defend", "queued"),
+        (defend_ideal, "defend", "queued"),
+    ]
+    shown = json.loads(run("show", str(defend_mesa), "--json").stdout)
+    assert shown["spec"]["model"] == f"job:{train}" and shown["spec"]["search"] == f"job:{mesa}"
+    assert {d["job_id"] for d in shown["depends_on"]} == {train, mesa}
+    assert shown["job"]["spec"]["epochs"] == 1 and "metrics" in shown
+    assert json.loads(run("show", str(mesa), "--json").stdout)["spec"]["steps"] == 20
+
+    assert run("cancel", str(train)).exit_code == 0
+    statuses = {j["id"]: j for j in json.loads(run("ls", "--json").stdout)["jobs"]}
+    assert {j["status"] for j in statuses.values()} == {"cancelled"}
+    assert statuses[mesa]["error"] == f"upstream job {train} cancelled"
+    assert (
+        json.loads(run("ls", "--status", "cancelled", "--kind", "defend", "--json").stdout)["jobs"][
+            0
+        ]["id"]
+        == defend_mesa
+    )
+
+    assert run("retry", str(train)).exit_code == 0
+    assert {j["status"] for j in json.loads(run("ls", "--json").stdout)["jobs"]} == {"queued"}
+    assert run("rm", str(train), "--yes").exit_code == 2  # queued: cancel first
+    run("cancel", str(defend_ideal))
+    result = run("rm", str(defend_ideal), "--yes", "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["deleted"] == defend_ideal
+    assert len(json.loads(run("ls", "--json").stdout)["jobs"]) == 3
+
+
+def test_older_schema_gives_the_upgrade_message_then_db_upgrade_works():
+    url = paths.default_db_url()
+    paths.data_home().mkdir(parents=True, exist_ok=True)
+    command.upgrade(alembic_config(url), "0001")
+    result = run("ls")
+    assert result.exit_code == 2
+    assert "run `mesa-tui db upgrade`" in result.stderr
+    upgraded = run("db", "upgrade")
+    assert upgraded.exit_code == 0 and "upgraded from schema 0001" in upgraded.stdout
+    assert run("ls", "--json").exit_code == 0
+    assert "already at schema" in run("db", "upgrade").stdout
+
+
+def test_paths_and_study_create_show_export(tmp_path):
+    where = json.loads(run("paths", "--json").stdout)
+    assert where["store"].startswith("sqlite:///") and where["artifacts"].endswith("artifacts")
+    result = run("study", "create", "mini", "--template", "cpu-mini", "--json")
+    assert result.exit_code == 0, result.output
+    created = json.loads(result.stdout)
+    assert created["study"] == "mini" and len(created["jobs"]) > 10
+    assert run("study", "create", "mini", "--template", "cpu-mini").exit_code == 2
+    shown = json.loads(run("study", "show", "mini", "--json").stdout)
+    assert shown["study"]["job_count"] == len(created["jobs"])
+    assert "before repair" in {r["method"] for r in shown["rows"]}
+    assert any("stamping rate" in n for n in shown["protocol_notes"])
+    out = tmp_path / "mini.csv"
+    assert run("study", "export", "mini", "--format", "csv", "--output", str(out)).exit_code == 0
+    assert out.read_text().splitlines()[0] == "trigger,method,seed,job_id,status,asr,acc_clean,ra"
+    assert (
+        json.loads(run("study", "export", "mini", "--format", "json").stdout)["study"]["name"]
+        == "mini"
+    )
+    assert run("study", "export", "mini", "--format", "xml").exit_code == 2
+    ls = json.loads(run("ls", "--study", "mini", "--kind", "detect", "--json").stdout)["jobs"]
+    assert len(ls) == 3
+
+
+def test_help_does_not_import_the_store_or_torch():
+    code = (
+        "import sys; import mesa_tui.cli; "
+        "print(sorted(m for m in ('sqlalchemy', 'torch', 'textual', 'alembic') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_wait_prints_results_and_exits_1_on_failure():
+    train, *_ = json.loads(
+        run("submit", "pipeline", "--target", "0", "--methods", "ideal", "--json").stdout
+    )["jobs"]
+    run("cancel", str(train))
+    result = run("wait", str(train), "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["jobs"][0]["status"] == "cancelled"
+    store = Store()
+    engine = store.register_engine("here", 1, "test", 1)
+    store.retry(train)
+    (claimed,) = store.claim_jobs(
+        engine.id, 1, host="here", executor="local", code_version="t",
+        workdir_for=lambda k, i: f"/tmp/{k}-{i}", startup_grace_s=60,
+    )  # fmt: skip
+    store.finish_run(claimed.run_id, "failed", error="boom")
+    failed = run("wait", str(train))
+    assert failed.exit_code == 1 and "failed" in failed.stdout

@@ -1,0 +1,205 @@
+"""Pipelines, study templates, reuse, input resolution and the foreground recorder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.errors import UserError
+from engine.pipelines import (
+    CANONICAL_BW_IDS,
+    apply_reuse,
+    build_pipeline,
+    build_study,
+    dedupe,
+    flagged_target,
+    reference_hash,
+    split_overrides,
+)
+from engine.reporter import MemoryReporter, TaskResult
+from engine.specs import build_spec
+from engine.version import code_version
+from store.entities import NewJob
+from store.repository import RunEvents, Store
+
+
+@pytest.fixture
+def store():
+    s = Store()
+    yield s
+    s.close()
+
+
+def test_hard_coded_bw_ids_are_the_canonical_orbits():
+    from engine.ml.triggers import canonical_bw_ids
+
+    assert list(CANONICAL_BW_IDS) == canonical_bw_ids() and len(CANONICAL_BW_IDS) == 51
+
+
+def test_pipeline_with_oracle_target_and_overrides():
+    built = build_pipeline(
+        preset="cpu-quick", trigger="bw:170", target="0", methods=["mesa", "ideal"],
+        overrides={"epochs": "1", "steps": "20", "defend_stamp_rate": "0.1"},
+    )  # fmt: skip
+    kinds = [j.kind for j in built.jobs]
+    assert kinds == ["train", "mesa", "defend", "defend"]
+    train, mesa, defend_mesa, defend_ideal = built.jobs
+    assert train.spec["epochs"] == 1 and train.spec["arch"] == "small"  # cpu-quick preset
+    assert mesa.spec["steps"] == 20 and mesa.spec["target"] == 0 and mesa.spec["model"] == "job:#0"
+    assert defend_mesa.spec["search"] == "job:#1" and defend_mesa.spec["epochs"] == 1
+    assert defend_mesa.spec["stamp_rate"] == 0.1 and defend_ideal.spec["method"] == "ideal"
+    assert defend_mesa.depends_on == (("#0", "model"), ("#1", "search"))
+
+
+def test_pipeline_with_auto_target_detects_first():
+    built = build_pipeline(
+        preset="cpu-quick", trigger="bw:170", target="auto", methods=["mesa", "point"], overrides={}
+    )
+    kinds = [j.kind for j in built.jobs]
+    assert kinds == ["train", "detect", "mesa", "defend", "defend"]
+    mesa = built.jobs[2]
+    assert mesa.spec["target"] == "job:#1:flagged" and ("#1", "target:flagged") in mesa.depends_on
+    assert ("#1", "target:flagged") in built.jobs[4].depends_on  # point needs the class too
+
+
+def test_overrides_route_to_stages_and_unknown_ones_are_refused():
+    routed = split_overrides({"epochs": 2, "train_lr": 0.5, "steps": 10})
+    assert routed["train"] == {"epochs": 2, "lr": 0.5}
+    assert routed["defend"] == {"epochs": 2}
+    assert routed["mesa"] == {"steps": 10} and routed["detect"] == {"steps": 10}
+    with pytest.raises(UserError, match="unknown setting 'wobble'"):
+        split_overrides({"wobble": 1})
+
+
+def test_study_templates():
+    params, jobs = build_study("paper-cifar10-bw", [0], {})
+    assert len(params["triggers"]) == 51 and params["paper"]["ideal"]["mean"] == 0.024
+    assert [j.role for j in jobs].count("clean") == 1  # one shared clean model
+    attacks = [j for j in jobs if j.role == "train"]
+    assert len(attacks) == 51 and all(j.depends_on == (("#0", "init_from"),) for j in attacks)
+    assert attacks[0].spec["poison_rate"] == 0.01 and attacks[0].spec["epochs"] == 10
+    params, jobs = build_study("cpu-mini", [0, 1], {"mesa_steps": 50})
+    assert params["seeds"] == [0, 1] and len(dedupe(jobs)) == len(jobs)
+    assert {j.spec["steps"] for j in jobs if j.kind == "mesa"} == {50}
+    assert {j.spec["stamp_rate"] for j in jobs if j.kind == "defend"} == {0.1}
+    _, c100 = build_study("paper-cifar100-color", [0], {}, target_mode="oracle")
+    targets = [j.spec["target"] for j in c100 if j.kind == "mesa"]
+    assert targets == [51, 90, 96, 79, 8, 50, 19, 7, 7, 91]
+    assert {j.spec["dataset"] for j in c100 if j.kind == "train"} == {"cifar100"}
+
+
+def _fake_dataset(digest: str) -> None:
+    from safetensors.numpy import save_file
+
+    from engine import catalog
+
+    path = catalog.imported_path("cifar10")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {"train_x": np.zeros((1, 3, 32, 32), np.uint8)}, str(path), metadata={"sha256": digest}
+    )
+
+
+def _finish(store, job_id, artifact_sha, dataset_hash=None, result=None):
+    engine = store.register_engine("here", 1, "test", 1)
+    (claimed,) = [
+        c
+        for c in store.claim_jobs(
+            engine.id,
+            10,
+            host="here",
+            executor="local",
+            code_version=code_version(),
+            workdir_for=lambda k, i: f"/tmp/{k}-{i}",
+            startup_grace_s=60,
+        )  # fmt: skip
+        if c.job_id == job_id
+    ]
+    events = RunEvents(claimed.run_id, job_id)
+    events.artifacts = [(f"/tmp/art-{job_id}", "model", artifact_sha, 1)]
+    events.env = {"dataset_hash": dataset_hash, "code_version": code_version()}
+    store.record_events([events])
+    store.finish_run(claimed.run_id, "succeeded", result=result or {"metrics": {}})
+
+
+def test_reuse_needs_equal_spec_code_dataset_and_upstream(store):
+    _fake_dataset("d" * 64)
+    first = build_pipeline(
+        preset="cpu-quick", trigger="bw:170", target="0", methods=["ideal"], overrides={}
+    )
+    ids = store.submit(first.jobs)
+    _finish(store, ids[0], "a" * 64, dataset_hash="d" * 64)
+    again = apply_reuse(store, build_pipeline(
+        preset="cpu-quick", trigger="bw:170", target="0", methods=["ideal"], overrides={}
+    ).jobs)  # fmt: skip
+    assert again[0].reuse_of == ids[0] and again[1].reuse_of is None  # defend never finished
+    _finish(store, ids[1], "b" * 64)
+    again = apply_reuse(store, first.jobs)
+    assert [j.reuse_of for j in again] == ids
+    other_trigger = build_pipeline(
+        preset="cpu-quick", trigger="bw:0", target="0", methods=["ideal"], overrides={}
+    )
+    assert [j.reuse_of for j in apply_reuse(store, other_trigger.jobs)] == [None, None]
+    _fake_dataset("e" * 64)  # the data changed: nothing is reused
+    assert [j.reuse_of for j in apply_reuse(store, first.jobs)] == [None, None]
+
+
+def test_engine_resolves_artifacts_and_the_flagged_class(store):
+    from engine.daemon import Engine, EngineConfig
+
+    train, detect = store.submit(
+        [
+            NewJob("train", {}, "t"),
+            NewJob("detect", {"model": "job:#0"}, "d", depends_on=(("#0", "model"),)),
+        ]
+    )
+    _finish(store, train, "a" * 64)
+    _finish(store, detect, None, result={"flagged": [3, 5], "scores": {"3": 0.7, "5": 0.9}})
+    engine = Engine(EngineConfig(cpu_slots=1), store=store)
+    assert engine.resolve_inputs({"model": train, "target:flagged": detect}) == {
+        "model": f"/tmp/art-{train}",
+        "target": 5,
+    }
+    assert flagged_target({"flagged": []}) is None
+
+
+def test_reference_hash_ignores_job_ids_only():
+    spec = build_spec("train", "cpu-quick", None, {}).to_json()
+    assert reference_hash(spec) == build_spec("train", "cpu-quick", None, {}).spec_hash()
+    assert reference_hash({"model": "job:3", "a": 1}) == reference_hash({"model": "job:9", "a": 1})
+    assert reference_hash({"model": "job:3", "a": 1}) != reference_hash({"model": "job:3", "a": 2})
+
+
+def test_foreground_runs_are_recorded(tmp_path, store):
+    from engine.recording import ForegroundRecorder
+
+    spec = build_spec("train", "cpu-quick", None, {"epochs": 1})
+    recorder = ForegroundRecorder.start("train", spec)
+    reporter = recorder.wrap(MemoryReporter(tmp_path))
+    for step in range(5):
+        reporter.log({"train/loss": 1.0 / (step + 1)}, step)
+    reporter.text("hello")
+    (tmp_path / "manifest.json").write_text("{}")
+    reporter.artifact(tmp_path, "model")
+    recorder.finish(TaskResult(artifact=str(tmp_path), metrics={"eval/asr": 0.5}), None)
+    (job,) = store.list_jobs()
+    assert job.executor == "foreground" and job.status == "succeeded"
+    assert [p.step for p in store.metric_series(job.id, "train/loss")] == list(range(5))
+    assert store.artifacts(job.id)[0].sha256 is not None
+    assert [e.message for e in store.logs(job_id=job.id)] == ["hello"]
+    assert store.job_detail(job.id).result["metrics"] == {"eval/asr": 0.5}
+
+
+def test_foreground_recorder_fails_soft(tmp_path, store, capsys):
+    from engine.recording import ForegroundRecorder
+
+    spec = build_spec("train", "cpu-quick", None, {"epochs": 1})
+    recorder = ForegroundRecorder.start("train", spec)
+    reporter = recorder.wrap(MemoryReporter(tmp_path))
+    recorder.store.engine.dispose()
+    recorder.store.record_events = None  # any store failure
+    reporter.log({"train/loss": 1.0}, 0)
+    recorder.flush(force=True)
+    recorder.finish(TaskResult(artifact=None, metrics={}), None)
+    assert "stopped recording this run" in capsys.readouterr().err
+    assert reporter.inner.last("train/loss") == 1.0

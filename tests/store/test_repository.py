@@ -1,0 +1,195 @@
+"""The repository: requests, claiming with dependencies, attempts, metrics and reads."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import pytest
+
+from engine.errors import UserError
+from store.entities import NewJob, to_json
+from store.repository import RunEvents, Store, utcnow
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(f"sqlite:///{tmp_path}/store.db")
+    yield s
+    s.close()
+
+
+def claim(store, engine_id, n=4):
+    return store.claim_jobs(
+        engine_id,
+        n,
+        host="here",
+        executor="local",
+        code_version="test",
+        workdir_for=lambda kind, job_id: f"/tmp/{kind}-{job_id}",
+        startup_grace_s=60,
+    )
+
+
+def points(run, job, steps, value=1.0):
+    events = RunEvents(run, job)
+    events.metrics = [("train/loss", s, value, time.time()) for s in steps]
+    return events
+
+
+def pipeline(store):
+    return store.submit(
+        [
+            NewJob("train", {"seed": 0}, "a", label="train"),
+            NewJob("mesa", {"model": "job:#0"}, "b", depends_on=(("#0", "model"),)),
+            NewJob(
+                "defend", {"model": "job:#0"}, "c", depends_on=(("#0", "model"), ("#1", "search"))
+            ),
+        ]
+    )
+
+
+def test_dependencies_gate_claiming_and_failures_cascade(store):
+    engine = store.register_engine("here", 1, "test", 2)
+    train, mesa, defend = pipeline(store)
+    claimed = claim(store, engine.id)
+    assert [c.job_id for c in claimed] == [train]
+    assert claimed[0].workdir == f"/tmp/train-{train}" and not claimed[0].resume
+    store.finish_run(claimed[0].run_id, "failed", error="boom")
+    assert store.job(mesa).status == "cancelled"
+    assert store.job(defend).error == f"upstream job {train} failed"
+    assert claim(store, engine.id) == []
+    with pytest.raises(UserError, match=f"retry job {train} instead"):
+        store.retry(mesa)
+    store.retry(train)
+    assert {store.job(j).status for j in (train, mesa, defend)} == {"queued"}
+
+
+def test_inputs_are_passed_by_reference(store):
+    engine = store.register_engine("here", 1, "test", 2)
+    train, mesa, _ = pipeline(store)
+    first = claim(store, engine.id)[0]
+    events = RunEvents(first.run_id, first.job_id)
+    events.artifacts = [("/tmp/model-dir", "model", "ab" * 32, 10)]
+    store.record_events([events])
+    store.finish_run(
+        first.run_id, "succeeded", result={"artifact": "/tmp/model-dir", "metrics": {}}
+    )
+    second = claim(store, engine.id)
+    assert [c.job_id for c in second] == [mesa]
+    assert second[0].inputs == {"model": train}
+    assert store.upstream_artifact(train).path == "/tmp/model-dir"
+
+
+def test_lost_attempts_retry_and_join_at_the_checkpoint(store):
+    engine = store.register_engine("here", 1, "test", 1)
+    (job,) = store.submit([NewJob("train", {"seed": 3}, "a", max_attempts=2)])
+    first = claim(store, engine.id)[0]
+    store.record_events([points(first.run_id, job, range(10))])
+    store.record_events([points(first.run_id, job, range(10), value=9.0)])  # replayed batch
+    assert store.mark_lost([first.run_id], "missed its check-in")[0].status == "queued"
+    second = claim(store, engine.id)[0]
+    assert second.resume and second.attempt == 2
+    setup = RunEvents(second.run_id, job)
+    setup.metrics = [("info/params_m", 0, 0.3, time.time())]  # logged again at every start
+    store.record_events([setup])
+    store.record_events([points(second.run_id, job, range(6, 12), value=2.0)])
+    series = store.metric_series(job, "train/loss")
+    assert [p.step for p in series] == list(range(12))
+    assert [p.attempt for p in series] == [1] * 6 + [2] * 6
+    assert {p.value for p in series if p.attempt == 1} == {1.0}
+    assert store.mark_lost([second.run_id], "missed")[0].status == "lost"
+    detail = store.job_detail(job)
+    assert [r.status for r in detail.runs] == ["lost", "lost"]
+    assert detail.runs[0].seed == 3
+
+
+def test_cancel_queued_and_running(store):
+    engine = store.register_engine("here", 1, "test", 1)
+    a, b = store.submit([NewJob("train", {}, "a"), NewJob("train", {}, "b")])
+    run = claim(store, engine.id, 1)[0]
+    assert store.request_cancel(b).status == "cancelled"
+    assert store.request_cancel(a).cancel_requested
+    assert store.cancel_requests(engine.id) == [(a, run.run_id)]
+    store.finish_run(run.run_id, "cancelled", error="cancelled by request")
+    assert store.job(a).status == "cancelled"
+
+
+def test_unknown_ids_and_bad_filters_are_user_errors(store):
+    with pytest.raises(UserError, match="job 42 does not exist"):
+        store.job(42)
+    with pytest.raises(UserError, match="status 'done' is unknown"):
+        store.list_jobs(status="done")
+    with pytest.raises(UserError, match="only failed, cancelled or lost"):
+        store.retry(store.submit([NewJob("train", {}, "a")])[0])
+
+
+def test_changed_since_and_metric_cursor(store):
+    engine = store.register_engine("here", 1, "test", 1)
+    a, b = store.submit([NewJob("train", {}, "a"), NewJob("train", {}, "b")])
+    cursor = max(j.updated_at for j in store.list_jobs())
+    assert store.list_jobs(changed_since=cursor) == []
+    run = claim(store, engine.id, 1)[0]
+    assert [j.id for j in store.list_jobs(changed_since=cursor)] == [a]
+    store.record_events([points(run.run_id, a, range(5))])
+    got = store.metrics_since([run.run_id])
+    assert [p.step for p in got] == list(range(5))
+    store.record_events([points(run.run_id, a, range(5, 8))])
+    assert [p.step for p in store.metrics_since([run.run_id], after_id=got[-1].id)] == [5, 6, 7]
+    assert store.job(a).latest == {"train/loss": 1.0}
+
+
+def test_delete_refuses_active_jobs_and_returns_paths(store):
+    engine = store.register_engine("here", 1, "test", 1)
+    (job,) = store.submit([NewJob("train", {}, "a")])
+    run = claim(store, engine.id)[0]
+    with pytest.raises(UserError, match="cancel it first"):
+        store.delete_job(job)
+    events = points(run.run_id, job, range(3))
+    events.artifacts = [("/tmp/art", "model", None, None)]
+    store.record_events([events])
+    store.finish_run(run.run_id, "succeeded", result={"artifact": "/tmp/art", "metrics": {}})
+    assert store.delete_job(job) == ["/tmp/art", f"/tmp/train-{job}"]
+    with pytest.raises(UserError):
+        store.job(job)
+
+
+def test_stale_runs_include_dead_engines(store):
+    engine = store.register_engine("here", 1, "test", 1)
+    store.submit([NewJob("train", {}, "a")])
+    run = claim(store, engine.id)[0]
+    assert store.stale_runs() == []
+    assert [r.id for r in store.stale_runs(now=utcnow() + timedelta(seconds=120))] == [run.run_id]
+    assert [r.id for r in store.stale_runs(dead_engine_ids=[engine.id])] == [run.run_id]
+
+
+def test_study_summary_with_paper_numbers(store):
+    params = {
+        "methods": ["ideal", "mesa"],
+        "paper": {"ideal": {"mean": 0.024, "worst": 0.037}},
+        "protocol_notes": ["small model"],
+    }
+    study_id, ids = store.create_study(
+        "s",
+        "cpu-mini",
+        params,
+        [
+            NewJob("train", {}, "t", role="train", trigger="bw:170", seed=0),
+            NewJob("defend", {}, "d1", role="defend", trigger="bw:170", method="ideal", seed=0),
+            NewJob("defend", {}, "d2", role="defend", trigger="bw:170", method="mesa", seed=0),
+        ],
+    )
+    engine = store.register_engine("here", 1, "test", 3)
+    for c in claim(store, engine.id):
+        asr = {ids[0]: 0.99, ids[1]: 0.02, ids[2]: 0.03}[c.job_id]
+        store.finish_run(
+            c.run_id, "succeeded", result={"metrics": {"eval/asr": asr, "eval/acc_clean": 0.8}}
+        )
+    summary = store.study_summary("s")
+    rows = {r.method: r for r in summary.rows}
+    assert list(rows) == ["before repair", "ideal", "mesa"]
+    assert rows["ideal"].asr_mean == pytest.approx(0.02) and rows["ideal"].paper_asr_mean == 0.024
+    assert summary.protocol_notes == ("small model",)
+    assert to_json(summary)["study"]["name"] == "s"
+    with pytest.raises(UserError, match="already exists"):
+        store.create_study("s", "cpu-mini", {}, [])
