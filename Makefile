@@ -27,7 +27,9 @@ demo: setup
 	@if ! $(BIN)/mesa-tui data ls --json | $(BIN)/python -c "import json,sys; sys.exit(0 if any(d['name']=='cifar10' and d['status'] in ('imported','cached') for d in json.load(sys.stdin)['datasets']) else 1)"; then \
 		if [ -f $(SHARED_CIFAR) ]; then $(BIN)/mesa-tui data import $(SHARED_CIFAR) --name cifar10; fi; \
 	fi
-	$(BIN)/mesa-tui run train --preset cpu-quick --trigger bw:170 --target 0
+	$(BIN)/mesa-tui engine start --detach --cpu-slots 1
+	$(BIN)/mesa-tui submit pipeline --preset cpu-quick --trigger bw:170 --target 0 --methods mesa,finetune --follow; \
+		status=$$?; $(BIN)/mesa-tui engine stop; exit $$status
 
 # Debian's Fashion-MNIST feeds the MNIST-format loader tests (skipped where it cannot be installed).
 test-data:

@@ -1,0 +1,318 @@
+"""Key-press-to-screen latency of the terminal app, idle and under streaming load.
+
+The app runs headless under Pilot with the run screen of a job open (Curves tab, its history
+loaded). Each measured key switches a tab; the latency is the time from the key press to the first
+frame that shows the new tab. The reference is measured in the same run with nothing streaming;
+the load is ``--jobs`` jobs streaming ``--rate`` metric points per second each while the store
+holds ``--points`` points. At the end the open run's curves must hold every point streamed to it
+(batches are never dropped).
+
+    python benchmarks/tui_responsiveness.py            # FakeSource, 1,000,000 points
+    python benchmarks/tui_responsiveness.py --source store --points 200000   # real SQLite store
+
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+KEYS = ("2", "1", "3", "1", "5", "1", "4", "1", "6", "1")
+TAB_OF_KEY = {
+    "1": "curves",
+    "2": "triggers",
+    "3": "embedding",
+    "4": "params",
+    "5": "log",
+    "6": "artifacts",
+}
+
+
+def build_fake(points: int, jobs: int):
+    from mesa_tui.source import FakeSource
+
+    source = FakeSource()
+    per_job = points // jobs
+    job_ids = []
+    for j in range(jobs):
+        job_id = source.add_job(
+            "train", "running", spec={"kind": "train", "trigger": f"bw:{j}"}, progress=0.5
+        )
+        run_id = source.run_ids(job_id)[0]
+        steps = np.arange(per_job // 2, dtype=np.int64)
+        source.bulk_metrics(run_id, "train/loss", steps, 1 / (1 + steps / 1000))
+        source.bulk_metrics(run_id, "train/acc", steps, 1 - 1 / (1 + steps / 1000))
+        job_ids.append(job_id)
+
+    def stream(job_id: int, step: int) -> None:
+        source.log_metrics(source.run_ids(job_id)[0], step, {"train/loss": 1 / (1 + step / 1000)})
+
+    def sent_to(job_id: int) -> int:
+        run_id = source.run_ids(job_id)[0]
+        return len(source._metrics[run_id])
+
+    return source, job_ids, stream, sent_to, per_job // 2
+
+
+def build_store(points: int, jobs: int):
+    from mesa_tui.source import StoreSource
+    from store.repository import RunEvents, Store
+
+    store = Store()
+    per_job = points // jobs
+    job_ids, runs = [], {}
+    for j in range(jobs):
+        job_id, run_id = store.start_foreground(
+            "train",
+            {"kind": "train", "trigger": f"bw:{j}"},
+            "0" * 64,
+            label=f"bw:{j}",
+            host="bench",
+            pid=os.getpid(),
+            code_version="bench",
+        )
+        job_ids.append(job_id)
+        runs[job_id] = run_id
+        for start in range(0, per_job // 2, 20_000):
+            events = RunEvents(run_id, job_id)
+            now = time.time()
+            for step in range(start, min(start + 20_000, per_job // 2)):
+                events.metrics.append(("train/loss", step, 1 / (1 + step / 1000), now))
+                events.metrics.append(("train/acc", step, 1 - 1 / (1 + step / 1000), now))
+            store.record_events([events])
+
+    def sent_to(job_id: int) -> int:
+        return len(store.metrics_since([runs[job_id]], 0, limit=10_000_000))
+
+    return StoreSource(store), job_ids, runs, sent_to, per_job // 2
+
+
+def engine_like_writer(url: str, runs: dict[int, int], first_step: int, rate: float) -> None:
+    """Run in another process, as the engine is: one batch for all runs every 100 ms, until killed."""
+    from store.repository import RunEvents, Store
+
+    store = Store(url)
+    step = first_step
+    per_tick = max(1, round(rate / 10))
+    next_at = time.perf_counter()
+    while True:
+        batches = []
+        now = time.time()
+        for job_id, run_id in runs.items():
+            events = RunEvents(run_id, job_id)
+            for s in range(step, step + per_tick):
+                events.metrics.append(("train/loss", s, 1 / (1 + s / 1000), now))
+            batches.append(events)
+        store.record_events(batches)
+        step += per_tick
+        next_at += 0.1
+        time.sleep(max(0.0, next_at - time.perf_counter()))
+
+
+class StoreStreamer:
+    """The writer process; ``sent`` counts the points it stored (read back from the store)."""
+
+    def __init__(self, source, runs: dict[int, int], first_step: int, rate: float):
+        self.source, self.runs = source, runs
+        self.args = json.dumps(
+            {"url": source.store.url, "runs": runs, "first_step": first_step, "rate": rate}
+        )
+        self.before = self._stored()
+        self.sent = 0
+
+    def _stored(self) -> int:
+        return len(self.source.store.metrics_since(list(self.runs.values()), 0, limit=10_000_000))
+
+    def start(self) -> None:
+        import subprocess
+
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--writer", self.args], stdin=subprocess.DEVNULL
+        )
+
+    def join(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+        self.sent = self._stored() - self.before
+
+
+class Streamer(threading.Thread):
+    """``jobs`` streams of ``rate`` points per second each, in ticks of 20 ms."""
+
+    def __init__(self, stream, job_ids, first_step: int, rate: float):
+        super().__init__(daemon=True)
+        self.stream, self.job_ids, self.step, self.rate = stream, job_ids, first_step, rate
+        self.stop_event = threading.Event()
+        self.sent = 0
+
+    def run(self) -> None:
+        tick = 1.0 / self.rate
+        next_at = time.perf_counter()
+        while not self.stop_event.is_set():
+            for job_id in self.job_ids:
+                self.stream(job_id, self.step)
+                self.sent += 1
+            self.step += 1
+            next_at += tick
+            time.sleep(max(0.0, next_at - time.perf_counter()))
+
+
+async def measure(
+    app, pilot, presses: int, by_tab: dict[str, list[float]] | None = None
+) -> list[float]:
+    """Milliseconds from each key press to the first frame showing the tab it asked for."""
+    from textual.widgets import TabbedContent
+
+    tabs = app.screen.query_one("#tabs", TabbedContent)
+    shown: dict[str, float] = {}
+    original = app._display
+
+    def display(screen, renderable) -> None:
+        original(screen, renderable)
+        expected = shown.get("want")
+        if expected is not None and "at" not in shown and tabs.active == expected:
+            shown["at"] = time.perf_counter()
+            shown["cpu"] = time.process_time()
+
+    app._display = display
+    out: list[float] = []
+    cpu: list[float] = []
+    for i in range(presses):
+        key = KEYS[i % len(KEYS)]
+        shown.clear()
+        shown["want"] = TAB_OF_KEY[key]
+        start = time.perf_counter()
+        cpu_start = time.process_time()
+        await pilot.press(key)
+        while "at" not in shown:
+            await asyncio.sleep(0.001)
+            if time.perf_counter() - start > 10:
+                raise RuntimeError(f"key {key} did not change the screen within 10 s")
+        out.append(1000 * (shown["at"] - start))
+        cpu.append(1000 * (shown["cpu"] - cpu_start))
+        if by_tab is not None:
+            by_tab.setdefault(TAB_OF_KEY[key], []).append(out[-1])
+        await asyncio.sleep(0.15)  # let polls and redraws interleave with the presses
+    app._display = original
+    measure.cpu_ms = cpu  # type: ignore[attr-defined]  # CPU time of this process per press
+    return out
+
+
+def summary(ms: list[float]) -> dict[str, float]:
+    ordered = sorted(ms)
+    return {
+        "n": len(ms),
+        "p50_ms": round(statistics.median(ordered), 1),
+        "p95_ms": round(ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)], 1),
+        "max_ms": round(ordered[-1], 1),
+    }
+
+
+async def main_async(args) -> dict:
+    from mesa_tui.app import create_app
+    from mesa_tui.source import utc_now
+
+    t0 = time.perf_counter()
+    # feed: a function writing one point (fake), or the run of each job (store, written by a process)
+    source, job_ids, feed, sent_to, history = (
+        build_store if args.source == "store" else build_fake
+    )(args.points, args.jobs)
+    build_s = time.perf_counter() - t0
+    app = create_app(source, utc_now)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause(0.5)
+        app.open_job(job_ids[0])
+        t_open = time.perf_counter()
+        target = sent_to(job_ids[0])
+        while (
+            app.screen.series.cursor == 0
+            or sum(s.n for s in app.screen.series.series.values()) < target
+        ):
+            await asyncio.sleep(0.01)
+            if time.perf_counter() - t_open > 120:
+                raise RuntimeError("the run's history did not load within 120 s")
+        load_s = time.perf_counter() - t_open
+        await pilot.pause(1.0)
+        idle = await measure(app, pilot, args.presses)
+        idle_cpu = measure.cpu_ms
+        if args.source == "store":
+            streamer = StoreStreamer(source, feed, history, args.rate)
+        else:
+            streamer = Streamer(feed, job_ids, history, args.rate)
+        streamer.start()
+        await asyncio.sleep(2.0)
+        loaded_by_tab: dict[str, list[float]] = {}
+        loaded = await measure(app, pilot, args.presses, loaded_by_tab)
+        loaded_cpu = measure.cpu_ms
+        if isinstance(streamer, Streamer):
+            streamer.stop_event.set()
+        streamer.join()
+        expected = sent_to(job_ids[0])
+        deadline = time.perf_counter() + 20
+        received = 0
+        while time.perf_counter() < deadline:
+            received = sum(s.n for s in app.screen.series.series.values())
+            if received >= expected:
+                break
+            await asyncio.sleep(0.1)
+    return {
+        "benchmark": "tui_responsiveness",
+        "source": args.source,
+        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f}",
+        "store_points": args.points,
+        "streaming_jobs": args.jobs,
+        "points_per_s_per_job": args.rate,
+        "setup_s": round(build_s, 1),
+        "open_run_history_points": target,
+        "open_run_load_s": round(load_s, 2),
+        "idle_reference": summary(idle),
+        "idle_cpu_ms_per_press_p50": round(statistics.median(idle_cpu), 1),
+        "under_load_cpu_ms_per_press_p50": round(statistics.median(loaded_cpu), 1),
+        "under_load": summary(loaded),
+        "under_load_p50_ms_by_tab": {
+            t: round(statistics.median(v), 1) for t, v in loaded_by_tab.items()
+        },
+        "points_streamed": streamer.sent,
+        "open_run_points_expected": expected,
+        "open_run_points_received": received,
+        "budget_ms": 100,
+        "within_budget": summary(loaded)["p95_ms"] <= 100,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--source", choices=("fake", "store"), default="fake")
+    parser.add_argument("--points", type=int, default=1_000_000)
+    parser.add_argument("--jobs", type=int, default=4)
+    parser.add_argument("--rate", type=float, default=50.0, help="points per second per job")
+    parser.add_argument("--presses", type=int, default=30)
+    parser.add_argument("--writer", help=argparse.SUPPRESS)  # internal: the engine-like writer
+    args = parser.parse_args()
+    if args.writer:
+        spec = json.loads(args.writer)
+        runs = {int(k): int(v) for k, v in spec["runs"].items()}
+        engine_like_writer(spec["url"], runs, spec["first_step"], spec["rate"])
+        return
+    if args.source == "store" and "MESA_HOME" not in os.environ:
+        os.environ["MESA_HOME"] = tempfile.mkdtemp(prefix="mesa-bench-")
+    print(json.dumps(asyncio.run(main_async(args))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Screens of the terminal app: jobs, run, new job, study, compare, and the modals."""

@@ -1,0 +1,1 @@
+"""Widgets of the terminal app; none of them reads the store."""

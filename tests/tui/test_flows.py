@@ -1,0 +1,352 @@
+"""Pilot tests: every binding and flow of the app, driven against the FakeSource."""
+
+from __future__ import annotations
+
+import pytest
+from textual.widgets import DataTable, Input, SelectionList, Static, TabbedContent
+
+from engine.specs import PRESETS
+from mesa_tui.screens.compare import CompareScreen
+from mesa_tui.screens.jobs import JobsScreen
+from mesa_tui.screens.modals import ConfirmModal, FilterModal, HelpModal
+from mesa_tui.screens.new import NewJobScreen
+from mesa_tui.screens.run import RunScreen
+from mesa_tui.screens.study import StudyScreen
+from mesa_tui.widgets.curves import CurvesPanel
+from mesa_tui.widgets.jobs_table import JobsTable
+from mesa_tui.widgets.trigger_grid import TriggerGrid
+
+from .conftest import make_app, refresh_screen, settle, wait_until
+
+
+def table_ids(app) -> list[int]:
+    table = app.screen.query_one(JobsTable)
+    return [int(table.get_row_at(i)[0].plain) for i in range(table.row_count)]
+
+
+async def move_to(pilot, job_id: int) -> None:
+    table = pilot.app.screen.query_one(JobsTable)
+    table.move_cursor(row=table.get_row_index(str(job_id)))
+    await pilot.pause()
+
+
+async def test_jobs_table_fills_with_status_and_engine(demo, clock):
+    app = make_app(demo, clock)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        assert isinstance(app.screen, JobsScreen)
+        assert table_ids(app) == [5, 4, 3, 2, 1]
+        bar = str(app.screen.query_one("#engine-bar", Static).render())
+        assert "engine gpu-box" in bar and "slots 1/4" in bar and "gpu0 21/80G 87%" in bar
+
+
+async def test_live_update_changes_a_row_and_adds_new_jobs(demo, clock):
+    app = make_app(demo, clock)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        clock.advance(5)
+        demo.update_job(2, progress=0.9, eta_s=30.0)
+        demo.add_job("train", "queued", spec={"kind": "train", "trigger": "bw:1"})
+        await refresh_screen(pilot)
+        table = app.screen.query_one(JobsTable)
+        assert table_ids(app)[0] == 6
+        assert table.get_row("2")[5].plain == "90%"
+
+
+async def test_submit_from_form_refuses_bad_field_then_job_appears(demo, clock):
+    app = make_app(demo, clock)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        await pilot.press("n")
+        await settle(pilot)
+        form = app.screen
+        assert isinstance(form, NewJobScreen)
+        epochs = form.query_one("#f-epochs", Input)
+        epochs.value = "0"
+        error = form.query_one("#e-epochs", Static)
+        await wait_until(pilot, lambda: error.has_class("shown"))
+        assert "greater than or equal to 1" in str(error.render())
+        assert error.has_class("shown") and epochs.has_class("invalid")
+        await pilot.press("ctrl+s")
+        await settle(pilot)
+        assert isinstance(app.screen, NewJobScreen)
+        assert not [c for c in demo.calls if c[0] == "submit"]
+        epochs.value = "3"
+        form.query_one("#study", Input).value = "mini"
+        await wait_until(pilot, lambda: not error.has_class("shown"))
+        await pilot.press("ctrl+s")
+        await settle(pilot)
+        assert isinstance(app.screen, JobsScreen)
+        kind, spec = next(c[1] for c in demo.calls if c[0] == "submit")
+        assert kind == "train" and spec["epochs"] == 3 and spec["kind"] == "train"
+        assert table_ids(app)[0] == 6
+
+
+async def test_form_preset_fills_fields_and_escape_goes_back(demo, clock):
+    app = make_app(demo, clock)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        await pilot.press("n")
+        await settle(pilot)
+        form = app.screen
+        preset = PRESETS["train"]["cpu-quick"]
+        form.query_one("#preset").value = "cpu-quick"
+        batch = form.query_one("#f-batch_size", Input)
+        await wait_until(pilot, lambda: batch.value == str(preset["batch_size"]))
+        assert form.query_one("#f-lr", Input).value == str(preset["lr"])
+        assert form.query_one("#f-epochs", Input).value == str(preset["epochs"])
+        await pilot.press("escape")
+        await pilot.pause()
+        assert isinstance(app.screen, JobsScreen)
+
+
+async def test_cancel_asks_first_then_cancels(demo, clock):
+    app = make_app(demo, clock)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        await move_to(pilot, 2)
+        await pilot.press("c")
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmModal)
+        await pilot.press("n")
+        await settle(pilot)
+        assert ("cancel", 2) not in demo.calls
+        await pilot.press("c")
+        await pilot.pause()
+        await pilot.press("y")
+        await settle(pilot)
+        assert ("cancel", 2) in demo.calls
+        assert app.screen.query_one(JobsTable).get_row("2")[4].plain == "cancelled"
+
+
+async def test_retry_and_delete(demo, clock):
+    app = make_app(demo, clock)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        await move_to(pilot, 4)
+        await pilot.press("r")
+        await settle(pilot)
+        assert ("retry", 4) in demo.calls
+        assert app.screen.query_one(JobsTable).get_row("4")[4].plain == "queued"
+        await move_to(pilot, 5)
+        await pilot.press("d")
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmModal)
+        await pilot.press("y")
+        await settle(pilot)
+        assert 5 not in table_ids(app)
+
+
+async def test_refusals_are_notices_not_crashes(demo, clock):
+    app = make_app(demo, clock)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        await move_to(pilot, 1)
+        await pilot.press("c", "r")
+        await move_to(pilot, 2)
+        await pilot.press("d")
+        await settle(pilot)
+        assert isinstance(app.screen, JobsScreen)
+        messages = [n.message for n in app._notifications]
+        assert any("already succeeded" in m for m in messages)
+        assert any("cancel it before deleting" in m for m in messages)
+        demo.fail_next = RuntimeError("database is locked")
+        await refresh_screen(pilot)
+        assert any("database is locked" in n.message for n in app._notifications)
+        assert app.is_running
+
+
+async def test_open_run_and_switch_every_tab(demo, clock):
+    app = make_app(demo, clock)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        await move_to(pilot, 2)
+        await pilot.press("enter")
+        await settle(pilot)
+        run = app.screen
+        assert isinstance(run, RunScreen) and run.job_id == 2
+        await refresh_screen(pilot)
+        assert "mesa/beta=0.9/hinge" in run.series.series
+        assert run.series.series["mesa/beta=0.9/hinge"].n == 26
+        tabs = run.query_one("#tabs", TabbedContent)
+        for key, tab in zip(
+            "123456", ("curves", "triggers", "embedding", "params", "log", "artifacts"), strict=True
+        ):
+            await pilot.press(key)
+            await pilot.pause()
+            assert tabs.active == tab
+        await pilot.press("right_square_bracket")
+        await pilot.pause()
+        assert tabs.active == "curves"
+        assert set(run.query_one(TriggerGrid).by_beta) == {"0.9", "0.8", "0.5"}
+        assert run.query_one(TriggerGrid).original is not None
+        assert run.query_one("#trigger-stats", DataTable).row_count == 5
+        assert run.query_one("#log-view").lines
+        await pilot.press("escape")
+        await pilot.pause()
+        assert isinstance(app.screen, JobsScreen)
+
+
+async def test_curves_follow_new_points_and_series_choice(demo, clock):
+    app = make_app(demo, clock)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        app.open_job(2)
+        await refresh_screen(pilot)
+        run = app.screen
+        panel = run.query_one(CurvesPanel)
+        assert "train/loss" in panel.selected() and "mesa/beta=0.9/validity" not in panel.selected()
+        run_id = demo.run_ids(2)[0]
+        demo.log_metrics(run_id, 260, {"mesa/beta=0.9/hinge": 0.89})
+        await refresh_screen(pilot)
+        assert run.series.series["mesa/beta=0.9/hinge"].last() == pytest.approx(0.89)
+        assert panel.drawn[0] == run.series.version
+        chooser = run.query_one("#series", SelectionList)
+        chooser.deselect("train/loss")
+        await pilot.pause()
+        assert "train/loss" not in panel.selected()
+
+
+async def test_run_screen_cancel_with_confirmation(demo, clock):
+    app = make_app(demo, clock)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        app.open_job(2)
+        await settle(pilot)
+        await pilot.press("c")
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmModal)
+        await pilot.press("y")
+        await settle(pilot)
+        assert ("cancel", 2) in demo.calls
+        assert isinstance(app.screen, RunScreen)
+
+
+async def test_filter_by_status(demo, clock):
+    app = make_app(demo, clock)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        await pilot.press("slash")
+        await pilot.pause()
+        modal = app.screen
+        assert isinstance(modal, FilterModal)
+        modal.query_one("#statuses", SelectionList).select("running")
+        await pilot.press("ctrl+s")
+        await settle(pilot)
+        assert table_ids(app) == [2]
+        assert "status running" in str(app.screen.query_one("#filter-line", Static).render())
+        await pilot.press("slash")
+        await pilot.pause()
+        await pilot.press("ctrl+x")
+        await settle(pilot)
+        assert len(table_ids(app)) == 5
+
+
+async def test_help_lists_bindings_and_closes(demo, clock):
+    app = make_app(demo, clock)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        await pilot.press("question_mark")
+        await pilot.pause()
+        assert isinstance(app.screen, HelpModal)
+        described = {d for _, d in app.screen.rows}
+        assert {"new", "cancel", "retry", "delete", "filter", "quit"} <= described
+        await pilot.press("escape")
+        await pilot.pause()
+        assert isinstance(app.screen, JobsScreen)
+
+
+async def test_dead_engine_offers_to_start_one(tmp_path, clock):
+    from mesa_tui.source import demo_source
+
+    source = demo_source(tmp_path, clock)
+    source.set_engine(alive=False)
+    app = make_app(source, clock)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        assert "no engine running" in str(app.screen.query_one("#engine-bar", Static).render())
+        await pilot.press("e")
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmModal)
+        await pilot.press("y")
+        await settle(pilot)
+        assert ("start_engine", None) in source.calls
+        await refresh_screen(pilot)
+        assert "● engine" in str(app.screen.query_one("#engine-bar", Static).render())
+
+
+async def test_study_sorts_and_opens_the_run(demo, clock):
+    app = make_app(demo, clock)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        await pilot.press("s")
+        await settle(pilot)
+        study = app.screen
+        assert isinstance(study, StudyScreen)
+        table = study.query_one("#study-table", DataTable)
+        assert table.row_count == 4
+        table.move_cursor(row=0, column=4)
+        await pilot.press("o", "o")
+        await pilot.pause()
+        assert table.get_row_at(0)[0] == "bw:86"
+        summary = study.query_one("#study-summary", DataTable)
+        assert summary.get_row_at(2)[1].plain.strip() == "2.4"
+        await pilot.press("enter")
+        await settle(pilot)
+        assert isinstance(app.screen, RunScreen) and app.screen.job_id == 2
+
+
+async def test_compare_overlays_chosen_jobs(demo, clock):
+    app = make_app(demo, clock)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        await pilot.press("m")
+        await settle(pilot)
+        compare = app.screen
+        assert isinstance(compare, CompareScreen)
+        chooser = compare.query_one("#compare-jobs", SelectionList)
+        chooser.select(1)
+        chooser.select(2)
+        await refresh_screen(pilot)
+        assert compare.series[1].series["train/loss"].n == 8
+        compare.query_one("#compare-key").value = "train/loss"
+        await settle(pilot)
+        assert compare.drawn[1] == "train/loss"
+        await pilot.press("j")
+        await pilot.pause()
+        assert isinstance(app.screen, JobsScreen)
+
+
+async def test_theme_toggle_and_quit(demo, clock):
+    app = make_app(demo, clock)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        await pilot.press("ctrl+t")
+        assert app.theme == "textual-light"
+        await pilot.press("ctrl+t")
+        assert app.theme == "textual-dark"
+        await pilot.press("q")
+        await pilot.pause()
+    assert app.return_code == 0
+
+
+async def test_pipeline_form_refuses_a_bad_method_then_queues_every_stage(demo, clock):
+    app = make_app(demo, clock)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        await pilot.press("n")
+        await settle(pilot)
+        form = app.screen
+        form.query_one("#kind").value = "pipeline"
+        await wait_until(pilot, lambda: "methods" in form.editors)
+        form.editors["methods"].value = "mesa,bogus"
+        await wait_until(pilot, lambda: form.error_labels["methods"].has_class("shown"))
+        assert "bogus" in str(form.error_labels["methods"].render())
+        form.editors["methods"].value = "mesa,ideal"
+        await wait_until(pilot, lambda: not form.errors and not form.validation_pending)
+        await pilot.press("ctrl+s")
+        await settle(pilot)
+        assert isinstance(app.screen, JobsScreen)
+        kind, spec = next(c[1] for c in demo.calls if c[0] == "submit")
+        assert kind == "pipeline" and spec["methods"] == "mesa,ideal" and spec["target"] == "auto"
+        assert table_ids(app)[:5] == [10, 9, 8, 7, 6]

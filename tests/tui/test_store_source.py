@@ -1,0 +1,130 @@
+"""The app over the real store (SQLite in the test's own MESA_HOME), written to as the engine does."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from textual.widgets import Input
+
+from mesa_tui.screens.jobs import JobsScreen
+from mesa_tui.screens.modals import ConfirmModal
+from mesa_tui.screens.run import RunScreen
+from mesa_tui.source import JobQuery, StoreSource, open_store_source, utc_now
+from mesa_tui.widgets.jobs_table import JobsTable
+from mesa_tui.widgets.trigger_grid import TriggerGrid
+
+from .conftest import SLOW, refresh_screen, settle, wait_until
+
+
+@pytest.fixture
+def store_source(tmp_path) -> StoreSource:
+    from store.repository import RunEvents
+
+    source = open_store_source()
+    store = source.store
+    workdir = tmp_path / "search"
+    (workdir / "beta=0.9").mkdir(parents=True)
+    samples = np.random.default_rng(0).random((16, 3, 3, 3), dtype=np.float32)
+    np.save(workdir / "beta=0.9" / "samples.npy", samples, allow_pickle=False)
+    job_id, run_id = store.start_foreground(
+        "mesa",
+        {"kind": "mesa", "trigger": "bw:170", "steps": 100},
+        "0" * 64,
+        label="bw:170",
+        host="test-host",
+        pid=1,
+        code_version="test",
+        workdir=str(workdir),
+    )
+    events = RunEvents(run_id, job_id)
+    now = time.time()
+    for step in range(20):
+        events.metrics.append(("mesa/beta=0.9/hinge", step, 0.04 * step, now))
+        events.metrics.append(("train/loss", step, 2.0 / (1 + step), now))
+    events.logs.append(("info", "search started", now))
+    events.progress = {
+        "stage": "search",
+        "done": 20,
+        "total": 100,
+        "info": {},
+        "wall_time": now,
+        "started": now - 10,
+    }
+    store.record_events([events])
+    return source
+
+
+def make_store_app(source):
+    from mesa_tui.app import create_app
+
+    return create_app(source, utc_now, poll_s=SLOW, metrics_poll_s=SLOW, redraw_s=SLOW)
+
+
+def test_store_source_reads_what_the_engine_writes(store_source):
+    page = store_source.jobs(JobQuery(), None)
+    (row,) = page.rows
+    assert row.status == "running" and row.progress == pytest.approx(0.2)
+    assert row.eta_s == pytest.approx(40.0) and len(row.loss_tail) == 20
+    detail = store_source.job_detail(row.id)
+    assert detail.latest["mesa/beta=0.9/hinge"] == pytest.approx(0.76)
+    points = store_source.metric_points(detail.run_ids, 0)
+    assert len(points) == 40 and points == sorted(points, key=lambda p: p.id)
+    assert store_source.metric_points(detail.run_ids, points[-1].id) == []
+    assert [line.message for line in store_source.logs(detail.run_ids, 0)] == ["search started"]
+    assert store_source.engine_status().alive is False
+
+
+async def test_app_over_the_store_submit_open_cancel(store_source):
+    app = make_store_app(store_source)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        table = app.screen.query_one(JobsTable)
+        assert table.row_count == 1
+        app.open_job(1)
+        await refresh_screen(pilot)
+        run = app.screen
+        assert isinstance(run, RunScreen)
+        assert run.series.series["train/loss"].n == 20
+        assert set(run.query_one(TriggerGrid).by_beta) == {"0.9"}
+        await pilot.press("escape")
+        await pilot.press("n")
+        await settle(pilot)
+        app.screen.query_one("#f-epochs", Input).value = "2"
+        form = app.screen
+        await wait_until(
+            pilot, lambda: form.values().get("epochs") == "2" and not form.validation_pending
+        )
+        await pilot.press("ctrl+s")
+        await settle(pilot)
+        assert isinstance(app.screen, JobsScreen)
+        submitted = store_source.store.job(2)
+        assert submitted.status == "queued" and submitted.spec["epochs"] == 2
+        await refresh_screen(pilot)
+        table.move_cursor(row=table.get_row_index("2"))
+        await pilot.press("c")
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmModal)
+        await pilot.press("y")
+        await settle(pilot)
+        assert store_source.store.job(2).status == "cancelled"
+        await refresh_screen(pilot)
+        assert table.get_row("2")[4].plain == "cancelled"
+
+
+def test_store_source_submits_a_pipeline_with_its_dependencies(store_source):
+    ids = store_source.submit(
+        "pipeline",
+        {
+            "preset": "cpu-quick",
+            "trigger": "bw:170",
+            "target": "0",
+            "methods": "mesa,finetune",
+            "seed": 0,
+        },
+    )
+    kinds = [store_source.store.job(i).kind for i in ids]
+    assert kinds == ["train", "mesa", "defend", "defend"]
+    mesa = store_source.job_detail(ids[1])
+    assert mesa.depends_on == (ids[0],) and mesa.spec["model"] == f"job:{ids[0]}"
