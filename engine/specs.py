@@ -110,7 +110,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "train": {
         "cpu-quick": {
             "arch": "small",
-            "epochs": 8,
+            "epochs": 10,
+            "eval_every": 2,
             "batch_size": 256,
             "lr": 0.2,
             "momentum": 0.9,
@@ -226,7 +227,7 @@ def check_against_dataset(spec: TrainSpec) -> None:
             f"use a class in 0..{info.num_classes - 1}"
         )
     if spec.trigger:
-        k = trigger_size(spec.trigger)
+        k = trigger_size(spec.trigger, read_files=True)
         if k is not None and (k > info.image_size[0] or k > info.image_size[1]):
             raise UserError(
                 f"invalid --trigger {spec.trigger}: its {k}x{k} patch is bigger than the "
@@ -309,6 +310,8 @@ class DetectSpec(SpecBase):
     alpha: float = Field(0.1, ge=0, le=1e4)
     batch_size: int = Field(128, ge=2, le=65536)
     hidden: int = Field(512, ge=4, le=65536)
+    lr_g: float = Field(2e-4, gt=0, le=1)
+    lr_t: float = Field(2e-4, gt=0, le=1)
     n_eval_triggers: int = Field(64, ge=1, le=100_000)
     eval_images: int = Field(128, ge=1)
     classes_per_pass: int = Field(
@@ -327,7 +330,9 @@ class DetectSpec(SpecBase):
             try:
                 return [int(part) for part in v.split(",") if part.strip()]
             except ValueError:
-                raise ValueError(f"classes '{v}' is not a comma-separated list of integers") from None
+                raise ValueError(
+                    f"classes '{v}' is not a comma-separated list of integers"
+                ) from None
         return v
 
     @field_validator("classes")
@@ -346,3 +351,78 @@ PRESETS["mesa"] = {
     "paper": {"steps": 620, "batch_size": 128, "hidden": 512, "alpha": 0.1},
 }
 PRESETS["detect"] = {"cpu-quick": {"steps": 150, "n_eval_triggers": 32, "eval_images": 96}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Defenses: the repair loop with each trigger source
+
+DEFEND_METHODS = ("mesa", "ideal", "point", "neural-cleanse", "finetune", "random-patch")
+
+
+class DefendSpec(SpecBase):
+    """Repair a backdoored model by fine-tuning on the defender split with stamped triggers that
+    keep their correct labels; ``method`` picks where the triggers come from."""
+
+    kind: Literal["defend"] = "defend"
+    model: str = Field(..., description="model artifact directory (the backdoored model)")
+    method: Literal["mesa", "ideal", "point", "neural-cleanse", "finetune", "random-patch"] = Field(
+        "mesa",
+        description="mesa, ideal (the original trigger: oracle bound), point, neural-cleanse, "
+        "finetune (no trigger) or random-patch",
+    )
+    search: str | None = Field(None, description="search artifact directory (method mesa)")
+    beta: float | None = Field(None, gt=0, lt=1, description="repair with this beta's generator")
+    ensemble: Literal["round-robin", "equal", "staircase"] | None = Field(
+        None, description="ensemble of the search's generators (default round-robin)"
+    )
+    stamp_rate: float = Field(0.01, ge=0, le=1, description="probability an image is stamped")
+    epochs: int = Field(10, ge=1, le=10000)
+    lr: float = Field(1e-3, gt=0, le=100)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    batch_size: int = Field(128, ge=1, le=65536)
+    augment: bool = Field(False, description="random crop and flip during repair")
+    placement: Literal["per-image", "per-batch"] = "per-image"
+    channels_last: bool = True
+    target: int | None = Field(
+        None, ge=0, description="the defender's belief of the target class (mesa: the search's)"
+    )
+    patch_size: int = Field(3, ge=1, le=64, description="side of point and random patches")
+    point_restarts: int = Field(10, ge=1, le=1000, description="independent point reversals")
+    point_index: int | None = Field(
+        None, ge=0, description="repair with this restart only (default: all, in turn)"
+    )
+    point_epochs: int = Field(5, ge=1, le=10000)
+    point_batch_size: int = Field(100, ge=1, le=65536)
+    point_lr: float = Field(0.1, gt=0, le=100)
+    nc_epochs: int = Field(1000, ge=1, le=1_000_000, description="Neural Cleanse outer steps")
+    nc_steps_per_epoch: int = Field(31, ge=1, le=100_000, description="mini-batches per step")
+    nc_batch_size: int = Field(32, ge=1, le=65536)
+    nc_lr: float = Field(0.1, gt=0, le=100)
+    nc_init_cost: float = Field(1e-3, gt=0, le=100)
+    nc_patience: int = Field(5, ge=1, le=10000)
+    nc_threshold: float = Field(0.99, gt=0, le=1, description="attack success a mask must reach")
+    nc_early_stop: bool = True
+    reversal_from: str | None = Field(
+        None,
+        description="an earlier point or neural-cleanse defense of this model whose reversed "
+        "trigger is reused (e.g. to repair at another stamp rate without reversing again)",
+    )
+    residual_steps: int = Field(
+        200, ge=0, le=1_000_000, description="steps of the residual MESA search (0: skip it)"
+    )
+    residual_beta: float = Field(0.9, gt=0, lt=1)
+    residual_batch_size: int = Field(128, ge=2, le=65536)
+    residual_hidden: int = Field(512, ge=4, le=65536)
+    variations: bool = Field(True, description="ASR of pattern variations at the end")
+    eval_batch_size: int = Field(1000, ge=1)
+    defender_fraction: float = Field(0.8, gt=0, lt=1)
+    split_seed: int = Field(0, ge=0)
+
+
+SPEC_CLASSES["defend"] = DefendSpec
+PRESETS["defend"] = {
+    # Neural Cleanse's original budget (1000 x 31 x 32) takes long on a CPU; a tenth of it.
+    "cpu-quick": {"nc_epochs": 100, "residual_steps": 150},
+    "paper": {"epochs": 10, "lr": 1e-3, "momentum": 0.9, "batch_size": 128, "stamp_rate": 0.01},
+}

@@ -186,7 +186,13 @@ def test_kill_9_during_real_training_resumes_from_the_epoch_checkpoint(tmp_path,
         "train",
         "cpu-quick",
         None,
-        {"epochs": 4, "max_train_images": 1024, "max_test_images": 500, "eval_batch_size": 500},
+        {
+            "epochs": 4,
+            "eval_every": 1,
+            "max_train_images": 1024,
+            "max_test_images": 500,
+            "eval_batch_size": 500,
+        },
     ).to_json()
     (job,) = store.submit([NewJob("train", spec, reference_hash(spec), label="real")])
     first = start_engine(tmp_path, "first")

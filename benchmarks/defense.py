@@ -1,0 +1,602 @@
+"""The defense quality bar of issue 3: MESA repair against its baselines on CIFAR-10.
+
+For every trigger x seed: train the backdoored cpu-quick model (engine.tasks.train), run a MESA
+search (3 betas, engine.tasks.mesa), then repair with every method at every stamping rate
+(engine.tasks.defend) and print, per trigger/seed/method/rate, clean accuracy, ASR, robust
+accuracy, ASR under pattern variations, the residual check and wall time. Then:
+
+- the summary table at the headline rate (mean and worst per method; point also over restarts);
+- the alpha ablation (alpha 0, 0.1, 10 at the default length and at a longer one: validity,
+  diversity and the ensemble's repair ASR);
+- the paper's attack recipe: a clean quick model fine-tuned 10 epochs at lr 1e-3 with 1 %
+  poisoning, repaired by MESA and by point (mean and worst);
+- the bar checks of issue 3, each with the numbers it used.
+
+Every setting is fixed before anything runs; nothing is chosen by looking at the held-out split
+(the defenses see only the defender split; the held-out split only scores them).
+
+Usage: python benchmarks/defense.py [--triggers bw:170,bw:0,bw:85] [--seeds 3]
+       [--rates 0.01,0.1,0.2] [--methods ...] [--steps 620] [--quick] [--out FILE]
+The full run takes hours on a 2-core CPU; --quick is a tiny smoke version (about a minute).
+JSON goes to stdout (and --out); progress lines go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from engine.errors import DatasetMissing  # noqa: E402
+from engine.reporter import MemoryReporter, TaskResult  # noqa: E402
+from engine.specs import build_spec  # noqa: E402
+
+SHARED_CIFAR = Path(__file__).resolve().parent.parent.parent / "shared/data/cifar10-jpeg.tar.gz"
+ALL_METHODS = (
+    "mesa",
+    "mesa:0.9",
+    "mesa:0.8",
+    "mesa:0.5",
+    "ideal",
+    "point",
+    "neural-cleanse",
+    "finetune",
+    "random-patch",
+)
+VARIATION_KEYS = ("asr_noise", "asr_rot90", "asr_invert", "asr_flip1", "asr_occlude1", "asr_corner")
+QUICK_DATASET = "cifar10-quick"
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def csv(kind):
+    return lambda text: [kind(part) for part in text.split(",") if part.strip()]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--triggers", type=csv(str), default=["bw:170", "bw:0", "bw:85"])
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per trigger")
+    p.add_argument("--rates", type=csv(float), default=[0.01, 0.1, 0.2])
+    p.add_argument("--headline-rate", type=float, default=0.1)
+    p.add_argument("--methods", type=csv(str), default=list(ALL_METHODS))
+    p.add_argument("--target", type=int, default=0)
+    p.add_argument("--dataset", default="cifar10")
+    p.add_argument("--train-epochs", type=int, default=None, help="cpu-quick default: 8")
+    p.add_argument("--steps", type=int, default=620, help="MESA search steps per beta")
+    p.add_argument("--betas", type=csv(float), default=[0.9, 0.8, 0.5])
+    p.add_argument("--search-batch", type=int, default=128)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--repair-epochs", type=int, default=10)
+    p.add_argument("--point-restarts", type=int, default=3)
+    p.add_argument("--point-epochs", type=int, default=5)
+    p.add_argument("--nc-epochs", type=int, default=100, help="Neural Cleanse outer steps")
+    p.add_argument("--nc-steps-per-epoch", type=int, default=31)
+    p.add_argument("--residual-steps", type=int, default=200)
+    p.add_argument(
+        "--residual-rates",
+        type=csv(float),
+        default=None,
+        help="rates whose repairs get the residual search (default: the headline rate)",
+    )
+    p.add_argument(
+        "--residual-methods",
+        type=csv(str),
+        default=None,
+        help="methods whose repairs get the residual search (default: all)",
+    )
+    p.add_argument("--alpha", type=csv(float), default=[0.0, 0.1, 10.0])
+    p.add_argument("--alpha-long-steps", type=int, default=3000)
+    p.add_argument("--skip-alpha", action="store_true")
+    p.add_argument("--skip-paper", action="store_true")
+    p.add_argument("--paper-epochs", type=int, default=10)
+    p.add_argument("--paper-seeds", type=int, default=None, help="default: --seeds")
+    p.add_argument("--clean-epochs", type=int, default=None, help="clean model (cpu-quick: 8)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto")
+    p.add_argument("--workdir", default=None, help="keep artifacts here (default: a temp dir)")
+    p.add_argument("--out", default=None, help="also write the JSON to this file")
+    p.add_argument("--quick", action="store_true", help="a tiny smoke version (about a minute)")
+    args = p.parse_args(argv)
+    unknown = [m for m in args.methods if m not in ALL_METHODS and not m.startswith("mesa:")]
+    if unknown:
+        p.error(f"unknown methods {unknown}; use {', '.join(ALL_METHODS)} or mesa:BETA")
+    if args.quick:
+        apply_quick(args)
+    if args.residual_rates is None:
+        args.residual_rates = [args.headline_rate]
+    if args.paper_seeds is None:
+        args.paper_seeds = args.seeds
+    return args
+
+
+def apply_quick(args: argparse.Namespace) -> None:
+    """Tiny sizes everywhere: a smoke test of the whole pipeline, not a measurement."""
+    args.triggers = args.triggers[:1]
+    args.seeds = 1
+    args.rates = [args.headline_rate]
+    args.dataset = QUICK_DATASET
+    args.train_epochs = 1
+    args.residual_methods = ["mesa"]
+    args.steps = 8
+    args.search_batch = 32
+    args.hidden = 16
+    args.repair_epochs = 1
+    args.point_restarts = 2
+    args.point_epochs = 1
+    args.nc_epochs = 2
+    args.nc_steps_per_epoch = 2
+    args.residual_steps = 2
+    args.alpha_long_steps = 16
+    args.paper_epochs = 1
+    args.clean_epochs = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def ensure_dataset(name: str) -> None:
+    """CIFAR-10 from the data home, else imported from the shared JPEG copy; the quick subset
+    (1,000 training and 300 test images) is cut from it."""
+    from engine.ml.data import import_dataset, load_dataset
+
+    base = "cifar10"
+    try:
+        data = load_dataset(base)
+    except DatasetMissing:
+        if not SHARED_CIFAR.exists():
+            raise
+        log(f"importing {SHARED_CIFAR} as {base} (once)")
+        import_dataset(SHARED_CIFAR, base)
+        data = load_dataset(base)
+    if name == QUICK_DATASET:
+        from engine.catalog import imported_path
+        from engine.ml.data import _save_arrays
+
+        arrays = {
+            "train_x": data.train_x[:1000].numpy(),
+            "train_y": data.train_y[:1000].numpy(),
+            "test_x": data.test_x[:300].numpy(),
+            "test_y": data.test_y[:300].numpy(),
+        }
+        _save_arrays(
+            imported_path(name), arrays, data.classes, data.mean, data.std, "cifar10 subset"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Running tasks
+
+
+def run_task(kind: str, spec: Any, workdir: Path) -> TaskResult:
+    import importlib
+
+    task = importlib.import_module(f"engine.tasks.{kind}")
+    started = time.perf_counter()
+    result = task.run(spec, MemoryReporter(workdir))
+    result.extra["wall_s"] = time.perf_counter() - started
+    return result
+
+
+def train_model(args, trigger: str | None, seed: int, workdir: Path, **overrides) -> TaskResult:
+    preset = overrides.pop("preset", "cpu-quick")
+    values = dict(
+        dataset=args.dataset,
+        trigger=trigger or "none",
+        target=args.target,
+        seed=seed,
+        epochs=args.train_epochs,
+        device=args.device,
+        precision=args.precision,
+    )
+    values.update(overrides)
+    if trigger is None:
+        values["poison_rate"] = 0.0
+    return run_task("train", build_spec("train", preset=preset, overrides=values), workdir)
+
+
+def run_search(
+    args, model: str, seed: int, workdir: Path, alpha: float = 0.1, steps: int | None = None
+) -> TaskResult:
+    values = dict(
+        model=model,
+        target=args.target,
+        betas=args.betas,
+        alpha=alpha,
+        steps=steps or args.steps,
+        batch_size=args.search_batch,
+        hidden=args.hidden,
+        seed=seed,
+        device=args.device,
+        precision=args.precision,
+    )
+    if args.quick:
+        values.update(sample_every=4, n_eval_triggers=8, eval_images=16, samples=32)
+    return run_task("mesa", build_spec("mesa", overrides=values), workdir)
+
+
+def defend(args, model: str, method: str, rate: float, seed: int, workdir: Path, **extra):
+    residual = rate in args.residual_rates and (
+        args.residual_methods is None or method in args.residual_methods
+    )
+    values = dict(
+        model=model,
+        method=method,
+        stamp_rate=rate,
+        epochs=args.repair_epochs,
+        target=args.target,
+        point_restarts=args.point_restarts,
+        point_epochs=args.point_epochs,
+        nc_epochs=args.nc_epochs,
+        nc_steps_per_epoch=args.nc_steps_per_epoch,
+        residual_steps=args.residual_steps if residual else 0,
+        residual_hidden=args.hidden,
+        residual_batch_size=args.search_batch,
+        seed=seed,
+        device=args.device,
+        precision=args.precision,
+    )
+    values.update(extra)
+    if method == "mesa":
+        values.pop("target")  # the search's own target is the defender's belief
+    return run_task("defend", build_spec("defend", overrides=values), workdir)
+
+
+def row_of(result: TaskResult) -> dict[str, Any]:
+    m = result.metrics
+    row = {
+        "acc_clean": m.get("eval/acc_clean"),
+        "asr": m.get("eval/asr"),
+        "ra": m.get("eval/ra"),
+        "before_acc_clean": m.get("before/acc_clean"),
+        "before_asr": m.get("before/asr"),
+        "variations": {k: m[f"eval/{k}"] for k in VARIATION_KEYS if f"eval/{k}" in m},
+        "residual_validity": m.get("residual/validity"),
+        "repair_s": m.get("time/repair_s"),
+        "reverse_s": m.get("time/reverse_s"),
+        "wall_s": result.extra.get("wall_s"),
+    }
+    return row
+
+
+def search_summary(result: TaskResult, betas: list[float]) -> dict[str, Any]:
+    m = result.metrics
+    out: dict[str, Any] = {"wall_s": result.extra.get("wall_s")}
+    for beta in betas:
+        key = f"mesa/beta={beta:g}"
+        out[f"beta={beta:g}"] = {
+            name: m.get(f"{key}/{name}")
+            for name in (
+                "validity",
+                "validity_mean",
+                "pixel_std",
+                "pairwise_l2",
+                "knn_entropy",
+                "bw_distinct",
+                "nearest_to_true",
+            )
+        }
+    return out
+
+
+def residual_reference(args, model: str, seed: int) -> dict[str, float]:
+    """The residual check on the model before any repair: what the same short search finds
+    when the backdoor is intact (the scale for every repaired model's residual/validity)."""
+    from engine.ml.runtime import pick_device, resolve_precision
+    from engine.tasks.defend import RESIDUAL_SEED_OFFSET, residual_check
+    from engine.tasks.mesa import load_defender_data
+
+    device = pick_device(args.device)
+    net, _, normalizer, images, labels, _ = load_defender_data(model, device, 0.8, 0)
+    return residual_check(
+        net,
+        normalizer,
+        images,
+        labels,
+        args.target,
+        steps=args.residual_steps,
+        batch_size=args.search_batch,
+        hidden=args.hidden,
+        seed=seed + RESIDUAL_SEED_OFFSET,
+        device=device,
+        precision=resolve_precision(args.precision, device),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# One backdoored model: search, then every method at every rate
+
+
+def repair_all(
+    args, model: str, search: str, seed: int, root: Path, rates: list[float], methods: list[str]
+) -> list[dict[str, Any]]:
+    rows = []
+    reversal: dict[str, str] = {}
+    for rate in rates:
+        for method in methods:
+            runs: list[tuple[str, dict[str, Any]]] = []
+            if method == "mesa":
+                runs.append(("mesa", {"search": search, "ensemble": "round-robin"}))
+            elif method.startswith("mesa:"):
+                runs.append((method, {"search": search, "beta": float(method[5:])}))
+            elif method == "point":
+                runs += [(f"point#{r}", {"point_index": r}) for r in range(args.point_restarts)]
+            else:
+                runs.append((method, {}))
+            for name, extra in runs:
+                task_method = "mesa" if name.startswith("mesa") else name.split("#")[0]
+                if task_method in reversal:
+                    extra["reversal_from"] = reversal[task_method]
+                workdir = root / f"defend-{name.replace(':', '-')}-{rate:g}"
+                log(f"  repair {name} at rate {rate:g}")
+                result = defend(args, model, task_method, rate, seed, workdir, **extra)
+                if task_method in ("point", "neural-cleanse"):
+                    reversal.setdefault(task_method, str(result.artifact))
+                row = {"method": name, "rate": rate, **row_of(result)}
+                if task_method == "neural-cleanse":
+                    row["nc_mask_l1"] = result.metrics.get("nc/mask_l1")
+                if task_method == "point":
+                    r = extra["point_index"]
+                    row["point_success"] = result.metrics.get(f"point/restart={r}/success")
+                    row["point_distance_to_true"] = result.metrics.get(
+                        f"point/restart={r}/distance_to_true"
+                    )
+                rows.append(row)
+                log(
+                    f"    acc {row['acc_clean']:.4f}  asr {row['asr']:.4f}  ra {row['ra']:.4f}"
+                    f"  {row['wall_s']:.0f}s"
+                )
+    return rows
+
+
+def summarise(rows: list[dict[str, Any]], rate: float) -> dict[str, Any]:
+    """Mean and worst ASR per method at ``rate`` (point rows pool the restarts)."""
+    table: dict[str, dict[str, list[float]]] = {}
+    for row in rows:
+        if not math.isclose(row["rate"], rate):
+            continue
+        name = row["method"].split("#")[0]
+        entry = table.setdefault(name, {"asr": [], "acc_drop": [], "ra": [], "acc": []})
+        entry["asr"].append(row["asr"])
+        entry["ra"].append(row["ra"])
+        entry["acc"].append(row["acc_clean"])
+        entry["acc_drop"].append(row["before_acc_clean"] - row["acc_clean"])
+    out = {}
+    for name, entry in table.items():
+        out[name] = {
+            "n": len(entry["asr"]),
+            "asr_mean": sum(entry["asr"]) / len(entry["asr"]),
+            "asr_worst": max(entry["asr"]),
+            "acc_clean_mean": sum(entry["acc"]) / len(entry["acc"]),
+            "acc_drop_mean": sum(entry["acc_drop"]) / len(entry["acc_drop"]),
+            "acc_drop_worst": max(entry["acc_drop"]),
+            "ra_mean": sum(entry["ra"]) / len(entry["ra"]),
+        }
+    return out
+
+
+def bar_checks(summary: dict[str, Any], searches: list[dict[str, Any]], betas) -> dict[str, Any]:
+    """The bar of issue 3, each check with the numbers it used (None: not measured)."""
+    checks: dict[str, Any] = {}
+    validities = [s[f"beta={b:g}"]["validity"] for s in searches for b in betas]
+    validities = [v for v in validities if v is not None]
+    if validities:
+        checks["search_validity_min"] = min(validities)
+        checks["search_validity_ok"] = min(validities) >= 0.8
+    mesa, ideal = summary.get("mesa"), summary.get("ideal")
+    if mesa:
+        checks["mesa_asr_mean_ok"] = mesa["asr_mean"] <= 0.05
+        checks["mesa_asr_worst_ok"] = mesa["asr_worst"] <= 0.10
+        checks["mesa_acc_drop_ok"] = mesa["acc_drop_worst"] <= 0.02
+        if ideal:
+            checks["mesa_minus_ideal_asr_mean"] = mesa["asr_mean"] - ideal["asr_mean"]
+        if "point" in summary:
+            point = summary["point"]
+            checks["mesa_vs_point_mean_ok"] = mesa["asr_mean"] <= point["asr_mean"] + 0.01
+            checks["mesa_vs_point_worst_ok"] = mesa["asr_worst"] <= point["asr_worst"] + 0.01
+        for control in ("random-patch", "finetune"):
+            if control in summary:
+                checks[f"mesa_beats_{control}_by"] = summary[control]["asr_mean"] - mesa["asr_mean"]
+    return checks
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    ensure_dataset(args.dataset)
+    temp = None
+    if args.workdir:
+        root = Path(args.workdir)
+        root.mkdir(parents=True, exist_ok=True)
+    else:
+        temp = tempfile.TemporaryDirectory(prefix="mesa-defense-bench-")
+        root = Path(temp.name)
+    report: dict[str, Any] = {
+        "benchmark": "defense",
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        },
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "workdir")},
+        "models": [],
+    }
+    all_rows: list[dict[str, Any]] = []
+    searches: list[dict[str, Any]] = []
+    first_model: tuple[str, str, int, Path] | None = None
+    for trigger in args.triggers:
+        for seed in range(args.seeds):
+            tag = f"{trigger.replace(':', '')}-s{seed}"
+            base = root / tag
+            log(f"{tag}: training the backdoored cpu-quick model")
+            trained = train_model(args, trigger, seed, base / "model")
+            model = str(trained.artifact)
+            log(f"{tag}: MESA search ({args.steps} steps, betas {args.betas})")
+            search = run_search(args, model, seed, base / "search")
+            summary = search_summary(search, args.betas)
+            searches.append(summary)
+            reference = residual_reference(args, model, seed) if args.residual_steps else {}
+            rows = repair_all(
+                args, model, str(search.artifact), seed, base, args.rates, args.methods
+            )
+            for row in rows:
+                row.update({"trigger": trigger, "seed": seed})
+            all_rows += rows
+            report["models"].append(
+                {
+                    "trigger": trigger,
+                    "seed": seed,
+                    "attack": {
+                        "acc_clean": trained.metrics.get("eval/acc_clean"),
+                        "asr": trained.metrics.get("eval/asr"),
+                        "train_s": trained.extra.get("wall_s"),
+                    },
+                    "search": summary,
+                    "residual_before_repair": reference.get("residual/validity"),
+                    "repairs": rows,
+                }
+            )
+            if first_model is None:
+                first_model = (model, str(search.artifact), seed, base)
+    report["summary"] = {
+        "rate": args.headline_rate,
+        "methods": summarise(all_rows, args.headline_rate),
+    }
+    report["summary_by_rate"] = {f"{r:g}": summarise(all_rows, r) for r in args.rates}
+    report["bar"] = bar_checks(report["summary"]["methods"], searches, args.betas)
+
+    if not args.skip_alpha and first_model is not None:
+        report["alpha_ablation"] = alpha_ablation(args, *first_model)
+    if not args.skip_paper:
+        report["paper_recipe"] = paper_recipe(args, root / "paper")
+    report["wall_s"] = time.perf_counter() - started
+    text = json.dumps(report, indent=1, default=float)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    if temp is not None:
+        temp.cleanup()
+    return report
+
+
+def alpha_ablation(args, model: str, search: str, seed: int, base: Path) -> list[dict[str, Any]]:
+    """Alpha 0, 0.1 and 10 at the default length and a longer one: does alpha 0 collapse?"""
+    out = []
+    for steps in (args.steps, args.alpha_long_steps):
+        for alpha in args.alpha:
+            tag = f"alpha{alpha:g}-steps{steps}"
+            if math.isclose(alpha, 0.1) and steps == args.steps:
+                search_dir = search  # the main search already is this setting
+                summary = None
+            else:
+                log(f"alpha ablation: alpha {alpha:g}, {steps} steps")
+                result = run_search(args, model, seed, base / tag, alpha=alpha, steps=steps)
+                search_dir, summary = str(result.artifact), search_summary(result, args.betas)
+            if summary is None:
+                from engine.ml.artifacts import read_manifest
+
+                summary = {
+                    f"beta={b:g}": {
+                        k.split("/")[-1]: v
+                        for k, v in read_manifest(search_dir, verify=False)["metrics"].items()
+                        if k.startswith(f"mesa/beta={b:g}/")
+                    }
+                    for b in args.betas
+                }
+            repaired = defend(
+                args,
+                model,
+                "mesa",
+                args.headline_rate,
+                seed,
+                base / f"{tag}-repair",
+                search=search_dir,
+                ensemble="round-robin",
+                residual_steps=0,
+            )
+            out.append(
+                {
+                    "alpha": alpha,
+                    "steps": steps,
+                    "search": summary,
+                    "repair_asr": repaired.metrics.get("eval/asr"),
+                    "repair_acc_clean": repaired.metrics.get("eval/acc_clean"),
+                }
+            )
+    return out
+
+
+def paper_recipe(args, root: Path) -> dict[str, Any]:
+    """Fine-tune a clean quick model 10 epochs at lr 1e-3 with 1 % poisoning (weaker, broader
+    backdoors); repair by MESA (ensemble) and point (each restart) at the headline rate."""
+    rows = []
+    clean_by_seed: dict[int, str] = {}
+    for seed in range(args.paper_seeds):
+        log(f"paper recipe: clean cpu-quick model, seed {seed}")
+        clean = train_model(args, None, seed, root / f"clean-s{seed}", epochs=args.clean_epochs)
+        clean_by_seed[seed] = str(clean.artifact)
+    for trigger in args.triggers:
+        for seed in range(args.paper_seeds):
+            tag = f"{trigger.replace(':', '')}-s{seed}"
+            log(f"paper recipe {tag}: fine-tuning with 1 % poisoning")
+            attacked = train_model(
+                args,
+                trigger,
+                seed,
+                root / tag / "model",
+                preset="paper-cifar10",
+                init_from=clean_by_seed[seed],
+                epochs=args.paper_epochs,
+                lr=1e-3,
+                poison_rate=0.01,
+            )
+            model = str(attacked.artifact)
+            search = run_search(args, model, seed, root / tag / "search")
+            repairs = repair_all(
+                args,
+                model,
+                str(search.artifact),
+                seed,
+                root / tag,
+                [args.headline_rate],
+                ["mesa", "point"],
+            )
+            for row in repairs:
+                row.update({"trigger": trigger, "seed": seed})
+            rows.append(
+                {
+                    "trigger": trigger,
+                    "seed": seed,
+                    "attack": {
+                        "acc_clean": attacked.metrics.get("eval/acc_clean"),
+                        "asr": attacked.metrics.get("eval/asr"),
+                    },
+                    "search": search_summary(search, args.betas),
+                    "repairs": repairs,
+                }
+            )
+    flat = [r for entry in rows for r in entry["repairs"]]
+    return {"models": rows, "summary": summarise(flat, args.headline_rate)}
+
+
+if __name__ == "__main__":
+    main()

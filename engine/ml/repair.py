@@ -1,0 +1,270 @@
+"""The repair loop shared by every defense (so the comparison is fair).
+
+Fine-tune the model on the defender's images (train mode, SGD lr 1e-3, momentum 0.9, batch 128,
+10 epochs: the paper's settings); each image is stamped with a freshly drawn trigger with
+probability ``stamp_rate`` and keeps its correct label, so the model unlearns the trigger. Only
+the trigger source differs between methods:
+
+- a ``TriggerSampler`` of k x k patches (MESA's generators, ``FixedPatternSampler`` for the point
+  reversal and the ideal oracle, ``RandomPatchSampler`` for the random-patch control), stamped at
+  placements drawn per image (``engine.ml.triggers.Placement``);
+- a full-image ``MaskTrigger`` (Neural Cleanse), blended at its fixed place;
+- nothing (plain fine-tuning, the control the paper lacks).
+
+Every epoch ends with an evaluation on the held-out images: clean accuracy and, when the original
+trigger is known (evaluation only), its ASR and robust accuracy.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.errors import UserError
+from engine.ml.data import Normalizer, augment, batch_indices, to_float
+from engine.ml.metrics import evaluate
+from engine.ml.runtime import autocast
+from engine.ml.triggers import MaskTrigger, PatchTrigger, Placement, blend, stamp
+from engine.reporter import Reporter, stop_point
+
+
+class TriggerSampler(Protocol):
+    """The sampling contract of ``engine.ml.mesa``: ``(n, C, k, k)`` patches in [0, 1]."""
+
+    size: int
+    channels: int
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+
+class FixedPatternSampler:
+    """Known patterns (the point reversal's restarts, or the original trigger for ``ideal``),
+    handed out in turn so that every pattern is used equally often."""
+
+    def __init__(self, patterns: torch.Tensor):
+        if patterns.dim() == 3:
+            patterns = patterns.unsqueeze(0)
+        if patterns.dim() != 4 or patterns.shape[-1] != patterns.shape[-2]:
+            raise UserError(
+                f"patterns of shape {tuple(patterns.shape)} are not (N, C, k, k) square patches"
+            )
+        self.patterns = patterns.float()
+        self.size = int(patterns.shape[-1])
+        self.channels = int(patterns.shape[1])
+        self._cursor = 0
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        count = self.patterns.shape[0]
+        index = (self._cursor + torch.arange(n)) % count
+        self._cursor = (self._cursor + n) % count
+        return self.patterns[index]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Every epoch sees the same patterns; nothing to switch."""
+
+
+class RandomPatchSampler:
+    """Uniformly random k x k patches in [0, 1] (the control: does any patch noise do?)."""
+
+    def __init__(self, channels: int = 3, size: int = 3):
+        self.size, self.channels = size, channels
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.rand(n, self.channels, self.size, self.size, generator=generator)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Stateless."""
+
+
+TriggerSource = TriggerSampler | MaskTrigger | None
+
+
+@dataclass(frozen=True)
+class RepairConfig:
+    """The paper's repair settings by default (stamp rate: the script's 0.01)."""
+
+    epochs: int = 10
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    stamp_rate: float = 0.01
+    placement: str = "per-image"
+    augment: bool = False
+    channels_last: bool = True
+    eval_batch_size: int = 1000
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.stamp_rate <= 1.0:
+            raise UserError(
+                f"stamp rate {self.stamp_rate} is outside [0, 1]; use e.g. 0.01, 0.1 or 0.2"
+            )
+        if self.epochs < 1 or self.batch_size < 1:
+            raise UserError(
+                f"epochs {self.epochs} and batch size {self.batch_size} must be at least 1"
+            )
+        Placement(self.placement)
+
+
+def build_repair_batch(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    source: TriggerSource,
+    rate: float,
+    generator: torch.Generator,
+    placement: Placement,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stamp each pixel-space image independently with probability ``rate``; labels unchanged.
+
+    Returns (images, labels, stamped mask). Patch sources draw one fresh trigger per image and
+    one placement per image; everything is one vectorised operation on the images' device.
+    """
+    n = x.shape[0]
+    if source is None or rate <= 0.0:
+        return x, y, torch.zeros(n, dtype=torch.bool, device=x.device)
+    chosen = (torch.rand(n, generator=generator) < rate).to(x.device)
+    if isinstance(source, MaskTrigger):
+        stamped = blend(x, source.mask.to(x.device), source.pattern.to(x.device))
+    else:
+        patterns = source.sample(n, generator).to(x.device, x.dtype)
+        positions = placement.sample(n, (x.shape[2], x.shape[3]), source.size, generator, x.device)
+        stamped = stamp(x, patterns, positions)
+    return torch.where(chosen[:, None, None, None], stamped, x), y, chosen
+
+
+@dataclass
+class EvalSet:
+    """The held-out images and, when known (evaluation only), the original trigger."""
+
+    images: torch.Tensor  # uint8 (N, C, H, W) on the device
+    labels: torch.Tensor
+    num_classes: int
+    trigger: PatchTrigger | None = None
+    target: int | None = None
+
+
+def evaluate_repair(
+    model: nn.Module,
+    normalizer: Normalizer,
+    held_out: EvalSet,
+    *,
+    precision: str,
+    channels_last: bool,
+    batch_size: int = 1000,
+) -> dict[str, float]:
+    """``acc_clean``, and ``asr`` and ``ra`` of the original trigger when it is known."""
+    return evaluate(
+        model,
+        held_out.images,
+        held_out.labels,
+        normalizer,
+        num_classes=held_out.num_classes,
+        trigger=held_out.trigger,
+        target=held_out.target if held_out.trigger is not None else None,
+        batch_size=batch_size,
+        precision=precision,
+        channels_last=channels_last,
+    )
+
+
+def repair(
+    model: nn.Module,
+    normalizer: Normalizer,
+    images_u8: torch.Tensor,
+    labels: torch.Tensor,
+    source: TriggerSource,
+    config: RepairConfig,
+    held_out: EvalSet,
+    *,
+    generator: torch.Generator,
+    precision: str = "fp32",
+    reporter: Reporter | None = None,
+    on_epoch: Callable[[int, dict[str, float], torch.optim.Optimizer], None] | None = None,
+    start_epoch: int = 0,
+    optimizer_state: dict | None = None,
+) -> tuple[dict[str, float], torch.optim.Optimizer]:
+    """Fine-tune ``model`` in place; returns the last epoch's ``eval/...`` metrics and the
+    optimiser. Logs ``repair/loss`` and ``repair/stamped`` per epoch and the evaluation keys
+    ``eval/acc_clean``, ``eval/asr``, ``eval/ra`` with the epoch as the step. ``on_epoch`` is
+    called after each epoch (checkpoints); ``start_epoch`` and ``optimizer_state`` resume."""
+    device = images_u8.device
+    placement = Placement(config.placement)
+    use_cl = config.channels_last and device.type != "mps"
+    if use_cl:
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+    )
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    n = images_u8.shape[0]
+    labels = labels.to(device)
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    last: dict[str, float] = {}
+    for epoch in range(start_epoch, config.epochs):
+        model.train()
+        if source is not None and not isinstance(source, MaskTrigger):
+            source.set_epoch(epoch)
+        started = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        stamped = torch.zeros((), device=device)
+        for i, idx in enumerate(batch_indices(n, config.batch_size, generator, device=device)):
+            if reporter is not None:
+                stop_point(reporter)
+            x = to_float(images_u8[idx])
+            y = labels[idx]
+            if config.augment:
+                x = augment(x, generator)
+            x, y, chosen = build_repair_batch(x, y, source, config.stamp_rate, generator, placement)
+            x = normalizer(x)
+            if use_cl:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device, precision):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach() * y.shape[0]
+            stamped += chosen.sum()
+            if reporter is not None:
+                reporter.progress(
+                    "repair",
+                    epoch * steps_per_epoch + i + 1,
+                    config.epochs * steps_per_epoch,
+                    {"epoch": epoch + 1},
+                )
+        metrics = {
+            "repair/loss": float(loss_sum / n),
+            "repair/stamped": float(stamped / n),
+            "repair/epoch": epoch + 1,
+            "time/epoch_s": time.perf_counter() - started,
+        }
+        evaluation = evaluate_repair(
+            model,
+            normalizer,
+            held_out,
+            precision=precision,
+            channels_last=use_cl,
+            batch_size=config.eval_batch_size,
+        )
+        last = {f"eval/{k}": v for k, v in evaluation.items()}
+        metrics.update(last)
+        if reporter is not None:
+            reporter.log(metrics, epoch + 1)
+            reporter.check_in(max(120.0, 5 * metrics["time/epoch_s"]))
+        if on_epoch is not None:
+            on_epoch(epoch + 1, metrics, optimizer)
+    return last, optimizer

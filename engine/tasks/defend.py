@@ -1,0 +1,586 @@
+"""Defense task: ``run(spec: DefendSpec, reporter) -> TaskResult``.
+
+Every method goes through the one repair loop of ``engine.ml.repair``; only the trigger source
+differs: ``mesa`` (the search artifact's generators, one beta or an ensemble), ``point`` (restarts
+of the pixel-space SGD reversal), ``neural-cleanse`` (its reversed mask and pattern), ``finetune``
+(no trigger), ``random-patch`` (uniform random patches) and ``ideal`` (the original trigger).
+
+``ideal`` is the oracle bound: it is the only method that reads the ground truth for the repair
+itself. Every other method sees only the defender split and the defender's belief of the target
+(``--target``, the search's target, or Neural Cleanse's detection); the ground truth serves the
+evaluation on the held-out split alone, and its metrics are absent when it is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from engine.errors import UserError
+from engine.reporter import Reporter, TaskResult
+from engine.specs import DefendSpec
+
+CHECKPOINT = "checkpoints/repair.pt"
+DEFENSE_FILE = "defense.json"  # the defender's side of the result: target belief, detection
+RESIDUAL_SEED_OFFSET = 7_777  # the residual search never shares a stream with the repair's
+
+
+def check_spec(spec: DefendSpec) -> dict[str, Any]:
+    """Everything that can be refused before anything is written; returns the model's meta."""
+    from engine.tasks.mesa import read_model_meta
+
+    meta = read_model_meta(spec.model)
+    classes = int(meta["num_classes"])
+    if spec.target is not None and spec.target >= classes:
+        raise UserError(
+            f"invalid --target {spec.target}: the model has {classes} classes; "
+            f"use a class in 0..{classes - 1}"
+        )
+    if spec.method == "mesa":
+        if not spec.search:
+            raise UserError(
+                "--method mesa needs --search SEARCH_ARTIFACT (make one with mesa-tui run mesa)"
+            )
+        search_meta = _search_meta(spec.search)
+        betas = [float(b) for b in search_meta.get("betas", [])]
+        if spec.beta is not None and spec.ensemble is not None:
+            raise UserError("give either --beta or --ensemble, not both")
+        if spec.beta is not None and not any(math.isclose(spec.beta, b) for b in betas):
+            raise UserError(
+                f"invalid --beta {spec.beta}: the search has betas "
+                f"{', '.join(f'{b:g}' for b in betas)}; use one of those"
+            )
+        search_target = int(search_meta["target"])
+        if spec.target is not None and spec.target != search_target:
+            raise UserError(
+                f"invalid --target {spec.target}: the search {spec.search} was made for class "
+                f"{search_target}; leave --target out or use {search_target}"
+            )
+        if search_target >= classes:
+            raise UserError(
+                f"the search {spec.search} targets class {search_target} but the model has "
+                f"{classes} classes; give the search made for this model"
+            )
+    else:
+        for flag, value in (("--search", spec.search), ("--beta", spec.beta)):
+            if value is not None:
+                raise UserError(f"{flag} is only used by --method mesa; leave it out")
+        if spec.ensemble is not None:
+            raise UserError("--ensemble is only used by --method mesa; leave it out")
+    if spec.method == "ideal" and not (Path(spec.model) / "ground_truth.json").exists():
+        raise UserError(
+            f"--method ideal needs the original trigger, but {spec.model} has no "
+            "ground_truth.json (the attack is unknown); use another method"
+        )
+    if spec.reversal_from is not None:
+        _check_reversal(spec)
+    if spec.point_index is not None and spec.point_index >= spec.point_restarts:
+        raise UserError(
+            f"invalid --point-index {spec.point_index}: there are {spec.point_restarts} restarts; "
+            f"use 0..{spec.point_restarts - 1} or leave it out to cycle through all"
+        )
+    size = tuple(meta.get("image_size", (32, 32)))
+    if spec.patch_size > min(size):
+        raise UserError(
+            f"invalid --patch-size {spec.patch_size}: the images are {size[0]}x{size[1]}"
+        )
+    return meta
+
+
+def _check_reversal(spec: DefendSpec) -> dict[str, Any]:
+    """The earlier defense whose reversed trigger is reused: same method, same model."""
+    from engine.ml.artifacts import read_manifest
+
+    if spec.method not in ("point", "neural-cleanse"):
+        raise UserError("--reversal-from is only used by --method point or neural-cleanse")
+    path = Path(spec.reversal_from).expanduser()
+    if not (path / DEFENSE_FILE).exists():
+        raise UserError(
+            f"--reversal-from {spec.reversal_from} is not a defense artifact (no {DEFENSE_FILE}); "
+            "give the directory of an earlier point or neural-cleanse defense"
+        )
+    manifest = read_manifest(path, verify=False, kind="repaired-model")
+    earlier = json.loads((path / DEFENSE_FILE).read_text())
+    if earlier.get("method") != spec.method:
+        raise UserError(
+            f"--reversal-from {spec.reversal_from} is a {earlier.get('method')} defense; "
+            f"give an earlier {spec.method} defense"
+        )
+    upstream = [u["path"] for u in manifest.get("upstream", [])]
+    if not upstream or upstream[0] != str(Path(spec.model).resolve()):
+        raise UserError(
+            f"--reversal-from {spec.reversal_from} repaired another model; give a defense of "
+            f"{spec.model}"
+        )
+    if spec.target is not None and earlier.get("target") != spec.target:
+        raise UserError(
+            f"invalid --target {spec.target}: the reused reversal targets class "
+            f"{earlier.get('target')}; leave --target out or use that class"
+        )
+    return earlier
+
+
+def _search_meta(directory: str) -> dict[str, Any]:
+    from engine.ml.artifacts import read_manifest
+
+    path = Path(directory).expanduser()
+    if not path.is_dir():
+        raise UserError(
+            f"search artifact '{directory}' does not exist; give a search directory "
+            "(see mesa-tui run mesa)"
+        )
+    manifest = read_manifest(path, verify=False)
+    if manifest.get("kind") != "search":
+        raise UserError(f"'{directory}' is a {manifest.get('kind')} artifact; give a search")
+    return manifest["meta"]
+
+
+def _cleanse(spec: DefendSpec, model, normalizer, images, labels_to_run, device, precision, rep):
+    from engine.ml.reverse import CostSchedule, neural_cleanse
+
+    schedule = CostSchedule(
+        init_cost=spec.nc_init_cost,
+        patience=spec.nc_patience,
+        threshold=spec.nc_threshold,
+        early_stop=spec.nc_early_stop,
+        early_stop_patience=5 * spec.nc_patience,
+    )
+    return neural_cleanse(
+        model,
+        normalizer,
+        images,
+        labels_to_run,
+        epochs=spec.nc_epochs,
+        steps_per_epoch=spec.nc_steps_per_epoch,
+        batch_size=spec.nc_batch_size,
+        lr=spec.nc_lr,
+        schedule=schedule,
+        seed=spec.seed,
+        precision=precision,
+        channels_last=spec.channels_last and device.type != "mps",
+        reporter=rep,
+    )
+
+
+def _detect_target(spec, model, normalizer, images, num_classes, device, precision, reporter):
+    """Neural Cleanse over every label: the defender's belief when none was given."""
+    reporter.text(f"no --target given: Neural Cleanse detection over all {num_classes} labels")
+    result = _cleanse(
+        spec, model, normalizer, images, range(num_classes), device, precision, reporter
+    )
+    target = result.most_suspicious()
+    det = result.detection
+    if det is not None and not det.flagged:
+        reporter.text(
+            f"Neural Cleanse flagged no label; using the smallest mask's label {target}", "warning"
+        )
+    return target, result
+
+
+def _detection_fields(result) -> dict[str, Any]:
+    det = result.detection
+    if det is None:
+        return {}
+    return {
+        "flagged": det.flagged,
+        "scores": {str(k): v for k, v in zip(det.labels, det.anomaly_index, strict=True)},
+        "mask_l1": {str(k): v for k, v in zip(det.labels, det.norms, strict=True)},
+    }
+
+
+def run(spec: DefendSpec, reporter: Reporter) -> TaskResult:
+    import torch
+
+    from engine.ml import artifacts
+    from engine.ml.data import defender_split
+    from engine.ml.metrics import variation_asr
+    from engine.ml.repair import (
+        EvalSet,
+        FixedPatternSampler,
+        RandomPatchSampler,
+        RepairConfig,
+        evaluate_repair,
+        repair,
+    )
+    from engine.ml.runtime import (
+        configure_threads,
+        environment,
+        pick_device,
+        resolve_precision,
+        seed_everything,
+    )
+    from engine.ml.triggers import PatchTrigger, Placement
+    from engine.tasks.mesa import load_defender_data
+
+    started = time.perf_counter()
+    check_spec(spec)
+    config = RepairConfig(
+        epochs=spec.epochs,
+        lr=spec.lr,
+        momentum=spec.momentum,
+        weight_decay=spec.weight_decay,
+        batch_size=spec.batch_size,
+        stamp_rate=spec.stamp_rate,
+        placement=spec.placement,
+        augment=spec.augment,
+        channels_last=spec.channels_last,
+        eval_batch_size=spec.eval_batch_size,
+    )
+    configure_threads()
+    device = pick_device(spec.device)
+    precision = resolve_precision(spec.precision, device)
+    generator = seed_everything(spec.seed)
+    model, meta, normalizer, images, labels, data = load_defender_data(
+        spec.model, device, spec.defender_fraction, spec.split_seed
+    )
+    use_cl = spec.channels_last and device.type != "mps"
+    _, held = defender_split(data.test_x.shape[0], spec.defender_fraction, spec.split_seed)
+    # Evaluation only: the held-out images and the original trigger never reach a defense.
+    truth = artifacts.load_ground_truth(spec.model)
+    held_out = EvalSet(
+        images=data.test_x[held].to(device),
+        labels=data.test_y[held].to(device),
+        num_classes=meta.num_classes,
+        trigger=PatchTrigger(truth.pattern, Placement(truth.placement)) if truth else None,
+        target=truth.target if truth else None,
+    )
+    if truth is None:
+        reporter.text("no ground truth in the model artifact: ASR and robust accuracy are absent")
+    before = evaluate_repair(
+        model,
+        normalizer,
+        held_out,
+        precision=precision,
+        channels_last=use_cl,
+        batch_size=spec.eval_batch_size,
+    )
+    reporter.log({f"eval/{k}": v for k, v in before.items()}, 0)
+    result_metrics: dict[str, float] = {f"before/{k}": v for k, v in before.items()}
+    reporter.log(result_metrics, 0)
+
+    # -- the trigger source (the only thing that differs between methods) ---------------------
+    extra: dict[str, Any] = {"method": spec.method, "stamp_rate": spec.stamp_rate}
+    extra_files: dict[str, torch.Tensor] = {}
+    upstream: list[str] = [spec.model]
+    target: int | None = spec.target
+    reverse_started = time.perf_counter()
+    source: Any = None
+    if spec.method == "mesa":
+        from engine.ml.mesa import open_search
+
+        search = open_search(spec.search, device)
+        target = search.target
+        ensemble = spec.ensemble or (None if spec.beta is not None else "round-robin")
+        if spec.beta is None and len(search.betas) == 1:
+            ensemble = None
+        source = search.sampler(beta=spec.beta, ensemble=ensemble)
+        upstream.append(str(spec.search))
+        extra["beta"] = spec.beta
+        extra["ensemble"] = ensemble
+    elif spec.method == "ideal":
+        assert truth is not None  # check_spec refused a model without ground truth
+        target = truth.target
+        source = FixedPatternSampler(truth.pattern)
+        reporter.text("ideal: repairing with the original trigger (the oracle bound)")
+    elif spec.method == "random-patch":
+        source = RandomPatchSampler(meta.in_channels, spec.patch_size)
+    elif spec.method == "point" and spec.reversal_from:
+        earlier = _check_reversal(spec)
+        target = int(earlier["target"])
+        patterns = torch.from_numpy(
+            artifacts.load_array(Path(spec.reversal_from) / "point_patterns.npy")
+        )
+        if spec.point_index is not None and spec.point_index >= patterns.shape[0]:
+            raise UserError(
+                f"invalid --point-index {spec.point_index}: the reused reversal has "
+                f"{patterns.shape[0]} restarts"
+            )
+        chosen = patterns if spec.point_index is None else patterns[spec.point_index][None]
+        source = FixedPatternSampler(chosen)
+        extra["point_success"] = earlier.get("point_success")
+        extra_files["point_patterns"] = patterns
+        upstream.append(str(spec.reversal_from))
+    elif spec.method == "neural-cleanse" and spec.reversal_from:
+        from engine.ml.triggers import MaskTrigger
+
+        earlier = _check_reversal(spec)
+        target = int(earlier["target"])
+        mask = torch.from_numpy(artifacts.load_array(Path(spec.reversal_from) / "nc_mask.npy"))
+        pattern = torch.from_numpy(
+            artifacts.load_array(Path(spec.reversal_from) / "nc_pattern.npy")
+        )
+        source = MaskTrigger(mask, pattern)
+        reused = ("flagged", "scores", "mask_l1", "nc")
+        extra.update({k: earlier[k] for k in reused if k in earlier})
+        extra_files["nc_mask"], extra_files["nc_pattern"] = mask, pattern
+        upstream.append(str(spec.reversal_from))
+    elif spec.method == "point":
+        from engine.ml.reverse import reverse_point
+
+        if target is None:
+            target, nc = _detect_target(
+                spec, model, normalizer, images, meta.num_classes, device, precision, reporter
+            )
+            extra.update(_detection_fields(nc))
+        point = reverse_point(
+            model,
+            normalizer,
+            images,
+            target,
+            size=spec.patch_size,
+            restarts=spec.point_restarts,
+            epochs=spec.point_epochs,
+            batch_size=spec.point_batch_size,
+            lr=spec.point_lr,
+            placement=Placement(spec.placement),
+            seed=spec.seed,
+            precision=precision,
+            channels_last=use_cl,
+            reporter=reporter,
+        )
+        chosen = point.patterns
+        if spec.point_index is not None:
+            chosen = chosen[spec.point_index : spec.point_index + 1]
+        source = FixedPatternSampler(chosen)
+        extra["point_success"] = point.success
+        extra_files["point_patterns"] = point.patterns
+    elif spec.method == "neural-cleanse":
+        if target is None:
+            target, nc = _detect_target(
+                spec, model, normalizer, images, meta.num_classes, device, precision, reporter
+            )
+            extra.update(_detection_fields(nc))
+        else:
+            nc = _cleanse(spec, model, normalizer, images, [target], device, precision, reporter)
+        reversed_trigger = nc.triggers[target]
+        source = reversed_trigger.trigger()
+        extra["nc"] = {
+            "mask_l1": reversed_trigger.l1,
+            "success": reversed_trigger.success,
+            "reached": float(reversed_trigger.reached),
+        }
+        if not reversed_trigger.reached:
+            reporter.text(
+                f"Neural Cleanse found no mask reaching {spec.nc_threshold:.0%} success for class "
+                f"{target}; unlearning with its last mask",
+                "warning",
+            )
+        extra_files["nc_mask"] = reversed_trigger.mask
+        extra_files["nc_pattern"] = reversed_trigger.pattern
+    reverse_s = time.perf_counter() - reverse_started
+    for r, success in enumerate(extra.get("point_success") or []):
+        result_metrics[f"point/restart={r}/success"] = success
+    for name, value in extra.get("nc", {}).items():
+        result_metrics[f"nc/{name}"] = value
+    patterns = extra_files.get("point_patterns")
+    if patterns is not None and truth is not None and truth.pattern.shape == patterns.shape[1:]:
+        # Evaluation only: how close each restart came to the original trigger.
+        distance = (patterns.cpu() - truth.pattern).flatten(1).norm(dim=1)
+        for r, value in enumerate(distance.tolist()):
+            result_metrics[f"point/restart={r}/distance_to_true"] = value
+    if spec.method in ("point", "neural-cleanse") and not spec.reversal_from:
+        result_metrics["time/reverse_s"] = reverse_s
+    extra["target"] = target
+    if spec.method != "ideal" and truth is not None and target is not None:
+        result_metrics["defense/target_correct"] = float(target == truth.target)
+
+    # -- the repair loop --------------------------------------------------------------------
+    workdir = Path(reporter.workdir)
+    ckpt = workdir / CHECKPOINT
+    start_epoch, optimizer_state = 0, None
+    if reporter.resume and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer_state = state["optimizer"]
+        generator.set_state(state["generator"])
+        start_epoch = int(state["epoch"])
+        reporter.text(f"resumed the repair after epoch {start_epoch}")
+
+    def save_checkpoint(epoch: int, _metrics: dict[str, float], optimizer) -> None:
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ckpt.with_suffix(".part")
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch,
+                "generator": generator.get_state(),
+            },
+            tmp,
+        )
+        os.replace(tmp, ckpt)
+
+    reporter.text(
+        f"repair: {spec.method}, stamp rate {spec.stamp_rate}, {spec.epochs} epochs on "
+        f"{images.shape[0]} defender images, {device} {precision}"
+    )
+    repair_started = time.perf_counter()
+    last, _ = repair(
+        model,
+        normalizer,
+        images,
+        labels,
+        source,
+        config,
+        held_out,
+        generator=generator,
+        precision=precision,
+        reporter=reporter,
+        on_epoch=save_checkpoint,
+        start_epoch=start_epoch,
+        optimizer_state=optimizer_state,
+    )
+    result_metrics["time/repair_s"] = time.perf_counter() - repair_started
+    if not last:  # resumed after the last epoch: evaluate the checkpointed model
+        last = {
+            f"eval/{k}": v
+            for k, v in evaluate_repair(
+                model, normalizer, held_out, precision=precision, channels_last=use_cl
+            ).items()
+        }
+    result_metrics.update(last)
+
+    # -- after the repair: pattern variations and the residual search ------------------------
+    if truth is not None and spec.variations:
+        variations = variation_asr(
+            model,
+            held_out.images,
+            held_out.labels,
+            normalizer,
+            held_out.trigger,
+            truth.target,
+            batch_size=spec.eval_batch_size,
+            precision=precision,
+            channels_last=use_cl,
+        )
+        result_metrics.update({f"eval/{k}": v for k, v in variations.items()})
+    if spec.residual_steps > 0 and target is not None:
+        residual_started = time.perf_counter()
+        result_metrics.update(
+            residual_check(
+                model,
+                normalizer,
+                images,
+                labels,
+                target,
+                steps=spec.residual_steps,
+                beta=spec.residual_beta,
+                batch_size=spec.residual_batch_size,
+                hidden=spec.residual_hidden,
+                seed=spec.seed + RESIDUAL_SEED_OFFSET,
+                device=device,
+                precision=precision,
+                reporter=reporter,
+                true_pattern=truth.pattern if truth else None,
+            )
+        )
+        result_metrics["time/residual_s"] = time.perf_counter() - residual_started
+    elif spec.residual_steps > 0:
+        reporter.text("residual check skipped: no target class is known (give --target)")
+    result_metrics["time/total_s"] = time.perf_counter() - started
+
+    # -- the repaired model artifact ---------------------------------------------------------
+    model_cpu = model.to("cpu").to(memory_format=torch.contiguous_format)
+    artifacts.save_model(
+        workdir,
+        model_cpu,
+        meta,
+        kind="repaired-model",
+        spec=spec.to_json(),
+        spec_hash=spec.spec_hash(),
+        upstream=upstream,
+        metrics=result_metrics,
+        ground_truth=truth,
+    )
+    names = [DEFENSE_FILE]
+    defense = {k: v for k, v in extra.items() if k != "environment"}
+    (workdir / DEFENSE_FILE).write_text(json.dumps(defense, indent=1))
+    for name, tensor in extra_files.items():
+        artifacts.save_array(workdir / f"{name}.npy", tensor.detach().float().cpu())
+        names.append(f"{name}.npy")
+    artifacts.write_manifest(
+        workdir,
+        "repaired-model",
+        ["model.safetensors", *names],
+        spec=spec.to_json(),
+        spec_hash=spec.spec_hash(),
+        upstream=upstream,
+        meta=artifacts.read_manifest(workdir, verify=False)["meta"],
+        metrics=result_metrics,
+    )
+    shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
+    final_only = {
+        k: v for k, v in result_metrics.items() if k not in last and not k.startswith("before/")
+    }
+    reporter.log(final_only, spec.epochs)
+    reporter.artifact(workdir, "repaired-model")
+    extra.update(
+        {"device": str(device), "precision": precision, "environment": environment(device)}
+    )
+    return TaskResult(artifact=str(workdir), metrics=result_metrics, extra=extra)
+
+
+def residual_check(
+    model,
+    normalizer,
+    images,
+    labels,
+    target: int,
+    *,
+    steps: int,
+    beta: float = 0.9,
+    batch_size: int = 128,
+    hidden: int = 512,
+    seed: int = 0,
+    device=None,
+    precision: str = "fp32",
+    reporter: Reporter | None = None,
+    true_pattern=None,
+) -> dict[str, float]:
+    """A fresh short MESA search on the repaired model (new generators, their own seed): the best
+    validity its samples reach over the search's evaluations (``residual/validity``)."""
+    from engine.ml.mesa import MesaConfig, search_targets
+
+    batch_size = min(batch_size, int(images.shape[0]))
+    # Validity at half way and at the end: 64 triggers x 64 images each, cheap beside the steps.
+    config = MesaConfig(
+        betas=(beta,),
+        steps=steps,
+        batch_size=batch_size,
+        hidden=hidden,
+        stats_every=max(1, min(20, steps)),
+        sample_every=max(1, steps // 2),
+        n_eval_triggers=64,
+        eval_images=min(64, int(images.shape[0])),
+        samples=256,
+    )
+    key = f"residual/beta={beta:g}"
+    result = search_targets(
+        model,
+        normalizer,
+        images,
+        [(beta, target, key)],
+        config,
+        labels=labels,
+        device=device or images.device,
+        precision=precision,
+        reporter=reporter,
+        true_pattern=true_pattern,
+        seed=seed,
+        stage="residual",
+    )
+    seen = [e["metrics"].get(f"{key}/validity") for e in result.evaluations]
+    seen = [v for v in seen if v is not None]
+    out = {
+        "residual/validity": max(seen) if seen else result.metrics[f"{key}/validity"],
+        "residual/validity_final": result.metrics[f"{key}/validity"],
+        "residual/validity_mean": result.metrics.get(f"{key}/validity_mean", float("nan")),
+    }
+    if f"{key}/nearest_to_true" in result.metrics:
+        out["residual/nearest_to_true"] = result.metrics[f"{key}/nearest_to_true"]
+    return out
