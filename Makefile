@@ -11,13 +11,13 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 endif
 SHARED_CIFAR ?= ../shared/data/cifar10-jpeg.tar.gz
 
-.PHONY: setup demo test test-data lint bench clean
+.PHONY: setup demo test test-data test-services lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,ray,postgres]'
 	touch $@
 
 setup: $(BIN)/.installed
@@ -37,11 +37,25 @@ test-data:
 		(apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1)) || echo "note: dataset-fashion-mnist not installed"; \
 	fi
 
+# A PostgreSQL server for the store and engine suites (tests/postgres.py starts a private one on
+# loopback per run): Debian's package where initdb is missing. Without it those tests skip.
+test-services:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null; then \
+		if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+			echo "installing the PostgreSQL server (Debian package postgresql) for the store tests"; \
+			(DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null 2>&1 || \
+			 (apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null 2>&1)) || \
+			echo "note: postgresql not installed; the PostgreSQL tests will skip"; \
+		else \
+			echo "note: no PostgreSQL server binaries and no root apt-get; the PostgreSQL tests will skip"; \
+		fi; \
+	fi
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: setup test-data lint
+test: setup test-data test-services lint
 	$(BIN)/python -m pytest -q
 
 bench: setup

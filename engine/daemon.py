@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -53,6 +54,31 @@ class EngineConfig:
     startup_grace_s: float = field(default_factory=lambda: _env_float("MESA_STARTUP_GRACE_S", 300))
     cancel_grace_s: float = field(default_factory=lambda: _env_float("MESA_CANCEL_GRACE_S", 3.0))
     checkin_slack_s: float = field(default_factory=lambda: _env_float("MESA_CHECKIN_SLACK_S", 10.0))
+    executor: str = "local"
+    ray_address: str = "auto"
+    ray_gpus: float = 1.0
+    ray_artifacts: str = "auto"
+
+
+EXECUTORS = ("local", "ray")
+
+
+def make_executor(config: EngineConfig) -> Executor:
+    """The executor ``config.executor`` names (ray is imported only when asked for)."""
+    if config.executor == "local":
+        return LocalExecutor(paths.data_home() / "logs")
+    if config.executor == "ray":
+        from engine.executors.ray import RayExecutor
+
+        return RayExecutor(
+            config.ray_address,
+            paths.data_home() / "logs",
+            gpus_per_run=config.ray_gpus,
+            artifacts=config.ray_artifacts,
+        )
+    from engine.errors import UserError
+
+    raise UserError(f"unknown --executor '{config.executor}'; use {' or '.join(EXECUTORS)}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -155,9 +181,9 @@ class Engine:
 
         self.config = config
         self.store = store or Store()
-        self.slots = make_slots(config)
+        self.executor = executor or make_executor(config)
+        self.slots = self.executor.slots(config.cpu_slots) or make_slots(config)
         self.gpus = sorted({s.gpu for s in self.slots if s.gpu is not None})
-        self.executor = executor or LocalExecutor(paths.data_home() / "logs")
         self.host = socket.gethostname()
         self.version = code_version()
         self.active: dict[int, ActiveRun] = {}
@@ -170,6 +196,8 @@ class Engine:
         self.stopping = True
 
     def run(self) -> None:
+        from store.db import safe_url
+
         info = self.store.register_engine(
             self.host,
             os.getpid(),
@@ -187,7 +215,7 @@ class Engine:
             os.getpid(),
             len(self.slots),
             ", ".join(s.name for s in self.slots),
-            self.store.url,
+            safe_url(self.store.url),
         )
         self.sweep()
         due = {"heartbeat": 0.0, "sweep": time.monotonic() + self.config.sweep_every_s}
@@ -203,6 +231,7 @@ class Engine:
         finally:
             self.flush()
             self.store.engine_stopped(self.engine_id)
+            self.executor.shutdown()
             log.info("engine %d stopped", self.engine_id)
 
     def step(self, due: dict[str, float]) -> None:
@@ -292,11 +321,12 @@ class Engine:
                 launched=now,
             )
             log.info(
-                "job %d (%s) attempt %d started as run %d, pid %s on %s%s",
+                "job %d (%s) attempt %d started as run %d, %s %s on %s%s",
                 job.job_id,
                 job.kind,
                 job.attempt,
                 job.run_id,
+                "ray task" if self.executor.name == "ray" else "pid",
                 handle.external_id,
                 slot.name,
                 ", resuming" if job.resume else "",
@@ -444,7 +474,8 @@ class Engine:
                 )
                 status = "cancelled"
             elif code < 0:
-                self.store.mark_lost([run_id], f"child killed by signal {-code}")
+                reason = run.handle.state.get("lost_reason") or f"child killed by signal {-code}"
+                self.store.mark_lost([run_id], reason)
                 status = "lost"
             else:
                 tail = _tail(run.handle.state.get("log"))
@@ -546,7 +577,8 @@ class Engine:
         if not stale:
             return
         for run in stale:
-            if run.host == self.host and run.external_id and run.external_id.isdigit():
+            local = run.executor in ("local", None)
+            if local and run.host == self.host and (run.external_id or "").isdigit():
                 pid = int(run.external_id)
                 if pid_alive(pid) and is_runner_process(pid):
                     kill_group(pid, signal.SIGKILL)
@@ -606,16 +638,61 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", default=None)
     parser.add_argument("--slots-per-gpu", type=int, default=1)
     parser.add_argument("--log", default=None)
+    parser.add_argument("--executor", default="local")
+    parser.add_argument("--ray-address", default=None)
+    parser.add_argument("--ray-gpus", type=float, default=1.0)
+    parser.add_argument("--ray-artifacts", default="auto")
     args = parser.parse_args(argv)
-    serve(
-        EngineConfig(
-            cpu_slots=args.cpu_slots,
-            gpus=parse_gpus(args.gpus),
-            slots_per_gpu=args.slots_per_gpu,
-            log_path=args.log,
+    from engine.errors import UserError
+
+    try:
+        serve(
+            EngineConfig(
+                cpu_slots=args.cpu_slots,
+                gpus=parse_gpus(args.gpus),
+                slots_per_gpu=args.slots_per_gpu,
+                log_path=args.log,
+                **executor_options(
+                    args.executor, args.ray_address, args.ray_gpus, args.ray_artifacts
+                ),
+            )
         )
-    )
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
+
+
+def executor_options(
+    executor: str | None, ray_address: str | None, ray_gpus: float, ray_artifacts: str
+) -> dict[str, Any]:
+    """Check the executor flags (one line naming the bad value and the fix) into config fields.
+    ``--ray-address`` alone means ``--executor ray``; ray's default address is ``RAY_ADDRESS``
+    or ``auto`` (a cluster started on this machine with ``ray start --head``)."""
+    from engine.errors import UserError
+
+    executor = executor or ("ray" if ray_address else "local")
+    if executor not in EXECUTORS:
+        raise UserError(f"unknown --executor '{executor}'; use {' or '.join(EXECUTORS)}")
+    if executor != "ray":
+        if ray_address:
+            raise UserError("--ray-address needs --executor ray")
+        return {"executor": executor}
+    if ray_artifacts not in ("auto", "shared", "copy"):
+        raise UserError(f"--ray-artifacts '{ray_artifacts}' is unknown; use auto, shared or copy")
+    if ray_gpus < 0:
+        raise UserError(f"--ray-gpus {ray_gpus} is negative; give the GPUs per run, e.g. 1")
+    from engine.executors.ray import check_address, import_ray
+
+    import_ray()
+    address = ray_address or os.environ.get("RAY_ADDRESS") or "auto"
+    check_address(address)
+    return {
+        "executor": "ray",
+        "ray_address": address,
+        "ray_gpus": ray_gpus,
+        "ray_artifacts": ray_artifacts,
+    }
 
 
 if __name__ == "__main__":

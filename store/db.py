@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
+import math
 import random
 import time
 from collections.abc import Iterator
@@ -42,8 +44,10 @@ def sqlite_path(url: str) -> Path | None:
 
 def make_engine(url: str) -> Engine:
     """A SQLAlchemy engine; for SQLite with WAL, busy timeout, foreign keys and manual BEGIN."""
+    url = check_url(url)
     if not is_sqlite(url):
-        return create_engine(url, pool_pre_ping=True, future=True)
+        check_driver(url)
+        return create_engine(url, pool_pre_ping=True, future=True, json_serializer=json_dumps)
     path = sqlite_path(url)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -71,6 +75,25 @@ def make_engine(url: str) -> Engine:
         conn.exec_driver_sql(f"BEGIN {mode}")
 
     return engine
+
+
+def _finite_only(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_only(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_only(v) for v in value]
+    return value
+
+
+def json_dumps(value: Any) -> str:
+    """JSON for servers that validate it (PostgreSQL refuses ``NaN``): a non-finite number is
+    stored as ``null``. SQLite keeps Python's ``NaN`` tokens, which it stores as text."""
+    try:
+        return json.dumps(value, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite_only(value), allow_nan=False)
 
 
 def _is_locked(exc: OperationalError) -> bool:
@@ -216,16 +239,67 @@ def has_tables(engine: Engine) -> bool:
         return bool(inspect(conn).get_table_names())
 
 
-def check_url(url: str) -> str:
-    """Refuse URLs whose driver is missing, with the fix."""
+def safe_url(url: str) -> str:
+    """The URL with its password masked (for messages and logs)."""
     try:
-        make_url(url)
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url
+
+
+def check_url(url: str) -> str:
+    """Refuse URLs mesa-tui cannot open, with the fix; ``postgresql://`` means psycopg 3."""
+    try:
+        u = make_url(url)
     except Exception:
         raise UserError(
             f"store URL '{url}' is not a database URL; use sqlite:///PATH or "
             "postgresql+psycopg://USER@HOST/DB"
         ) from None
+    backend, driver = u.get_backend_name(), u.get_driver_name()
+    if backend == "sqlite":
+        return url
+    if backend != "postgresql":
+        raise UserError(
+            f"store URL '{safe_url(url)}': the {backend} database is not supported; use "
+            "sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
+        )
+    if "+" not in u.drivername:
+        url = u.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    elif driver != "psycopg":
+        raise UserError(
+            f"store URL '{safe_url(url)}': driver {driver} is not supported; use "
+            "postgresql+psycopg://USER@HOST/DB"
+        )
     return url
+
+
+def check_driver(url: str) -> None:
+    """A PostgreSQL URL needs psycopg (the ``postgres`` extra)."""
+    if is_sqlite(url):
+        return
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        raise UserError(
+            f"store URL '{safe_url(url)}' needs psycopg: install the postgres extra: "
+            "pip install -e '.[postgres]'"
+        ) from None
+
+
+@contextlib.contextmanager
+def reachable(url: str) -> Iterator[None]:
+    """Turn "cannot connect" into one line naming the store and the fix."""
+    try:
+        yield
+    except OperationalError as exc:
+        if _is_locked(exc) or is_sqlite(url):
+            raise
+        reason = str(exc.orig if exc.orig is not None else exc).strip().splitlines()
+        raise UserError(
+            f"cannot open the store {safe_url(url)}: {reason[0] if reason else 'no answer'}; "
+            "check that the server runs and the URL (--db / MESA_DB) is right"
+        ) from None
 
 
 def schema_upgrade_hint() -> str:

@@ -57,3 +57,65 @@ def cifar10(cifar_store, isolated_home) -> str:
     except OSError:
         shutil.copyfile(cifar_store, dest)
     return "cifar10"
+
+
+# ------------------------------------------------------------------------------------------------
+# The store under test: SQLite, and PostgreSQL where its server binaries are installed.
+
+_POSTGRES: dict = {"server": None, "reason": None, "tests": 0}
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A private PostgreSQL cluster on loopback for the session (see tests/postgres.py)."""
+    from tests.postgres import PostgresServer, find_bindir
+
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        _POSTGRES["reason"] = "psycopg is not installed (pip install -e '.[postgres]')"
+        pytest.skip(_POSTGRES["reason"])
+    bindir = find_bindir()
+    if bindir is None:
+        _POSTGRES["reason"] = (
+            "no PostgreSQL server binaries (initdb, pg_ctl); `make test-services` installs them"
+        )
+        pytest.skip(_POSTGRES["reason"])
+    server = PostgresServer(bindir)
+    try:
+        server.start()
+    except Exception:
+        server.stop()
+        raise
+    _POSTGRES["server"] = server
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def store_url(request, isolated_home, monkeypatch) -> str:
+    """The URL of a fresh store, also set as ``MESA_DB`` (engines started by the test inherit
+    it): a SQLite file in the test's home, or a new database on the session's PostgreSQL."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{isolated_home / 'data' / 'mesa.db'}"
+        monkeypatch.setenv("MESA_DB", url)
+        yield url
+        return
+    server = request.getfixturevalue("postgres_server")
+    name = server.create_database()
+    _POSTGRES["tests"] += 1
+    url = server.url(name)
+    monkeypatch.setenv("MESA_DB", url)
+    yield url
+    server.drop_database(name)
+
+
+def pytest_terminal_summary(terminalreporter):
+    server = _POSTGRES["server"]
+    if server is not None:
+        terminalreporter.write_line(
+            f"postgresql: {_POSTGRES['tests']} test(s) ran against PostgreSQL {server.version} "
+            f"({server.bindir}, port {server.port})"
+        )
+    elif _POSTGRES["reason"]:
+        terminalreporter.write_line(f"postgresql: not run ({_POSTGRES['reason']})")

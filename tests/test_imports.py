@@ -157,3 +157,15 @@ def test_the_scan_sees_imports():
     found = {n for module, _, n, _, _ in _scan("engine/ml") if module == "engine.ml.data"}
     assert {"torch", "numpy", "engine.catalog", "torchvision.datasets"} <= found
     assert _modules("engine/ml") and "engine.ml.triggers" in _modules("engine/ml")
+
+
+def test_optional_extras_are_imported_lazily():
+    """``ray`` and ``psycopg`` (extras) load only inside the functions that need them, so every
+    module imports without them."""
+    bad = [
+        f"{p}:{line} imports {n} at module level"
+        for package in ("engine", "store", "mesa_tui")
+        for _, p, n, line, top in _scan(package)
+        if top and _is(n, "ray", "psycopg", "psycopg2")
+    ]
+    assert not bad, bad

@@ -74,3 +74,10 @@ class Executor(abc.ABC):
 
     def close(self, handle: Handle) -> None:  # noqa: B027  (optional hook)
         """Release what the executor holds for an ended run (pipes, task references)."""
+
+    def slots(self, requested: int | None = None) -> list[Slot] | None:
+        """The executor's own slots (a cluster's), or None to use the engine's CPU/GPU slots."""
+        return None
+
+    def shutdown(self) -> None:  # noqa: B027  (optional hook)
+        """Release what the executor holds for the engine (a cluster connection)."""

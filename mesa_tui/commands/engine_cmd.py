@@ -41,13 +41,34 @@ def start(
     json_output: bool = typer.Option(
         False, "--json", help="print the started engine as JSON (with --detach)"
     ),
+    executor: str | None = typer.Option(
+        None,
+        "--executor",
+        help="local (child processes here, the default) or ray (tasks on a Ray cluster)",
+    ),
+    ray_address: str | None = typer.Option(
+        None,
+        "--ray-address",
+        help="Ray head HOST:PORT, auto (RAY_ADDRESS or a cluster on this machine) or local "
+        "(start a Ray instance here); implies --executor ray",
+    ),
+    ray_gpus: float = typer.Option(
+        1.0, "--ray-gpus", help="GPUs a run asks Ray for (runs with --device cpu ask for none)"
+    ),
+    ray_artifacts: str = typer.Option(
+        "auto",
+        "--ray-artifacts",
+        help="shared (every node sees the data home), copy (through Ray's object store) or auto",
+    ),
 ) -> None:
-    """Run queued jobs: one child process per job, one per GPU slot (or CPU slot)."""
+    """Run queued jobs: one child process per job, one per GPU slot (or CPU slot), or one Ray
+    task per job on a cluster (--executor ray; --cpu-slots then caps the runs in flight)."""
     from engine import paths
-    from engine.daemon import EngineConfig, parse_gpus, serve
+    from engine.daemon import EngineConfig, executor_options, parse_gpus, serve
     from mesa_tui.commands.jobs import open_store
 
     gpu_list = parse_gpus(gpus)
+    options = executor_options(executor, ray_address, ray_gpus, ray_artifacts)
     store = open_store()  # refuses an old schema before anything starts
     if not detach:
         serve(
@@ -56,6 +77,7 @@ def start(
                 gpus=gpu_list,
                 slots_per_gpu=slots_per_gpu,
                 log_path=str(log) if log else None,
+                **options,
             )
         )
         return
@@ -75,6 +97,9 @@ def start(
         command += ["--cpu-slots", str(cpu_slots)]
     if gpus:
         command += ["--gpus", gpus]
+    if options["executor"] == "ray":
+        command += ["--executor", "ray", "--ray-address", options["ray_address"]]
+        command += ["--ray-gpus", str(ray_gpus), "--ray-artifacts", ray_artifacts]
     env = dict(os.environ)
     env["MESA_DB"] = store.url
     root = str(Path(__file__).resolve().parents[2])
@@ -84,7 +109,7 @@ def start(
             command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
             start_new_session=True, env=env,
         )  # fmt: skip
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + (120 if options["executor"] == "ray" else 30)
     while time.monotonic() < deadline:
         engines = [
             e for e in store.engines() if e.pid == process.pid and e.host == socket.gethostname()
@@ -105,7 +130,7 @@ def start(
             typer.echo(f"error: the engine exited at start: {' | '.join(tail)}", err=True)
             raise typer.Exit(1)
         time.sleep(0.1)
-    typer.echo(f"error: the engine did not report within 30 s; see {log_path}", err=True)
+    typer.echo(f"error: the engine did not report in time; see {log_path}", err=True)
     raise typer.Exit(1)
 
 

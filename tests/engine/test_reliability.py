@@ -35,7 +35,7 @@ def store():
     s.close()
 
 
-def test_kill_9_engine_then_restart_resumes_from_checkpoint(tmp_path, store):
+def test_kill_9_engine_then_restart_resumes_from_checkpoint(tmp_path, store_url, store):
     (job,) = store.submit([count_job(steps=40, step_s=0.08, checkpoint_every=5)])
     first = start_engine(tmp_path, "first")
     try:
@@ -80,7 +80,7 @@ for i in range(int(sys.argv[1])):
 """
 
 
-def test_four_submitters_and_two_engines_run_every_job_once(tmp_path, store):
+def test_four_submitters_and_two_engines_run_every_job_once(tmp_path, store_url, store):
     engines = [start_engine(tmp_path, f"engine{i}", slots=2) for i in range(2)]
     try:
         submitters = [

@@ -21,8 +21,8 @@ def test_head_constant_matches_the_scripts(tmp_path):
     assert {r.revision for r in script.walk_revisions()} == known_revisions()
 
 
-def test_migrations_produce_exactly_the_models(tmp_path):
-    url = f"sqlite:///{tmp_path}/migrated.db"
+def test_migrations_produce_exactly_the_models(store_url):
+    url = store_url
     command.upgrade(alembic_config(url), "head")
     engine = dbmod.make_engine(url)
     with engine.connect() as conn:
@@ -43,8 +43,8 @@ def test_fresh_database_is_created_at_head(tmp_path):
     store.close()
 
 
-def test_older_schema_is_refused_then_upgraded(tmp_path):
-    url = f"sqlite:///{tmp_path}/old.db"
+def test_older_schema_is_refused_then_upgraded(store_url):
+    url = store_url
     command.upgrade(alembic_config(url), "0001")
     with pytest.raises(UserError, match=r"run `mesa-tui db upgrade`"):
         Store(url)
