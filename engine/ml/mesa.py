@@ -7,11 +7,14 @@ frozen backdoored model's target-class score on images stamped with t (mesa-meth
 Public entry points:
 
 - ``search(model, normalizer, images_u8, target, config, *, labels=None, device="cpu",
-  precision="fp32", reporter=None, true_pattern=None, bw_stats=False, seed=0) -> SearchResult``
+  precision="fp32", reporter=None, true_pattern=None, bw_stats=False, seed=0, checkpoint=None)
+  -> SearchResult``
   trains one generator per beta in ``config.betas`` on any model and returns the generators,
   statistics networks, samples and final statistics (``result.metrics`` is flat, keys
   ``mesa/beta=0.9/validity`` ...; ``result.validity(beta)``, ``result.best_validity``).
   ``search_targets`` does the same for several (beta, target) pairs at once (detection).
+  ``checkpoint=SearchCheckpoint(path, resume)`` saves the whole state now and then (networks,
+  optimisers, MINE moving averages, every random stream) and continues from it exactly.
 - ``write_search_artifact(result, directory, ...)`` writes the search artifact: per beta
   ``beta=0.9/G.safetensors``, ``T.safetensors``, ``samples.npy``, ``grid.png``; ``embedding.png``,
   ``stats.json`` and the manifest (kind ``search``).
@@ -513,6 +516,52 @@ class MesaTrainer:
                 out[f"{run.key}/{name}"] = float(value)
         return out
 
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the next steps depend on: per run the networks, optimisers, random stream,
+        MINE moving average and place in the epoch; the statistics window and the step count."""
+        return {
+            "step": self.step_count,
+            "window": self._window,
+            "window_steps": self._window_steps,
+            "runs": [
+                {
+                    "beta": r.beta,
+                    "target": r.target,
+                    "G": r.G.state_dict(),
+                    "T": r.T.state_dict(),
+                    "opt_g": r.opt_g.state_dict(),
+                    "opt_t": r.opt_t.state_dict(),
+                    "stream": r.stream.get_state(),
+                    "moving_average": r.mine_objective.moving_average,
+                    "order": r.order,
+                    "cursor": r.cursor,
+                }
+                for r in self.runs
+            ],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state_dict()`` of a trainer built with the same pairs and config."""
+        if len(state["runs"]) != len(self.runs):
+            raise ValueError(f"{len(state['runs'])} runs in the state, {len(self.runs)} here")
+        for run, s in zip(self.runs, state["runs"], strict=True):
+            if not (math.isclose(s["beta"], run.beta) and s["target"] == run.target):
+                raise ValueError(f"state of beta {s['beta']} target {s['target']} for {run.key}")
+            run.G.load_state_dict(s["G"])
+            run.T.load_state_dict(s["T"])
+            run.opt_g.load_state_dict(s["opt_g"])
+            run.opt_t.load_state_dict(s["opt_t"])
+            run.stream.set_state(s["stream"])
+            ma = s["moving_average"]
+            run.mine_objective.moving_average = None if ma is None else ma.to(self.device)
+            run.order = s["order"]
+            run.cursor = int(s["cursor"])
+        self._window = state["window"].to(self.device)
+        self._window_steps = int(state["window_steps"])
+        self.step_count = int(state["step"])
+
     # -- sampling and evaluation ---------------------------------------------------------------
 
     @torch.no_grad()
@@ -620,6 +669,22 @@ class SearchResult:
         )
 
 
+@dataclass
+class SearchCheckpoint:
+    """Where and how often a search saves its state (``engine.ml.checkpoint``), and whether it
+    continues from the file already there. ``every_steps`` fixes the steps (tests); without it
+    the search saves at most every ``every_s`` seconds, and never so often that saving costs
+    more than 2 % of the time. No checkpoint is written at the last step (the search is done)."""
+
+    path: Path
+    resume: bool = False
+    every_steps: int | None = None
+    every_s: float = 60.0
+
+
+CHECKPOINT_KIND = "mesa-search"
+
+
 def search_targets(
     model: nn.Module,
     normalizer: Normalizer,
@@ -636,8 +701,16 @@ def search_targets(
     seed: int = 0,
     stage: str = "mesa",
     pca_warmup: int | None = None,
+    checkpoint: SearchCheckpoint | None = None,
 ) -> SearchResult:
-    """Train one generator per (beta, target, metric-key prefix) in one process; see ``search``."""
+    """Train one generator per (beta, target, metric-key prefix) in one process; see ``search``.
+
+    With ``checkpoint``, the state is saved now and then; with ``checkpoint.resume`` a usable
+    file there is loaded and the search continues after its step, logging only later steps, and
+    ends with exactly the generators an uninterrupted search would have (same device and
+    precision). A damaged or foreign file is reported and the search starts from step 0."""
+    from engine.ml import checkpoint as ckpt
+
     device = torch.device(device)
     cfg = config
     frozen_flags = [p.requires_grad for p in model.parameters()]
@@ -649,12 +722,76 @@ def search_targets(
             model, normalizer, images_u8, pairs, cfg, device=device, precision=precision, seed=seed
         )
         eval_sets = _eval_sets(trainer, labels, seed)
-        started = time.monotonic()
         history: list[dict[str, Any]] = []
         evaluations: list[dict[str, Any]] = []
         pca_basis: dict[str, list] | None = None
         pca_step = pca_warmup if pca_warmup is not None else min(cfg.sample_every, cfg.steps)
         last_eval_s = 0.0
+        start_step, seconds_before = 0, 0.0
+        fingerprint = {
+            "config": cfg.to_json(),
+            "pairs": [[b, t, key] for b, t, key in pairs],
+            "seed": seed,
+            "images": list(trainer.images.shape),
+            "precision": trainer.precision,
+            "pca_step": pca_step,
+        }
+        if checkpoint is not None and checkpoint.resume:
+            state = ckpt.load_or_none(checkpoint.path, CHECKPOINT_KIND, fingerprint, reporter)
+            if state is not None:
+                try:
+                    trainer.load_state_dict(state["trainer"])
+                except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+                    if reporter is not None:
+                        reporter.text(
+                            f"checkpoint {checkpoint.path} does not fit this search "
+                            f"({str(exc)[:100]}); starting from the beginning",
+                            "warning",
+                        )
+                    trainer = MesaTrainer(
+                        model,
+                        normalizer,
+                        images_u8,
+                        pairs,
+                        cfg,
+                        device=device,
+                        precision=precision,
+                        seed=seed,
+                    )
+                else:
+                    ckpt.set_global_rng_state(state["rng"])
+                    history, evaluations = state["history"], state["evaluations"]
+                    pca_basis = state["pca"]
+                    start_step = trainer.step_count
+                    seconds_before = float(state["seconds"])
+                    if reporter is not None:
+                        reporter.text(f"{stage}: resumed from the checkpoint at step {start_step}")
+        cadence = (
+            ckpt.Cadence(checkpoint.every_steps, checkpoint.every_s)
+            if checkpoint is not None
+            else None
+        )
+
+        def save(step: int) -> None:
+            assert checkpoint is not None and cadence is not None
+            if reporter is not None:  # flushes the metrics up to this step first
+                per_step = (time.monotonic() - started) / max(step - start_step, 1)
+                reporter.check_in(
+                    max(60.0, 5 * per_step * cfg.stats_every + 3 * last_eval_s + 3 * cadence.cost)
+                )
+            state = {
+                "trainer": trainer.state_dict(),
+                "rng": ckpt.global_rng_state(),
+                "history": history,
+                "evaluations": evaluations,
+                "pca": pca_basis,
+                "seconds": seconds_before + time.monotonic() - started,
+            }
+            cadence.wrote(
+                ckpt.save_checkpoint(checkpoint.path, CHECKPOINT_KIND, state, fingerprint)
+            )
+
+        started = time.monotonic()
 
         def evaluate(step: int, n: int) -> tuple[dict[str, float], dict, list[torch.Tensor]]:
             flat: dict[str, float] = {}
@@ -686,7 +823,7 @@ def search_targets(
                     reporter.progress(f"{stage}: sampling", i + 1, len(trainer.runs), {})
             return flat, hists, all_samples
 
-        for step in range(1, cfg.steps + 1):
+        for step in range(start_step + 1, cfg.steps + 1):
             if reporter is not None:
                 stop_point(reporter)
             trainer.step()
@@ -695,7 +832,7 @@ def search_targets(
                 history.append({"step": step, **window})
                 if reporter is not None:
                     reporter.log(window, step)
-                    per_step = (time.monotonic() - started) / step
+                    per_step = (time.monotonic() - started) / (step - start_step)
                     reporter.check_in(max(60.0, 5 * per_step * cfg.stats_every + 3 * last_eval_s))
             if step % cfg.sample_every == 0 and step != cfg.steps:
                 t0 = time.monotonic()
@@ -706,11 +843,12 @@ def search_targets(
                     reporter.log(flat, step)
                 if pca_basis is None and step >= pca_step:
                     pca_basis = pca_fit(torch.cat(all_samples))
+            if cadence is not None and step < cfg.steps and cadence.due(step):
+                save(step)
             if reporter is not None:
-                reporter.progress(
-                    stage, step, cfg.steps, {"step/s": step / max(time.monotonic() - started, 1e-9)}
-                )
-        train_seconds = time.monotonic() - started
+                rate = (step - start_step) / max(time.monotonic() - started, 1e-9)
+                reporter.progress(stage, step, cfg.steps, {"step/s": rate})
+        train_seconds = seconds_before + time.monotonic() - started
         flat, hists, final_samples = evaluate(cfg.steps, cfg.samples)
         evaluations.append({"step": cfg.steps, "metrics": flat, "histograms": hists})
         if reporter is not None:
@@ -756,6 +894,7 @@ def search(
     true_pattern: torch.Tensor | None = None,
     bw_stats: bool = False,
     seed: int = 0,
+    checkpoint: SearchCheckpoint | None = None,
 ) -> SearchResult:
     """A MESA search on any classifier: one generator per beta in ``config.betas``.
 
@@ -779,6 +918,7 @@ def search(
         true_pattern=true_pattern,
         bw_stats=bw_stats,
         seed=seed,
+        checkpoint=checkpoint,
     )
 
 

@@ -71,6 +71,27 @@ class FixedPatternSampler:
     def set_epoch(self, epoch: int) -> None:
         """Every epoch sees the same patterns; nothing to switch."""
 
+    def state_dict(self) -> dict[str, int]:
+        """Which pattern comes next (a resumed repair continues the rotation)."""
+        return {"cursor": self._cursor}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._cursor = int(state["cursor"]) % self.patterns.shape[0]
+
+
+def source_state(source: object) -> dict:
+    """The state a trigger source carries between epochs (for checkpoints); ``{}`` when none.
+    Generator samplers keep none: their randomness is the repair's generator, and the
+    round-robin ensemble is set from the epoch."""
+    state_dict = getattr(source, "state_dict", None)
+    return state_dict() if callable(state_dict) else {}
+
+
+def load_source_state(source: object, state: dict) -> None:
+    load = getattr(source, "load_state_dict", None)
+    if state and callable(load):
+        load(state)
+
 
 class RandomPatchSampler:
     """Uniformly random k x k patches in [0, 1] (the control: does any patch noise do?)."""

@@ -9,13 +9,18 @@ of the pixel-space SGD reversal), ``neural-cleanse`` (its reversed mask and patt
 itself. Every other method sees only the defender split and the defender's belief of the target
 (``--target``, the search's target, or Neural Cleanse's detection); the ground truth serves the
 evaluation on the held-out split alone, and its metrics are absent when it is missing.
+
+Resume (``reporter.resume``): a finished reversal (point restarts, Neural Cleanse's mask and
+pattern, its detection) is saved in ``checkpoints/reversal.safetensors`` and a resumed attempt
+skips it; the repair saves the model, optimiser, trigger source and random state after every
+epoch in ``checkpoints/repair.safetensors`` and continues after the saved epoch; the residual
+search checkpoints like a MESA search. A resumed attempt logs only steps after its checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -25,7 +30,9 @@ from engine.errors import UserError
 from engine.reporter import Reporter, TaskResult
 from engine.specs import DefendSpec
 
-CHECKPOINT = "checkpoints/repair.pt"
+CHECKPOINT = "checkpoints/repair.safetensors"
+REVERSAL = "checkpoints/reversal.safetensors"
+RESIDUAL = "checkpoints/residual.safetensors"
 DEFENSE_FILE = "defense.json"  # the defender's side of the result: target belief, detection
 RESIDUAL_SEED_OFFSET = 7_777  # the residual search never shares a stream with the repair's
 
@@ -197,7 +204,9 @@ def run(spec: DefendSpec, reporter: Reporter) -> TaskResult:
     import torch
 
     from engine.ml import artifacts
+    from engine.ml import checkpoint as ckpt
     from engine.ml.data import defender_split
+    from engine.ml.mesa import SearchCheckpoint
     from engine.ml.metrics import variation_asr
     from engine.ml.repair import (
         EvalSet,
@@ -205,7 +214,9 @@ def run(spec: DefendSpec, reporter: Reporter) -> TaskResult:
         RandomPatchSampler,
         RepairConfig,
         evaluate_repair,
+        load_source_state,
         repair,
+        source_state,
     )
     from engine.ml.runtime import (
         configure_threads,
@@ -215,6 +226,7 @@ def run(spec: DefendSpec, reporter: Reporter) -> TaskResult:
         seed_everything,
     )
     from engine.ml.triggers import PatchTrigger, Placement
+    from engine.tasks import mesa as mesa_task
     from engine.tasks.mesa import load_defender_data
 
     started = time.perf_counter()
@@ -251,6 +263,17 @@ def run(spec: DefendSpec, reporter: Reporter) -> TaskResult:
     )
     if truth is None:
         reporter.text("no ground truth in the model artifact: ASR and robust accuracy are absent")
+    # Checkpoints of an earlier attempt (read now, applied below; unusable ones are reported).
+    workdir = Path(reporter.workdir)
+    fingerprint = spec.spec_hash()
+    reversal_state = repair_state = None
+    if reporter.resume:
+        reversal_state = ckpt.load_or_none(
+            workdir / REVERSAL, "defend-reversal", fingerprint, reporter
+        )
+        repair_state = ckpt.load_or_none(
+            workdir / CHECKPOINT, "defend-repair", fingerprint, reporter
+        )
     before = evaluate_repair(
         model,
         normalizer,
@@ -259,9 +282,10 @@ def run(spec: DefendSpec, reporter: Reporter) -> TaskResult:
         channels_last=use_cl,
         batch_size=spec.eval_batch_size,
     )
-    reporter.log({f"eval/{k}": v for k, v in before.items()}, 0)
     result_metrics: dict[str, float] = {f"before/{k}": v for k, v in before.items()}
-    reporter.log(result_metrics, 0)
+    if reversal_state is None and repair_state is None:  # a resumed attempt logged them already
+        reporter.log({f"eval/{k}": v for k, v in before.items()}, 0)
+        reporter.log(result_metrics, 0)
 
     # -- the trigger source (the only thing that differs between methods) ---------------------
     extra: dict[str, Any] = {"method": spec.method, "stamp_rate": spec.stamp_rate}
@@ -270,7 +294,17 @@ def run(spec: DefendSpec, reporter: Reporter) -> TaskResult:
     target: int | None = spec.target
     reverse_started = time.perf_counter()
     source: Any = None
-    if spec.method == "mesa":
+    reversed_before = reversal_state is not None and spec.method in ("point", "neural-cleanse")
+    if reversed_before:
+        assert reversal_state is not None
+        target = reversal_state["target"]
+        extra = reversal_state["extra"]
+        extra_files = reversal_state["files"]
+        source = _reversal_source(spec, extra_files)
+        ckpt.set_global_rng_state(reversal_state["rng"])
+        generator.set_state(reversal_state["generator"])
+        reporter.text(f"resumed: reusing this job's finished {spec.method} reversal")
+    elif spec.method == "mesa":
         from engine.ml.mesa import open_search
 
         search = open_search(spec.search, device)
@@ -373,6 +407,24 @@ def run(spec: DefendSpec, reporter: Reporter) -> TaskResult:
         extra_files["nc_mask"] = reversed_trigger.mask
         extra_files["nc_pattern"] = reversed_trigger.pattern
     reverse_s = time.perf_counter() - reverse_started
+    if reversed_before:
+        assert reversal_state is not None
+        reverse_s = float(reversal_state["seconds"])
+    elif spec.method in ("point", "neural-cleanse") and not spec.reversal_from:
+        reporter.check_in(120.0)
+        ckpt.save_checkpoint(
+            workdir / REVERSAL,
+            "defend-reversal",
+            {
+                "target": target,
+                "extra": extra,
+                "files": {k: v.detach().cpu() for k, v in extra_files.items()},
+                "seconds": reverse_s,
+                "rng": ckpt.global_rng_state(),
+                "generator": generator.get_state(),
+            },
+            fingerprint,
+        )
     for r, success in enumerate(extra.get("point_success") or []):
         result_metrics[f"point/restart={r}/success"] = success
     for name, value in extra.get("nc", {}).items():
@@ -390,30 +442,37 @@ def run(spec: DefendSpec, reporter: Reporter) -> TaskResult:
         result_metrics["defense/target_correct"] = float(target == truth.target)
 
     # -- the repair loop --------------------------------------------------------------------
-    workdir = Path(reporter.workdir)
-    ckpt = workdir / CHECKPOINT
     start_epoch, optimizer_state = 0, None
-    if reporter.resume and ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer_state = state["optimizer"]
-        generator.set_state(state["generator"])
-        start_epoch = int(state["epoch"])
-        reporter.text(f"resumed the repair after epoch {start_epoch}")
+    if repair_state is not None:
+        current = model.state_dict()
+        saved = repair_state.get("model")
+        if not isinstance(saved, dict) or {k: tuple(v.shape) for k, v in saved.items()} != {
+            k: tuple(v.shape) for k, v in current.items()
+        }:
+            reporter.text(
+                f"checkpoint {workdir / CHECKPOINT} does not fit this model; "
+                "repairing from the beginning",
+                "warning",
+            )
+        else:
+            model.load_state_dict(saved)
+            optimizer_state = repair_state["optimizer"]
+            generator.set_state(repair_state["generator"])
+            ckpt.set_global_rng_state(repair_state["rng"])
+            load_source_state(source, repair_state["source"])
+            start_epoch = int(repair_state["epoch"])
+            reporter.text(f"resumed the repair after epoch {start_epoch}")
 
     def save_checkpoint(epoch: int, _metrics: dict[str, float], optimizer) -> None:
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ckpt.with_suffix(".part")
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch,
-                "generator": generator.get_state(),
-            },
-            tmp,
-        )
-        os.replace(tmp, ckpt)
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch,
+            "generator": generator.get_state(),
+            "rng": ckpt.global_rng_state(),
+            "source": source_state(source),
+        }
+        ckpt.save_checkpoint(workdir / CHECKPOINT, "defend-repair", state, fingerprint)
 
     reporter.text(
         f"repair: {spec.method}, stamp rate {spec.stamp_rate}, {spec.epochs} epochs on "
@@ -477,6 +536,12 @@ def run(spec: DefendSpec, reporter: Reporter) -> TaskResult:
                 precision=precision,
                 reporter=reporter,
                 true_pattern=truth.pattern if truth else None,
+                checkpoint=SearchCheckpoint(
+                    workdir / RESIDUAL,
+                    resume=reporter.resume,
+                    every_steps=mesa_task.CHECKPOINT_EVERY_STEPS,
+                    every_s=mesa_task.CHECKPOINT_EVERY_S,
+                ),
             )
         )
         result_metrics["time/residual_s"] = time.perf_counter() - residual_started
@@ -525,6 +590,19 @@ def run(spec: DefendSpec, reporter: Reporter) -> TaskResult:
     return TaskResult(artifact=str(workdir), metrics=result_metrics, extra=extra)
 
 
+def _reversal_source(spec: DefendSpec, files: dict):
+    """The trigger source of a saved reversal (as the reversal branches build it)."""
+    from engine.ml.repair import FixedPatternSampler
+    from engine.ml.triggers import MaskTrigger
+
+    if spec.method == "point":
+        patterns = files["point_patterns"]
+        if spec.point_index is not None:
+            patterns = patterns[spec.point_index : spec.point_index + 1]
+        return FixedPatternSampler(patterns)
+    return MaskTrigger(files["nc_mask"], files["nc_pattern"])
+
+
 def residual_check(
     model,
     normalizer,
@@ -541,9 +619,11 @@ def residual_check(
     precision: str = "fp32",
     reporter: Reporter | None = None,
     true_pattern=None,
+    checkpoint=None,
 ) -> dict[str, float]:
     """A fresh short MESA search on the repaired model (new generators, their own seed): the best
-    validity its samples reach over the search's evaluations (``residual/validity``)."""
+    validity its samples reach over the search's evaluations (``residual/validity``).
+    ``checkpoint``: an ``engine.ml.mesa.SearchCheckpoint`` (resumable, like any search)."""
     from engine.ml.mesa import MesaConfig, search_targets
 
     batch_size = min(batch_size, int(images.shape[0]))
@@ -573,6 +653,7 @@ def residual_check(
         true_pattern=true_pattern,
         seed=seed,
         stage="residual",
+        checkpoint=checkpoint,
     )
     seen = [e["metrics"].get(f"{key}/validity") for e in result.evaluations]
     seen = [v for v in seen if v is not None]

@@ -5,17 +5,26 @@ the frozen model, like the betas of a search. A class's score is the validity sh
 sampled triggers (own ASR >= beta on clean non-target images). Only the high side is flagged:
 robust z = (score - median) / max(1.4826 * MAD, floor) above ``z_threshold`` AND score at least
 ``min_score``, so that near-zero scores on a clean model (MAD about 0) flag nothing.
+
+Resume: each finished pass saves its classes' scores in ``checkpoints/detect-scores.safetensors``
+(a resumed attempt skips those classes), and the pass under way saves its search state like the
+MESA search task does, so a resumed attempt continues it from its last checkpoint step.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 from pathlib import Path
 
 from engine.errors import UserError
 from engine.reporter import Reporter, TaskResult, stop_point
 from engine.specs import DetectSpec
+
+SCORES = "checkpoints/detect-scores.safetensors"
+PASS_CHECKPOINT = "checkpoints/detect-pass-{index}.safetensors"
+SCORES_KIND = "detect-scores"
 
 
 def robust_z(scores: dict[int, float], floor: float) -> dict[int, float]:
@@ -52,9 +61,11 @@ def check_spec(spec: DetectSpec) -> list[int]:
 
 
 def run(spec: DetectSpec, reporter: Reporter) -> TaskResult:
+    from engine.ml import checkpoint as ckpt
     from engine.ml.artifacts import write_manifest
-    from engine.ml.mesa import MesaConfig, search_targets
+    from engine.ml.mesa import MesaConfig, SearchCheckpoint, search_targets
     from engine.ml.runtime import configure_threads, pick_device, resolve_precision, seed_everything
+    from engine.tasks import mesa as mesa_task
     from engine.tasks.mesa import load_defender_data
 
     classes = check_spec(spec)
@@ -86,13 +97,28 @@ def run(spec: DetectSpec, reporter: Reporter) -> TaskResult:
     metrics: dict[str, float] = {}
     histograms: dict[str, list[int]] = {}
     scores: dict[int, float] = {}
+    workdir = Path(reporter.workdir)
+    # Finished classes: {class: {score, validity_mean, p_target, histogram}}.
+    finished: dict[int, dict] = {}
+    fingerprint = spec.spec_hash()
+    if reporter.resume:
+        saved = ckpt.load_or_none(workdir / SCORES, SCORES_KIND, fingerprint, reporter)
+        if saved is not None:
+            finished = {int(c): v for c, v in saved["classes"].items()}
+            reporter.text(
+                f"resumed: {len(finished)} classes already scored ({sorted(finished)}); "
+                "skipping them"
+            )
     groups = [
         classes[i : i + spec.classes_per_pass]
         for i in range(0, len(classes), spec.classes_per_pass)
     ]
     for gi, group in enumerate(groups):
         stop_point(reporter)
+        if all(c in finished for c in group):
+            continue
         pairs = [(spec.beta, c, f"detect/class={c}") for c in group]
+        pass_checkpoint = workdir / PASS_CHECKPOINT.format(index=gi)
         result = search_targets(
             model,
             normalizer,
@@ -105,13 +131,34 @@ def run(spec: DetectSpec, reporter: Reporter) -> TaskResult:
             reporter=reporter,
             seed=spec.seed,
             stage=f"detect {gi + 1}/{len(groups)} (classes {group[0]}..{group[-1]})",
+            checkpoint=SearchCheckpoint(
+                pass_checkpoint,
+                resume=reporter.resume,
+                every_steps=mesa_task.CHECKPOINT_EVERY_STEPS,
+                every_s=mesa_task.CHECKPOINT_EVERY_S,
+            ),
         )
         for c, key in zip(group, result.keys, strict=True):
-            scores[c] = result.metrics[f"{key}/validity"]
-            metrics[f"detect/class={c}/score"] = scores[c]
-            metrics[f"detect/class={c}/validity_mean"] = result.metrics[f"{key}/validity_mean"]
-            metrics[f"detect/class={c}/p_target"] = result.metrics[f"{key}/p_target"]
-            histograms[str(c)] = result.histograms[key]
+            finished[c] = {
+                "score": result.metrics[f"{key}/validity"],
+                "validity_mean": result.metrics[f"{key}/validity_mean"],
+                "p_target": result.metrics[f"{key}/p_target"],
+                "histogram": result.histograms[key],
+            }
+        reporter.check_in(120.0)  # flushes this pass's metrics before its scores count as done
+        ckpt.save_checkpoint(
+            workdir / SCORES,
+            SCORES_KIND,
+            {"classes": {str(c): v for c, v in finished.items()}},
+            fingerprint,
+        )
+        pass_checkpoint.unlink(missing_ok=True)
+    for c in classes:
+        scores[c] = finished[c]["score"]
+        metrics[f"detect/class={c}/score"] = scores[c]
+        metrics[f"detect/class={c}/validity_mean"] = finished[c]["validity_mean"]
+        metrics[f"detect/class={c}/p_target"] = finished[c]["p_target"]
+        histograms[str(c)] = finished[c]["histogram"]
     flagged, z = flag_classes(
         scores, z_threshold=spec.z_threshold, min_score=spec.min_score, floor=spec.mad_floor
     )
@@ -121,7 +168,6 @@ def run(spec: DetectSpec, reporter: Reporter) -> TaskResult:
     metrics["detect/max_score"] = max(scores.values())
     reporter.log(metrics, spec.steps)
 
-    workdir = Path(reporter.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     report = {
         "flagged": flagged,
@@ -141,6 +187,7 @@ def run(spec: DetectSpec, reporter: Reporter) -> TaskResult:
         meta={"flagged": flagged, "classes": classes},
         metrics=metrics,
     )
+    shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
     reporter.artifact(workdir, "detection")
     return TaskResult(
         artifact=str(workdir),

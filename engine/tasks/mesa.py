@@ -5,10 +5,15 @@ set (the held-out images are never touched), and trains one trigger generator pe
 ``spec.target`` (engine.ml.mesa). The ground truth of the model artifact is read only for
 evaluation metrics (``nearest_to_true``, ``bw_distinct``, the original trigger beside the grid);
 the search itself never sees it, so stripping ``ground_truth.json`` gives identical generators.
+
+The search saves its whole state in ``checkpoints/search.safetensors`` of the work directory
+now and then (``CHECKPOINT_EVERY_S``, and never more than 2 % of the time); a resumed attempt
+continues from that step with the same generators an uninterrupted search would reach.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +21,15 @@ from engine.errors import UserError
 from engine.reporter import Reporter, TaskResult
 from engine.specs import MesaSpec
 
+CHECKPOINT = "checkpoints/search.safetensors"
+# How often the search saves its state: every N steps when set (tests), else by the clock.
+CHECKPOINT_EVERY_STEPS: int | None = None
+CHECKPOINT_EVERY_S = 60.0
+
 
 def read_model_meta(model_dir: str | Path) -> dict[str, Any]:
     """The model artifact's meta (architecture, classes, dataset) without loading weights."""
-    from engine.ml.artifacts import read_manifest
+    from engine.ml.artifacts import ModelMeta, check_arch_version, read_manifest
 
     path = Path(model_dir).expanduser()
     if not path.is_dir():
@@ -32,6 +42,7 @@ def read_model_meta(model_dir: str | Path) -> dict[str, Any]:
         raise UserError(
             f"'{model_dir}' is a {manifest.get('kind')} artifact; give a model artifact"
         )
+    check_arch_version(model_dir, ModelMeta.from_dict(manifest["meta"]))
     return manifest["meta"]
 
 
@@ -93,7 +104,7 @@ def load_defender_data(model_dir: str, device, defender_fraction: float, split_s
 
 def run(spec: MesaSpec, reporter: Reporter) -> TaskResult:
     from engine.ml.artifacts import load_ground_truth
-    from engine.ml.mesa import search, write_search_artifact
+    from engine.ml.mesa import SearchCheckpoint, search, write_search_artifact
     from engine.ml.runtime import (
         configure_threads,
         pick_device,
@@ -124,6 +135,7 @@ def run(spec: MesaSpec, reporter: Reporter) -> TaskResult:
         f"MESA search: target {spec.target}, betas {spec.betas}, {spec.steps} steps, "
         f"{images.shape[0]} defender images, {device} {precision}"
     )
+    workdir = Path(reporter.workdir)
     result = search(
         model,
         normalizer,
@@ -137,8 +149,13 @@ def run(spec: MesaSpec, reporter: Reporter) -> TaskResult:
         true_pattern=true_pattern,
         bw_stats=bw_task,
         seed=spec.seed,
+        checkpoint=SearchCheckpoint(
+            workdir / CHECKPOINT,
+            resume=reporter.resume,
+            every_steps=CHECKPOINT_EVERY_STEPS,
+            every_s=CHECKPOINT_EVERY_S,
+        ),
     )
-    workdir = Path(reporter.workdir)
     write_search_artifact(
         result,
         workdir,
@@ -158,6 +175,7 @@ def run(spec: MesaSpec, reporter: Reporter) -> TaskResult:
         },
         true_pattern=true_pattern,
     )
+    shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
     reporter.artifact(workdir, "search")
     total_steps = spec.steps * len(spec.betas)
     return TaskResult(

@@ -190,7 +190,8 @@ def run(spec: TrainSpec, reporter: Reporter) -> TaskResult:
             else ", clean"
         )
     )
-    reporter.log({"info/params_m": count_parameters(model) / 1e6}, 0)
+    if step == 0:  # a resumed attempt logs only steps after its checkpoint
+        reporter.log({"info/params_m": count_parameters(model) / 1e6}, 0)
 
     eval_kwargs = dict(
         num_classes=data.num_classes,
@@ -268,8 +269,8 @@ def run(spec: TrainSpec, reporter: Reporter) -> TaskResult:
             last_eval = evaluate(model, test_x, test_y, normalizer, **eval_kwargs)
             metrics.update({f"eval/{k}": v for k, v in last_eval.items()})
         reporter.log(metrics, step)
+        reporter.check_in(120.0)  # flushes the epoch's metrics before the checkpoint passes them
         _save_checkpoint(ckpt_path, model, optimizer, epoch + 1, step, generator)
-        reporter.check_in(120.0)
 
     # Final evaluation: per-class accuracy and the variations of the pattern.
     final = evaluate(model, test_x, test_y, normalizer, per_class=True, **eval_kwargs)

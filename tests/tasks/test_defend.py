@@ -255,13 +255,88 @@ def test_an_interrupted_repair_resumes_to_the_same_model(planted, tmp_path):
     whole = run(spec(planted, **settings), MemoryReporter(tmp_path / "whole"))
     with pytest.raises(Cancelled):  # 4 batches per epoch: stops inside the second epoch
         run(spec(planted, **settings), MemoryReporter(tmp_path / "cut", stop_after=5))
-    assert (tmp_path / "cut" / "checkpoints" / "repair.pt").exists()
+    assert (tmp_path / "cut" / "checkpoints" / "repair.safetensors").exists()
     resumed_reporter = MemoryReporter(tmp_path / "cut", resume=True)
     resumed = run(spec(planted, **settings), resumed_reporter)
     assert [s for s, _ in resumed_reporter.series("repair/loss")] == [2]
+    assert min(s for s, _, _ in resumed_reporter.metrics) == 2  # nothing again at step 0 or 1
     a, b = _weights(whole.artifact), _weights(resumed.artifact)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not (tmp_path / "cut" / "checkpoints").exists()
+
+
+class StopWhen(MemoryReporter):
+    """Asks to stop once a metric key with ``prefix`` has been logged."""
+
+    def __init__(self, workdir, prefix: str, resume: bool = False):
+        super().__init__(workdir, resume=resume)
+        self.prefix = prefix
+
+    def should_stop(self) -> bool:
+        return any(key.startswith(self.prefix) for _, key, _ in self.metrics)
+
+
+@pytest.mark.parametrize("method", ["point", "neural-cleanse"])
+def test_a_resumed_defense_skips_its_finished_reversal_and_resumes_the_residual_search(
+    planted, tmp_path, monkeypatch, method
+):
+    from engine.errors import Cancelled
+    from engine.tasks import defend
+    from engine.tasks import mesa as mesa_task
+
+    monkeypatch.setattr(mesa_task, "CHECKPOINT_EVERY_STEPS", 2)
+    # 7 restarts: 240 images an epoch leave the rotation of patterns mid-way (240 % 7 = 2).
+    settings = dict(method=method, target=TARGET, point_restarts=7, residual_steps=4)
+    whole = defend.run(spec(planted, **settings), MemoryReporter(tmp_path / "whole"))
+
+    cut = tmp_path / "cut"
+    with pytest.raises(Cancelled):  # after the first repair epoch
+        defend.run(spec(planted, **settings), StopWhen(cut, "repair/loss"))
+    assert (cut / defend.REVERSAL).exists() and (cut / defend.CHECKPOINT).exists()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the reversal ran again")
+
+    monkeypatch.setattr("engine.ml.reverse.reverse_point", refuse)
+    monkeypatch.setattr("engine.ml.reverse.neural_cleanse", refuse)
+    second = StopWhen(cut, "residual/", resume=True)
+    with pytest.raises(Cancelled):  # in the residual search, after its checkpoint of step 2
+        defend.run(spec(planted, **settings), second)
+    assert any(f"finished {method} reversal" in line for _, line in second.lines)
+    assert [s for s, _ in second.series("repair/loss")] == [2]
+    assert (cut / defend.RESIDUAL).exists()
+
+    last = MemoryReporter(cut, resume=True)
+    resumed = defend.run(spec(planted, **settings), last)
+    assert any("resumed from the checkpoint at step 2" in line for _, line in last.lines)
+    assert not last.series("repair/loss") and not last.series("eval/acc_clean")
+    assert [s for s, _ in last.series("residual/beta=0.9/validity")] == [4]
+    a, b = _weights(whole.artifact), _weights(resumed.artifact)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    same = {k: v for k, v in whole.metrics.items() if not k.startswith("time/")}
+    assert same == {k: v for k, v in resumed.metrics.items() if not k.startswith("time/")}
+    assert (Path(resumed.artifact) / "defense.json").read_text() == (
+        Path(whole.artifact) / "defense.json"
+    ).read_text()
+    assert not (cut / "checkpoints").exists()
+
+
+def test_a_damaged_repair_checkpoint_repairs_from_the_beginning(planted, tmp_path):
+    from engine.tasks import defend
+
+    settings = dict(method="random-patch", target=TARGET, residual_steps=0, variations=False)
+    whole = defend.run(spec(planted, **settings), MemoryReporter(tmp_path / "whole"))
+    path = tmp_path / "cut" / defend.CHECKPOINT
+    path.parent.mkdir(parents=True)
+    torch.save({"model": {}}, path)  # a pickle where the checkpoint belongs: never unpickled
+    reporter = MemoryReporter(tmp_path / "cut", resume=True)
+    resumed = defend.run(spec(planted, **settings), reporter)
+    assert any(
+        level == "warning" and "starting from the beginning" in m for level, m in reporter.lines
+    )
+    assert [s for s, _ in reporter.series("repair/loss")] == [1, 2]
+    a, b = _weights(whole.artifact), _weights(resumed.artifact)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_check_spec_refusals(planted, tmp_path):

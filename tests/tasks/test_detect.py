@@ -79,6 +79,46 @@ def test_detect_flags_nothing_on_a_clean_model(tmp_path):
 
 
 @pytest.mark.usefixtures("synth_dataset")
+def test_a_resumed_detection_skips_finished_classes_and_resumes_the_pass_under_way(
+    tmp_path, monkeypatch
+):
+    from engine.errors import Cancelled
+    from engine.reporter import MemoryReporter
+    from engine.tasks import detect
+    from engine.tasks import mesa as mesa_task
+
+    monkeypatch.setattr(mesa_task, "CHECKPOINT_EVERY_STEPS", 2)
+    model_dir = make_model(tmp_path / "model", backdoor_target=1)
+    tiny = dict(
+        classes="0,1,2", classes_per_pass=1, steps=6, batch_size=16, hidden=16,
+        n_eval_triggers=8, eval_images=16,
+    )  # fmt: skip
+    whole = detect.run(detect_spec(model_dir, **tiny), MemoryReporter(tmp_path / "whole"))
+
+    class StopInClassOne(MemoryReporter):
+        def should_stop(self) -> bool:  # before step 4 of class 1: its checkpoint of step 2
+            return any(k.startswith("detect/class=1/") and s >= 3 for s, k, _ in self.metrics)
+
+    cut = tmp_path / "cut"
+    with pytest.raises(Cancelled):
+        detect.run(detect_spec(model_dir, **tiny), StopInClassOne(cut))
+    assert (cut / detect.SCORES).exists()
+    reporter = MemoryReporter(cut, resume=True)
+    resumed = detect.run(detect_spec(model_dir, **tiny), reporter)
+    assert any("1 classes already scored ([0])" in line for _, line in reporter.lines)
+    assert any("resumed from the checkpoint at step 2" in line for _, line in reporter.lines)
+    assert not reporter.series("detect/class=0/hinge")  # class 0 was not searched again
+    assert not reporter.series("detect/class=0/validity")
+    assert min(s for s, k, _ in reporter.metrics if k.startswith("detect/class=1/")) > 2
+    assert resumed.extra["scores"] == whole.extra["scores"]
+    assert resumed.metrics == whole.metrics
+    assert (Path(resumed.artifact) / "detect.json").read_text() == (
+        Path(whole.artifact) / "detect.json"
+    ).read_text()
+    assert not (cut / "checkpoints").exists()
+
+
+@pytest.mark.usefixtures("synth_dataset")
 def test_detect_refuses_unknown_classes(tmp_path):
     from engine.tasks import detect
 

@@ -172,6 +172,41 @@ def test_stripped_ground_truth_gives_identical_generators(synth_dataset, tmp_pat
         assert a.metrics[f"mesa/beta={beta}/validity"] == b.metrics[f"mesa/beta={beta}/validity"]
 
 
+def test_interrupted_search_task_resumes_to_the_same_artifact(synth_dataset, tmp_path, monkeypatch):
+    from engine.errors import Cancelled
+    from engine.reporter import MemoryReporter
+    from engine.tasks import mesa as task
+
+    monkeypatch.setattr(task, "CHECKPOINT_EVERY_STEPS", 2)
+    model_dir = make_model(tmp_path / "model", backdoor_target=1)
+    whole = task.run(tiny_spec(model_dir), MemoryReporter(tmp_path / "whole"))
+    with pytest.raises(Cancelled):  # stops before step 4: the checkpoint of step 2 remains
+        task.run(tiny_spec(model_dir), MemoryReporter(tmp_path / "cut", stop_after=3))
+    assert (tmp_path / "cut" / task.CHECKPOINT).exists()
+    reporter = MemoryReporter(tmp_path / "cut", resume=True)
+    resumed = task.run(tiny_spec(model_dir), reporter)
+    assert any("resumed from the checkpoint at step 2" in line for _, line in reporter.lines)
+    assert min(step for step, _, _ in reporter.metrics) > 2
+    for beta in ("0.9", "0.5"):
+        for name in ("G.safetensors", "T.safetensors", "samples.npy"):
+            assert (Path(whole.artifact) / f"beta={beta}" / name).read_bytes() == (
+                Path(resumed.artifact) / f"beta={beta}" / name
+            ).read_bytes()
+    assert resumed.metrics == whole.metrics
+    assert not (tmp_path / "cut" / "checkpoints").exists()  # the artifact holds no checkpoint
+
+
+def test_task_refuses_a_model_of_another_architecture_version(synth_dataset, tmp_path):
+    from engine.tasks import mesa as task
+
+    model_dir = make_model(tmp_path / "model", backdoor_target=1)
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    manifest["meta"]["arch_version"] = 2  # hand-backdoor is at version 1
+    (model_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="definition version 2.*retrain"):
+        task.check_spec(tiny_spec(model_dir))
+
+
 def test_task_refuses_bad_target_before_writing(synth_dataset, tmp_path):
     from engine.tasks import mesa as task
 
