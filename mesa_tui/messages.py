@@ -17,6 +17,7 @@ from mesa_tui.source import (
     JobQuery,
     JobsPage,
     LogLine,
+    MetricHistory,
     StudySummary,
     TriggerSamples,
 )
@@ -53,6 +54,14 @@ class MetricsBatch(Message):
 
     job_id: int
     columns: MetricColumns
+
+
+@dataclass
+class MetricsHistory(Message):
+    """A job's series read once, downsampled in the store; batches above its cursor follow."""
+
+    job_id: int
+    history: MetricHistory
 
 
 @dataclass

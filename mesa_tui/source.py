@@ -147,6 +147,19 @@ class MetricPoint:
     value: float
 
 
+HISTORY_POINTS = 1000  # a series' history is read as at most 2x this many points (min and max)
+
+
+@dataclass(frozen=True)
+class MetricHistory:
+    """A job's series as the store had them at ``cursor`` (the largest point id then), each
+    downsampled to a few points per pixel; newer points come from ``metric_points(.., cursor)``."""
+
+    cursor: int
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]]  # key -> (steps, values)
+    count: int = 0  # stored points the series stand for
+
+
 @dataclass(frozen=True)
 class LogLine:
     id: int
@@ -240,8 +253,12 @@ def paper_numbers(method: str) -> tuple[float, float] | None:
 class DataSource(Protocol):
     """Everything the app asks of the store. Called from thread workers only."""
 
-    def jobs(self, query: JobQuery, changed_since: datetime | None) -> JobsPage:
-        """Matching jobs changed after ``changed_since`` (all when None) plus all running ones."""
+    def jobs(
+        self, query: JobQuery, changed_since: datetime | None, all_ids: bool = False
+    ) -> JobsPage:
+        """Matching jobs changed after ``changed_since`` (all when None) plus all running ones;
+        with ``all_ids`` the page's ``ids`` also lists every matching job (jobs not in it are
+        gone), read without building their rows."""
 
     def job_detail(self, job_id: int) -> JobDetail: ...
 
@@ -249,6 +266,10 @@ class DataSource(Protocol):
         self, run_ids: Sequence[int], after_id: int, limit: int = 50_000
     ) -> list[MetricPoint]:
         """Points of these runs with id above ``after_id``, ascending by id."""
+
+    def metric_history(self, job_id: int, max_points: int = HISTORY_POINTS) -> MetricHistory:
+        """Every series of the job (attempts joined at resume), at most ``2 * max_points`` points
+        each (first, last, min and max per step range), and the cursor to continue from."""
 
     def logs(self, run_ids: Sequence[int], after_id: int, limit: int = 2_000) -> list[LogLine]: ...
 
@@ -270,6 +291,10 @@ class DataSource(Protocol):
 
     def start_engine(self) -> str:
         """Start a detached engine; returns a line for the user."""
+
+    def export_report(self, kind: str, key: str | int) -> str:
+        """Write the report of a study (``kind`` "study", its name) or a job ("job", its id)
+        to ``<data home>/reports/<name>-<timestamp>``; returns the path of its report.md."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -548,6 +573,10 @@ class FakeSource:
                 return job_id
         raise SourceError(f"run {run_id} does not exist")
 
+    def _get_runs(self, job_id: int) -> list[RunInfo]:
+        self._get(job_id)
+        return self._runs[job_id]
+
     def _get(self, job_id: int) -> JobRow:
         try:
             return self._jobs[job_id]
@@ -561,7 +590,9 @@ class FakeSource:
 
     # -- DataSource ------------------------------------------------------------------------
 
-    def jobs(self, query: JobQuery, changed_since: datetime | None) -> JobsPage:
+    def jobs(
+        self, query: JobQuery, changed_since: datetime | None, all_ids: bool = False
+    ) -> JobsPage:
         with self._lock:
             self._maybe_fail()
             matching = [j for j in self._jobs.values() if query.matches(j)]
@@ -605,6 +636,32 @@ class FakeSource:
                 out.extend(self._metrics[run_id][start : start + limit])
             out.sort(key=lambda p: p.id)
             return out[:limit]
+
+    def metric_history(self, job_id: int, max_points: int = HISTORY_POINTS) -> MetricHistory:
+        from store.downsample import minmax
+
+        with self._lock:
+            self._maybe_fail()
+            runs = [r.id for r in self._get_runs(job_id)]
+            points = [p for r in runs for p in self._metrics[r]]
+        cursor = max((p.id for p in points), default=0)
+        # As the store joins attempts: a run's points count up to where a later run's begin.
+        by_key: dict[str, dict[int, list[MetricPoint]]] = {}
+        for p in points:
+            by_key.setdefault(p.key, {}).setdefault(p.run_id, []).append(p)
+        series: dict[str, tuple[list[float], list[float]]] = {}
+        count = 0
+        for key, per_run in by_key.items():
+            firsts = {r: min(p.step for p in ps) for r, ps in per_run.items()}
+            joined: list[MetricPoint] = []
+            for i, r in enumerate(runs):
+                later = [firsts[x] for x in runs[i + 1 :] if x in firsts]
+                cut = min(later) if later else None
+                joined += [p for p in per_run.get(r, ()) if cut is None or p.step < cut]
+            joined.sort(key=lambda p: p.step)
+            count += len(joined)
+            series[key] = minmax([p.step for p in joined], [p.value for p in joined], max_points)
+        return MetricHistory(cursor, series, count)
 
     def logs(self, run_ids: Sequence[int], after_id: int, limit: int = 2_000) -> list[LogLine]:
         with self._lock:
@@ -680,6 +737,22 @@ class FakeSource:
             self.calls.append(("start_engine", None))
             self.set_engine(alive=True)
             return "engine started"
+
+    def export_report(self, kind: str, key: str | int) -> str:
+        """Records the request and writes a one-line report where the real one would go."""
+        from engine.report import default_report_dir
+
+        with self._lock:
+            self.calls.append(("export_report", (kind, key)))
+            if kind == "study" and key not in self._studies:
+                raise SourceError(f"study '{key}' does not exist")
+            if kind == "job":
+                self._get(int(key))
+            name = str(key) if kind == "study" else f"job-{key}"
+            directory = default_report_dir(name, self.clock())
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / "report.md").write_text(f"# Report: {kind} {key}\n")
+            return str(directory / "report.md")
 
 
 def demo_source(root: Path, clock: FrozenClock | None = None) -> FakeSource:
@@ -796,6 +869,7 @@ def demo_source(root: Path, clock: FrozenClock | None = None) -> FakeSource:
 
 
 LOSS_KEYS = ("train/loss", "repair/loss", "mesa/loss")
+LOSS_TAIL = 24  # values of the jobs table's loss sparkline
 REFERENCE_FIELDS = ("model", "search", "init_from")  # spec fields that may name an upstream job
 
 
@@ -812,15 +886,16 @@ class StoreSource:
     """``DataSource`` over ``store.repository.Store``; called from worker threads only.
 
     The store's entities are mapped to the UI's values here, so a schema change touches one place.
-    Loss sparklines are kept per job from incremental cursor reads of the loss key alone.
+    Loss sparklines come from ``metric_tail`` (the last values by one indexed read), cached per job.
     """
 
     def __init__(self, store: Any):
         self.store = store
-        self._loss: dict[int, tuple[int, int, str, tuple[float, ...]]] = {}
+        # job id -> (run id, key, status, tail): a finished job's tail is read once
+        self._loss: dict[int, tuple[int, str, str, tuple[float, ...]]] = {}
         self._lock = threading.Lock()
 
-    def _row(self, s: Any, sparkline: bool = True) -> JobRow:
+    def _row(self, s: Any, loss_tail: tuple[float, ...] = ()) -> JobRow:
         spec = s.spec or {}
         progress = s.progress if s.status == "running" else None
         return JobRow(
@@ -838,31 +913,40 @@ class StoreSource:
             eta_s=_eta(progress),
             acc_clean=s.latest.get("eval/acc_clean", s.latest.get("repair/acc_clean")),
             asr=s.latest.get("eval/asr", s.latest.get("repair/asr")),
-            loss_tail=self._loss_tail(s) if sparkline else (),
+            loss_tail=loss_tail,
         )
 
-    def _loss_tail(self, s: Any) -> tuple[float, ...]:
-        """The last values of the job's loss, read incrementally (running jobs only move)."""
+    def _loss_tails(self, summaries: Iterable[Any]) -> dict[int, tuple[float, ...]]:
+        """The last values of each job's loss: one ``metric_tail`` read per loss key for the jobs
+        whose tail may have moved (running ones, and any not read since its run or status
+        changed); the others come from the cache."""
+        out: dict[int, tuple[float, ...]] = {}
+        wanted: dict[str, list[Any]] = {}
         with self._lock:
-            cached = self._loss.get(s.id)
-        run_id = s.current_run_id
-        key = next((k for k in LOSS_KEYS if k in s.latest), None)
-        if run_id is None or key is None:
-            return cached[3] if cached else ()
-        if cached is not None and (cached[0] != run_id or cached[2] != key):
-            cached = None
-        if cached is not None and s.status != "running":
-            return cached[3]
-        cursor, tail = (cached[1], cached[3]) if cached else (0, ())
-        points = self.store.metrics_since([run_id], cursor, limit=100_000, keys=[key])
-        if points:
-            tail = (tail + tuple(p.value for p in points[-24:]))[-24:]
-            cursor = points[-1].id
-        with self._lock:
-            self._loss[s.id] = (run_id, cursor, key, tail)
-        return tail
+            for s in summaries:
+                cached = self._loss.get(s.id)
+                key = next((k for k in LOSS_KEYS if k in s.latest), None)
+                if s.current_run_id is None or key is None:
+                    out[s.id] = cached[3] if cached else ()
+                elif (
+                    cached is not None
+                    and cached[:3] == (s.current_run_id, key, s.status)
+                    and s.status != "running"
+                ):
+                    out[s.id] = cached[3]
+                else:
+                    wanted.setdefault(key, []).append(s)
+        for key, group in wanted.items():
+            tails = self.store.metric_tail([s.id for s in group], key, LOSS_TAIL)
+            with self._lock:
+                for s in group:
+                    out[s.id] = tuple(tails.get(s.id, ()))
+                    self._loss[s.id] = (s.current_run_id, key, s.status, out[s.id])
+        return out
 
-    def jobs(self, query: JobQuery, changed_since: datetime | None) -> JobsPage:
+    def jobs(
+        self, query: JobQuery, changed_since: datetime | None, all_ids: bool = False
+    ) -> JobsPage:
         statuses = sorted(query.statuses) if query.statuses else None
         changed = self.store.list_jobs(
             status=statuses, kind=query.kind, study=query.study, changed_since=changed_since
@@ -873,7 +957,14 @@ class StoreSource:
                 rows.setdefault(s.id, s)
         cursor = max((s.updated_at for s in changed), default=changed_since)
         ids = frozenset(rows) if changed_since is None else None
-        return JobsPage(tuple(self._row(s) for s in rows.values()), ids, cursor)
+        if ids is None and all_ids:
+            # Read after the rows: a job made in between is listed here and read at the next
+            # poll (it changed after the cursor); one deleted in between is dropped.
+            ids = frozenset(self.store.job_ids(status=statuses, kind=query.kind, study=query.study))
+        tails = self._loss_tails(rows.values())
+        return JobsPage(
+            tuple(self._row(s, tails.get(s.id, ())) for s in rows.values()), ids, cursor
+        )
 
     def job_detail(self, job_id: int) -> JobDetail:
         d = self.store.job_detail(job_id)
@@ -900,7 +991,7 @@ class StoreSource:
         for r in runs:
             latest.update(by_run.get(r.id, {}))
         return JobDetail(
-            job=self._row(d.job, sparkline=False),  # the run screen draws the curves themselves
+            job=self._row(d.job),  # the run screen draws the curves themselves
             spec=dict(d.job.spec or {}),
             runs=runs,
             artifacts=tuple(
@@ -918,6 +1009,14 @@ class StoreSource:
     ) -> list[MetricPoint]:
         # The store's points carry the same fields (plus wall_time); no copy of big batches.
         return self.store.metrics_since(list(run_ids), after_id, limit=limit)
+
+    def metric_history(self, job_id: int, max_points: int = HISTORY_POINTS) -> MetricHistory:
+        h = self.store.metric_series_columns(job_id, max_points=max_points)
+        return MetricHistory(
+            h.cursor,
+            {k: (c.steps, c.values) for k, c in h.series.items()},
+            sum(c.count for c in h.series.values()),
+        )
 
     def logs(self, run_ids: Sequence[int], after_id: int, limit: int = 2_000) -> list[LogLine]:
         return [
@@ -1064,6 +1163,12 @@ class StoreSource:
         if done.returncode != 0:
             raise SourceError(f"engine start failed: {lines[-1]}")
         return lines[-1]
+
+    def export_report(self, kind: str, key: str | int) -> str:
+        from engine.report import build_report, default_report_dir
+
+        name = str(key) if kind == "study" else f"job-{key}"
+        return build_report(self.store, str(key), default_report_dir(name), kind=kind).report
 
 
 def open_store_source(db_url: str | None = None) -> StoreSource:

@@ -195,6 +195,26 @@ class SeriesPoint:
 
 
 @dataclass(frozen=True)
+class SeriesColumns:
+    """One metric of a job as plain columns (attempts joined at resume), perhaps downsampled:
+    ``count`` is how many stored points ``steps``/``values`` stand for."""
+
+    steps: list[int]
+    values: list[float]
+    count: int
+
+
+@dataclass(frozen=True)
+class MetricHistory:
+    """A job's series read in one snapshot; ``cursor`` is the largest point id of its runs then
+    (read newer points with ``metrics_since(run_ids, cursor)``)."""
+
+    cursor: int
+    run_ids: tuple[int, ...]
+    series: dict[str, SeriesColumns]
+
+
+@dataclass(frozen=True)
 class LogEntry:
     id: int
     run_id: int

@@ -19,9 +19,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Connection,
     and_,
     bindparam,
+    cast,
     delete,
     exists,
     func,
@@ -34,6 +36,7 @@ from sqlalchemy import (
 
 from engine.errors import UserError
 from store import db as dbmod
+from store import downsample
 from store.entities import (
     ACTIVE,
     STATUSES,
@@ -46,10 +49,12 @@ from store.entities import (
     JobSummary,
     LogEntry,
     MethodSummary,
+    MetricHistory,
     MetricPoint,
     NewJob,
     Progress,
     RunInfo,
+    SeriesColumns,
     SeriesPoint,
     StudyCell,
     StudyInfo,
@@ -155,10 +160,10 @@ def upgrade(url: str | None = None) -> tuple[str | None, str]:
     from engine import paths
     from store.migrations import HEAD, alembic_config
 
-    url = url or paths.default_db_url()
+    url = dbmod.check_url(url or paths.default_db_url())
     engine = dbmod.make_engine(url)
     try:
-        with dbmod.creation_lock(url):
+        with dbmod.reachable(url), dbmod.creation_lock(url):
             before = dbmod.current_revision(engine)
             if before is None and not dbmod.has_tables(engine):
                 with dbmod.write_transaction(engine) as conn:
@@ -340,7 +345,8 @@ class Store:
         self.url = dbmod.check_url(url or paths.default_db_url())
         self.engine = dbmod.make_engine(self.url)
         if check_schema:
-            dbmod.retrying(ensure_schema, self.engine, self.url)
+            with dbmod.reachable(self.url):
+                dbmod.retrying(ensure_schema, self.engine, self.url)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -717,6 +723,34 @@ class Store:
         """Jobs matching the filters, oldest first. ``changed_since`` returns only jobs whose
         ``updated_at`` is later (the TUI's poll cursor: keep the largest ``updated_at`` seen)."""
         statuses = _statuses(status)
+        with self._read() as conn:
+            ids = self._job_ids(conn, statuses, kind, study, changed_since, limit, newest_first)
+            return self._summaries(conn, ids)
+
+    def job_ids(
+        self,
+        status: str | Iterable[str] | None = None,
+        kind: str | None = None,
+        study: str | None = None,
+        changed_since: datetime | None = None,
+    ) -> list[int]:
+        """The ids ``list_jobs`` would return, oldest first, without building summaries: an
+        index read that stays cheap at any number of jobs (the TUI checks with it which jobs are
+        gone, and reads summaries only of the jobs changed since its cursor)."""
+        statuses = _statuses(status)
+        with self._read() as conn:
+            return self._job_ids(conn, statuses, kind, study, changed_since)
+
+    def _job_ids(
+        self,
+        conn: Connection,
+        statuses: list[str] | None,
+        kind: str | None,
+        study: str | None,
+        changed_since: datetime | None,
+        limit: int | None = None,
+        newest_first: bool = False,
+    ) -> list[int]:
         query = select(jobs_t.c.id)
         if statuses:
             query = query.where(jobs_t.c.status.in_(statuses))
@@ -724,19 +758,17 @@ class Store:
             query = query.where(jobs_t.c.kind == kind)
         if changed_since is not None:
             query = query.where(jobs_t.c.updated_at > changed_since)
-        with self._read() as conn:
-            if study:
-                study_id = self._require_study(conn, study).id
-                query = query.where(
-                    exists().where(
-                        study_jobs_t.c.job_id == jobs_t.c.id, study_jobs_t.c.study_id == study_id
-                    )
+        if study:
+            study_id = self._require_study(conn, study).id
+            query = query.where(
+                exists().where(
+                    study_jobs_t.c.job_id == jobs_t.c.id, study_jobs_t.c.study_id == study_id
                 )
-            query = query.order_by(jobs_t.c.id.desc() if newest_first else jobs_t.c.id)
-            if limit:
-                query = query.limit(limit)
-            ids = [r.id for r in conn.execute(query)]
-            return self._summaries(conn, ids)
+            )
+        query = query.order_by(jobs_t.c.id.desc() if newest_first else jobs_t.c.id)
+        if limit:
+            query = query.limit(limit)
+        return [r.id for r in conn.execute(query)]
 
     def job(self, job_id: int) -> JobSummary:
         """One job's summary (``UnknownJob``, a UserError, when the id is not in the store)."""
@@ -913,6 +945,166 @@ class Store:
                     out.append(SeriesPoint(r.step, r.value, r.wall_time, run.id, run.attempt))
             out.sort(key=lambda p: p.step)
             return out
+
+    def metric_series_columns(
+        self, job_id: int, keys: Sequence[str] | None = None, max_points: int = 1000
+    ) -> MetricHistory:
+        """Every metric of a job (or ``keys``) as columns, attempts joined at resume as in
+        ``metric_series``, each cut to at most ``2 * max_points`` points: the first, the last and
+        per step bucket the minimum and the maximum (``store.downsample``). The buckets are reduced
+        by aggregates in SQL, so a long series costs a few indexed scans, never a row per point in
+        Python. ``cursor`` comes from the same snapshot: append ``metrics_since(run_ids, cursor)``.
+        """
+        with self._read() as conn:
+            self._require_job(conn, job_id)
+            runs = [
+                r.id
+                for r in conn.execute(
+                    select(runs_t.c.id).where(runs_t.c.job_id == job_id).order_by(runs_t.c.attempt)
+                )
+            ]
+            cursor = 0
+            for run_id in runs:  # one index probe per run on (run_id, id)
+                top = conn.execute(
+                    select(func.max(metrics_t.c.id)).where(metrics_t.c.run_id == run_id)
+                ).scalar()
+                cursor = max(cursor, top or 0)
+            with_key: dict[str, set[int]] = defaultdict(set)
+            if runs:
+                for r in conn.execute(
+                    select(latest_t.c.run_id, latest_t.c.key).where(latest_t.c.run_id.in_(runs))
+                ):
+                    with_key[r.key].add(r.run_id)
+            wanted = sorted(with_key) if keys is None else [k for k in keys if k in with_key]
+            series = {
+                key: self._series_columns(
+                    conn, [r for r in runs if r in with_key[key]], key, max_points
+                )
+                for key in wanted
+            }
+            return MetricHistory(cursor=cursor, run_ids=tuple(runs), series=series)
+
+    def _series_columns(
+        self, conn: Connection, runs: list[int], key: str, max_points: int
+    ) -> SeriesColumns:
+        m = metrics_t.c
+
+        def of(run_id: int, lo: int, hi: int) -> Any:
+            return and_(m.run_id == run_id, m.key == key, m.step >= lo, m.step <= hi)
+
+        first = {
+            r: conn.execute(select(func.min(m.step)).where(m.run_id == r, m.key == key)).scalar()
+            for r in runs
+        }
+        segments: list[tuple[int, int, int]] = []  # (run, first step, last step), steps ascend
+        for i, r in enumerate(runs):
+            later = [first[x] for x in runs[i + 1 :] if first[x] is not None]
+            query = select(func.max(m.step)).where(m.run_id == r, m.key == key)
+            if later:
+                query = query.where(m.step < min(later))
+            last = conn.execute(query).scalar()
+            if first[r] is not None and last is not None:
+                segments.append((r, first[r], last))
+        counts = [
+            conn.execute(select(func.count()).select_from(metrics_t).where(of(*seg))).scalar() or 0
+            for seg in segments
+        ]
+        total = sum(counts)
+        steps: list[int] = []
+        values: list[float] = []
+        if total <= 2 * max(1, max_points):
+            for seg in segments:
+                for r in conn.execute(select(m.step, m.value).where(of(*seg)).order_by(m.step)):
+                    steps.append(r.step)
+                    values.append(_stored_float(r.value))
+            return SeriesColumns(steps, values, total)
+        lo, hi = segments[0][1], segments[-1][2]
+        buckets = downsample.buckets_for(max_points)
+        for n, (r, a, b) in zip(counts, segments, strict=True):
+            if n == 0:
+                continue
+            # The earliest minimum and maximum of each bucket: two aggregate passes over the
+            # (run_id, key, step) index range, a few rows per bucket back.
+            bucket = ((cast(m.step, BigInteger) - lo) * buckets // (hi - lo + 1)).label("b")
+            pts = select(m.step, m.value, bucket).where(of(r, a, b)).subquery("pts")
+            agg = (
+                select(
+                    pts.c.b, func.min(pts.c.value).label("lo"), func.max(pts.c.value).label("hi")
+                )
+                .group_by(pts.c.b)
+                .subquery("agg")
+            )
+            again = select(m.step, m.value, bucket).where(of(r, a, b)).subquery("again")
+            query = (
+                select(func.min(again.c.step).label("step"), again.c.value)
+                .join_from(
+                    again,
+                    agg,
+                    and_(
+                        again.c.b == agg.c.b,
+                        or_(again.c.value == agg.c.lo, again.c.value == agg.c.hi),
+                    ),
+                )
+                .group_by(again.c.b, again.c.value)
+                .order_by("step")
+            )
+            for row in conn.execute(query):
+                steps.append(row.step)
+                values.append(_stored_float(row.value))
+        ends = [
+            conn.execute(
+                select(m.step, m.value).where(m.run_id == run, m.key == key, m.step == step)
+            ).first()
+            for run, step in ((segments[0][0], lo), (segments[-1][0], hi))
+        ]
+        if not steps or steps[0] != lo:
+            steps.insert(0, lo)
+            values.insert(0, _stored_float(ends[0].value))
+        if steps[-1] != hi:
+            steps.append(hi)
+            values.append(_stored_float(ends[1].value))
+        steps, values = downsample.minmax(steps, values, max_points, lo, hi)
+        return SeriesColumns(steps, values, total)
+
+    def metric_tail(self, job_ids: Sequence[int], key: str, n: int = 24) -> dict[int, list[float]]:
+        """The last ``n`` values of ``key`` (by step, oldest first) in each job's newest run, in
+        one read: per run an index probe finds the ``n``-th last step, then a range of at most
+        ``n`` index entries. Jobs whose newest run lacks the key are left out."""
+        if not job_ids or n <= 0:
+            return {}
+        m2 = metrics_t.alias("m2")
+        current = (
+            select(runs_t.c.job_id, func.max(runs_t.c.id).label("run_id"))
+            .where(runs_t.c.job_id.in_(list(job_ids)))
+            .group_by(runs_t.c.job_id)
+            .subquery("current")
+        )
+        nth_last = (
+            select(m2.c.step)
+            .where(m2.c.run_id == current.c.run_id, m2.c.key == key)
+            .order_by(m2.c.step.desc())
+            .limit(1)
+            .offset(n - 1)
+            .scalar_subquery()
+        )
+        query = (
+            select(current.c.job_id, metrics_t.c.value)
+            .join_from(
+                current,
+                metrics_t,
+                and_(
+                    metrics_t.c.run_id == current.c.run_id,
+                    metrics_t.c.key == key,
+                    metrics_t.c.step >= func.coalesce(nth_last, -(2**31)),
+                ),
+            )
+            .order_by(current.c.job_id, metrics_t.c.step)
+        )
+        out: dict[int, list[float]] = defaultdict(list)
+        with self._read() as conn:
+            for r in conn.execute(query):
+                out[r.job_id].append(_stored_float(r.value))
+        return dict(out)
 
     def latest_metrics(self, run_ids: Sequence[int]) -> dict[int, dict[str, float]]:
         """The newest value of every key, per run."""
@@ -1319,7 +1511,27 @@ class Store:
             return
         with self._write() as conn:
             now = utcnow()
-            metric_rows = [(b.run_id, k, s, v, t) for b in batches for k, s, v, t in b.metrics]
+            metric_rows = []
+            extra_logs: list[dict[str, Any]] = []
+            for b in batches:
+                warned: set[str] = set()
+                for k, s, v, t in b.metrics:
+                    if not math.isnan(v):
+                        metric_rows.append((b.run_id, k, s, v, t))
+                    elif k not in warned:
+                        # SQLite stores NaN as NULL (the column is NOT NULL): a diverged loss must
+                        # not cost the whole batch, so the point is dropped and said in the log.
+                        # Infinities are stored as they are.
+                        warned.add(k)
+                        extra_logs.append(
+                            {
+                                "run_id": b.run_id,
+                                "level": "warning",
+                                "message": f"metric {k} was NaN at step {s}; "
+                                "NaN points are not stored",
+                                "wall_time": t,
+                            }
+                        )
             if metric_rows:
                 dbmod.insert_metric_rows(conn, metric_rows)
                 newest: dict[tuple[int, str], dict[str, Any]] = {}
@@ -1341,7 +1553,7 @@ class Store:
                 {"run_id": b.run_id, "level": lvl, "message": msg, "wall_time": t}
                 for b in batches
                 for lvl, msg, t in b.logs
-            ]
+            ] + extra_logs
             if log_rows:
                 conn.execute(insert(logs_t), log_rows)
             touched_jobs = set()
@@ -1690,3 +1902,8 @@ def _number_reference(value: str, ids: list[int]) -> str:
 
 def _finite(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+def _stored_float(value: Any) -> float:
+    """A stored metric value; NULL (how some drivers store NaN) reads back as NaN."""
+    return math.nan if value is None else float(value)

@@ -10,9 +10,9 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer, Select, SelectionList, Static
 from textual.worker import Worker, get_current_worker
 
-from mesa_tui.messages import JobsPolled, MetricsBatch
+from mesa_tui.messages import JobsPolled, MetricsBatch, MetricsHistory
 from mesa_tui.screens.base import SourceScreen
-from mesa_tui.source import JobQuery
+from mesa_tui.source import HISTORY_POINTS, JobQuery
 from mesa_tui.widgets.curves import PALETTE, draw, make_plot
 from mesa_tui.widgets.series import MetricColumns, SeriesSet
 
@@ -84,6 +84,10 @@ class CompareScreen(SourceScreen):
         worker = get_current_worker()
         for job_id, cursor in cursors.items():
             runs = source.job_detail(job_id).run_ids
+            if runs and cursor == 0:  # first read: the history downsampled, then new points
+                history = source.metric_history(job_id, HISTORY_POINTS)
+                self.post_message(MetricsHistory(job_id, history))
+                cursor = history.cursor
             while runs and not worker.is_cancelled:
                 points = source.metric_points(runs, cursor, PAGE)
                 if points:
@@ -91,6 +95,11 @@ class CompareScreen(SourceScreen):
                     cursor = points[-1].id
                 if len(points) < PAGE:
                     break
+
+    def on_metrics_history(self, message: MetricsHistory) -> None:
+        series = self.series.setdefault(message.job_id, SeriesSet())
+        if series.load_history(message.history):
+            self._update_keys()
 
     def on_metrics_batch(self, message: MetricsBatch) -> None:
         series = self.series.setdefault(message.job_id, SeriesSet())

@@ -55,16 +55,19 @@ class JobsScreen(SourceScreen):
     def poll(self) -> None:
         if not self.is_current:
             return  # hidden under a run or form: on_screen_resume polls when it comes back
-        full = self.polls % FULL_READ_EVERY == 0  # a full read also notices deleted jobs
+        # Now and then the ids of every matching job too, to notice deleted ones; rows are read
+        # only for jobs changed since the cursor (all of them at the first read).
+        full = self.polls % FULL_READ_EVERY == 0
         self.polls += 1
-        self.read_jobs(self.query_filter, None if full else self.cursor)
+        self.read_jobs(self.query_filter, self.cursor, full)
 
     @work(
         thread=True, exclusive=True, exit_on_error=False, group="poll", description="reading jobs"
     )
-    def read_jobs(self, query: JobQuery, since: object) -> None:
+    def read_jobs(self, query: JobQuery, since: object, all_ids: bool = False) -> None:
         source = self.mesa.source
-        self.post_message(JobsPolled(source.jobs(query, since), query))  # type: ignore[arg-type]
+        page = source.jobs(query, since, all_ids)  # type: ignore[arg-type]
+        self.post_message(JobsPolled(page, query))
         self.post_message(EngineStatusPolled(source.engine_status()))
 
     def on_jobs_polled(self, message: JobsPolled) -> None:

@@ -19,12 +19,20 @@ from textual.widgets import (
 from textual.worker import Worker, get_current_worker
 from textual_plot import PlotWidget
 
-from mesa_tui.messages import JobDetailLoaded, LogBatch, MetricsBatch, RequestDone, SamplesLoaded
+from mesa_tui.messages import (
+    JobDetailLoaded,
+    LogBatch,
+    MetricsBatch,
+    MetricsHistory,
+    RequestDone,
+    SamplesLoaded,
+)
 from mesa_tui.screens.base import SourceScreen
 from mesa_tui.screens.modals import ConfirmModal
 from mesa_tui.source import (
     BETA_KEY,
     FINISHED,
+    HISTORY_POINTS,
     RETRYABLE,
     JobDetail,
     pca_2d,
@@ -72,6 +80,7 @@ class RunScreen(SourceScreen):
         Binding("left_square_bracket", "previous_tab", "prev tab", show=False),
         Binding("c", "cancel", "cancel"),
         Binding("r", "retry", "retry"),
+        Binding("x", "export", "export report", show=False),
     ]
 
     def __init__(self, job_id: int) -> None:
@@ -79,6 +88,7 @@ class RunScreen(SourceScreen):
         self.job_id = job_id
         self.detail: JobDetail | None = None
         self.series = SeriesSet()
+        self.history_asked = False  # the history is read once, downsampled; then only new points
         self.log_cursor = 0
         self.samples_stamp = 0.0
         self.polls = 0
@@ -124,11 +134,13 @@ class RunScreen(SourceScreen):
             return  # the previous read is still going; its cursor work is not lost
         want_samples = self.polls % SAMPLES_EVERY == 0
         self.polls += 1
+        want_history, self.history_asked = not self.history_asked, True
         self.reader = self.read_run(
             self.series.cursor,
             self.log_cursor,
             self.samples_stamp if want_samples else None,
             self.polls % DETAIL_EVERY == 1 or self.detail is None,
+            want_history,
         )
 
     @work(
@@ -139,7 +151,12 @@ class RunScreen(SourceScreen):
         description="reading the run",
     )
     def read_run(
-        self, metric_cursor: int, log_cursor: int, samples_stamp: float | None, with_detail: bool
+        self,
+        metric_cursor: int,
+        log_cursor: int,
+        samples_stamp: float | None,
+        with_detail: bool,
+        with_history: bool = False,
     ) -> None:
         source = self.mesa.source
         worker = get_current_worker()
@@ -151,6 +168,12 @@ class RunScreen(SourceScreen):
         runs = detail.run_ids
         if not runs:
             return
+        if with_history:
+            # Every point so far in one downsampled read (a few thousand values per series,
+            # however long the run); the loop below then reads only the points after it.
+            history = source.metric_history(self.job_id, HISTORY_POINTS)
+            self.post_message(MetricsHistory(self.job_id, history))
+            metric_cursor = max(metric_cursor, history.cursor)
         while not worker.is_cancelled:
             points = source.metric_points(runs, metric_cursor, METRIC_PAGE)
             if points:
@@ -184,6 +207,9 @@ class RunScreen(SourceScreen):
             table.add_columns(*columns)
         for row in rows:
             table.add_row(*row)
+
+    def on_metrics_history(self, message: MetricsHistory) -> None:
+        self.series.load_history(message.history)
 
     def on_metrics_batch(self, message: MetricsBatch) -> None:
         self.series.add_columns(message.columns)
@@ -343,6 +369,11 @@ class RunScreen(SourceScreen):
             return
         self.mesa.send_request(self, "retry", job.id)
 
+    def action_export(self) -> None:
+        """Write this job's report (and its upstream jobs') under the data home, in a worker."""
+        self.notify(f"writing the report of job {self.job_id}…")
+        self.mesa.send_request(self, "export_report", self.job_id, kind="job", key=self.job_id)
+
     def on_request_done(self, message: RequestDone) -> None:
-        self.notify(message.detail)
+        self.notify(message.detail, timeout=10 if message.action == "export_report" else None)
         self.poll()

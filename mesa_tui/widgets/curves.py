@@ -1,13 +1,15 @@
 """Live curves: a series chooser beside two plots (training signals, and per-epoch evaluation).
 
-Series are drawn from ``SeriesSet`` arrays, downsampled to twice the plot's width in cells, and
-redrawn on a timer only when something changed, so streaming never floods the event loop.
+Series are drawn from ``SeriesSet`` arrays, downsampled to the plot's width (the minimum and the
+maximum of the steps each cell covers, in two braille columns), and redrawn on a timer only when
+something changed, so streaming never floods the event loop.
 """
 
 from __future__ import annotations
 
 import fnmatch
 
+import numpy as np
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
@@ -74,6 +76,9 @@ def draw(plot: PlotWidget, lines: list[tuple[str, object, object, str]]) -> None
     plot.clear()
     for label, x, y, colour in lines:
         xs, ys = downsample(x, y, buckets)  # type: ignore[arg-type]
+        finite = np.isfinite(ys)  # NaN and infinities have no place on a plot
+        if not finite.all():
+            xs, ys = xs[finite], ys[finite]
         if len(xs):
             plot.plot(xs, ys, line_style=colour, hires_mode=HiResMode.BRAILLE, label=label)
 

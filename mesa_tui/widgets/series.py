@@ -6,7 +6,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from mesa_tui.source import MetricPoint
+from mesa_tui.source import HISTORY_POINTS, MetricHistory, MetricPoint
+from store.downsample import buckets_for
 
 
 class Series:
@@ -63,6 +64,20 @@ class Series:
     def last(self) -> float | None:
         return float(self._values[self.n - 1]) if self.n else None
 
+    def replace(self, steps: np.ndarray, values: np.ndarray) -> None:
+        """Hold exactly these points (a history read from the store, or a compacted copy)."""
+        size = max(64, len(steps))
+        self._steps = np.empty(size, dtype=np.float64)
+        self._values = np.empty(size, dtype=np.float64)
+        self.n = len(steps)
+        self._steps[: self.n] = steps
+        self._values[: self.n] = values
+
+    def compact(self, max_points: int) -> None:
+        """Downsample in place to at most ``2 * max_points`` points (min and max per step range)."""
+        if self.n > 2 * max_points:
+            self.replace(*downsample(self.steps, self.values, max_points))
+
 
 class MetricColumns:
     """Metric points grouped by key into arrays, built in a worker thread off the event loop."""
@@ -89,23 +104,57 @@ class MetricColumns:
 
 
 class SeriesSet:
-    """All series of one job (or one run), fed by metric batches above an id cursor."""
+    """All series of one job (or one run): a downsampled history read once (``load_history``),
+    then metric batches above an id cursor appended. A series that grows past ``COMPACT_FACTOR``
+    times ``max_points`` is downsampled again to ``2 * max_points`` points (min and max per step
+    range), so memory and redraws stay bounded however long a run streams. ``received`` counts
+    the stored points the series stand for."""
 
-    def __init__(self) -> None:
+    COMPACT_FACTOR = 4
+
+    def __init__(self, max_points: int = HISTORY_POINTS) -> None:
         self.series: dict[str, Series] = {}
         self.cursor = 0
         self.version = 0
+        self.received = 0
+        self.max_points = max_points
+
+    def _compact(self, keys: Iterable[str]) -> None:
+        limit = self.COMPACT_FACTOR * self.max_points
+        for key in keys:
+            s = self.series[key]
+            if s.n > limit:
+                s.compact(self.max_points)
+
+    def load_history(self, history: MetricHistory) -> bool:
+        """Replace the series by a history read above nothing newer than the cursor; returns
+        whether it applied (a history older than what is shown is skipped)."""
+        if history.cursor <= self.cursor:
+            return False
+        self.series = {}
+        for key, (steps, values) in history.series.items():
+            s = self.series[key] = Series()
+            s.replace(np.asarray(steps, dtype=np.float64), np.asarray(values, dtype=np.float64))
+        self._compact(list(self.series))
+        self.cursor = history.cursor
+        self.received = history.count
+        self.version += 1
+        return True
 
     def add(self, points: Iterable[MetricPoint]) -> int:
         """Apply points above the cursor (a repeated batch is skipped); returns how many."""
         added = 0
+        touched = set()
         for p in points:
             if p.id <= self.cursor:
                 continue
             self.series.setdefault(p.key, Series()).append(p.step, p.value)
+            touched.add(p.key)
             self.cursor = p.id
             added += 1
         if added:
+            self._compact(touched)
+            self.received += added
             self.version += 1
         return added
 
@@ -117,7 +166,9 @@ class SeriesSet:
             return self.add(batch.points())
         for key, (steps, values) in batch.by_key.items():
             self.series.setdefault(key, Series()).extend(steps, values)
+        self._compact(batch.by_key)
         self.cursor = batch.last_id
+        self.received += batch.count
         self.version += 1
         return batch.count
 
@@ -126,20 +177,27 @@ class SeriesSet:
 
 
 def downsample(x: np.ndarray, y: np.ndarray, buckets: int) -> tuple[np.ndarray, np.ndarray]:
-    """At most ``2 * buckets`` points: each bucket's minimum and maximum, in step order."""
+    """At most ``2 * buckets`` points of a series with ascending steps ``x``: the first, the last
+    and per step range the (earliest) minimum and maximum, in step order; NaN is never chosen.
+    The same points as ``store.downsample.minmax`` (which the store uses), vectorised."""
     n = len(x)
     if buckets <= 0 or n <= 2 * buckets:
         return x, y
-    width = -(-n // buckets)
-    padded = np.full(buckets * width, np.nan)
-    padded[:n] = y
-    rows = padded.reshape(buckets, width)
-    finite = np.isfinite(rows)
-    lo = np.where(finite, rows, np.inf).argmin(axis=1)
-    hi = np.where(finite, rows, -np.inf).argmax(axis=1)
-    base = np.arange(buckets) * width
-    first = base + np.minimum(lo, hi)
-    second = base + np.maximum(lo, hi)
-    idx = np.minimum(np.stack([first, second], axis=1).ravel(), n - 1)
-    idx = idx[np.concatenate([[True], np.diff(idx) > 0])]
+    if buckets == 1:
+        return x[[0, n - 1]], y[[0, n - 1]]
+    nb = buckets_for(buckets)
+    lo, hi = x[0], x[-1]
+    b = np.clip(((x - lo) * nb // (hi - lo + 1)).astype(np.int64), 0, nb - 1)
+    starts = np.flatnonzero(np.r_[True, b[1:] != b[:-1]])
+    ends = np.r_[starts[1:], n]
+    nan = np.isnan(y)
+    keep = [np.array([0, n - 1])]
+    for fill, reduce in ((np.inf, np.minimum), (-np.inf, np.maximum)):
+        key = np.where(nan, fill, y)
+        best = np.repeat(reduce.reduceat(key, starts), ends - starts)
+        hits = np.flatnonzero((key == best) & ~nan)
+        if len(hits):  # the earliest hit of each bucket
+            first = np.r_[True, b[hits[1:]] != b[hits[:-1]]]
+            keep.append(hits[first])
+    idx = np.unique(np.concatenate(keep))
     return x[idx], y[idx]

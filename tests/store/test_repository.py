@@ -13,8 +13,8 @@ from store.repository import RunEvents, Store, utcnow
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = Store(f"sqlite:///{tmp_path}/store.db")
+def store(store_url):
+    s = Store(store_url)
     yield s
     s.close()
 
@@ -193,3 +193,45 @@ def test_study_summary_with_paper_numbers(store):
     assert to_json(summary)["study"]["name"] == "s"
     with pytest.raises(UserError, match="already exists"):
         store.create_study("s", "cpu-mini", {}, [])
+
+
+def test_concurrent_claims_are_disjoint(store):
+    """Four claimers at once (threads, one connection each) take every job exactly once:
+    ``BEGIN IMMEDIATE`` on SQLite, ``FOR UPDATE SKIP LOCKED`` on PostgreSQL."""
+    import threading
+
+    engines = [store.register_engine("here", i, "test", 3).id for i in range(4)]
+    jobs = store.submit([NewJob("train", {"seed": i}, f"h{i}") for i in range(40)])
+    taken: list[list[int]] = [[] for _ in engines]
+
+    def claimer(k: int) -> None:
+        while batch := claim(store, engines[k], 3):
+            taken[k] += [c.job_id for c in batch]
+
+    threads = [threading.Thread(target=claimer, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    everything = [j for batch in taken for j in batch]
+    assert sorted(everything) == sorted(jobs)
+    assert all(len(store.runs(j)) == 1 for j in jobs)
+
+
+def test_nan_points_are_dropped_and_said_without_losing_the_batch(store):
+    engine = store.register_engine("here", 1, "test", 1)
+    (job,) = store.submit([NewJob("defend", {"seed": 1}, "a")])
+    run = claim(store, engine.id)[0]
+    events = points(run.run_id, job, range(4))
+    events.metrics[1] = ("train/loss", 1, float("nan"), time.time())
+    events.metrics[2] = ("train/loss", 2, float("nan"), time.time())
+    events.metrics.append(("train/grad", 0, float("inf"), time.time()))
+    events.logs = [("info", "step line", time.time())]
+    store.record_events([events])
+    assert [p.step for p in store.metric_series(job, "train/loss")] == [0, 3]
+    assert [p.value for p in store.metric_series(job, "train/grad")] == [float("inf")]
+    messages = [e.message for e in store.logs(job)]
+    assert "step line" in messages
+    assert [m for m in messages if "NaN" in m] == [
+        "metric train/loss was NaN at step 1; NaN points are not stored"
+    ]
