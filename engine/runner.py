@@ -251,6 +251,18 @@ def environment(spec: Any) -> dict[str, Any]:
     return env
 
 
+def peak_memory() -> dict[str, float]:
+    """Peak memory of this run's process, as metrics: resident set (``resource/peak_rss_mb``)
+    and, when the task used CUDA, torch's peak allocation (``resource/peak_cuda_mb``)."""
+    import resource
+
+    out = {"resource/peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["resource/peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
 def watch_stdin(stop: threading.Event, orphaned: threading.Event) -> None:
     """``stop`` lines ask the task to stop; end of input means the engine is gone."""
     for line in sys.stdin:
@@ -317,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             traceback.print_exc()
             error = f"{type(exc).__name__}: {exc}"
+    if reporter is not None:
+        with contextlib.suppress(BaseException):  # the engine may be gone; the status still goes
+            reporter.log(peak_memory(), 0)
+            reporter.flush()
     stream.send({"t": "status", "status": status, "result": result, "error": error})
     stream.close()
     sys.stdout.flush()

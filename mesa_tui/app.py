@@ -121,6 +121,8 @@ class MesaApp(App):
                 detail = f"submitted {kwargs['kind']} job{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))}"
             elif action == "start_engine":
                 detail = source.start_engine()
+            elif action == "export_report":
+                detail = f"report written to {source.export_report(kwargs['kind'], kwargs['key'])}"
             else:
                 raise ValueError(f"unknown request {action!r}")
             screen.post_message(RequestDone(action, detail, ids))

@@ -13,7 +13,10 @@ import sys
 import typer
 
 from mesa_tui.commands import data as data_cmd
+from mesa_tui.commands import db as db_cmd
+from mesa_tui.commands import engine_cmd, jobs, paths, study, submit
 from mesa_tui.commands import model as model_cmd
+from mesa_tui.commands import report as report_cmd
 from mesa_tui.commands import run as run_cmd
 
 app = typer.Typer(
@@ -24,19 +27,17 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+# Foreground runs and data, then jobs, the engine, studies, the store and reports.
 app.add_typer(run_cmd.app, name="run")
 app.add_typer(data_cmd.app, name="data")
 app.add_typer(model_cmd.app, name="model")
-# Jobs, engine, studies and the store (issue 4).
-from mesa_tui.commands import db as db_cmd  # noqa: E402
-from mesa_tui.commands import engine_cmd, jobs, paths, study, submit  # noqa: E402
-
 app.add_typer(submit.app, name="submit")
 jobs.register(app)
 app.add_typer(engine_cmd.app, name="engine")
 app.add_typer(study.app, name="study")
 app.add_typer(db_cmd.app, name="db")
 paths.register(app)
+report_cmd.register(app)
 
 
 @app.callback(invoke_without_command=True)

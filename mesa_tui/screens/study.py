@@ -9,7 +9,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import DataTable, Footer, Select, Static
 
-from mesa_tui.messages import StudiesListed, StudyLoaded
+from mesa_tui.messages import RequestDone, StudiesListed, StudyLoaded
 from mesa_tui.screens.base import SourceScreen
 from mesa_tui.source import StudySummary
 
@@ -32,6 +32,7 @@ class StudyScreen(SourceScreen):
     BINDINGS = [
         Binding("enter", "open", "open run"),
         Binding("o", "sort", "sort column"),
+        Binding("x", "export", "export report", show=False),
         Binding("escape", "app.switch_mode('jobs')", "jobs"),
         Binding("f5", "reload", "reload", show=False),
     ]
@@ -170,3 +171,15 @@ class StudyScreen(SourceScreen):
             self.notify("no run behind this cell; move to a method column", severity="warning")
             return
         self.mesa.open_job(cell.job_id)
+
+    def action_export(self) -> None:
+        """Write the study's report (figures, tables) under the data home, in a thread worker."""
+        value = self.query_one("#study-name", Select).value
+        if value is Select.NULL:
+            self.notify("no study chosen; nothing to export", severity="warning")
+            return
+        self.notify(f"writing the report of study {value}…")
+        self.mesa.send_request(self, "export_report", None, kind="study", key=str(value))
+
+    def on_request_done(self, message: RequestDone) -> None:
+        self.notify(message.detail, timeout=10)

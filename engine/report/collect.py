@@ -1,0 +1,484 @@
+"""What a report reads: jobs, runs, metric series and artifacts from the store and the disk.
+
+Only numpy and the standard library (and the store's public API): reports are fast and never load
+torch. Everything is plain data the figure and table writers consume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BETA_KEY = re.compile(r"^(?P<stage>[^/]+)/beta=(?P<beta>[^/]+)/(?P<name>.+)$")
+BETA_LABEL = re.compile(r"beta=(?P<beta>[^/]+)")
+# Peak memory as the runs record it: the runner's per-run figures and the train task's own.
+PEAK_RSS_KEYS = ("resource/peak_rss_mb",)
+PEAK_GPU_KEYS = ("resource/peak_cuda_mb",)
+TASK_PEAK_KEY = "memory/peak_mb"
+
+
+# ---------------------------------------------------------------------------------------------
+# Trigger patterns from their spec (the same pixels engine.ml.triggers makes, without torch)
+
+
+def trigger_pattern(spec: str | None, channels: int = 3) -> np.ndarray | None:
+    """The (C, k, k) pattern in [0, 1] of a trigger spec, or None when it cannot be drawn.
+
+    ``bw:ID``: row-major bits, most significant bit top left; ``color:SEED``:
+    ``randint(0, 256, (C, 3, 3)) / 256`` from ``numpy.random.default_rng(SEED)``;
+    ``square:white|black``; ``file:PATH`` (.npy or an image).
+    """
+    if not spec:
+        return None
+    kind, _, arg = spec.partition(":")
+    try:
+        if kind == "bw" and arg.isdigit() and 0 <= int(arg) <= 511:
+            bits = [(int(arg) >> (8 - i)) & 1 for i in range(9)]
+            grid = np.asarray(bits, dtype=np.float32).reshape(3, 3)
+            return np.repeat(grid[None], channels, axis=0)
+        if kind == "color" and arg.isdigit():
+            rng = np.random.default_rng(int(arg))
+            return (rng.integers(0, 256, size=(channels, 3, 3)) / 256.0).astype(np.float32)
+        if kind == "square" and arg in ("white", "black"):
+            return np.full((channels, 3, 3), 1.0 if arg == "white" else 0.0, dtype=np.float32)
+        if kind == "file":
+            return _file_pattern(Path(arg).expanduser(), channels)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _file_pattern(path: Path, channels: int) -> np.ndarray | None:
+    if path.suffix.lower() == ".npy":
+        array = np.load(path, allow_pickle=False).astype(np.float32)
+        if array.max() > 1.0:
+            array = array / 255.0
+    else:
+        from PIL import Image
+
+        with Image.open(path) as img:
+            array = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    if array.ndim == 2:
+        array = np.repeat(array[None], channels, axis=0)
+    elif array.ndim == 3 and array.shape[-1] in (1, 3) and array.shape[0] not in (1, 3):
+        array = array.transpose(2, 0, 1)
+    if array.ndim != 3:
+        return None
+    if array.shape[0] == 1:
+        array = np.repeat(array, 3, axis=0)
+    return np.clip(array, 0.0, 1.0)
+
+
+def as_chw(array: np.ndarray) -> np.ndarray:
+    """Samples as (N, C, k, k): accepts (N, C, k, k), (N, k, k, C) and (N, C*3*3)."""
+    a = np.asarray(array, dtype=np.float32)
+    if a.ndim == 2 and a.shape[1] % 9 == 0:
+        return a.reshape(a.shape[0], a.shape[1] // 9, 3, 3)
+    if a.ndim == 4 and a.shape[-1] in (1, 3) and a.shape[1] not in (1, 3):
+        return a.transpose(0, 3, 1, 2)
+    if a.ndim == 4:
+        return a
+    raise ValueError(f"samples of shape {a.shape} are not (N, C, k, k)")
+
+
+def to_rgb(pattern: np.ndarray) -> np.ndarray:
+    """(C, k, k) -> (k, k, 3) for imshow."""
+    p = np.clip(np.asarray(pattern, dtype=np.float32), 0.0, 1.0)
+    img = p.transpose(1, 2, 0)
+    return np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img[..., :3]
+
+
+# ---------------------------------------------------------------------------------------------
+# Jobs
+
+
+@dataclass
+class RunData:
+    id: int
+    attempt: int
+    status: str
+    started_at: Any
+    ended_at: Any
+    host: str | None
+    gpu: str | None
+    executor: str
+    seed: int | None
+    code_version: str | None
+    dataset_hash: str | None
+    env: dict[str, Any]
+    latest: dict[str, float]
+
+    @property
+    def wall_s(self) -> float | None:
+        if self.started_at is None or self.ended_at is None:
+            return None
+        return max(0.0, (self.ended_at - self.started_at).total_seconds())
+
+    @property
+    def device(self) -> str:
+        name = self.env.get("device_name")
+        if name:
+            return str(name)
+        return f"gpu {self.gpu}" if self.gpu else "unknown"
+
+    def peak(self, keys: Sequence[str]) -> float | None:
+        values = [self.latest[k] for k in keys if _finite(self.latest.get(k))]
+        return max(values) if values else None
+
+    @property
+    def peak_rss_mb(self) -> float | None:
+        """Peak resident memory of the run's process (the train task's own figure on a CPU)."""
+        rss = self.peak(PEAK_RSS_KEYS)
+        if rss is None and self.device == "cpu":
+            rss = self.peak((TASK_PEAK_KEY,))
+        return rss
+
+    @property
+    def peak_gpu_mb(self) -> float | None:
+        """Peak allocated GPU memory (the train task's own figure on a GPU)."""
+        gpu = self.peak(PEAK_GPU_KEYS)
+        if gpu is None and self.device not in ("cpu", "unknown"):
+            gpu = self.peak((TASK_PEAK_KEY,))
+        return gpu
+
+
+@dataclass
+class JobData:
+    """One job with everything a report shows about it."""
+
+    id: int
+    kind: str
+    label: str
+    status: str
+    role: str
+    trigger: str | None
+    method: str | None
+    seed: int | None
+    spec: dict[str, Any]
+    result: dict[str, Any] | None
+    workdir: str | None
+    dataset_hash: str | None
+    code_version: str | None
+    error: str | None
+    runs: list[RunData]
+    artifacts: list[Any]
+    depends_on: list[int]
+    metric_keys: list[str] = field(default_factory=list)
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return dict((self.result or {}).get("metrics") or {})
+
+    @property
+    def name(self) -> str:
+        return f"job {self.id} ({self.kind}{', ' + self.label if self.label else ''})"
+
+    def artifact_dir(self) -> Path | None:
+        """The job's artifact directory: the one its result names, else the newest announced,
+        else its work directory."""
+        chosen = (self.result or {}).get("artifact")
+        candidates = [chosen] if chosen else []
+        candidates += [a.path for a in reversed(self.artifacts)]
+        if self.workdir:
+            candidates.append(self.workdir)
+        for c in candidates:
+            if c and Path(c).is_dir():
+                return Path(c)
+        return None
+
+
+def load_job(store: Any, job_id: int, member: Any | None = None) -> JobData:
+    detail = store.job_detail(job_id)
+    job = detail.job
+    run_ids = [r.id for r in detail.runs]
+    latest = store.latest_metrics(run_ids) if run_ids else {}
+    spec = dict(job.spec or {})
+    trigger = member.trigger if member is not None and member.trigger else spec.get("trigger")
+    return JobData(
+        id=job.id,
+        kind=job.kind,
+        label=job.label or "",
+        status=job.status,
+        role=(member.role if member is not None else job.kind) or job.kind,
+        trigger=trigger if isinstance(trigger, str) and trigger != "none" else None,
+        method=(member.method if member is not None else None) or spec.get("method"),
+        seed=member.seed if member is not None and member.seed is not None else spec.get("seed"),
+        spec=spec,
+        result=detail.result,
+        workdir=detail.workdir,
+        dataset_hash=detail.dataset_hash,
+        code_version=detail.code_version,
+        error=job.error,
+        runs=[
+            RunData(
+                id=r.id,
+                attempt=r.attempt,
+                status=r.status,
+                started_at=r.started_at,
+                ended_at=r.ended_at,
+                host=r.host,
+                gpu=r.gpu,
+                executor=r.executor,
+                seed=r.seed,
+                code_version=r.code_version,
+                dataset_hash=r.dataset_hash,
+                env=dict(r.env or {}),
+                latest=dict(latest.get(r.id, {})),
+            )
+            for r in detail.runs
+        ],
+        artifacts=list(detail.artifacts),
+        depends_on=[d.job_id for d in detail.depends_on],
+        metric_keys=store.metric_keys(job_id),
+    )
+
+
+def upstream_chain(store: Any, job_id: int, limit: int = 20) -> list[int]:
+    """The job's upstream jobs (dependencies, their dependencies, ...), oldest first."""
+    seen: list[int] = []
+    todo = [job_id]
+    while todo and len(seen) < limit:
+        current = todo.pop()
+        for dep in store.job_detail(current).depends_on:
+            if dep.job_id not in seen and dep.job_id != job_id:
+                seen.append(dep.job_id)
+                todo.append(dep.job_id)
+    return sorted(seen)
+
+
+# ---------------------------------------------------------------------------------------------
+# Series
+
+
+@dataclass
+class Series:
+    key: str
+    steps: np.ndarray
+    values: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+
+def series(store: Any, job: JobData, key: str) -> Series | None:
+    """One metric of a job across its attempts (``Store.metric_series``); None when absent."""
+    if key not in job.metric_keys:
+        return None
+    points = store.metric_series(job.id, key)
+    if not points:
+        return None
+    return Series(
+        key,
+        np.asarray([p.step for p in points], dtype=np.float64),
+        np.asarray([p.value for p in points], dtype=np.float64),
+    )
+
+
+def epoch_axis(store: Any, job: JobData, s: Series, epoch_key: str) -> Series:
+    """Re-index a series logged at global steps by epoch, where the job logs ``epoch_key`` at
+    the same steps (train: ``train/epoch``); unchanged otherwise."""
+    epochs = series(store, job, epoch_key)
+    if epochs is None:
+        return s
+    by_step = dict(zip(epochs.steps.tolist(), epochs.values.tolist(), strict=True))
+    if not all(step in by_step for step in s.steps.tolist()):
+        return s
+    return Series(s.key, np.asarray([by_step[x] for x in s.steps.tolist()]), s.values)
+
+
+# ---------------------------------------------------------------------------------------------
+# Searches
+
+
+@dataclass
+class SearchData:
+    """A MESA search: its samples per beta, the original pattern when known, histograms."""
+
+    job: JobData
+    directory: Path | None
+    samples: dict[str, np.ndarray]  # beta label -> (N, C, k, k)
+    original: np.ndarray | None
+    histograms: dict[str, list[int]]  # beta label -> counts over [0, 1] (own ASR per sample)
+    betas: list[str]
+
+    @property
+    def target(self) -> Any:
+        return (self.job.result or {}).get("target", self.job.spec.get("target"))
+
+
+def _beta_order(labels: Iterable[str]) -> list[str]:
+    def key(b: str) -> tuple[int, float | str]:
+        try:
+            return (0, -float(b))
+        except ValueError:
+            return (1, b)
+
+    return sorted(set(labels), key=key)
+
+
+def load_search(job: JobData) -> SearchData:
+    directory = job.artifact_dir()
+    samples: dict[str, np.ndarray] = {}
+    if directory is not None:
+        for f in sorted(directory.glob("beta=*/samples.npy")):
+            try:
+                samples[f.parent.name.removeprefix("beta=")] = as_chw(
+                    np.load(f, allow_pickle=False)
+                )
+            except (OSError, ValueError):
+                continue
+    histograms: dict[str, list[int]] = {}
+    raw = (job.result or {}).get("histograms")
+    if not raw and directory is not None and (directory / "stats.json").exists():
+        try:
+            raw = json.loads((directory / "stats.json").read_text()).get("histograms")
+        except (OSError, ValueError):
+            raw = None
+    for key, counts in (raw or {}).items():
+        m = BETA_LABEL.search(str(key))
+        if m and isinstance(counts, list):
+            histograms[m["beta"]] = [int(c) for c in counts]
+    betas = set(samples) | set(histograms)
+    for key in job.metric_keys:
+        m = BETA_KEY.match(key)
+        if m and m["stage"] == "mesa":
+            betas.add(m["beta"])
+    ordered = _beta_order(betas)
+    return SearchData(
+        job=job,
+        directory=directory,
+        samples={b: samples[b] for b in ordered if b in samples},
+        original=ground_truth_pattern(directory) if directory is not None else None,
+        histograms={b: histograms[b] for b in ordered if b in histograms},
+        betas=ordered,
+    )
+
+
+def ground_truth_pattern(directory: Path) -> np.ndarray | None:
+    """The original trigger from ``ground_truth.json`` here or in an upstream artifact (the
+    evaluation's knowledge: reports may show it, no defender code path reads it)."""
+    candidates = [directory]
+    manifest = directory / "manifest.json"
+    if manifest.exists():
+        try:
+            data = json.loads(manifest.read_text())
+            candidates += [Path(u["path"]) for u in data.get("upstream", []) if "path" in u]
+            model = (data.get("meta") or {}).get("model")
+            if model:
+                candidates.append(Path(model))
+        except (OSError, ValueError, TypeError):
+            pass
+    for d in candidates:
+        gt = d / "ground_truth.json"
+        if gt.exists():
+            try:
+                pattern = json.loads(gt.read_text()).get("pattern")
+            except (OSError, ValueError):
+                continue
+            if pattern is not None:
+                return np.asarray(pattern, dtype=np.float32)
+    return None
+
+
+def pca_2d(samples: dict[str, np.ndarray], extra: np.ndarray | None = None):
+    """Every beta's samples on the first two principal axes of all samples together (numpy
+    SVD); ``extra`` (the original pattern) is projected on the same axes."""
+    flat = {b: s.reshape(len(s), -1).astype(np.float64) for b, s in samples.items() if len(s)}
+    if not flat:
+        return {}, None
+    stacked = np.concatenate(list(flat.values()))
+    mean = stacked.mean(axis=0)
+    _, _, vt = np.linalg.svd(stacked - mean, full_matrices=False)
+    axes = vt[:2].T if vt.shape[0] >= 2 else np.pad(vt.T, ((0, 0), (0, 2 - vt.shape[0])))
+    projected = {b: (f - mean) @ axes for b, f in flat.items()}
+    point = None
+    if extra is not None and extra.size == stacked.shape[1]:
+        point = (extra.reshape(1, -1).astype(np.float64) - mean) @ axes
+    return projected, point
+
+
+def tsne_2d(samples: dict[str, np.ndarray], seed: int = 0) -> dict[str, np.ndarray] | None:
+    """t-SNE of all samples together when scikit-learn is installed; None otherwise."""
+    try:
+        from sklearn.manifold import TSNE
+    except ImportError:
+        return None
+    flat = {b: s.reshape(len(s), -1) for b, s in samples.items() if len(s)}
+    stacked = np.concatenate(list(flat.values())) if flat else np.zeros((0, 1))
+    if len(stacked) < 5:
+        return None
+    perplexity = float(min(30, max(2, (len(stacked) - 1) // 3)))
+    xy = TSNE(2, perplexity=perplexity, random_state=seed, init="pca").fit_transform(stacked)
+    out, start = {}, 0
+    for b, f in flat.items():
+        out[b] = xy[start : start + len(f)]
+        start += len(f)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU benchmark results (benchmarks/gpu_bench.py's JSON)
+
+
+@dataclass
+class GpuResult:
+    path: str
+    device: str
+    torch: str | None
+    cuda: str | None
+    tiny: bool
+    figures: dict[str, Any]
+
+
+def flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = value
+
+
+def load_gpu_result(path: str | Path) -> GpuResult:
+    from engine.errors import UserError
+
+    p = Path(path).expanduser()
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise UserError(
+            f"--gpu-results '{path}' does not exist; give a JSON file written by "
+            "benchmarks/gpu_bench.py (benchmarks/results/*.json)"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"--gpu-results '{path}' is not readable JSON ({exc}); give a file written by "
+            "benchmarks/gpu_bench.py"
+        ) from None
+    if not isinstance(data, dict) or not isinstance(data.get("environment"), dict):
+        raise UserError(
+            f"--gpu-results '{path}' has no 'environment' object; give a file written by "
+            "benchmarks/gpu_bench.py"
+        )
+    env = data["environment"]
+    figures: dict[str, Any] = {}
+    flatten("", {k: v for k, v in data.items() if k not in ("environment", "benchmark")}, figures)
+    figures.pop("tiny", None)
+    return GpuResult(
+        path=str(p),
+        device=str(env.get("device_name") or env.get("device") or "unknown device"),
+        torch=env.get("torch"),
+        cuda=env.get("cuda") or None,
+        tiny=bool(data.get("tiny")),
+        figures=figures,
+    )
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
