@@ -42,7 +42,7 @@ def test_gpu_figures_come_from_nvml_when_present(monkeypatch):
     assert gpu_snapshot(["0"]) == [{"index": 0, "name": "gpu 0"}]
 
 
-def test_child_is_pinned_to_its_gpu_slot(tmp_path):
+def test_child_is_pinned_to_its_gpu_slot(tmp_path, store_url):
     store = Store()
     (job,) = store.submit([NewJob("count", {"steps": 2, "step_s": 0.0}, "h")])
     log = open(tmp_path / "engine.log", "ab")
@@ -75,7 +75,7 @@ def test_daemon_runner_store_and_cli_modules_do_not_import_torch():
     assert out.stdout.strip() == "[]"
 
 
-def test_engine_stop_requeues_running_jobs_without_using_an_attempt(tmp_path):
+def test_engine_stop_requeues_running_jobs_without_using_an_attempt(tmp_path, store_url):
     store = Store()
     (job,) = store.submit([NewJob("count", {"steps": 500, "step_s": 0.05}, "h")])
     engine = start_engine(tmp_path)
@@ -90,7 +90,7 @@ def test_engine_stop_requeues_running_jobs_without_using_an_attempt(tmp_path):
     assert [r.status for r in store.runs(job)] == ["lost"]
 
 
-def test_dependent_job_receives_the_upstream_artifact(tmp_path):
+def test_dependent_job_receives_the_upstream_artifact(tmp_path, store_url):
     import json
     from pathlib import Path
 

@@ -24,8 +24,8 @@ from store.repository import RunEvents, Store
 
 
 @pytest.fixture
-def store():
-    s = Store()
+def store(store_url):
+    s = Store(store_url)
     yield s
     s.close()
 
