@@ -49,3 +49,68 @@ def trigger_size(spec: str, read_files: bool = False) -> int | None:
         except Exception:
             return None  # the task reads it properly and says what is wrong
     return None
+
+
+def pattern_array(spec: str, channels: int = 3):
+    """The pixels of a trigger spec as a float32 numpy array ``(C, k, k)`` in [0, 1] (no torch, so
+    reports draw the same pixels training stamps). ``bw:ID``: row-major bits, most significant bit
+    top left; ``color:SEED``: ``randint(0, 256, (C, 3, 3)) / 256`` from
+    ``numpy.random.default_rng(SEED)``; ``square:white|black``; ``file:PATH`` (.npy or an image,
+    HxW, HxWxC or CxHxW, converted to ``channels``). Raises ``UserError`` naming the fix."""
+    import numpy as np
+
+    from engine.errors import UserError
+
+    kind, _, arg = spec.partition(":")
+    if kind in ("bw", "color") and not re.fullmatch(r"\d+", arg):
+        what = "id" if kind == "bw" else "seed"
+        raise UserError(f"trigger '{spec}' needs a numeric {what}; {SPEC_HELP}")
+    if kind == "bw":
+        if not 0 <= int(arg) <= 511:
+            raise UserError(f"bw trigger id {arg} is out of range; use an id in 0..511")
+        bits = [(int(arg) >> (8 - i)) & 1 for i in range(9)]
+        grid = np.asarray(bits, dtype=np.float32).reshape(1, 3, 3)
+        return np.repeat(grid, channels, axis=0)
+    if kind == "color":
+        rng = np.random.default_rng(int(arg))
+        return (rng.integers(0, 256, size=(channels, 3, 3)) / 256.0).astype(np.float32)
+    if kind == "square":
+        if arg not in ("white", "black"):
+            raise UserError(f"trigger '{spec}' is unknown; use square:white or square:black")
+        return np.full((channels, 3, 3), 1.0 if arg == "white" else 0.0, dtype=np.float32)
+    if kind == "file":
+        return _file_array(Path(arg).expanduser(), channels)
+    raise UserError(f"trigger '{spec}' is not a known kind; {SPEC_HELP}")
+
+
+def _file_array(path: Path, channels: int):
+    import numpy as np
+
+    from engine.errors import UserError
+
+    if not path.exists():
+        raise UserError(f"trigger file {path} does not exist; give the path of a PNG or .npy file")
+    if path.suffix.lower() == ".npy":
+        array = np.load(path, allow_pickle=False).astype(np.float32)
+        if array.max() > 1.0:
+            array = array / 255.0
+    else:
+        from PIL import Image
+
+        with Image.open(path) as img:
+            img = img.convert("L" if channels == 1 else "RGB")
+            array = np.asarray(img, dtype=np.float32) / 255.0
+    if array.ndim == 2:
+        array = np.repeat(array[None], channels, axis=0)
+    elif array.ndim == 3 and array.shape[-1] in (1, 3) and array.shape[0] not in (1, 3):
+        array = array.transpose(2, 0, 1)
+    if array.ndim != 3 or array.shape[1] != array.shape[2]:
+        raise UserError(
+            f"trigger file {path} has shape {array.shape}; it must be a square k x k patch "
+            "(HxW, HxWxC or CxHxW)"
+        )
+    if array.shape[0] == 1 and channels == 3:
+        array = np.repeat(array, 3, axis=0)
+    if array.shape[0] == 3 and channels == 1:
+        array = array.mean(axis=0, keepdims=True)
+    return np.clip(array, 0.0, 1.0).astype(np.float32)

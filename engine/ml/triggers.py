@@ -8,15 +8,13 @@ float tensor ``(C, k, k)``; a batch of patterns is ``(N, C, k, k)``. Stamping ov
 from __future__ import annotations
 
 import itertools
-import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from engine.errors import UserError
-from engine.triggerspec import SPEC_HELP as _SPEC_HELP
+from engine.triggerspec import pattern_array
 
 PLACEMENTS = ("per-image", "per-batch", "corner")
 
@@ -27,11 +25,7 @@ PLACEMENTS = ("per-image", "per-batch", "corner")
 
 def bw_pattern(pattern_id: int, channels: int = 3) -> torch.Tensor:
     """The 3x3 black/white pattern ``pattern_id`` (0..511): row-major bits, MSB top left."""
-    if not 0 <= pattern_id <= 511:
-        raise UserError(f"bw trigger id {pattern_id} is out of range; use an id in 0..511")
-    bits = [(pattern_id >> (8 - i)) & 1 for i in range(9)]
-    grid = torch.tensor(bits, dtype=torch.float32).reshape(3, 3)
-    return grid.unsqueeze(0).repeat(channels, 1, 1)
+    return torch.from_numpy(pattern_array(f"bw:{pattern_id}", channels))
 
 
 def _bits_to_id(bits: np.ndarray) -> int:
@@ -69,60 +63,10 @@ def canonical_bw_ids() -> list[int]:
 # Trigger specs
 
 
-def color_pattern(seed: int, channels: int = 3, size: int = 3) -> torch.Tensor:
-    """A random colour patch as in the paper: ``randint(0, 256, (C, k, k)) / 256``, seeded."""
-    rng = np.random.default_rng(seed)
-    values = rng.integers(0, 256, size=(channels, size, size)) / 256.0
-    return torch.tensor(values, dtype=torch.float32)
-
-
-def _load_file_pattern(path: Path, channels: int) -> torch.Tensor:
-    if not path.exists():
-        raise UserError(f"trigger file {path} does not exist; give the path of a PNG or .npy file")
-    if path.suffix.lower() == ".npy":
-        array = np.load(path, allow_pickle=False).astype(np.float32)
-        if array.max() > 1.0:
-            array = array / 255.0
-    else:
-        from PIL import Image
-
-        with Image.open(path) as img:
-            img = img.convert("L" if channels == 1 else "RGB")
-            array = np.asarray(img, dtype=np.float32) / 255.0
-    if array.ndim == 2:
-        array = np.repeat(array[None], channels, axis=0)
-    elif array.ndim == 3 and array.shape[-1] in (1, 3) and array.shape[0] not in (1, 3):
-        array = array.transpose(2, 0, 1)
-    if array.ndim != 3 or array.shape[1] != array.shape[2]:
-        raise UserError(
-            f"trigger file {path} has shape {array.shape}; it must be a square k x k patch "
-            "(HxW, HxWxC or CxHxW)"
-        )
-    if array.shape[0] == 1 and channels == 3:
-        array = np.repeat(array, 3, axis=0)
-    if array.shape[0] == 3 and channels == 1:
-        array = array.mean(axis=0, keepdims=True)
-    return torch.tensor(np.clip(array, 0.0, 1.0), dtype=torch.float32)
-
-
 def parse_trigger(spec: str, channels: int = 3) -> torch.Tensor:
-    """Turn a trigger spec (``bw:170``, ``color:3``, ``square:white``, ``file:t.png``) into pixels."""
-    kind, _, arg = spec.partition(":")
-    if kind == "bw":
-        if not re.fullmatch(r"\d+", arg):
-            raise UserError(f"trigger '{spec}' needs a numeric id; {_SPEC_HELP}")
-        return bw_pattern(int(arg), channels)
-    if kind == "color":
-        if not re.fullmatch(r"\d+", arg):
-            raise UserError(f"trigger '{spec}' needs a numeric seed; {_SPEC_HELP}")
-        return color_pattern(int(arg), channels)
-    if kind == "square":
-        if arg not in ("white", "black"):
-            raise UserError(f"trigger '{spec}' is unknown; use square:white or square:black")
-        return torch.full((channels, 3, 3), 1.0 if arg == "white" else 0.0)
-    if kind == "file":
-        return _load_file_pattern(Path(arg).expanduser(), channels)
-    raise UserError(f"trigger '{spec}' is not a known kind; {_SPEC_HELP}")
+    """Turn a trigger spec (``bw:170``, ``color:3``, ``square:white``, ``file:t.png``) into pixels
+    (``engine.triggerspec.pattern_array``, shared with the torch-free reports)."""
+    return torch.from_numpy(pattern_array(spec, channels))
 
 
 # ---------------------------------------------------------------------------------------------

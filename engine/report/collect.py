@@ -16,6 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from engine.errors import UserError
+from engine.triggerspec import pattern_array
+
 BETA_KEY = re.compile(r"^(?P<stage>[^/]+)/beta=(?P<beta>[^/]+)/(?P<name>.+)$")
 BETA_LABEL = re.compile(r"beta=(?P<beta>[^/]+)")
 # Peak memory as the runs record it: the runner's per-run figures and the train task's own.
@@ -29,51 +32,14 @@ TASK_PEAK_KEY = "memory/peak_mb"
 
 
 def trigger_pattern(spec: str | None, channels: int = 3) -> np.ndarray | None:
-    """The (C, k, k) pattern in [0, 1] of a trigger spec, or None when it cannot be drawn.
-
-    ``bw:ID``: row-major bits, most significant bit top left; ``color:SEED``:
-    ``randint(0, 256, (C, 3, 3)) / 256`` from ``numpy.random.default_rng(SEED)``;
-    ``square:white|black``; ``file:PATH`` (.npy or an image).
-    """
+    """The (C, k, k) pattern in [0, 1] of a trigger spec (the pixels training stamps, from
+    ``engine.triggerspec.pattern_array``), or None when it cannot be drawn (a file gone)."""
     if not spec:
         return None
-    kind, _, arg = spec.partition(":")
     try:
-        if kind == "bw" and arg.isdigit() and 0 <= int(arg) <= 511:
-            bits = [(int(arg) >> (8 - i)) & 1 for i in range(9)]
-            grid = np.asarray(bits, dtype=np.float32).reshape(3, 3)
-            return np.repeat(grid[None], channels, axis=0)
-        if kind == "color" and arg.isdigit():
-            rng = np.random.default_rng(int(arg))
-            return (rng.integers(0, 256, size=(channels, 3, 3)) / 256.0).astype(np.float32)
-        if kind == "square" and arg in ("white", "black"):
-            return np.full((channels, 3, 3), 1.0 if arg == "white" else 0.0, dtype=np.float32)
-        if kind == "file":
-            return _file_pattern(Path(arg).expanduser(), channels)
-    except (OSError, ValueError):
+        return pattern_array(spec, channels)
+    except (UserError, OSError, ValueError):
         return None
-    return None
-
-
-def _file_pattern(path: Path, channels: int) -> np.ndarray | None:
-    if path.suffix.lower() == ".npy":
-        array = np.load(path, allow_pickle=False).astype(np.float32)
-        if array.max() > 1.0:
-            array = array / 255.0
-    else:
-        from PIL import Image
-
-        with Image.open(path) as img:
-            array = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
-    if array.ndim == 2:
-        array = np.repeat(array[None], channels, axis=0)
-    elif array.ndim == 3 and array.shape[-1] in (1, 3) and array.shape[0] not in (1, 3):
-        array = array.transpose(2, 0, 1)
-    if array.ndim != 3:
-        return None
-    if array.shape[0] == 1:
-        array = np.repeat(array, 3, axis=0)
-    return np.clip(array, 0.0, 1.0)
 
 
 def as_chw(array: np.ndarray) -> np.ndarray:
