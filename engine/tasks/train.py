@@ -9,16 +9,17 @@ model, optimiser, schedule and random state, so an interrupted run resumes where
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from engine.errors import UserError
 from engine.ml import artifacts
+from engine.ml.checkpoint import load_or_none, save_checkpoint
 from engine.ml.data import Normalizer, augment, batch_indices, load_dataset, to_float
 from engine.ml.metrics import evaluate, variation_asr
 from engine.ml.models import build_model, count_parameters
@@ -35,7 +36,7 @@ from engine.ml.triggers import PatchTrigger, Placement, parse_trigger, stamp
 from engine.reporter import Reporter, TaskResult, stop_point
 from engine.specs import TrainSpec
 
-CHECKPOINT = "checkpoints/last.pt"
+CHECKPOINT = "checkpoints/train.safetensors"
 
 
 def lr_factor(
@@ -85,9 +86,9 @@ def poison_batch(
 
 
 def _save_checkpoint(
-    path: Path, model, optimizer, epoch: int, step: int, generator: torch.Generator
+    path: Path, fingerprint: Any, model, optimizer, epoch: int, step: int, generator
 ) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """The epoch's state as a safetensors checkpoint (engine.ml.checkpoint: atomic, no pickle)."""
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -96,14 +97,7 @@ def _save_checkpoint(
         "generator": generator.get_state(),
         "torch_rng": torch.get_rng_state(),
     }
-    tmp = path.with_suffix(".part")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def _load_checkpoint(path: Path) -> dict:
-    # Our own file, still loaded without arbitrary unpickling.
-    return torch.load(path, map_location="cpu", weights_only=True)
+    save_checkpoint(path, "train", state, fingerprint)
 
 
 def run(spec: TrainSpec, reporter: Reporter) -> TaskResult:
@@ -171,8 +165,9 @@ def run(spec: TrainSpec, reporter: Reporter) -> TaskResult:
     workdir = Path(reporter.workdir)
     ckpt_path = workdir / CHECKPOINT
     start_epoch, step = 0, 0
-    if reporter.resume and ckpt_path.exists():
-        state = _load_checkpoint(ckpt_path)
+    fingerprint = spec.model_dump(mode="json")
+    state = load_or_none(ckpt_path, "train", fingerprint, reporter) if reporter.resume else None
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
@@ -270,7 +265,7 @@ def run(spec: TrainSpec, reporter: Reporter) -> TaskResult:
             metrics.update({f"eval/{k}": v for k, v in last_eval.items()})
         reporter.log(metrics, step)
         reporter.check_in(120.0)  # flushes the epoch's metrics before the checkpoint passes them
-        _save_checkpoint(ckpt_path, model, optimizer, epoch + 1, step, generator)
+        _save_checkpoint(ckpt_path, fingerprint, model, optimizer, epoch + 1, step, generator)
 
     # Final evaluation: per-class accuracy and the variations of the pattern.
     final = evaluate(model, test_x, test_y, normalizer, per_class=True, **eval_kwargs)
