@@ -153,7 +153,8 @@ def search_grids(
     fig = _figure(width, height)
     panel_w = GRID_PANEL_W / width
     for i, beta in enumerate(betas or [""]):
-        ax = fig.add_axes((i * panel_w + 0.02 * panel_w, 0.08, 0.96 * panel_w, 0.76))
+        # Panels end at 0.77 of the height: the two-line titles and the figure's title above.
+        ax = fig.add_axes((i * panel_w + 0.02 * panel_w, 0.05, 0.96 * panel_w, 0.72))
         ax.set_axis_off()
         if beta:
             ax.imshow(tile(samples[beta]), interpolation="nearest")
