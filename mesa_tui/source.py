@@ -882,6 +882,18 @@ def _eta(progress: Any) -> float | None:
     return max(0.0, elapsed * (1 - fraction) / fraction) if elapsed > 0 else None
 
 
+_TRIGGER_IN_LABEL = re.compile(r"\b(?:bw|color|square|file):\S+")
+
+
+def _label_trigger(label: str | None) -> str | None:
+    """The trigger named in a job's label ("point bw:85 -> 0" -> "bw:85"): search, detect and
+    defend specs refer to their model instead of naming a trigger; else the label itself."""
+    if not label:
+        return None
+    found = _TRIGGER_IN_LABEL.search(label)
+    return found.group(0) if found else label
+
+
 class StoreSource:
     """``DataSource`` over ``store.repository.Store``; called from worker threads only.
 
@@ -905,7 +917,7 @@ class StoreSource:
             created_at=s.created_at,
             updated_at=s.updated_at,
             study=s.studies[0] if s.studies else None,
-            trigger=spec.get("trigger") or (s.label or None),
+            trigger=spec.get("trigger") or _label_trigger(s.label),
             progress=progress.fraction
             if progress is not None
             else (1.0 if s.status == "succeeded" else None),

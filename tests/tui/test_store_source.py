@@ -128,3 +128,12 @@ def test_store_source_submits_a_pipeline_with_its_dependencies(store_source):
     assert kinds == ["train", "mesa", "defend", "defend"]
     mesa = store_source.job_detail(ids[1])
     assert mesa.depends_on == (ids[0],) and mesa.spec["model"] == f"job:{ids[0]}"
+
+
+def test_jobs_without_a_trigger_in_their_spec_show_the_one_in_their_label():
+    from mesa_tui.source import _label_trigger
+
+    assert _label_trigger("point bw:85 -> 0") == "bw:85"
+    assert _label_trigger("mesa-ensemble color:3 -> 1") == "color:3"
+    assert _label_trigger("trigger=bw:170 target=0") == "bw:170"
+    assert _label_trigger("clean model") == "clean model" and _label_trigger(None) is None
