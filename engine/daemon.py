@@ -397,6 +397,7 @@ class Engine:
                         "total": event.get("total", 0),
                         "info": event.get("info", {}),
                         "wall_time": event.get("time", time.time()),
+                        "started": event.get("started"),
                     }
                 elif kind == "env":
                     buffer.env = dict(event.get("env") or {})

@@ -88,6 +88,8 @@ class RunnerReporter:
         self._points: list[list[Any]] = []
         self._last_flush = time.monotonic()
         self._last_progress = 0.0
+        self._stage: tuple[str, float, int] | None = None  # (stage, first seen, done then)
+        self._stage_started: float | None = None
 
     def _check_engine(self) -> None:
         """Without an engine nothing more is recorded: stop before the task writes another
@@ -142,6 +144,7 @@ class RunnerReporter:
         if done < total and now - self._last_progress < PROGRESS_INTERVAL_S:
             return
         self._last_progress = now
+        wall = time.time()
         self._stream.send(
             {
                 "t": "progress",
@@ -149,9 +152,22 @@ class RunnerReporter:
                 "done": int(done),
                 "total": int(total),
                 "info": {k: float(v) for k, v in (info or {}).items()},
-                "time": time.time(),
+                "time": wall,
+                "started": self._stage_start(stage, int(done), wall),
             }
         )
+
+    def _stage_start(self, stage: str, done: int, wall: float) -> float | None:
+        """When the stage would have started at its present pace (for the ETA): the time it was
+        first seen when that was at step 0; for a stage first seen part-way (a resumed attempt),
+        extrapolated back from the pace between its first two reports."""
+        if self._stage is None or self._stage[0] != stage or done < self._stage[2]:
+            self._stage = (stage, wall, done)
+            self._stage_started = wall if done == 0 else None
+        elif self._stage_started is None and done > self._stage[2] and wall > self._stage[1]:
+            pace = (done - self._stage[2]) / (wall - self._stage[1])
+            self._stage_started = wall - done / pace
+        return self._stage_started
 
 
 def artifact_identity(path: Path) -> tuple[str | None, int]:
