@@ -16,8 +16,13 @@ Every setting is fixed before anything runs; nothing is chosen by looking at the
 (the defenses see only the defender split; the held-out split only scores them).
 
 Usage: python benchmarks/defense.py [--triggers bw:170,bw:0,bw:85] [--seeds 3]
-       [--rates 0.01,0.1,0.2] [--methods ...] [--steps 620] [--quick] [--out FILE]
+       [--rates 0.01,0.1,0.2] [--methods ...] [--steps 620] [--parts main,alpha,paper]
+       [--models bw:170=ARTIFACT,...] [--workdir DIR] [--threads N] [--quick] [--out FILE]
 The full run takes hours on a 2-core CPU; --quick is a tiny smoke version (about a minute).
+With --workdir every finished task leaves its result there and a rerun reuses it, so a long
+benchmark can be split over several sittings (or parts run side by side: --parts alpha in one
+process, --parts main in another) and the last run prints the whole JSON. --models reuses
+backdoored models already trained (a study's, say) instead of training them again.
 JSON goes to stdout (and --out); progress lines go to stderr.
 """
 
@@ -101,6 +106,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--alpha-long-steps", type=int, default=3000)
     p.add_argument("--skip-alpha", action="store_true")
     p.add_argument("--skip-paper", action="store_true")
+    p.add_argument(
+        "--parts",
+        type=csv(str),
+        default=["main", "alpha", "paper"],
+        help="which parts run: main (every method at every rate), alpha, paper",
+    )
+    p.add_argument(
+        "--models",
+        type=csv(str),
+        default=[],
+        help="TRIGGER=ARTIFACT: reuse this backdoored model for the trigger at its own seed",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--paper-epochs", type=int, default=10)
     p.add_argument("--paper-seeds", type=int, default=None, help="default: --seeds")
     p.add_argument("--clean-epochs", type=int, default=None, help="clean model (cpu-quick: 8)")
@@ -113,6 +131,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [m for m in args.methods if m not in ALL_METHODS and not m.startswith("mesa:")]
     if unknown:
         p.error(f"unknown methods {unknown}; use {', '.join(ALL_METHODS)} or mesa:BETA")
+    bad_parts = [part for part in args.parts if part not in ("main", "alpha", "paper")]
+    if bad_parts:
+        p.error(f"unknown parts {bad_parts}; use main, alpha, paper")
+    if args.skip_alpha and "alpha" in args.parts:
+        args.parts.remove("alpha")
+    if args.skip_paper and "paper" in args.parts:
+        args.parts.remove("paper")
+    models = {}
+    for item in args.models:
+        trigger, sep, path = item.partition("=")
+        if not sep or not Path(path, "manifest.json").exists():
+            p.error(f"--models {item!r}: give TRIGGER=ARTIFACT_DIR (a model artifact directory)")
+        models[trigger] = path
+    args.models = models
     if args.quick:
         apply_quick(args)
     if args.residual_rates is None:
@@ -181,14 +213,53 @@ def ensure_dataset(name: str) -> None:
 # Running tasks
 
 
+RESULT_FILE = "benchmark-result.json"
+
+
 def run_task(kind: str, spec: Any, workdir: Path) -> TaskResult:
+    """Run one task in ``workdir``; a result left there by an earlier run of the same spec is
+    reused (its wall time is the one measured then)."""
     import importlib
 
+    saved = workdir / RESULT_FILE
+    spec_json = spec.model_dump(mode="json")
+    if saved.exists():
+        data = json.loads(saved.read_text())
+        if (
+            data.get("spec") == spec_json
+            and data.get("artifact")
+            and Path(data["artifact"]).exists()
+        ):
+            log(f"  reusing {kind} result in {workdir}")
+            return TaskResult(data["artifact"], data["metrics"], data["extra"])
     task = importlib.import_module(f"engine.tasks.{kind}")
     started = time.perf_counter()
-    result = task.run(spec, MemoryReporter(workdir))
+    result = task.run(spec, MemoryReporter(workdir, resume=True))  # a killed run goes on
     result.extra["wall_s"] = time.perf_counter() - started
+    data = {"spec": spec_json, "artifact": result.artifact, "metrics": result.metrics}
+    data["extra"] = result.extra
+    tmp = saved.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, default=float))
+    tmp.replace(saved)
     return result
+
+
+def reused_model(args, trigger: str, seed: int) -> TaskResult | None:
+    """The artifact given with --models for this trigger, when it was trained with this seed."""
+    from engine.ml.artifacts import read_manifest
+
+    path = args.models.get(trigger)
+    if path is None:
+        return None
+    manifest = read_manifest(path, verify=False)
+    spec = manifest.get("spec", {})
+    if spec.get("trigger") != trigger:
+        raise SystemExit(
+            f"--models {trigger}={path}: that model's trigger is {spec.get('trigger')}"
+        )
+    if spec.get("seed") != seed:
+        return None
+    return TaskResult(str(path), manifest.get("metrics", {}), {"wall_s": None, "reused": True})
 
 
 def train_model(args, trigger: str | None, seed: int, workdir: Path, **overrides) -> TaskResult:
@@ -419,6 +490,8 @@ def bar_checks(summary: dict[str, Any], searches: list[dict[str, Any]], betas) -
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     started = time.perf_counter()
     ensure_dataset(args.dataset)
     temp = None
@@ -447,9 +520,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for seed in range(args.seeds):
             tag = f"{trigger.replace(':', '')}-s{seed}"
             base = root / tag
-            log(f"{tag}: training the backdoored cpu-quick model")
-            trained = train_model(args, trigger, seed, base / "model")
+            trained = reused_model(args, trigger, seed)
+            if trained is None:
+                log(f"{tag}: training the backdoored cpu-quick model")
+                trained = train_model(args, trigger, seed, base / "model")
+            else:
+                log(f"{tag}: reusing the backdoored model {trained.artifact}")
             model = str(trained.artifact)
+            if first_model is None:
+                first_model = (model, seed, base)
+            if "main" not in args.parts:
+                continue
             log(f"{tag}: MESA search ({args.steps} steps, betas {args.betas})")
             search = run_search(args, model, seed, base / "search")
             summary = search_summary(search, args.betas)
@@ -469,24 +550,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "acc_clean": trained.metrics.get("eval/acc_clean"),
                         "asr": trained.metrics.get("eval/asr"),
                         "train_s": trained.extra.get("wall_s"),
+                        "reused": bool(trained.extra.get("reused")),
+                        "artifact": model,
                     },
                     "search": summary,
                     "residual_before_repair": reference.get("residual/validity"),
                     "repairs": rows,
                 }
             )
-            if first_model is None:
-                first_model = (model, str(search.artifact), seed, base)
-    report["summary"] = {
-        "rate": args.headline_rate,
-        "methods": summarise(all_rows, args.headline_rate),
-    }
-    report["summary_by_rate"] = {f"{r:g}": summarise(all_rows, r) for r in args.rates}
-    report["bar"] = bar_checks(report["summary"]["methods"], searches, args.betas)
+    if "main" in args.parts:
+        report["summary"] = {
+            "rate": args.headline_rate,
+            "methods": summarise(all_rows, args.headline_rate),
+        }
+        report["summary_by_rate"] = {f"{r:g}": summarise(all_rows, r) for r in args.rates}
+        report["bar"] = bar_checks(report["summary"]["methods"], searches, args.betas)
 
-    if not args.skip_alpha and first_model is not None:
+    if "alpha" in args.parts and first_model is not None:
         report["alpha_ablation"] = alpha_ablation(args, *first_model)
-    if not args.skip_paper:
+    if "paper" in args.parts:
         report["paper_recipe"] = paper_recipe(args, root / "paper")
     report["wall_s"] = time.perf_counter() - started
     text = json.dumps(report, indent=1, default=float)
@@ -498,30 +580,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return report
 
 
-def alpha_ablation(args, model: str, search: str, seed: int, base: Path) -> list[dict[str, Any]]:
+def alpha_ablation(args, model: str, seed: int, base: Path) -> list[dict[str, Any]]:
     """Alpha 0, 0.1 and 10 at the default length and a longer one: does alpha 0 collapse?"""
     out = []
     for steps in (args.steps, args.alpha_long_steps):
         for alpha in args.alpha:
             tag = f"alpha{alpha:g}-steps{steps}"
-            if math.isclose(alpha, 0.1) and steps == args.steps:
-                search_dir = search  # the main search already is this setting
-                summary = None
-            else:
-                log(f"alpha ablation: alpha {alpha:g}, {steps} steps")
-                result = run_search(args, model, seed, base / tag, alpha=alpha, steps=steps)
-                search_dir, summary = str(result.artifact), search_summary(result, args.betas)
-            if summary is None:
-                from engine.ml.artifacts import read_manifest
-
-                summary = {
-                    f"beta={b:g}": {
-                        k.split("/")[-1]: v
-                        for k, v in read_manifest(search_dir, verify=False)["metrics"].items()
-                        if k.startswith(f"mesa/beta={b:g}/")
-                    }
-                    for b in args.betas
-                }
+            # alpha 0.1 at the default length is the main part's search (same directory, so
+            # its saved result is reused when the main part ran in this workdir)
+            default = math.isclose(alpha, 0.1) and steps == args.steps
+            log(f"alpha ablation: alpha {alpha:g}, {steps} steps")
+            result = run_search(
+                args, model, seed, base / ("search" if default else tag), alpha=alpha, steps=steps
+            )
+            search_dir, summary = str(result.artifact), search_summary(result, args.betas)
             repaired = defend(
                 args,
                 model,

@@ -1,0 +1,105 @@
+"""benchmarks/defense.py's bookkeeping: parts, reused models and saved task results.
+
+The benchmark runs for hours, so it must survive being split over sittings: a rerun in the same
+--workdir reuses every finished task (only when the spec is the same), and --models reuses
+backdoored models trained elsewhere. The end-to-end run is the slow --quick test in
+test_defend.py; these tests check the bookkeeping without training anything.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from engine.specs import build_spec
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "defense.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("defense_bench", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_parts_and_skip_flags(bench):
+    args = bench.parse_args(["--skip-paper"])
+    assert args.parts == ["main", "alpha"]
+    args = bench.parse_args(["--parts", "alpha"])
+    assert args.parts == ["alpha"]
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--parts", "main,beta"], "unknown parts ['beta']"),
+        (["--models", "bw:170"], "give TRIGGER=ARTIFACT_DIR"),
+        (["--models", "bw:170=/nonexistent/model"], "'bw:170=/nonexistent/model'"),
+    ],
+)
+def test_bad_options_exit_2_naming_the_value(bench, capsys, argv, needle):
+    with pytest.raises(SystemExit) as exc:
+        bench.parse_args(argv)
+    assert exc.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def _model_dir(tmp_path: Path, trigger: str, seed: int) -> Path:
+    d = tmp_path / f"model-{trigger.replace(':', '')}-{seed}"
+    d.mkdir()
+    manifest = {
+        "kind": "model",
+        "spec": {"trigger": trigger, "seed": seed},
+        "metrics": {"eval/acc_clean": 0.84, "eval/asr": 0.99},
+    }
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    return d
+
+
+def test_reused_model_matches_trigger_and_seed(bench, tmp_path):
+    model = _model_dir(tmp_path, "bw:170", 0)
+    args = bench.parse_args(["--models", f"bw:170={model}"])
+    reused = bench.reused_model(args, "bw:170", 0)
+    assert reused.artifact == str(model)
+    assert reused.metrics["eval/asr"] == 0.99 and reused.extra["reused"]
+    assert bench.reused_model(args, "bw:170", 1) is None  # other seeds are trained
+    assert bench.reused_model(args, "bw:0", 0) is None
+    args.models["bw:0"] = str(model)
+    with pytest.raises(SystemExit, match="that model's trigger is bw:170"):
+        bench.reused_model(args, "bw:0", 0)
+
+
+def test_a_finished_task_is_reused_only_for_the_same_spec(bench, tmp_path, monkeypatch):
+    calls = []
+
+    def run(spec, reporter):
+        calls.append(spec.steps)
+        out = reporter.workdir / "artifact"
+        out.mkdir(exist_ok=True)
+        return bench.TaskResult(str(out), {"mesa/steps": float(spec.steps)}, {})
+
+    monkeypatch.setitem(sys.modules, "engine.tasks.fakemesa", types.SimpleNamespace(run=run))
+    spec = build_spec("mesa", overrides={"model": "m", "target": 0, "steps": 10})
+    first = bench.run_task("fakemesa", spec, tmp_path / "w")
+    again = bench.run_task("fakemesa", spec, tmp_path / "w")
+    assert calls == [10]
+    assert again.metrics == first.metrics and again.artifact == first.artifact
+    assert again.extra["wall_s"] == first.extra["wall_s"]  # the time measured then
+
+    longer = build_spec("mesa", overrides={"model": "m", "target": 0, "steps": 20})
+    bench.run_task("fakemesa", longer, tmp_path / "w")
+    assert calls == [10, 20]
+
+    # a saved result whose artifact has gone is run again, not trusted
+    import shutil
+
+    shutil.rmtree(tmp_path / "w" / "artifact")
+    bench.run_task("fakemesa", longer, tmp_path / "w")
+    assert calls == [10, 20, 20]
