@@ -104,6 +104,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--alpha", type=csv(float), default=[0.0, 0.1, 10.0])
     p.add_argument("--alpha-long-steps", type=int, default=3000)
+    p.add_argument(
+        "--alpha-betas",
+        type=csv(float),
+        default=None,
+        help="betas of the ablation's searches (default: --betas; one beta costs a third)",
+    )
     p.add_argument("--skip-alpha", action="store_true")
     p.add_argument("--skip-paper", action="store_true")
     p.add_argument(
@@ -280,12 +286,18 @@ def train_model(args, trigger: str | None, seed: int, workdir: Path, **overrides
 
 
 def run_search(
-    args, model: str, seed: int, workdir: Path, alpha: float = 0.1, steps: int | None = None
+    args,
+    model: str,
+    seed: int,
+    workdir: Path,
+    alpha: float = 0.1,
+    steps: int | None = None,
+    betas: list[float] | None = None,
 ) -> TaskResult:
     values = dict(
         model=model,
         target=args.target,
-        betas=args.betas,
+        betas=betas or args.betas,
         alpha=alpha,
         steps=steps or args.steps,
         batch_size=args.search_batch,
@@ -490,6 +502,8 @@ def bar_checks(summary: dict[str, Any], searches: list[dict[str, Any]], betas) -
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.alpha_betas is None:
+        args.alpha_betas = args.betas
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -588,12 +602,21 @@ def alpha_ablation(args, model: str, seed: int, base: Path) -> list[dict[str, An
             tag = f"alpha{alpha:g}-steps{steps}"
             # alpha 0.1 at the default length is the main part's search (same directory, so
             # its saved result is reused when the main part ran in this workdir)
-            default = math.isclose(alpha, 0.1) and steps == args.steps
-            log(f"alpha ablation: alpha {alpha:g}, {steps} steps")
+            betas = args.alpha_betas
+            default = math.isclose(alpha, 0.1) and steps == args.steps and betas == args.betas
+            if betas != args.betas:
+                tag += "-betas" + "_".join(f"{b:g}" for b in betas)
+            log(f"alpha ablation: alpha {alpha:g}, {steps} steps, betas {betas}")
             result = run_search(
-                args, model, seed, base / ("search" if default else tag), alpha=alpha, steps=steps
+                args,
+                model,
+                seed,
+                base / ("search" if default else tag),
+                alpha=alpha,
+                steps=steps,
+                betas=betas,
             )
-            search_dir, summary = str(result.artifact), search_summary(result, args.betas)
+            search_dir, summary = str(result.artifact), search_summary(result, betas)
             repaired = defend(
                 args,
                 model,
@@ -609,6 +632,7 @@ def alpha_ablation(args, model: str, seed: int, base: Path) -> list[dict[str, An
                 {
                     "alpha": alpha,
                     "steps": steps,
+                    "betas": betas,
                     "search": summary,
                     "repair_asr": repaired.metrics.get("eval/asr"),
                     "repair_acc_clean": repaired.metrics.get("eval/acc_clean"),
