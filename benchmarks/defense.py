@@ -530,7 +530,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     all_rows: list[dict[str, Any]] = []
     searches: list[dict[str, Any]] = []
     first_model: tuple[str, str, int, Path] | None = None
-    for trigger in args.triggers:
+    needs_models = "main" in args.parts or "alpha" in args.parts
+    for trigger in args.triggers if needs_models else []:
         for seed in range(args.seeds):
             tag = f"{trigger.replace(':', '')}-s{seed}"
             base = root / tag

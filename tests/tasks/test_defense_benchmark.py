@@ -103,3 +103,25 @@ def test_a_finished_task_is_reused_only_for_the_same_spec(bench, tmp_path, monke
     shutil.rmtree(tmp_path / "w" / "artifact")
     bench.run_task("fakemesa", longer, tmp_path / "w")
     assert calls == [10, 20, 20]
+
+
+def test_only_the_asked_parts_run_and_a_given_model_is_not_trained_again(
+    bench, tmp_path, monkeypatch, capsys
+):
+    trained, ablated = [], []
+    monkeypatch.setattr(bench, "ensure_dataset", lambda name: None)
+    monkeypatch.setattr(bench, "train_model", lambda *a, **k: trained.append(a[1]))
+    monkeypatch.setattr(bench, "paper_recipe", lambda args, root: {"summary": {}})
+    monkeypatch.setattr(bench, "alpha_ablation", lambda args, *m: ablated.append(m) or [])
+
+    report = bench.main(["--parts", "paper", "--workdir", str(tmp_path / "w")])
+    assert trained == [] and ablated == []
+    assert "paper_recipe" in report and "summary" not in report and "alpha_ablation" not in report
+
+    model = _model_dir(tmp_path, "bw:170", 0)
+    argv = ["--parts", "alpha", "--triggers", "bw:170", "--seeds", "1"]
+    report = bench.main([*argv, "--models", f"bw:170={model}", "--workdir", str(tmp_path / "w")])
+    assert trained == []
+    assert ablated == [(str(model), 0, tmp_path / "w" / "bw170-s0")]
+    assert "alpha_ablation" in report and "paper_recipe" not in report
+    capsys.readouterr()
