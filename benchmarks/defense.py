@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 import tempfile
@@ -504,7 +505,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.alpha_betas is None:
         args.alpha_betas = args.betas
-    if args.threads:
+    if args.threads:  # the tasks read their thread budget from the environment
+        os.environ["MESA_TUI_THREADS"] = str(args.threads)
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     ensure_dataset(args.dataset)

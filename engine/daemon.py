@@ -10,6 +10,7 @@ Run it with ``mesa-tui engine start`` (or ``python -m engine.daemon``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import paths
+from engine.cores import usable_cores
 from engine.executors.base import Executor, Handle, Launch, Slot
 from engine.executors.local import LocalExecutor, is_runner_process, kill_group, pid_alive
 from engine.version import code_version
@@ -148,7 +150,9 @@ def make_slots(config: EngineConfig) -> list[Slot]:
     ]
     if not gpus:
         slots = [Slot(name=f"cpu{k}") for k in range(max(1, config.cpu_slots or 1))]
-    return slots
+    # The cores are shared out among the slots, so runs side by side do not oversubscribe them.
+    threads = max(1, usable_cores() // len(slots))
+    return [dataclasses.replace(slot, threads=threads) for slot in slots]
 
 
 def workdir_for(kind: str, job_id: int) -> Path:

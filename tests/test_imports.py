@@ -134,7 +134,7 @@ def test_torch_only_lazily_outside_engine_ml_and_tasks():
 ML_ALLOWED_THIRD_PARTY = ("torch", "numpy", "safetensors", "PIL", "matplotlib")
 ML_ALLOWED_ENGINE = tuple(
     f"engine.{m}"
-    for m in ("ml", "errors", "reporter", "triggerspec", "catalog", "paths", "version")
+    for m in ("ml", "errors", "reporter", "triggerspec", "catalog", "paths", "version", "cores")
 )
 
 

@@ -17,6 +17,7 @@ class Slot:
 
     name: str
     gpu: str | None = None
+    threads: int | None = None  # CPU threads a run here may use (None: every core)
 
 
 @dataclass

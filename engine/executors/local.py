@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from engine.cores import THREADS_ENV
 from engine.executors.base import Executor, Handle, Launch, Slot
 
 
@@ -32,6 +33,8 @@ class LocalExecutor(Executor):
         # A CPU slot hides every GPU, so a task on "auto" cannot wander onto a busy device.
         env["CUDA_VISIBLE_DEVICES"] = slot.gpu if slot.gpu is not None else ""
         env["PYTHONUNBUFFERED"] = "1"
+        if slot.threads and THREADS_ENV not in os.environ:  # a value the user set wins
+            env[THREADS_ENV] = str(slot.threads)
         root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
         with open(log_path, "ab") as log_file:

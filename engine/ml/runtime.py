@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import random
 
 import numpy as np
 import torch
 
+from engine.cores import thread_budget
 from engine.errors import UserError
 
 
@@ -62,8 +62,9 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def configure_threads() -> None:
-    """Use every core the process may run on (containers often report fewer than the host)."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """Use the thread budget: two jobs that each take every core on the same CPU run several
+    times slower than their share (OpenMP threads spin while they wait for each other)."""
+    n = thread_budget()
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
 

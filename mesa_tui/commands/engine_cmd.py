@@ -27,7 +27,10 @@ def start(
         False, "--detach", "-d", help="keep running in the background (log to a file)"
     ),
     cpu_slots: int | None = typer.Option(
-        None, "--cpu-slots", min=1, help="run N jobs at once on the CPU (no GPU)"
+        None,
+        "--cpu-slots",
+        min=1,
+        help="run N jobs at once on the CPU (no GPU); each gets its share of the cores",
     ),
     gpus: str | None = typer.Option(
         None, "--gpus", help="GPU indices to use, e.g. 0,1 (default: every visible GPU)"

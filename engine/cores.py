@@ -1,0 +1,35 @@
+"""How many CPU threads a run may use (torch-free: the engine imports it, and so does engine.ml).
+
+Two runs that each take every core of the same CPU run several times slower than their share:
+OpenMP threads spin while they wait for each other. So the engine shares the cores out among
+its CPU slots and tells each child its share through ``MESA_TUI_THREADS``; a person may set the
+variable too (for the engine, a benchmark, or one foreground run), and their value wins.
+"""
+
+from __future__ import annotations
+
+import os
+
+from engine.errors import UserError
+
+THREADS_ENV = "MESA_TUI_THREADS"
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (containers often report fewer than the host)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def thread_budget() -> int:
+    """``MESA_TUI_THREADS`` when set, else every usable core."""
+    value = os.environ.get(THREADS_ENV, "").strip()
+    if not value:
+        return usable_cores()
+    n = int(value) if value.isdigit() else 0
+    if n < 1:
+        raise UserError(
+            f"{THREADS_ENV}={value!r} is not a thread count; set it to 1 or more, or unset it"
+        )
+    return n
