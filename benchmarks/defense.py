@@ -133,6 +133,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", default="auto")
     p.add_argument("--workdir", default=None, help="keep artifacts here (default: a temp dir)")
     p.add_argument("--out", default=None, help="also write the JSON to this file")
+    p.add_argument("--markdown", default=None, help="also write the tables as Markdown here")
     p.add_argument("--quick", action="store_true", help="a tiny smoke version (about a minute)")
     args = p.parse_args(argv)
     unknown = [m for m in args.methods if m not in ALL_METHODS and not m.startswith("mesa:")]
@@ -592,9 +593,158 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(text)
     if args.out:
         Path(args.out).write_text(text)
+    tables = markdown(report)
+    print(tables, file=sys.stderr)
+    if args.markdown:
+        Path(args.markdown).write_text(tables)
     if temp is not None:
         temp.cleanup()
     return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f} %"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def _repair_rows(entries: list[dict[str, Any]]) -> list[list[str]]:
+    rows = []
+    for entry in entries:
+        for r in entry["repairs"]:
+            variations = r.get("variations") or {}
+            worst = max(variations.values()) if variations else None
+            wall = r.get("wall_s")
+            rows.append(
+                [
+                    entry["trigger"],
+                    str(entry["seed"]),
+                    r["method"],
+                    f"{r['rate']:g}",
+                    _pct(r["acc_clean"]),
+                    _pct(r["asr"]),
+                    _pct(r["ra"]),
+                    _pct(worst),
+                    _pct(r.get("residual_validity")),
+                    "–" if wall is None else f"{wall:.0f}",
+                ]
+            )
+    return rows
+
+
+REPAIR_HEADER = [
+    "trigger",
+    "seed",
+    "method",
+    "rate",
+    "clean acc",
+    "ASR",
+    "robust acc",
+    "worst ASR under variations",
+    "residual validity",
+    "wall s",
+]
+SUMMARY_HEADER = [
+    "method",
+    "n",
+    "ASR mean",
+    "ASR worst",
+    "clean acc",
+    "acc drop worst",
+    "robust acc",
+]
+
+
+def _summary_rows(summary: dict[str, Any]) -> list[list[str]]:
+    return [
+        [
+            name,
+            str(s["n"]),
+            _pct(s["asr_mean"]),
+            _pct(s["asr_worst"]),
+            _pct(s["acc_clean_mean"]),
+            f"{100 * s['acc_drop_worst']:.1f} pt",
+            _pct(s["ra_mean"]),
+        ]
+        for name, s in summary.items()
+    ]
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report's tables in Markdown: per repair, per method and rate, the alpha ablation, the
+    paper recipe and the bar checks."""
+    out: list[str] = []
+    if report.get("models"):
+        out.append("## Backdoored models and searches\n")
+        rows = []
+        for m in report["models"]:
+            for beta, s in m["search"].items():
+                if not beta.startswith("beta="):
+                    continue
+                rows.append(
+                    [
+                        m["trigger"],
+                        str(m["seed"]),
+                        _pct(m["attack"]["acc_clean"]),
+                        _pct(m["attack"]["asr"]),
+                        beta,
+                        _pct(s.get("validity")),
+                        f"{s.get('pixel_std') or 0:.3f}",
+                        f"{s.get('pairwise_l2') or 0:.2f}",
+                        f"{s.get('bw_distinct') or 0:.0f}",
+                    ]
+                )
+        header = ["trigger", "seed", "clean acc", "ASR", "beta", "validity", "pixel std"]
+        out.append(_table(header + ["pairwise L2", "distinct b/w"], rows))
+        out.append("\n## Every repair\n")
+        out.append(_table(REPAIR_HEADER, _repair_rows(report["models"])))
+        for rate, summary in report.get("summary_by_rate", {}).items():
+            out.append(f"\n## Mean and worst over triggers and seeds, stamping rate {rate}\n")
+            out.append(_table(SUMMARY_HEADER, _summary_rows(summary)))
+    if report.get("alpha_ablation"):
+        out.append("\n## Alpha ablation\n")
+        rows = []
+        for a in report["alpha_ablation"]:
+            for beta, s in a["search"].items():
+                if beta.startswith("beta="):
+                    rows.append(
+                        [
+                            f"{a['alpha']:g}",
+                            str(a["steps"]),
+                            beta,
+                            _pct(s.get("validity")),
+                            f"{s.get('pixel_std') or 0:.3f}",
+                            f"{s.get('pairwise_l2') or 0:.2f}",
+                            f"{s.get('knn_entropy') or 0:.1f}",
+                            f"{s.get('bw_distinct') or 0:.0f}",
+                            _pct(a["repair_asr"]),
+                            _pct(a["repair_acc_clean"]),
+                        ]
+                    )
+        header = ["alpha", "steps", "beta", "validity", "pixel std", "pairwise L2"]
+        header += ["k-NN entropy", "distinct b/w", "repair ASR", "clean acc"]
+        out.append(_table(header, rows))
+    if report.get("paper_recipe"):
+        paper = report["paper_recipe"]
+        out.append("\n## The paper's attack recipe (fine-tuned, 1 % poisoning)\n")
+        rows = [
+            [m["trigger"], str(m["seed"]), _pct(m["attack"]["acc_clean"]), _pct(m["attack"]["asr"])]
+            for m in paper["models"]
+        ]
+        out.append(_table(["trigger", "seed", "clean acc", "ASR"], rows) + "\n")
+        out.append(_table(REPAIR_HEADER, _repair_rows(paper["models"])) + "\n")
+        out.append(_table(SUMMARY_HEADER, _summary_rows(paper["summary"])))
+    if report.get("bar"):
+        out.append("\n## Bar checks\n")
+        out.append("\n".join(f"- {k}: {v}" for k, v in report["bar"].items()))
+    return "\n".join(out) + "\n"
 
 
 def alpha_ablation(args, model: str, seed: int, base: Path) -> list[dict[str, Any]]:

@@ -474,3 +474,6 @@ def test_defense_benchmark_quick_runs_end_to_end(cifar10, tmp_path):
     assert len(report["alpha_ablation"]) == 6
     assert {"mesa", "point"} == set(report["paper_recipe"]["summary"])
     assert "search_validity_min" in report["bar"]
+    for section in ("## Every repair", "## Alpha ablation", "## The paper's attack recipe"):
+        assert section in proc.stderr  # the same figures as Markdown tables
+    assert "| bw:170 | 0 | point#1 | 0.1 |" in proc.stderr
