@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.errors import UserError
-from engine.ml.models import ARCHITECTURES, build_model, count_parameters
+from engine.ml.models import ARCHITECTURES, build_model, count_parameters, fold_batchnorm
 
 ARCHS = ["resnet18", "preact-resnet18", "vgg11-bn", "small", "small-wide"]
 
@@ -90,3 +90,32 @@ def test_resnet18_is_the_cifar_variant():
 def test_bad_arguments(args, named):
     with pytest.raises(UserError, match=named):
         build_model(*args)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_folding_batchnorm_keeps_the_function_and_the_input_gradient(arch):
+    torch.manual_seed(0)
+    model = build_model(arch, 10, 3)
+    with torch.no_grad():  # non-trivial running statistics, as after training
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    # float64: in float32 a rounding-sized change can flip a ReLU or a max-pool's choice, which
+    # moves a gradient (a search sees that as noise); in float64 the functions must agree.
+    model = model.double().eval()
+    folded = fold_batchnorm(model)
+    x = torch.rand(4, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    y = x.detach().clone().requires_grad_(True)
+    ref, out = model(x), folded(y)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-12)
+    ref[:, 0].sum().backward()
+    out[:, 0].sum().backward()
+    assert (y.grad - x.grad).abs().max() <= 1e-9 * x.grad.abs().max()
+    # the original is untouched; the copy lost the BatchNorm layers that follow a convolution
+    bns = lambda m: sum(isinstance(k, torch.nn.BatchNorm2d) for k in m.modules())  # noqa: E731
+    assert bns(model) > 0
+    if arch != "preact-resnet18":  # there BN comes before the convolution: nothing to fold
+        assert bns(folded) < bns(model)
