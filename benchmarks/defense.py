@@ -742,11 +742,11 @@ def markdown(report: dict[str, Any]) -> str:
         out.append("\n## The paper's attack recipe (fine-tuned, 1 % poisoning)\n")
         rows = [
             [m["trigger"], str(m["seed"]), _pct(m["attack"]["acc_clean"]), _pct(m["attack"]["asr"])]
-            for m in paper["models"]
+            for m in paper.get("models", [])
         ]
         out.append(_table(["trigger", "seed", "clean acc", "ASR"], rows) + "\n")
-        out.append(_table(REPAIR_HEADER, _repair_rows(paper["models"])) + "\n")
-        out.append(_table(SUMMARY_HEADER, _summary_rows(paper["summary"])))
+        out.append(_table(REPAIR_HEADER, _repair_rows(paper.get("models", []))) + "\n")
+        out.append(_table(SUMMARY_HEADER, _summary_rows(paper.get("summary", {}))))
     if report.get("bar"):
         out.append("\n## Bar checks\n")
         out.append("\n".join(f"- {k}: {v}" for k, v in report["bar"].items()))
