@@ -165,6 +165,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.residual_rates = [args.headline_rate]
     if args.paper_seeds is None:
         args.paper_seeds = args.seeds
+    if args.alpha_betas is None:
+        args.alpha_betas = args.betas
     return args
 
 
@@ -251,11 +253,15 @@ def run_task(kind: str, spec: Any, workdir: Path) -> TaskResult:
     result = task.run(spec, MemoryReporter(workdir, resume=True))  # a killed run goes on
     result.extra["wall_s"] = time.perf_counter() - started
     data = {"spec": spec_json, "artifact": result.artifact, "metrics": result.metrics}
-    data["extra"] = result.extra
-    tmp = saved.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, default=float))
-    tmp.replace(saved)
+    write_json(saved, {**data, "extra": result.extra})
     return result
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Whole or not at all: a run killed while writing leaves the old file (or none)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, default=float))
+    tmp.replace(path)
 
 
 def reused_model(args, trigger: str, seed: int) -> TaskResult | None:
@@ -383,16 +389,23 @@ def search_summary(result: TaskResult, betas: list[float]) -> dict[str, Any]:
     return out
 
 
-def residual_reference(args, model: str, seed: int) -> dict[str, float]:
+def residual_reference(args, model: str, seed: int, workdir: Path) -> dict[str, float]:
     """The residual check on the model before any repair: what the same short search finds
-    when the backdoor is intact (the scale for every repaired model's residual/validity)."""
+    when the backdoor is intact (the scale for every repaired model's residual/validity).
+    Kept in ``workdir`` like a task's result, so a rerun does not search again."""
     from engine.ml.runtime import pick_device, resolve_precision
     from engine.tasks.defend import RESIDUAL_SEED_OFFSET, residual_check
     from engine.tasks.mesa import load_defender_data
 
+    saved = workdir / "residual-reference.json"
+    key = {"model": model, "seed": seed, "target": args.target, "steps": args.residual_steps}
+    key.update(batch=args.search_batch, hidden=args.hidden, precision=args.precision)
+    stored = json.loads(saved.read_text()) if saved.exists() else {}
+    if stored.get("key") == key:
+        return stored["result"]
     device = pick_device(args.device)
     net, _, normalizer, images, labels, _ = load_defender_data(model, device, 0.8, 0)
-    return residual_check(
+    result = residual_check(
         net,
         normalizer,
         images,
@@ -405,6 +418,9 @@ def residual_reference(args, model: str, seed: int) -> dict[str, float]:
         device=device,
         precision=resolve_precision(args.precision, device),
     )
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_json(saved, {"key": key, "result": result})
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -510,11 +526,12 @@ def bar_checks(summary: dict[str, Any], searches: list[dict[str, Any]], betas) -
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    if args.alpha_betas is None:
-        args.alpha_betas = args.betas
-    if args.threads:  # the tasks read their thread budget from the environment
-        os.environ["MESA_TUI_THREADS"] = str(args.threads)
-        torch.set_num_threads(args.threads)
+    if args.threads:  # the tasks (and configure_threads here) read the budget from there
+        from engine.cores import THREADS_ENV
+        from engine.ml.runtime import configure_threads
+
+        os.environ[THREADS_ENV] = str(args.threads)
+        configure_threads()
     started = time.perf_counter()
     ensure_dataset(args.dataset)
     temp = None
@@ -538,7 +555,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     all_rows: list[dict[str, Any]] = []
     searches: list[dict[str, Any]] = []
-    first_model: tuple[str, str, int, Path] | None = None
+    first_model: tuple[str, int, Path] | None = None
     needs_models = "main" in args.parts or "alpha" in args.parts
     for trigger in args.triggers if needs_models else []:
         for seed in range(args.seeds):
@@ -559,7 +576,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             search = run_search(args, model, seed, base / "search")
             summary = search_summary(search, args.betas)
             searches.append(summary)
-            reference = residual_reference(args, model, seed) if args.residual_steps else {}
+            reference = residual_reference(args, model, seed, base) if args.residual_steps else {}
             rows = repair_all(
                 args, model, str(search.artifact), seed, base, args.rates, args.methods
             )

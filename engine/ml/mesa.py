@@ -719,8 +719,6 @@ def search_targets(
     cfg = config
     frozen_flags = [p.requires_grad for p in model.parameters()]
     was_training = model.training
-    if cfg.channels_last and device.type != "mps":
-        model.to(memory_format=torch.channels_last)
     try:
         trainer = MesaTrainer(
             model, normalizer, images_u8, pairs, cfg, device=device, precision=precision, seed=seed
@@ -806,7 +804,7 @@ def search_targets(
                 samples = trainer.sample(run, n, g)
                 ev = eval_sets[run.target]
                 success = trigger_success(
-                    model,
+                    trainer.model,  # the frozen copy (BN folded, channels_last) the search uses
                     normalizer,
                     samples[: cfg.n_eval_triggers],
                     ev.images,
