@@ -2,8 +2,9 @@
 its share through MESA_TUI_THREADS, and a value the person set wins.
 
 Observed on the 2-core AMD EPYC VM: two benchmark processes side by side, each taking both
-cores, ran a one-beta MESA search at about 1.35 s per step; with one thread each, a resumed
-search went on at about 0.2 s per step (OpenMP threads spin while they wait for each other).
+cores, ran a one-beta MESA search at about 1.35 s per step; with one thread each, one-beta
+searches took 0.28 to 0.41 s per step, evaluations included (OpenMP threads spin while they
+wait for each other).
 """
 
 from __future__ import annotations
