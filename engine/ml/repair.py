@@ -244,12 +244,13 @@ def repair(
         for i, idx in enumerate(batch_indices(n, config.batch_size, generator, device=device)):
             if reporter is not None:
                 stop_point(reporter)
-            x = to_float(images_u8[idx])
+            x = images_u8[idx]
             y = labels[idx]
             if config.augment:
-                x = augment(x, generator)
+                x = augment(x, generator)  # on the uint8 batch: a quarter of the bytes
+            x = to_float(x)
             x, y, chosen = build_repair_batch(x, y, source, config.stamp_rate, generator, placement)
-            x = normalizer(x)
+            x = normalizer.inplace(x)  # x is this step's own batch
             if use_cl:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device, precision):

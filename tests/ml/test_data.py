@@ -333,6 +333,24 @@ def test_augment_shape_and_determinism(channels):
     assert not torch.equal(a, c)
 
 
+def test_augment_on_uint8_equals_augment_on_floats():
+    # Training crops and flips the uint8 batch before the float conversion; same result.
+    x = torch.randint(0, 256, (32, 3, 12, 12), dtype=torch.uint8)
+    on_bytes = augment(x, torch.Generator().manual_seed(5))
+    on_floats = augment(to_float(x), torch.Generator().manual_seed(5))
+    assert on_bytes.dtype == torch.uint8
+    assert torch.equal(to_float(on_bytes), on_floats)
+
+
+def test_normalizer_inplace_equals_the_copying_call():
+    norm = Normalizer((0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+    x = torch.rand(4, 3, 5, 5)
+    expected = norm(x)
+    out = norm.inplace(x)
+    assert out.data_ptr() == x.data_ptr()
+    assert torch.equal(out, expected)
+
+
 def test_augment_flip_only_mirrors_some_images():
     x = torch.rand(64, 3, 8, 8)
     out = augment(x, torch.Generator().manual_seed(0), padding=0, flip=True)

@@ -77,6 +77,8 @@ def test_smoke_run_writes_an_artifact_with_metrics(cifar10, tmp_path):
     assert losses and all(math.isfinite(v) for _, v in losses)
     assert [s for s, _ in losses] == sorted(s for s, _ in losses)
     assert reporter.last("eval/acc_clean") == m["eval/acc_clean"]
+    # The last epoch is evaluated once (by the final evaluation), not twice.
+    assert len(reporter.series("eval/acc_clean")) == 1
     assert reporter.last("train/epoch") == 1
     assert reporter.progress_calls > 0 and reporter.check_ins
 
