@@ -32,6 +32,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "tui_responsiveness": [],
     "data_pipeline": [],
     "mesa_speed": [],
+    "cpu_quick": [],  # the whole cpu-quick attack (about 5 minutes)
 }
 
 
