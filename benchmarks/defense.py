@@ -18,10 +18,12 @@ Every setting is fixed before anything runs; nothing is chosen by looking at the
 Usage: python benchmarks/defense.py [--triggers bw:170,bw:0,bw:85] [--seeds 3]
        [--rates 0.01,0.1,0.2] [--methods ...] [--steps 620] [--parts main,alpha,paper]
        [--models bw:170=ARTIFACT,...] [--workdir DIR] [--threads N] [--quick] [--out FILE]
+       python benchmarks/defense.py --merge A.json,B.json [--out FILE] [--markdown FILE]
 The full run takes hours on a 2-core CPU; --quick is a tiny smoke version (about a minute).
 With --workdir every finished task leaves its result there and a rerun reuses it, so a long
 benchmark can be split over several sittings (or parts run side by side: --parts alpha in one
-process, --parts main in another) and the last run prints the whole JSON. --models reuses
+process, --parts main in another) and the last run prints the whole JSON. Reports of runs that
+did not share a workdir (other triggers, other machines) combine with --merge. --models reuses
 backdoored models already trained (a study's, say) instead of training them again.
 JSON goes to stdout (and --out); progress lines go to stderr.
 """
@@ -37,7 +39,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -141,6 +143,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="also write the JSON to this file")
     p.add_argument("--markdown", default=None, help="also write the tables as Markdown here")
     p.add_argument("--quick", action="store_true", help="a tiny smoke version (about a minute)")
+    p.add_argument(
+        "--merge",
+        type=csv(str),
+        default=[],
+        help="REPORT.json,...: run nothing; combine reports of earlier runs (other triggers, "
+        "seeds or sittings) into one, with the summary and bar checks over all of them",
+    )
     args = p.parse_args(argv)
     unknown = [m for m in args.methods if m not in ALL_METHODS and not m.startswith("mesa:")]
     if unknown:
@@ -498,7 +507,12 @@ def summarise(rows: list[dict[str, Any]], rate: float) -> dict[str, Any]:
 def bar_checks(summary: dict[str, Any], searches: list[dict[str, Any]], betas) -> dict[str, Any]:
     """The bar of issue 3, each check with the numbers it used (None: not measured)."""
     checks: dict[str, Any] = {}
-    validities = [s[f"beta={b:g}"]["validity"] for s in searches for b in betas]
+    validities = [
+        v["validity"]
+        for s in searches
+        for key, v in s.items()
+        if key.startswith("beta=") and (betas is None or key in {f"beta={b:g}" for b in betas})
+    ]
     validities = [v for v in validities if v is not None]
     if validities:
         checks["search_validity_min"] = min(validities)
@@ -524,8 +538,67 @@ def bar_checks(summary: dict[str, Any], searches: list[dict[str, Any]], betas) -
 # Main
 
 
+def fail(message: str) -> NoReturn:
+    """Bad input: one line on stderr, exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def merge_reports(paths: list[str], headline_rate: float) -> dict[str, Any]:
+    """One report from several (each model once): the models with the file and machine they
+    came from, and the summaries and bar checks recomputed over all of their repairs."""
+    report: dict[str, Any] = {"benchmark": "defense", "merged_from": [], "models": []}
+    seen: dict[tuple[str, int], str] = {}
+    for path in paths:
+        try:
+            part = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            fail(f"--merge {path}: not a readable JSON report ({exc}); give a --out file of a run")
+        if part.get("benchmark") != "defense":
+            fail(f"--merge {path} is not a defense benchmark report; give a --out file of a run")
+        report["merged_from"].append({"file": str(path), "machine": part.get("machine")})
+        for model in part.get("models", []):
+            key = (model["trigger"], model["seed"])
+            if key in seen:
+                fail(
+                    f"--merge: {path} and {seen[key]} both hold trigger {key[0]} seed "
+                    f"{key[1]}; merge reports of different models"
+                )
+            seen[key] = str(path)
+            report["models"].append({**model, "source": str(path)})
+        for name in ("alpha_ablation",):
+            if part.get(name):
+                report.setdefault(name, []).extend(part[name])
+        if part.get("paper_recipe"):
+            report.setdefault("paper_recipe", {"models": []})["models"] += [
+                {**m, "source": str(path)} for m in part["paper_recipe"]["models"]
+            ]
+    rows = [r for m in report["models"] for r in m["repairs"]]
+    if rows:
+        rates = sorted({r["rate"] for r in rows})
+        report["summary"] = {"rate": headline_rate, "methods": summarise(rows, headline_rate)}
+        report["summary_by_rate"] = {f"{r:g}": summarise(rows, r) for r in rates}
+        searches = [m["search"] for m in report["models"]]
+        report["bar"] = bar_checks(report["summary"]["methods"], searches, None)
+    if "paper_recipe" in report:
+        flat = [r for m in report["paper_recipe"]["models"] for r in m["repairs"]]
+        report["paper_recipe"]["summary"] = summarise(flat, headline_rate)
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.merge:
+        report = merge_reports(args.merge, args.headline_rate)
+        text = json.dumps(report, indent=1, default=float)
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text)
+        tables = markdown(report)
+        print(tables, file=sys.stderr)
+        if args.markdown:
+            Path(args.markdown).write_text(tables)
+        return report
     if args.threads:  # the tasks (and configure_threads here) read the budget from there
         from engine.cores import THREADS_ENV
         from engine.ml.runtime import configure_threads
@@ -704,6 +777,14 @@ def markdown(report: dict[str, Any]) -> str:
     """The report's tables in Markdown: per repair, per method and rate, the alpha ablation, the
     paper recipe and the bar checks."""
     out: list[str] = []
+    if report.get("merged_from"):
+        out.append("Merged from:\n")
+        for part in report["merged_from"]:
+            machine = part.get("machine") or {}
+            out.append(
+                f"- {part['file']} ({machine.get('processor', '?')}, torch {machine.get('torch', '?')})"
+            )
+        out.append("")
     if report.get("models"):
         out.append("## Backdoored models and searches\n")
         rows = []

@@ -125,3 +125,67 @@ def test_only_the_asked_parts_run_and_a_given_model_is_not_trained_again(
     assert ablated == [(str(model), 0, tmp_path / "w" / "bw170-s0")]
     assert "alpha_ablation" in report and "paper_recipe" not in report
     capsys.readouterr()
+
+
+def _report(tmp_path: Path, name: str, trigger: str, mesa_asr: float, validity: float) -> str:
+    def row(method: str, asr: float) -> dict:
+        return {
+            "method": method,
+            "rate": 0.1,
+            "acc_clean": 0.83,
+            "asr": asr,
+            "ra": 0.8,
+            "before_acc_clean": 0.84,
+            "variations": {"asr_noise": asr + 0.01},
+            "residual_validity": 0.0,
+            "wall_s": 10.0,
+        }
+
+    report = {
+        "benchmark": "defense",
+        "machine": {"processor": "cpu-" + name, "torch": "x"},
+        "models": [
+            {
+                "trigger": trigger,
+                "seed": 0,
+                "attack": {"acc_clean": 0.84, "asr": 0.99},
+                "search": {"wall_s": 1.0, "beta=0.9": {"validity": validity}},
+                "repairs": [row("mesa", mesa_asr), row("point#0", 0.03), row("point#1", 0.2)],
+            }
+        ],
+    }
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(report))
+    return str(path)
+
+
+def test_merge_recomputes_the_summary_and_bar_over_every_report(bench, tmp_path, capsys):
+    a = _report(tmp_path, "a", "bw:170", mesa_asr=0.02, validity=0.95)
+    b = _report(tmp_path, "b", "bw:0", mesa_asr=0.12, validity=0.7)
+    out = tmp_path / "merged.json"
+    report = bench.main(["--merge", f"{a},{b}", "--out", str(out)])
+    mesa = report["summary"]["methods"]["mesa"]
+    assert mesa["n"] == 2 and mesa["asr_mean"] == pytest.approx(0.07)
+    assert mesa["asr_worst"] == pytest.approx(0.12)
+    assert report["summary"]["methods"]["point"]["n"] == 4  # restarts pooled over both models
+    assert report["bar"]["search_validity_min"] == pytest.approx(0.7)
+    assert report["bar"]["search_validity_ok"] is False
+    assert report["bar"]["mesa_asr_worst_ok"] is False
+    assert [m["source"] for m in report["models"]] == [a, b]
+    assert json.loads(out.read_text())["summary"]["methods"]["mesa"]["n"] == 2
+    tables = capsys.readouterr().err
+    assert "cpu-a" in tables and "cpu-b" in tables and "| bw:0 | 0 | mesa |" in tables
+
+
+def test_merge_refuses_the_same_model_twice(bench, tmp_path, capsys):
+    a = _report(tmp_path, "a", "bw:170", mesa_asr=0.02, validity=0.95)
+    b = _report(tmp_path, "b", "bw:170", mesa_asr=0.12, validity=0.7)
+    for argv, needle in (
+        ([f"{a},{b}"], "both hold trigger bw:170 seed 0"),
+        ([str(tmp_path / "missing.json")], "not a readable JSON report"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            bench.main(["--merge", *argv])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1
