@@ -77,6 +77,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--triggers", type=csv(str), default=["bw:170", "bw:0", "bw:85"])
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per trigger")
+    p.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="start the main part's seeds here (seeds F..F+N-1): a later sitting adds seeds",
+    )
     p.add_argument("--rates", type=csv(float), default=[0.01, 0.1, 0.2])
     p.add_argument("--headline-rate", type=float, default=0.1)
     p.add_argument("--methods", type=csv(str), default=list(ALL_METHODS))
@@ -157,6 +163,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad_parts = [part for part in args.parts if part not in ("main", "alpha", "paper")]
     if bad_parts:
         p.error(f"unknown parts {bad_parts}; use main, alpha, paper")
+    if args.first_seed < 0 or args.seeds < 1:
+        p.error(f"--first-seed {args.first_seed} --seeds {args.seeds}: use 0 or more and 1 or more")
     if args.skip_alpha and "alpha" in args.parts:
         args.parts.remove("alpha")
     if args.skip_paper and "paper" in args.parts:
@@ -631,7 +639,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     first_model: tuple[str, int, Path] | None = None
     needs_models = "main" in args.parts or "alpha" in args.parts
     for trigger in args.triggers if needs_models else []:
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             tag = f"{trigger.replace(':', '')}-s{seed}"
             base = root / tag
             trained = reused_model(args, trigger, seed)

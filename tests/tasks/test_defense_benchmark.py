@@ -29,6 +29,11 @@ def bench():
     return module
 
 
+def test_first_seed_defaults_to_zero(bench):
+    assert bench.parse_args([]).first_seed == 0
+    assert bench.parse_args(["--first-seed", "1", "--seeds", "2"]).first_seed == 1
+
+
 def test_parts_and_skip_flags(bench):
     args = bench.parse_args(["--skip-paper"])
     assert args.parts == ["main", "alpha"]
@@ -41,6 +46,7 @@ def test_parts_and_skip_flags(bench):
     [
         (["--parts", "main,beta"], "unknown parts ['beta']"),
         (["--models", "bw:170"], "give TRIGGER=ARTIFACT_DIR"),
+        (["--first-seed", "-1"], "--first-seed -1"),
         (["--models", "bw:170=/nonexistent/model"], "'bw:170=/nonexistent/model'"),
     ],
 )
