@@ -594,18 +594,23 @@ def merge_reports(paths: list[str], headline_rate: float) -> dict[str, Any]:
     return report
 
 
+def emit(report: dict[str, Any], args: argparse.Namespace) -> None:
+    """The JSON to stdout (and --out), the tables to stderr (and --markdown)."""
+    text = json.dumps(report, indent=1, default=float)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    tables = markdown(report)
+    print(tables, file=sys.stderr)
+    if args.markdown:
+        Path(args.markdown).write_text(tables)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.merge:
         report = merge_reports(args.merge, args.headline_rate)
-        text = json.dumps(report, indent=1, default=float)
-        print(text)
-        if args.out:
-            Path(args.out).write_text(text)
-        tables = markdown(report)
-        print(tables, file=sys.stderr)
-        if args.markdown:
-            Path(args.markdown).write_text(tables)
+        emit(report, args)
         return report
     if args.threads:  # the tasks (and configure_threads here) read the budget from there
         from engine.cores import THREADS_ENV
@@ -693,14 +698,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "paper" in args.parts:
         report["paper_recipe"] = paper_recipe(args, root / "paper")
     report["wall_s"] = time.perf_counter() - started
-    text = json.dumps(report, indent=1, default=float)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
-    tables = markdown(report)
-    print(tables, file=sys.stderr)
-    if args.markdown:
-        Path(args.markdown).write_text(tables)
+    emit(report, args)
     if temp is not None:
         temp.cleanup()
     return report
