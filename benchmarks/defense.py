@@ -553,10 +553,11 @@ def fail(message: str) -> NoReturn:
 
 
 def merge_reports(paths: list[str], headline_rate: float) -> dict[str, Any]:
-    """One report from several (each model once): the models with the file and machine they
-    came from, and the summaries and bar checks recomputed over all of their repairs."""
+    """One report from several: the models with the files and machines they came from (a model
+    in several reports once, with the repairs of all), and the summaries and bar checks
+    recomputed over all of their repairs."""
     report: dict[str, Any] = {"benchmark": "defense", "merged_from": [], "models": []}
-    seen: dict[tuple[str, int], str] = {}
+    seen: dict[tuple[str, int], dict[str, Any]] = {}
     for path in paths:
         try:
             part = json.loads(Path(path).read_text())
@@ -567,13 +568,23 @@ def merge_reports(paths: list[str], headline_rate: float) -> dict[str, Any]:
         report["merged_from"].append({"file": str(path), "machine": part.get("machine")})
         for model in part.get("models", []):
             key = (model["trigger"], model["seed"])
-            if key in seen:
+            if key not in seen:
+                seen[key] = {**model, "source": str(path)}
+                report["models"].append(seen[key])
+                continue
+            # The same model again (another run in its workdir: more rates or methods): its
+            # repairs join the first entry's; two different models under one key are an error.
+            first = seen[key]
+            if first["attack"].get("artifact") != model["attack"].get("artifact"):
                 fail(
-                    f"--merge: {path} and {seen[key]} both hold trigger {key[0]} seed "
-                    f"{key[1]}; merge reports of different models"
+                    f"--merge: {path} and {first['source']} hold different models for trigger "
+                    f"{key[0]} seed {key[1]}; merge reports of different models"
                 )
-            seen[key] = str(path)
-            report["models"].append({**model, "source": str(path)})
+            have = {(r["method"], r["rate"]) for r in first["repairs"]}
+            first["repairs"] += [
+                r for r in model["repairs"] if (r["method"], r["rate"]) not in have
+            ]
+            first["source"] += f", {path}"
         for name in ("alpha_ablation",):
             if part.get(name):
                 report.setdefault(name, []).extend(part[name])

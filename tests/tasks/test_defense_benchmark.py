@@ -133,11 +133,19 @@ def test_only_the_asked_parts_run_and_a_given_model_is_not_trained_again(
     capsys.readouterr()
 
 
-def _report(tmp_path: Path, name: str, trigger: str, mesa_asr: float, validity: float) -> str:
+def _report(
+    tmp_path: Path,
+    name: str,
+    trigger: str,
+    mesa_asr: float,
+    validity: float,
+    artifact: str = "m",
+    rate: float = 0.1,
+) -> str:
     def row(method: str, asr: float) -> dict:
         return {
             "method": method,
-            "rate": 0.1,
+            "rate": rate,
             "acc_clean": 0.83,
             "asr": asr,
             "ra": 0.8,
@@ -154,7 +162,7 @@ def _report(tmp_path: Path, name: str, trigger: str, mesa_asr: float, validity: 
             {
                 "trigger": trigger,
                 "seed": 0,
-                "attack": {"acc_clean": 0.84, "asr": 0.99},
+                "attack": {"acc_clean": 0.84, "asr": 0.99, "artifact": artifact},
                 "search": {"wall_s": 1.0, "beta=0.9": {"validity": validity}},
                 "repairs": [row("mesa", mesa_asr), row("point#0", 0.03), row("point#1", 0.2)],
             }
@@ -183,11 +191,21 @@ def test_merge_recomputes_the_summary_and_bar_over_every_report(bench, tmp_path,
     assert "cpu-a" in tables and "cpu-b" in tables and "| bw:0 | 0 | mesa |" in tables
 
 
-def test_merge_refuses_the_same_model_twice(bench, tmp_path, capsys):
+def test_merge_joins_runs_of_one_model_and_refuses_two_models_under_one_key(
+    bench, tmp_path, capsys
+):
     a = _report(tmp_path, "a", "bw:170", mesa_asr=0.02, validity=0.95)
-    b = _report(tmp_path, "b", "bw:170", mesa_asr=0.12, validity=0.7)
+    more = _report(tmp_path, "more", "bw:170", mesa_asr=0.3, validity=0.95, rate=0.01)
+    report = bench.main(["--merge", f"{a},{more},{a}"])
+    (model,) = report["models"]
+    assert sorted({r["rate"] for r in model["repairs"]}) == [0.01, 0.1]
+    assert len(model["repairs"]) == 6  # the repeated report adds nothing twice
+    assert report["summary_by_rate"]["0.01"]["mesa"]["asr_mean"] == pytest.approx(0.3)
+    assert report["summary"]["methods"]["mesa"]["asr_mean"] == pytest.approx(0.02)
+    capsys.readouterr()
+    other = _report(tmp_path, "other", "bw:170", mesa_asr=0.1, validity=0.9, artifact="m2")
     for argv, needle in (
-        ([f"{a},{b}"], "both hold trigger bw:170 seed 0"),
+        ([f"{a},{other}"], "hold different models for trigger bw:170 seed 0"),
         ([str(tmp_path / "missing.json")], "not a readable JSON report"),
     ):
         with pytest.raises(SystemExit) as exc:
