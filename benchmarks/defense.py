@@ -31,6 +31,7 @@ JSON goes to stdout (and --out); progress lines go to stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -605,6 +606,15 @@ def merge_reports(paths: list[str], headline_rate: float) -> dict[str, Any]:
     return report
 
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), which platform.processor() leaves empty on Linux."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
 def emit(report: dict[str, Any], args: argparse.Namespace) -> None:
     """The JSON to stdout (and --out), the tables to stderr (and --markdown)."""
     text = json.dumps(report, indent=1, default=float)
@@ -629,6 +639,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         os.environ[THREADS_ENV] = str(args.threads)
         configure_threads()
+    from engine.ml.runtime import cpu_has_native_bf16, pick_device, resolve_precision
+
     started = time.perf_counter()
     ensure_dataset(args.dataset)
     temp = None
@@ -643,6 +655,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
+            "cpu": cpu_name(),
+            "native_bf16": cpu_has_native_bf16(),
+            "precision": resolve_precision(args.precision, pick_device(args.device)),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -798,9 +813,10 @@ def markdown(report: dict[str, Any]) -> str:
         out.append("Merged from:\n")
         for part in report["merged_from"]:
             machine = part.get("machine") or {}
-            out.append(
-                f"- {part['file']} ({machine.get('processor', '?')}, torch {machine.get('torch', '?')})"
-            )
+            where = machine.get("cpu") or machine.get("processor", "?")
+            if "precision" in machine:
+                where += f", {machine['precision']}"
+            out.append(f"- {part['file']} ({where}, torch {machine.get('torch', '?')})")
         out.append("")
     if report.get("models"):
         out.append("## Backdoored models and searches\n")

@@ -463,6 +463,7 @@ def test_defense_benchmark_quick_runs_end_to_end(cifar10, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
     assert json.loads(out.read_text()) == report
+    assert report["machine"]["cpu"] and report["machine"]["precision"] in ("fp32", "bf16")
     methods = report["summary"]["methods"]
     expected = {"mesa", "mesa:0.9", "mesa:0.8", "mesa:0.5", "ideal", "point"}
     assert expected | {"neural-cleanse", "finetune", "random-patch"} == set(methods)
