@@ -12,7 +12,6 @@ Usage: python benchmarks/cpu_suite.py --out benchmarks/results/cpu-<machine> [--
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -23,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 # name -> extra arguments (the defaults are the issues' sizes)
 BENCHMARKS: dict[str, list[str]] = {
@@ -36,25 +36,14 @@ BENCHMARKS: dict[str, list[str]] = {
 }
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine() -> dict:
-    flags = ""
-    with contextlib.suppress(OSError):
-        flags = Path("/proc/cpuinfo").read_text()
+    from engine.ml.runtime import cpu_has_native_bf16, cpu_name
+
     return {
-        "cpu": cpu_model(),
+        "cpu": cpu_name(),
         "arch": platform.machine(),
         "cores": os.cpu_count(),
-        "native_bf16": "amx_bf16" in flags or "avx512_bf16" in flags,
+        "native_bf16": cpu_has_native_bf16(),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "python": platform.python_version(),
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),

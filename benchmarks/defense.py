@@ -31,7 +31,6 @@ JSON goes to stdout (and --out); progress lines go to stderr.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -516,11 +515,12 @@ def summarise(rows: list[dict[str, Any]], rate: float) -> dict[str, Any]:
 def bar_checks(summary: dict[str, Any], searches: list[dict[str, Any]], betas) -> dict[str, Any]:
     """The bar of issue 3, each check with the numbers it used (None: not measured)."""
     checks: dict[str, Any] = {}
+    wanted = None if betas is None else {f"beta={b:g}" for b in betas}  # None: every beta
     validities = [
         v["validity"]
         for s in searches
         for key, v in s.items()
-        if key.startswith("beta=") and (betas is None or key in {f"beta={b:g}" for b in betas})
+        if key.startswith("beta=") and (wanted is None or key in wanted)
     ]
     validities = [v for v in validities if v is not None]
     if validities:
@@ -586,9 +586,8 @@ def merge_reports(paths: list[str], headline_rate: float) -> dict[str, Any]:
                 r for r in model["repairs"] if (r["method"], r["rate"]) not in have
             ]
             first["source"] += f", {path}"
-        for name in ("alpha_ablation",):
-            if part.get(name):
-                report.setdefault(name, []).extend(part[name])
+        if part.get("alpha_ablation"):
+            report.setdefault("alpha_ablation", []).extend(part["alpha_ablation"])
         if part.get("paper_recipe"):
             report.setdefault("paper_recipe", {"models": []})["models"] += [
                 {**m, "source": str(path)} for m in part["paper_recipe"]["models"]
@@ -604,15 +603,6 @@ def merge_reports(paths: list[str], headline_rate: float) -> dict[str, Any]:
         flat = [r for m in report["paper_recipe"]["models"] for r in m["repairs"]]
         report["paper_recipe"]["summary"] = summarise(flat, headline_rate)
     return report
-
-
-def cpu_name() -> str:
-    """The CPU's model name (/proc/cpuinfo), which platform.processor() leaves empty on Linux."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 def emit(report: dict[str, Any], args: argparse.Namespace) -> None:
@@ -639,7 +629,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         os.environ[THREADS_ENV] = str(args.threads)
         configure_threads()
-    from engine.ml.runtime import cpu_has_native_bf16, pick_device, resolve_precision
+    from engine.ml.runtime import cpu_has_native_bf16, cpu_name, pick_device, resolve_precision
 
     started = time.perf_counter()
     ensure_dataset(args.dataset)

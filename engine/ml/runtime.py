@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import platform
 import random
 
 import numpy as np
@@ -23,6 +24,19 @@ def pick_device(name: str = "auto") -> torch.device:
             f"device '{name}' was asked for but no CUDA GPU is visible; use --device cpu or auto"
         )
     return torch.device(name)
+
+
+@functools.cache
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform.processor() is empty on Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 @functools.cache

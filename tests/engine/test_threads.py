@@ -81,3 +81,18 @@ def test_the_child_gets_its_share_and_a_set_value_wins(tmp_path, monkeypatch):
     assert THREADS_ENV not in _launched_env(tmp_path, monkeypatch, Slot("cpu0"))
     monkeypatch.setenv(THREADS_ENV, "2")
     assert _launched_env(tmp_path, monkeypatch, Slot("cpu0", threads=1))[THREADS_ENV] == "2"
+
+
+def test_cpu_name_is_the_model_name_of_proc_cpuinfo():
+    from pathlib import Path
+
+    from engine.ml.runtime import cpu_name
+
+    names = [
+        line.split(":", 1)[1].strip()
+        for line in (
+            Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+        )
+        if line.startswith("model name")
+    ]
+    assert cpu_name() == (names[0] if names else cpu_name()) and cpu_name()
