@@ -795,6 +795,22 @@ def _summary_rows(summary: dict[str, Any]) -> list[list[str]]:
     ]
 
 
+def _rate_table(by_rate: dict[str, dict[str, Any]]) -> str:
+    """One row per method, one column per stamping rate: the rates side by side."""
+    rates = sorted(by_rate, key=float)
+    methods = list(dict.fromkeys(name for rate in rates for name in by_rate[rate]))
+    rows = []
+    for name in methods:
+        cells = []
+        for rate in rates:
+            s = by_rate[rate].get(name)
+            cells.append(
+                "–" if s is None else f"{_pct(s['asr_mean'])} / {_pct(s['asr_worst'])} ({s['n']})"
+            )
+        rows.append([name, *cells])
+    return _table(["method", *(f"rate {r}" for r in rates)], rows)
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The report's tables in Markdown: per repair, per method and rate, the alpha ablation, the
     paper recipe and the bar checks."""
@@ -832,9 +848,13 @@ def markdown(report: dict[str, Any]) -> str:
         out.append(_table(header + ["pairwise L2", "distinct b/w"], rows))
         out.append("\n## Every repair\n")
         out.append(_table(REPAIR_HEADER, _repair_rows(report["models"])))
-        for rate, summary in report.get("summary_by_rate", {}).items():
+        by_rate = report.get("summary_by_rate", {})
+        for rate, summary in by_rate.items():
             out.append(f"\n## Mean and worst over triggers and seeds, stamping rate {rate}\n")
             out.append(_table(SUMMARY_HEADER, _summary_rows(summary)))
+        if len(by_rate) > 1:
+            out.append("\n## ASR left by stamping rate (mean / worst, number of repairs)\n")
+            out.append(_rate_table(by_rate))
     if report.get("alpha_ablation"):
         out.append("\n## Alpha ablation\n")
         rows = []

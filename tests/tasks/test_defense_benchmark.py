@@ -202,7 +202,10 @@ def test_merge_joins_runs_of_one_model_and_refuses_two_models_under_one_key(
     assert len(model["repairs"]) == 6  # the repeated report adds nothing twice
     assert report["summary_by_rate"]["0.01"]["mesa"]["asr_mean"] == pytest.approx(0.3)
     assert report["summary"]["methods"]["mesa"]["asr_mean"] == pytest.approx(0.02)
-    capsys.readouterr()
+    tables = capsys.readouterr().err
+    # the rates side by side: mesa at 0.01 then at 0.1, mean / worst (repairs)
+    assert "| method | rate 0.01 | rate 0.1 |" in tables
+    assert "| mesa | 30.0 % / 30.0 % (1) | 2.0 % / 2.0 % (1) |" in tables
     other = _report(tmp_path, "other", "bw:170", mesa_asr=0.1, validity=0.9, artifact="m2")
     for argv, needle in (
         ([f"{a},{other}"], "hold different models for trigger bw:170 seed 0"),
