@@ -379,6 +379,9 @@ def row_of(result: TaskResult) -> dict[str, Any]:
         "before_asr": m.get("before/asr"),
         "variations": {k: m[f"eval/{k}"] for k in VARIATION_KEYS if f"eval/{k}" in m},
         "residual_validity": m.get("residual/validity"),
+        # the mean own ASR of the residual search's samples: unlike validity (own ASR at least
+        # 0.9), it still shows a backdoor that survived a little weakened (90 % ASR left)
+        "residual_own_asr": m.get("residual/validity_mean"),
         "repair_s": m.get("time/repair_s"),
         "reverse_s": m.get("time/reverse_s"),
         "wall_s": result.extra.get("wall_s"),
@@ -698,6 +701,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     },
                     "search": summary,
                     "residual_before_repair": reference.get("residual/validity"),
+                    "residual_own_asr_before_repair": reference.get("residual/validity_mean"),
                     "repairs": rows,
                 }
             )
@@ -751,6 +755,7 @@ def _repair_rows(entries: list[dict[str, Any]]) -> list[list[str]]:
                     _pct(r["ra"]),
                     _pct(worst),
                     _pct(r.get("residual_validity")),
+                    _pct(r.get("residual_own_asr")),
                     "–" if wall is None else f"{wall:.0f}",
                 ]
             )
@@ -767,6 +772,7 @@ REPAIR_HEADER = [
     "robust acc",
     "worst ASR under variations",
     "residual validity",
+    "residual own ASR",
     "wall s",
 ]
 SUMMARY_HEADER = [

@@ -152,6 +152,7 @@ def _report(
             "before_acc_clean": 0.84,
             "variations": {"asr_noise": asr + 0.01},
             "residual_validity": 0.0,
+            "residual_own_asr": asr - 0.01,
             "wall_s": 10.0,
         }
 
@@ -188,7 +189,12 @@ def test_merge_recomputes_the_summary_and_bar_over_every_report(bench, tmp_path,
     assert [m["source"] for m in report["models"]] == [a, b]
     assert json.loads(out.read_text())["summary"]["methods"]["mesa"]["n"] == 2
     tables = capsys.readouterr().err
-    assert "cpu-a" in tables and "cpu-b" in tables and "| bw:0 | 0 | mesa |" in tables
+    assert "cpu-a" in tables and "cpu-b" in tables
+    # every repair: ... ASR, robust acc, worst variation, residual validity, residual own ASR, s
+    assert (
+        "| bw:0 | 0 | mesa | 0.1 | 83.0 % | 12.0 % | 80.0 % | 13.0 % | 0.0 % | 11.0 % | 10 |"
+        in (tables)
+    )
 
 
 def test_merge_joins_runs_of_one_model_and_refuses_two_models_under_one_key(
