@@ -222,3 +222,24 @@ def test_merge_joins_runs_of_one_model_and_refuses_two_models_under_one_key(
         assert exc.value.code == 2
         err = capsys.readouterr().err.strip()
         assert needle in err and len(err.splitlines()) == 1
+
+
+def test_every_rate_repairs_with_the_reversal_of_the_headline_rate(bench, tmp_path, monkeypatch):
+    """A later sitting that adds rates reuses the headline runs instead of redoing them."""
+    calls = []
+
+    def defend(args, model, method, rate, seed, workdir, **extra):
+        calls.append((method, rate, extra.get("reversal_from")))
+        metrics = {"eval/acc_clean": 0.8, "eval/asr": 0.1, "eval/ra": 0.7}
+        return bench.TaskResult(f"{workdir}", metrics, {"wall_s": 1.0})
+
+    monkeypatch.setattr(bench, "defend", defend)
+    monkeypatch.setattr(bench, "log", lambda message: None)
+    args = bench.parse_args(["--point-restarts", "2"])
+    bench.repair_all(args, "m", "s", 0, tmp_path, [0.01, 0.1, 0.2], ["point", "neural-cleanse"])
+    first = str(tmp_path / "defend-point#0-0.1")
+    nc = str(tmp_path / "defend-neural-cleanse-0.1")
+    assert calls[:3] == [("point", 0.1, None), ("point", 0.1, first), ("neural-cleanse", 0.1, None)]
+    later = [c for c in calls if c[1] != 0.1]
+    assert [c[1] for c in later] == [0.01] * 3 + [0.2] * 3
+    assert all(c[2] == (first if c[0] == "point" else nc) for c in later)
