@@ -891,11 +891,25 @@ def markdown(report: dict[str, Any]) -> str:
     if report.get("paper_recipe"):
         paper = report["paper_recipe"]
         out.append("\n## The paper's attack recipe (fine-tuned, 1 % poisoning)\n")
-        rows = [
-            [m["trigger"], str(m["seed"]), _pct(m["attack"]["acc_clean"]), _pct(m["attack"]["asr"])]
-            for m in paper.get("models", [])
-        ]
-        out.append(_table(["trigger", "seed", "clean acc", "ASR"], rows) + "\n")
+        rows = []
+        for m in paper.get("models", []):
+            searched = {k: v for k, v in m.get("search", {}).items() if k.startswith("beta=")}
+            nearest = [v.get("nearest_to_true") for v in searched.values()]
+            nearest = [v for v in nearest if v is not None]
+            rows.append(
+                [
+                    m["trigger"],
+                    str(m["seed"]),
+                    _pct(m["attack"]["acc_clean"]),
+                    _pct(m["attack"]["asr"]),
+                    " / ".join(_pct(v.get("validity")) for v in searched.values()),
+                    " / ".join(f"{v.get('bw_distinct') or 0:.0f}" for v in searched.values()),
+                    f"{min(nearest):.2f}" if nearest else "–",
+                ]
+            )
+        header = ["trigger", "seed", "clean acc", "ASR", "validity per beta"]
+        header += ["distinct b/w per beta", "nearest sample to the trigger (L2)"]
+        out.append(_table(header, rows) + "\n")
         out.append(_table(REPAIR_HEADER, _repair_rows(paper.get("models", []))) + "\n")
         out.append(_table(SUMMARY_HEADER, _summary_rows(paper.get("summary", {}))))
     if report.get("bar"):

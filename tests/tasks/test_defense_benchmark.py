@@ -243,3 +243,15 @@ def test_every_rate_repairs_with_the_reversal_of_the_headline_rate(bench, tmp_pa
     later = [c for c in calls if c[1] != 0.1]
     assert [c[1] for c in later] == [0.01] * 3 + [0.2] * 3
     assert all(c[2] == (first if c[0] == "point" else nc) for c in later)
+
+
+def test_paper_recipe_tables_show_how_broad_each_backdoor_is(bench):
+    search = {
+        "wall_s": 1.0,
+        "beta=0.9": {"validity": 0.5, "bw_distinct": 17, "nearest_to_true": 1.86},
+        "beta=0.5": {"validity": 0.9, "bw_distinct": 26, "nearest_to_true": 0.4},
+    }
+    model = {"trigger": "bw:0", "seed": 0, "attack": {"acc_clean": 0.825, "asr": 0.838}}
+    report = {"paper_recipe": {"models": [{**model, "search": search, "repairs": []}]}}
+    tables = bench.markdown(report)
+    assert "| bw:0 | 0 | 82.5 % | 83.8 % | 50.0 % / 90.0 % | 17 / 26 | 0.40 |" in tables
