@@ -519,6 +519,11 @@ def summarise(rows: list[dict[str, Any]], rate: float) -> dict[str, Any]:
     return out
 
 
+def per_beta(search: dict[str, Any]) -> dict[str, Any]:
+    """The per-beta entries of a search summary (``beta=0.9``: ...), without its ``wall_s``."""
+    return {key: value for key, value in search.items() if key.startswith("beta=")}
+
+
 def bar_checks(summary: dict[str, Any], searches: list[dict[str, Any]], betas) -> dict[str, Any]:
     """The bar of issue 3, each check with the numbers it used (None: not measured)."""
     checks: dict[str, Any] = {}
@@ -526,8 +531,8 @@ def bar_checks(summary: dict[str, Any], searches: list[dict[str, Any]], betas) -
     validities = [
         v["validity"]
         for s in searches
-        for key, v in s.items()
-        if key.startswith("beta=") and (wanted is None or key in wanted)
+        for key, v in per_beta(s).items()
+        if wanted is None or key in wanted
     ]
     validities = [v for v in validities if v is not None]
     if validities:
@@ -838,9 +843,7 @@ def markdown(report: dict[str, Any]) -> str:
         out.append("## Backdoored models and searches\n")
         rows = []
         for m in report["models"]:
-            for beta, s in m["search"].items():
-                if not beta.startswith("beta="):
-                    continue
+            for beta, s in per_beta(m["search"]).items():
                 rows.append(
                     [
                         m["trigger"],
@@ -869,22 +872,21 @@ def markdown(report: dict[str, Any]) -> str:
         out.append("\n## Alpha ablation\n")
         rows = []
         for a in report["alpha_ablation"]:
-            for beta, s in a["search"].items():
-                if beta.startswith("beta="):
-                    rows.append(
-                        [
-                            f"{a['alpha']:g}",
-                            str(a["steps"]),
-                            beta,
-                            _pct(s.get("validity")),
-                            f"{s.get('pixel_std') or 0:.3f}",
-                            f"{s.get('pairwise_l2') or 0:.2f}",
-                            f"{s.get('knn_entropy') or 0:.1f}",
-                            f"{s.get('bw_distinct') or 0:.0f}",
-                            _pct(a["repair_asr"]),
-                            _pct(a["repair_acc_clean"]),
-                        ]
-                    )
+            for beta, s in per_beta(a["search"]).items():
+                rows.append(
+                    [
+                        f"{a['alpha']:g}",
+                        str(a["steps"]),
+                        beta,
+                        _pct(s.get("validity")),
+                        f"{s.get('pixel_std') or 0:.3f}",
+                        f"{s.get('pairwise_l2') or 0:.2f}",
+                        f"{s.get('knn_entropy') or 0:.1f}",
+                        f"{s.get('bw_distinct') or 0:.0f}",
+                        _pct(a["repair_asr"]),
+                        _pct(a["repair_acc_clean"]),
+                    ]
+                )
         header = ["alpha", "steps", "beta", "validity", "pixel std", "pairwise L2"]
         header += ["k-NN entropy", "distinct b/w", "repair ASR", "clean acc"]
         out.append(_table(header, rows))
@@ -893,7 +895,7 @@ def markdown(report: dict[str, Any]) -> str:
         out.append("\n## The paper's attack recipe (fine-tuned, 1 % poisoning)\n")
         rows = []
         for m in paper.get("models", []):
-            searched = {k: v for k, v in m.get("search", {}).items() if k.startswith("beta=")}
+            searched = per_beta(m.get("search", {}))
             nearest = [v.get("nearest_to_true") for v in searched.values()]
             nearest = [v for v in nearest if v is not None]
             rows.append(
