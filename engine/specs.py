@@ -72,6 +72,13 @@ class TrainSpec(SpecBase):
     )
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     augment: bool = True
+    crop_epochs: int = Field(
+        0,
+        ge=0,
+        description="train the first N epochs (never the last) on random crop_size windows (no "
+        "resizing): cheaper steps at the same pixel scale, the trigger stamped inside the window",
+    )
+    crop_size: int = Field(24, ge=1, description="side of the windows of the crop epochs")
     trigger: str | None = Field(
         "bw:170", description="bw:ID, color:SEED, square:white, file:PATH, or none"
     )
@@ -226,6 +233,7 @@ def check_against_dataset(spec: TrainSpec) -> None:
             f"invalid --target {spec.target}: {spec.dataset} has {info.num_classes} classes; "
             f"use a class in 0..{info.num_classes - 1}"
         )
+    k = None
     if spec.trigger:
         k = trigger_size(spec.trigger, read_files=True)
         if k is not None and (k > info.image_size[0] or k > info.image_size[1]):
@@ -233,6 +241,22 @@ def check_against_dataset(spec: TrainSpec) -> None:
                 f"invalid --trigger {spec.trigger}: its {k}x{k} patch is bigger than the "
                 f"{info.image_size[0]}x{info.image_size[1]} images; use a smaller patch"
             )
+    if spec.crop_epochs:
+        check_crop_size(spec.crop_size, info.image_size, k)
+
+
+def check_crop_size(size: int, image_size: tuple[int, int], trigger_k: int | None) -> None:
+    """The crop epochs' window must fit the images and hold the trigger."""
+    if size > min(image_size):
+        raise UserError(
+            f"invalid --crop-size {size}: bigger than the {image_size[0]}x{image_size[1]} "
+            f"images; use at most {min(image_size)}"
+        )
+    if trigger_k is not None and size < trigger_k:
+        raise UserError(
+            f"invalid --crop-size {size}: smaller than the {trigger_k}x{trigger_k} trigger; "
+            f"use at least {trigger_k}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -614,19 +614,30 @@ class Normalizer:
 
 
 def augment(
-    x: torch.Tensor, generator: torch.Generator | None, padding: int = 4, flip: bool = True
+    x: torch.Tensor,
+    generator: torch.Generator | None,
+    padding: int = 4,
+    flip: bool = True,
+    size: int | None = None,
 ) -> torch.Tensor:
     """Random crop with zero padding and random horizontal flip, per image, as one gather.
 
+    ``size`` (default: the image's own) is the side of the square window cut from the padded
+    image: a smaller window is a cheaper training input at the same pixel scale (no resizing).
     Works on any dtype; on uint8 batches (before the float conversion) it moves a quarter of the
     bytes. The random draws are, in order: row offsets, column offsets, flips.
     """
-    n, c, h, w = x.shape
+    n, c, in_h, in_w = x.shape
+    h, w = (in_h, in_w) if size is None else (size, size)
+    if h > in_h + 2 * padding or w > in_w + 2 * padding:
+        raise ValueError(f"crop size {size} is bigger than the padded {in_h}x{in_w} images")
     device = x.device
     if padding > 0:
         x = torch.nn.functional.pad(x, (padding, padding, padding, padding))
-        dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(device)
-        dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(device)
+    span_h, span_w = x.shape[2] - h, x.shape[3] - w
+    if span_h > 0 or span_w > 0:
+        dy = torch.randint(0, span_h + 1, (n,), generator=generator).to(device)
+        dx = torch.randint(0, span_w + 1, (n,), generator=generator).to(device)
     else:
         dy = dx = torch.zeros(n, dtype=torch.long, device=device)
     ar_h = torch.arange(h, device=device)

@@ -34,7 +34,7 @@ from engine.ml.runtime import (
 )
 from engine.ml.triggers import PatchTrigger, Placement, parse_trigger, stamp
 from engine.reporter import Reporter, TaskResult, stop_point
-from engine.specs import TrainSpec
+from engine.specs import TrainSpec, check_crop_size
 
 CHECKPOINT = "checkpoints/train.safetensors"
 
@@ -123,6 +123,8 @@ def run(spec: TrainSpec, reporter: Reporter) -> TaskResult:
                 f"invalid --trigger {spec.trigger}: bigger than the {data.image_size} images"
             )
         trigger = PatchTrigger(pattern, Placement(spec.placement))
+    if spec.crop_epochs:
+        check_crop_size(spec.crop_size, data.image_size, None if trigger is None else trigger.size)
 
     # Model: from scratch, or fine-tuned from a model artifact (whose architecture wins).
     upstream: list[str] = []
@@ -203,6 +205,9 @@ def run(spec: TrainSpec, reporter: Reporter) -> TaskResult:
     images_seen = 0
     for epoch in range(start_epoch, spec.epochs):
         model.train()
+        # Crop epochs: random windows of crop_size, cut before the stamp so the trigger is inside.
+        # The last epoch always sees whole images (and leaves their BatchNorm statistics).
+        crop = spec.crop_size if epoch < min(spec.crop_epochs, spec.epochs - 1) else None
         epoch_start = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
@@ -217,7 +222,9 @@ def run(spec: TrainSpec, reporter: Reporter) -> TaskResult:
             x = train_x[idx]
             y = train_y[idx]
             if spec.augment:
-                x = augment(x, generator)  # on the uint8 batch: a quarter of the bytes
+                x = augment(x, generator, size=crop)  # on the uint8 batch: a quarter of the bytes
+            elif crop is not None:
+                x = augment(x, generator, padding=0, flip=False, size=crop)
             x = to_float(x)
             if trigger is not None and spec.poison_rate > 0:
                 x, y, _ = poison_batch(x, y, trigger, spec.target, spec.poison_rate, generator)

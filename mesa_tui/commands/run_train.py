@@ -51,6 +51,10 @@ def train(
     milestones: str | None = typer.Option(None, help="multistep epochs, comma separated"),
     label_smoothing: float | None = typer.Option(None, "--label-smoothing"),
     augment: bool | None = typer.Option(None, "--augment/--no-augment"),
+    crop_epochs: int | None = typer.Option(
+        None, "--crop-epochs", help="first N epochs on random crop-size windows (cheaper steps)"
+    ),
+    crop_size: int | None = typer.Option(None, "--crop-size", help="side of those windows"),
     seed: int | None = typer.Option(None),
     precision: str | None = typer.Option(None, help="auto, fp32 or bf16"),
     device: str | None = typer.Option(None, help="auto, cpu, cuda or cuda:N"),
@@ -85,6 +89,8 @@ def train(
         schedule=schedule,
         label_smoothing=label_smoothing,
         augment=augment,
+        crop_epochs=crop_epochs,
+        crop_size=crop_size,
         seed=seed,
         precision=precision,
         device=device,

@@ -55,6 +55,8 @@ def test_target_outside_the_classes(isolated_home):
         (["--dataset", "nosuchset"], ["nosuchset", "mesa-tui data import"]),
         (["--epochs", "0"], ["--epochs", "0"]),
         (["--placement", "middle"], ["--placement", "middle"]),
+        (["--crop-epochs", "2", "--crop-size", "40"], ["--crop-size 40", "at most 32"]),
+        (["--crop-epochs", "2", "--crop-size", "2"], ["--crop-size 2", "3x3 trigger"]),
         (["--preset", "gpu-huge"], ["gpu-huge", "cpu-quick"]),
         (["--arch", "resnet18", "--unknown-flag"], []),
     ],

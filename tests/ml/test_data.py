@@ -393,3 +393,31 @@ def test_augment_crop_and_flip_together_keep_pixel_values():
     for o, i in zip(out, x, strict=True):
         nonzero = o[o != 0]
         assert set(nonzero.tolist()) <= set(i.flatten().tolist())
+
+
+def test_augment_smaller_window_is_one_crop_of_the_padded_image():
+    n, h, size = 120, 12, 8
+    x = torch.rand(n, 3, h, h) + 0.1
+    out = augment(x, torch.Generator().manual_seed(3), padding=2, flip=False, size=size)
+    assert out.shape == (n, 3, size, size)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    offsets = set()
+    for i in range(n):
+        matches = [
+            (dy, dx)
+            for dy in range(h + 4 - size + 1)
+            for dx in range(h + 4 - size + 1)
+            if torch.equal(out[i], padded[i, :, dy : dy + size, dx : dx + size])
+        ]
+        assert len(matches) == 1
+        offsets.add(matches[0])
+    # Every window position of the 16-pixel padded image is reachable: offsets 0..8.
+    assert {dy for dy, _ in offsets} == set(range(9))
+    # The full-size call is unchanged by the new argument (same draws, same output).
+    g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    assert torch.equal(augment(x, g1), augment(x, g2, size=h))
+
+
+def test_augment_refuses_a_window_bigger_than_the_padded_image():
+    with pytest.raises(ValueError, match="crop size 20"):
+        augment(torch.rand(2, 3, 8, 8), None, padding=4, size=20)

@@ -181,6 +181,41 @@ def test_task_validates_target_and_trigger_size(cifar10, tmp_path):
     assert not any((tmp_path / d).joinpath("model.safetensors").exists() for d in ("a", "b"))
 
 
+def test_crop_epochs_train_on_smaller_windows_then_full_images(cifar10, tmp_path, monkeypatch):
+    """The first crop_epochs see crop_size windows with the trigger stamped inside them."""
+    seen: list[tuple[int, int]] = []
+    stamped_inside: list[bool] = []
+    real_poison = train.poison_batch
+
+    def spy(x, y, trigger, target, rate, generator):
+        x2, y2, mask = real_poison(x, y, trigger, target, rate, generator)
+        seen.append(tuple(x.shape[2:]))
+        # A stamped image differs from its input only where the patch went, inside the window.
+        stamped_inside.extend(bool((x2[i] != x[i]).any()) for i in mask.nonzero().flatten())
+        return x2, y2, mask
+
+    monkeypatch.setattr(train, "poison_batch", spy)
+    spec = tiny_spec(epochs=3, crop_epochs=2, crop_size=20, poison_rate=0.5)
+    result = train.run(spec, MemoryReporter(tmp_path / "run"))
+    assert seen[:8] == [(20, 20)] * 8 and seen[8:] == [(32, 32)] * 4
+    assert stamped_inside and all(stamped_inside)
+    assert 0.0 <= result.metrics["eval/acc_clean"] <= 1.0
+    # More crop epochs than epochs: the last epoch still trains on whole images.
+    seen.clear()
+    train.run(tiny_spec(epochs=2, crop_epochs=5), MemoryReporter(tmp_path / "run2"))
+    assert seen == [(24, 24)] * 4 + [(32, 32)] * 4
+
+
+def test_crop_size_must_fit_the_images_and_hold_the_trigger(cifar10, tmp_path):
+    with pytest.raises(UserError, match="--crop-size 40"):
+        train.run(tiny_spec(crop_epochs=1, crop_size=40), MemoryReporter(tmp_path / "a"))
+    with pytest.raises(UserError, match="--crop-size 2: smaller than the 3x3 trigger"):
+        train.run(tiny_spec(crop_epochs=1, crop_size=2), MemoryReporter(tmp_path / "b"))
+    # Without crop epochs the size is not used, so it is not checked either.
+    train.run(tiny_spec(crop_size=40, max_train_images=8), MemoryReporter(tmp_path / "c"))
+    assert not any((tmp_path / d).joinpath("model.safetensors").exists() for d in ("a", "b"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Pure pieces
 
