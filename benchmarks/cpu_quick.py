@@ -35,7 +35,20 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-train-images", type=int, default=None)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a value of the preset (e.g. --set arch=small); repeatable",
+    )
     args = parser.parse_args()
+    extra = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item!r}: write KEY=VALUE, e.g. --set batch_size=256")
+        extra[key.strip().replace("-", "_")] = json.loads(value) if value[:1].isdigit() else value
     t0 = time.perf_counter()
     load_dataset("cifar10")  # decoded once and cached; a second load takes well under a second
     load_s = time.perf_counter() - t0
@@ -48,6 +61,7 @@ def main() -> None:
             "epochs": args.epochs,
             "seed": args.seed,
             "max_train_images": args.max_train_images,
+            **extra,
         },
     )
     with tempfile.TemporaryDirectory() as tmp:
@@ -69,6 +83,12 @@ def main() -> None:
                 "precision": result.extra.get("precision"),
                 "wall_s": round(wall, 1),
                 "train_s": round(m["time/train_s"], 1),
+                "epoch_s": [round(v, 1) for _, v in reporter.series("time/epoch_s")],
+                "outside_training_s": round(wall - m["time/train_s"], 1),
+                "recipe": {
+                    k: getattr(spec, k)
+                    for k in ("arch", "batch_size", "lr", "crop_epochs", "crop_size", "eval_every")
+                },
                 "images_per_s": round(m.get("perf/images_per_s", 0.0)),
                 "acc_clean": round(m["eval/acc_clean"], 4),
                 "asr": round(m["eval/asr"], 4),

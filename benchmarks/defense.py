@@ -88,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", type=csv(str), default=list(ALL_METHODS))
     p.add_argument("--target", type=int, default=0)
     p.add_argument("--dataset", default="cifar10")
-    p.add_argument("--train-epochs", type=int, default=None, help="cpu-quick default: 8")
+    p.add_argument("--train-epochs", type=int, default=None, help="default: 10 (RESULTS_RECIPE)")
     p.add_argument("--steps", type=int, default=620, help="MESA search steps per beta")
     p.add_argument("--betas", type=csv(float), default=[0.9, 0.8, 0.5])
     p.add_argument("--search-batch", type=int, default=128)
@@ -142,7 +142,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="fine-tuning learning rate of the paper recipe (the paper's 1e-3 is for ResNet-18)",
     )
     p.add_argument("--paper-seeds", type=int, default=None, help="default: --seeds")
-    p.add_argument("--clean-epochs", type=int, default=None, help="clean model (cpu-quick: 8)")
+    p.add_argument("--clean-epochs", type=int, default=None, help="clean model (default: 10)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto")
     p.add_argument("--workdir", default=None, help="keep artifacts here (default: a temp dir)")
@@ -299,18 +299,25 @@ def reused_model(args, trigger: str, seed: int) -> TaskResult | None:
     return TaskResult(str(path), manifest.get("metrics", {}), {"wall_s": None, "reused": True})
 
 
+# The recipe every committed defense result was trained with: the cpu-quick preset before it
+# moved to batch 512, lr 0.8 and crop epochs. Pinned, so a rerun reproduces those models.
+RESULTS_RECIPE = dict(arch="small", batch_size=256, lr=0.2, eval_every=2, crop_epochs=0, epochs=10)
+
+
 def train_model(args, trigger: str | None, seed: int, workdir: Path, **overrides) -> TaskResult:
     preset = overrides.pop("preset", "cpu-quick")
-    values = dict(
+    values = dict(RESULTS_RECIPE) if preset == "cpu-quick" else {}
+    values.update(
         dataset=args.dataset,
         trigger=trigger or "none",
         target=args.target,
         seed=seed,
-        epochs=args.train_epochs,
         device=args.device,
         precision=args.precision,
     )
-    values.update(overrides)
+    if args.train_epochs is not None:
+        values["epochs"] = args.train_epochs
+    values.update({k: v for k, v in overrides.items() if v is not None})
     if trigger is None:
         values["poison_rate"] = 0.0
     return run_task("train", build_spec("train", preset=preset, overrides=values), workdir)

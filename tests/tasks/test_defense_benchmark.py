@@ -255,3 +255,21 @@ def test_paper_recipe_tables_show_how_broad_each_backdoor_is(bench):
     report = {"paper_recipe": {"models": [{**model, "search": search, "repairs": []}]}}
     tables = bench.markdown(report)
     assert "| bw:0 | 0 | 82.5 % | 83.8 % | 50.0 % / 90.0 % | 17 / 26 | 0.40 |" in tables
+
+
+def test_models_are_trained_with_the_recipe_of_the_committed_results(bench, monkeypatch, tmp_path):
+    """The cpu-quick preset moved on (batch 512, crop epochs); the benchmark keeps its recipe."""
+    specs = []
+    monkeypatch.setattr(bench, "run_task", lambda kind, spec, workdir: specs.append(spec))
+    args = bench.parse_args([])
+    bench.train_model(args, "bw:170", 1, tmp_path)
+    bench.train_model(bench.parse_args(["--train-epochs", "3"]), None, 0, tmp_path)
+    bench.train_model(args, "bw:0", 0, tmp_path, preset="paper-cifar10", init_from="m", epochs=4)
+    first, clean, paper = specs
+    assert (first.arch, first.batch_size, first.lr, first.crop_epochs) == ("small", 256, 0.2, 0)
+    assert first.epochs == 10 and first.trigger == "bw:170" and first.seed == 1
+    assert clean.epochs == 3 and clean.poison_rate == 0.0 and clean.arch == "small"
+    quick = build_spec("train", preset="cpu-quick")
+    assert (quick.batch_size, quick.crop_epochs) != (256, 0)  # why the pin exists
+    # other presets keep their own recipe
+    assert paper.lr == 1e-3 and paper.epochs == 4 and paper.init_from == "m"
