@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from engine.errors import UserError  # noqa: E402
 from engine.ml.data import load_dataset  # noqa: E402
 from engine.reporter import MemoryReporter  # noqa: E402
 from engine.specs import build_spec  # noqa: E402
@@ -40,7 +41,7 @@ def main() -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a value of the preset (e.g. --set arch=small); repeatable",
+        help="override a value of the preset (e.g. --set crop_epochs=0); repeatable",
     )
     args = parser.parse_args()
     extra = {}
@@ -48,22 +49,25 @@ def main() -> None:
         key, sep, value = item.partition("=")
         if not sep:
             parser.error(f"--set {item!r}: write KEY=VALUE, e.g. --set batch_size=256")
-        extra[key.strip().replace("-", "_")] = json.loads(value) if value[:1].isdigit() else value
+        extra[key.strip().replace("-", "_")] = value  # the spec's validation converts the text
+    try:  # checked before the dataset loads: a misspelt --set fails at once, in one line
+        spec = build_spec(
+            "train",
+            preset="cpu-quick",
+            overrides={
+                "trigger": args.trigger,
+                "target": args.target,
+                "epochs": args.epochs,
+                "seed": args.seed,
+                "max_train_images": args.max_train_images,
+                **extra,
+            },
+        )
+    except UserError as exc:
+        parser.error(str(exc))
     t0 = time.perf_counter()
     load_dataset("cifar10")  # decoded once and cached; a second load takes well under a second
     load_s = time.perf_counter() - t0
-    spec = build_spec(
-        "train",
-        preset="cpu-quick",
-        overrides={
-            "trigger": args.trigger,
-            "target": args.target,
-            "epochs": args.epochs,
-            "seed": args.seed,
-            "max_train_images": args.max_train_images,
-            **extra,
-        },
-    )
     with tempfile.TemporaryDirectory() as tmp:
         reporter = MemoryReporter(tmp)
         start = time.perf_counter()

@@ -306,18 +306,19 @@ RESULTS_RECIPE = dict(arch="small", batch_size=256, lr=0.2, eval_every=2, crop_e
 
 def train_model(args, trigger: str | None, seed: int, workdir: Path, **overrides) -> TaskResult:
     preset = overrides.pop("preset", "cpu-quick")
-    values = dict(RESULTS_RECIPE) if preset == "cpu-quick" else {}
-    values.update(
+    given = dict(
         dataset=args.dataset,
         trigger=trigger or "none",
         target=args.target,
         seed=seed,
+        epochs=args.train_epochs,
         device=args.device,
         precision=args.precision,
     )
-    if args.train_epochs is not None:
-        values["epochs"] = args.train_epochs
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    given.update(overrides)
+    # None means "not given": it must not hide the pinned recipe's value either.
+    values = dict(RESULTS_RECIPE) if preset == "cpu-quick" else {}
+    values.update({k: v for k, v in given.items() if v is not None})
     if trigger is None:
         values["poison_rate"] = 0.0
     return run_task("train", build_spec("train", preset=preset, overrides=values), workdir)
