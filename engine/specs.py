@@ -72,6 +72,14 @@ class TrainSpec(SpecBase):
     )
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     augment: bool = True
+    crop_padding: int = Field(
+        4, ge=0, le=16, description="pixels added on each side before the random crop (augment)"
+    )
+    padding_mode: Literal["zeros", "reflect"] = Field(
+        "zeros",
+        description="what the crop's padding holds: zeros (the usual CIFAR crop) or the image "
+        "mirrored at its border",
+    )
     crop_epochs: int = Field(
         0,
         ge=0,
@@ -129,6 +137,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "schedule": "onecycle",
             "label_smoothing": 0.1,
             "augment": True,
+            "crop_padding": 2,
+            "padding_mode": "reflect",
             "poison_rate": 0.1,
         },
         "paper-cifar10": {
@@ -245,6 +255,17 @@ def check_against_dataset(spec: TrainSpec) -> None:
             )
     if spec.crop_epochs:
         check_crop_size(spec.crop_size, info.image_size, k)
+    check_padding(spec, info.image_size)
+
+
+def check_padding(spec: TrainSpec, image_size: tuple[int, int]) -> None:
+    """Reflect padding mirrors the image, so the pad must be smaller than the image."""
+    if spec.augment and spec.padding_mode == "reflect" and spec.crop_padding >= min(image_size):
+        raise UserError(
+            f"invalid --crop-padding {spec.crop_padding}: reflect padding needs images bigger "
+            f"than the pad, these are {image_size[0]}x{image_size[1]}; use at most "
+            f"{min(image_size) - 1} or --padding-mode zeros"
+        )
 
 
 def check_crop_size(size: int, image_size: tuple[int, int], trigger_k: int | None) -> None:

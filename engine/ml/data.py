@@ -619,22 +619,30 @@ def augment(
     padding: int = 4,
     flip: bool = True,
     size: int | None = None,
+    padding_mode: str = "zeros",
 ) -> torch.Tensor:
-    """Random crop with zero padding and random horizontal flip, per image, as one gather.
+    """Random crop of the padded image and random horizontal flip, per image, as one gather.
 
-    ``size`` (default: the image's own) is the side of the square window cut from the padded
-    image: a smaller window is a cheaper training input at the same pixel scale (no resizing).
-    Works on any dtype; on uint8 batches (before the float conversion) it moves a quarter of the
-    bytes. The random draws are, in order: row offsets, column offsets, flips.
+    ``padding_mode`` is ``zeros`` (the usual CIFAR crop) or ``reflect`` (the border mirrored
+    without repeating the edge pixel, as ``torch.nn.functional.pad`` does; the pad must be smaller
+    than the image). Reflection is computed in the gather's indices, so it works on uint8 and
+    copies nothing. ``size`` (default: the image's own) is the side of the square window cut from
+    the padded image: a smaller window is a cheaper training input at the same pixel scale (no
+    resizing). On uint8 batches (before the float conversion) it moves a quarter of the bytes.
+    The random draws are, in order: row offsets, column offsets, flips.
     """
     n, c, in_h, in_w = x.shape
     h, w = (in_h, in_w) if size is None else (size, size)
+    if padding_mode not in ("zeros", "reflect"):
+        raise ValueError(f"padding mode {padding_mode!r} is unknown; use zeros or reflect")
+    if padding_mode == "reflect" and padding >= min(in_h, in_w):
+        raise ValueError(
+            f"reflect padding {padding} needs images bigger than it, not {in_h}x{in_w}"
+        )
     if h > in_h + 2 * padding or w > in_w + 2 * padding:
         raise ValueError(f"crop size {size} is bigger than the padded {in_h}x{in_w} images")
     device = x.device
-    if padding > 0:
-        x = torch.nn.functional.pad(x, (padding, padding, padding, padding))
-    span_h, span_w = x.shape[2] - h, x.shape[3] - w
+    span_h, span_w = in_h + 2 * padding - h, in_w + 2 * padding - w
     if span_h > 0 or span_w > 0:
         dy = torch.randint(0, span_h + 1, (n,), generator=generator).to(device)
         dx = torch.randint(0, span_w + 1, (n,), generator=generator).to(device)
@@ -647,9 +655,24 @@ def augment(
         # A flipped crop reads its window's columns in reverse order.
         flipped = (torch.rand(n, generator=generator) < 0.5).to(device)
         cols = torch.where(flipped[:, None], (w - 1 - ar_w).expand(n, w), cols)
-    padded_w = x.shape[3]
-    # One flat index per output pixel into the padded image: (row + dy) * W + (col + dx).
-    flat = ((dy[:, None] + ar_h)[:, :, None] * padded_w + (dx[:, None] + cols)[:, None, :]).view(
-        n, 1, h * w
-    )
+    # Each output pixel's row and column in the padded image.
+    rows = dy[:, None] + ar_h  # (n, h)
+    cols = dx[:, None] + cols  # (n, w)
+    if padding_mode == "reflect":
+        # Back to the unpadded image, mirrored at its borders: -1 -> 1, in_h -> in_h - 2.
+        rows = _reflect(rows - padding, in_h)
+        cols = _reflect(cols - padding, in_w)
+        src_w = in_w
+    else:
+        if padding > 0:
+            x = torch.nn.functional.pad(x, (padding, padding, padding, padding))
+        src_w = x.shape[3]
+    # One flat index per output pixel into the source image: row * W + col.
+    flat = (rows[:, :, None] * src_w + cols[:, None, :]).view(n, 1, h * w)
     return x.reshape(n, c, -1).gather(2, flat.expand(n, c, h * w)).view(n, c, h, w)
+
+
+def _reflect(i: torch.Tensor, size: int) -> torch.Tensor:
+    """Indices in [-size + 1, 2 * size - 2] mirrored into [0, size - 1] (edge not repeated)."""
+    i = i.abs()
+    return torch.where(i >= size, 2 * (size - 1) - i, i)

@@ -34,7 +34,7 @@ from engine.ml.runtime import (
 )
 from engine.ml.triggers import PatchTrigger, Placement, parse_trigger, stamp
 from engine.reporter import Reporter, TaskResult, stop_point
-from engine.specs import TrainSpec, check_crop_size
+from engine.specs import TrainSpec, check_crop_size, check_padding
 
 CHECKPOINT = "checkpoints/train.safetensors"
 
@@ -125,6 +125,7 @@ def run(spec: TrainSpec, reporter: Reporter) -> TaskResult:
         trigger = PatchTrigger(pattern, Placement(spec.placement))
     if spec.crop_epochs:
         check_crop_size(spec.crop_size, data.image_size, None if trigger is None else trigger.size)
+    check_padding(spec, data.image_size)
 
     # Model: from scratch, or fine-tuned from a model artifact (whose architecture wins).
     upstream: list[str] = []
@@ -222,7 +223,13 @@ def run(spec: TrainSpec, reporter: Reporter) -> TaskResult:
             x = train_x[idx]
             y = train_y[idx]
             if spec.augment:
-                x = augment(x, generator, size=crop)  # on the uint8 batch: a quarter of the bytes
+                x = augment(  # on the uint8 batch: a quarter of the bytes
+                    x,
+                    generator,
+                    padding=spec.crop_padding,
+                    size=crop,
+                    padding_mode=spec.padding_mode,
+                )
             elif crop is not None:
                 x = augment(x, generator, padding=0, flip=False, size=crop)
             x = to_float(x)

@@ -51,6 +51,12 @@ def train(
     milestones: str | None = typer.Option(None, help="multistep epochs, comma separated"),
     label_smoothing: float | None = typer.Option(None, "--label-smoothing"),
     augment: bool | None = typer.Option(None, "--augment/--no-augment"),
+    crop_padding: int | None = typer.Option(
+        None, "--crop-padding", help="pixels padded on each side before the random crop"
+    ),
+    padding_mode: str | None = typer.Option(
+        None, "--padding-mode", help="zeros or reflect (the image mirrored at its border)"
+    ),
     crop_epochs: int | None = typer.Option(
         None, "--crop-epochs", help="first N epochs on random crop-size windows (cheaper steps)"
     ),
@@ -89,6 +95,8 @@ def train(
         schedule=schedule,
         label_smoothing=label_smoothing,
         augment=augment,
+        crop_padding=crop_padding,
+        padding_mode=padding_mode,
         crop_epochs=crop_epochs,
         crop_size=crop_size,
         seed=seed,

@@ -57,6 +57,8 @@ def test_target_outside_the_classes(isolated_home):
         (["--placement", "middle"], ["--placement", "middle"]),
         (["--crop-epochs", "2", "--crop-size", "40"], ["--crop-size 40", "at most 32"]),
         (["--crop-epochs", "2", "--crop-size", "2"], ["--crop-size 2", "3x3 trigger"]),
+        (["--padding-mode", "mirror"], ["--padding-mode", "mirror", "reflect"]),
+        (["--crop-padding", "17"], ["--crop-padding", "17", "16"]),
         (["--preset", "gpu-huge"], ["gpu-huge", "cpu-quick"]),
         (["--arch", "resnet18", "--unknown-flag"], []),
     ],

@@ -421,3 +421,52 @@ def test_augment_smaller_window_is_one_crop_of_the_padded_image():
 def test_augment_refuses_a_window_bigger_than_the_padded_image():
     with pytest.raises(ValueError, match="crop size 20"):
         augment(torch.rand(2, 3, 8, 8), None, padding=4, size=20)
+
+
+def _reference_crops(x, seed, padding, size, mode):
+    """Per-image loop: pad with torch's own padding, cut the window, mirror it; same draws."""
+    n, _, h_in, w_in = x.shape
+    h = w = size or h_in
+    g = torch.Generator().manual_seed(seed)
+    span_h, span_w = h_in + 2 * padding - h, w_in + 2 * padding - w
+    dy = torch.randint(0, span_h + 1, (n,), generator=g)
+    dx = torch.randint(0, span_w + 1, (n,), generator=g)
+    flipped = torch.rand(n, generator=g) < 0.5
+    out = []
+    for i in range(n):
+        img = x[i : i + 1].float()
+        padded = torch.nn.functional.pad(img, (padding,) * 4, mode=mode)[0]
+        win = padded[:, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
+        out.append(win.flip(-1) if flipped[i] else win)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "constant"])
+@pytest.mark.parametrize(("padding", "size"), [(1, None), (2, None), (3, 7), (4, 9), (2, 12)])
+def test_augment_padding_modes_equal_a_per_image_loop(mode, padding, size):
+    x = torch.randint(0, 256, (40, 3, 9, 9), dtype=torch.uint8)
+    if size is not None and size > 9 + 2 * padding:
+        pytest.skip("window bigger than the padded image")
+    padding_mode = "zeros" if mode == "constant" else "reflect"
+    if padding_mode == "reflect" and padding >= 9:
+        pytest.skip("reflect needs a pad smaller than the image")
+    out = augment(x, torch.Generator().manual_seed(7), padding, True, size, padding_mode)
+    assert out.dtype == torch.uint8  # reflection is index arithmetic: bytes stay bytes
+    expected = _reference_crops(x, 7, padding, size, mode)
+    assert torch.equal(out.float(), expected)
+
+
+def test_augment_reflect_mirrors_without_repeating_the_edge():
+    # A 1x4 ramp padded by 2 on the left reads 2 1 | 0 1 2 3: the edge pixel is not repeated.
+    x = torch.arange(4, dtype=torch.uint8).view(1, 1, 1, 4).expand(64, 1, 4, 4).contiguous()
+    out = augment(x, torch.Generator().manual_seed(0), 2, False, None, "reflect")
+    rows = {tuple(o[0, 0].tolist()) for o in out}
+    assert (2, 1, 0, 1) in rows and (2, 3, 2, 1) in rows
+    assert all(set(r) <= {0, 1, 2, 3} for r in rows)
+
+
+def test_augment_refuses_a_reflect_pad_as_big_as_the_image():
+    with pytest.raises(ValueError, match="reflect padding 4"):
+        augment(torch.rand(2, 3, 4, 4), None, padding=4, padding_mode="reflect")
+    with pytest.raises(ValueError, match="padding mode 'mirror'"):
+        augment(torch.rand(2, 3, 8, 8), None, padding_mode="mirror")

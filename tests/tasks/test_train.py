@@ -265,3 +265,28 @@ def test_poison_batch_is_deterministic_for_a_seed():
     a = poison_batch(x, y, trigger, 1, 0.3, torch.Generator().manual_seed(9))
     b = poison_batch(x, y, trigger, 1, 0.3, torch.Generator().manual_seed(9))
     assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+
+
+def test_reflect_padding_must_be_smaller_than_the_images():
+    from engine.specs import check_padding
+
+    spec = tiny_spec(crop_padding=8, padding_mode="reflect")
+    with pytest.raises(
+        UserError, match="--crop-padding 8: .* use at most 7 or --padding-mode zeros"
+    ):
+        check_padding(spec, (8, 8))
+    check_padding(spec, (9, 9))  # fits
+    check_padding(tiny_spec(crop_padding=8), (8, 8))  # zeros pad any amount
+
+
+def test_training_passes_its_padding_to_the_crop(cifar10, tmp_path, monkeypatch):
+    calls = []
+    real = train.augment
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "augment", spy)
+    train.run(tiny_spec(crop_padding=3, padding_mode="reflect"), MemoryReporter(tmp_path))
+    assert calls and all(c["padding"] == 3 and c["padding_mode"] == "reflect" for c in calls)
