@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -149,17 +150,34 @@ class VGG(nn.Module):
 # airbench's GELU: a quarter faster per step on a CPU, where these element-wise passes dominate.
 
 
+def max_pool2(x: torch.Tensor) -> torch.Tensor:
+    """2x2 max pooling with stride 2, as ``F.max_pool2d(x, 2)``.
+
+    Where no gradient will flow back (evaluation) on a CPU, the maximum of the four strided
+    quarters: the same values, 3x faster on a channels_last bf16 batch, because max_pool2d also
+    computes the argmax indices a backward pass would need. With autograd, max_pool2d itself, whose
+    backward kernel beats any composite of strided views.
+    """
+    if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+        return F.max_pool2d(x, 2)
+    h, w = x.shape[-2] - x.shape[-2] % 2, x.shape[-1] - x.shape[-1] % 2  # floor, as max_pool2d
+    top = torch.maximum(x[..., 0:h:2, 0:w:2], x[..., 0:h:2, 1:w:2])
+    return torch.maximum(top, torch.maximum(x[..., 1:h:2, 0:w:2], x[..., 1:h:2, 1:w:2]))
+
+
+torch.fx.wrap("max_pool2")  # one opaque node for torch.fx (fold_batchnorm traces these models)
+
+
 class ConvGroup(nn.Module):
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
-        self.pool = nn.MaxPool2d(2)
         self.norm1 = nn.BatchNorm2d(c_out, momentum=0.4)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
         self.norm2 = nn.BatchNorm2d(c_out, momentum=0.4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.norm1(self.pool(self.conv1(x))), inplace=True)
+        x = F.relu(self.norm1(max_pool2(self.conv1(x))), inplace=True)
         return F.relu(self.norm2(self.conv2(x)), inplace=True)
 
 

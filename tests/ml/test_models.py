@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from engine.errors import UserError
-from engine.ml.models import ARCHITECTURES, build_model, count_parameters, fold_batchnorm
+from engine.ml.models import (
+    ARCHITECTURES,
+    build_model,
+    count_parameters,
+    fold_batchnorm,
+    max_pool2,
+)
 
 ARCHS = ["resnet18", "preact-resnet18", "vgg11-bn", "small", "small-wide"]
 
@@ -32,6 +38,46 @@ def test_train_mode_backward_and_channels_last():
     x = torch.rand(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     model(x).sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("size", [(8, 8), (7, 9), (2, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_max_pool2_without_autograd_equals_max_pool2d(size, dtype, channels_last):
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, *size).to(dtype)
+    x[0, 0, :2, :2] = 1.0  # a tie inside one window
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = max_pool2(x)
+    assert torch.equal(out, torch.nn.functional.max_pool2d(x, 2))
+    if out.shape[-2] * out.shape[-1] > 1:  # a 1x1 map is contiguous in either format
+        assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+def test_max_pool2_with_autograd_keeps_max_pool2d_gradient(monkeypatch):
+    calls = []
+    real = torch.nn.functional.max_pool2d
+    monkeypatch.setattr(
+        torch.nn.functional, "max_pool2d", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    max_pool2(x).sum().backward()
+    assert calls and x.grad is not None and int(x.grad.sum()) == 2 * 3 * 9
+    calls.clear()
+    with torch.no_grad():
+        max_pool2(x)
+    assert not calls  # evaluation takes the strided path
+
+
+def test_small_network_scores_the_same_with_and_without_autograd():
+    torch.manual_seed(0)
+    model = build_model("small", 10, 3).eval()
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        fast = model(x)
+    assert torch.equal(fast, model(x).detach())
 
 
 # Keys (and parameter counts) of the reference implementations, so their checkpoints import:
