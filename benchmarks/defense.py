@@ -300,8 +300,18 @@ def reused_model(args, trigger: str, seed: int) -> TaskResult | None:
 
 
 # The recipe every committed defense result was trained with: the cpu-quick preset before it
-# moved to batch 512, lr 0.8 and crop epochs. Pinned, so a rerun reproduces those models.
-RESULTS_RECIPE = dict(arch="small", batch_size=256, lr=0.2, eval_every=2, crop_epochs=0, epochs=10)
+# moved to batch 512, lr 0.8, crop epochs and reflect padding. Pinned, so a rerun reproduces
+# those models.
+RESULTS_RECIPE = dict(
+    arch="small",
+    batch_size=256,
+    lr=0.2,
+    eval_every=2,
+    crop_epochs=0,
+    epochs=10,
+    crop_padding=4,
+    padding_mode="zeros",
+)
 
 
 def train_model(args, trigger: str | None, seed: int, workdir: Path, **overrides) -> TaskResult:
