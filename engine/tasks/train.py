@@ -278,7 +278,7 @@ def run(spec: TrainSpec, reporter: Reporter) -> TaskResult:
             "perf/images_per_s": seen / max(epoch_time, 1e-9),
         }
         # The last epoch is scored once, by the final evaluation below (same step, same keys).
-        if (epoch + 1) % spec.eval_every == 0 and epoch + 1 < spec.epochs:
+        if spec.eval_every and (epoch + 1) % spec.eval_every == 0 and epoch + 1 < spec.epochs:
             last_eval = evaluate(model, test_x, test_y, normalizer, **eval_kwargs)
             metrics.update({f"eval/{k}": v for k, v in last_eval.items()})
         reporter.log(metrics, step)

@@ -57,6 +57,9 @@ def train(
     padding_mode: str | None = typer.Option(
         None, "--padding-mode", help="zeros or reflect (the image mirrored at its border)"
     ),
+    eval_every: int | None = typer.Option(
+        None, "--eval-every", help="evaluate every N epochs; 0: after the last only"
+    ),
     crop_epochs: int | None = typer.Option(
         None, "--crop-epochs", help="first N epochs on random crop-size windows (cheaper steps)"
     ),
@@ -97,6 +100,7 @@ def train(
         augment=augment,
         crop_padding=crop_padding,
         padding_mode=padding_mode,
+        eval_every=eval_every,
         crop_epochs=crop_epochs,
         crop_size=crop_size,
         seed=seed,

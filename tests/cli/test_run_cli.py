@@ -59,6 +59,7 @@ def test_target_outside_the_classes(isolated_home):
         (["--crop-epochs", "2", "--crop-size", "2"], ["--crop-size 2", "3x3 trigger"]),
         (["--padding-mode", "mirror"], ["--padding-mode", "mirror", "reflect"]),
         (["--crop-padding", "17"], ["--crop-padding", "17", "16"]),
+        (["--eval-every=-1"], ["--eval-every", "-1"]),
         (["--preset", "gpu-huge"], ["gpu-huge", "cpu-quick"]),
         (["--arch", "resnet18", "--unknown-flag"], []),
     ],

@@ -290,3 +290,14 @@ def test_training_passes_its_padding_to_the_crop(cifar10, tmp_path, monkeypatch)
     monkeypatch.setattr(train, "augment", spy)
     train.run(tiny_spec(crop_padding=3, padding_mode="reflect"), MemoryReporter(tmp_path))
     assert calls and all(c["padding"] == 3 and c["padding_mode"] == "reflect" for c in calls)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("eval_every", "evaluated_epochs"), [(1, [1, 2, 3]), (2, [2, 3]), (0, [3])]
+)
+def test_eval_every_sets_the_mid_run_evaluations(cifar10, tmp_path, eval_every, evaluated_epochs):
+    reporter = MemoryReporter(tmp_path)
+    train.run(tiny_spec(epochs=3, eval_every=eval_every), reporter)
+    steps = [s for s, _ in reporter.series("eval/acc_clean")]
+    assert steps == [4 * e for e in evaluated_epochs]  # 4 steps per epoch; the last always
