@@ -91,7 +91,15 @@ def main() -> None:
                 "outside_training_s": round(wall - m["time/train_s"], 1),
                 "recipe": {
                     k: getattr(spec, k)
-                    for k in ("arch", "batch_size", "lr", "crop_epochs", "crop_size", "eval_every")
+                    for k in (
+                        "arch",
+                        "batch_size",
+                        "lr",
+                        "crop_epochs",
+                        "crop_size",
+                        "whiten_stem",
+                        "eval_every",
+                    )
                 },
                 "images_per_s": round(m.get("perf/images_per_s", 0.0)),
                 "acc_clean": round(m["eval/acc_clean"], 4),

@@ -87,6 +87,11 @@ class TrainSpec(SpecBase):
         "resizing): cheaper steps at the same pixel scale, the trigger stamped inside the window",
     )
     crop_size: int = Field(24, ge=1, description="side of the windows of the crop epochs")
+    whiten_stem: bool = Field(
+        False,
+        description="from scratch: set the first convolution to the PCA whitening of training "
+        "image patches (airbench's patch whitening) and keep it and the BatchNorm after it fixed",
+    )
     trigger: str | None = Field(
         "bw:170", description="bw:ID, color:SEED, square:white, file:PATH, or none"
     )
@@ -130,6 +135,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "epochs": 14,
             "crop_epochs": 10,
             "crop_size": 24,
+            "whiten_stem": True,
             "eval_every": 0,  # the final evaluation only: a mid-run one is 19,000 forward passes
             "batch_size": 512,
             "lr": 0.8,

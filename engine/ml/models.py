@@ -273,3 +273,61 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         return fuse(model)
     except Exception:  # tracing refused (data-dependent control flow): keep the model unfused
         return model
+
+
+def stem_modules(model: nn.Module) -> list[nn.Module]:
+    """The model's first convolution and, when the layer registered next beside it is a BatchNorm
+    of its outputs (``small``, ``resnet18``, ``vgg11-bn``), that BatchNorm: the layers a fixed
+    stem freezes, after which no gradient needs to reach the full-resolution input layers."""
+    named = list(model.named_modules())
+    for i, (name, module) in enumerate(named):
+        if isinstance(module, nn.Conv2d):
+            if i + 1 < len(named):
+                after_name, after = named[i + 1]
+                if (
+                    isinstance(after, nn.BatchNorm2d)
+                    and after.num_features == module.out_channels
+                    and after_name.rpartition(".")[0] == name.rpartition(".")[0]
+                ):
+                    return [module, after]
+            return [module]
+    return []
+
+
+def whiten_first_conv_(
+    model: nn.Module, images: torch.Tensor, eps: float = 5e-4, chunk: int = 256
+) -> nn.Conv2d:
+    """Set the filters of ``model``'s first convolution to the PCA whitening of the patches it
+    sees in ``images`` (normalised, N x C x H x W), as airbench's patch-whitening stem does.
+
+    Filter pair ``i`` is the i-th principal component of the k x k patches divided by the square
+    root of its variance (plus ``eps``), and its negative (a ReLU after the convolution keeps both
+    signs). The top ``min(filters // 2, C * k * k)`` components are written; any filter beyond
+    them keeps its initial value. Returns the convolution (the caller may freeze it)."""
+    conv = (stem_modules(model) or [None])[0]
+    if conv is None or conv.groups != 1:
+        raise ValueError("whitening needs a model whose first layer is a dense convolution")
+    filters, channels, kh, kw = conv.weight.shape
+    if images.dim() != 4 or images.shape[1] != channels:
+        raise ValueError(f"images of shape {tuple(images.shape)} do not fit {channels} channels")
+    dims = channels * kh * kw
+    total = torch.zeros(dims, dtype=torch.float64)
+    products = torch.zeros(dims, dims, dtype=torch.float64)
+    count = 0
+    for part in images.split(chunk):  # chunked: the patches of 5,000 images would be 1 GB
+        patches = F.unfold(part.float().cpu(), (kh, kw), dilation=conv.dilation)
+        patches = patches.transpose(1, 2).reshape(-1, dims).double()
+        total += patches.sum(0)
+        products += patches.T @ patches
+        count += patches.shape[0]
+    if count < 2:
+        raise ValueError("whitening needs at least two patches")
+    mean = total / count
+    covariance = (products - count * torch.outer(mean, mean)) / (count - 1)
+    variances, components = torch.linalg.eigh(covariance)  # ascending
+    pairs = min(filters // 2, dims)
+    top = components.flip(1)[:, :pairs] / torch.sqrt(variances.flip(0)[:pairs] + eps)
+    weight = torch.cat([top.T, -top.T]).reshape(2 * pairs, channels, kh, kw)
+    with torch.no_grad():
+        conv.weight[: 2 * pairs].copy_(weight.to(conv.weight.dtype))
+    return conv

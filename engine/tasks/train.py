@@ -22,7 +22,7 @@ from engine.ml import artifacts
 from engine.ml.checkpoint import load_or_none, save_checkpoint
 from engine.ml.data import Normalizer, augment, batch_indices, load_dataset, to_float
 from engine.ml.metrics import evaluate, variation_asr
-from engine.ml.models import build_model, count_parameters
+from engine.ml.models import build_model, count_parameters, stem_modules, whiten_first_conv_
 from engine.ml.runtime import (
     autocast,
     configure_threads,
@@ -37,6 +37,7 @@ from engine.reporter import Reporter, TaskResult, stop_point
 from engine.specs import TrainSpec, check_crop_size, check_padding
 
 CHECKPOINT = "checkpoints/train.safetensors"
+WHITEN_IMAGES = 5000  # images whose patches set a whitened stem (airbench's count)
 
 
 def lr_factor(
@@ -148,6 +149,16 @@ def run(spec: TrainSpec, reporter: Reporter) -> TaskResult:
     train_x, train_y = data.train_x, data.train_y
     if spec.max_train_images:
         train_x, train_y = train_x[: spec.max_train_images], train_y[: spec.max_train_images]
+    if spec.whiten_stem and spec.init_from:
+        reporter.text("whiten_stem applies to training from scratch: the model keeps its stem")
+    elif spec.whiten_stem:
+        sample = torch.randperm(
+            train_x.shape[0], generator=torch.Generator().manual_seed(spec.seed)
+        )
+        images = Normalizer(data.mean, data.std)(to_float(train_x[sample[:WHITEN_IMAGES]].cpu()))
+        whiten_first_conv_(model, images)
+        for module in stem_modules(model):  # fixed: nothing back-propagates into the stem
+            module.requires_grad_(False)
     test_x, test_y = data.test_x, data.test_y
     if spec.max_test_images:
         test_x, test_y = test_x[: spec.max_test_images], test_y[: spec.max_test_images]

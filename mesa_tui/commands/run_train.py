@@ -64,6 +64,11 @@ def train(
         None, "--crop-epochs", help="first N epochs on random crop-size windows (cheaper steps)"
     ),
     crop_size: int | None = typer.Option(None, "--crop-size", help="side of those windows"),
+    whiten_stem: bool | None = typer.Option(
+        None,
+        "--whiten-stem/--no-whiten-stem",
+        help="from scratch: first convolution fixed to the whitening of image patches",
+    ),
     seed: int | None = typer.Option(None),
     precision: str | None = typer.Option(None, help="auto, fp32 or bf16"),
     device: str | None = typer.Option(None, help="auto, cpu, cuda or cuda:N"),
@@ -103,6 +108,7 @@ def train(
         eval_every=eval_every,
         crop_epochs=crop_epochs,
         crop_size=crop_size,
+        whiten_stem=whiten_stem,
         seed=seed,
         precision=precision,
         device=device,

@@ -12,6 +12,8 @@ from engine.ml.models import (
     count_parameters,
     fold_batchnorm,
     max_pool2,
+    stem_modules,
+    whiten_first_conv_,
 )
 
 ARCHS = ["resnet18", "preact-resnet18", "vgg11-bn", "small", "small-wide"]
@@ -165,3 +167,70 @@ def test_folding_batchnorm_keeps_the_function_and_the_input_gradient(arch):
     assert bns(model) > 0
     if arch != "preact-resnet18":  # there BN comes before the convolution: nothing to fold
         assert bns(folded) < bns(model)
+
+
+def correlated_images(n: int, channels: int, size: int, seed: int = 0) -> torch.Tensor:
+    """Images whose channels and neighbouring pixels are correlated, as natural images are."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, channels, size, size, generator=g)
+    x = x + torch.roll(x, 1, dims=-1) + 0.5 * torch.roll(x, 1, dims=-2)  # neighbours
+    mix = torch.eye(channels) + 0.7 * torch.rand(channels, channels, generator=g)
+    return torch.einsum("dc,nchw->ndhw", mix, x) + 0.3  # channels, and a mean
+
+
+def patch_features(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """The convolution's responses to every unpadded patch of ``x``, one row per patch."""
+    patches = torch.nn.functional.unfold(x, conv.kernel_size).transpose(1, 2)
+    return patches.reshape(-1, patches.shape[-1]) @ conv.weight.detach().flatten(1).T
+
+
+def test_whitened_stem_has_decorrelated_unit_variance_responses_and_their_negatives():
+    torch.manual_seed(0)
+    model = build_model("small", 10, 3)
+    x = correlated_images(64, 3, 12)
+    conv = whiten_first_conv_(model, x, eps=1e-6)
+    assert conv is model.stem[0]
+    w = conv.weight.detach().flatten(1)
+    assert torch.equal(w[8:], -w[:8])  # 16 filters: the top 8 components and their negatives
+    features = patch_features(conv, x)[:, :8].double()
+    assert torch.allclose(torch.cov(features.T), torch.eye(8, dtype=torch.float64), atol=1e-3)
+    # The top components: no other direction of the patches has more variance than the 8th.
+    patches = torch.nn.functional.unfold(x, 3).transpose(1, 2).reshape(-1, 27).double()
+    variances = torch.linalg.eigvalsh(torch.cov(patches.T))
+    raw = w[:8].double() / w[:8].double().norm(dim=1, keepdim=True)
+    explained = torch.cov((patches @ raw.T).T).diagonal()
+    assert torch.allclose(explained, variances.flip(0)[:8], rtol=1e-4)
+
+
+def test_whitening_keeps_the_filters_beyond_the_patch_dimensions_and_ignores_chunking():
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10, 1)  # 64 filters, 9 patch dimensions: 18 written
+    before = model.conv1.weight.detach().clone()
+    x = correlated_images(40, 1, 10, seed=1)
+    conv = whiten_first_conv_(model, x, chunk=7)
+    assert conv is model.conv1
+    assert torch.equal(conv.weight[18:], before[18:]) and not torch.equal(conv.weight, before)
+    other = build_model("resnet18", 10, 1)
+    whiten_first_conv_(other, x, chunk=1000)
+    assert torch.allclose(other.conv1.weight[:18], conv.weight[:18], atol=1e-5)
+
+
+def test_whitening_refuses_images_of_other_channels():
+    with pytest.raises(ValueError, match="3 channels"):
+        whiten_first_conv_(build_model("small", 10, 3), torch.rand(4, 1, 8, 8))
+
+
+@pytest.mark.parametrize(
+    ("arch", "names"),
+    [
+        ("small", ["stem.0", "stem.1"]),
+        ("small-wide", ["stem.0", "stem.1"]),
+        ("resnet18", ["conv1", "bn1"]),
+        ("vgg11-bn", ["features.0", "features.1"]),
+        ("preact-resnet18", ["conv1"]),  # its next BatchNorm sits inside a block, on a branch
+    ],
+)
+def test_stem_is_the_first_convolution_and_the_batchnorm_beside_it(arch, names):
+    model = build_model(arch, 10, 3)
+    by_module = {id(m): n for n, m in model.named_modules()}
+    assert [by_module[id(m)] for m in stem_modules(model)] == names

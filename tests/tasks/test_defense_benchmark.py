@@ -268,10 +268,10 @@ def test_models_are_trained_with_the_recipe_of_the_committed_results(bench, monk
     first, clean, paper = specs
     assert (first.arch, first.batch_size, first.lr, first.crop_epochs) == ("small", 256, 0.2, 0)
     assert first.epochs == 10 and first.trigger == "bw:170" and first.seed == 1
-    assert (first.crop_padding, first.padding_mode) == (4, "zeros")
+    assert (first.crop_padding, first.padding_mode, first.whiten_stem) == (4, "zeros", False)
     assert clean.epochs == 3 and clean.poison_rate == 0.0 and clean.arch == "small"
     quick = build_spec("train", preset="cpu-quick")
     assert (quick.batch_size, quick.crop_epochs) != (256, 0)  # why the pin exists
-    assert (quick.crop_padding, quick.padding_mode) != (4, "zeros")
+    assert (quick.crop_padding, quick.padding_mode) != (4, "zeros") and quick.whiten_stem
     # other presets keep their own recipe
     assert paper.lr == 1e-3 and paper.epochs == 4 and paper.init_from == "m"

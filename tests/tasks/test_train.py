@@ -301,3 +301,27 @@ def test_eval_every_sets_the_mid_run_evaluations(cifar10, tmp_path, eval_every, 
     train.run(tiny_spec(epochs=3, eval_every=eval_every), reporter)
     steps = [s for s, _ in reporter.series("eval/acc_clean")]
     assert steps == [4 * e for e in evaluated_epochs]  # 4 steps per epoch; the last always
+
+
+def test_whitened_stem_stays_fixed_while_the_rest_trains(cifar10, tmp_path, monkeypatch):
+    stems = []
+    real = train.whiten_first_conv_
+
+    def spy(model, images):
+        layer = model.layer1.conv1.weight.detach().clone()
+        stems.append((images.shape, real(model, images).weight.detach().clone(), layer))
+        return model.stem[0]
+
+    monkeypatch.setattr(train, "whiten_first_conv_", spy)
+    train.run(tiny_spec(whiten_stem=True), MemoryReporter(tmp_path / "w"))
+    ((shape, stem, layer),) = stems
+    assert shape == (32, 3, 32, 32)  # every image of this tiny set (at most 5,000)
+    trained = final_state(tmp_path / "w")
+    assert torch.equal(trained["stem.0.weight"], stem)
+    assert torch.equal(trained["stem.1.weight"], torch.ones(16))  # its BatchNorm is fixed too
+    assert torch.equal(trained["stem.1.bias"], torch.zeros(16))
+    assert not torch.allclose(trained["layer1.conv1.weight"], layer)
+    # Fine-tuning keeps the model's own stem, and says so.
+    reporter = MemoryReporter(tmp_path / "ft")
+    train.run(tiny_spec(whiten_stem=True, init_from=str(tmp_path / "w")), reporter)
+    assert len(stems) == 1 and any("keeps its stem" in line for _, line in reporter.lines)
