@@ -91,6 +91,17 @@ def test_trigger_file_bigger_than_the_image(cifar10, tmp_path, isolated_home):
     assert not artifacts.exists() or not any(artifacts.rglob("model.safetensors"))
 
 
+@pytest.mark.parametrize(("flag", "expected"), [([], True), (["--no-whiten-stem"], False)])
+def test_whiten_stem_flag_reaches_the_spec(cifar10, isolated_home, monkeypatch, flag, expected):
+    import mesa_tui.foreground
+
+    specs = []
+    monkeypatch.setattr(mesa_tui.foreground, "run_foreground", lambda k, s, j: specs.append(s))
+    result = runner.invoke(app, ["run", "train", "--preset", "cpu-quick", *flag])
+    assert result.exit_code == 0, result.stderr
+    assert specs[0].whiten_stem is expected  # cpu-quick whitens unless told not to
+
+
 # ---------------------------------------------------------------------------------------------
 # run train: a tiny real run
 
