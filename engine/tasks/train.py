@@ -149,22 +149,22 @@ def run(spec: TrainSpec, reporter: Reporter) -> TaskResult:
     train_x, train_y = data.train_x, data.train_y
     if spec.max_train_images:
         train_x, train_y = train_x[: spec.max_train_images], train_y[: spec.max_train_images]
-    if spec.whiten_stem and spec.init_from:
-        reporter.text("whiten_stem applies to training from scratch: the model keeps its stem")
-    elif spec.whiten_stem:
-        sample = torch.randperm(
-            train_x.shape[0], generator=torch.Generator().manual_seed(spec.seed)
-        )
-        images = Normalizer(data.mean, data.std)(to_float(train_x[sample[:WHITEN_IMAGES]].cpu()))
-        whiten_first_conv_(model, images)
-        for module in stem_modules(model):  # fixed: nothing back-propagates into the stem
-            module.requires_grad_(False)
     test_x, test_y = data.test_x, data.test_y
     if spec.max_test_images:
         test_x, test_y = test_x[: spec.max_test_images], test_y[: spec.max_test_images]
     train_x, train_y = train_x.to(device), train_y.to(device)
     test_x, test_y = test_x.to(device), test_y.to(device)
     normalizer = Normalizer(data.mean, data.std, device)
+    if spec.whiten_stem and spec.init_from:
+        reporter.text("whiten_stem applies to training from scratch: the model keeps its stem")
+    elif spec.whiten_stem:
+        sample = torch.randperm(
+            train_x.shape[0], generator=torch.Generator().manual_seed(spec.seed)
+        )
+        images = normalizer(to_float(train_x[sample[:WHITEN_IMAGES].to(device)]))
+        whiten_first_conv_(model, images)
+        for module in stem_modules(model):  # fixed: nothing back-propagates into the stem
+            module.requires_grad_(False)
 
     n = train_x.shape[0]
     drop_last = n > spec.batch_size
