@@ -24,6 +24,7 @@ import torch  # noqa: E402
 
 from engine.errors import UserError  # noqa: E402
 from engine.ml.data import load_dataset  # noqa: E402
+from engine.ml.runtime import allocator_mode  # noqa: E402
 from engine.reporter import MemoryReporter  # noqa: E402
 from engine.specs import build_spec  # noqa: E402
 from engine.tasks.train import run  # noqa: E402
@@ -85,6 +86,7 @@ def main() -> None:
                 "trigger": args.trigger,
                 "epochs": spec.epochs,
                 "precision": result.extra.get("precision"),
+                "malloc": allocator_mode(),  # keep unless MESA_TUI_MALLOC=system
                 "wall_s": round(wall, 1),
                 "train_s": round(m["time/train_s"], 1),
                 "epoch_s": [round(v, 1) for _, v in reporter.series("time/epoch_s")],

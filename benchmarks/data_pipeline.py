@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from engine.ml.data import Normalizer, augment, batch_indices, load_dataset, to_float  # noqa: E402
-from engine.ml.runtime import configure_threads  # noqa: E402
+from engine.ml.runtime import configure_cpu  # noqa: E402
 from engine.ml.triggers import PatchTrigger, Placement, parse_trigger  # noqa: E402
 from engine.tasks.train import poison_batch  # noqa: E402
 
@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
-    configure_threads()
+    configure_cpu()
     t0 = time.perf_counter()
     data = load_dataset(args.dataset)
     load_s = time.perf_counter() - t0

@@ -654,12 +654,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report = merge_reports(args.merge, args.headline_rate)
         emit(report, args)
         return report
-    if args.threads:  # the tasks (and configure_threads here) read the budget from there
+    if args.threads:  # the tasks (and configure_cpu here) read the budget from there
         from engine.cores import THREADS_ENV
-        from engine.ml.runtime import configure_threads
+        from engine.ml.runtime import configure_cpu
 
         os.environ[THREADS_ENV] = str(args.threads)
-        configure_threads()
+        configure_cpu()
     from engine.ml.runtime import cpu_has_native_bf16, cpu_name, pick_device, resolve_precision
 
     started = time.perf_counter()

@@ -38,7 +38,7 @@ from engine.ml.mesa import (  # noqa: E402
 )
 from engine.ml.models import build_model  # noqa: E402
 from engine.ml.runtime import (  # noqa: E402
-    configure_threads,
+    configure_cpu,
     environment,
     pick_device,
     resolve_precision,
@@ -166,7 +166,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.arch, args.batch, args.hidden, args.steps, args.images = "small", 8, 32, 2, 64
-    configure_threads()
+    configure_cpu()
     device = pick_device(args.device)
     precision = resolve_precision(args.precision, device)
     betas = [float(b) for b in args.betas.split(",")]

@@ -219,7 +219,7 @@ def run(spec: DefendSpec, reporter: Reporter) -> TaskResult:
         source_state,
     )
     from engine.ml.runtime import (
-        configure_threads,
+        configure_cpu,
         environment,
         pick_device,
         resolve_precision,
@@ -243,7 +243,7 @@ def run(spec: DefendSpec, reporter: Reporter) -> TaskResult:
         channels_last=spec.channels_last,
         eval_batch_size=spec.eval_batch_size,
     )
-    configure_threads()
+    configure_cpu()
     device = pick_device(spec.device)
     precision = resolve_precision(spec.precision, device)
     generator = seed_everything(spec.seed)

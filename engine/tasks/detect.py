@@ -64,7 +64,7 @@ def run(spec: DetectSpec, reporter: Reporter) -> TaskResult:
     from engine.ml import checkpoint as ckpt
     from engine.ml.artifacts import write_manifest
     from engine.ml.mesa import MesaConfig, SearchCheckpoint, search_targets
-    from engine.ml.runtime import configure_threads, pick_device, resolve_precision, seed_everything
+    from engine.ml.runtime import configure_cpu, pick_device, resolve_precision, seed_everything
     from engine.tasks import mesa as mesa_task
     from engine.tasks.mesa import load_defender_data
 
@@ -83,7 +83,7 @@ def run(spec: DetectSpec, reporter: Reporter) -> TaskResult:
         eval_images=spec.eval_images,
         samples=max(spec.n_eval_triggers, 256),
     )
-    configure_threads()
+    configure_cpu()
     device = pick_device(spec.device)
     precision = resolve_precision(spec.precision, device)
     seed_everything(spec.seed)

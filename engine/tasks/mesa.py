@@ -106,7 +106,7 @@ def run(spec: MesaSpec, reporter: Reporter) -> TaskResult:
     from engine.ml.artifacts import load_ground_truth
     from engine.ml.mesa import SearchCheckpoint, search, write_search_artifact
     from engine.ml.runtime import (
-        configure_threads,
+        configure_cpu,
         pick_device,
         resolve_precision,
         seed_everything,
@@ -114,7 +114,7 @@ def run(spec: MesaSpec, reporter: Reporter) -> TaskResult:
 
     check_spec(spec)
     config = mesa_config(spec)
-    configure_threads()
+    configure_cpu()
     device = pick_device(spec.device)
     precision = resolve_precision(spec.precision, device)
     seed_everything(spec.seed)

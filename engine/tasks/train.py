@@ -25,7 +25,7 @@ from engine.ml.metrics import evaluate, variation_asr
 from engine.ml.models import build_model, count_parameters, stem_modules, whiten_first_conv_
 from engine.ml.runtime import (
     autocast,
-    configure_threads,
+    configure_cpu,
     environment,
     peak_memory_mb,
     pick_device,
@@ -105,7 +105,7 @@ def _save_checkpoint(
 
 def run(spec: TrainSpec, reporter: Reporter) -> TaskResult:
     started = time.perf_counter()
-    configure_threads()
+    configure_cpu()
     device = pick_device(spec.device)
     precision = resolve_precision(spec.precision, device)
     generator = seed_everything(spec.seed)
