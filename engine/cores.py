@@ -13,6 +13,7 @@ import os
 from engine.errors import UserError
 
 THREADS_ENV = "MESA_TUI_THREADS"
+MALLOC_ENV = "MESA_TUI_MALLOC"
 
 
 def usable_cores() -> int:
@@ -33,3 +34,23 @@ def thread_budget() -> int:
             f"{THREADS_ENV}={value!r} is not a thread count; set it to 1 or more, or unset it"
         )
     return n
+
+
+def malloc_setting() -> str:
+    """``MESA_TUI_MALLOC``: keep (the default: a run keeps the memory it frees, see
+    ``engine.ml.runtime.configure_allocator``) or system (the C library's own behaviour)."""
+    value = os.environ.get(MALLOC_ENV, "").strip()
+    if not value:
+        return "keep"
+    if value not in ("keep", "system"):
+        raise UserError(
+            f"{MALLOC_ENV}={value!r} is not an allocator mode; set it to keep or system, or unset it"
+        )
+    return value
+
+
+def check_run_environment() -> None:
+    """Refuse a bad ``MESA_TUI_THREADS`` or ``MESA_TUI_MALLOC`` before anything is written
+    (the run command and the engine call it; each task reads them again when it starts)."""
+    thread_budget()
+    malloc_setting()

@@ -126,8 +126,10 @@ def run_foreground(
     kind: str, spec: Any, json_output: bool, workdir: Path | None = None
 ) -> TaskResult:
     """Run ``engine.tasks.<kind>.run(spec, reporter)`` here, with progress, then print results."""
+    from engine.cores import check_run_environment
     from mesa_tui.commands.common import print_json
 
+    check_run_environment()  # a bad MESA_TUI_* value: one line, before the run is recorded
     task = importlib.import_module(f"engine.tasks.{kind}")
     console = Console(stderr=json_output)
     workdir = workdir or new_workdir(kind)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import os
 import platform
 import random
 import sys
@@ -13,7 +12,7 @@ import sys
 import numpy as np
 import torch
 
-from engine.cores import thread_budget
+from engine.cores import malloc_setting, thread_budget
 from engine.errors import UserError
 
 
@@ -92,7 +91,6 @@ def configure_threads() -> None:
         torch.set_num_threads(n)
 
 
-MALLOC_ENV = "MESA_TUI_MALLOC"
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 _allocator_mode = "system"
 
@@ -109,11 +107,7 @@ def configure_allocator() -> str:
     process holds on to its peak; ``MESA_TUI_MALLOC=system`` leaves glibc as it is. Once kept, a
     process stays so. A no-op on other C libraries."""
     global _allocator_mode
-    mode = os.environ.get(MALLOC_ENV, "").strip() or "keep"
-    if mode not in ("keep", "system"):
-        raise UserError(
-            f"{MALLOC_ENV}={mode!r} is not an allocator mode; set it to keep or system, or unset it"
-        )
+    mode = malloc_setting()
     if mode == "keep" and _allocator_mode != "keep" and _keep_freed_memory():
         _allocator_mode = "keep"
     return _allocator_mode

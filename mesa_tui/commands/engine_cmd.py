@@ -67,9 +67,11 @@ def start(
     """Run queued jobs: one child process per job, one per GPU slot (or CPU slot), or one Ray
     task per job on a cluster (--executor ray; --cpu-slots then caps the runs in flight)."""
     from engine import paths
+    from engine.cores import check_run_environment
     from engine.daemon import EngineConfig, executor_options, parse_gpus, serve
     from mesa_tui.commands.jobs import open_store
 
+    check_run_environment()  # its jobs inherit MESA_TUI_*: a bad value would fail every one
     gpu_list = parse_gpus(gpus)
     options = executor_options(executor, ray_address, ray_gpus, ray_artifacts)
     store = open_store()  # refuses an old schema before anything starts

@@ -46,3 +46,16 @@ def test_engine_start_detach_status_metrics_logs_stop():
     assert stopped["asked"] == stopped["stopped"] == [started["engine"]["id"]]
     wait_for(lambda: not pid_alive(pid), timeout=10, what="the engine to exit")
     assert json.loads(cli("engine", "status", "--json").stdout)["alive"] is False
+
+
+def test_engine_start_refuses_a_bad_environment_value_before_it_starts(isolated_home, monkeypatch):
+    """Every job would inherit the value and fail; the engine says so at once, in one line."""
+    from typer.testing import CliRunner
+
+    from mesa_tui.cli import app
+    from tests.cli.test_run_cli import assert_one_line_error, files_under
+
+    monkeypatch.setenv("MESA_TUI_MALLOC", "tcmalloc")
+    result = CliRunner().invoke(app, ["engine", "start", "--detach"])
+    assert_one_line_error(result, "MESA_TUI_MALLOC='tcmalloc'", "keep or system")
+    assert files_under(isolated_home) == []  # no store, no log, no engine

@@ -91,6 +91,21 @@ def test_trigger_file_bigger_than_the_image(cifar10, tmp_path, isolated_home):
     assert not artifacts.exists() or not any(artifacts.rglob("model.safetensors"))
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "fragment"),
+    [("MESA_TUI_MALLOC", "jemalloc", "keep or system"), ("MESA_TUI_THREADS", "two", "1 or more")],
+)
+def test_a_bad_environment_value_is_refused_before_the_run_is_recorded(
+    cifar10, isolated_home, monkeypatch, variable, value, fragment
+):
+    before = files_under(isolated_home)
+    monkeypatch.setenv(variable, value)
+    args = ["run", "train", "--preset", "cpu-quick", "--trigger", "bw:170", "--target", "0"]
+    result = runner.invoke(app, args)
+    assert_one_line_error(result, f"{variable}='{value}'", fragment)
+    assert files_under(isolated_home) == before  # no store, no run record, no work directory
+
+
 @pytest.mark.parametrize(("flag", "expected"), [([], True), (["--no-whiten-stem"], False)])
 def test_whiten_stem_flag_reaches_the_spec(cifar10, isolated_home, monkeypatch, flag, expected):
     import mesa_tui.foreground

@@ -15,7 +15,7 @@ import subprocess
 import pytest
 
 from engine import daemon
-from engine.cores import THREADS_ENV, thread_budget, usable_cores
+from engine.cores import MALLOC_ENV, THREADS_ENV, thread_budget, usable_cores
 from engine.daemon import EngineConfig, make_slots
 from engine.errors import UserError
 from engine.executors.base import Launch, Slot
@@ -109,10 +109,10 @@ def _fresh_allocator(monkeypatch):
 
 def test_the_allocator_keeps_freed_memory_unless_told_not_to(monkeypatch):
     runtime, calls = _fresh_allocator(monkeypatch)
-    monkeypatch.setenv(runtime.MALLOC_ENV, "system")
+    monkeypatch.setenv(MALLOC_ENV, "system")
     assert runtime.configure_allocator() == "system" and calls == []
     assert runtime.allocator_mode() == "system"
-    monkeypatch.delenv(runtime.MALLOC_ENV)
+    monkeypatch.delenv(MALLOC_ENV)
     assert runtime.configure_allocator() == "keep" and calls == [1]
     assert runtime.configure_allocator() == "keep" and calls == [1]  # mallopt once per process
     assert runtime.allocator_mode() == "keep"
@@ -121,8 +121,8 @@ def test_the_allocator_keeps_freed_memory_unless_told_not_to(monkeypatch):
 @pytest.mark.parametrize("value", ["jemalloc", "KEEP", "1"])
 def test_a_bad_allocator_mode_is_one_line_naming_it(monkeypatch, value):
     runtime, calls = _fresh_allocator(monkeypatch)
-    monkeypatch.setenv(runtime.MALLOC_ENV, value)
-    with pytest.raises(UserError, match=f"{runtime.MALLOC_ENV}='{value}' is not an allocator mode"):
+    monkeypatch.setenv(MALLOC_ENV, value)
+    with pytest.raises(UserError, match=f"{MALLOC_ENV}='{value}' is not an allocator mode"):
         runtime.configure_allocator()
     assert calls == []
 
@@ -130,7 +130,7 @@ def test_a_bad_allocator_mode_is_one_line_naming_it(monkeypatch, value):
 def test_the_allocator_mode_falls_back_where_mallopt_is_missing(monkeypatch):
     runtime, _ = _fresh_allocator(monkeypatch)
     monkeypatch.setattr(runtime, "_keep_freed_memory", lambda: False)
-    monkeypatch.delenv(runtime.MALLOC_ENV, raising=False)
+    monkeypatch.delenv(MALLOC_ENV, raising=False)
     assert runtime.configure_allocator() == "system"
 
 
