@@ -138,13 +138,14 @@ def test_kept_memory_serves_a_large_tensor_without_new_page_faults():
     """The real mallopt, in a child process (it cannot be undone): after a warm-up, allocating
     and freeing a 32 MB tensor (above glibc's largest mmap threshold) again costs fresh page
     faults under glibc's defaults, and almost none once freed memory is kept."""
+    import os
     import platform
     import sys
 
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         pytest.skip("glibc only")
     code = (
-        "import os, resource, sys, torch\n"
+        "import resource, torch\n"
         "from engine.ml.runtime import configure_allocator\n"
         "print(configure_allocator())\n"
         "def faults():\n"
@@ -160,7 +161,7 @@ def test_kept_memory_serves_a_large_tensor_without_new_page_faults():
     for mode in ("system", "keep"):
         out = subprocess.run(
             [sys.executable, "-c", code],
-            env={**__import__("os").environ, "MESA_TUI_MALLOC": mode},
+            env={**os.environ, MALLOC_ENV: mode},
             capture_output=True,
             text=True,
             check=True,
