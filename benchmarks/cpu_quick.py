@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+from _script import run_main  # noqa: E402
 
 from engine.errors import UserError  # noqa: E402
 from engine.ml.data import load_dataset  # noqa: E402
@@ -121,4 +122,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

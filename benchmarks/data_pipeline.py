@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _script import run_main  # noqa: E402
 
 from engine.ml.data import Normalizer, augment, batch_indices, load_dataset, to_float  # noqa: E402
 from engine.ml.runtime import configure_cpu  # noqa: E402
@@ -139,4 +140,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

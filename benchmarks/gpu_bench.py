@@ -3,8 +3,8 @@
 1. seconds per epoch of ResNet-18 on the full CIFAR-10 training set at batch 128 and 512;
 2. the clean-cifar10 preset: wall time and clean accuracy;
 3. the paper's attack recipe on that clean model (paper-cifar10 preset, bw:170 -> 0): ASR.
-Every figure names the device. ``--tiny`` runs the same code paths on a few hundred images
-(used by the CPU test of this script).
+Every figure names the device. ``--tiny`` runs the same code paths, ResNet-18 included, on a few
+hundred images and one epoch each (tests/tasks/test_benchmarks.py runs it on the CPU).
 
 Prints one JSON object and writes it to --out when given.
 """
@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+from _script import run_main  # noqa: E402
 
 from engine.ml.data import import_dataset, load_dataset  # noqa: E402
 from engine.ml.runtime import environment, pick_device  # noqa: E402
@@ -54,15 +55,14 @@ def main() -> None:
         import_dataset(args.archive, "cifar10")
     load_dataset("cifar10")
     device = pick_device("auto")
-    limits = {"max_train_images": 256, "max_test_images": 128} if args.tiny else {}
-    arch = "small" if args.tiny else "resnet18"
+    limits = {"max_train_images": 160, "max_test_images": 64} if args.tiny else {}
     out: dict = {"benchmark": "gpu", "environment": environment(device), "tiny": args.tiny}
     with tempfile.TemporaryDirectory() as tmp:
         for bs in (128, 512):
             spec = build_spec(
                 "train",
                 overrides={
-                    "arch": arch,
+                    "arch": "resnet18",
                     "epochs": 1,
                     "batch_size": bs,
                     "trigger": "none",
@@ -78,7 +78,7 @@ def main() -> None:
         if not args.skip_clean:
             over = {"epochs": args.clean_epochs, **limits}
             if args.tiny:
-                over.update(arch="small", epochs=args.clean_epochs or 1)
+                over.update(epochs=args.clean_epochs or 1)
             spec = build_spec("train", preset="clean-cifar10", overrides=over)
             metrics, wall = timed_train(spec, Path(tmp) / "clean")
             out["clean_cifar10"] = {
@@ -111,4 +111,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

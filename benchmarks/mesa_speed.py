@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from _script import run_main  # noqa: E402
 
 from engine.ml.data import Normalizer  # noqa: E402
 from engine.ml.mesa import (  # noqa: E402
@@ -216,4 +217,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
