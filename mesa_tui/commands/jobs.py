@@ -417,8 +417,33 @@ def jobs_table(jobs: list[Any]) -> Any:
     return table
 
 
+def _tenth(job: Any) -> tuple[str, int] | None:
+    """The running job's stage and how many tenths of it are done (None when not running)."""
+    p = job.progress
+    if job.status != "running" or p is None or not p.total:
+        return None
+    return p.stage, min(10, 10 * p.done // p.total)
+
+
+def progress_line(job: Any) -> str:
+    """One plain line for a log: time, job, status, its stage's share done, or its results."""
+    parts = [datetime.now().strftime("%H:%M:%S"), f"job {job.id}", job.kind, job.label, job.status]
+    tenth = _tenth(job)
+    if tenth is not None:
+        parts.append(f"{tenth[0]} {100 * job.progress.done // job.progress.total}%")
+    if job.status not in ("queued", "running"):
+        for key, name in (("eval/acc_clean", "acc"), ("eval/asr", "asr"), ("eval/ra", "ra")):
+            if job.latest.get(key) is not None:
+                parts.append(f"{name} {fmt(job.latest[key])}")
+    return "  ".join(parts)
+
+
 def follow_jobs(store: Any, ids: list[int], poll_s: float = 1.0) -> list[Any]:
-    """Redraw the jobs' table until every one has ended; returns their final summaries."""
+    """Redraw the jobs' table until every one has ended; returns their final summaries.
+
+    Where standard output is not a terminal (``nohup``, ``| tee``, a CI log) nothing can be
+    redrawn, so each job gets a line when its status changes and at every tenth of a running stage,
+    and the results table is printed once at the end."""
     from rich.console import Console
     from rich.live import Live
 
@@ -426,15 +451,29 @@ def follow_jobs(store: Any, ids: list[int], poll_s: float = 1.0) -> list[Any]:
         by_id = {j.id: j for j in store.list_jobs()}
         return [by_id[i] for i in ids if i in by_id]
 
+    def active() -> bool:
+        return any(j.status in ("queued", "running") for j in jobs)
+
     jobs = current()
     console = Console()
+    if not console.is_terminal:
+        shown: dict[int, tuple[str, tuple[str, int] | None]] = {}
+        while True:
+            for j in jobs:
+                if shown.get(j.id) != (j.status, _tenth(j)):
+                    shown[j.id] = (j.status, _tenth(j))
+                    typer.echo(progress_line(j))
+            if not active():
+                break
+            time.sleep(poll_s)
+            jobs = current()
+        console.print(jobs_table(jobs))
+        return jobs
     with Live(jobs_table(jobs), console=console, refresh_per_second=2) as live:
-        while any(j.status in ("queued", "running") for j in jobs):
+        while active():
             time.sleep(poll_s)
             jobs = current()
             live.update(jobs_table(jobs))
-    if not console.is_terminal:
-        console.print()
     return jobs
 
 

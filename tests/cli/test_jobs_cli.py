@@ -175,3 +175,41 @@ def test_wait_prints_results_and_exits_1_on_failure():
     store.finish_run(claimed.run_id, "failed", error="boom")
     failed = run("wait", str(train))
     assert failed.exit_code == 1 and "failed" in failed.stdout
+
+
+def test_follow_prints_a_line_per_change_where_output_is_not_a_terminal(capsys):
+    """``submit --follow`` / ``wait`` under nohup or a pipe: lines at each status change and tenth
+    of a stage, then the results table once (the live table would print nothing until the end)."""
+    from types import SimpleNamespace as NS
+
+    from mesa_tui.commands.jobs import follow_jobs
+
+    def job(status, done=None, latest=None):
+        progress = NS(stage="train", done=done, total=200) if done is not None else None
+        return NS(id=7, kind="train", label="attack bw:170 -> 0", status=status,
+                  progress=progress, latest=latest or {})  # fmt: skip
+
+    snapshots = iter(
+        [
+            [job("queued")],
+            [job("queued")],  # no change: no line
+            [job("running", 1)],
+            [job("running", 15)],  # still the first tenth
+            [job("running", 41)],
+            [job("succeeded", latest={"eval/acc_clean": 0.8509, "eval/asr": 0.9999})],
+        ]
+    )
+    store = NS(list_jobs=lambda: next(snapshots))
+    jobs = follow_jobs(store, [7], poll_s=0)
+    assert [j.status for j in jobs] == ["succeeded"]
+    lines = capsys.readouterr().out.splitlines()
+    events = [line.split("  ", 1)[1] for line in lines if "  job 7  " in line]
+    assert events == [
+        "job 7  train  attack bw:170 -> 0  queued",
+        "job 7  train  attack bw:170 -> 0  running  train 0%",
+        "job 7  train  attack bw:170 -> 0  running  train 20%",
+        "job 7  train  attack bw:170 -> 0  succeeded  acc 0.8509  asr 0.9999",
+    ]
+    table = lines[len(events) :]
+    assert table[0].split() == ["id", "kind", "label", "status", "progress", "acc", "asr", "ra"]
+    assert "succeeded" in table[1] and "0.8509" in table[1]
