@@ -300,8 +300,8 @@ def reused_model(args, trigger: str, seed: int) -> TaskResult | None:
 
 
 # The recipe every committed defense result was trained with: the cpu-quick preset before it
-# moved to batch 512, lr 0.8, crop epochs, reflect padding and a whitened stem. Pinned, so a
-# rerun reproduces those models.
+# moved to batch 512, lr 0.8, crop epochs, reflect padding, a whitened stem and no weight decay on
+# the BatchNorm parameters. Pinned, so a rerun reproduces those models.
 RESULTS_RECIPE = dict(
     arch="small",
     batch_size=256,
@@ -312,6 +312,7 @@ RESULTS_RECIPE = dict(
     crop_padding=4,
     padding_mode="zeros",
     whiten_stem=False,
+    norm_weight_decay=5e-4,  # = weight_decay: one group, as before the field existed
 )
 
 

@@ -66,6 +66,13 @@ class TrainSpec(SpecBase):
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False
     weight_decay: float = Field(5e-4, ge=0, le=1)
+    norm_weight_decay: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="weight decay of the one-dimensional parameters (BatchNorm scales and "
+        "shifts, biases); None: the same as weight_decay",
+    )
     schedule: Literal["constant", "cosine", "multistep", "onecycle"] = "cosine"
     milestones: list[int] = Field(
         default_factory=list, description="epochs where multistep divides lr by 10"
@@ -142,6 +149,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "momentum": 0.9,
             "nesterov": True,
             "weight_decay": 5e-4,
+            "norm_weight_decay": 0.0,
             "schedule": "onecycle",
             "label_smoothing": 0.1,
             "augment": True,

@@ -63,6 +63,21 @@ def lr_factor(
     )
 
 
+def parameter_groups(
+    model: torch.nn.Module, weight_decay: float, norm_weight_decay: float | None
+) -> list[dict]:
+    """The optimizer's parameter groups: one, or the matrices and filters apart from the
+    one-dimensional parameters (normalisation scales and shifts, biases) when those take another
+    weight decay (``norm_weight_decay``; None: the same)."""
+    params = list(model.parameters())
+    if norm_weight_decay is None or norm_weight_decay == weight_decay:
+        return [{"params": params, "weight_decay": weight_decay}]
+    return [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": norm_weight_decay},
+    ]
+
+
 def poison_batch(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -172,11 +187,10 @@ def run(spec: TrainSpec, reporter: Reporter) -> TaskResult:
     total_steps = steps_per_epoch * spec.epochs
 
     optimizer = torch.optim.SGD(
-        model.parameters(),
+        parameter_groups(model, spec.weight_decay, spec.norm_weight_decay),
         lr=spec.lr,
         momentum=spec.momentum,
         nesterov=spec.nesterov and spec.momentum > 0,
-        weight_decay=spec.weight_decay,
     )
     workdir = Path(reporter.workdir)
     ckpt_path = workdir / CHECKPOINT

@@ -47,6 +47,9 @@ def train(
     lr: float | None = typer.Option(None),
     momentum: float | None = typer.Option(None),
     weight_decay: float | None = typer.Option(None, "--weight-decay"),
+    norm_weight_decay: float | None = typer.Option(
+        None, "--norm-weight-decay", help="weight decay of BatchNorm scales, shifts and biases"
+    ),
     schedule: str | None = typer.Option(None, help="constant, cosine, multistep or onecycle"),
     milestones: str | None = typer.Option(None, help="multistep epochs, comma separated"),
     label_smoothing: float | None = typer.Option(None, "--label-smoothing"),
@@ -100,6 +103,7 @@ def train(
         lr=lr,
         momentum=momentum,
         weight_decay=weight_decay,
+        norm_weight_decay=norm_weight_decay,
         schedule=schedule,
         label_smoothing=label_smoothing,
         augment=augment,

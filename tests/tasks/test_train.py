@@ -325,3 +325,46 @@ def test_whitened_stem_stays_fixed_while_the_rest_trains(cifar10, tmp_path, monk
     reporter = MemoryReporter(tmp_path / "ft")
     train.run(tiny_spec(whiten_stem=True, init_from=str(tmp_path / "w")), reporter)
     assert len(stems) == 1 and any("keeps its stem" in line for _, line in reporter.lines)
+
+
+def test_parameter_groups_take_the_norm_weight_decay_apart():
+    model = build_model("resnet18", 10)  # BatchNorm scales and shifts, and a linear bias
+    (one,) = train.parameter_groups(model, 5e-4, None)
+    assert one["weight_decay"] == 5e-4 and len(one["params"]) == len(list(model.parameters()))
+    assert len(train.parameter_groups(model, 5e-4, 5e-4)) == 1  # equal: the same single group
+    filters, vectors = train.parameter_groups(model, 5e-4, 0.0)
+    assert (filters["weight_decay"], vectors["weight_decay"]) == (5e-4, 0.0)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    expected = {id(p) for m in norms for p in (m.weight, m.bias)} | {id(model.linear.bias)}
+    assert {id(p) for p in vectors["params"]} == expected
+    assert {id(p) for p in filters["params"]} == {
+        id(p) for p in model.parameters() if p.ndim == 4
+    } | {id(model.linear.weight)}
+    assert len(filters["params"]) + len(vectors["params"]) == len(list(model.parameters()))
+
+
+def test_norm_weight_decay_leaves_batchnorm_undecayed(cifar10, tmp_path, monkeypatch):
+    """With every gradient zero, one SGD step is the weight decay alone: with norm_weight_decay 0
+    the BatchNorm parameters stay where they were and the filters shrink."""
+    steps = []
+
+    class ZeroGradSGD(torch.optim.SGD):
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.zero_()
+            before = {id(p): p.detach().clone() for g in self.param_groups for p in g["params"]}
+            super().step(closure)
+            steps.append([(p.ndim, torch.equal(before[id(p)], p)) for g in self.param_groups
+                          for p in g["params"] if p.grad is not None])  # fmt: skip
+
+    monkeypatch.setattr(train.torch.optim, "SGD", ZeroGradSGD)
+    spec = tiny_spec(norm_weight_decay=0.0, weight_decay=5e-3, lr=0.1, momentum=0.0)
+    train.run(spec, MemoryReporter(tmp_path / "n"))
+    first = steps[0]
+    assert all(same for ndim, same in first if ndim == 1)  # BatchNorm: no decay
+    assert not any(same for ndim, same in first if ndim > 1)  # filters: decayed
+    assert TrainSpec(norm_weight_decay=None).norm_weight_decay is None
+    with pytest.raises(ValueError):
+        TrainSpec(norm_weight_decay=-1)
