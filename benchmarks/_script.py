@@ -1,15 +1,11 @@
-"""What the ML benchmark scripts share: the repository on the import path, and user errors (a
-missing dataset, a bad value) as one line on stderr and exit code 2 instead of a traceback."""
+"""What the ML benchmark scripts share: user errors (a missing dataset, a bad value) as one line
+on stderr and exit code 2 instead of a traceback. The scripts put the repository on the import
+path before they import this."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 def run_main(main: Callable[[], object]) -> None:

@@ -23,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from _script import run_main  # noqa: E402
 
-from engine.errors import UserError  # noqa: E402
 from engine.ml.data import load_dataset  # noqa: E402
 from engine.ml.runtime import allocator_mode  # noqa: E402
 from engine.reporter import MemoryReporter  # noqa: E402
@@ -52,21 +51,19 @@ def main() -> None:
         if not sep:
             parser.error(f"--set {item!r}: write KEY=VALUE, e.g. --set batch_size=256")
         extra[key.strip().replace("-", "_")] = value  # the spec's validation converts the text
-    try:  # checked before the dataset loads: a misspelt --set fails at once, in one line
-        spec = build_spec(
-            "train",
-            preset="cpu-quick",
-            overrides={
-                "trigger": args.trigger,
-                "target": args.target,
-                "epochs": args.epochs,
-                "seed": args.seed,
-                "max_train_images": args.max_train_images,
-                **extra,
-            },
-        )
-    except UserError as exc:
-        parser.error(str(exc))
+    # Checked before the dataset loads: a misspelt --set fails at once, in one line (run_main).
+    spec = build_spec(
+        "train",
+        preset="cpu-quick",
+        overrides={
+            "trigger": args.trigger,
+            "target": args.target,
+            "epochs": args.epochs,
+            "seed": args.seed,
+            "max_train_images": args.max_train_images,
+            **extra,
+        },
+    )
     t0 = time.perf_counter()
     load_dataset("cifar10")  # decoded once and cached; a second load takes well under a second
     load_s = time.perf_counter() - t0
