@@ -151,6 +151,39 @@ def attack_success_rate(
     return asr / repeats, ra / repeats
 
 
+def outcomes(
+    model: nn.Module,
+    x_u8: torch.Tensor,
+    y: torch.Tensor,
+    normalizer: Normalizer,
+    *,
+    trigger: Trigger | None = None,
+    target: int | None = None,
+    batch_size: int = 1000,
+    precision: str = "fp32",
+    channels_last: bool = False,
+    seed: int = 1234,
+) -> dict[str, torch.Tensor]:
+    """Per-image results behind ``evaluate``'s rates, for paired statistics: ``clean`` (every
+    image: predicted correctly) and, when the trigger is known, ``asr`` (each non-target image in
+    order, stamped at the same fixed placements as ``attack_success_rate``: predicted as the
+    target). Boolean tensors on the CPU; their means are ``acc_clean`` and ``asr``."""
+    options = {"batch_size": batch_size, "precision": precision, "channels_last": channels_last}
+    preds = predict(model, x_u8, normalizer, **options)
+    y_dev = y.to(preds.device)
+    out = {"clean": (preds == y_dev).cpu()}
+    if trigger is not None and target is not None:
+        keep = y_dev != target
+        stamped = stamped_predictions(model, x_u8[keep], normalizer, trigger, seed=seed, **options)
+        out["asr"] = (stamped == target).cpu()
+    return out
+
+
+def outcome_bits(values: torch.Tensor) -> str:
+    """A boolean vector as a string of 0 and 1 (readable in JSON, recomputable by anyone)."""
+    return "".join("1" if v else "0" for v in values.tolist())
+
+
 def evaluate(
     model: nn.Module,
     x_u8: torch.Tensor,

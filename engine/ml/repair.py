@@ -13,6 +13,13 @@ the trigger source differs between methods:
 
 Every epoch ends with an evaluation on the held-out images: clean accuracy and, when the original
 trigger is known (evaluation only), its ASR and robust accuracy.
+
+Repairs are paired: two random streams feed a repair. The repair's generator decides everything
+but the trigger itself (image order, augmentation, which images are stamped, where), and it is
+drawn from the same way whatever the source, ``finetune`` and Neural Cleanse included; the
+trigger source draws only from its own stream (``trigger_stream``). So every method repairs one
+model on the same batches with the same images stamped at the same places, and only the stamped
+patterns differ: a sampler that returns the original trigger repairs exactly as ``ideal`` does.
 """
 
 from __future__ import annotations
@@ -136,6 +143,15 @@ class RepairConfig:
         Placement(self.placement)
 
 
+# The trigger source's stream is seeded apart from the repair's own (``trigger_stream``).
+TRIGGER_STREAM_OFFSET = 7_919
+
+
+def trigger_stream(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The stream a repair's trigger source draws from, the same for every method of a seed."""
+    return torch.Generator(device=device).manual_seed(seed + TRIGGER_STREAM_OFFSET)
+
+
 def build_repair_batch(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -143,21 +159,27 @@ def build_repair_batch(
     rate: float,
     generator: torch.Generator,
     placement: Placement,
+    trigger_generator: torch.Generator | None = None,
+    patch_size: int = 3,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stamp each pixel-space image independently with probability ``rate``; labels unchanged.
 
-    Returns (images, labels, stamped mask). Patch sources draw one fresh trigger per image and
-    one placement per image; everything is one vectorised operation on the images' device.
+    Returns (images, labels, stamped mask). Which images are stamped and where (one placement per
+    image, for ``patch_size`` patches unless the source has its own size) are drawn from
+    ``generator`` for every source, none included, so the repair's stream advances alike for
+    every method; the patterns come from ``trigger_generator`` (default: ``generator``). Every
+    step is one vectorised operation on the images' device.
     """
     n = x.shape[0]
+    chosen = (torch.rand(n, generator=generator) < rate).to(x.device)
+    size = getattr(source, "size", patch_size)
+    positions = placement.sample(n, (x.shape[2], x.shape[3]), size, generator, x.device)
     if source is None or rate <= 0.0:
         return x, y, torch.zeros(n, dtype=torch.bool, device=x.device)
-    chosen = (torch.rand(n, generator=generator) < rate).to(x.device)
     if isinstance(source, MaskTrigger):
         stamped = blend(x, source.mask.to(x.device), source.pattern.to(x.device))
     else:
-        patterns = source.sample(n, generator).to(x.device, x.dtype)
-        positions = placement.sample(n, (x.shape[2], x.shape[3]), source.size, generator, x.device)
+        patterns = source.sample(n, trigger_generator or generator).to(x.device, x.dtype)
         stamped = stamp(x, patterns, positions)
     return torch.where(chosen[:, None, None, None], stamped, x), y, chosen
 
@@ -207,6 +229,8 @@ def repair(
     held_out: EvalSet,
     *,
     generator: torch.Generator,
+    trigger_generator: torch.Generator | None = None,
+    patch_size: int = 3,
     precision: str = "fp32",
     reporter: Reporter | None = None,
     on_epoch: Callable[[int, dict[str, float], torch.optim.Optimizer], None] | None = None,
@@ -216,7 +240,8 @@ def repair(
     """Fine-tune ``model`` in place; returns the last epoch's ``eval/...`` metrics and the
     optimiser. Logs ``repair/loss`` and ``repair/stamped`` per epoch and the evaluation keys
     ``eval/acc_clean``, ``eval/asr``, ``eval/ra`` with the epoch as the step. ``on_epoch`` is
-    called after each epoch (checkpoints); ``start_epoch`` and ``optimizer_state`` resume."""
+    called after each epoch (checkpoints); ``start_epoch`` and ``optimizer_state`` resume.
+    ``trigger_generator`` is the source's own stream (see the module's note on pairing)."""
     device = images_u8.device
     placement = Placement(config.placement)
     use_cl = config.channels_last and device.type != "mps"
@@ -249,7 +274,16 @@ def repair(
             if config.augment:
                 x = augment(x, generator)  # on the uint8 batch: a quarter of the bytes
             x = to_float(x)
-            x, y, chosen = build_repair_batch(x, y, source, config.stamp_rate, generator, placement)
+            x, y, chosen = build_repair_batch(
+                x,
+                y,
+                source,
+                config.stamp_rate,
+                generator,
+                placement,
+                trigger_generator=trigger_generator,
+                patch_size=patch_size,
+            )
             x = normalizer.inplace(x)  # x is this step's own batch
             if use_cl:
                 x = x.contiguous(memory_format=torch.channels_last)

@@ -33,6 +33,7 @@ from engine.specs import DefendSpec
 CHECKPOINT = "checkpoints/repair.safetensors"
 REVERSAL = "checkpoints/reversal.safetensors"
 RESIDUAL = "checkpoints/residual.safetensors"
+OUTCOMES_FILE = "outcomes.json"  # per held-out image, before and after: {"clean", "asr"} as 0/1
 DEFENSE_FILE = "defense.json"  # the defender's side of the result: target belief, detection
 RESIDUAL_SEED_OFFSET = 7_777  # the residual search never shares a stream with the repair's
 
@@ -217,6 +218,7 @@ def run(spec: DefendSpec, reporter: Reporter) -> TaskResult:
         load_source_state,
         repair,
         source_state,
+        trigger_stream,
     )
     from engine.ml.runtime import (
         configure_cpu,
@@ -247,6 +249,7 @@ def run(spec: DefendSpec, reporter: Reporter) -> TaskResult:
     device = pick_device(spec.device)
     precision = resolve_precision(spec.precision, device)
     generator = seed_everything(spec.seed)
+    trigger_generator = trigger_stream(spec.seed, generator.device)
     model, meta, normalizer, images, labels, data = load_defender_data(
         spec.model, device, spec.defender_fraction, spec.split_seed
     )
@@ -282,6 +285,7 @@ def run(spec: DefendSpec, reporter: Reporter) -> TaskResult:
         channels_last=use_cl,
         batch_size=spec.eval_batch_size,
     )
+    outcomes_before = held_out_outcomes(model, normalizer, held_out, precision, use_cl, spec)
     result_metrics: dict[str, float] = {f"before/{k}": v for k, v in before.items()}
     if reversal_state is None and repair_state is None:  # a resumed attempt logged them already
         reporter.log({f"eval/{k}": v for k, v in before.items()}, 0)
@@ -458,6 +462,8 @@ def run(spec: DefendSpec, reporter: Reporter) -> TaskResult:
             model.load_state_dict(saved)
             optimizer_state = repair_state["optimizer"]
             generator.set_state(repair_state["generator"])
+            if "trigger_generator" in repair_state:  # absent from checkpoints before pairing
+                trigger_generator.set_state(repair_state["trigger_generator"])
             ckpt.set_global_rng_state(repair_state["rng"])
             load_source_state(source, repair_state["source"])
             start_epoch = int(repair_state["epoch"])
@@ -469,6 +475,7 @@ def run(spec: DefendSpec, reporter: Reporter) -> TaskResult:
             "optimizer": optimizer.state_dict(),
             "epoch": epoch,
             "generator": generator.get_state(),
+            "trigger_generator": trigger_generator.get_state(),
             "rng": ckpt.global_rng_state(),
             "source": source_state(source),
         }
@@ -488,6 +495,8 @@ def run(spec: DefendSpec, reporter: Reporter) -> TaskResult:
         config,
         held_out,
         generator=generator,
+        trigger_generator=trigger_generator,
+        patch_size=spec.patch_size,
         precision=precision,
         reporter=reporter,
         on_epoch=save_checkpoint,
@@ -562,9 +571,13 @@ def run(spec: DefendSpec, reporter: Reporter) -> TaskResult:
         metrics=result_metrics,
         ground_truth=truth,
     )
-    names = [DEFENSE_FILE]
+    names = [DEFENSE_FILE, OUTCOMES_FILE]
     defense = {k: v for k, v in extra.items() if k != "environment"}
     (workdir / DEFENSE_FILE).write_text(json.dumps(defense, indent=1))
+    outcomes_after = held_out_outcomes(model, normalizer, held_out, precision, use_cl, spec)
+    (workdir / OUTCOMES_FILE).write_text(
+        json.dumps({"before": outcomes_before, "after": outcomes_after}, indent=1)
+    )
     for name, tensor in extra_files.items():
         artifacts.save_array(workdir / f"{name}.npy", tensor.detach().float().cpu())
         names.append(f"{name}.npy")
@@ -588,6 +601,25 @@ def run(spec: DefendSpec, reporter: Reporter) -> TaskResult:
         {"device": str(device), "precision": precision, "environment": environment(device)}
     )
     return TaskResult(artifact=str(workdir), metrics=result_metrics, extra=extra)
+
+
+def held_out_outcomes(model, normalizer, held_out, precision, channels_last, spec) -> dict:
+    """Per-image outcomes on the held-out split as 0/1 strings (``engine.ml.metrics.outcomes``),
+    so repairs of one model can be compared image by image (paired statistics)."""
+    from engine.ml.metrics import outcome_bits, outcomes
+
+    found = outcomes(
+        model,
+        held_out.images,
+        held_out.labels,
+        normalizer,
+        trigger=held_out.trigger,
+        target=held_out.target,
+        batch_size=spec.eval_batch_size,
+        precision=precision,
+        channels_last=channels_last,
+    )
+    return {name: outcome_bits(values) for name, values in found.items()}
 
 
 def _reversal_source(spec: DefendSpec, files: dict):

@@ -177,3 +177,71 @@ def test_repair_without_trigger_keeps_the_backdoor_and_without_truth_has_no_asr(
         generator=torch.Generator().manual_seed(0),
     )
     assert set(last) == {"eval/acc_clean"}
+
+
+class TrueTriggerSampler:
+    """A MESA-like sampler (it draws noise from its stream) that always returns the original."""
+
+    size, channels = 3, 3
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        torch.rand(n, 64, generator=generator)  # the noise a generator network would consume
+        return checker_pattern().expand(n, 3, 3, 3).clone()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Stateless."""
+
+
+def _paired_repair(source, seed: int = 3) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = PlantedBackdoor(target=1)
+    images, labels = synthetic(192, seed=11)
+    config = RepairConfig(
+        epochs=2, lr=0.05, batch_size=64, stamp_rate=0.3, augment=True, channels_last=False
+    )
+    repair(
+        model,
+        IDENTITY,
+        images,
+        labels,
+        source,
+        config,
+        _held_out(),
+        generator=torch.Generator().manual_seed(seed),
+        trigger_generator=torch.Generator().manual_seed(seed + 1),
+    )
+    return model.state_dict()
+
+
+def test_a_sampler_returning_the_true_trigger_repairs_bit_identically_to_ideal():
+    ideal = _paired_repair(FixedPatternSampler(checker_pattern()))
+    sampled = _paired_repair(TrueTriggerSampler())
+    assert all(torch.equal(ideal[k], sampled[k]) for k in ideal)
+    # The check can fail: another seed gives another repair.
+    other = _paired_repair(FixedPatternSampler(checker_pattern()), seed=4)
+    assert not all(torch.equal(ideal[k], other[k]) for k in ideal)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        None,
+        FixedPatternSampler(torch.zeros(3, 3, 3)),
+        RandomPatchSampler(),
+        MaskTrigger(torch.zeros(8, 8), torch.zeros(3, 8, 8)),
+    ],
+    ids=["finetune", "fixed", "random-patch", "mask"],
+)
+def test_every_source_leaves_the_repair_stream_where_the_others_do(source):
+    x = torch.full((50, 3, 8, 8), 0.5)
+    y = torch.zeros(50, dtype=torch.long)
+    reference = torch.Generator().manual_seed(5)
+    build_repair_batch(
+        x, y, TrueTriggerSampler(), 0.2, reference, Placement("per-image"), torch.Generator()
+    )
+    g = torch.Generator().manual_seed(5)
+    _, _, chosen = build_repair_batch(
+        x, y, source, 0.2, g, Placement("per-image"), trigger_generator=torch.Generator()
+    )
+    assert torch.equal(g.get_state(), reference.get_state())
+    assert chosen.any() == (source is not None)

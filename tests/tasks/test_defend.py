@@ -130,6 +130,14 @@ def test_ideal_repair_lowers_asr_and_writes_a_repaired_model(planted, tmp_path):
     assert float(repaired.gain.detach()[TARGET]) < 3.0
     assert reporter.artifacts == [(str(result.artifact), "repaired-model")]
     assert result.extra["target"] == TARGET and result.extra["method"] == "ideal"
+    # Per-image outcomes behind the rates, before and after, for paired statistics.
+    assert "outcomes.json" in manifest["files"]
+    found = json.loads((Path(result.artifact) / "outcomes.json").read_text())
+    for when, prefix in (("before", "before/"), ("after", "eval/")):
+        clean, asr = found[when]["clean"], found[when]["asr"]
+        assert set(clean + asr) <= {"0", "1"} and len(asr) < len(clean)
+        assert clean.count("1") / len(clean) == pytest.approx(m[f"{prefix}acc_clean"])
+        assert asr.count("1") / len(asr) == pytest.approx(m[f"{prefix}asr"])
 
 
 def test_finetune_and_random_patch_run_with_the_same_loop(planted, tmp_path):
