@@ -10,8 +10,11 @@ with a ValueError.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from statistics import NormalDist
+from typing import Any
 
 import numpy as np
 
@@ -167,6 +170,233 @@ def wilcoxon(d) -> tuple[float, float]:
     if d.size <= _ENUMERATE_MAX or (d.size <= _EXACT_MAX and clean):
         return statistic, _signed_rank_exact_p(ranks, r_plus)
     return statistic, _signed_rank_normal_p(ranks, ties, r_plus)
+
+
+# ---------------------------------------------------------------------------------------------
+# The across-trigger table
+
+
+def summarize(
+    records: Sequence[Mapping[str, Any]],
+    methods: Sequence[str],
+    threshold: float = 0.10,
+    implanted_min: float = 0.5,
+    reference: str = "mesa",
+    finetune: str = "finetune",
+    level: float = 0.95,
+) -> dict[str, Any]:
+    """The study's table from its per-trigger result records (schema 1), as a JSON-ready dict.
+
+    Triggers whose attack ASR is below ``implanted_min`` are listed under ``not_implanted`` and
+    left out of every mean and test. ``methods`` says which repairs to summarise and in what
+    order; a method missing from a record is skipped there (its ``n`` counts the rest). A repair
+    with ``restarts`` counts as the mean of its runs. Per method: the mean ASR over triggers with
+    a bootstrap interval (``bootstrap_mean``), the worst trigger (and the worst single restart),
+    the triggers above ``threshold`` and the mean clean accuracy. Per trigger: each method's ASR
+    with its Wilson interval (restarts: mean and spread) and ``reference`` minus each other method,
+    paired image by image (``paired_difference``, where ``only_a`` counts images the reference
+    left backdoored and the other method did not; ``mean_paired_difference`` for restarts).
+    ``wilcoxon``: the signed-rank test of those per-trigger differences. ``finetune_removes``:
+    triggers where ``finetune`` (when it is among ``methods``) leaves an ASR below ``threshold``
+    or below twice the clean model's ASR (``floor``). ASRs and accuracies come from the outcome
+    strings where a record has them, so a value, its interval and its tests always agree.
+    """
+    if reference not in methods:
+        raise ValueError(f"the reference method {reference!r} is not among {list(methods)}")
+    triggers = [_read_trigger(record, methods) for record in records]
+    names = [t.name for t in triggers]
+    if len(set(names)) < len(names):
+        raise ValueError(f"a trigger appears twice among {names}")
+    used = [t for t in triggers if t.attack_asr >= implanted_min]
+    implanted = {t.name for t in used}
+    rows = {t.name: _trigger_row(t, t.name in implanted, reference, level) for t in triggers}
+    return {
+        "reference": reference,
+        "threshold": threshold,
+        "implanted_min": implanted_min,
+        "level": level,
+        "methods": {m: _method_summary(m, used, threshold, level) for m in methods},
+        "per_trigger": rows,
+        "wilcoxon": {m: _rank_test(m, rows, used) for m in methods if m != reference},
+        "not_implanted": _listing([n for n in names if n not in implanted]),
+        "finetune_removes": _listing(
+            [t.name for t in used if finetune in t.runs and _removed(t, finetune, threshold)]
+        ),
+    }
+
+
+@dataclass(frozen=True, eq=False)
+class _Run:
+    """One repair of one trigger: ASR outcomes (runs, images) and each run's clean accuracy."""
+
+    outcomes: np.ndarray
+    acc_clean: tuple[float, ...]
+    restarts: bool
+
+    @property
+    def asr(self) -> float:
+        """The ASR over every run and image, from counts."""
+        return int(self.outcomes.sum()) / self.outcomes.size
+
+
+@dataclass(frozen=True, eq=False)
+class _Trigger:
+    name: str
+    target: Any
+    rate: Any
+    floor: float
+    attack_asr: float
+    runs: dict[str, _Run]
+
+
+@contextmanager
+def _about(trigger: str) -> Iterator[None]:
+    """Name the trigger in any error about its record."""
+    try:
+        yield
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        detail = f"missing {error}" if isinstance(error, KeyError) else str(error)
+        raise ValueError(f"trigger {trigger}: {detail}") from error
+
+
+def _read_trigger(record: Mapping[str, Any], methods: Sequence[str]) -> _Trigger:
+    name = str(record.get("trigger", "?"))
+    with _about(name):
+        if record.get("schema", 1) != 1:
+            raise ValueError(f"schema {record['schema']} is not 1")
+        repairs = record.get("repairs", {})
+        return _Trigger(
+            name,
+            record.get("target"),
+            record.get("rate"),
+            _fraction(record["floor"], "asr", "asr_outcomes"),
+            _fraction(record["attack"], "asr", "asr_outcomes"),
+            {m: _read_run(repairs[m]) for m in methods if m in repairs},
+        )
+
+
+def _read_run(entry: Mapping[str, Any]) -> _Run:
+    runs = entry.get("restarts", [entry])
+    if not runs:
+        raise ValueError("a repair lists no restarts")
+    return _Run(
+        np.stack([_bits(run["asr_outcomes"]) for run in runs]),
+        tuple(_fraction(run, "acc_clean", "clean_outcomes") for run in runs),
+        "restarts" in entry,
+    )
+
+
+def _bits(text: Any) -> np.ndarray:
+    """Boolean outcomes from a non-empty string of '0' and '1'."""
+    if not isinstance(text, str) or not text or text.strip("01"):
+        raise ValueError("outcomes must be a non-empty string of '0' and '1'")
+    return np.frombuffer(text.encode("ascii"), dtype=np.uint8) == ord("1")
+
+
+def _fraction(entry: Mapping[str, Any], key: str, outcomes_key: str) -> float:
+    """The share of 1s in ``entry[outcomes_key]``, else the recorded ``entry[key]``."""
+    if outcomes_key in entry:
+        return float(_bits(entry[outcomes_key]).mean())
+    return float(entry[key])
+
+
+def _trigger_row(t: _Trigger, implanted: bool, reference: str, level: float) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "target": t.target,
+        "rate": t.rate,
+        "floor": t.floor,
+        "attack_asr": t.attack_asr,
+        "implanted": implanted,
+    }
+    if not implanted:
+        return row
+    ref = t.runs.get(reference)
+    with _about(t.name):
+        row["methods"] = {m: _cell(run, level) for m, run in t.runs.items()}
+        row["versus_reference"] = {
+            m: _versus(ref, run, level)
+            for m, run in t.runs.items()
+            if ref is not None and m != reference
+        }
+    return row
+
+
+def _cell(run: _Run, level: float) -> dict[str, Any]:
+    """A method's ASR on one trigger: Wilson interval for one run, spread for restarts."""
+    if run.restarts:
+        asrs = run.outcomes.mean(axis=1)
+        return {
+            "asr": run.asr,
+            "spread": [float(asrs.min()), float(asrs.max())],
+            "restarts": len(asrs),
+            "acc_clean": float(np.mean(run.acc_clean)),
+        }
+    k, n = int(run.outcomes.sum()), run.outcomes.shape[1]
+    lo, hi = wilson(k, n, level)
+    return {"asr": k / n, "lo": lo, "hi": hi, "n": n, "acc_clean": run.acc_clean[0]}
+
+
+def _versus(ref: _Run, run: _Run, level: float) -> dict[str, Any]:
+    """The reference minus ``run`` on the same images."""
+    if ref.restarts:
+        raise ValueError("the reference method must be a single run, not restarts")
+    if run.restarts:
+        return asdict(mean_paired_difference(ref.outcomes[0], run.outcomes, level))
+    return asdict(paired_difference(ref.outcomes[0], run.outcomes[0], level))
+
+
+def _method_summary(
+    method: str, used: Sequence[_Trigger], threshold: float, level: float
+) -> dict[str, Any]:
+    runs = {t.name: t.runs[method] for t in used if method in t.runs}
+    asr = np.array([run.asr for run in runs.values()])
+    summary: dict[str, Any] = {
+        "n": len(runs),
+        "asr_mean": None,
+        "worst": None,
+        "above_threshold": _listing([n for n, a in zip(runs, asr, strict=True) if a > threshold]),
+        "acc_clean_mean": None,
+    }
+    if not runs:
+        return summary
+    mean, lo, hi = bootstrap_mean(asr, level)
+    summary["asr_mean"] = {"mean": mean, "lo": lo, "hi": hi}
+    summary["worst"] = _worst(list(runs), asr)
+    summary["acc_clean_mean"] = float(np.mean([np.mean(run.acc_clean) for run in runs.values()]))
+    if any(run.restarts for run in runs.values()):
+        single = [run.outcomes.mean(axis=1).max() for run in runs.values()]
+        summary["worst_restart"] = _worst(list(runs), single)
+    return summary
+
+
+def _worst(names: list[str], asr: Sequence[float]) -> dict[str, Any]:
+    i = int(np.argmax(asr))
+    return {"trigger": names[i], "asr": float(asr[i])}
+
+
+def _rank_test(method: str, rows: Mapping[str, Any], used: Sequence[_Trigger]) -> dict[str, Any]:
+    """Wilcoxon signed-rank test of the per-trigger differences reference - ``method``."""
+    versus = [rows[t.name]["versus_reference"] for t in used]
+    d = [v[method]["diff"] for v in versus if method in v]
+    if not d:
+        return {"n": 0, "mean_diff": None, "median_diff": None, "statistic": None, "p": None}
+    statistic, p = wilcoxon(d)
+    return {
+        "n": len(d),
+        "mean_diff": float(np.mean(d)),
+        "median_diff": float(np.median(d)),
+        "statistic": statistic,
+        "p": p,
+    }
+
+
+def _removed(t: _Trigger, method: str, threshold: float) -> bool:
+    asr = t.runs[method].asr
+    return asr < threshold or asr < 2 * t.floor
+
+
+def _listing(names: list[str]) -> dict[str, Any]:
+    return {"count": len(names), "triggers": names}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,10 +3,12 @@ included (all zeros, all ones, empty input, ties, zero differences)."""
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ from engine.report.stats import (
     bootstrap_mean,
     mean_paired_difference,
     paired_difference,
+    summarize,
     wilcoxon,
     wilson,
 )
@@ -345,3 +348,256 @@ def test_levels_outside_zero_one_are_refused():
     ):
         with pytest.raises(ValueError, match="level"):
             call()
+
+
+# ---------------------------------------------------------------------------------------------
+# summarize
+
+IMAGES = 40
+
+
+def bits(rng: np.random.Generator, p: float, n: int = IMAGES) -> str:
+    return "".join("1" if x else "0" for x in rng.random(n) < p)
+
+
+def run(rng: np.random.Generator, asr: float, acc: float = 0.84) -> dict:
+    # "asr" is the rounded figure a result file would carry; the outcomes are the truth.
+    outcomes = bits(rng, asr)
+    return {
+        "acc_clean": acc,
+        "asr": round(outcomes.count("1") / IMAGES, 2),
+        "asr_outcomes": outcomes,
+        "clean_outcomes": bits(rng, acc, 60),
+        "seconds": 12.5,  # an extra key the reader ignores
+    }
+
+
+def record(rng, name, attack=0.99, floor=0.02, finetune=0.3, optional=False) -> dict:
+    repairs = {
+        "mesa": run(rng, 0.05),
+        "ideal": run(rng, 0.03),
+        "finetune": run(rng, finetune),
+        "point": {"restarts": [run(rng, 0.1), run(rng, 0.3), run(rng, 0.2)]},
+    }
+    if optional:
+        repairs["mesa-0.9"] = run(rng, 0.08)
+    return {
+        "schema": 1,
+        "trigger": name,
+        "target": 0,
+        "rate": 0.01,
+        "floor": {"asr": floor, "asr_outcomes": "1" * round(floor * IMAGES) + "0" * 39},
+        "attack": {"acc_clean": 0.85, "asr": attack, "asr_outcomes": bits(rng, attack)},
+        "repairs": repairs,
+        "note": "extra keys are ignored",
+    }
+
+
+METHODS = ["mesa", "ideal", "finetune", "point", "mesa-0.9"]
+
+
+def study(seed: int = 0, triggers: int = 12) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    records = [record(rng, f"bw:{i}", optional=i % 3 == 0) for i in range(triggers)]
+    records.append(record(rng, "bw:weak", attack=0.2))  # not implanted: excluded everywhere
+    records[-1]["repairs"]["mesa"] = run(rng, 0.9)
+    return records
+
+
+def as_bool(text: str) -> np.ndarray:
+    return np.array([c == "1" for c in text])
+
+
+def test_summarize_per_trigger_cells_and_differences():
+    records = study()
+    table = summarize(records, METHODS)
+    for rec in records[:-1]:
+        row = table["per_trigger"][rec["trigger"]]
+        reps = rec["repairs"]
+        mesa = as_bool(reps["mesa"]["asr_outcomes"])
+        k = int(mesa.sum())
+        lo, hi = wilson(k, IMAGES)
+        assert row["methods"]["mesa"] == {
+            "asr": k / IMAGES,
+            "lo": lo,
+            "hi": hi,
+            "n": IMAGES,
+            "acc_clean": reps["mesa"]["clean_outcomes"].count("1") / 60,
+        }
+        restarts = np.stack([as_bool(r["asr_outcomes"]) for r in reps["point"]["restarts"]])
+        per_restart = restarts.mean(axis=1)
+        point = row["methods"]["point"]
+        assert point["asr"] == pytest.approx(per_restart.mean(), rel=1e-12)
+        assert point["spread"] == [per_restart.min(), per_restart.max()]
+        assert point["restarts"] == 3
+        versus = row["versus_reference"]
+        ideal = as_bool(reps["ideal"]["asr_outcomes"])
+        assert versus["ideal"] == asdict(paired_difference(mesa, ideal))
+        assert versus["point"] == asdict(mean_paired_difference(mesa, restarts))
+        assert ("mesa-0.9" in versus) == ("mesa-0.9" in reps)
+        assert "mesa" not in versus
+        assert row["floor"] == 1 / IMAGES and row["implanted"] is True
+
+
+def test_summarize_method_rows():
+    records = study()
+    table = summarize(records, METHODS, threshold=0.10)
+    used = records[:-1]
+    for method in ("mesa", "finetune", "mesa-0.9"):
+        names = [r["trigger"] for r in used if method in r["repairs"]]
+        asr = np.array([table["per_trigger"][n]["methods"][method]["asr"] for n in names])
+        row = table["methods"][method]
+        assert row["n"] == len(names)
+        mean, lo, hi = bootstrap_mean(asr)
+        assert row["asr_mean"] == {"mean": mean, "lo": lo, "hi": hi}
+        assert row["worst"] == {"trigger": names[int(np.argmax(asr))], "asr": asr.max()}
+        above = [n for n, a in zip(names, asr, strict=True) if a > 0.10]
+        assert row["above_threshold"] == {"count": len(above), "triggers": above}
+        accs = [table["per_trigger"][n]["methods"][method]["acc_clean"] for n in names]
+        assert row["acc_clean_mean"] == pytest.approx(np.mean(accs), rel=1e-12)
+        assert "worst_restart" not in row
+    assert table["methods"]["mesa-0.9"]["n"] == 4  # present on bw:0, 3, 6, 9 only
+    point = table["methods"]["point"]
+    cells = {r["trigger"]: table["per_trigger"][r["trigger"]]["methods"]["point"] for r in used}
+    worst_mean = max(cells, key=lambda n: cells[n]["asr"])
+    worst_single = max(cells, key=lambda n: cells[n]["spread"][1])
+    assert point["worst"] == {"trigger": worst_mean, "asr": cells[worst_mean]["asr"]}
+    assert point["worst_restart"] == {
+        "trigger": worst_single,
+        "asr": cells[worst_single]["spread"][1],
+    }
+    assert point["worst_restart"]["asr"] >= point["worst"]["asr"]
+
+
+def test_summarize_not_implanted_is_listed_and_excluded():
+    records = study()
+    table = summarize(records, METHODS)
+    assert table["not_implanted"] == {"count": 1, "triggers": ["bw:weak"]}
+    weak = table["per_trigger"]["bw:weak"]
+    assert weak["implanted"] is False and "methods" not in weak
+    assert table["methods"]["mesa"]["n"] == 12
+    assert table["methods"]["mesa"]["worst"]["trigger"] != "bw:weak"
+    assert table["wilcoxon"]["ideal"]["n"] == 12
+    # The same table without the weak trigger at all: identical means and tests.
+    without = summarize(records[:-1], METHODS)
+    assert without["methods"] == table["methods"]
+    assert without["wilcoxon"] == table["wilcoxon"]
+
+
+def test_summarize_wilcoxon_across_triggers_matches_scipy():
+    table = summarize(study(seed=4, triggers=20), METHODS)
+    for method in ("ideal", "finetune", "point", "mesa-0.9"):
+        versus = [r["versus_reference"] for r in table["per_trigger"].values() if r["implanted"]]
+        d = [v[method]["diff"] for v in versus if method in v]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = scipy_stats.wilcoxon(d)
+        got = table["wilcoxon"][method]
+        assert got["n"] == len(d)
+        assert got["statistic"] == pytest.approx(expected.statistic, rel=1e-12)
+        assert got["p"] == pytest.approx(expected.pvalue, rel=1e-9)
+        assert got["mean_diff"] == pytest.approx(np.mean(d), rel=1e-12)
+    assert "mesa" not in table["wilcoxon"]
+
+
+def test_summarize_zero_differences():
+    records = study(triggers=6)
+    for rec in records:
+        rec["repairs"]["ideal"] = dict(rec["repairs"]["mesa"])
+    table = summarize(records, METHODS)
+    assert table["wilcoxon"]["ideal"] == {
+        "n": 6,
+        "mean_diff": 0.0,
+        "median_diff": 0.0,
+        "statistic": 0.0,
+        "p": 1.0,
+    }
+    for name in (r["trigger"] for r in records[:-1]):
+        versus = table["per_trigger"][name]["versus_reference"]["ideal"]
+        assert (versus["diff"], versus["only_a"], versus["only_b"]) == (0.0, 0, 0)
+
+
+def test_summarize_finetune_removes():
+    rng = np.random.default_rng(2)
+    records = [
+        record(rng, "low", finetune=0.0),  # below the threshold
+        record(rng, "under-floor", floor=0.1, finetune=0.15),  # 0.15 < 2 x 0.1
+        record(rng, "kept", floor=0.0, finetune=0.5),
+    ]
+    records[0]["repairs"]["finetune"]["asr_outcomes"] = "0" * IMAGES
+    records[1]["floor"]["asr_outcomes"] = "1" * 4 + "0" * 36  # 0.1
+    records[1]["repairs"]["finetune"]["asr_outcomes"] = "1" * 6 + "0" * 34  # 0.15
+    records[2]["floor"]["asr_outcomes"] = "0" * IMAGES
+    records[2]["repairs"]["finetune"]["asr_outcomes"] = "1" * 20 + "0" * 20
+    table = summarize(records, METHODS)
+    assert table["finetune_removes"] == {"count": 2, "triggers": ["low", "under-floor"]}
+    assert summarize(records, ["mesa", "ideal"])["finetune_removes"]["count"] == 0
+
+
+def test_summarize_is_plain_json():
+    table = summarize(study(), METHODS)
+
+    def plain(value):
+        if isinstance(value, dict):
+            return all(isinstance(k, str) and plain(v) for k, v in value.items())
+        if isinstance(value, list):
+            return all(plain(v) for v in value)
+        return value is None or type(value) in (bool, int, float, str)
+
+    assert plain(table)
+    assert json.loads(json.dumps(table, allow_nan=False)) == table
+    fractions = [
+        cell[key]
+        for row in table["per_trigger"].values()
+        for cell in row.get("methods", {}).values()
+        for key in ("asr", "acc_clean", "lo", "hi")
+        if key in cell
+    ]
+    assert all(0 <= x <= 1 for x in fractions)
+
+
+def test_summarize_absent_methods_and_empty_study():
+    table = summarize(study(triggers=3), ["mesa", "absent"])
+    assert table["methods"]["absent"] == {
+        "n": 0,
+        "asr_mean": None,
+        "worst": None,
+        "above_threshold": {"count": 0, "triggers": []},
+        "acc_clean_mean": None,
+    }
+    assert table["wilcoxon"]["absent"]["n"] == 0
+    empty = summarize([], ["mesa", "ideal"])
+    assert empty["methods"]["mesa"]["n"] == 0 and empty["per_trigger"] == {}
+    assert empty["not_implanted"] == {"count": 0, "triggers": []}
+
+
+def test_summarize_recorded_values_stand_in_for_missing_outcomes():
+    rec = study(triggers=1)[0]
+    del rec["floor"]["asr_outcomes"]
+    del rec["repairs"]["mesa"]["clean_outcomes"]
+    row = summarize([rec], ["mesa"])["per_trigger"]["bw:0"]
+    assert row["floor"] == 0.02 and row["methods"]["mesa"]["acc_clean"] == 0.84
+
+
+def test_summarize_refuses_bad_records():
+    def broken(change) -> list[dict]:
+        records = study(triggers=2)
+        change(records[1])
+        return records
+
+    cases = [
+        (lambda r: r["repairs"]["ideal"].update(asr_outcomes="0101"), "bw:1: a and b"),
+        (lambda r: r["repairs"]["ideal"].update(asr_outcomes="01x1"), "bw:1: outcomes"),
+        (lambda r: r["repairs"]["ideal"].update(asr_outcomes=""), "bw:1: outcomes"),
+        (lambda r: r.pop("floor"), "bw:1: missing 'floor'"),
+        (lambda r: r.update(schema=2), "bw:1: schema 2"),
+        (lambda r: r.update(trigger="bw:0"), "twice"),
+        (lambda r: r["repairs"]["point"].update(restarts=[]), "bw:1: a repair lists no"),
+    ]
+    for change, message in cases:
+        with pytest.raises(ValueError, match=message):
+            summarize(broken(change), METHODS)
+    with pytest.raises(ValueError, match="reference"):
+        summarize(study(triggers=2), ["ideal", "finetune"])
+    with pytest.raises(ValueError, match="single run"):
+        summarize(study(triggers=2), ["point", "mesa"], reference="point")
