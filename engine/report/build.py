@@ -89,9 +89,14 @@ def default_report_dir(name: str, now: datetime | None = None) -> Path:
 
 
 def resolve_target(store: Any, target: str | int, kind: str | None = None) -> tuple[str, str | int]:
-    """``("study", name)`` or ``("job", id)``: a study name wins over a job id unless ``kind``
-    says which it is."""
+    """``("study", name)``, ``("job", id)`` or ``("results", folder)`` (the paper-figure study's
+    result folder, ``engine.report.paper``): a study name wins over a job id unless ``kind`` says
+    which it is."""
+    from engine.report import paper
+
     value = str(target).strip()
+    if kind in (None, "results") and paper.is_results_folder(value):
+        return "results", str(Path(value).resolve())
     if kind == "study":
         store.study(value)  # a UserError naming the study when it does not exist
         return "study", value
@@ -148,6 +153,10 @@ def build_report(
         writer = Writer(tmp, final)
         if kind == "study":
             _study_report(writer, store, str(key), gpu)
+        elif kind == "results":
+            from engine.report import paper
+
+            paper.write(writer, Path(key))
         else:
             _job_report(writer, store, int(key), gpu)
         result = writer.finish()

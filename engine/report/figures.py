@@ -58,9 +58,12 @@ def asr_by_trigger(
     lines: Mapping[str, Sequence[float | None]],
     sorted_by: str | None,
     title: str,
+    intervals: Mapping[str, Sequence[tuple[float, float] | None]] | None = None,
 ) -> tuple[int, int]:
     """The paper's figure: ASR after repair per trigger (x, with each pattern drawn under its
-    tick), one line per method, triggers sorted by the ``sorted_by`` method's ASR."""
+    tick), one line per method, triggers sorted by the ``sorted_by`` method's ASR. ``intervals``
+    (per method, per trigger: (low, high) or None) are drawn as error bars, each method's
+    shifted a little along x so that they do not hide each other."""
     from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 
     width, height = trigger_figure_size(len(triggers))
@@ -71,7 +74,13 @@ def asr_by_trigger(
     x = np.arange(len(triggers))
     for i, (method, values) in enumerate(lines.items()):
         y = np.asarray([np.nan if v is None else 100 * v for v in values], dtype=np.float64)
-        ax.plot(x, y, marker="o", markersize=3, linewidth=1.2, color=color_of(i), label=method)
+        bars = (intervals or {}).get(method)
+        shifted = x + (0.08 * (i - (len(lines) - 1) / 2) if intervals else 0.0)
+        ax.plot(
+            shifted, y, marker="o", markersize=3, linewidth=1.2, color=color_of(i), label=method
+        )
+        if bars:
+            _error_bars(ax, shifted, y, bars, color_of(i))
     ax.set_xlim(-0.7, max(len(triggers) - 0.3, 0.7))
     ax.set_ylim(-2, 102)
     ax.set_ylabel("ASR after repair (%)")
@@ -114,6 +123,25 @@ def asr_by_trigger(
     if lines:
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     return _save(fig, path)
+
+
+def _error_bars(ax, x: np.ndarray, y: np.ndarray, bars, color: str) -> None:
+    """Vertical bars from each (low, high) in fractions; a trigger without one gets none."""
+    lo = np.asarray([np.nan if b is None else 100 * b[0] for b in bars], dtype=np.float64)
+    hi = np.asarray([np.nan if b is None else 100 * b[1] for b in bars], dtype=np.float64)
+    keep = ~(np.isnan(lo) | np.isnan(hi) | np.isnan(y))
+    if keep.any():
+        below, above = (y - lo)[keep], (hi - y)[keep]
+        ax.errorbar(
+            x[keep],
+            y[keep],
+            yerr=np.vstack([np.maximum(below, 0), np.maximum(above, 0)]),
+            fmt="none",
+            ecolor=color,
+            elinewidth=0.8,
+            capsize=1.5,
+            alpha=0.8,
+        )
 
 
 def tile(samples: np.ndarray, cols: int = 8, scale: int = 4, gap: int = 1) -> np.ndarray:

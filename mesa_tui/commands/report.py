@@ -10,7 +10,11 @@ from mesa_tui.commands.common import cli_errors, print_json
 
 
 def report_command(
-    target: str = typer.Argument(..., help="a study name or a job id", metavar="STUDY_OR_JOB"),
+    target: str = typer.Argument(
+        ...,
+        help="a study name, a job id, or a paper_study.py result folder",
+        metavar="STUDY_OR_JOB_OR_FOLDER",
+    ),
     out: Path | None = typer.Option(
         None,
         "--out",
@@ -30,14 +34,17 @@ def report_command(
     """Write DIR/report.md: the study's table beside the paper's numbers, the ASR-per-trigger
     figure, attack and repair curves, each MESA search (sample grids, embedding, hinge and MINE
     curves, validity histogram), cost, GPU results and provenance; a job gets the sections that
-    apply to it and its upstream jobs. Every table's CSV is under DIR/tables."""
+    apply to it and its upstream jobs; a result folder of benchmarks/paper_study.py gets the
+    paper's figure with intervals and the paired statistics. Every table's CSV is under
+    DIR/tables."""
     from engine.report import build_report, default_report_dir, resolve_target
     from mesa_tui.commands.jobs import open_store
 
     store = open_store()
     if out is None:
         kind, key = resolve_target(store, target)
-        out = default_report_dir(str(key) if kind == "study" else f"job-{key}")
+        name = {"study": str(key), "results": Path(str(key)).name}.get(kind, f"job-{key}")
+        out = default_report_dir(name)
     result = build_report(store, target, out, force=force, gpu_results=gpu_results)
     if json_output:
         print_json(result.to_json())

@@ -1,0 +1,296 @@
+"""The paper-figure study's report, from its result folder (``benchmarks/paper_study.py`` writes
+``rate-R/bw-ID.json`` per trigger and rate, ``rate.json`` with the pilot's rate decision and
+``clean-model.json``).
+
+Whatever exists is aggregated: a study that is still running reports its finished triggers and
+says how many. The statistics are ``engine.report.stats.summarize``; the paper's numbers are
+``engine.pipelines.PAPER_BW``. numpy and matplotlib only, like the rest of the report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from engine.errors import UserError
+from engine.report import collect, stats
+
+# Our method -> the paper's row (mesa-method.md section 5); finetune has none (the paper lacks it).
+PAPER_ROW = {
+    "before repair": "before repair",
+    "mesa": "mesa-ensemble",
+    "mesa-0.9": "mesa-0.9",
+    "point": "point",
+    "ideal": "ideal",
+}
+METHOD_ORDER = ("mesa", "mesa-0.9", "point", "ideal", "finetune", "neural-cleanse")
+SCHEMAS = (1,)
+
+
+def is_results_folder(path: str | Path) -> bool:
+    folder = Path(path)
+    return folder.is_dir() and any(folder.glob("rate-*/*.json"))
+
+
+def load_records(folder: Path) -> dict[float, list[dict[str, Any]]]:
+    """Every per-trigger record, by stamping rate; a record of an unknown schema is refused."""
+    by_rate: dict[float, list[dict[str, Any]]] = {}
+    for path in sorted(folder.glob("rate-*/*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except ValueError as exc:
+            raise UserError(f"{path} is not valid JSON ({exc}); restore it from git") from None
+        if record.get("schema") not in SCHEMAS:
+            raise UserError(
+                f"{path} has schema {record.get('schema')!r}; this version reads {SCHEMAS}"
+            )
+        by_rate.setdefault(float(record["rate"]), []).append(record)
+    if not by_rate:
+        raise UserError(f"{folder} holds no rate-*/bw-*.json results; run paper_study.py first")
+    return by_rate
+
+
+def main_rate(folder: Path, by_rate: dict[float, list[dict[str, Any]]]) -> float:
+    """The rate the pilot's rule chose (``rate.json``), else the rate with the most triggers."""
+    decision = folder / "rate.json"
+    if decision.exists():
+        return float(json.loads(decision.read_text())["rate"])
+    return max(by_rate, key=lambda r: (len(by_rate[r]), -r))
+
+
+def methods_of(records: Sequence[dict[str, Any]]) -> list[str]:
+    present = {m for r in records for m in r["repairs"]}
+    return [m for m in METHOD_ORDER if m in present] + sorted(present - set(METHOD_ORDER))
+
+
+def summary(folder: str | Path) -> dict[str, Any]:
+    """The study as one JSON-ready dict: per rate the statistics, costs and machines."""
+    from engine.pipelines import PAPER_BW
+
+    folder = Path(folder)
+    by_rate = load_records(folder)
+    out: dict[str, Any] = {
+        "folder": str(folder),
+        "main_rate": main_rate(folder, by_rate),
+        "main_rate_source": "the pilot's rule, rate.json"
+        if (folder / "rate.json").exists()
+        else "no rate.json yet: the rate with the most triggers",
+        "paper": {m: PAPER_BW[row] for m, row in PAPER_ROW.items() if row in PAPER_BW},
+        "rates": {},
+    }
+    for rate, records in sorted(by_rate.items()):
+        methods = methods_of(records)
+        entry = stats.summarize(records, methods) if "mesa" in methods else {}
+        entry["triggers"] = sorted(r["trigger"] for r in records)
+        dropped = set(entry.get("not_implanted", {}).get("triggers", []))
+        entry["before"] = _before([r for r in records if r["trigger"] not in dropped] or records)
+        entry["cost"] = cost(records)
+        out["rates"][f"{rate:g}"] = entry
+    return out
+
+
+def _before(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The attacked models' held-out ASR before any repair (the implanted ones): mean with its
+    bootstrap interval, and the worst (the lowest)."""
+    asr = [r["attack"]["held_out_asr"] for r in records]
+    mean, lo, hi = stats.bootstrap_mean(asr)
+    worst = min(records, key=lambda r: r["attack"]["held_out_asr"])
+    return {
+        "mean": mean,
+        "lo": lo,
+        "hi": hi,
+        "worst": {"trigger": worst["trigger"], "asr": worst["attack"]["held_out_asr"]},
+    }
+
+
+def cost(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Wall seconds per trigger (the attack and search counted where they ran) and the machines."""
+    walls = [sum(run["seconds"]["wall"] for run in r["runs"]) for r in records]
+    machines = sorted(
+        {f"{run['machine']['cpu']} ({run['machine']['precision']}, "
+         f"{run['machine']['threads']} thread(s))" for r in records for run in r["runs"]}
+    )  # fmt: skip
+    return {
+        "per_trigger_s": sum(walls) / len(walls),
+        "total_s": sum(walls),
+        "machines": machines,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+def write(w: Any, folder: Path) -> None:
+    """The report's sections into ``w`` (``engine.report.build.Writer``)."""
+    data = summary(folder)
+    main = f"{data['main_rate']:g}"
+    w.md(
+        "# Report: the paper's figure on the CPU network",
+        "",
+        f"From `{folder}`: every trigger's record written by `benchmarks/paper_study.py` "
+        f"(protocol: `engine/paper_small.py`). Main stamping rate {main} "
+        f"({data['main_rate_source']}). Repairs of one model are paired: the same batches, "
+        "stamped images and "
+        "placements, the same held-out images; intervals are 95 %.",
+        "",
+    )
+    for rate, entry in data["rates"].items():
+        _rate_section(w, rate, entry, data["paper"], rate == main)
+
+
+def _rate_section(w: Any, rate: str, entry: dict[str, Any], paper: dict, main: bool) -> None:
+    n = len(entry["triggers"])
+    w.md(f"## Stamping rate {rate}" + (" (main)" if main else ""), "")
+    w.md(
+        f"{n} of 51 triggers finished; cost {_hours(entry['cost']['per_trigger_s'])} per trigger "
+        f"on {'; '.join(entry['cost']['machines'])}, {_hours(entry['cost']['total_s'])} in all.",
+        "",
+    )
+    if "methods" not in entry:
+        w.md("No MESA repair at this rate yet.", "")
+        return
+    _summary_table(w, rate, entry, paper)
+    _figure(w, rate, entry)
+    _trigger_table(w, rate, entry)
+    _tests(w, entry)
+
+
+def _summary_table(w: Any, rate: str, entry: dict[str, Any], paper: dict) -> None:
+    before = entry["before"]
+    rows = [["before repair", n_of(entry), before["mean"], before["lo"], before["hi"],
+             before["worst"]["asr"], None, None, None, *_paper(paper, "before repair")]]  # fmt: skip
+    for method, m in entry["methods"].items():
+        worst_restart = m.get("worst_restart", {}).get("asr")
+        rows.append([method, m["n"], m["asr_mean"]["mean"], m["asr_mean"]["lo"],
+                     m["asr_mean"]["hi"], m["worst"]["asr"], worst_restart,
+                     m["above_threshold"]["count"], m["acc_clean_mean"],
+                     *_paper(paper, method)])  # fmt: skip
+    w.md(
+        "Mean ASR over the implanted triggers with its bootstrap interval, the worst trigger "
+        "(for `point` the worst mean of its 3 restarts, and beside it the worst single restart), "
+        "the triggers left above 10 %, clean accuracy after repair, and the paper's mean and "
+        "worst (ResNet-18, its own clean model; `mesa` is its ensemble row).",
+        "",
+    )
+    w.table(
+        f"summary-rate-{rate}.csv",
+        (
+            "method",
+            "n",
+            "asr_mean",
+            "asr_lo",
+            "asr_hi",
+            "asr_worst",
+            "worst_restart",
+            "above_10pct",
+            "acc_clean",
+            "paper_mean",
+            "paper_worst",
+        ),  # fmt: skip
+        rows,
+        shown=[
+            ("method", lambda r: str(r[0])),
+            ("n", lambda r: str(r[1])),
+            ("mean ASR [95 %]", lambda r: f"{pct(r[2])} [{pct(r[3])}, {pct(r[4])}]"),
+            ("worst", lambda r: pct(r[5]) + (f" (restart {pct(r[6])})" if r[6] else "")),
+            ("> 10 %", lambda r: "–" if r[7] is None else str(r[7])),
+            ("clean acc", lambda r: pct(r[8])),
+            ("paper mean / worst", lambda r: f"{pct(r[9])} / {pct(r[10])}"),
+        ],
+    )
+
+
+def _figure(w: Any, rate: str, entry: dict[str, Any]) -> None:
+    from engine.report import figures
+
+    rows = entry["per_trigger"]
+    triggers = [t for t in entry["triggers"] if rows[t]["implanted"]]
+    methods = list(entry["methods"])
+    if "point" in methods:
+        triggers.sort(key=lambda t: (rows[t]["methods"].get("point", {}).get("asr", math.inf), t))
+    lines = {m: [rows[t]["methods"].get(m, {}).get("asr") for t in triggers] for m in methods}
+    bars = {m: [_bar(rows[t]["methods"].get(m)) for t in triggers] for m in methods}
+    w.figure(
+        f"asr-by-trigger-rate-{rate}.png",
+        lambda path: figures.asr_by_trigger(
+            path,
+            triggers,
+            [collect.trigger_pattern(t) for t in triggers],
+            lines,
+            "the single reversed trigger (point)" if "point" in methods else None,
+            f"ASR after repair per trigger, stamping rate {rate}",
+            intervals=bars,
+        ),
+        f"ASR after repair per trigger at rate {rate}: Wilson 95 % intervals; for point the "
+        "spread of its 3 restarts",
+    )
+
+
+def _bar(cell: dict[str, Any] | None) -> tuple[float, float] | None:
+    if not cell:
+        return None
+    if "spread" in cell:
+        return tuple(cell["spread"])
+    return (cell["lo"], cell["hi"])
+
+
+def _trigger_table(w: Any, rate: str, entry: dict[str, Any]) -> None:
+    methods = list(entry["methods"])
+    others = [m for m in methods if m != entry["reference"]]
+    columns = ["trigger", "implanted", "attack_asr", "floor"]
+    columns += [f"{m}_asr" for m in methods]
+    columns += [f"mesa_minus_{m}{s}" for m in others for s in ("", "_lo", "_hi")]
+    rows = []
+    for trigger in entry["triggers"]:
+        row = entry["per_trigger"][trigger]
+        cells = row.get("methods", {})
+        versus = row.get("versus_reference", {})
+        values = [trigger, row["implanted"], row["attack_asr"], row.get("floor")]
+        values += [cells.get(m, {}).get("asr") for m in methods]
+        values += [versus.get(m, {}).get(k) for m in others for k in ("diff", "lo", "hi")]
+        rows.append(values)
+    w.md("Per trigger (the figure's numbers, and MESA minus each method, paired per image):", "")
+    w.table(f"triggers-rate-{rate}.csv", columns, rows, markdown=False)
+
+
+def _tests(w: Any, entry: dict[str, Any]) -> None:
+    lines = []
+    for method, test in entry["wilcoxon"].items():
+        if test.get("p") is None:
+            continue
+        lines.append(
+            f"- MESA vs {method}: median per-trigger difference {pct(test.get('median_diff'))}, "
+            f"Wilcoxon signed-rank p = {test['p']:.3g} over {test['n']} triggers"
+        )
+    removed = entry["finetune_removes"]
+    dropped = entry["not_implanted"]
+    lines.append(
+        f"- fine-tuning alone removes {removed['count']} trigger(s) (below 10 % or twice the "
+        f"floor): {', '.join(removed['triggers']) or 'none'}"
+    )
+    lines.append(
+        f"- not implanted (attack ASR under 50 %, left out of every mean): {dropped['count']}"
+        + (f" ({', '.join(dropped['triggers'])})" if dropped["triggers"] else "")
+    )
+    w.md(*lines, "")
+
+
+def n_of(entry: dict[str, Any]) -> int:
+    return len(entry["triggers"]) - entry["not_implanted"]["count"]
+
+
+def _paper(paper: dict, method: str) -> list[float | None]:
+    row = paper.get(method, {})
+    return [row.get("mean"), row.get("worst")]
+
+
+def pct(value: float | None) -> str:
+    return "–" if value is None or not math.isfinite(value) else f"{100 * value:.1f} %"
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"

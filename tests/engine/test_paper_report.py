@@ -1,0 +1,103 @@
+"""The paper-figure study's report from its result folder: the numbers are those of
+``stats.summarize`` on the records, the figure has one column per implanted trigger, a trigger that
+was not implanted is listed and left out, and a record of an unknown schema is refused."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from engine.errors import UserError
+from engine.report import build_report, figures, paper, stats
+
+N = 40  # held-out non-target images per trigger
+
+
+def bits(hits: int, n: int = N) -> str:
+    return "1" * hits + "0" * (n - hits)
+
+
+def entry(hits: int) -> dict:
+    return {"asr": hits / N, "asr_outcomes": bits(hits), "clean_outcomes": bits(30, 50)}
+
+
+def record(trigger: str, attack: int, mesa: int, point: tuple[int, int, int], wall=60.0) -> dict:
+    return {
+        "schema": 1,
+        "trigger": trigger,
+        "target": 0,
+        "rate": 0.01,
+        "floor": {"asr": 0.0, "asr_outcomes": bits(0)},
+        "attack": {"held_out_asr": attack / N, "asr_outcomes": bits(attack)},
+        "repairs": {
+            "mesa": entry(mesa),
+            "point": {"restarts": [entry(h) for h in point]},
+            "ideal": entry(1),
+            "finetune": entry(attack),
+        },
+        "runs": [
+            {
+                "machine": {"cpu": "Test CPU", "precision": "fp32", "threads": 1},
+                "seconds": {"wall": wall},
+            }
+        ],
+    }
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    root = tmp_path / "results"
+    (root / "rate-0.01").mkdir(parents=True)
+    records = [
+        record("bw:0", 40, 2, (4, 6, 8)),
+        record("bw:85", 39, 3, (20, 10, 12)),
+        record("bw:170", 38, 1, (2, 2, 3)),
+        record("bw:7", 10, 0, (0, 0, 0)),  # not implanted: 25 % before repair
+    ]
+    for r in records:
+        (root / "rate-0.01" / f"{r['trigger'].replace(':', '-')}.json").write_text(json.dumps(r))
+    (root / "rate.json").write_text(json.dumps({"rate": 0.01}))
+    return root
+
+
+def test_the_summary_is_summarize_on_the_records_and_drops_the_unimplanted(folder):
+    data = paper.summary(folder)
+    records = paper.load_records(folder)[0.01]
+    expected = stats.summarize(records, ["mesa", "point", "ideal", "finetune"])
+    entry = data["rates"]["0.01"]
+    assert entry["methods"] == expected["methods"]
+    assert entry["not_implanted"]["triggers"] == ["bw:7"]
+    assert entry["methods"]["mesa"]["n"] == 3
+    assert entry["methods"]["mesa"]["asr_mean"]["mean"] == pytest.approx(6 / 3 / N)
+    assert entry["methods"]["point"]["worst"]["trigger"] == "bw:85"
+    assert entry["before"]["mean"] == pytest.approx((40 + 39 + 38) / 3 / N)
+    assert entry["cost"] == {"per_trigger_s": 60.0, "total_s": 240.0, "machines": [
+        "Test CPU (fp32, 1 thread(s))"]}  # fmt: skip
+    assert data["main_rate"] == 0.01 and data["paper"]["point"]["worst"] == 0.514
+
+
+def test_the_report_has_the_table_beside_the_paper_and_the_figure_with_intervals(folder, tmp_path):
+    result = build_report(None, str(folder), tmp_path / "out")
+    text = Path(result.report).read_text()
+    assert "| mesa | 3 | 5.0 % [" in text and "3.6 % / 8.2 %" in text
+    assert "(restart 50.0 %)" in text  # point's worst single restart, beside its worst mean
+    assert "not implanted (attack ASR under 50 %, left out of every mean): 1 (bw:7)" in text
+    (figure,) = result.figures
+    assert result.sizes[figure] == figures.trigger_figure_size(3)
+    rows = list(csv.DictReader(open(Path(result.report).parent / "tables/triggers-rate-0.01.csv")))
+    assert [r["trigger"] for r in rows] == ["bw:0", "bw:170", "bw:7", "bw:85"]
+    assert float(rows[0]["mesa_minus_point"]) == pytest.approx((2 - 6) / N)
+
+
+def test_a_record_of_another_schema_or_broken_json_is_refused_in_one_line(folder, tmp_path):
+    path = folder / "rate-0.01" / "bw-0.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "schema": 99}))
+    with pytest.raises(UserError, match=r"bw-0.json has schema 99; this version reads \(1,\)"):
+        paper.summary(folder)
+    path.write_text("{")
+    with pytest.raises(UserError, match="is not valid JSON"):
+        build_report(None, str(folder), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
