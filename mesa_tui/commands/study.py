@@ -36,26 +36,36 @@ def create(
         ...,
         "--template",
         "-t",
-        help="paper-cifar10-bw, paper-cifar10-color, paper-cifar100-color or cpu-mini",
+        help="paper-cifar10-bw, paper-cifar10-bw-small, paper-cifar10-color, "
+        "paper-cifar100-color or cpu-mini",
     ),
     seeds: str = typer.Option(
         "0", "--seeds", help="repeat every pipeline with these seeds, e.g. 0,1,2"
     ),
-    target: str = typer.Option(
-        "auto",
-        help="auto: detect the attacked class (default); oracle: tell the search each target",
+    target: str | None = typer.Option(
+        None,
+        help="auto: detect the attacked class (the default, but paper-cifar10-bw-small's is "
+        "oracle); oracle: tell the search each target",
+    ),
+    triggers: str | None = typer.Option(
+        None,
+        "--triggers",
+        help="only these of the template's triggers, e.g. bw:0,bw:85 (paper-cifar10-bw-small "
+        "also takes pilot, even or odd)",
     ),
     reuse: bool = typer.Option(True, "--reuse/--no-reuse", help="reuse identical finished jobs"),
     json_output: bool = typer.Option(False, "--json", help='print {"study": NAME, "jobs": [ids]}'),
 ) -> None:
     """Create a study and queue its jobs. Stage settings pass through as in `submit pipeline`
-    (--train-epochs 2, --mesa-steps 100, --stamp-rate 0.1; --clean-epochs for the clean model)."""
+    (--train-epochs 2, --mesa-steps 100, --stamp-rate 0.1; --clean-epochs for the clean model);
+    paper-cifar10-bw-small takes every setting from engine/paper_small.py but --stamp-rate."""
     from engine.pipelines import apply_reuse, build_study, dedupe
     from mesa_tui.commands.jobs import open_store
     from mesa_tui.commands.submit import parse_extra
 
     overrides = parse_extra(list(ctx.args))
-    params, jobs = build_study(template, _seeds(seeds), overrides, target)
+    chosen = [t.strip() for t in triggers.split(",") if t.strip()] if triggers is not None else None
+    params, jobs = build_study(template, _seeds(seeds), overrides, target, chosen)
     jobs = dedupe(jobs)
     store = open_store()
     if reuse:

@@ -149,6 +149,41 @@ def test_paths_and_study_create_show_export(tmp_path):
     assert len(ls) == 3
 
 
+def test_study_create_paper_small_template():
+    """The CPU protocol's template from the command line: every trigger, a subset, the stamping
+    rate, and the point restarts' reversal reused through a dependency on the first one."""
+    result = run("study", "create", "small", "--template", "paper-cifar10-bw-small", "--json")
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)["jobs"]) == 1 + 51 * 8
+    args = ["--template", "paper-cifar10-bw-small", "--triggers", "pilot", "--stamp-rate", "0.1"]
+    created = json.loads(run("study", "create", "pilot", *args, "--json").stdout)
+    assert len(created["jobs"]) == 1 + 3 * 8
+    shown = json.loads(run("study", "show", "pilot", "--json").stdout)
+    params = shown["study"]["params"]
+    assert params["triggers"] == ["bw:0", "bw:85", "bw:170"] and params["target_mode"] == "oracle"
+    assert params["overrides"] == {"stamp_rate": 0.1}
+    assert [r["method"] for r in shown["rows"]] == ["before repair", "mesa", "point", "ideal",
+                                                    "finetune"]  # fmt: skip
+    store = Store()
+    points = [j for j in store.list_jobs(study="pilot", kind="defend") if "point" in j.label]
+    assert len(points) == 9
+    for job in points:
+        detail = store.job_detail(job.id)
+        spec = detail.job.spec
+        assert spec["stamp_rate"] == 0.1
+        reused = [d.job_id for d in detail.depends_on if d.input_field == "reversal_from"]
+        if spec["point_index"] == 0:
+            assert reused == [] and spec["reversal_from"] is None
+        else:
+            first = store.job_detail(reused[0]).job.spec
+            assert first["point_index"] == 0 and first["model"] == spec["model"]
+            assert spec["reversal_from"] == f"job:{reused[0]}"
+    for bad in (["--target", "auto"], ["--mesa-steps", "5"], ["--triggers", "bw:4"]):
+        failed = run("study", "create", "bad", "--template", "paper-cifar10-bw-small", *bad)
+        assert failed.exit_code == 2 and len(failed.stderr.strip().splitlines()) == 1
+    assert "bad" not in {s.name for s in store.studies()}
+
+
 def test_help_does_not_import_the_store_or_torch():
     code = (
         "import sys; import mesa_tui.cli; "
