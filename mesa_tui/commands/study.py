@@ -110,11 +110,16 @@ def show(
     json_output: bool = typer.Option(False, "--json", help="one JSON object"),
 ) -> None:
     """The study's table: ASR after repair per method (mean, worst, spread over seeds), clean and
-    robust accuracy, with the paper's numbers beside ours and the protocol differences."""
+    robust accuracy, with the paper's numbers beside ours and the protocol differences. Where the
+    repairs wrote per-image outcomes, the mean comes with its 95 % interval and the JSON carries
+    the study's statistics (engine/report/study_stats.py)."""
+    from engine.report.study_stats import study_statistics
     from mesa_tui.commands.jobs import open_store
     from store.entities import to_json
 
-    summary = open_store().study_summary(name)
+    store = open_store()
+    summary = store.study_summary(name)
+    statistics = study_statistics(store, name)
     if json_output:
         data = to_json(summary)
         data["metrics"] = {
@@ -122,6 +127,7 @@ def show(
             for row in summary.rows
             if row.asr_mean is not None
         }
+        data["statistics"] = statistics
         print_json(data)
         return
     from rich.console import Console
@@ -141,11 +147,12 @@ def show(
     )
     for column in ("method", "done", "asr", "worst", "sd", "acc", "ra", "paper", "p.worst"):
         table.add_column(column, justify="left" if column == "method" else "right", no_wrap=True)
+    intervals = _intervals(statistics)
     for row in summary.rows:
         table.add_row(
             row.method,
             f"{row.done}/{row.cells}",
-            _pct(row.asr_mean),
+            intervals.get(row.method) or _pct(row.asr_mean),
             _pct(row.asr_worst),
             _pct(row.asr_seed_std),
             _pct(row.acc_clean_mean),
@@ -154,9 +161,55 @@ def show(
             _pct(row.paper_asr_worst),
         )
     console.print(table)
+    for line in _statistics_lines(statistics):
+        console.print(line, highlight=False)
     console.print("protocol differences from the paper:")
     for note in summary.protocol_notes:
         console.print(f"  - {note}")
+
+
+def _interval(mean: dict | None) -> str | None:
+    """A mean and its interval (fractions) as text: 3.4% [2.1, 4.9]."""
+    if not mean:
+        return None
+    return f"{_pct(mean['mean'])} [{100 * mean['lo']:.1f}, {100 * mean['hi']:.1f}]"
+
+
+def _intervals(statistics: dict | None) -> dict[str, str]:
+    """Per method the mean ASR over triggers with its bootstrap interval, where computed."""
+    methods = (statistics or {}).get("methods", {})
+    return {m: text for m, s in methods.items() if (text := _interval(s.get("asr_mean")))}
+
+
+def _statistics_lines(statistics: dict | None) -> list[str]:
+    """What the statistics add below the table: where the intervals come from and the paired
+    test of the reference (MESA) against each other method."""
+    if statistics is None:
+        return []
+    if "error" in statistics:
+        return [f"statistics: not computed: {statistics['error']}"]
+    lines = [
+        f"asr [{statistics['level']:.0%} interval]: mean over the implanted triggers with its "
+        f"percentile bootstrap, from the per-image outcomes of {statistics['records']} triggers"
+        + (
+            f"; not implanted, left out: {', '.join(statistics['not_implanted']['triggers'])}"
+            if statistics["not_implanted"]["count"]
+            else ""
+        )
+        + (
+            f"; {len(statistics['without_outcomes'])} repairs without outcomes left out"
+            if statistics["without_outcomes"]
+            else ""
+        )
+    ]
+    reference = statistics["reference"]
+    for method, test in statistics["wilcoxon"].items():
+        if test["n"]:
+            lines.append(
+                f"{reference} - {method}: mean {100 * test['mean_diff']:+.1f} points over "
+                f"{test['n']} triggers, Wilcoxon p = {test['p']:.3g}"
+            )
+    return lines
 
 
 @app.command("export")

@@ -136,6 +136,7 @@ def test_paths_and_study_create_show_export(tmp_path):
     shown = json.loads(run("study", "show", "mini", "--json").stdout)
     assert shown["study"]["job_count"] == len(created["jobs"])
     assert "before repair" in {r["method"] for r in shown["rows"]}
+    assert shown["statistics"] is None  # no repair has finished, so no outcomes to read
     assert any("stamping rate" in n for n in shown["protocol_notes"])
     out = tmp_path / "mini.csv"
     assert run("study", "export", "mini", "--format", "csv", "--output", str(out)).exit_code == 0
@@ -182,6 +183,26 @@ def test_study_create_paper_small_template():
         failed = run("study", "create", "bad", "--template", "paper-cifar10-bw-small", *bad)
         assert failed.exit_code == 2 and len(failed.stderr.strip().splitlines()) == 1
     assert "bad" not in {s.name for s in store.studies()}
+
+
+def test_study_show_statistics(tmp_path):
+    """`study show --json` carries the study's statistics (the same function's table), and the
+    plain table puts each method's interval beside its mean ASR, with the paired tests below."""
+    from engine.report.study_stats import study_statistics
+    from tests.report.small_study import make_small_study
+
+    store, _ = make_small_study(tmp_path / "artifacts")
+    shown = json.loads(run("study", "show", "small", "--json").stdout)
+    assert shown["statistics"] == study_statistics(store, "small")
+    assert shown["statistics"]["methods"]["point"]["worst_restart"]["asr"] > 0
+    text = run("study", "show", "small").stdout
+    for method in ("mesa", "point", "ideal", "finetune"):
+        mean = shown["statistics"]["methods"][method]["asr_mean"]
+        interval = f"{100 * mean['mean']:.1f}% [{100 * mean['lo']:.1f}, {100 * mean['hi']:.1f}]"
+        assert interval in text, (interval, text)
+    flat = " ".join(text.split())  # the console wraps long lines at its width
+    assert "outcomes of 4 triggers; not implanted, left out: bw:1" in flat
+    assert "mesa - finetune: mean -" in flat and "Wilcoxon p = " in flat
 
 
 def test_help_does_not_import_the_store_or_torch():
