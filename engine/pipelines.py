@@ -314,9 +314,41 @@ PAPER_NOTES = [
 
 @dataclass(frozen=True)
 class Template:
+    """A study template. ``build(seeds, overrides, target_mode, triggers)`` returns the study's
+    params and jobs; ``triggers`` (None: all) is a subset of the template's own triggers.
+    ``target_modes`` are the modes it runs with, the first being the default."""
+
     name: str
     description: str
-    build: Callable[[list[int], dict[str, Any], str], tuple[dict[str, Any], list[NewJob]]]
+    build: Callable[
+        [list[int], dict[str, Any], str, list[str] | None], tuple[dict[str, Any], list[NewJob]]
+    ]
+    target_modes: tuple[str, ...] = ("auto", "oracle")
+
+
+def choose_triggers(
+    template: str,
+    triggers: list[str],
+    chosen: list[str] | None,
+    named: dict[str, list[str]] | None = None,
+) -> list[str]:
+    """The template's triggers that ``chosen`` names, in the template's order (None: all). One
+    entry of ``chosen`` may be a name of ``named`` (a subset the template defines)."""
+    if chosen is None:
+        return list(triggers)
+    named = named or {}
+    wanted: list[str] = []
+    for item in chosen:
+        wanted.extend(named.get(item, [item]))
+    unknown = [t for t in wanted if t not in triggers]
+    if unknown or not wanted:
+        names = f"{', '.join(named)} or " if named else ""
+        raise UserError(
+            f"invalid --triggers {','.join(chosen)!r}: {', '.join(unknown) or 'none given'} "
+            f"not among the {len(triggers)} triggers of {template}; give {names}a comma-separated "
+            f"list of them, e.g. {triggers[0]}"
+        )
+    return [t for t in triggers if t in set(wanted)]
 
 
 def _study(
@@ -336,9 +368,13 @@ def _study(
     notes: list[str],
     stage_defaults: dict[str, Any],
     split_point_restarts: bool = True,
+    chosen: list[str] | None = None,
 ) -> tuple[dict[str, Any], list[NewJob]]:
     from engine.specs import PRESETS
 
+    target_of = dict(zip(triggers, targets, strict=True))
+    triggers = choose_triggers(name, triggers, chosen)
+    targets = [target_of[t] for t in triggers]
     jobs: list[NewJob] = []
     for seed in seeds:
         clean_ref = None
@@ -396,7 +432,9 @@ def _study(
     return params, jobs
 
 
-def _paper_bw(seeds: list[int], overrides: dict[str, Any], target_mode: str):
+def _paper_bw(
+    seeds: list[int], overrides: dict[str, Any], target_mode: str, chosen: list[str] | None
+):
     return _study(
         name="paper-cifar10-bw",
         dataset="cifar10",
@@ -412,11 +450,14 @@ def _paper_bw(seeds: list[int], overrides: dict[str, Any], target_mode: str):
         paper=PAPER_BW,
         notes=PAPER_NOTES,
         stage_defaults={},
+        chosen=chosen,
     )
 
 
 def _paper_color(dataset: str, targets: list[int], paper: dict[str, Any]):
-    def build(seeds: list[int], overrides: dict[str, Any], target_mode: str):
+    def build(
+        seeds: list[int], overrides: dict[str, Any], target_mode: str, chosen: list[str] | None
+    ):
         return _study(
             name=f"paper-{dataset}-color",
             dataset=dataset,
@@ -438,12 +479,15 @@ def _paper_color(dataset: str, targets: list[int], paper: dict[str, Any]):
             stage_defaults={"train_dataset": dataset, "mesa_hidden": 2048}
             if dataset == "cifar100"
             else {},
+            chosen=chosen,
         )
 
     return build
 
 
-def _cpu_mini(seeds: list[int], overrides: dict[str, Any], target_mode: str):
+def _cpu_mini(
+    seeds: list[int], overrides: dict[str, Any], target_mode: str, chosen: list[str] | None
+):
     return _study(
         name="cpu-mini",
         dataset="cifar10",
@@ -473,7 +517,153 @@ def _cpu_mini(seeds: list[int], overrides: dict[str, Any], target_mode: str):
         stage_defaults={"defend_stamp_rate": 0.1, "defend_point_restarts": 3},
         # One point job per trigger (its 3 restarts in turn) keeps the study under an hour.
         split_point_restarts=False,
+        chosen=chosen,
     )
+
+
+def _paper_bw_small(
+    seeds: list[int], overrides: dict[str, Any], target_mode: str, chosen: list[str] | None
+):
+    """The paper's protocol on the CPU network, every setting from ``engine.paper_small`` (the
+    driver ``benchmarks/paper_study.py`` reads the same): one clean model; per trigger the
+    fine-tuning attack from it, the search with the oracle target and the repairs mesa, point
+    (one job per restart; the first reverses every restart and the later ones reuse its reversal
+    through ``reversal_from``), ideal and finetune. Only the stamping rate can be set."""
+    from engine import paper_small as protocol
+
+    name = "paper-cifar10-bw-small"
+    if seeds != [protocol.SEED]:
+        raise UserError(f"{name} runs the protocol's one seed ({protocol.SEED}); leave --seeds out")
+    rate = _small_rate(name, overrides, protocol.PAPER_RATE)
+    named = {
+        "pilot": list(protocol.PILOT_TRIGGERS),
+        "even": protocol.even_triggers(),
+        "odd": protocol.odd_triggers(),
+    }
+    all_triggers = [protocol.trigger_name(i) for i in CANONICAL_BW_IDS]
+    triggers = choose_triggers(name, all_triggers, chosen, named)
+    seed, target = protocol.SEED, protocol.TARGET
+    jobs: list[NewJob] = []
+
+    def add(
+        kind: str,
+        values: dict[str, Any],
+        refs: dict[str, str],
+        preset: str | None = None,
+        **meta: Any,
+    ) -> str:
+        """Validate one stage (references as placeholders) and append it; returns its ref."""
+        spec = _stage_spec(kind, preset, {k: v for k, v in values.items() if k not in refs}, refs)
+        deps = tuple((ref[4:], field) for field, ref in refs.items())
+        role = meta.pop("role", kind)
+        jobs.append(
+            NewJob(kind, spec, reference_hash(spec), depends_on=deps, role=role, seed=seed, **meta)
+        )
+        return f"job:#{len(jobs) - 1}"
+
+    clean_values = {k: v for k, v in protocol.CLEAN.items() if k != "preset"}
+    clean = add(
+        "train",
+        clean_values,
+        {},
+        protocol.CLEAN["preset"],
+        role="clean",
+        label=f"clean model ({protocol.CLEAN['preset']} recipe, no poisoning)",
+    )
+    dataset = jobs[-1].spec["dataset"]
+    for trigger in triggers:
+        label = f"{trigger} -> {target}"
+        model = add(
+            "train",
+            protocol.attack_overrides(trigger, clean),
+            {"init_from": clean},
+            protocol.ATTACK["preset"],
+            trigger=trigger,
+            label=f"attack {label}",
+        )
+        search = add(
+            "mesa",
+            protocol.search_overrides(model),
+            {"model": model},
+            trigger=trigger,
+            label=f"mesa {label}",
+        )
+        for method in protocol.MAIN_METHODS:
+            reversal = None
+            for repair, values in protocol.repair_overrides(method, model, search, rate):
+                refs = {"model": model}
+                if values.get("search") is not None:
+                    refs["search"] = search
+                if reversal is not None:
+                    refs["reversal_from"] = reversal
+                ref = add(
+                    "defend",
+                    values,
+                    refs,
+                    trigger=trigger,
+                    method=method,
+                    label=f"{repair} {label}",
+                )
+                if values["method"] == "point" and reversal is None:
+                    reversal = ref
+    paper = {
+        "before repair": PAPER_BW["before repair"],
+        "mesa": PAPER_BW["mesa-ensemble"],
+        "point": PAPER_BW["point"],
+        "ideal": PAPER_BW["ideal"],
+    }
+    attack = protocol.ATTACK
+    notes = [
+        f"model: the small CPU network; one clean model ({protocol.CLEAN['preset']} recipe without "
+        "poisoning) fine-tuned per trigger, where the paper fine-tunes its ResNet-18",
+        f"attack: {attack['epochs']} epochs, {attack['poison_rate']:.0%} poisoning, lr "
+        f"{attack['lr']:g} (the paper's 1e-3 did not implant the backdoor on this network)",
+        f"repair stamping rate {rate:g}; {protocol.REPAIR['epochs']} repair epochs; point: "
+        f"{protocol.POINT_RESTARTS} restarts, each its own repair (mean and worst over them)",
+        "target class: the oracle's, as in the paper (no detection); no residual check or "
+        "pattern variations",
+        "mesa is the round-robin ensemble of the search's generators (the paper's mesa-ensemble "
+        "numbers stand beside it)",
+        "data: the local CIFAR-10 copy; ASR and clean accuracy on the 2,000 held-out images",
+    ]
+    params = {
+        "template": name,
+        "dataset": dataset,
+        "triggers": triggers,
+        "targets": [target] * len(triggers),
+        "methods": list(protocol.MAIN_METHODS),
+        "seeds": [seed],
+        "target_mode": "oracle",
+        "overrides": {"stamp_rate": rate},
+        "paper": paper,
+        "protocol_notes": notes,
+    }
+    return params, jobs
+
+
+def _small_rate(template: str, overrides: dict[str, Any], default: float) -> float:
+    """The stamping rate, the one setting of the CPU protocol a study may change."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    keys = [k for k in given if k in ("stamp_rate", "defend_stamp_rate")]
+    others = [k for k in given if k not in keys]
+    if others:
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in others)
+        raise UserError(
+            f"{template} takes every setting from engine/paper_small.py; only --stamp-rate can "
+            f"be given (not {flags}); use cpu-mini for reduced budgets"
+        )
+    if len(keys) > 1:
+        raise UserError("give the stamping rate once, as --stamp-rate")
+    if not keys:
+        return default
+    value = given[keys[0]]
+    try:
+        rate = float(value)
+    except (TypeError, ValueError):
+        rate = -1.0
+    if not 0 < rate <= 1:
+        raise UserError(f"invalid --stamp-rate {value!r}: give a rate in (0, 1] such as 0.01")
+    return rate
 
 
 TEMPLATES: dict[str, Template] = {
@@ -492,6 +682,13 @@ TEMPLATES: dict[str, Template] = {
         "10 random colour triggers on CIFAR-100 (the paper's targets)",
         _paper_color("cifar100", list(CIFAR100_COLOR_TARGETS), PAPER_COLOR_CIFAR100),
     ),
+    "paper-cifar10-bw-small": Template(
+        "paper-cifar10-bw-small",
+        "the paper's protocol on the small CPU network (engine/paper_small.py): 51 black/white "
+        "triggers, the oracle target, paired repairs",
+        _paper_bw_small,
+        target_modes=("oracle",),
+    ),
     "cpu-mini": Template(
         "cpu-mini",
         "3 black/white triggers, quick CPU preset, reduced budgets (under an hour here)",
@@ -501,16 +698,29 @@ TEMPLATES: dict[str, Template] = {
 
 
 def build_study(
-    template: str, seeds: list[int], overrides: dict[str, Any], target_mode: str = "auto"
+    template: str,
+    seeds: list[int],
+    overrides: dict[str, Any],
+    target_mode: str | None = None,
+    triggers: list[str] | None = None,
 ) -> tuple[dict[str, Any], list[NewJob]]:
+    """A template's params and jobs. ``target_mode`` None: the template's default (auto for all
+    but the CPU protocol's, which runs with the oracle target); ``triggers``: a subset."""
     if template not in TEMPLATES:
         raise UserError(f"template '{template}' is unknown; use one of {', '.join(TEMPLATES)}")
+    chosen = TEMPLATES[template]
+    target_mode = target_mode or chosen.target_modes[0]
     if target_mode not in ("auto", "oracle"):
         raise UserError(
             f"invalid --target {target_mode!r}: use auto (detect the attacked class) or oracle "
             "(tell the search each pattern's target)"
         )
-    return TEMPLATES[template].build(seeds, overrides, target_mode)
+    if target_mode not in chosen.target_modes:
+        raise UserError(
+            f"{template} runs with --target {' or '.join(chosen.target_modes)} only (the paper's "
+            "protocol tells the search the target); leave --target out"
+        )
+    return chosen.build(seeds, overrides, target_mode, triggers)
 
 
 def dedupe(jobs: list[NewJob]) -> list[NewJob]:

@@ -198,7 +198,10 @@ class StudyCell:
 
 @dataclass(frozen=True)
 class StudySummary:
-    """ASR after repair per trigger (rows) and method (columns), with the job behind each cell."""
+    """ASR after repair per trigger (rows) and method (columns), with the job behind each cell.
+    ``statistics``: the study's table from ``engine.report.study_stats`` (the one `study show`
+    prints), None where no repair wrote per-image outcomes; where it has a method, that method's
+    mean, interval and worst come from it (implanted triggers only)."""
 
     name: str
     methods: tuple[str, ...]
@@ -206,6 +209,7 @@ class StudySummary:
     cells: Mapping[tuple[str, str], StudyCell]
     paper: Mapping[str, tuple[float | None, float | None]] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    statistics: Mapping[str, Any] | None = None
 
     def paper_numbers(self, method: str) -> tuple[float | None, float | None] | None:
         """The paper's (mean, worst) for a method: the study's own record, else section 5."""
@@ -215,13 +219,31 @@ class StudySummary:
         values = (self.cells.get((t, method)) for t in self.triggers)
         return [c.asr for c in values if c is not None and c.asr is not None]
 
+    def _statistics(self, method: str) -> Mapping[str, Any]:
+        return ((self.statistics or {}).get("methods") or {}).get(method) or {}
+
+    def interval(self, method: str) -> tuple[float, float] | None:
+        """The statistics' bootstrap interval of the mean ASR over triggers, where computed."""
+        mean = self._statistics(method).get("asr_mean")
+        return (mean["lo"], mean["hi"]) if mean else None
+
     def mean(self, method: str) -> float | None:
+        mean = self._statistics(method).get("asr_mean")
+        if mean:
+            return mean["mean"]
         values = self.column(method)
         return sum(values) / len(values) if values else None
 
     def worst(self, method: str) -> float | None:
+        worst = self._statistics(method).get("worst")
+        if worst:
+            return worst["asr"]
         values = self.column(method)
         return max(values) if values else None
+
+    @property
+    def statistics_error(self) -> str | None:
+        return (self.statistics or {}).get("error")
 
 
 # Section 5 of the method notes: the poster's CIFAR-10 ResNet-18 numbers (51 bw triggers).
@@ -860,8 +882,44 @@ def demo_source(root: Path, clock: FrozenClock | None = None) -> FakeSource:
         for mi, method in enumerate(methods):
             asr = min(0.999, [0.02, 0.035, 0.03, 0.12, 0.9][mi] + 0.01 * ti * (mi + 1))
             cells[(trig, method)] = StudyCell(round(asr, 4), 0.81 - 0.01 * mi, job_id=mesa)
-    src.add_study(StudySummary("mini", methods, triggers, cells))
+    statistics = demo_statistics(methods, triggers, cells, rng)
+    src.add_study(StudySummary("mini", methods, triggers, cells, statistics=statistics))
     return src
+
+
+def demo_statistics(
+    methods: tuple[str, ...],
+    triggers: tuple[str, ...],
+    cells: Mapping[tuple[str, str], StudyCell],
+    rng: np.random.Generator,
+    images: int = 2000,
+) -> dict[str, Any]:
+    """The demo study's statistics as a real study gets them (``stats.summarize``): per-image
+    outcomes drawn with each cell's ASR exactly, in random order, on ``images`` images."""
+    from engine.report.stats import summarize
+    from engine.report.study_stats import pick_reference
+
+    def bits(asr: float) -> str:
+        ones = round(asr * images)
+        return "".join(rng.permutation(["1"] * ones + ["0"] * (images - ones)))
+
+    records = [
+        {
+            "schema": 1,
+            "trigger": trigger,
+            "floor": None,
+            "attack": {"asr_outcomes": bits(0.98)},
+            "repairs": {
+                m: {
+                    "asr_outcomes": bits(cells[(trigger, m)].asr),
+                    "acc_clean": cells[(trigger, m)].acc_clean,
+                }
+                for m in methods
+            },
+        }
+        for trigger in triggers
+    ]
+    return summarize(records, methods, reference=pick_reference(records, methods) or methods[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -1079,7 +1137,11 @@ class StoreSource:
             for r in summary.rows
             if r.paper_asr_mean is not None or r.paper_asr_worst is not None
         }
-        return StudySummary(name, methods, triggers, cells, paper, tuple(summary.protocol_notes))
+        from engine.report.study_stats import study_statistics
+
+        statistics = study_statistics(self.store, name)
+        notes = tuple(summary.protocol_notes)
+        return StudySummary(name, methods, triggers, cells, paper, notes, statistics)
 
     def submit(self, kind: str, spec: Mapping[str, Any], study: str | None = None) -> list[int]:
         """One job (``job:ID`` in model/search/init_from makes it depend on that job) or, for

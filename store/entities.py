@@ -249,6 +249,19 @@ class StudyMember:
 
 
 @dataclass(frozen=True)
+class StudyRepair:
+    """A succeeded defense of a study with what its statistics read: the method as the study
+    labels it, the spec (point index, stamping rate, target) and the result (metrics, artifact)."""
+
+    job_id: int
+    trigger: str | None
+    method: str | None
+    seed: int | None
+    spec: dict[str, Any]
+    result: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
 class StudyCell:
     """One finished (or pending) defense of a study: trigger x method x seed."""
 

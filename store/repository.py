@@ -59,6 +59,7 @@ from store.entities import (
     StudyCell,
     StudyInfo,
     StudyMember,
+    StudyRepair,
     StudySummary,
 )
 from store.models import (
@@ -1235,6 +1236,38 @@ class Store:
                     )
                     .join(jobs_t, jobs_t.c.id == study_jobs_t.c.job_id)
                     .where(study_jobs_t.c.study_id == study.id)
+                    .order_by(study_jobs_t.c.job_id)
+                )
+            ]
+
+    def study_repairs(self, name: str) -> list[StudyRepair]:
+        """The study's succeeded defend jobs with spec and result, in job order (one read)."""
+        with self._read() as conn:
+            study = self._require_study(conn, name)
+            return [
+                StudyRepair(
+                    job_id=r.job_id,
+                    trigger=r.trigger,
+                    method=r.method,
+                    seed=r.seed,
+                    spec=r.spec,
+                    result=r.result,
+                )
+                for r in conn.execute(
+                    select(
+                        study_jobs_t.c.job_id,
+                        study_jobs_t.c.trigger,
+                        study_jobs_t.c.method,
+                        study_jobs_t.c.seed,
+                        jobs_t.c.spec,
+                        jobs_t.c.result,
+                    )
+                    .join(jobs_t, jobs_t.c.id == study_jobs_t.c.job_id)
+                    .where(
+                        study_jobs_t.c.study_id == study.id,
+                        jobs_t.c.kind == "defend",
+                        jobs_t.c.status == "succeeded",
+                    )
                     .order_by(study_jobs_t.c.job_id)
                 )
             ]

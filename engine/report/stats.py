@@ -198,8 +198,10 @@ def summarize(
     left backdoored and the other method did not; ``mean_paired_difference`` for restarts).
     ``wilcoxon``: the signed-rank test of those per-trigger differences. ``finetune_removes``:
     triggers where ``finetune`` (when it is among ``methods``) leaves an ASR below ``threshold``
-    or below twice the clean model's ASR (``floor``). ASRs and accuracies come from the outcome
-    strings where a record has them, so a value, its interval and its tests always agree.
+    or below twice the clean model's ASR (``floor``; a record's ``floor`` may be None where the
+    clean model was not evaluated, and then only the threshold counts). ASRs and accuracies come
+    from the outcome strings where a record has them, so a value, its interval and its tests
+    always agree.
     """
     if reference not in methods:
         raise ValueError(f"the reference method {reference!r} is not among {list(methods)}")
@@ -244,7 +246,7 @@ class _Trigger:
     name: str
     target: Any
     rate: Any
-    floor: float
+    floor: float | None
     attack_asr: float
     runs: dict[str, _Run]
 
@@ -269,7 +271,7 @@ def _read_trigger(record: Mapping[str, Any], methods: Sequence[str]) -> _Trigger
             name,
             record.get("target"),
             record.get("rate"),
-            _fraction(record["floor"], "asr", "asr_outcomes"),
+            None if record["floor"] is None else _fraction(record["floor"], "asr", "asr_outcomes"),
             _fraction(record["attack"], "asr", "asr_outcomes"),
             {m: _read_run(repairs[m]) for m in methods if m in repairs},
         )
@@ -392,7 +394,7 @@ def _rank_test(method: str, rows: Mapping[str, Any], used: Sequence[_Trigger]) -
 
 def _removed(t: _Trigger, method: str, threshold: float) -> bool:
     asr = t.runs[method].asr
-    return asr < threshold or asr < 2 * t.floor
+    return asr < threshold or (t.floor is not None and asr < 2 * t.floor)
 
 
 def _listing(names: list[str]) -> dict[str, Any]:

@@ -36,26 +36,36 @@ def create(
         ...,
         "--template",
         "-t",
-        help="paper-cifar10-bw, paper-cifar10-color, paper-cifar100-color or cpu-mini",
+        help="paper-cifar10-bw, paper-cifar10-bw-small, paper-cifar10-color, "
+        "paper-cifar100-color or cpu-mini",
     ),
     seeds: str = typer.Option(
         "0", "--seeds", help="repeat every pipeline with these seeds, e.g. 0,1,2"
     ),
-    target: str = typer.Option(
-        "auto",
-        help="auto: detect the attacked class (default); oracle: tell the search each target",
+    target: str | None = typer.Option(
+        None,
+        help="auto: detect the attacked class (the default, but paper-cifar10-bw-small's is "
+        "oracle); oracle: tell the search each target",
+    ),
+    triggers: str | None = typer.Option(
+        None,
+        "--triggers",
+        help="only these of the template's triggers, e.g. bw:0,bw:85 (paper-cifar10-bw-small "
+        "also takes pilot, even or odd)",
     ),
     reuse: bool = typer.Option(True, "--reuse/--no-reuse", help="reuse identical finished jobs"),
     json_output: bool = typer.Option(False, "--json", help='print {"study": NAME, "jobs": [ids]}'),
 ) -> None:
     """Create a study and queue its jobs. Stage settings pass through as in `submit pipeline`
-    (--train-epochs 2, --mesa-steps 100, --stamp-rate 0.1; --clean-epochs for the clean model)."""
+    (--train-epochs 2, --mesa-steps 100, --stamp-rate 0.1; --clean-epochs for the clean model);
+    paper-cifar10-bw-small takes every setting from engine/paper_small.py but --stamp-rate."""
     from engine.pipelines import apply_reuse, build_study, dedupe
     from mesa_tui.commands.jobs import open_store
     from mesa_tui.commands.submit import parse_extra
 
     overrides = parse_extra(list(ctx.args))
-    params, jobs = build_study(template, _seeds(seeds), overrides, target)
+    chosen = [t.strip() for t in triggers.split(",") if t.strip()] if triggers is not None else None
+    params, jobs = build_study(template, _seeds(seeds), overrides, target, chosen)
     jobs = dedupe(jobs)
     store = open_store()
     if reuse:
@@ -100,11 +110,16 @@ def show(
     json_output: bool = typer.Option(False, "--json", help="one JSON object"),
 ) -> None:
     """The study's table: ASR after repair per method (mean, worst, spread over seeds), clean and
-    robust accuracy, with the paper's numbers beside ours and the protocol differences."""
+    robust accuracy, with the paper's numbers beside ours and the protocol differences. Where the
+    repairs wrote per-image outcomes, the mean comes with its 95 % interval and the JSON carries
+    the study's statistics (engine/report/study_stats.py)."""
+    from engine.report.study_stats import study_statistics
     from mesa_tui.commands.jobs import open_store
     from store.entities import to_json
 
-    summary = open_store().study_summary(name)
+    store = open_store()
+    summary = store.study_summary(name)
+    statistics = study_statistics(store, name)
     if json_output:
         data = to_json(summary)
         data["metrics"] = {
@@ -112,6 +127,7 @@ def show(
             for row in summary.rows
             if row.asr_mean is not None
         }
+        data["statistics"] = statistics
         print_json(data)
         return
     from rich.console import Console
@@ -131,11 +147,12 @@ def show(
     )
     for column in ("method", "done", "asr", "worst", "sd", "acc", "ra", "paper", "p.worst"):
         table.add_column(column, justify="left" if column == "method" else "right", no_wrap=True)
+    intervals = _intervals(statistics)
     for row in summary.rows:
         table.add_row(
             row.method,
             f"{row.done}/{row.cells}",
-            _pct(row.asr_mean),
+            intervals.get(row.method) or _pct(row.asr_mean),
             _pct(row.asr_worst),
             _pct(row.asr_seed_std),
             _pct(row.acc_clean_mean),
@@ -144,9 +161,55 @@ def show(
             _pct(row.paper_asr_worst),
         )
     console.print(table)
+    for line in _statistics_lines(statistics):
+        console.print(line, highlight=False)
     console.print("protocol differences from the paper:")
     for note in summary.protocol_notes:
         console.print(f"  - {note}")
+
+
+def _interval(mean: dict | None) -> str | None:
+    """A mean and its interval (fractions) as text: 3.4% [2.1, 4.9]."""
+    if not mean:
+        return None
+    return f"{_pct(mean['mean'])} [{100 * mean['lo']:.1f}, {100 * mean['hi']:.1f}]"
+
+
+def _intervals(statistics: dict | None) -> dict[str, str]:
+    """Per method the mean ASR over triggers with its bootstrap interval, where computed."""
+    methods = (statistics or {}).get("methods", {})
+    return {m: text for m, s in methods.items() if (text := _interval(s.get("asr_mean")))}
+
+
+def _statistics_lines(statistics: dict | None) -> list[str]:
+    """What the statistics add below the table: where the intervals come from and the paired
+    test of the reference (MESA) against each other method."""
+    if statistics is None:
+        return []
+    if "error" in statistics:
+        return [f"statistics: not computed: {statistics['error']}"]
+    lines = [
+        f"asr [{statistics['level']:.0%} interval]: mean over the implanted triggers with its "
+        f"percentile bootstrap, from the per-image outcomes of {statistics['records']} triggers"
+        + (
+            f"; not implanted, left out: {', '.join(statistics['not_implanted']['triggers'])}"
+            if statistics["not_implanted"]["count"]
+            else ""
+        )
+        + (
+            f"; {len(statistics['without_outcomes'])} repairs without outcomes left out"
+            if statistics["without_outcomes"]
+            else ""
+        )
+    ]
+    reference = statistics["reference"]
+    for method, test in statistics["wilcoxon"].items():
+        if test["n"]:
+            lines.append(
+                f"{reference} - {method}: mean {100 * test['mean_diff']:+.1f} points over "
+                f"{test['n']} triggers, Wilcoxon p = {test['p']:.3g}"
+            )
+    return lines
 
 
 @app.command("export")

@@ -1,4 +1,5 @@
-"""The study screen: ASR after repair per trigger and method, with the paper's numbers beside ours."""
+"""The study screen: ASR after repair per trigger and method, the mean with its interval and the
+worst (the study's statistics, as `study show` prints them), the paper's numbers beside ours."""
 
 from __future__ import annotations
 
@@ -26,6 +27,14 @@ def asr_cell(value: float | None) -> Text:
         style=Style(color="white", bgcolor=f"rgb({red},{green},40)"),
         justify="right",
     )
+
+
+def interval_cell(interval: tuple[float, float] | None) -> Text:
+    """An interval of ASRs in percent, lo–hi (narrow, so five methods fit 80 columns)."""
+    if interval is None:
+        return Text("–", justify="center")
+    lo, hi = interval
+    return Text(f"{100 * lo:.1f}–{100 * hi:.1f}", justify="right")
 
 
 class StudyScreen(SourceScreen):
@@ -106,6 +115,11 @@ class StudyScreen(SourceScreen):
     def on_study_loaded(self, message: StudyLoaded) -> None:
         self.summary = message.summary
         self.show()
+        if self.summary.statistics_error:
+            self.notify(
+                f"no intervals for this study: {self.summary.statistics_error}",
+                severity="warning",
+            )
         if not isinstance(self.focused, Select):
             self.query_one("#study-table", DataTable).focus()
 
@@ -129,6 +143,8 @@ class StudyScreen(SourceScreen):
         for method in s.methods:
             summary.add_column(method, key=method)
         summary.add_row("mean", *[asr_cell(s.mean(m)) for m in s.methods])
+        if any(s.interval(m) for m in s.methods):
+            summary.add_row("95% ci", *[interval_cell(s.interval(m)) for m in s.methods])
         summary.add_row("worst", *[asr_cell(s.worst(m)) for m in s.methods])
         paper = [s.paper_numbers(m) for m in s.methods]
         summary.add_row("paper mean", *[asr_cell(p[0] if p else None) for p in paper])

@@ -136,6 +136,7 @@ def test_paths_and_study_create_show_export(tmp_path):
     shown = json.loads(run("study", "show", "mini", "--json").stdout)
     assert shown["study"]["job_count"] == len(created["jobs"])
     assert "before repair" in {r["method"] for r in shown["rows"]}
+    assert shown["statistics"] is None  # no repair has finished, so no outcomes to read
     assert any("stamping rate" in n for n in shown["protocol_notes"])
     out = tmp_path / "mini.csv"
     assert run("study", "export", "mini", "--format", "csv", "--output", str(out)).exit_code == 0
@@ -147,6 +148,61 @@ def test_paths_and_study_create_show_export(tmp_path):
     assert run("study", "export", "mini", "--format", "xml").exit_code == 2
     ls = json.loads(run("ls", "--study", "mini", "--kind", "detect", "--json").stdout)["jobs"]
     assert len(ls) == 3
+
+
+def test_study_create_paper_small_template():
+    """The CPU protocol's template from the command line: every trigger, a subset, the stamping
+    rate, and the point restarts' reversal reused through a dependency on the first one."""
+    result = run("study", "create", "small", "--template", "paper-cifar10-bw-small", "--json")
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)["jobs"]) == 1 + 51 * 8
+    args = ["--template", "paper-cifar10-bw-small", "--triggers", "pilot", "--stamp-rate", "0.1"]
+    created = json.loads(run("study", "create", "pilot", *args, "--json").stdout)
+    assert len(created["jobs"]) == 1 + 3 * 8
+    shown = json.loads(run("study", "show", "pilot", "--json").stdout)
+    params = shown["study"]["params"]
+    assert params["triggers"] == ["bw:0", "bw:85", "bw:170"] and params["target_mode"] == "oracle"
+    assert params["overrides"] == {"stamp_rate": 0.1}
+    assert [r["method"] for r in shown["rows"]] == ["before repair", "mesa", "point", "ideal",
+                                                    "finetune"]  # fmt: skip
+    store = Store()
+    points = [j for j in store.list_jobs(study="pilot", kind="defend") if "point" in j.label]
+    assert len(points) == 9
+    for job in points:
+        detail = store.job_detail(job.id)
+        spec = detail.job.spec
+        assert spec["stamp_rate"] == 0.1
+        reused = [d.job_id for d in detail.depends_on if d.input_field == "reversal_from"]
+        if spec["point_index"] == 0:
+            assert reused == [] and spec["reversal_from"] is None
+        else:
+            first = store.job_detail(reused[0]).job.spec
+            assert first["point_index"] == 0 and first["model"] == spec["model"]
+            assert spec["reversal_from"] == f"job:{reused[0]}"
+    for bad in (["--target", "auto"], ["--mesa-steps", "5"], ["--triggers", "bw:4"]):
+        failed = run("study", "create", "bad", "--template", "paper-cifar10-bw-small", *bad)
+        assert failed.exit_code == 2 and len(failed.stderr.strip().splitlines()) == 1
+    assert "bad" not in {s.name for s in store.studies()}
+
+
+def test_study_show_statistics(tmp_path):
+    """`study show --json` carries the study's statistics (the same function's table), and the
+    plain table puts each method's interval beside its mean ASR, with the paired tests below."""
+    from engine.report.study_stats import study_statistics
+    from tests.report.small_study import make_small_study
+
+    store, _ = make_small_study(tmp_path / "artifacts")
+    shown = json.loads(run("study", "show", "small", "--json").stdout)
+    assert shown["statistics"] == study_statistics(store, "small")
+    assert shown["statistics"]["methods"]["point"]["worst_restart"]["asr"] > 0
+    text = run("study", "show", "small").stdout
+    for method in ("mesa", "point", "ideal", "finetune"):
+        mean = shown["statistics"]["methods"][method]["asr_mean"]
+        interval = f"{100 * mean['mean']:.1f}% [{100 * mean['lo']:.1f}, {100 * mean['hi']:.1f}]"
+        assert interval in text, (interval, text)
+    flat = " ".join(text.split())  # the console wraps long lines at its width
+    assert "outcomes of 4 triggers; not implanted, left out: bw:1" in flat
+    assert "mesa - finetune: mean -" in flat and "Wilcoxon p = " in flat
 
 
 def test_help_does_not_import_the_store_or_torch():

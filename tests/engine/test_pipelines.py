@@ -88,6 +88,107 @@ def test_study_templates():
     assert {j.spec["dataset"] for j in c100 if j.kind == "train"} == {"cifar100"}
 
 
+def _resolved(spec: dict, paths: dict[int, str]) -> dict:
+    """A job's spec with its ``job:#i`` references replaced by the path job i would leave."""
+    return {
+        k: paths[int(v[5:])] if isinstance(v, str) and v.startswith("job:#") else v
+        for k, v in spec.items()
+    }
+
+
+def test_paper_small_template_is_the_protocol_of_engine_paper_small():
+    from engine import paper_small as protocol
+
+    params, jobs = build_study("paper-cifar10-bw-small", [protocol.SEED], {})
+    triggers = [f"bw:{i}" for i in CANONICAL_BW_IDS]
+    assert params["triggers"] == triggers and params["target_mode"] == "oracle"
+    assert params["methods"] == list(protocol.MAIN_METHODS)
+    assert params["overrides"] == {"stamp_rate": protocol.PAPER_RATE}
+    per_trigger = 2 + len(protocol.MAIN_METHODS) - 1 + protocol.POINT_RESTARTS
+    assert len(jobs) == 1 + 51 * per_trigger and len(dedupe(jobs)) == len(jobs)
+    roles = [j.role for j in jobs]
+    assert roles.count("clean") == 1 and roles.count("train") == roles.count("mesa") == 51
+    assert "detect" not in roles and {j.seed for j in jobs} == {protocol.SEED}
+    assert all(j.spec_hash == reference_hash(j.spec) for j in jobs)
+
+    # Every spec is what the driver builds from engine.paper_small for the same upstream paths.
+    paths = {i: f"/artifacts/{i}" for i in range(len(jobs))}
+    clean = {k: v for k, v in protocol.CLEAN.items() if k != "preset"}
+    assert jobs[0].spec == build_spec("train", protocol.CLEAN["preset"], None, clean).to_json()
+    assert jobs[0].depends_on == ()
+    for t, trigger in enumerate(triggers):
+        first = 1 + t * per_trigger
+        attack, search, *repairs = jobs[first : first + per_trigger]
+        assert attack.trigger == search.trigger == trigger
+        assert attack.depends_on == (("#0", "init_from"),)
+        expected = protocol.attack_overrides(trigger, paths[0])
+        assert (
+            _resolved(attack.spec, paths)
+            == build_spec("train", protocol.ATTACK["preset"], None, expected).to_json()
+        )
+        model, found = paths[first], paths[first + 1]
+        assert search.depends_on == ((f"#{first}", "model"),)
+        assert (
+            _resolved(search.spec, paths)
+            == build_spec("mesa", None, None, protocol.search_overrides(model)).to_json()
+        )
+        wanted = [
+            (method, overrides)
+            for method in protocol.MAIN_METHODS
+            for _, overrides in protocol.repair_overrides(method, model, found, protocol.PAPER_RATE)
+        ]
+        assert [j.method for j in repairs] == [m for m, _ in wanted]
+        first_point = None
+        for r, (job, (method, overrides)) in enumerate(zip(repairs, wanted, strict=True)):
+            index = first + 2 + r
+            deps = [(f"#{first}", "model")]
+            if method == "mesa":
+                deps.append((f"#{first + 1}", "search"))
+            if method == "point" and first_point is None:
+                first_point = index  # reverses every restart; the later ones reuse its reversal
+            elif method == "point":
+                overrides = {**overrides, "reversal_from": paths[first_point]}
+                deps.append((f"#{first_point}", "reversal_from"))
+            assert job.depends_on == tuple(deps), job.label
+            assert (
+                _resolved(job.spec, paths) == build_spec("defend", None, None, overrides).to_json()
+            )
+        points = [j.spec["point_index"] for j in repairs if j.method == "point"]
+        assert points == list(range(protocol.POINT_RESTARTS))
+        assert {j.spec["stamp_rate"] for j in repairs} == {protocol.PAPER_RATE}
+        assert all(j.spec["point_restarts"] == protocol.POINT_RESTARTS for j in repairs)
+
+
+def test_paper_small_template_rate_subsets_and_refusals():
+    from engine import paper_small as protocol
+
+    params, jobs = build_study(
+        "paper-cifar10-bw-small", [0], {"stamp_rate": "0.1"}, None, ["pilot"]
+    )
+    assert params["triggers"] == list(protocol.PILOT_TRIGGERS) and len(jobs) == 1 + 3 * 8
+    assert {j.spec["stamp_rate"] for j in jobs if j.kind == "defend"} == {0.1}
+    assert params["overrides"] == {"stamp_rate": 0.1}
+    # A subset keeps the canonical order; "even" and "odd" are the driver's halves.
+    params, _ = build_study("paper-cifar10-bw-small", [0], {}, "oracle", ["bw:85", "bw:0"])
+    assert params["triggers"] == ["bw:0", "bw:85"]
+    even, _ = build_study("paper-cifar10-bw-small", [0], {}, None, ["even"])
+    assert even["triggers"] == protocol.even_triggers()
+    cases = [
+        ([1], {}, None, None, "one seed"),
+        ([0], {"mesa_steps": "10"}, None, None, "only --stamp-rate"),
+        ([0], {"stamp_rate": "2"}, None, None, "invalid --stamp-rate"),
+        ([0], {}, "auto", None, "runs with --target oracle only"),
+        ([0], {}, None, ["bw:4"], "bw:4 not among the 51 triggers"),
+    ]
+    for seeds, overrides, target, chosen, message in cases:
+        with pytest.raises(UserError, match=message):
+            build_study("paper-cifar10-bw-small", seeds, overrides, target, chosen)
+    # Every template takes a subset; the others keep auto as their default target.
+    params, jobs = build_study("cpu-mini", [0], {}, None, ["bw:85"])
+    assert params["triggers"] == ["bw:85"] and params["target_mode"] == "auto"
+    assert {j.trigger for j in jobs} == {"bw:85"}
+
+
 def _fake_dataset(digest: str) -> None:
     from safetensors.numpy import save_file
 

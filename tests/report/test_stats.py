@@ -534,6 +534,24 @@ def test_summarize_finetune_removes():
     assert summarize(records, ["mesa", "ideal"])["finetune_removes"]["count"] == 0
 
 
+def test_summarize_without_a_floor():
+    """``floor`` None (the clean model was not evaluated): the row says so and fine-tuning counts
+    as removing the backdoor by the threshold alone; a record without the key is still refused."""
+    rng = np.random.default_rng(3)
+    records = [record(rng, "low", finetune=0.0), record(rng, "kept", finetune=0.15)]
+    records[0]["repairs"]["finetune"]["asr_outcomes"] = "0" * IMAGES
+    records[1]["repairs"]["finetune"]["asr_outcomes"] = "1" * 6 + "0" * 34  # 0.15
+    for r in records:
+        r["floor"] = None
+    table = summarize(records, METHODS)
+    assert table["per_trigger"]["kept"]["floor"] is None
+    assert table["finetune_removes"] == {"count": 1, "triggers": ["low"]}
+    assert (
+        table["methods"]
+        == summarize([{**r, "floor": {"asr": 0.0}} for r in records], METHODS)["methods"]
+    )
+
+
 def test_summarize_is_plain_json():
     table = summarize(study(), METHODS)
 

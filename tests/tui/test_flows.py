@@ -290,7 +290,19 @@ async def test_study_sorts_and_opens_the_run(demo, clock):
         await pilot.pause()
         assert table.get_row_at(0)[0] == "bw:86"
         summary = study.query_one("#study-summary", DataTable)
-        assert summary.get_row_at(2)[1].plain.strip() == "2.4"
+        assert [summary.get_row_at(r)[0] for r in range(summary.row_count)] == [
+            "mean", "95% ci", "worst", "paper mean", "paper worst"
+        ]  # fmt: skip
+        assert summary.get_row_at(3)[1].plain.strip() == "2.4"
+        # The mean, its interval and the worst are the study's statistics (stats.summarize).
+        statistics = demo.study_summary("mini").statistics
+        for column, method in enumerate(demo.study_summary("mini").methods, start=1):
+            found = statistics["methods"][method]
+            mean, worst = found["asr_mean"], found["worst"]["asr"]
+            assert summary.get_row_at(0)[column].plain.strip() == f"{100 * mean['mean']:.1f}"
+            interval = f"{100 * mean['lo']:.1f}–{100 * mean['hi']:.1f}"
+            assert summary.get_row_at(1)[column].plain.strip() == interval
+            assert summary.get_row_at(2)[column].plain.strip() == f"{100 * worst:.1f}"
         await pilot.press("enter")
         await settle(pilot)
         assert isinstance(app.screen, RunScreen) and app.screen.job_id == 2

@@ -137,3 +137,39 @@ def test_jobs_without_a_trigger_in_their_spec_show_the_one_in_their_label():
     assert _label_trigger("mesa-ensemble color:3 -> 1") == "color:3"
     assert _label_trigger("trigger=bw:170 target=0") == "bw:170"
     assert _label_trigger("clean model") == "clean model" and _label_trigger(None) is None
+
+
+async def test_study_screen_over_the_store_shows_the_study_statistics(tmp_path):
+    """The study screen over the real store: the mean, its 95 % interval and the worst of each
+    method are the statistics `study show` prints (engine.report.study_stats), read in a worker."""
+    from textual.widgets import DataTable
+
+    from engine.report.study_stats import study_statistics
+    from mesa_tui.screens.study import StudyScreen
+    from tests.report.small_study import make_small_study
+
+    source = open_store_source()
+    make_small_study(tmp_path / "artifacts", source.store)
+    summary = source.study_summary("small")
+    statistics = study_statistics(source.store, "small")
+    assert summary.statistics == statistics and summary.statistics_error is None
+    assert summary.methods == ("before repair", "mesa", "point", "ideal", "finetune")
+    app = make_store_app(source)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        await pilot.press("s")
+        await settle(pilot)
+        assert isinstance(app.screen, StudyScreen)
+        table = app.screen.query_one("#study-summary", DataTable)
+        rows = {table.get_row_at(r)[0]: table.get_row_at(r)[1:] for r in range(table.row_count)}
+        for column, method in enumerate(summary.methods):
+            found = statistics["methods"].get(method)
+            if found is None:  # before repair: no statistics, the attacks' own (none here)
+                assert rows["95% ci"][column].plain.strip() == "–"
+                continue
+            mean, worst = found["asr_mean"], found["worst"]["asr"]
+            assert rows["mean"][column].plain.strip() == f"{100 * mean['mean']:.1f}"
+            assert rows["95% ci"][column].plain.strip() == (
+                f"{100 * mean['lo']:.1f}–{100 * mean['hi']:.1f}"
+            )
+            assert rows["worst"][column].plain.strip() == f"{100 * worst:.1f}"
