@@ -106,17 +106,24 @@ def _pct(value: float | None) -> str:
 @app.command("show")
 @cli_errors
 def show(
-    name: str = typer.Argument(..., help="study name"),
+    name: str = typer.Argument(
+        ..., help="study name, or a benchmarks/paper_study.py result folder"
+    ),
     json_output: bool = typer.Option(False, "--json", help="one JSON object"),
 ) -> None:
     """The study's table: ASR after repair per method (mean, worst, spread over seeds), clean and
     robust accuracy, with the paper's numbers beside ours and the protocol differences. Where the
     repairs wrote per-image outcomes, the mean comes with its 95 % interval and the JSON carries
-    the study's statistics (engine/report/study_stats.py)."""
+    the study's statistics (engine/report/study_stats.py). A result folder of the paper-figure
+    study shows the same statistics per stamping rate (engine/report/paper.py)."""
+    from engine.report import paper
     from engine.report.study_stats import study_statistics
     from mesa_tui.commands.jobs import open_store
     from store.entities import to_json
 
+    if paper.is_results_folder(name):
+        show_results_folder(paper.summary(name), json_output)
+        return
     store = open_store()
     summary = store.study_summary(name)
     statistics = study_statistics(store, name)
@@ -249,3 +256,34 @@ def export(
         typer.echo(f"wrote {output}")
     else:
         typer.echo(text, nl=False)
+
+
+def show_results_folder(data: dict, json_output: bool) -> None:
+    """The paper-figure study's result folder: per rate, each method's mean ASR with its bootstrap
+    interval, the worst trigger and the triggers left above 10 % (``report FOLDER`` has the rest)."""
+    if json_output:
+        print_json(data)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    from engine.report.paper import pct
+
+    console = Console()
+    for rate, entry in data["rates"].items():
+        main = " (main)" if float(rate) == data["main_rate"] else ""
+        table = Table(box=None, header_style="bold", title=f"stamping rate {rate}{main}")
+        for column in ("method", "n", "mean asr [95 %]", "worst", "> 10 %", "paper mean/worst"):
+            table.add_column(column)
+        for method, m in entry.get("methods", {}).items():
+            paper_row = data["paper"].get(method, {})
+            table.add_row(
+                method,
+                str(m["n"]),
+                f"{pct(m['asr_mean']['mean'])} [{pct(m['asr_mean']['lo'])}, "
+                f"{pct(m['asr_mean']['hi'])}]",
+                f"{pct(m['worst']['asr'])} ({m['worst']['trigger']})",
+                str(m["above_threshold"]["count"]),
+                f"{pct(paper_row.get('mean'))} / {pct(paper_row.get('worst'))}",
+            )
+        console.print(table)

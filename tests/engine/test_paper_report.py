@@ -101,3 +101,15 @@ def test_a_record_of_another_schema_or_broken_json_is_refused_in_one_line(folder
     with pytest.raises(UserError, match="is not valid JSON"):
         build_report(None, str(folder), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_study_show_reads_a_result_folder(folder):
+    from typer.testing import CliRunner
+
+    from mesa_tui.cli import app
+
+    shown = CliRunner().invoke(app, ["study", "show", str(folder), "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.output) == json.loads(json.dumps(paper.summary(folder)))
+    table = CliRunner().invoke(app, ["study", "show", str(folder)])
+    assert "stamping rate 0.01 (main)" in table.output and "5.0 % [" in table.output
