@@ -292,6 +292,21 @@ def test_missing_clean_data_needs_normalize_and_options_must_agree(tmp_path, iso
     assert invoke("model", "import", tmp_path / "attack_result.pt", *agree).exit_code == 0
 
 
+def test_a_backdoorbench_defense_result_imports_with_its_dataset_named(tmp_path):
+    """save_defense_result writes only model_name, num_classes and model: the dataset comes from
+    --normalize, the input size from BackdoorBench's shape of that dataset."""
+    net = bb_network(11)
+    obj = {"model_name": "preactresnet18", "num_classes": 10, "model": net.state_dict()}
+    torch.save(obj, tmp_path / "defense_result.pt")
+    one_line_error(invoke("model", "import", tmp_path / "defense_result.pt"), "--normalize")
+    done = invoke(
+        "model", "import", tmp_path / "defense_result.pt", "--normalize", "cifar10", "--json"
+    )
+    assert done.exit_code == 0, done.output
+    info = json.loads(done.stdout)
+    assert info["image_size"] == [32, 32] and info["std"] == list(BB_CIFAR_STD)
+
+
 @pytest.mark.parametrize(
     ("name", "why"),
     [
