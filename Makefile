@@ -17,7 +17,7 @@ $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[test,ray,postgres]'
+	$(BIN)/python -m pip install -q -e '.[test,ray,postgres,tensorboard]'
 	touch $@
 
 setup: $(BIN)/.installed

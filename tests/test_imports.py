@@ -160,12 +160,12 @@ def test_the_scan_sees_imports():
 
 
 def test_optional_extras_are_imported_lazily():
-    """``ray`` and ``psycopg`` (extras) load only inside the functions that need them, so every
-    module imports without them."""
+    """``ray``, ``psycopg`` and ``tensorboard`` (extras) load only inside the functions that need
+    them, so every module imports without them."""
     bad = [
         f"{p}:{line} imports {n} at module level"
         for package in ("engine", "store", "mesa_tui")
         for _, p, n, line, top in _scan(package)
-        if top and _is(n, "ray", "psycopg", "psycopg2")
+        if top and _is(n, "ray", "psycopg", "psycopg2", "tensorboard")
     ]
     assert not bad, bad

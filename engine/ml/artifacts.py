@@ -309,35 +309,126 @@ def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def read_foreign_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """Weights from safetensors, or a torch checkpoint loaded with ``weights_only=True``."""
+def _numpy_safe_globals() -> list[Any]:
+    """The numpy names a weights-only load may resolve, and nothing else: arrays and scalars of
+    plain dtypes (bool, integers, floats, complex). numpy 1.x pickles name ``numpy.core``, numpy 2
+    ``numpy._core``; both point at the same functions. Each dtype's own class is listed because
+    unpickling a dtype calls ``np.dtype(...)`` and then sets its state (BUILD), which the
+    weights-only unpickler allows only on listed types: an object or structured dtype stops there."""
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    names: list[Any] = [np.ndarray, np.dtype]
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        names += [
+            (multiarray._reconstruct, f"{module}._reconstruct"),
+            (multiarray.scalar, f"{module}.scalar"),
+        ]
+    for code in PLAIN_NUMPY_DTYPES:
+        cls = type(np.dtype(code))
+        names.append((cls, f"numpy.dtypes.{cls.__name__}"))
+    return names
+
+
+# bool, signed and unsigned integers, floats and complex numbers: arrays of these are bytes.
+PLAIN_NUMPY_DTYPES = (
+    "?",
+    "i1",
+    "i2",
+    "i4",
+    "i8",
+    "u1",
+    "u2",
+    "u4",
+    "u8",
+    "f2",
+    "f4",
+    "f8",
+    "c8",
+    "c16",
+)
+_PLAIN_KINDS = frozenset("biufc")
+
+
+def _check_plain(obj: Any, path: Path, depth: int = 0) -> None:
+    """Refuse anything but tensors, numbers, strings, bytes, None, numpy arrays and scalars of
+    plain dtypes, and lists, tuples, sets and dicts of those (a second fence behind the
+    unpickler's allow-list: an object array could still slip through an unbuilt dtype)."""
+    if depth > 64:
+        raise UnsafeFile(f"{path} nests deeper than 64 levels; refusing to load it")
+    if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes, torch.Tensor)):
+        return
+    if isinstance(obj, (np.ndarray, np.generic)):
+        if obj.dtype.kind not in _PLAIN_KINDS:
+            raise UnsafeFile(
+                f"{path} holds a numpy {'array' if isinstance(obj, np.ndarray) else 'scalar'} of "
+                f"dtype {obj.dtype} (only bool, integer, float and complex are read); refusing to "
+                "load it"
+            )
+        return
+    if isinstance(obj, np.dtype):
+        return
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            _check_plain(key, path, depth + 1)
+            _check_plain(value, path, depth + 1)
+        return
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        for item in obj:
+            _check_plain(item, path, depth + 1)
+        return
+    raise UnsafeFile(f"{path} holds a {type(obj).__name__} object; refusing to load it")
+
+
+def _unpickling_cause(exc: Exception) -> str:
+    """What the weights-only unpickler refused, without torch's advice to load the file unsafely:
+    the global it would not resolve, or the type it would not build or call."""
+    import re
+
+    text = str(exc)
+    detail = text.split("WeightsUnpickler error:", 1)[-1]
+    line = next((ln.strip() for ln in detail.splitlines() if ln.strip()), "")
+    if line.startswith("Unsupported global: GLOBAL "):
+        return line.removeprefix("Unsupported global: GLOBAL ").split(" was not")[0]
+    built = re.search(r"but got <class '([^']+)'>", line)
+    if built:
+        return f"an object of type {built[1]}"
+    return line.split(". Please")[0][:160] or "not a plain state dict"
+
+
+def read_foreign_checkpoint(path: str | Path) -> Any:
+    """The whole object of a safetensors file or a torch checkpoint, loaded without running any
+    code from it: ``torch.load(weights_only=True)``, whose unpickler resolves only torch's tensor
+    types and, here, numpy arrays and scalars of plain dtypes (``_numpy_safe_globals``); a pickled
+    class or a ``__reduce__`` to any other function is refused (``UnsafeFile``) before it runs.
+    What loads is checked once more to hold only tensors, numbers, strings and plain arrays."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"model file {path} does not exist; give a .safetensors, .pt or .pth file")
     if path.suffix == ".safetensors":
-        return {k.removeprefix("module."): v for k, v in load_file(str(path)).items()}
+        return load_file(str(path))
     import pickle
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        # torch's message starts by telling how to load the file unsafely; keep only the cause.
-        cause = next(
-            (
-                line.strip().removeprefix("WeightsUnpickler error: ")
-                for line in str(exc).splitlines()
-                if "WeightsUnpickler error:" in line
-            ),
-            "",
-        ).split(" was not an allowed global")[0]
         raise UnsafeFile(
-            f"{path} needs arbitrary unpickling ({cause[:160] or 'not a plain state dict'}); "
-            "refusing to load it. Save its state_dict with torch.save(model.state_dict(), ...) "
-            "or as safetensors"
+            f"{path} needs arbitrary unpickling ({_unpickling_cause(exc)}); refusing to load it "
+            "(only tensors, numbers, strings and numpy arrays of plain dtypes are read). Save its "
+            "state_dict with torch.save(model.state_dict(), ...) or as safetensors"
         ) from None
     except Exception as exc:  # garbage makes the weights-only unpickler fail in many ways
         raise UserError(
             f"{path} is not a readable PyTorch checkpoint ({exc.__class__.__name__}: "
             f"{str(exc).splitlines()[0][:120] if str(exc) else '-'}); give a .safetensors, .pt or .pth file"
         ) from None
+    _check_plain(obj, path)
+    return obj
+
+
+def read_foreign_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Weights from safetensors, or a torch checkpoint loaded safely (``read_foreign_checkpoint``)."""
+    path = Path(path)
+    obj = read_foreign_checkpoint(path)
+    if path.suffix == ".safetensors":
+        return {k.removeprefix("module."): v for k, v in obj.items()}
     return _unwrap_state_dict(obj, path)

@@ -127,10 +127,43 @@ def ls(
 def show(
     job_id: int = typer.Argument(..., help="job id (see mesa-tui ls)"),
     json_output: bool = typer.Option(False, "--json", help="one JSON object"),
+    format: str = typer.Option(
+        "text",
+        "--format",
+        help="text, json (as --json) or tensorboard (the job as a TensorBoard run under -o DIR)",
+    ),
+    output: Path | None = typer.Option(
+        None, "--output", "-o", help="--format tensorboard: a new directory to write"
+    ),
 ) -> None:
-    """Everything about one job: spec, attempts, dependencies, artifacts, latest metrics."""
+    """Everything about one job: spec, attempts, dependencies, artifacts, latest metrics; with
+    --format tensorboard, its metric series, trigger grids and spec as event files."""
+    from engine.errors import UserError
     from store.entities import to_json
 
+    if format not in ("text", "json", "tensorboard"):
+        raise UserError(f"invalid --format {format!r}: use text, json or tensorboard")
+    if format == "tensorboard":
+        from engine.report import tensorboard
+
+        tensorboard.check_available()
+        if output is None:
+            raise UserError("--format tensorboard writes a directory; give -o DIR")
+        store = open_store()
+        store.job(job_id)  # one line naming an unknown job before anything is written
+        written = tensorboard.export_jobs(store, [job_id], output)
+        if json_output:
+            print_json(written)
+        else:
+            run = written["runs"][0]
+            typer.echo(
+                f"wrote job {job_id} as TensorBoard run {run['run']} ({run['scalars']} series, "
+                f"{len(run['images'])} images) to {written['directory']}"
+            )
+        return
+    if output is not None:
+        raise UserError("-o is for --format tensorboard; text and json print to stdout")
+    json_output = json_output or format == "json"
     store = open_store()
     detail = store.job_detail(job_id)
     job = detail.job

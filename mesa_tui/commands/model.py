@@ -15,14 +15,24 @@ app = typer.Typer(help="Import and inspect model artifacts.", no_args_is_help=Tr
 @cli_errors
 def import_(
     path: Path = typer.Argument(
-        ..., help=".safetensors, or a PyTorch checkpoint holding a state dict"
+        ...,
+        help=".safetensors, a PyTorch checkpoint holding a state dict, or BackdoorBench's "
+        "attack_result.pt",
     ),
-    arch: str = typer.Option(
-        ..., "--arch", help="resnet18, preact-resnet18, vgg11-bn, small, small-wide"
+    arch: str | None = typer.Option(
+        None,
+        "--arch",
+        help="resnet18, preact-resnet18, vgg11-bn, small, small-wide (a BackdoorBench file "
+        "names its own)",
     ),
-    classes: int = typer.Option(..., "--classes", help="number of classes"),
-    normalize: str = typer.Option(
-        ..., "--normalize", help="dataset whose normalisation the model expects (e.g. cifar10)"
+    classes: int | None = typer.Option(
+        None, "--classes", help="number of classes (a BackdoorBench file says it)"
+    ),
+    normalize: str | None = typer.Option(
+        None,
+        "--normalize",
+        help="dataset whose normalisation the model expects, e.g. cifar10 (a BackdoorBench "
+        "file names its dataset and brings BackdoorBench's normalisation)",
     ),
     channels: int | None = typer.Option(
         None, "--channels", help="input channels (default: the dataset's)"
@@ -32,7 +42,10 @@ def import_(
     ),
     json_output: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Import weights without unpickling arbitrary objects (``torch.load(weights_only=True)``)."""
+    """Import weights without running code from the file (``torch.load(weights_only=True)``,
+    numpy arrays of plain dtypes allowed). A BackdoorBench attack result
+    (``utils/save_load_attack.py``) brings its architecture, classes, dataset, normalisation and
+    input size; a plain state dict needs --arch, --classes and --normalize."""
     from engine.ml.model_import import import_model
 
     info = import_model(
@@ -41,7 +54,11 @@ def import_(
     if json_output:
         print_json(info)
     else:
-        typer.echo(f"imported {path} as a {arch} model artifact -> {info['artifact']}")
+        source = " (BackdoorBench attack result)" if info["source"] == "backdoorbench" else ""
+        typer.echo(
+            f"imported {path}{source} as a {info['arch']} model artifact of {info['classes']} "
+            f"classes for {info['dataset']} -> {info['artifact']}"
+        )
 
 
 @app.command("show")

@@ -224,21 +224,41 @@ def _statistics_lines(statistics: dict | None) -> list[str]:
 def export(
     name: str = typer.Argument(..., help="study name"),
     format: str = typer.Option(
-        "csv", "--format", help="csv (one row per job) or json (the summary)"
+        "csv",
+        "--format",
+        help="csv (one row per job), json (the summary) or tensorboard (event files per job)",
     ),
     output: Path | None = typer.Option(
-        None, "--output", "-o", help="write to this file instead of stdout"
+        None,
+        "--output",
+        "-o",
+        help="write to this file instead of stdout (tensorboard: a new directory, required)",
     ),
 ) -> None:
-    """Export a study: every cell (trigger, method, seed) as CSV, or the whole summary as JSON."""
+    """Export a study: every cell (trigger, method, seed) as CSV, the whole summary as JSON, or
+    every job as a TensorBoard run (its metric series, trigger grids and spec) under -o DIR."""
     import json
 
     from engine.errors import UserError
     from mesa_tui.commands.jobs import open_store
     from store.entities import to_json
 
-    if format not in ("csv", "json"):
-        raise UserError(f"invalid --format {format!r}: use csv or json")
+    if format not in ("csv", "json", "tensorboard"):
+        raise UserError(f"invalid --format {format!r}: use csv, json or tensorboard")
+    if format == "tensorboard":
+        from engine.report import tensorboard
+
+        tensorboard.check_available()
+        if output is None:
+            raise UserError("--format tensorboard writes a directory of runs; give -o DIR")
+        store = open_store()
+        members = store.study_members(name)
+        written = tensorboard.export_jobs(store, [m.job_id for m in members], output)
+        typer.echo(
+            f"wrote {len(written['runs'])} TensorBoard runs of study {name} to "
+            f"{written['directory']} (view: tensorboard --logdir {written['directory']})"
+        )
+        return
     summary = open_store().study_summary(name)
     if format == "json":
         text = json.dumps(to_json(summary), indent=2) + "\n"
