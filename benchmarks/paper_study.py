@@ -199,7 +199,9 @@ def clean_model(args: argparse.Namespace) -> Path:
     if args.quick:
         overrides.update(QUICK["clean"], dataset=QUICK["dataset"])
     result, seconds = run_task("train", overrides, args.workdir / "clean", protocol.CLEAN["preset"])
-    shutil.copytree(result.artifact, kept, ignore=shutil.ignore_patterns("checkpoints"))
+    shutil.copytree(
+        result.artifact, kept, ignore=shutil.ignore_patterns("checkpoints", "task-result.json")
+    )
     write_json(
         args.results / "clean-model.json",
         {
