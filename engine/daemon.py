@@ -193,6 +193,7 @@ class Engine:
         self.active: dict[int, ActiveRun] = {}
         self.stopping = False
         self.engine_id: int | None = None
+        self._last_problem: tuple[str | None, float] = (None, 0.0)
 
     # -------------------------------------------------------------------------------- lifecycle
 
@@ -228,15 +229,37 @@ class Engine:
             while not (self.stopping and not self.active):
                 try:
                     self.step(due)
-                except Exception:
-                    # A store hiccup must not take the engine (and its children) down.
-                    log.exception("engine step failed; retrying in a second")
+                except Exception as exc:
+                    # A store hiccup must not take the engine (and its children) down; a full
+                    # disk or a server gone away is retried until it passes, buffers kept.
+                    if not self.report_store_failure(exc, "engine step failed"):
+                        log.exception("engine step failed; retrying in a second")
                     time.sleep(1.0)
         finally:
             self.flush()
             self.store.engine_stopped(self.engine_id)
             self.executor.shutdown()
             log.info("engine %d stopped", self.engine_id)
+
+    def report_store_failure(self, exc: Exception, doing: str) -> bool:
+        """Log a store problem (``store.health``: a full disk, a server gone away, damage) in
+        its one line with the events held for the retry, at most once a minute while the same
+        problem lasts (a full disk must not fill up with the log). False for any other error."""
+        from store.health import classify
+
+        problem = classify(exc, self.store.url)
+        if problem is None:
+            return False
+        now = time.monotonic()
+        last = self._last_problem
+        if str(problem) != last[0] or now - last[1] > 60:
+            self._last_problem = (str(problem), now)
+            held = sum(
+                len(r.events.metrics) + len(r.events.logs) + len(r.events.artifacts)
+                for r in self.active.values()
+            )
+            log.error("%s: %s; %d event(s) held, retrying", doing, problem, held)
+        return True
 
     def step(self, due: dict[str, float]) -> None:
         """One turn of the loop: heartbeat, sweep, cancels, claims, events, exits, writes."""
@@ -430,7 +453,8 @@ class Engine:
             self.store.record_events(batches)
         except Exception as exc:
             # Keep the buffers: the next flush writes them (nothing is lost or doubled).
-            log.warning("could not write events (will retry): %s", exc)
+            if not self.report_store_failure(exc, "could not write events"):
+                log.warning("could not write events (will retry): %s", exc)
             return
         for batch in batches:
             batch.clear()
@@ -447,10 +471,12 @@ class Engine:
 
     def finalize(self, finished: list[tuple[int, int]]) -> None:
         for run_id, code in finished:
-            run = self.active.pop(run_id)
+            # The run stays active until its ending is stored: a write that fails (a full disk)
+            # raises, and the next turn finds the same exit and writes it again.
+            run = self.active[run_id]
             if not run.events.empty():
                 self.store.record_events([run.events])
-            self.executor.close(run.handle)
+                run.events.clear()
             final = run.final or {}
             status = final.get("status")
             job_id = run.handle.launch.job_id
@@ -462,6 +488,7 @@ class Engine:
                 else:
                     self.store.mark_lost([run_id], "engine stopped", refund=True)
                     log.info("job %d requeued: its engine stopped", job_id)
+                self._ended(run_id)
                 continue
             if status in ("succeeded", "failed", "cancelled"):
                 if run.cancel_stage and status != "succeeded":
@@ -491,7 +518,11 @@ class Engine:
                     error=f"child exited with code {code} without a result; {tail}",
                 )
                 status = "failed"
+            self._ended(run_id)
             log.info("job %d run %d ended: %s (exit %s)", job_id, run_id, status, code)
+
+    def _ended(self, run_id: int) -> None:
+        self.executor.close(self.active.pop(run_id).handle)
 
     def check_deadlines(self) -> None:
         now = time.monotonic()
@@ -614,10 +645,19 @@ def configure_logging(log_path: str | None = None) -> None:
     root.setLevel(logging.INFO)
 
 
-def serve(config: EngineConfig) -> None:
-    """Run an engine until SIGTERM/SIGINT or a stop request; stops its children cleanly."""
+def serve(config: EngineConfig, check_store: bool = True) -> None:
+    """Run an engine until SIGTERM/SIGINT or a stop request; stops its children cleanly.
+
+    A store that fails ``PRAGMA integrity_check`` is refused first (``CorruptStore``), unless
+    the caller has just checked it (``mesa-tui engine start`` checks before it detaches)."""
+    from store.health import check_integrity
+    from store.repository import Store
+
+    store = Store()
+    if check_store:
+        check_integrity(store.engine, store.url)
     configure_logging(config.log_path)
-    engine = Engine(config)
+    engine = Engine(config, store=store)
     signal.signal(signal.SIGTERM, engine.request_stop)
     signal.signal(signal.SIGINT, engine.request_stop)
     if hasattr(signal, "SIGHUP"):
@@ -647,6 +687,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ray-address", default=None)
     parser.add_argument("--ray-gpus", type=float, default=1.0)
     parser.add_argument("--ray-artifacts", default="auto")
+    # `mesa-tui engine start` has checked the store's integrity before it started this process.
+    parser.add_argument("--store-checked", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     from engine.errors import UserError
 
@@ -660,10 +702,19 @@ def main(argv: list[str] | None = None) -> int:
                 **executor_options(
                     args.executor, args.ray_address, args.ray_gpus, args.ray_artifacts
                 ),
-            )
+            ),
+            check_store=not args.store_checked,
         )
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from store.health import classify
+
+        problem = classify(exc, paths.default_db_url())
+        if problem is None:
+            raise
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     return 0
 
