@@ -25,7 +25,13 @@ from typing import Any
 from engine import paths
 from engine.cores import usable_cores
 from engine.executors.base import Executor, Handle, Launch, Slot
-from engine.executors.local import LocalExecutor, is_runner_process, kill_group, pid_alive
+from engine.executors.local import (
+    LocalExecutor,
+    engine_process_alive,
+    is_runner_process,
+    kill_group,
+    started_before,
+)
 from engine.version import code_version
 
 log = logging.getLogger("mesa.engine")
@@ -572,7 +578,8 @@ class Engine:
     def sweep(self) -> None:
         """Runs that stopped reporting or whose engine died become lost (and are retried).
 
-        A dead engine on this host is recognised at once by its pid; elsewhere by a stale
+        A dead engine on this host is recognised at once by its pid and that process's start
+        time (a reused pid started after the engine registered); elsewhere by a stale
         heartbeat. An orphaned child still alive here is killed first, so two attempts never
         share a work directory.
         """
@@ -582,7 +589,7 @@ class Engine:
                 run.executor == "foreground"
                 and run.host == self.host
                 and (run.external_id or "").isdigit()
-                and not pid_alive(int(run.external_id))
+                and not started_before(int(run.external_id), run.started_at)
             ):
                 self.store.finish_run(
                     run.id, "failed", error="the foreground process ended without closing its run"
@@ -594,7 +601,8 @@ class Engine:
             if engine.id == self.engine_id or engine.stopped_at is not None:
                 continue
             if engine.host == self.host:
-                (alive_here if pid_alive(engine.pid) else dead_here).append(engine.id)
+                alive = engine_process_alive(engine.pid, engine.started_at)  # not a reused pid
+                (alive_here if alive else dead_here).append(engine.id)
         for engine_id in dead_here:
             self.store.engine_stopped(engine_id)
         now = utcnow()
@@ -616,7 +624,7 @@ class Engine:
             local = run.executor in ("local", None)
             if local and run.host == self.host and (run.external_id or "").isdigit():
                 pid = int(run.external_id)
-                if pid_alive(pid) and is_runner_process(pid):
+                if is_runner_process(pid, run.started_at):  # this run's child, not a reused pid
                     kill_group(pid, signal.SIGKILL)
         reasons = {
             r.id: "its engine died" if r.engine_id in dead_here else "missed its check-in"

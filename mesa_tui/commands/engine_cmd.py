@@ -156,13 +156,14 @@ def stop(
     json_output: bool = typer.Option(False, "--json", help="one JSON object"),
 ) -> None:
     """Stop every running engine; their running jobs stop and are queued again."""
+    from engine.executors.local import engine_process_alive  # a reused pid is not signalled
     from mesa_tui.commands.jobs import open_store
 
     store = open_store()
     asked = store.request_engine_stop()
     host = socket.gethostname()
     for engine in asked:
-        if engine.host == host and _is_engine_process(engine.pid):
+        if engine.host == host and engine_process_alive(engine.pid, engine.started_at):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(engine.pid, signal.SIGTERM)
     stopped = []
@@ -183,15 +184,6 @@ def stop(
     for e in asked:
         state = "stopped" if e.id in stopped or not wait else "still stopping"
         typer.echo(f"engine {e.id} (pid {e.pid} on {e.host}) {state if wait else 'asked to stop'}")
-
-
-def _is_engine_process(pid: int) -> bool:
-    """Guards against a reused pid: only signal a process that is an engine."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return sys.platform != "linux"
-    return b"engine" in cmdline
 
 
 @app.command("status")
