@@ -163,7 +163,12 @@ def check_file(url: str, write: bool = True) -> None:
         )
     if not path.exists():
         return
-    if not os.access(path, os.R_OK | os.W_OK):
+    if not os.access(path, os.R_OK):
+        raise StoreNotWritable(
+            f"the store {path} cannot be read (permission denied); make it readable and "
+            f"writable (chmod u+rw {path}, or chown it to this user)"
+        )
+    if not os.access(path, os.W_OK):
         raise StoreNotWritable(
             f"the store {path} is read-only; make it writable (chmod u+rw {path}), or copy it "
             "to a writable place and point --db there"

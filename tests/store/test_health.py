@@ -58,6 +58,34 @@ def test_only_the_stores_own_os_errors_are_store_problems():
     assert health.classify(ValueError("nothing to do with it"), url) is None
 
 
+def test_a_full_disk_during_a_command_is_one_line_and_writes_nothing(monkeypatch, isolated_home):
+    """``study create`` writes many jobs in one transaction; with no room left it says so in
+    one line and the store keeps what it had (SQLite rolls the transaction back)."""
+    from sqlalchemy import event
+
+    import mesa_tui.commands.jobs as jobs_cmd
+
+    store = Store()
+    store.submit([NewJob("train", {"kept": True}, "kept")])
+    path = isolated_home / "data" / "mesa.db"
+    pages = sqlite3.connect(path).execute("PRAGMA page_count").fetchone()[0]
+
+    def full_store():
+        full = Store()
+
+        @event.listens_for(full.engine, "connect")
+        def _cap(dbapi_connection, _record):
+            dbapi_connection.execute(f"PRAGMA max_page_count = {pages}")
+
+        full.engine.dispose()
+        return full
+
+    monkeypatch.setattr(jobs_cmd, "open_store", full_store)
+    result = runner.invoke(app, ["study", "create", "mini", "--template", "cpu-mini"])
+    assert_one_line_error(result, str(path), "cannot grow", "nothing stored is lost", "df -h")
+    assert [j.spec for j in store.list_jobs()] == [{"kept": True}] and store.studies() == []
+
+
 def test_store_problem_hints_the_readme_section_that_exists():
     from pathlib import Path
 
