@@ -253,7 +253,8 @@ class Engine:
         problem lasts (a full disk must not fill up with the log). False for any other error."""
         from store.health import classify
 
-        problem = classify(exc, self.store.url)
+        url = getattr(self.store, "url", None)
+        problem = classify(exc, url) if isinstance(url, str) else None
         if problem is None:
             return False
         now = time.monotonic()
