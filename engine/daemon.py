@@ -25,7 +25,13 @@ from typing import Any
 from engine import paths
 from engine.cores import usable_cores
 from engine.executors.base import Executor, Handle, Launch, Slot
-from engine.executors.local import LocalExecutor, is_runner_process, kill_group, pid_alive
+from engine.executors.local import (
+    LocalExecutor,
+    engine_process_alive,
+    is_runner_process,
+    kill_group,
+    started_before,
+)
 from engine.version import code_version
 
 log = logging.getLogger("mesa.engine")
@@ -193,6 +199,7 @@ class Engine:
         self.active: dict[int, ActiveRun] = {}
         self.stopping = False
         self.engine_id: int | None = None
+        self._last_problem: tuple[str | None, float] = (None, 0.0)
 
     # -------------------------------------------------------------------------------- lifecycle
 
@@ -228,15 +235,38 @@ class Engine:
             while not (self.stopping and not self.active):
                 try:
                     self.step(due)
-                except Exception:
-                    # A store hiccup must not take the engine (and its children) down.
-                    log.exception("engine step failed; retrying in a second")
+                except Exception as exc:
+                    # A store hiccup must not take the engine (and its children) down; a full
+                    # disk or a server gone away is retried until it passes, buffers kept.
+                    if not self.report_store_failure(exc, "engine step failed"):
+                        log.exception("engine step failed; retrying in a second")
                     time.sleep(1.0)
         finally:
             self.flush()
             self.store.engine_stopped(self.engine_id)
             self.executor.shutdown()
             log.info("engine %d stopped", self.engine_id)
+
+    def report_store_failure(self, exc: Exception, doing: str) -> bool:
+        """Log a store problem (``store.health``: a full disk, a server gone away, damage) in
+        its one line with the events held for the retry, at most once a minute while the same
+        problem lasts (a full disk must not fill up with the log). False for any other error."""
+        from store.health import classify
+
+        url = getattr(self.store, "url", None)
+        problem = classify(exc, url) if isinstance(url, str) else None
+        if problem is None:
+            return False
+        now = time.monotonic()
+        last = self._last_problem
+        if str(problem) != last[0] or now - last[1] > 60:
+            self._last_problem = (str(problem), now)
+            held = sum(
+                len(r.events.metrics) + len(r.events.logs) + len(r.events.artifacts)
+                for r in self.active.values()
+            )
+            log.error("%s: %s; %d event(s) held, retrying", doing, problem, held)
+        return True
 
     def step(self, due: dict[str, float]) -> None:
         """One turn of the loop: heartbeat, sweep, cancels, claims, events, exits, writes."""
@@ -430,7 +460,8 @@ class Engine:
             self.store.record_events(batches)
         except Exception as exc:
             # Keep the buffers: the next flush writes them (nothing is lost or doubled).
-            log.warning("could not write events (will retry): %s", exc)
+            if not self.report_store_failure(exc, "could not write events"):
+                log.warning("could not write events (will retry): %s", exc)
             return
         for batch in batches:
             batch.clear()
@@ -447,10 +478,12 @@ class Engine:
 
     def finalize(self, finished: list[tuple[int, int]]) -> None:
         for run_id, code in finished:
-            run = self.active.pop(run_id)
+            # The run stays active until its ending is stored: a write that fails (a full disk)
+            # raises, and the next turn finds the same exit and writes it again.
+            run = self.active[run_id]
             if not run.events.empty():
                 self.store.record_events([run.events])
-            self.executor.close(run.handle)
+                run.events.clear()
             final = run.final or {}
             status = final.get("status")
             job_id = run.handle.launch.job_id
@@ -462,6 +495,7 @@ class Engine:
                 else:
                     self.store.mark_lost([run_id], "engine stopped", refund=True)
                     log.info("job %d requeued: its engine stopped", job_id)
+                self._ended(run_id)
                 continue
             if status in ("succeeded", "failed", "cancelled"):
                 if run.cancel_stage and status != "succeeded":
@@ -491,7 +525,11 @@ class Engine:
                     error=f"child exited with code {code} without a result; {tail}",
                 )
                 status = "failed"
+            self._ended(run_id)
             log.info("job %d run %d ended: %s (exit %s)", job_id, run_id, status, code)
+
+    def _ended(self, run_id: int) -> None:
+        self.executor.close(self.active.pop(run_id).handle)
 
     def check_deadlines(self) -> None:
         now = time.monotonic()
@@ -541,7 +579,8 @@ class Engine:
     def sweep(self) -> None:
         """Runs that stopped reporting or whose engine died become lost (and are retried).
 
-        A dead engine on this host is recognised at once by its pid; elsewhere by a stale
+        A dead engine on this host is recognised at once by its pid and that process's start
+        time (a reused pid started after the engine registered); elsewhere by a stale
         heartbeat. An orphaned child still alive here is killed first, so two attempts never
         share a work directory.
         """
@@ -551,7 +590,7 @@ class Engine:
                 run.executor == "foreground"
                 and run.host == self.host
                 and (run.external_id or "").isdigit()
-                and not pid_alive(int(run.external_id))
+                and not started_before(int(run.external_id), run.started_at)
             ):
                 self.store.finish_run(
                     run.id, "failed", error="the foreground process ended without closing its run"
@@ -563,7 +602,8 @@ class Engine:
             if engine.id == self.engine_id or engine.stopped_at is not None:
                 continue
             if engine.host == self.host:
-                (alive_here if pid_alive(engine.pid) else dead_here).append(engine.id)
+                alive = engine_process_alive(engine.pid, engine.started_at)  # not a reused pid
+                (alive_here if alive else dead_here).append(engine.id)
         for engine_id in dead_here:
             self.store.engine_stopped(engine_id)
         now = utcnow()
@@ -585,7 +625,7 @@ class Engine:
             local = run.executor in ("local", None)
             if local and run.host == self.host and (run.external_id or "").isdigit():
                 pid = int(run.external_id)
-                if pid_alive(pid) and is_runner_process(pid):
+                if is_runner_process(pid, run.started_at):  # this run's child, not a reused pid
                     kill_group(pid, signal.SIGKILL)
         reasons = {
             r.id: "its engine died" if r.engine_id in dead_here else "missed its check-in"
@@ -614,10 +654,19 @@ def configure_logging(log_path: str | None = None) -> None:
     root.setLevel(logging.INFO)
 
 
-def serve(config: EngineConfig) -> None:
-    """Run an engine until SIGTERM/SIGINT or a stop request; stops its children cleanly."""
+def serve(config: EngineConfig, check_store: bool = True) -> None:
+    """Run an engine until SIGTERM/SIGINT or a stop request; stops its children cleanly.
+
+    A store that fails ``PRAGMA integrity_check`` is refused first (``CorruptStore``), unless
+    the caller has just checked it (``mesa-tui engine start`` checks before it detaches)."""
+    from store.health import check_integrity
+    from store.repository import Store
+
+    store = Store()
+    if check_store:
+        check_integrity(store.engine, store.url)
     configure_logging(config.log_path)
-    engine = Engine(config)
+    engine = Engine(config, store=store)
     signal.signal(signal.SIGTERM, engine.request_stop)
     signal.signal(signal.SIGINT, engine.request_stop)
     if hasattr(signal, "SIGHUP"):
@@ -647,6 +696,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ray-address", default=None)
     parser.add_argument("--ray-gpus", type=float, default=1.0)
     parser.add_argument("--ray-artifacts", default="auto")
+    # `mesa-tui engine start` has checked the store's integrity before it started this process.
+    parser.add_argument("--store-checked", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     from engine.errors import UserError
 
@@ -660,10 +711,19 @@ def main(argv: list[str] | None = None) -> int:
                 **executor_options(
                     args.executor, args.ray_address, args.ray_gpus, args.ray_artifacts
                 ),
-            )
+            ),
+            check_store=not args.store_checked,
         )
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from store.health import classify
+
+        problem = classify(exc, paths.default_db_url())
+        if problem is None:
+            raise
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     return 0
 

@@ -89,9 +89,26 @@ def parse_methods(value: str | None) -> list[str]:
     return list(dict.fromkeys(methods))
 
 
+def _choice_takers(stages: list[str], key: str, value: Any) -> list[str]:
+    """The stages whose ``key`` has a fixed set of choices that includes ``value`` (all of them
+    when the field is not a choice): ``--placement corner`` is a choice of the attack only."""
+    from typing import Literal, get_args, get_origin
+
+    from engine.specs import SPEC_CLASSES
+
+    takers = []
+    for stage in stages:
+        annotation = SPEC_CLASSES[stage].model_fields[key].annotation
+        if get_origin(annotation) is not Literal or value in get_args(annotation):
+            takers.append(stage)
+    return takers
+
+
 def split_overrides(overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Route overrides to stages: ``train_epochs`` goes to train only; a plain ``epochs`` goes
-    to every stage whose spec has that field (train and defend)."""
+    to every stage whose spec has that field (train and defend). A choice that only some of
+    those stages offer goes to them (``--placement corner``: the attack's; ``routing_notes``
+    says so); one that none offers is refused by the first stage's check."""
     from engine.specs import SPEC_CLASSES
 
     routed: dict[str, dict[str, Any]] = {stage: {} for stage in STAGES}
@@ -108,9 +125,37 @@ def split_overrides(overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
                 f"unknown setting '{key}' for a pipeline; use a field of train, detect, mesa or "
                 "defend (prefix it, e.g. --train-epochs, to set one stage only)"
             )
+        targets = _choice_takers(targets, key, value) or targets
         for s in targets:
             routed[s][key] = value
     return routed
+
+
+def routing_notes(overrides: dict[str, Any]) -> list[str]:
+    """One line per plain setting that went to some of the stages having it only (a choice the
+    others do not offer), naming where it went and what the others keep."""
+    from typing import get_args
+
+    from engine.specs import SPEC_CLASSES
+
+    notes = []
+    for key, value in overrides.items():
+        if value is None or key.partition("_")[0] in STAGES:
+            continue
+        having = [s for s in STAGES if key in SPEC_CLASSES[s].model_fields]
+        takers = _choice_takers(having, key, value)
+        if takers and len(takers) < len(having):
+            others = [s for s in having if s not in takers]
+            choices = " or ".join(
+                map(str, get_args(SPEC_CLASSES[others[0]].model_fields[key].annotation))
+            )
+            flag = key.replace("_", "-")
+            notes.append(
+                f"note: --{flag} {value} applies to the {' and '.join(takers)} stage only; "
+                f"{', '.join(others)} keep their default (they take {choices}; "
+                f"--{others[0]}-{flag} sets one)"
+            )
+    return notes
 
 
 def _stage_spec(

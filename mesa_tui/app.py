@@ -138,8 +138,29 @@ def create_app(
     return MesaApp(source, clock, **options)
 
 
-def run_app(db_url: str | None = None) -> None:
-    """Open the app over the store (``--db`` / ``MESA_DB`` / the default SQLite file)."""
+def app_for_store(db_url: str | None = None) -> App:
+    """The app over the store (``--db`` / ``MESA_DB`` / the default SQLite file), or, when the
+    store cannot be used (damaged, unwritable, unreachable, another schema), the screen that
+    says so in the CLI's words and exits with code 2."""
+    from engine.errors import UserError
+    from mesa_tui.screens.store_error import StoreErrorApp
     from mesa_tui.source import open_store_source
 
-    create_app(open_store_source(db_url)).run()
+    try:
+        return create_app(open_store_source(db_url))
+    except UserError as exc:
+        return StoreErrorApp(str(exc))
+
+
+def run_app(db_url: str | None = None) -> int:
+    """Run the app; its exit code (2 after a store it could not use)."""
+    import sys
+
+    from mesa_tui.screens.store_error import StoreErrorApp
+
+    app = app_for_store(db_url)
+    app.run()
+    if isinstance(app, StoreErrorApp):
+        # The screen is gone with the app: the line stays in the terminal, as from a command.
+        print(f"error: {app.message}", file=sys.stderr)
+    return app.return_code or 0

@@ -161,5 +161,10 @@ def _store_recorder(kind: str, spec: Any, console: Console) -> Any:
     try:
         return ForegroundRecorder.start(kind, spec)
     except Exception as exc:  # the store is optional for a foreground run
-        console.print(f"[yellow]warning: this run is not recorded in the store ({exc})[/yellow]")
+        # One line however long (a store problem names the file and the fix; see store.health).
+        console.print(
+            f"[yellow]warning: this run is not recorded in the store ({exc})[/yellow]",
+            soft_wrap=True,
+            markup=True,
+        )
         return None

@@ -287,20 +287,5 @@ def check_driver(url: str) -> None:
         ) from None
 
 
-@contextlib.contextmanager
-def reachable(url: str) -> Iterator[None]:
-    """Turn "cannot connect" into one line naming the store and the fix."""
-    try:
-        yield
-    except OperationalError as exc:
-        if _is_locked(exc) or is_sqlite(url):
-            raise
-        reason = str(exc.orig if exc.orig is not None else exc).strip().splitlines()
-        raise UserError(
-            f"cannot open the store {safe_url(url)}: {reason[0] if reason else 'no answer'}; "
-            "check that the server runs and the URL (--db / MESA_DB) is right"
-        ) from None
-
-
 def schema_upgrade_hint() -> str:
     return "run `mesa-tui db upgrade`"

@@ -36,7 +36,7 @@ from sqlalchemy import (
 
 from engine.errors import UserError
 from store import db as dbmod
-from store import downsample
+from store import downsample, health
 from store.entities import (
     ACTIVE,
     STATUSES,
@@ -102,8 +102,7 @@ class UnknownJob(UserError):
     """A job id that is not in the store."""
 
 
-class SchemaBehind(UserError):
-    """The database was made by an older mesa-tui."""
+SchemaBehind = health.SchemaBehind  # the schema is not this code's (older, newer, foreign)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -131,10 +130,7 @@ def ensure_schema(engine: Any, url: str) -> None:
             revision = dbmod.current_revision(engine)
             if revision is None:
                 if dbmod.has_tables(engine):
-                    raise SchemaBehind(
-                        f"the store {url} has tables but no schema version (not made by "
-                        "mesa-tui?); point --db at another file or remove this one"
-                    )
+                    raise health.schema_problem(url, None, "foreign")
                 with dbmod.write_transaction(engine) as conn:
                     Base.metadata.create_all(conn)
                     _stamp_head(conn, HEAD)
@@ -143,15 +139,8 @@ def ensure_schema(engine: Any, url: str) -> None:
         return
     from store.migrations import known_revisions
 
-    if revision in known_revisions():
-        raise SchemaBehind(
-            f"the store {url} uses schema {revision}, older than this mesa-tui's {HEAD}; "
-            f"{dbmod.schema_upgrade_hint()}"
-        )
-    raise SchemaBehind(
-        f"the store {url} uses schema {revision}, which this mesa-tui does not know (newer?); "
-        "upgrade mesa-tui or use another --db"
-    )
+    state = "behind" if revision in known_revisions() else "unknown"
+    raise health.schema_problem(url, revision, state)
 
 
 def upgrade(url: str | None = None) -> tuple[str | None, str]:
@@ -162,9 +151,11 @@ def upgrade(url: str | None = None) -> tuple[str | None, str]:
     from store.migrations import HEAD, alembic_config
 
     url = dbmod.check_url(url or paths.default_db_url())
-    engine = dbmod.make_engine(url)
+    with health.translated(url, opening=True):
+        health.check_file(url)
+        engine = dbmod.make_engine(url)
     try:
-        with dbmod.reachable(url), dbmod.creation_lock(url):
+        with health.translated(url, opening=True), dbmod.creation_lock(url):
             before = dbmod.current_revision(engine)
             if before is None and not dbmod.has_tables(engine):
                 with dbmod.write_transaction(engine) as conn:
@@ -344,10 +335,16 @@ class Store:
         from engine import paths
 
         self.url = dbmod.check_url(url or paths.default_db_url())
-        self.engine = dbmod.make_engine(self.url)
-        if check_schema:
-            with dbmod.reachable(self.url):
-                dbmod.retrying(ensure_schema, self.engine, self.url)
+        # The cheap checks (store.health) first: a damaged or unusable store is one line.
+        with health.translated(self.url, opening=True):
+            health.check_file(self.url)
+            self.engine = dbmod.make_engine(self.url)
+            try:
+                if check_schema:
+                    dbmod.retrying(ensure_schema, self.engine, self.url)
+            except BaseException:
+                self.engine.dispose()  # a refused store keeps no connection (nor -wal, -shm)
+                raise
 
     def close(self) -> None:
         self.engine.dispose()

@@ -129,10 +129,92 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def is_runner_process(pid: int) -> bool:
-    """True when ``pid`` is a live ``engine.runner`` child (guards against reused pids)."""
+# ------------------------------------------------------------------------------------------------
+# Is the process behind a stored pid still the one that was stored? A pid is reused once its
+# process is gone, so its start time decides: a process that started after the row naming it
+# was written is another process. The store's timestamps are compared with psutil's create time
+# (no schema change: the rows already carry when they were written).
+
+# psutil's create time is the boot time (whole seconds) plus the start in clock ticks, and the
+# row's time is the wall clock of the same host: they agree within this.
+START_TOLERANCE_S = 2.0
+# A run's child is launched right after its run row is written (the claim): within this long.
+LAUNCH_WINDOW_S = 120.0
+
+
+def process_started_at(pid: int) -> float | None:
+    """When the live process ``pid`` started (epoch seconds); None when there is none (or only
+    a zombie). psutil where installed (every platform), else Linux's /proc."""
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
+        import psutil
+    except ImportError:
+        return _proc_started_at(pid)
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return process.create_time()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return None
+    except psutil.AccessDenied:
+        return _proc_started_at(pid)
+
+
+def _proc_started_at(pid: int) -> float | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(
+            float(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
+    except (OSError, StopIteration, IndexError, ValueError):
+        return None
+    if fields[0] == "Z":
+        return None
+    return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+
+
+def _epoch(when: Any) -> float:
+    return when.timestamp() if hasattr(when, "timestamp") else float(when)
+
+
+def started_before(pid: int, written_at: Any) -> bool:
+    """True when ``pid`` is alive and started before a row written at ``written_at`` named it:
+    the engine that registered, the foreground run that opened its run (a reused pid started
+    after that process died, so after the row)."""
+    started = process_started_at(pid)
+    return started is not None and started <= _epoch(written_at) + START_TOLERANCE_S
+
+
+def engine_process_alive(pid: int, registered_at: Any) -> bool:
+    """The engine that registered at ``registered_at`` with ``pid`` still runs (on this host)."""
+    return started_before(pid, registered_at)
+
+
+def is_runner_process(pid: int, run_started_at: Any = None) -> bool:
+    """True when ``pid`` is a live ``engine.runner`` child, and (given the run's ``started_at``)
+    the one launched for that run: started within the launch window after the run row."""
+    started = process_started_at(pid)
+    if started is None:
         return False
-    return b"engine.runner" in cmdline
+    if run_started_at is not None:
+        at = _epoch(run_started_at)
+        if not at - START_TOLERANCE_S <= started <= at + LAUNCH_WINDOW_S:
+            return False
+    return b"engine.runner" in _cmdline(pid)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        import psutil
+
+        return "\0".join(psutil.Process(pid).cmdline()).encode()
+    except ImportError:
+        pass
+    except Exception:
+        return b""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""

@@ -137,6 +137,11 @@ def _search_meta(directory: str) -> dict[str, Any]:
     from engine.ml.artifacts import read_manifest
 
     path = Path(directory).expanduser()
+    if path.is_file():
+        raise UserError(
+            f"'{directory}' is a file, not a search directory; give the directory `mesa-tui run "
+            "mesa` made (its manifest.json names the kind)"
+        )
     if not path.is_dir():
         raise UserError(
             f"search artifact '{directory}' does not exist; give a search directory "

@@ -32,10 +32,20 @@ def read_model_meta(model_dir: str | Path) -> dict[str, Any]:
     from engine.ml.artifacts import ModelMeta, check_arch_version, read_manifest
 
     path = Path(model_dir).expanduser()
+    if path.is_file() and (path.parent / "manifest.json").is_file():
+        raise UserError(
+            f"'{model_dir}' is a file of the artifact {path.parent}; give that directory"
+        )
+    if path.is_file():
+        raise UserError(
+            f"'{model_dir}' is a file, not a model directory; give the directory `mesa-tui run "
+            "train` made, or turn foreign weights into one with `mesa-tui model import "
+            f"{model_dir} --arch ARCH --classes N --normalize DATASET`"
+        )
     if not path.is_dir():
         raise UserError(
             f"model artifact '{model_dir}' does not exist; give a model directory "
-            "(see mesa-tui run train)"
+            "(see mesa-tui run train, or mesa-tui model import for foreign weights)"
         )
     manifest = read_manifest(path, verify=False)
     if manifest.get("kind") not in ("model", "repaired-model"):

@@ -14,7 +14,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def cli_errors(fn: F) -> F:
-    """Turn expected mistakes (``UserError``) into one line on stderr and exit code 2."""
+    """Turn expected mistakes (``UserError``) and a damaged or unusable store (classified by
+    ``store.health``) into one line on stderr and exit code 2."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -28,8 +29,29 @@ def cli_errors(fn: F) -> F:
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
+        except Exception as exc:
+            problem = store_problem(exc)
+            if problem is None:
+                raise
+            typer.echo(f"error: {problem}", err=True)
+            raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def store_problem(exc: BaseException) -> Exception | None:
+    """The store problem behind an error from a store read or write (None when it is not one).
+    The commands open the store of ``--db`` / ``MESA_DB``, so that is the store it names."""
+    if "sqlalchemy" not in sys.modules:  # nothing touched a store
+        return None
+    from engine import paths
+    from store.health import classify
+
+    try:
+        url = paths.default_db_url()
+    except Exception:
+        return None
+    return classify(exc, url)
 
 
 def print_json(obj: Any) -> None:
@@ -47,4 +69,6 @@ def open_app() -> None:
             err=True,
         )
         raise typer.Exit(2) from None
-    run_app()
+    code = run_app()
+    if code:
+        raise typer.Exit(code)

@@ -70,11 +70,15 @@ def start(
     from engine.cores import check_run_environment
     from engine.daemon import EngineConfig, executor_options, parse_gpus, serve
     from mesa_tui.commands.jobs import open_store
+    from store.health import check_integrity
 
     check_run_environment()  # its jobs inherit MESA_TUI_*: a bad value would fail every one
     gpu_list = parse_gpus(gpus)
     options = executor_options(executor, ray_address, ray_gpus, ray_artifacts)
-    store = open_store()  # refuses an old schema before anything starts
+    # Refuses a damaged or unusable store and an old schema before anything starts, then reads
+    # the whole file once (PRAGMA integrity_check): an engine must not write into damage.
+    store = open_store()
+    check_integrity(store.engine, store.url)
     if not detach:
         serve(
             EngineConfig(
@@ -83,7 +87,8 @@ def start(
                 slots_per_gpu=slots_per_gpu,
                 log_path=str(log) if log else None,
                 **options,
-            )
+            ),
+            check_store=False,
         )
         return
     log_dir = paths.data_home() / "logs"
@@ -97,6 +102,7 @@ def start(
         str(slots_per_gpu),
         "--log",
         str(log_path),
+        "--store-checked",
     ]
     if cpu_slots:
         command += ["--cpu-slots", str(cpu_slots)]
@@ -132,6 +138,9 @@ def start(
             return
         if process.poll() is not None:
             tail = Path(log_path).read_text(errors="replace").strip().splitlines()[-3:]
+            if process.returncode == 2 and tail and tail[-1].startswith("error: "):
+                typer.echo(tail[-1], err=True)  # a one-line refusal (a store problem)
+                raise typer.Exit(2)
             typer.echo(f"error: the engine exited at start: {' | '.join(tail)}", err=True)
             raise typer.Exit(1)
         time.sleep(0.1)
@@ -147,13 +156,14 @@ def stop(
     json_output: bool = typer.Option(False, "--json", help="one JSON object"),
 ) -> None:
     """Stop every running engine; their running jobs stop and are queued again."""
+    from engine.executors.local import engine_process_alive  # a reused pid is not signalled
     from mesa_tui.commands.jobs import open_store
 
     store = open_store()
     asked = store.request_engine_stop()
     host = socket.gethostname()
     for engine in asked:
-        if engine.host == host and _is_engine_process(engine.pid):
+        if engine.host == host and engine_process_alive(engine.pid, engine.started_at):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(engine.pid, signal.SIGTERM)
     stopped = []
@@ -174,15 +184,6 @@ def stop(
     for e in asked:
         state = "stopped" if e.id in stopped or not wait else "still stopping"
         typer.echo(f"engine {e.id} (pid {e.pid} on {e.host}) {state if wait else 'asked to stop'}")
-
-
-def _is_engine_process(pid: int) -> bool:
-    """Guards against a reused pid: only signal a process that is an engine."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return sys.platform != "linux"
-    return b"engine" in cmdline
 
 
 @app.command("status")

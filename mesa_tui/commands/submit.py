@@ -220,6 +220,10 @@ def pipeline(
         f"pipeline queued: jobs {', '.join(map(str, ids))}"
         + (f" (reused {', '.join(map(str, reused))})" if reused else "")
     )
+    from engine.pipelines import routing_notes
+
+    for note in routing_notes(overrides):
+        typer.echo(note)
     if target != "auto":
         typer.echo(
             f"note: --target {target} is the oracle shortcut (the search is told the attacked class); --target auto detects it"

@@ -12,10 +12,18 @@ if TYPE_CHECKING:
 
 
 def report_failed_worker(screen: Screen, event: Worker.StateChanged) -> None:
-    """A failed store read or write becomes a notice; the app keeps running."""
+    """A failed store read or write becomes a notice (a store problem in the CLI's one line:
+    a full disk, a server gone away, damage); the app keeps running."""
     if event.state is WorkerState.ERROR:
+        error = event.worker.error
+        store = getattr(getattr(screen.app, "source", None), "store", None)
+        url = getattr(store, "url", None)
+        if isinstance(url, str) and error is not None:
+            from store.health import classify
+
+            error = classify(error, url) or error
         screen.app.notify(
-            f"{event.worker.description or event.worker.name}: {event.worker.error}",
+            f"{event.worker.description or event.worker.name}: {error}",
             title="store",
             severity="error",
             timeout=8,

@@ -269,3 +269,16 @@ def test_follow_prints_a_line_per_change_where_output_is_not_a_terminal(capsys):
     table = lines[len(events) :]
     assert table[0].split() == ["id", "kind", "label", "status", "progress", "acc", "asr", "ra"]
     assert "succeeded" in table[1] and "0.8509" in table[1]
+
+
+def test_submit_pipeline_placement_corner_goes_to_the_attack():
+    result = run(
+        "submit", "pipeline", "--placement", "corner", "--methods", "mesa", "--target", "0"
+    )
+    assert result.exit_code == 0, result.output
+    assert "--placement corner applies to the train stage only" in result.stdout
+    train, mesa, defend = (
+        Store().job(j["id"]) for j in json.loads(run("ls", "--json").stdout)["jobs"]
+    )
+    assert train.spec["placement"] == "corner"
+    assert mesa.spec["placement"] == defend.spec["placement"] == "per-image"

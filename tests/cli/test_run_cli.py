@@ -252,6 +252,36 @@ def test_model_show_refuses_a_tampered_artifact(tmp_path):
     assert_one_line_error(runner.invoke(app, ["model", "show", str(tmp_path / "art")]), "sha256")
 
 
+def test_a_weights_file_given_as_the_model_names_model_import(tmp_path, isolated_home):
+    """``--model FILE`` for a file that exists: not "does not exist", but what a model is and
+    the command that makes one from foreign weights; a file inside an artifact names its
+    directory."""
+    from engine.ml.artifacts import ModelMeta, save_model
+    from engine.ml.models import build_model
+
+    weights = tmp_path / "weights.pt"
+    weights.write_bytes(b"not read")
+    for args in (
+        ["run", "mesa", "--model", str(weights), "--target", "0"],
+        ["run", "detect", "--model", str(weights)],
+        ["run", "defend", "--model", str(weights), "--method", "finetune"],
+    ):
+        line = assert_one_line_error(
+            runner.invoke(app, args), str(weights), "not a model directory", "model import"
+        )
+        assert "does not exist" not in line
+    meta = ModelMeta("small", 10, 3, (32, 32), (0.5,) * 3, (0.25,) * 3, "cifar10")
+    save_model(tmp_path / "art", build_model("small", 10, 3), meta)
+    inner = tmp_path / "art" / "model.safetensors"
+    result = runner.invoke(app, ["run", "mesa", "--model", str(inner), "--target", "0"])
+    assert_one_line_error(result, "give that directory", str(tmp_path / "art"))
+    missing = runner.invoke(
+        app, ["run", "mesa", "--model", str(tmp_path / "nope"), "--target", "0"]
+    )
+    assert_one_line_error(missing, "does not exist")
+    assert files_under(isolated_home) == []
+
+
 # ---------------------------------------------------------------------------------------------
 # The installed command
 

@@ -71,6 +71,31 @@ def test_overrides_route_to_stages_and_unknown_ones_are_refused():
         split_overrides({"wobble": 1})
 
 
+def test_a_choice_only_the_attack_offers_goes_to_the_attack(isolated_home):
+    """``--placement corner`` is a trigger placement of the attack only (the search and the
+    repair stamp per image or per batch): it goes to train, with a note; a value no stage
+    offers is still refused."""
+    from engine.pipelines import routing_notes
+
+    routed = split_overrides({"placement": "corner"})
+    assert routed["train"] == {"placement": "corner"}
+    assert "placement" not in routed["mesa"] and "placement" not in routed["defend"]
+    (note,) = routing_notes({"placement": "corner"})
+    assert "train stage only" in note and "--mesa-placement" in note
+    assert split_overrides({"placement": "per-batch"})["defend"] == {"placement": "per-batch"}
+    assert routing_notes({"placement": "per-batch", "epochs": 2}) == []
+    built = build_pipeline(
+        preset="cpu-quick", trigger="bw:170", target="0", methods=["mesa"],
+        overrides={"placement": "corner"},
+    )  # fmt: skip
+    assert [j.spec.get("placement") for j in built.jobs] == ["corner", "per-image", "per-image"]
+    with pytest.raises(UserError, match="invalid --placement 'diagonal'"):
+        build_pipeline(
+            preset="cpu-quick", trigger="bw:170", target="0", methods=["mesa"],
+            overrides={"placement": "diagonal"},
+        )  # fmt: skip
+
+
 def test_study_templates():
     params, jobs = build_study("paper-cifar10-bw", [0], {})
     assert len(params["triggers"]) == 51 and params["paper"]["ideal"]["mean"] == 0.024
