@@ -25,7 +25,7 @@ from engine.errors import UserError
 from store import db as dbmod
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
-README = 'README, "When the store is damaged"'
+README = 'docs/operators.md, "When the store is damaged"'
 
 
 class StoreProblem(UserError):

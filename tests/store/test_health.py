@@ -86,11 +86,14 @@ def test_a_full_disk_during_a_command_is_one_line_and_writes_nothing(monkeypatch
     assert [j.spec for j in store.list_jobs()] == [{"kept": True}] and store.studies() == []
 
 
-def test_store_problem_hints_the_readme_section_that_exists():
+def test_store_problem_hints_the_docs_section_that_exists():
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    assert "### When the store is damaged" in readme
+    from store.health import README
+
+    assert README.startswith("docs/operators.md")
+    readme = (Path(__file__).resolve().parents[2] / "docs/operators.md").read_text()
+    assert "## When the store is damaged" in readme
     for command in ("mesa-tui db check", "mesa-tui db backup", ".recover", "REINDEX"):
         assert command in readme
 
