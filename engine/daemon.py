@@ -29,6 +29,8 @@ from engine.executors.local import LocalExecutor, is_runner_process, kill_group,
 from engine.version import code_version
 
 log = logging.getLogger("mesa.engine")
+# How long the sweep waits for an orphaned child it killed to be gone (a zombie counts as gone).
+ORPHAN_EXIT_WAIT_S = 5.0
 
 
 def _env_float(name: str, default: float) -> float:
@@ -193,6 +195,9 @@ class Engine:
         self.active: dict[int, ActiveRun] = {}
         self.stopping = False
         self.engine_id: int | None = None
+        from engine import crashpoints
+
+        self.crash = crashpoints.engine_side(self.store.engine)  # tests only (MESA_TEST_CRASH)
 
     # -------------------------------------------------------------------------------- lifecycle
 
@@ -370,9 +375,13 @@ class Engine:
                 continue
             buffer = run.events
             for event in events:
+                if self.crash is not None:
+                    self.crash.received(run.handle.launch, event)
                 kind = event.get("t")
                 if kind == "metrics":
-                    buffer.metrics.extend(
+                    # A resumed attempt's replay of the journal: written before its own points
+                    # (the last write of a step wins) and never taken for its start step.
+                    (buffer.replayed if event.get("replay") else buffer.metrics).extend(
                         (str(k), int(s), float(v), float(t)) for k, s, v, t in event["points"]
                     )
                 elif kind == "checkin":
@@ -422,12 +431,20 @@ class Engine:
                 seconds=run.promise_s + self.config.checkin_slack_s
             )
 
+    def record(self, batches: list[Any]) -> None:
+        """Write buffered events to the store (one transaction)."""
+        if self.crash is None:
+            self.store.record_events(batches)
+            return
+        with self.crash.writing([b.run_id for b in batches]):
+            self.store.record_events(batches)
+
     def flush(self) -> None:
         batches = [run.events for run in self.active.values() if not run.events.empty()]
         if not batches:
             return
         try:
-            self.store.record_events(batches)
+            self.record(batches)
         except Exception as exc:
             # Keep the buffers: the next flush writes them (nothing is lost or doubled).
             log.warning("could not write events (will retry): %s", exc)
@@ -449,7 +466,7 @@ class Engine:
         for run_id, code in finished:
             run = self.active.pop(run_id)
             if not run.events.empty():
-                self.store.record_events([run.events])
+                self.record([run.events])
             self.executor.close(run.handle)
             final = run.final or {}
             status = final.get("status")
@@ -581,12 +598,21 @@ class Engine:
         ]
         if not stale:
             return
+        killed = []
         for run in stale:
             local = run.executor in ("local", None)
             if local and run.host == self.host and (run.external_id or "").isdigit():
                 pid = int(run.external_id)
                 if pid_alive(pid) and is_runner_process(pid):
                     kill_group(pid, signal.SIGKILL)
+                    killed.append(pid)
+        # SIGKILL is delivered asynchronously: the retry must not open the work directory (its
+        # checkpoints, the metric journal) while the old child can still write there.
+        deadline = time.monotonic() + ORPHAN_EXIT_WAIT_S
+        while killed and time.monotonic() < deadline:
+            killed = [pid for pid in killed if is_runner_process(pid)]
+            if killed:
+                time.sleep(0.01)
         reasons = {
             r.id: "its engine died" if r.engine_id in dead_here else "missed its check-in"
             for r in stale
