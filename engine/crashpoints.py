@@ -5,8 +5,8 @@ process, and does nothing when unset (the engine and the runner ask ``engine_sid
 ``child_side``, which return None then).
 
 Value: ``MODE:AT``. ``AT`` is a count N (the Nth event of the attempt, counting from 1), ``job``
-(N is the job's id, so the jobs of one submission each die at another instant) or ``key=KEY``
-(the first metric batch that carries the key KEY). Modes:
+or ``job+K`` (N is the job's id, plus K: the jobs of one submission each die at another instant)
+or ``key=KEY`` (the first metric batch that carries the key KEY). Modes:
 
 - ``engine-received``: the engine dies when it has received the Nth event of the run, before it
   buffers it;
@@ -42,7 +42,8 @@ CHILD_MODES = ("child-journaled", "child-sent", "both")
 class CrashPoint:
     mode: str
     count: int | None = None  # the Nth event
-    per_job: bool = False  # N is the job id
+    per_job: bool = False  # N is the job id (plus offset)
+    offset: int = 0
     key: str | None = None  # the first metric batch carrying this key
 
     def hits(self, index: int, job_id: int, event: dict[str, Any]) -> bool:
@@ -51,18 +52,18 @@ class CrashPoint:
             return event.get("t") == "metrics" and any(
                 p[0] == self.key for p in event.get("points") or ()
             )
-        return index == (job_id if self.per_job else self.count)
+        return index == (job_id + self.offset if self.per_job else self.count)
 
 
 def parse(value: str) -> CrashPoint:
     mode, sep, at = value.strip().partition(":")
     if mode not in ENGINE_MODES + CHILD_MODES or not sep or not at:
         raise ValueError(
-            f"{ENV}={value!r}: use MODE:N, MODE:job or MODE:key=KEY with MODE one of "
+            f"{ENV}={value!r}: use MODE:N, MODE:job, MODE:job+K or MODE:key=KEY with MODE one of "
             + ", ".join(ENGINE_MODES + CHILD_MODES)
         )
-    if at == "job":
-        return CrashPoint(mode, per_job=True)
+    if at == "job" or (at.startswith("job+") and at[4:].isdigit()):
+        return CrashPoint(mode, per_job=True, offset=int(at[4:] or 0))
     if at.startswith("key="):
         return CrashPoint(mode, key=at[4:])
     if not at.isdigit() or int(at) < 1:

@@ -85,6 +85,7 @@ def test_crash_points_parse_and_refuse_bad_values():
     assert crashpoints.parse("engine-received:7") == crashpoints.CrashPoint("engine-received", 7)
     point = crashpoints.parse("both:job")
     assert point.per_job and point.hits(5, 5, {"t": "log"}) and not point.hits(4, 5, {})
+    assert crashpoints.parse("child-sent:job+40").hits(45, 5, {})
     keyed = crashpoints.parse("child-journaled:key=eval/acc_clean")
     assert keyed.hits(1, 1, {"t": "metrics", "points": [["eval/acc_clean", 4, 0.5, 0.0]]})
     assert not keyed.hits(1, 1, {"t": "metrics", "points": [["train/loss", 4, 0.5, 0.0]]})
