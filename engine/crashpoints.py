@@ -6,7 +6,8 @@ process, and does nothing when unset (the engine and the runner ask ``engine_sid
 
 Value: ``MODE:AT``. ``AT`` is a count N (the Nth event of the attempt, counting from 1), ``job``
 or ``job+K`` (N is the job's id, plus K: the jobs of one submission each die at another instant)
-or ``key=KEY`` (the first metric batch that carries the key KEY). Modes:
+or ``key=KEY`` / ``key=KEY@STEP`` (the first metric batch that carries the key KEY, at STEP).
+Modes:
 
 - ``engine-received``: the engine dies when it has received the Nth event of the run, before it
   buffers it;
@@ -45,12 +46,14 @@ class CrashPoint:
     per_job: bool = False  # N is the job id (plus offset)
     offset: int = 0
     key: str | None = None  # the first metric batch carrying this key
+    step: int | None = None  # (at this step)
 
     def hits(self, index: int, job_id: int, event: dict[str, Any]) -> bool:
         """Whether the ``index``-th event (from 1) of job ``job_id``'s run is the instant."""
         if self.key is not None:
             return event.get("t") == "metrics" and any(
-                p[0] == self.key for p in event.get("points") or ()
+                p[0] == self.key and (self.step is None or p[1] == self.step)
+                for p in event.get("points") or ()
             )
         return index == (job_id + self.offset if self.per_job else self.count)
 
@@ -59,12 +62,15 @@ def parse(value: str) -> CrashPoint:
     mode, sep, at = value.strip().partition(":")
     if mode not in ENGINE_MODES + CHILD_MODES or not sep or not at:
         raise ValueError(
-            f"{ENV}={value!r}: use MODE:N, MODE:job, MODE:job+K or MODE:key=KEY with MODE one of "
-            + ", ".join(ENGINE_MODES + CHILD_MODES)
+            f"{ENV}={value!r}: use MODE:N, MODE:job, MODE:job+K or MODE:key=KEY[@STEP] with MODE "
+            "one of " + ", ".join(ENGINE_MODES + CHILD_MODES)
         )
     if at == "job" or (at.startswith("job+") and at[4:].isdigit()):
         return CrashPoint(mode, per_job=True, offset=int(at[4:] or 0))
     if at.startswith("key="):
+        key, sep, step = at[4:].rpartition("@")
+        if sep and step.isdigit() and key:
+            return CrashPoint(mode, key=key, step=int(step))
         return CrashPoint(mode, key=at[4:])
     if not at.isdigit() or int(at) < 1:
         raise ValueError(f"{ENV}={value!r}: N must be a count from 1")

@@ -89,6 +89,10 @@ def test_crash_points_parse_and_refuse_bad_values():
     keyed = crashpoints.parse("child-journaled:key=eval/acc_clean")
     assert keyed.hits(1, 1, {"t": "metrics", "points": [["eval/acc_clean", 4, 0.5, 0.0]]})
     assert not keyed.hits(1, 1, {"t": "metrics", "points": [["train/loss", 4, 0.5, 0.0]]})
+    at = crashpoints.parse("both:key=mesa/beta=0.9/hinge@4")
+    assert (at.key, at.step) == ("mesa/beta=0.9/hinge", 4)
+    assert at.hits(9, 1, {"t": "metrics", "points": [["mesa/beta=0.9/hinge", 4, 0.1, 0.0]]})
+    assert not at.hits(9, 1, {"t": "metrics", "points": [["mesa/beta=0.9/hinge", 2, 0.1, 0.0]]})
     for bad in ("engine-received", "explode:3", "child-sent:0", "child-sent:x"):
         with pytest.raises(ValueError, match="MESA_TEST_CRASH"):
             crashpoints.parse(bad)
