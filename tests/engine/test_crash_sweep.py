@@ -42,6 +42,7 @@ KEYS = 2
 # A bound on a hung sweep, never a wait sized for a CPU: every wait ends on an event first.
 LIMIT_S = 300.0
 
+SUMMARY: list[str] = []
 MODES = ("engine-received", "engine-mid-flush", "engine-after-flush", "child-journaled")
 MODES += ("child-sent", "both")
 
@@ -228,6 +229,7 @@ def test_every_kill_instant_of_engine_child_or_both_leaves_each_point_exactly_on
             )
         )
     print("\n".join(lines))
+    SUMMARY[:] = lines  # printed again in pytest's terminal summary (tests/conftest.py)
     failures = [f"{g.home.name}: {f}" for g in groups for f in g.failures]
     assert not failures, "\n".join(failures[:10])
     for mode in MODES:
