@@ -43,7 +43,9 @@ def _env_float(name: str, default: float) -> float:
 @dataclass
 class EngineConfig:
     """Slots and timings. The check-in and grace figures can be shortened through the
-    environment (``MESA_STARTUP_GRACE_S``, ``MESA_CANCEL_GRACE_S``) for tests."""
+    environment (``MESA_STARTUP_GRACE_S``, ``MESA_CANCEL_GRACE_S``, ``MESA_CHECKIN_SLACK_S``)
+    for tests, and the interval of the buffered writes lengthened (``MESA_FLUSH_EVERY_S``: a
+    test that must kill the engine while it still holds a batch, as on a fast CPU)."""
 
     cpu_slots: int | None = None
     gpus: list[str] | None = None
@@ -54,7 +56,7 @@ class EngineConfig:
     heartbeat_every_s: float = 2.0
     sweep_every_s: float = 5.0
     cancel_check_every_s: float = 0.5
-    flush_every_s: float = 0.2
+    flush_every_s: float = field(default_factory=lambda: _env_float("MESA_FLUSH_EVERY_S", 0.2))
     startup_grace_s: float = field(default_factory=lambda: _env_float("MESA_STARTUP_GRACE_S", 300))
     cancel_grace_s: float = field(default_factory=lambda: _env_float("MESA_CANCEL_GRACE_S", 3.0))
     checkin_slack_s: float = field(default_factory=lambda: _env_float("MESA_CHECKIN_SLACK_S", 10.0))

@@ -191,14 +191,16 @@ def stable(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if not k.startswith(VOLATILE)}
 
 
-def kill_then_compare(tmp_path, store, kind: str, spec: dict, crash: str) -> tuple[int, int]:
+def kill_then_compare(
+    tmp_path, store, kind: str, spec: dict, crash: str, **first_env: str
+) -> tuple[int, int]:
     """Run a job under the crash point (its first attempt dies there; a child-side kill is
     retried by the same engine), then the same spec uninterrupted; check that the job's series
     hold each (key, step) once, all from its last attempt, equal to the uninterrupted ones, and
     that the results are equal. Returns (job, reference)."""
     env = {"MESA_TUI_THREADS": "1", "MESA_TASK_MODULES": PLANTED}
     (job,) = store.submit([NewJob(kind, spec, f"{kind}-crashed", label="crashed")])
-    first = start_engine(tmp_path, "first", MESA_TEST_CRASH=crash, **env)
+    first = start_engine(tmp_path, "first", MESA_TEST_CRASH=crash, **env, **first_env)
     try:
         wait_for(
             lambda: first.poll() is not None or store.job(job).status in FINISHED,
@@ -248,9 +250,11 @@ def kill_then_compare(tmp_path, store, kind: str, spec: dict, crash: str) -> tup
 
 @pytest.mark.slow
 def test_kill_9_during_real_training_resumes_from_the_epoch_checkpoint(tmp_path, store, cifar10):
-    """The case that failed on a faster CPU: the engine dies holding the epoch-2 evaluation
-    (step 4) unwritten while the child writes the epoch-2 checkpoint; the retry resumes after
-    epoch 2, so only the journal still has step 4."""
+    """The case that failed on a faster CPU: the child wrote the epoch-2 checkpoint and the
+    engine died still holding the epoch-2 evaluation (step 4) unwritten; the retry resumes after
+    epoch 2, so only the journal still has step 4. Made exact: the first engine writes no batch
+    on its timer (MESA_FLUSH_EVERY_S, standing for a CPU that outpaces the 0.2 s flush) and dies
+    on receiving epoch 3's first loss, which the child sends only after that checkpoint."""
     from engine.specs import build_spec
 
     spec = build_spec(
@@ -268,7 +272,12 @@ def test_kill_9_during_real_training_resumes_from_the_epoch_checkpoint(tmp_path,
     epoch_steps = 1024 // spec["batch_size"]
     step = 2 * epoch_steps
     job, reference = kill_then_compare(
-        tmp_path, store, "train", spec, f"engine-received:key=eval/acc_clean@{step}"
+        tmp_path,
+        store,
+        "train",
+        spec,
+        f"engine-received:key=train/loss@{step + 1}",
+        MESA_FLUSH_EVERY_S="3600",
     )
     first, second = store.runs(job)
     stored = [p.step for p in store.metrics_since([first.id], keys=["eval/acc_clean"])]
