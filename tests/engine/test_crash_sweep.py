@@ -101,10 +101,13 @@ class Group:
         forker.start(["--cpu-slots", str(slots)], self.env(), log)
 
 
-def run_group(group: Group) -> None:
+def run_group(group: Group, forkers: queue.Queue) -> None:
     group.home.mkdir(parents=True)
     store = Store(group.url)
-    forker = Forker(ROOT, engine_env())
+    try:  # a fork server left by a group that finished (each costs the engine's imports)
+        forker = forkers.get_nowait()
+    except queue.Empty:
+        forker = Forker(ROOT, engine_env())
     try:
         store.submit(
             [
@@ -131,7 +134,7 @@ def run_group(group: Group) -> None:
     finally:
         if forker.pid is not None:
             forker.stop()
-        forker.close()
+        forkers.put(forker)
         store.close()
 
 
@@ -212,8 +215,13 @@ def test_every_kill_instant_of_engine_child_or_both_leaves_each_point_exactly_on
     started = time.monotonic()
     groups = [g for mode in MODES for g in groups_for(mode, tmp_path)]
     parallel = int(os.environ.get("MESA_SWEEP_PARALLEL", "6"))
-    with ThreadPoolExecutor(parallel) as pool:
-        list(pool.map(run_group, groups))
+    forkers: queue.Queue[Forker] = queue.Queue()
+    try:
+        with ThreadPoolExecutor(parallel) as pool:
+            list(pool.map(run_group, groups, [forkers] * len(groups)))
+    finally:
+        while not forkers.empty():
+            forkers.get().close()
     wall = time.monotonic() - started
     lines = [f"crash sweep: {wall:.0f} s wall, {parallel} groups at a time"]
     for mode in MODES:
