@@ -35,6 +35,8 @@ from engine.executors.local import (
 from engine.version import code_version
 
 log = logging.getLogger("mesa.engine")
+# How long the sweep waits for an orphaned child it killed to be gone (a zombie counts as gone).
+ORPHAN_EXIT_WAIT_S = 5.0
 
 
 def _env_float(name: str, default: float) -> float:
@@ -47,7 +49,9 @@ def _env_float(name: str, default: float) -> float:
 @dataclass
 class EngineConfig:
     """Slots and timings. The check-in and grace figures can be shortened through the
-    environment (``MESA_STARTUP_GRACE_S``, ``MESA_CANCEL_GRACE_S``) for tests."""
+    environment (``MESA_STARTUP_GRACE_S``, ``MESA_CANCEL_GRACE_S``, ``MESA_CHECKIN_SLACK_S``)
+    for tests, and the interval of the buffered writes lengthened (``MESA_FLUSH_EVERY_S``: a
+    test that must kill the engine while it still holds a batch, as on a fast CPU)."""
 
     cpu_slots: int | None = None
     gpus: list[str] | None = None
@@ -58,7 +62,7 @@ class EngineConfig:
     heartbeat_every_s: float = 2.0
     sweep_every_s: float = 5.0
     cancel_check_every_s: float = 0.5
-    flush_every_s: float = 0.2
+    flush_every_s: float = field(default_factory=lambda: _env_float("MESA_FLUSH_EVERY_S", 0.2))
     startup_grace_s: float = field(default_factory=lambda: _env_float("MESA_STARTUP_GRACE_S", 300))
     cancel_grace_s: float = field(default_factory=lambda: _env_float("MESA_CANCEL_GRACE_S", 3.0))
     checkin_slack_s: float = field(default_factory=lambda: _env_float("MESA_CHECKIN_SLACK_S", 10.0))
@@ -200,6 +204,9 @@ class Engine:
         self.stopping = False
         self.engine_id: int | None = None
         self._last_problem: tuple[str | None, float] = (None, 0.0)
+        from engine import crashpoints
+
+        self.crash = crashpoints.engine_side(self.store.engine)  # tests only (MESA_TEST_CRASH)
 
     # -------------------------------------------------------------------------------- lifecycle
 
@@ -400,9 +407,13 @@ class Engine:
                 continue
             buffer = run.events
             for event in events:
+                if self.crash is not None:
+                    self.crash.received(run.handle.launch, event)
                 kind = event.get("t")
                 if kind == "metrics":
-                    buffer.metrics.extend(
+                    # A resumed attempt's replay of the journal: written before its own points
+                    # (the last write of a step wins) and never taken for its start step.
+                    (buffer.replayed if event.get("replay") else buffer.metrics).extend(
                         (str(k), int(s), float(v), float(t)) for k, s, v, t in event["points"]
                     )
                 elif kind == "checkin":
@@ -452,12 +463,20 @@ class Engine:
                 seconds=run.promise_s + self.config.checkin_slack_s
             )
 
+    def record(self, batches: list[Any]) -> None:
+        """Write buffered events to the store (one transaction)."""
+        if self.crash is None:
+            self.store.record_events(batches)
+            return
+        with self.crash.writing([b.run_id for b in batches]):
+            self.store.record_events(batches)
+
     def flush(self) -> None:
         batches = [run.events for run in self.active.values() if not run.events.empty()]
         if not batches:
             return
         try:
-            self.store.record_events(batches)
+            self.record(batches)
         except Exception as exc:
             # Keep the buffers: the next flush writes them (nothing is lost or doubled).
             if not self.report_store_failure(exc, "could not write events"):
@@ -482,7 +501,7 @@ class Engine:
             # raises, and the next turn finds the same exit and writes it again.
             run = self.active[run_id]
             if not run.events.empty():
-                self.store.record_events([run.events])
+                self.record([run.events])
                 run.events.clear()
             final = run.final or {}
             status = final.get("status")
@@ -621,12 +640,21 @@ class Engine:
         ]
         if not stale:
             return
+        killed = []
         for run in stale:
             local = run.executor in ("local", None)
             if local and run.host == self.host and (run.external_id or "").isdigit():
                 pid = int(run.external_id)
                 if is_runner_process(pid, run.started_at):  # this run's child, not a reused pid
                     kill_group(pid, signal.SIGKILL)
+                    killed.append(pid)
+        # SIGKILL is delivered asynchronously: the retry must not open the work directory (its
+        # checkpoints, the metric journal) while the old child can still write there.
+        deadline = time.monotonic() + ORPHAN_EXIT_WAIT_S
+        while killed and time.monotonic() < deadline:
+            killed = [pid for pid in killed if is_runner_process(pid)]
+            if killed:
+                time.sleep(0.01)
         reasons = {
             r.id: "its engine died" if r.engine_id in dead_here else "missed its check-in"
             for r in stale

@@ -6,14 +6,16 @@ runs the task and streams JSON lines to the events pipe, one object per line, fi
 
 - ``started``: first thing, before the heavy imports (queue latency is measured to this event);
 - ``env``: seed, code version, torch and CUDA versions, device name, dataset hash, import time;
-- ``metrics``: ``points`` = [[key, step, value, wall_time], ...] (buffered, flushed in batches);
+- ``metrics``: ``points`` = [[key, step, value, wall_time], ...] (buffered, flushed in batches;
+  each batch is appended to the work directory's metric journal before it is sent, and a resumed
+  attempt first re-sends the whole journal in batches marked ``replay``);
 - ``checkin``: ``within`` seconds until the next sign of life;
 - ``artifact``: path, kind, sha256 of its manifest, bytes; ``log``: level, msg; ``progress``;
 - ``status``: succeeded | failed | cancelled, with the TaskResult JSON or the error.
 
 Standard output and error go to the run's log file, so a stray print cannot break the stream.
 Test-only task kinds come from ``MESA_TASK_MODULES`` ("kind=module,kind=module"); such a module
-has ``Spec`` and ``run``.
+has ``Spec`` and ``run``. Test-only crash points come from ``MESA_TEST_CRASH`` (engine.crashpoints).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import os  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 import traceback  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -41,6 +44,10 @@ PROGRESS_INTERVAL_S = 0.5
 DEFAULT_CHECKIN_S = 600.0
 # After the engine vanished (stdin closed), the task gets this long to stop before the child exits.
 ORPHAN_GRACE_S = 10.0
+# The metric journal in the job's work directory (stable across attempts), and how many of its
+# points a replayed batch carries.
+JOURNAL = "metrics.journal"
+REPLAY_POINTS = 5000
 
 
 class EventStream:
@@ -50,6 +57,8 @@ class EventStream:
         self._file = os.fdopen(fd, "w", buffering=1 << 16)
         self._lock = threading.Lock()
         self.broken = threading.Event()
+        self.sent = 0
+        self.crash: Any = None  # engine.crashpoints.ChildCrash in a test that sets one
 
     def send(self, event: dict[str, Any]) -> None:
         line = json.dumps(event, separators=(",", ":"), allow_nan=True) + "\n"
@@ -61,14 +70,77 @@ class EventStream:
                 self._file.flush()
             except (BrokenPipeError, OSError, ValueError):
                 self.broken.set()
+                return
+            self.sent += 1
+            if self.crash is not None:
+                self.crash.sent(self.sent, event)
 
     def close(self) -> None:
         with self._lock, contextlib.suppress(OSError):
             self._file.close()
 
 
+class MetricJournal:
+    """Every metric batch an engine attempt computed, one JSON line each, in the job's work
+    directory (``metrics.journal``). A batch is appended, and handed to the OS, before it is sent
+    to the engine, and a task checkpoints only after its metrics were flushed: so whatever a
+    checkpoint passed is in the journal even when the engine died before it stored the points.
+    A resumed attempt re-sends the journal before the task runs (``replay``); the store keeps
+    the last write of a (key, step), so the steps computed again after the checkpoint replace
+    the replayed ones. A first attempt starts it empty. No fsync: it protects against killed
+    processes, not against a power cut."""
+
+    def __init__(self, path: Path, resume: bool):
+        self.path = path
+        if not resume:
+            path.write_bytes(b"")
+        elif path.exists():
+            self._cut_partial_line()
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115  (open for the run)
+
+    def _cut_partial_line(self) -> None:
+        """A process killed in the middle of an append leaves a partial last line: drop it (its
+        points were neither sent nor passed by a checkpoint)."""
+        with open(self.path, "r+b") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size == 0:
+                return
+            f.seek(size - 1)
+            if f.read(1) == b"\n":
+                return
+            keep, pos = 0, size
+            while pos > 0 and not keep:
+                start = max(0, pos - (1 << 16))
+                f.seek(start)
+                chunk = f.read(pos - start)
+                cut = chunk.rfind(b"\n")
+                if cut >= 0:
+                    keep = start + cut + 1
+                pos = start
+            f.truncate(keep)
+
+    def append(self, points: list[list[Any]]) -> None:
+        self._file.write(json.dumps(points, separators=(",", ":"), allow_nan=True) + "\n")
+        self._file.flush()
+
+    def batches(self) -> Iterator[list[list[Any]]]:
+        """The journal's batches in the order they were written (unreadable lines skipped)."""
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    points = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(points, list):
+                    yield points
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._file.close()
+
+
 class RunnerReporter:
-    """The engine's reporter: every call becomes an event; metrics are buffered."""
+    """The engine's reporter: every call becomes an event; metrics are buffered and journaled."""
 
     def __init__(
         self,
@@ -77,6 +149,7 @@ class RunnerReporter:
         resume: bool,
         stop: threading.Event,
         orphaned: threading.Event,
+        crash: Any = None,
     ):
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -84,7 +157,10 @@ class RunnerReporter:
         self._stream = stream
         self._stop = stop
         self._orphaned = orphaned
+        self._crash = crash
+        self._journal = MetricJournal(workdir / JOURNAL, resume)
         self._lock = threading.Lock()
+        self._send_lock = threading.Lock()  # journal order = send order
         self._points: list[list[Any]] = []
         self._last_flush = time.monotonic()
         self._last_progress = 0.0
@@ -92,8 +168,8 @@ class RunnerReporter:
         self._stage_started: float | None = None
 
     def _check_engine(self) -> None:
-        """Without an engine nothing more is recorded: stop before the task writes another
-        checkpoint, or a retry would resume past steps whose metrics never reached the store."""
+        """Without an engine nothing more is recorded: stop the task (a retry resumes from its
+        checkpoint and replays the journal, so no work done after this would count)."""
         if self._orphaned.is_set() or self._stream.broken.is_set():
             from engine.errors import Cancelled
 
@@ -117,7 +193,30 @@ class RunnerReporter:
             points, self._points = self._points, []
             self._last_flush = time.monotonic()
         if points:
-            self._stream.send({"t": "metrics", "points": points})
+            with self._send_lock:
+                self._journal.append(points)
+                if self._crash is not None:
+                    self._crash.journaled(points)
+                self._stream.send({"t": "metrics", "points": points})
+
+    def replay(self) -> int:
+        """Re-send the journal of the earlier attempts (before the task logs anything); returns
+        how many points were sent."""
+        sent = 0
+        chunk: list[list[Any]] = []
+        for points in self._journal.batches():
+            chunk.extend(points)
+            if len(chunk) >= REPLAY_POINTS:
+                self._stream.send({"t": "metrics", "points": chunk, "replay": True})
+                sent += len(chunk)
+                chunk = []
+        if chunk:
+            self._stream.send({"t": "metrics", "points": chunk, "replay": True})
+            sent += len(chunk)
+        return sent
+
+    def close(self) -> None:
+        self._journal.close()
 
     def check_in(self, next_within_s: float) -> None:
         self._check_engine()
@@ -177,8 +276,8 @@ def artifact_identity(path: Path) -> tuple[str | None, int]:
 
     manifest = path / "manifest.json" if path.is_dir() else path
     sha = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
-    if path.is_dir():
-        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    if path.is_dir():  # a task's work directory may be its artifact: the journal is not part of it
+        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and p != path / JOURNAL)
     else:
         size = path.stat().st_size if path.exists() else 0
     return sha, size
@@ -303,6 +402,12 @@ def main(argv: list[str] | None = None) -> int:
     stream = EventStream(args.events_fd)
     stream.send({"t": "started", "pid": os.getpid(), "time": time.time(), "t0": PROCESS_START})
     launch = json.loads(sys.stdin.readline())
+    from engine import crashpoints
+
+    crash = crashpoints.child_side(launch)
+    if crash is not None:
+        stream.crash = crash
+        crash.sent(stream.sent, {"t": "started"})  # the events sent before it was known
     stop, orphaned = threading.Event(), threading.Event()
     threading.Thread(target=watch_stdin, args=(stop, orphaned), daemon=True).start()
     threading.Thread(target=exit_when_orphaned, args=(orphaned,), daemon=True).start()
@@ -323,10 +428,14 @@ def main(argv: list[str] | None = None) -> int:
         stream.send({"t": "env", "env": env})
         stream.send({"t": "checkin", "within": DEFAULT_CHECKIN_S})
         reporter = RunnerReporter(
-            stream, Path(launch["workdir"]), bool(launch["resume"]), stop, orphaned
+            stream, Path(launch["workdir"]), bool(launch["resume"]), stop, orphaned, crash
         )
         if launch.get("resume"):
-            reporter.text(f"attempt {launch.get('attempt')}: resuming in {reporter.workdir}")
+            replayed = reporter.replay()
+            reporter.text(
+                f"attempt {launch.get('attempt')}: resuming in {reporter.workdir} "
+                f"({replayed} metric points replayed from {JOURNAL})"
+            )
         task_result = module.run(spec, reporter)
         reporter.flush()
         result = task_result.to_json()
@@ -349,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(BaseException):  # the engine may be gone; the status still goes
             reporter.log(peak_memory(), 0)
             reporter.flush()
+        reporter.close()
     stream.send({"t": "status", "status": status, "result": result, "error": error})
     stream.close()
     sys.stdout.flush()

@@ -147,35 +147,30 @@ def retrying(fn: Any, *args: Any, **kwargs: Any) -> Any:
             time.sleep(min(1.0, 0.02 * 2**attempt) * random.uniform(0.5, 1.0))
 
 
-def insert_ignoring_duplicates(table: Any, engine_or_conn: Engine | Connection) -> Any:
-    """``INSERT ... ON CONFLICT DO NOTHING`` for this dialect (SQLite and PostgreSQL)."""
-    if engine_or_conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-        return pg_insert(table).on_conflict_do_nothing()
-    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-    return sqlite_insert(table).on_conflict_do_nothing()
-
-
 def insert_metric_rows(conn: Connection, rows: list[tuple[int, str, int, float, float]]) -> None:
-    """Bulk-insert (run_id, key, step, value, wall_time) rows, skipping a (run, key, step) that is
-    already stored. SQLite goes straight to the driver's executemany (the hot path of ingest)."""
+    """Bulk-write (run_id, key, step, value, wall_time) rows; the last write of a (run, key, step)
+    wins (value and wall time replaced, the row keeps its id). A resumed attempt first replays
+    its journal and then computes the steps after its checkpoint again: the recomputed points
+    replace the replayed ones. SQLite goes straight to the driver's executemany (the hot path of
+    ingest), which applies the rows in order; PostgreSQL sends them as one multi-row statement,
+    which may not touch a row twice, so a batch keeps only its last point per (run, key, step)."""
     if not rows:
         return
     if conn.dialect.name == "sqlite":
         conn.exec_driver_sql(
             "INSERT INTO metrics (run_id, key, step, value, wall_time) VALUES (?, ?, ?, ?, ?) "
-            "ON CONFLICT DO NOTHING",
+            "ON CONFLICT (run_id, key, step) DO UPDATE SET "
+            "value = excluded.value, wall_time = excluded.wall_time",
             rows,
         )
         return
     from store.models import Metric
 
+    last = {(r[0], r[1], r[2]): r for r in rows}
     names = ("run_id", "key", "step", "value", "wall_time")
     conn.execute(
-        insert_ignoring_duplicates(Metric.__table__, conn),
-        [dict(zip(names, r, strict=True)) for r in rows],
+        upsert(Metric.__table__, conn, ["run_id", "key", "step"], ["value", "wall_time"]),
+        [dict(zip(names, r, strict=True)) for r in last.values()],
     )
 
 

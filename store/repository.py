@@ -10,6 +10,7 @@ database is created at the newest schema; one behind it is refused with the upgr
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import statistics
@@ -912,8 +913,10 @@ class Store:
 
     def metric_series(self, job_id: int, key: str) -> list[SeriesPoint]:
         """One metric of a job across its attempts, joined at each resume: an attempt's points
-        count up to the step where a later attempt's points of this metric begin (the later
-        attempt resumed from its checkpoint there), so every step appears once."""
+        count up to the step where a later attempt's points of this metric begin, so every step
+        appears once. An engine attempt that resumes replays the job's metric journal first, so
+        it holds every step from the start and the job's series is that attempt's alone; a run
+        without a journal (written before it existed) joins where it resumed."""
         with self._read() as conn:
             self._require_job(conn, job_id)
             runs = conn.execute(
@@ -1534,8 +1537,9 @@ class Store:
 
     def record_events(self, batches: Sequence[RunEvents]) -> None:
         """Write what runs reported since the last call, for many runs in one transaction:
-        metric points (a (key, step) already stored for the run is skipped), latest values, logs,
-        artifacts, check-in deadlines, progress and the environment."""
+        metric points (the last write of a (key, step) within a run wins: replayed points first,
+        then the run's own), latest values, logs, artifacts, check-in deadlines, progress and the
+        environment. Only a run's own points set its ``start_step``, never replayed ones."""
         batches = [b for b in batches if not b.empty()]
         if not batches:
             return
@@ -1545,7 +1549,7 @@ class Store:
             extra_logs: list[dict[str, Any]] = []
             for b in batches:
                 warned: set[str] = set()
-                for k, s, v, t in b.metrics:
+                for k, s, v, t in itertools.chain(b.replayed, b.metrics):
                     if not math.isnan(v):
                         metric_rows.append((b.run_id, k, s, v, t))
                     elif k not in warned:
@@ -1602,6 +1606,8 @@ class Store:
                 if b.metrics:
                     first = min(s for _, s, _, _ in b.metrics)
                     values["start_step"] = func.coalesce(runs_t.c.start_step, first)
+                    touched_jobs.add(b.job_id)
+                if b.replayed:
                     touched_jobs.add(b.job_id)
                 conn.execute(update(runs_t).where(runs_t.c.id == b.run_id).values(**values))
                 if b.env.get("dataset_hash"):
@@ -1854,12 +1860,15 @@ class Store:
 
 
 class RunEvents:
-    """What one run reported since the last write (filled by the engine, written in a batch)."""
+    """What one run reported since the last write (filled by the engine, written in a batch).
+    ``replayed`` holds the points a resumed attempt re-sent from its work directory's metric
+    journal (they came before any point of its own, and are written first)."""
 
     __slots__ = (
         "run_id",
         "job_id",
         "metrics",
+        "replayed",
         "logs",
         "artifacts",
         "expect_next_by",
@@ -1871,6 +1880,7 @@ class RunEvents:
         self.run_id = run_id
         self.job_id = job_id
         self.metrics: list[tuple[str, int, float, float]] = []
+        self.replayed: list[tuple[str, int, float, float]] = []
         self.logs: list[tuple[str, str, float]] = []
         self.artifacts: list[tuple[str, str, str | None, int | None]] = []
         self.expect_next_by: datetime | None = None
@@ -1880,6 +1890,7 @@ class RunEvents:
     def empty(self) -> bool:
         return not (
             self.metrics
+            or self.replayed
             or self.logs
             or self.artifacts
             or self.expect_next_by
@@ -1889,6 +1900,7 @@ class RunEvents:
 
     def clear(self) -> None:
         self.metrics = []
+        self.replayed = []
         self.logs = []
         self.artifacts = []
         self.expect_next_by = None

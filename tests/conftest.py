@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,6 @@ def pytest_terminal_summary(terminalreporter):
         )
     elif _POSTGRES["reason"]:
         terminalreporter.write_line(f"postgresql: not run ({_POSTGRES['reason']})")
+    sweep = sys.modules.get("tests.engine.test_crash_sweep")
+    for line in getattr(sweep, "SUMMARY", ()):  # the kill instants the crash sweep covered
+        terminalreporter.write_line(line)

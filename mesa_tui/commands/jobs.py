@@ -270,21 +270,22 @@ def logs(
     follow: bool = typer.Option(False, "--follow", "-f", help="keep printing until the job ends"),
     output: bool = typer.Option(False, "--output", help="also print the child's raw output file"),
 ) -> None:
-    """Log lines of every attempt of a job (--follow to tail a running job; exit 1 if it
-    then fails)."""
+    """Log lines of every attempt of a job, each labelled with its attempt (a lost attempt's
+    lines stay); --follow tails a running job (exit 1 if it then fails)."""
     from engine import paths
 
     store = open_store()
     store.job(job_id)
     cursor = 0
-    seen_runs: set[int] = set()
+    attempts: dict[int, int] = {}
     while True:
         for entry in store.logs(job_id=job_id, after_id=cursor):
             cursor = entry.id
-            if entry.run_id not in seen_runs:
-                seen_runs.add(entry.run_id)
+            if entry.run_id not in attempts:  # a run that started since the last read
+                attempts.update((r.id, r.attempt) for r in store.runs(job_id))
             stamp = datetime.fromtimestamp(entry.wall_time, UTC).strftime("%H:%M:%S")
-            typer.echo(f"{stamp} {entry.level:7s} {entry.message}")
+            attempt = attempts.get(entry.run_id, "?")
+            typer.echo(f"[attempt {attempt}] {stamp} {entry.level:7s} {entry.message}")
         job = store.job(job_id)
         if not follow or job.status not in ("queued", "running"):
             break

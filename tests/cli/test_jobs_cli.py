@@ -233,6 +233,32 @@ def test_wait_prints_results_and_exits_1_on_failure():
     assert failed.exit_code == 1 and "failed" in failed.stdout
 
 
+def test_logs_label_every_line_with_its_attempt_and_keep_a_lost_attempts_lines():
+    from store.repository import RunEvents
+
+    store = Store()
+    engine = store.register_engine("here", 1, "test", 1)
+    (job,) = json.loads(run("submit", "train", "--epochs", "1", "--json").stdout)["jobs"]
+
+    def attempt(message: str) -> int:
+        (claimed,) = store.claim_jobs(
+            engine.id, 1, host="here", executor="local", code_version="t",
+            workdir_for=lambda k, i: f"/tmp/{k}-{i}", startup_grace_s=60,
+        )  # fmt: skip
+        events = RunEvents(claimed.run_id, job)
+        events.logs = [("info", message, 1000.0 + claimed.attempt)]
+        store.record_events([events])
+        return claimed.run_id
+
+    store.mark_lost([attempt("epoch 1 of the first attempt")], "its engine died")
+    store.finish_run(attempt("resumed from the checkpoint"), "succeeded")
+    lines = run("logs", str(job)).stdout.splitlines()
+    assert lines == [
+        "[attempt 1] 00:16:41 info    epoch 1 of the first attempt",
+        "[attempt 2] 00:16:42 info    resumed from the checkpoint",
+    ]
+
+
 def test_follow_prints_a_line_per_change_where_output_is_not_a_terminal(capsys):
     """``submit --follow`` / ``wait`` under nohup or a pipe: lines at each status change and tenth
     of a stage, then the results table once (the live table would print nothing until the end)."""

@@ -143,6 +143,12 @@ def test_a_dead_ray_worker_is_a_lost_run_that_is_retried(ray_engine):
     assert [r.status for r in detail.runs] == ["lost", "succeeded"]
     assert "ray worker lost" in detail.runs[0].error
     assert detail.runs[1].resumed
+    # The retry's replay of the journal went through the hub like any event: every step once.
+    series = store.metric_series(job, "crash/step")
+    assert [(p.step, p.attempt) for p in series] == [(s, 2) for s in range(4)]
+    assert any(
+        "(1 metric points replayed" in e.message for e in store.logs(run_ids=[detail.runs[1].id])
+    )
 
 
 def test_copy_mode_brings_artifacts_back_through_the_object_store(ray_engine):

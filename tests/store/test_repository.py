@@ -86,7 +86,8 @@ def test_lost_attempts_retry_and_join_at_the_checkpoint(store):
     (job,) = store.submit([NewJob("train", {"seed": 3}, "a", max_attempts=2)])
     first = claim(store, engine.id)[0]
     store.record_events([points(first.run_id, job, range(10))])
-    store.record_events([points(first.run_id, job, range(10), value=9.0)])  # replayed batch
+    # Written again (a flush the engine retried): the last write of a (key, step) wins.
+    store.record_events([points(first.run_id, job, range(10), value=9.0)])
     assert store.mark_lost([first.run_id], "missed its check-in")[0].status == "queued"
     second = claim(store, engine.id)[0]
     assert second.resume and second.attempt == 2
@@ -97,11 +98,46 @@ def test_lost_attempts_retry_and_join_at_the_checkpoint(store):
     series = store.metric_series(job, "train/loss")
     assert [p.step for p in series] == list(range(12))
     assert [p.attempt for p in series] == [1] * 6 + [2] * 6
-    assert {p.value for p in series if p.attempt == 1} == {1.0}
+    assert {p.value for p in series if p.attempt == 1} == {9.0}
+    assert len(store.metrics_since([first.run_id])) == 10
     assert store.mark_lost([second.run_id], "missed")[0].status == "lost"
     detail = store.job_detail(job)
     assert [r.status for r in detail.runs] == ["lost", "lost"]
     assert detail.runs[0].seed == 3
+
+
+def test_a_resumed_attempt_that_replays_its_journal_holds_the_whole_series(store):
+    """The engine's retry replays the journal (every point the lost attempt computed, some of
+    which never reached the store) before computing the steps after its checkpoint again: the
+    job's series is then the last attempt's alone, each step once, recomputed values winning."""
+    engine = store.register_engine("here", 1, "test", 1)
+    (job,) = store.submit([NewJob("train", {"seed": 3}, "a", max_attempts=3)])
+    first = claim(store, engine.id)[0]
+    store.record_events([points(first.run_id, job, range(4))])  # steps 4..11 never arrived
+    store.mark_lost([first.run_id], "its engine died")
+    second = claim(store, engine.id)[0]
+    replay = RunEvents(second.run_id, job)
+    replay.replayed = [("train/loss", s, 1.0, time.time()) for s in range(12)]
+    store.record_events([replay])
+    assert store.runs(job)[1].start_step is None  # replayed points do not say where it resumed
+    # The checkpoint was at step 9: the retry computes 10 and 11 again, then goes on.
+    store.record_events([points(second.run_id, job, range(10, 15), value=2.0)])
+    run = store.runs(job)[1]
+    assert run.start_step == 10
+    series = store.metric_series(job, "train/loss")
+    assert [p.step for p in series] == list(range(15))
+    assert {p.attempt for p in series} == {2}
+    assert [p.value for p in series] == [1.0] * 10 + [2.0] * 5
+    columns = store.metric_series_columns(job).series["train/loss"]
+    assert columns.steps == list(range(15)) and columns.values == [p.value for p in series]
+    assert columns.count == 15
+    assert store.metric_tail([job], "train/loss", 6) == {job: [1.0] + [2.0] * 5}
+    assert store.job(job).latest == {"train/loss": 2.0}
+    # A batch holding a (key, step) twice keeps its last point (one statement on PostgreSQL).
+    twice = points(second.run_id, job, [20])
+    twice.metrics.append(("train/loss", 20, 3.0, time.time()))
+    store.record_events([twice])
+    assert store.metric_series(job, "train/loss")[-1].value == 3.0
 
 
 def test_cancel_queued_and_running(store):
