@@ -2,7 +2,8 @@
 
 The protocol is ``engine.paper_small`` (one clean `small` model fine-tuned with 1 % poisoning per
 trigger, the 3-beta search at 620 steps, repairs by mesa, point x 3 restarts, ideal and finetune,
-each paired with the others). Each finished (trigger, rate) is written at once, whole, as
+each paired with the others; on the subset also mesa-0.9, neural-cleanse and the recent defenses
+anp, i-bau, clp and ft-sam). Each finished (trigger, rate) is written at once, whole, as
 ``RESULTS/rate-R/bw-ID.json`` with every repair's per-image held-out outcomes, the floor (the clean
 model's ASR for the trigger), the machine, precision, thread count and commit; a rerun skips what
 exists, so the study finishes across sittings on fresh machines. The clean model is kept in
@@ -14,6 +15,7 @@ Usage:
   python benchmarks/paper_study.py --triggers even --rates main         # the 26 of the first half
   python benchmarks/paper_study.py --triggers odd --rates main
   python benchmarks/paper_study.py --triggers subset --rates 0.01,0.1 --methods all
+  python benchmarks/paper_study.py --triggers subset --rates 0.01,0.1 --methods anp,i-bau,clp,ft-sam
 Options: --results DIR (docs/results/paper-small), --workdir DIR (kept between runs of a sitting:
 a killed run resumes its tasks from their checkpoints), --threads N, --quick (a tiny smoke run on
 a cut dataset, for tests). Progress goes to stderr; each written file's path to stdout.
@@ -48,7 +50,16 @@ QUICK = {
     "attack": {"epochs": 1, "poison_rate": 0.2},
     "search": {"steps": 6, "sample_every": 3, "n_eval_triggers": 8, "eval_images": 16},
     "search_samples": 32,
-    "repair": {"epochs": 1, "point_epochs": 1, "nc_epochs": 2, "nc_steps_per_epoch": 2},
+    "repair": {
+        "epochs": 1,
+        "point_epochs": 1,
+        "nc_epochs": 2,
+        "nc_steps_per_epoch": 2,
+        "anp_iterations": 2,
+        "ibau_rounds": 1,
+        "ibau_k": 2,
+        "sam_epochs": 1,
+    },
 }
 
 
@@ -103,7 +114,7 @@ def rate_list(value: str, results: Path) -> list[float]:
 
 
 def method_list(value: str) -> list[str]:
-    known = [*protocol.MAIN_METHODS, *protocol.SUBSET_METHODS]
+    known = [*protocol.MAIN_METHODS, *protocol.SUBSET_METHODS, *protocol.RECENT_METHODS]
     methods = {"main": list(protocol.MAIN_METHODS), "all": known}.get(value)
     methods = methods or [m.strip() for m in value.split(",") if m.strip()]
     unknown = [m for m in methods if m not in known]
@@ -277,7 +288,9 @@ def repairs(args, stage: dict[str, Any], trigger: str, rate: float, methods: lis
             if args.quick:
                 overrides.update(QUICK["repair"])
             log(f"{trigger}: repair {label} at rate {rate:g}")
-            folder = stage["base"] / f"rate-{rate:g}" / label.replace("/", "-")
+            # A repair that stamps nothing is the same at every rate: one folder serves them all.
+            at = f"rate-{rate:g}" if protocol.uses_rate(method) else "any-rate"
+            folder = stage["base"] / at / label.replace("/", "-")
             result, seconds = run_task("defend", overrides, folder)
             if method == "point" and reversal is None:
                 reversal = result.artifact

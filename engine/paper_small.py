@@ -29,6 +29,9 @@ PAPER_RATE, FALLBACK_RATE, IDEAL_CEILING = 0.01, 0.1, 0.05
 PILOT_TRIGGERS = ("bw:0", "bw:85", "bw:170")
 MAIN_METHODS = ("mesa", "point", "ideal", "finetune")
 SUBSET_METHODS = ("mesa-0.9", "neural-cleanse")
+# The post-training defenses researchers compare against today (BackdoorBench's leaderboard), run
+# on the subset too: ANP, I-BAU, CLP and FT-SAM at their papers' defaults (the defend spec's).
+RECENT_METHODS = ("anp", "i-bau", "clp", "ft-sam")
 POINT_RESTARTS = 3
 SUBSET_WORST, SUBSET_SPACED = 4, 8
 
@@ -52,13 +55,21 @@ REPAIR = {
     "variations": False,
     "point_restarts": POINT_RESTARTS,
 }
-# Neural Cleanse at its original budget (the defend spec's defaults: 1,000 outer steps).
+# Neural Cleanse at its original budget (the defend spec's defaults: 1,000 outer steps), and the
+# recent defenses likewise at their own: ANP 2,000 mask steps, I-BAU 5 rounds, FT-SAM 100 epochs
+# (its own, not the protocol's 10 repair epochs; the first 10 see the same batches), CLP no data.
+# They stamp nothing, so their specs leave the stamping rate out (``uses_rate``): one repair of a
+# model serves every rate's record.
 METHOD_SETTINGS: dict[str, dict[str, Any]] = {
     "mesa": {"method": "mesa"},
     "mesa-0.9": {"method": "mesa", "beta": 0.9},
     "ideal": {"method": "ideal"},
     "finetune": {"method": "finetune"},
     "neural-cleanse": {"method": "neural-cleanse"},
+    "anp": {"method": "anp"},
+    "i-bau": {"method": "i-bau"},
+    "clp": {"method": "clp"},
+    "ft-sam": {"method": "ft-sam"},
 }
 
 
@@ -101,6 +112,12 @@ def attack_overrides(trigger: str, clean_model: str) -> dict[str, Any]:
     return {**values, "trigger": trigger, "init_from": clean_model}
 
 
+def uses_rate(method: str) -> bool:
+    """Whether a method's repair depends on the stamping rate (the recent defenses stamp nothing;
+    finetune keeps its rate in its spec, as the study's first records were made that way)."""
+    return method not in RECENT_METHODS
+
+
 def search_overrides(model: str) -> dict[str, Any]:
     return {**SEARCH, "model": model}
 
@@ -110,8 +127,11 @@ def repair_overrides(
 ) -> list[tuple[str, dict[str, Any]]]:
     """(label, defend settings) of one method: one repair, or for `point` one per restart (the
     first reverses all restarts; the others reuse its reversal through ``reversal_from``, which
-    the caller fills in with the first one's artifact)."""
-    base = {**REPAIR, "model": model, "stamp_rate": rate}
+    the caller fills in with the first one's artifact). A method that stamps nothing and is
+    not among the paper's (``uses_rate``) gets no rate: its repair is the same at every rate."""
+    base = {**REPAIR, "model": model}
+    if uses_rate(method):
+        base["stamp_rate"] = rate
     if method == "point":
         return [
             (f"point/{r}", {**base, "method": "point", "point_index": r})

@@ -40,6 +40,10 @@ ALL_METHODS = (
     "neural-cleanse",
     "finetune",
     "random-patch",
+    "anp",
+    "i-bau",
+    "clp",
+    "ft-sam",
 )
 DEFAULT_METHODS = ("mesa", "ideal", "point", "finetune")
 STAGES = ("train", "detect", "mesa", "defend")
@@ -82,7 +86,8 @@ def parse_methods(value: str | None) -> list[str]:
         return list(DEFAULT_METHODS)
     if value.strip() == "all":
         return ["mesa-0.9", "mesa-0.8", "mesa-0.5", "mesa-ensemble", "ideal", "point",
-                "neural-cleanse", "finetune", "random-patch"]  # fmt: skip
+                "neural-cleanse", "finetune", "random-patch", "anp", "i-bau", "clp",
+                "ft-sam"]  # fmt: skip
     methods = [m.strip() for m in value.split(",") if m.strip()]
     for m in methods:
         method_settings(m)

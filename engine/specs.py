@@ -419,19 +419,48 @@ PRESETS["detect"] = {"cpu-quick": {"steps": 150, "n_eval_triggers": 32, "eval_im
 # ---------------------------------------------------------------------------------------------
 # Defenses: the repair loop with each trigger source
 
-DEFEND_METHODS = ("mesa", "ideal", "point", "neural-cleanse", "finetune", "random-patch")
+DEFEND_METHODS = (
+    "mesa",
+    "ideal",
+    "point",
+    "neural-cleanse",
+    "finetune",
+    "random-patch",
+    "anp",
+    "i-bau",
+    "clp",
+    "ft-sam",
+)
+DefendMethod = Literal[
+    "mesa",
+    "ideal",
+    "point",
+    "neural-cleanse",
+    "finetune",
+    "random-patch",
+    "anp",
+    "i-bau",
+    "clp",
+    "ft-sam",
+]
+# The defenses that change the model without the repair loop's fine-tuning (no repair epochs).
+PRUNING_METHODS = ("anp", "clp")
 
 
 class DefendSpec(SpecBase):
     """Repair a backdoored model by fine-tuning on the defender split with stamped triggers that
-    keep their correct labels; ``method`` picks where the triggers come from."""
+    keep their correct labels; ``method`` picks where the triggers come from. The post-training
+    defenses anp, i-bau, clp and ft-sam have their own settings (``anp_*``, ``ibau_*``,
+    ``clp_*``, ``sam_*``, their papers' defaults) and end in the same evaluation."""
 
     kind: Literal["defend"] = "defend"
     model: str = Field(..., description="model artifact directory (the backdoored model)")
-    method: Literal["mesa", "ideal", "point", "neural-cleanse", "finetune", "random-patch"] = Field(
+    method: DefendMethod = Field(
         "mesa",
         description="mesa, ideal (the original trigger: oracle bound), point, neural-cleanse, "
-        "finetune (no trigger) or random-patch",
+        "finetune (no trigger), random-patch, anp (adversarial neuron pruning), i-bau "
+        "(implicit backdoor adversarial unlearning), clp (channel Lipschitzness pruning, "
+        "data-free) or ft-sam (fine-tuning with sharpness-aware minimisation)",
     )
     search: str | None = Field(None, description="search artifact directory (method mesa)")
     beta: float | None = Field(None, gt=0, lt=1, description="repair with this beta's generator")
@@ -439,11 +468,17 @@ class DefendSpec(SpecBase):
         None, description="ensemble of the search's generators (default round-robin)"
     )
     stamp_rate: float = Field(0.01, ge=0, le=1, description="probability an image is stamped")
-    epochs: int = Field(10, ge=1, le=10000)
-    lr: float = Field(1e-3, gt=0, le=100)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0, le=1)
-    batch_size: int = Field(128, ge=1, le=65536)
+    epochs: int = Field(
+        10, ge=1, le=10000, description="repair epochs (ft-sam: sam_epochs, i-bau: ibau_rounds)"
+    )
+    lr: float = Field(
+        1e-3, gt=0, le=100, description="SGD learning rate (ft-sam: sam_lr, i-bau: ibau_lr)"
+    )
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (ft-sam's too)")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="(ft-sam: sam_weight_decay)")
+    batch_size: int = Field(
+        128, ge=1, le=65536, description="repair batch (ft-sam's and i-bau's too: paired)"
+    )
     augment: bool = Field(False, description="random crop and flip during repair")
     placement: Literal["per-image", "per-batch"] = "per-image"
     channels_last: bool = True
@@ -477,6 +512,62 @@ class DefendSpec(SpecBase):
     residual_beta: float = Field(0.9, gt=0, lt=1)
     residual_batch_size: int = Field(128, ge=2, le=65536)
     residual_hidden: int = Field(512, ge=4, le=65536)
+    # ANP (Wu & Wang, NeurIPS 2021): masks learnt on the defender split, then pruning.
+    anp_iterations: int = Field(
+        2000, ge=1, le=10_000_000, description="anp: mask optimisation steps (one batch each)"
+    )
+    anp_batch_size: int = Field(128, ge=1, le=65536, description="anp: images per mask step")
+    anp_lr: float = Field(
+        0.2, gt=0, le=100, description="anp: SGD learning rate of the masks (momentum 0.9)"
+    )
+    anp_eps: float = Field(
+        0.4, ge=0, le=10, description="anp: bound of the adversarial neuron noise (0: none)"
+    )
+    anp_steps: int = Field(1, ge=1, le=1000, description="anp: ascent steps of the noise")
+    anp_alpha: float = Field(
+        0.2, ge=0, le=1, description="anp: weight of the clean loss (1 - alpha: the noisy one)"
+    )
+    anp_threshold: float = Field(
+        0.2, ge=0, le=1, description="anp: prune the neurons whose mask is at most this"
+    )
+    anp_prune_count: int | None = Field(
+        None, ge=0, description="anp: prune this many smallest masks instead of by threshold"
+    )
+    # I-BAU (Zeng et al., ICLR 2022): rounds of a universal perturbation and unlearning steps.
+    ibau_rounds: int = Field(
+        5, ge=1, le=10000, description="i-bau: rounds (one perturbation pass and one epoch each)"
+    )
+    ibau_k: int = Field(
+        5, ge=1, le=1000, description="i-bau: fixed-point iterations of the hypergradient"
+    )
+    ibau_lr: float = Field(
+        1e-3, gt=0, le=100, description="i-bau: Adam learning rate of the unlearning step"
+    )
+    ibau_portion: float = Field(
+        0.01, ge=0, le=1, description="i-bau: share of a batch that carries the perturbation"
+    )
+    # CLP (Zheng et al., ECCV 2022): data-free pruning by channel Lipschitzness.
+    clp_u: float = Field(
+        3.0, ge=0, le=100, description="clp: prune channels above mean + u * std of their layer"
+    )
+    clp_pairing: Literal["traced", "registration"] = Field(
+        "traced",
+        description="clp: pair each BatchNorm with the convolution feeding it (traced) or the "
+        "one registered before it (registration: the reference code)",
+    )
+    # FT-SAM (Zhu et al., ICCV 2023): fine-tuning with (adaptive) sharpness-aware minimisation.
+    sam_epochs: int = Field(100, ge=1, le=10000, description="ft-sam: fine-tuning epochs")
+    sam_lr: float = Field(
+        0.01, gt=0, le=100, description="ft-sam: SGD learning rate, cosine-annealed to 0"
+    )
+    sam_weight_decay: float = Field(5e-4, ge=0, le=1, description="ft-sam: SGD weight decay")
+    sam_rho: float = Field(2.0, gt=0, le=1000, description="ft-sam: radius of the weight ascent")
+    sam_adaptive: bool = Field(
+        True, description="ft-sam: adaptive SAM (the ascent scaled by |w|), as the authors"
+    )
+    sam_label_smoothing: float = Field(
+        0.1, ge=0, lt=1, description="ft-sam: label smoothing of the cross-entropy"
+    )
     variations: bool = Field(True, description="ASR of pattern variations at the end")
     eval_batch_size: int = Field(1000, ge=1)
     defender_fraction: float = Field(0.8, gt=0, lt=1)
@@ -486,6 +577,17 @@ class DefendSpec(SpecBase):
 SPEC_CLASSES["defend"] = DefendSpec
 PRESETS["defend"] = {
     # Neural Cleanse's original budget (1000 x 31 x 32) takes long on a CPU; a tenth of it.
-    "cpu-quick": {"nc_epochs": 100, "residual_steps": 150},
+    # The recent defenses' own budgets are long on a CPU too, counted in plain repair epochs of
+    # the 8,000 defender images (about 8 s each for the small network on one bf16 thread): ANP's
+    # 2,000 mask steps of 128 about 75 (three passes a step), I-BAU's 5 rounds 40 to 100 (a
+    # hypergradient step costs 8 to 20 plain ones), FT-SAM's 100 epochs about 200 (two passes a
+    # batch). cpu-quick keeps a quarter, two fifths and a fifth of them; CLP needs no data.
+    "cpu-quick": {
+        "nc_epochs": 100,
+        "residual_steps": 150,
+        "anp_iterations": 500,
+        "ibau_rounds": 2,
+        "sam_epochs": 20,
+    },
     "paper": {"epochs": 10, "lr": 1e-3, "momentum": 0.9, "batch_size": 128, "stamp_rate": 0.01},
 }

@@ -20,6 +20,12 @@ drawn from the same way whatever the source, ``finetune`` and Neural Cleanse inc
 trigger source draws only from its own stream (``trigger_stream``). So every method repairs one
 model on the same batches with the same images stamped at the same places, and only the stamped
 patterns differ: a sampler that returns the original trigger repairs exactly as ``ideal`` does.
+
+How a batch updates the model is a ``RepairStep``: ``PlainStep`` (cross-entropy, SGD; every method
+above) by default, or a method's own (FT-SAM's sharpness-aware step in ``engine.ml.ftsam``, I-BAU's
+implicit-hypergradient step in ``engine.ml.ibau``). A step never draws from the repair's generator:
+its own randomness comes from ``method_stream``, so its batches are still those of every other
+repair of the model.
 """
 
 from __future__ import annotations
@@ -152,6 +158,93 @@ def trigger_stream(seed: int, device: torch.device | str = "cpu") -> torch.Gener
     return torch.Generator(device=device).manual_seed(seed + TRIGGER_STREAM_OFFSET)
 
 
+# A defense's own randomness (ANP's masks and noise, I-BAU's perturbation pass and perturbed rows)
+# is seeded apart from the repair's and the trigger source's streams (``method_stream``).
+METHOD_STREAM_OFFSET = 104_729
+
+
+def method_stream(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The stream a defense draws its own randomness from (never the repair's generator)."""
+    return torch.Generator(device=device).manual_seed(seed + METHOD_STREAM_OFFSET)
+
+
+# ---------------------------------------------------------------------------------------------
+# How one batch updates the model
+
+
+class RepairStep(Protocol):
+    """One optimisation step of the repair on a prepared batch (normalised, on the device).
+
+    ``train_mode``: the model's mode while it is updated (BatchNorm batch statistics or not).
+    ``make_optimizer`` builds the optimiser; ``learning_rate(epoch)`` is the epoch's rate (None: the
+    optimiser's own, constant); ``start_epoch`` runs before an epoch's first batch and returns
+    metrics to log with the epoch; ``update`` does the whole step (gradients and optimiser step)
+    and returns the batch's loss, detached. ``state_dict``/``load_state_dict`` carry the step's own
+    state across a checkpoint (optional)."""
+
+    train_mode: bool
+
+    def make_optimizer(self, model: nn.Module, config: RepairConfig) -> torch.optim.Optimizer: ...
+
+    def learning_rate(self, epoch: int) -> float | None: ...
+
+    def start_epoch(
+        self, model: nn.Module, epoch: int, reporter: Reporter | None
+    ) -> dict[str, float]: ...
+
+    def update(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer
+    ) -> torch.Tensor: ...
+
+
+def sgd(model: nn.Module, config: RepairConfig) -> torch.optim.Optimizer:
+    """The repair's optimiser: SGD with the config's rate, momentum and weight decay."""
+    return torch.optim.SGD(
+        model.parameters(),
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+    )
+
+
+class PlainStep:
+    """Cross-entropy on the batch, one SGD step (the paper's repair, and every trigger source's)."""
+
+    train_mode = True
+
+    def __init__(self, device: torch.device, precision: str):
+        self.device, self.precision = device, precision
+
+    def make_optimizer(self, model: nn.Module, config: RepairConfig) -> torch.optim.Optimizer:
+        return sgd(model, config)
+
+    def learning_rate(self, epoch: int) -> float | None:
+        return None
+
+    def start_epoch(self, model: nn.Module, epoch: int, reporter: Reporter | None) -> dict:
+        return {}
+
+    def update(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer
+    ) -> torch.Tensor:
+        with autocast(self.device, self.precision):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+
+def step_state(step: object) -> dict:
+    """A repair step's own state for checkpoints (``{}`` when it keeps none)."""
+    return source_state(step)
+
+
+def load_step_state(step: object, state: dict) -> None:
+    load_source_state(step, state)
+
+
 def build_repair_batch(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -236,23 +329,21 @@ def repair(
     on_epoch: Callable[[int, dict[str, float], torch.optim.Optimizer], None] | None = None,
     start_epoch: int = 0,
     optimizer_state: dict | None = None,
+    step: RepairStep | None = None,
 ) -> tuple[dict[str, float], torch.optim.Optimizer]:
     """Fine-tune ``model`` in place; returns the last epoch's ``eval/...`` metrics and the
     optimiser. Logs ``repair/loss`` and ``repair/stamped`` per epoch and the evaluation keys
     ``eval/acc_clean``, ``eval/asr``, ``eval/ra`` with the epoch as the step. ``on_epoch`` is
     called after each epoch (checkpoints); ``start_epoch`` and ``optimizer_state`` resume.
-    ``trigger_generator`` is the source's own stream (see the module's note on pairing)."""
+    ``trigger_generator`` is the source's own stream (see the module's note on pairing).
+    ``step``: how a batch updates the model (default ``PlainStep``: cross-entropy and SGD)."""
     device = images_u8.device
     placement = Placement(config.placement)
     use_cl = config.channels_last and device.type != "mps"
     if use_cl:
         model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr=config.lr,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-    )
+    step = step if step is not None else PlainStep(device, precision)
+    optimizer = step.make_optimizer(model, config)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     n = images_u8.shape[0]
@@ -260,10 +351,16 @@ def repair(
     steps_per_epoch = math.ceil(n / config.batch_size)
     last: dict[str, float] = {}
     for epoch in range(start_epoch, config.epochs):
-        model.train()
+        started = time.perf_counter()
+        model.train(step.train_mode)
         if source is not None and not isinstance(source, MaskTrigger):
             source.set_epoch(epoch)
-        started = time.perf_counter()
+        lr = step.learning_rate(epoch)
+        if lr is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        step_metrics = step.start_epoch(model, epoch, reporter)
+        model.train(step.train_mode)
         loss_sum = torch.zeros((), device=device)
         stamped = torch.zeros((), device=device)
         for i, idx in enumerate(batch_indices(n, config.batch_size, generator, device=device)):
@@ -287,13 +384,8 @@ def repair(
             x = normalizer.inplace(x)  # x is this step's own batch
             if use_cl:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(device, precision):
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach() * y.shape[0]
+            loss = step.update(model, x, y, optimizer)
+            loss_sum += loss * y.shape[0]
             stamped += chosen.sum()
             if reporter is not None:
                 reporter.progress(
@@ -307,7 +399,10 @@ def repair(
             "repair/stamped": float(stamped / n),
             "repair/epoch": epoch + 1,
             "time/epoch_s": time.perf_counter() - started,
+            **step_metrics,
         }
+        if lr is not None:
+            metrics["repair/lr"] = lr
         evaluation = evaluate_repair(
             model,
             normalizer,

@@ -26,7 +26,8 @@ PAPER_ROW = {
     "point": "point",
     "ideal": "ideal",
 }
-METHOD_ORDER = ("mesa", "mesa-0.9", "point", "ideal", "finetune", "neural-cleanse")
+METHOD_ORDER = ("mesa", "mesa-0.9", "point", "ideal", "finetune", "neural-cleanse", "anp", "i-bau",
+                "clp", "ft-sam")  # fmt: skip
 SCHEMAS = (1,)
 
 

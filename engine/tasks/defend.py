@@ -5,6 +5,14 @@ differs: ``mesa`` (the search artifact's generators, one beta or an ensemble), `
 of the pixel-space SGD reversal), ``neural-cleanse`` (its reversed mask and pattern), ``finetune``
 (no trigger), ``random-patch`` (uniform random patches) and ``ideal`` (the original trigger).
 
+The post-training defenses of the last years end in the same evaluation, artifact, outcomes and
+metrics: ``ft-sam`` (``engine.ml.ftsam``) and ``i-bau`` (``engine.ml.ibau``) are the repair loop
+with their own step (no trigger source, the repair's batches, their own epochs and optimiser);
+``anp`` (``engine.ml.anp``: masks learnt on the defender split, then pruning) and ``clp``
+(``engine.ml.clp``: data-free pruning) change the model without repair epochs, and their
+evaluation after pruning is logged at step 1. Each draws its own randomness from
+``engine.ml.repair.method_stream``, never from the repair's generator.
+
 ``ideal`` is the oracle bound: it is the only method that reads the ground truth for the repair
 itself. Every other method sees only the defender split and the defender's belief of the target
 (``--target``, the search's target, or Neural Cleanse's detection); the ground truth serves the
@@ -12,9 +20,14 @@ evaluation on the held-out split alone, and its metrics are absent when it is mi
 
 Resume (``reporter.resume``): a finished reversal (point restarts, Neural Cleanse's mask and
 pattern, its detection) is saved in ``checkpoints/reversal.safetensors`` and a resumed attempt
-skips it; the repair saves the model, optimiser, trigger source and random state after every
-epoch in ``checkpoints/repair.safetensors`` and continues after the saved epoch; the residual
-search checkpoints like a MESA search. A resumed attempt logs only steps after its checkpoint.
+skips it; the repair saves the model, optimiser, trigger source, the repair step's own state
+(I-BAU's stream) and random state after every epoch in ``checkpoints/repair.safetensors`` and
+continues after the saved epoch (FT-SAM's learning rate follows from the epoch; I-BAU finds the
+next round's perturbation anew); ANP saves its masks, their optimiser, its stream and the
+iteration in ``checkpoints/anp.safetensors`` (every minute at most, at a logged iteration, and
+when done) and continues after that iteration, then prunes again from the saved masks; CLP takes
+seconds and simply runs again. The residual search checkpoints like a MESA search. A resumed
+attempt logs only steps after its checkpoint.
 """
 
 from __future__ import annotations
@@ -23,16 +36,19 @@ import json
 import math
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from engine.errors import UserError
 from engine.reporter import Reporter, TaskResult
-from engine.specs import DefendSpec
+from engine.specs import PRUNING_METHODS, DefendSpec
 
 CHECKPOINT = "checkpoints/repair.safetensors"
 REVERSAL = "checkpoints/reversal.safetensors"
 RESIDUAL = "checkpoints/residual.safetensors"
+ANP_CHECKPOINT = "checkpoints/anp.safetensors"
+ANP_CHECKPOINT_EVERY_STEPS: int | None = None  # None: by time (tests set a step count)
 OUTCOMES_FILE = "outcomes.json"  # per held-out image, before and after: {"clean", "asr"} as 0/1
 DEFENSE_FILE = "defense.json"  # the defender's side of the result: target belief, detection
 RESIDUAL_SEED_OFFSET = 7_777  # the residual search never shares a stream with the repair's
@@ -221,8 +237,11 @@ def run(spec: DefendSpec, reporter: Reporter) -> TaskResult:
         RepairConfig,
         evaluate_repair,
         load_source_state,
+        load_step_state,
+        method_stream,
         repair,
         source_state,
+        step_state,
         trigger_stream,
     )
     from engine.ml.runtime import (
@@ -274,7 +293,7 @@ def run(spec: DefendSpec, reporter: Reporter) -> TaskResult:
     # Checkpoints of an earlier attempt (read now, applied below; unusable ones are reported).
     workdir = Path(reporter.workdir)
     fingerprint = spec.spec_hash()
-    reversal_state = repair_state = None
+    reversal_state = repair_state = anp_state = None
     if reporter.resume:
         reversal_state = ckpt.load_or_none(
             workdir / REVERSAL, "defend-reversal", fingerprint, reporter
@@ -282,6 +301,10 @@ def run(spec: DefendSpec, reporter: Reporter) -> TaskResult:
         repair_state = ckpt.load_or_none(
             workdir / CHECKPOINT, "defend-repair", fingerprint, reporter
         )
+        if spec.method == "anp":
+            anp_state = ckpt.load_or_none(
+                workdir / ANP_CHECKPOINT, "defend-anp", fingerprint, reporter
+            )
     before = evaluate_repair(
         model,
         normalizer,
@@ -292,7 +315,8 @@ def run(spec: DefendSpec, reporter: Reporter) -> TaskResult:
     )
     outcomes_before = held_out_outcomes(model, normalizer, held_out, precision, use_cl, spec)
     result_metrics: dict[str, float] = {f"before/{k}": v for k, v in before.items()}
-    if reversal_state is None and repair_state is None:  # a resumed attempt logged them already
+    resumed = any(state is not None for state in (reversal_state, repair_state, anp_state))
+    if not resumed:  # a resumed attempt logged them already
         reporter.log({f"eval/{k}": v for k, v in before.items()}, 0)
         reporter.log(result_metrics, 0)
 
@@ -415,6 +439,29 @@ def run(spec: DefendSpec, reporter: Reporter) -> TaskResult:
             )
         extra_files["nc_mask"] = reversed_trigger.mask
         extra_files["nc_pattern"] = reversed_trigger.pattern
+    elif spec.method == "clp":
+        extra["clp"], extra_files["clp_uclc"] = _clp(spec, model, meta, reporter)
+        result_metrics["clp/pruned"] = float(extra["clp"]["pruned"])
+        result_metrics["clp/pruned_share"] = extra["clp"]["pruned"] / extra["clp"]["channels"]
+        result_metrics["time/prune_s"] = time.perf_counter() - reverse_started
+    elif spec.method == "anp":
+        extra["anp"], extra_files["anp_masks"] = _anp(
+            spec,
+            model,
+            meta,
+            normalizer,
+            images,
+            labels,
+            anp_state,
+            method_stream(spec.seed, generator.device),
+            precision,
+            use_cl,
+            reporter,
+            fingerprint,
+        )
+        result_metrics["anp/pruned"] = float(extra["anp"]["pruned"])
+        result_metrics["anp/pruned_share"] = extra["anp"]["pruned"] / extra["anp"]["neurons"]
+        result_metrics["time/prune_s"] = time.perf_counter() - reverse_started
     reverse_s = time.perf_counter() - reverse_started
     if reversed_before:
         assert reversal_state is not None
@@ -450,7 +497,39 @@ def run(spec: DefendSpec, reporter: Reporter) -> TaskResult:
     if spec.method != "ideal" and truth is not None and target is not None:
         result_metrics["defense/target_correct"] = float(target == truth.target)
 
-    # -- the repair loop --------------------------------------------------------------------
+    # -- the repair loop (the pruning methods have none) --------------------------------------
+    step: Any = None
+    if spec.method == "i-bau":
+        from engine.ml.ibau import IBAUStep
+
+        step = IBAUStep(
+            device,
+            precision,
+            images,
+            normalizer,
+            method_stream(spec.seed, generator.device),
+            k=spec.ibau_k,
+            lr=spec.ibau_lr,
+            portion=spec.ibau_portion,
+            batch_size=spec.batch_size,
+            channels_last=use_cl,
+        )
+        config = replace(config, epochs=spec.ibau_rounds)
+    elif spec.method == "ft-sam":
+        from engine.ml.ftsam import SAMStep
+
+        step = SAMStep(
+            device,
+            precision,
+            rho=spec.sam_rho,
+            adaptive=spec.sam_adaptive,
+            label_smoothing=spec.sam_label_smoothing,
+            lr=spec.sam_lr,
+            epochs=spec.sam_epochs,
+        )
+        config = replace(
+            config, epochs=spec.sam_epochs, lr=spec.sam_lr, weight_decay=spec.sam_weight_decay
+        )
     start_epoch, optimizer_state = 0, None
     if repair_state is not None:
         current = model.state_dict()
@@ -471,6 +550,7 @@ def run(spec: DefendSpec, reporter: Reporter) -> TaskResult:
                 trigger_generator.set_state(repair_state["trigger_generator"])
             ckpt.set_global_rng_state(repair_state["rng"])
             load_source_state(source, repair_state["source"])
+            load_step_state(step, repair_state.get("step", {}))
             start_epoch = int(repair_state["epoch"])
             reporter.text(f"resumed the repair after epoch {start_epoch}")
 
@@ -483,39 +563,61 @@ def run(spec: DefendSpec, reporter: Reporter) -> TaskResult:
             "trigger_generator": trigger_generator.get_state(),
             "rng": ckpt.global_rng_state(),
             "source": source_state(source),
+            "step": step_state(step),
         }
         ckpt.save_checkpoint(workdir / CHECKPOINT, "defend-repair", state, fingerprint)
 
-    reporter.text(
-        f"repair: {spec.method}, stamp rate {spec.stamp_rate}, {spec.epochs} epochs on "
-        f"{images.shape[0]} defender images, {device} {precision}"
-    )
-    repair_started = time.perf_counter()
-    last, _ = repair(
-        model,
-        normalizer,
-        images,
-        labels,
-        source,
-        config,
-        held_out,
-        generator=generator,
-        trigger_generator=trigger_generator,
-        patch_size=spec.patch_size,
-        precision=precision,
-        reporter=reporter,
-        on_epoch=save_checkpoint,
-        start_epoch=start_epoch,
-        optimizer_state=optimizer_state,
-    )
-    result_metrics["time/repair_s"] = time.perf_counter() - repair_started
-    if not last:  # resumed after the last epoch: evaluate the checkpointed model
+    final_step = config.epochs
+    if spec.method in PRUNING_METHODS:
         last = {
             f"eval/{k}": v
             for k, v in evaluate_repair(
-                model, normalizer, held_out, precision=precision, channels_last=use_cl
+                model,
+                normalizer,
+                held_out,
+                precision=precision,
+                channels_last=use_cl,
+                batch_size=spec.eval_batch_size,
             ).items()
         }
+        final_step = 1
+        reporter.log(last, final_step)
+    else:
+        schedule = {
+            "i-bau": f"{config.epochs} rounds",
+            "ft-sam": f"{config.epochs} epochs of sharpness-aware fine-tuning",
+        }.get(spec.method, f"stamp rate {spec.stamp_rate}, {config.epochs} epochs")
+        reporter.text(
+            f"repair: {spec.method}, {schedule} on {images.shape[0]} defender images, "
+            f"{device} {precision}"
+        )
+        repair_started = time.perf_counter()
+        last, _ = repair(
+            model,
+            normalizer,
+            images,
+            labels,
+            source,
+            config,
+            held_out,
+            generator=generator,
+            trigger_generator=trigger_generator,
+            patch_size=spec.patch_size,
+            precision=precision,
+            reporter=reporter,
+            on_epoch=save_checkpoint,
+            start_epoch=start_epoch,
+            optimizer_state=optimizer_state,
+            step=step,
+        )
+        result_metrics["time/repair_s"] = time.perf_counter() - repair_started
+        if not last:  # resumed after the last epoch: evaluate the checkpointed model
+            last = {
+                f"eval/{k}": v
+                for k, v in evaluate_repair(
+                    model, normalizer, held_out, precision=precision, channels_last=use_cl
+                ).items()
+            }
     result_metrics.update(last)
 
     # -- after the repair: pattern variations and the residual search ------------------------
@@ -600,12 +702,155 @@ def run(spec: DefendSpec, reporter: Reporter) -> TaskResult:
     final_only = {
         k: v for k, v in result_metrics.items() if k not in last and not k.startswith("before/")
     }
-    reporter.log(final_only, spec.epochs)
+    reporter.log(final_only, final_step)
     reporter.artifact(workdir, "repaired-model")
     extra.update(
         {"device": str(device), "precision": precision, "environment": environment(device)}
     )
     return TaskResult(artifact=str(workdir), metrics=result_metrics, extra=extra)
+
+
+def _clp(spec: DefendSpec, model, meta, reporter: Reporter):
+    """CLP's pruning of ``model`` (in place): (the defense.json entry, every channel's UCLC)."""
+    import torch
+
+    from engine.ml.anp import require_batchnorm
+    from engine.ml.clp import clp_prune
+
+    require_batchnorm(model, "clp", meta.arch)
+    layers = clp_prune(model, spec.clp_u, spec.clp_pairing)
+    if not layers:
+        raise UserError(
+            f"--method clp found no convolution feeding a BatchNorm in the {meta.arch} network "
+            "(nothing to prune); use another method"
+        )
+    pruned = sum(int(layer.pruned.sum()) for layer in layers)
+    channels = sum(layer.uclc.numel() for layer in layers)
+    reporter.text(
+        f"clp: pruned {pruned} of {channels} channels in {len(layers)} layers (u = {spec.clp_u:g})"
+    )
+    entry = {
+        "u": spec.clp_u,
+        "pairing": spec.clp_pairing,
+        "pruned": pruned,
+        "channels": channels,
+        "layers": [
+            {
+                "conv": layer.conv,
+                "bn": layer.bn,
+                "channels": layer.uclc.numel(),
+                "pruned": layer.pruned.nonzero().flatten().tolist(),
+            }
+            for layer in layers
+        ],
+    }
+    return entry, torch.cat([layer.uclc for layer in layers])
+
+
+def _anp(
+    spec: DefendSpec,
+    model,
+    meta,
+    normalizer,
+    images,
+    labels,
+    state: dict[str, Any] | None,
+    method_generator,
+    precision: str,
+    channels_last: bool,
+    reporter: Reporter,
+    fingerprint: str,
+):
+    """ANP: learn the masks (resuming from ``state``), prune ``model`` in place; (the
+    defense.json entry, every neuron's mask in module order)."""
+    import torch
+
+    from engine.ml import anp
+    from engine.ml import checkpoint as ckpt
+    from engine.tasks import mesa as mesa_task
+
+    layers = anp.require_batchnorm(model, "anp", meta.arch)
+    config = anp.ANPConfig(
+        iterations=spec.anp_iterations,
+        batch_size=spec.anp_batch_size,
+        lr=spec.anp_lr,
+        eps=spec.anp_eps,
+        steps=spec.anp_steps,
+        alpha=spec.anp_alpha,
+        threshold=spec.anp_threshold,
+        prune_count=spec.anp_prune_count,
+    )
+    workdir = Path(reporter.workdir)
+    masks = None
+    if state is not None:
+        masks = anp.MaskState(
+            masks=list(state["masks"]),
+            optimizer=state["optimizer"],
+            iteration=int(state["iteration"]),
+            history=list(state["history"]),
+        )
+        method_generator.set_state(state["generator"])
+        reporter.text(f"resumed ANP's mask optimisation after iteration {masks.iteration}")
+    cadence = ckpt.Cadence(ANP_CHECKPOINT_EVERY_STEPS, every_s=mesa_task.CHECKPOINT_EVERY_S)
+
+    def save(current: anp.MaskState) -> None:
+        finished = current.iteration >= config.iterations
+        if not finished and not cadence.due(current.iteration):
+            return
+        reporter.check_in(120.0)  # flushes the logged points before the checkpoint passes them
+        seconds = ckpt.save_checkpoint(
+            workdir / ANP_CHECKPOINT,
+            "defend-anp",
+            {
+                "masks": [m.detach().cpu() for m in current.masks],
+                "optimizer": current.optimizer,
+                "iteration": current.iteration,
+                "history": current.history,
+                "generator": method_generator.get_state(),
+            },
+            fingerprint,
+        )
+        cadence.wrote(seconds)
+
+    if masks is None or masks.iteration < config.iterations:
+        reporter.text(
+            f"anp: {config.iterations} mask steps of {config.batch_size} defender images "
+            f"(eps {config.eps:g}, alpha {config.alpha:g})"
+        )
+    masks = anp.optimize_masks(
+        model,
+        normalizer,
+        images,
+        labels,
+        config,
+        generator=method_generator,
+        precision=precision,
+        channels_last=channels_last,
+        reporter=reporter,
+        state=masks,
+        on_log=save,
+    )
+    chosen = anp.neurons_to_prune(masks.masks, config)
+    pruned = anp.prune_batchnorm(model, layers, chosen)
+    neurons = sum(m.numel() for m in masks.masks)
+    rule = (
+        f"the {config.prune_count} smallest masks"
+        if config.prune_count is not None
+        else f"masks at most {config.threshold:g}"
+    )
+    reporter.text(f"anp: pruned {pruned} of {neurons} neurons ({rule})")
+    entry = {
+        "pruned": pruned,
+        "neurons": neurons,
+        "threshold": None if config.prune_count is not None else config.threshold,
+        "prune_count": config.prune_count,
+        "layers": [
+            {"bn": name, "neurons": bn.num_features, "pruned": c.nonzero().flatten().tolist()}
+            for (name, bn), c in zip(layers, chosen, strict=True)
+        ],
+        "history": masks.history,
+    }
+    return entry, torch.cat([m.detach().cpu().flatten() for m in masks.masks])
 
 
 def held_out_outcomes(model, normalizer, held_out, precision, channels_last, spec) -> dict:

@@ -167,12 +167,33 @@ def _require_model(build):
 # run defend
 
 
-@app.command("defend")
+# The settings `run defend` takes without an option of its own (``--name value``, checked by the
+# spec like every other): the post-training defenses' own. A test keeps this list and the spec's
+# fields together.
+DEFEND_EPILOG = (
+    "Every other setting of the defend spec is accepted as --name value (--no-name for a false "
+    "switch), among them each post-training defense's own (papers' defaults): anp: "
+    "--anp-iterations, --anp-batch-size, --anp-lr, --anp-eps, --anp-steps, --anp-alpha, "
+    "--anp-threshold, --anp-prune-count; i-bau: --ibau-rounds, --ibau-k, --ibau-lr, "
+    "--ibau-portion; clp: --clp-u, --clp-pairing; ft-sam: --sam-epochs, --sam-lr, "
+    "--sam-weight-decay, --sam-rho, --sam-adaptive/--no-sam-adaptive, --sam-label-smoothing; and "
+    "--weight-decay, --placement, --patch-size, --nc-lr, --nc-init-cost, --nc-patience, "
+    "--nc-threshold, --nc-early-stop, --reversal-from, --residual-beta, --residual-batch-size, "
+    "--residual-hidden, --point-epochs, --point-batch-size, --point-lr, --channels-last, "
+    "--eval-batch-size."
+)
+EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+@app.command("defend", context_settings=EXTRA, epilog=DEFEND_EPILOG)
 @cli_errors
 def defend(
+    ctx: typer.Context,
     model: str | None = typer.Option(None, "--model", help="backdoored model artifact directory"),
     method: str | None = typer.Option(
-        None, help="mesa, ideal, point, neural-cleanse, finetune or random-patch (default mesa)"
+        None,
+        help="mesa, ideal, point, neural-cleanse, finetune, random-patch, anp, i-bau, clp or "
+        "ft-sam (default mesa)",
     ),
     search: str | None = typer.Option(None, help="search artifact directory (--method mesa)"),
     beta: float | None = typer.Option(None, help="repair with this beta's generator only"),
@@ -214,11 +235,14 @@ def defend(
     device: str | None = typer.Option(None, help="auto, cpu, cuda or cuda:N"),
     json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
-    """Repair a backdoored model: fine-tune with stamped triggers that keep their true labels."""
+    """Repair a backdoored model: fine-tune with stamped triggers that keep their true labels,
+    or run one of the post-training defenses (anp, i-bau, clp, ft-sam)."""
     from engine.specs import build_spec
     from engine.tasks.defend import check_spec
+    from mesa_tui.commands.submit import parse_extra
     from mesa_tui.foreground import run_foreground
 
+    extra = parse_extra(list(ctx.args))
     overrides = dict(
         model=model,
         method=method,
@@ -245,6 +269,7 @@ def defend(
         precision=precision,
         device=device,
     )
+    overrides.update(extra)
     spec = _require_model(
         lambda: build_spec("defend", preset=preset, file=config, overrides=overrides)
     )

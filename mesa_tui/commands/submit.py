@@ -182,7 +182,7 @@ def pipeline(
     ),
     methods: str | None = typer.Option(
         None,
-        help="comma list of mesa, mesa-0.9, mesa-ensemble, ideal, point, neural-cleanse, finetune, random-patch, or all",
+        help="comma list of mesa, mesa-0.9, mesa-ensemble, ideal, point, neural-cleanse, finetune, random-patch, anp, i-bau, clp, ft-sam, or all",
     ),
     seed: int = typer.Option(0, help="seed of every stage"),
     priority: int = typer.Option(0, help="higher runs first"),

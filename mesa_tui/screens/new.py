@@ -95,7 +95,7 @@ class PipelineForm(BaseModel):
     )
     methods: str = Field(
         "mesa,ideal,point,finetune",
-        description="comma list: mesa, mesa-0.9, mesa-ensemble, ideal, point, neural-cleanse, finetune, random-patch, all",
+        description="comma list: mesa, mesa-0.9, mesa-ensemble, ideal, point, neural-cleanse, finetune, random-patch, anp, i-bau, clp, ft-sam, all",
     )
     seed: int = Field(0, ge=0)
     epochs: int | None = Field(

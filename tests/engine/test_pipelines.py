@@ -51,6 +51,23 @@ def test_pipeline_with_oracle_target_and_overrides():
     assert defend_mesa.depends_on == (("#0", "model"), ("#1", "search"))
 
 
+def test_the_recent_defenses_are_pipeline_methods_with_the_presets_cut_budgets():
+    from engine.pipelines import parse_methods
+
+    assert {"anp", "i-bau", "clp", "ft-sam"} <= set(parse_methods("all"))
+    built = build_pipeline(
+        preset="cpu-quick", trigger="bw:170", target="0",
+        methods=parse_methods("anp,i-bau,clp,ft-sam"), overrides={},
+    )  # fmt: skip
+    kinds = [j.kind for j in built.jobs]
+    assert kinds == ["train", "defend", "defend", "defend", "defend"]  # no search needed
+    specs = {j.spec["method"]: j.spec for j in built.jobs[1:]}
+    assert specs["anp"]["anp_iterations"] == 500 and specs["anp"]["anp_eps"] == 0.4
+    assert specs["i-bau"]["ibau_rounds"] == 2 and specs["ft-sam"]["sam_epochs"] == 20
+    assert specs["clp"]["clp_u"] == 3.0
+    assert all(j.depends_on == (("#0", "model"),) for j in built.jobs[1:])
+
+
 def test_pipeline_with_auto_target_detects_first():
     built = build_pipeline(
         preset="cpu-quick", trigger="bw:170", target="auto", methods=["mesa", "point"], overrides={}

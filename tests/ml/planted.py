@@ -54,3 +54,21 @@ def synthetic(n: int, seed: int = 0, classes: int = CLASSES, size: int = SIZE):
 
 def checker_pattern() -> torch.Tensor:
     return CHECKER.expand(3, 3, 3).clone()
+
+
+class TinyBatchNormNet(nn.Module):
+    """conv -> BN -> relu -> pool -> conv -> BN -> relu -> mean -> linear: a network with
+    BatchNorm layers (what ANP and CLP prune) that trains in milliseconds on these images."""
+
+    def __init__(self, num_classes: int = CLASSES, in_channels: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 6, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.conv2 = nn.Conv2d(6, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.max_pool2d(torch.relu(self.bn1(self.conv1(x))), 2)
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.head(x.mean((2, 3)))

@@ -15,7 +15,14 @@ from typer.testing import CliRunner
 
 from engine.errors import UserError
 from engine.reporter import MemoryReporter
-from tests.ml.planted import CLASSES, SIZE, PlantedBackdoor, checker_pattern, synthetic
+from tests.ml.planted import (
+    CLASSES,
+    SIZE,
+    PlantedBackdoor,
+    TinyBatchNormNet,
+    checker_pattern,
+    synthetic,
+)
 
 TARGET = 1
 
@@ -347,6 +354,132 @@ def test_a_damaged_repair_checkpoint_repairs_from_the_beginning(planted, tmp_pat
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+# ---------------------------------------------------------------------------------------------
+# The post-training defenses (anp, i-bau, clp, ft-sam) in the same task
+
+
+@pytest.fixture
+def planted_bn(planted, monkeypatch, tmp_path) -> Path:
+    """A model artifact of a network with BatchNorm layers (what ANP and CLP prune) on the same
+    synthetic data, with the planted model's ground truth (it has no backdoor of its own)."""
+    from engine.ml import models
+    from engine.ml.artifacts import GroundTruth, ModelMeta, save_model
+
+    monkeypatch.setitem(models.ARCHITECTURES, "tinybn", lambda n, c: TinyBatchNormNet(n, c))
+    torch.manual_seed(0)
+    meta = ModelMeta("tinybn", CLASSES, 3, (SIZE, SIZE), (0.0,) * 3, (1.0,) * 3, "synth-defend")
+    truth = GroundTruth("bw:170", checker_pattern(), TARGET, "per-image")
+    return save_model(tmp_path / "bn-model", TinyBatchNormNet(), meta, ground_truth=truth)
+
+
+QUICK_POSTTRAIN = dict(
+    residual_steps=0,
+    variations=False,
+    anp_iterations=4,
+    anp_batch_size=16,
+    ibau_rounds=2,
+    ibau_k=2,
+    sam_epochs=2,
+)
+
+
+@pytest.mark.parametrize("method", ["ft-sam", "i-bau"])
+def test_ft_sam_and_i_bau_are_the_repair_loop_with_their_own_step(planted, tmp_path, method):
+    from engine.ml.artifacts import read_manifest
+    from engine.tasks.defend import run
+
+    reporter = MemoryReporter(tmp_path / method)
+    result = run(spec(planted, method=method, **QUICK_POSTTRAIN), reporter)
+    m = result.metrics
+    assert {"eval/acc_clean", "eval/asr", "eval/ra", "before/asr", "time/repair_s"} <= set(m)
+    assert [s for s, _ in reporter.series("eval/asr")] == [0, 1, 2]
+    assert [s for s, _ in reporter.series("repair/loss")] == [1, 2]
+    stamped = [v for _, v in reporter.series("repair/stamped")]
+    assert stamped == [0.0, 0.0]  # no trigger source: nothing stamped
+    if method == "ft-sam":
+        lrs = [v for _, v in reporter.series("repair/lr")]
+        assert lrs == [pytest.approx(0.01), pytest.approx(0.005)]  # cosine over sam_epochs
+    else:
+        assert [s for s, _ in reporter.series("ibau/perturbation_l2")] == [1, 2]
+    files = read_manifest(result.artifact)["files"]
+    assert "outcomes.json" in files and "defense.json" in files
+    assert json.loads((Path(result.artifact) / "defense.json").read_text())["method"] == method
+
+
+def test_anp_and_clp_refuse_a_network_without_batchnorm(planted, tmp_path):
+    from engine.tasks.defend import run
+
+    for method in ("anp", "clp"):
+        with pytest.raises(UserError, match=f"--method {method} prunes BatchNorm neurons"):
+            run(spec(planted, method=method, **QUICK_POSTTRAIN), MemoryReporter(tmp_path / method))
+
+
+def test_anp_and_clp_prune_without_repair_epochs_and_end_like_every_method(planted_bn, tmp_path):
+    from engine.ml.artifacts import load_array, read_manifest
+    from engine.tasks.defend import run
+
+    for method, key, file in (
+        ("anp", "anp/pruned", "anp_masks"),
+        ("clp", "clp/pruned", "clp_uclc"),
+    ):
+        reporter = MemoryReporter(tmp_path / method)
+        result = run(spec(planted_bn, method=method, clp_u=1.0, **QUICK_POSTTRAIN), reporter)
+        m = result.metrics
+        assert {"eval/acc_clean", "eval/asr", "time/prune_s", key} <= set(m)
+        assert [s for s, _ in reporter.series("eval/asr")] == [0, 1]  # before, after pruning
+        assert not reporter.series("repair/loss")
+        files = read_manifest(result.artifact)["files"]
+        assert {"outcomes.json", "defense.json", f"{file}.npy"} <= set(files)
+        assert load_array(Path(result.artifact) / f"{file}.npy").shape == (14,)  # 6 + 8 neurons
+        entry = json.loads((Path(result.artifact) / "defense.json").read_text())[method]
+        assert entry["pruned"] == m[key] and [layer["bn"] for layer in entry["layers"]] == [
+            "bn1",
+            "bn2",
+        ]
+    assert [s for s, _ in reporter.series("clp/pruned")] == [1]  # with the final metrics
+
+
+def test_an_interrupted_anp_resumes_to_the_same_masks_and_model(planted_bn, tmp_path, monkeypatch):
+    from engine.errors import Cancelled
+    from engine.tasks import defend
+
+    monkeypatch.setattr("engine.ml.anp.LOG_EVERY", 2)
+    monkeypatch.setattr(defend, "ANP_CHECKPOINT_EVERY_STEPS", 2)
+    settings = dict(QUICK_POSTTRAIN, method="anp", anp_iterations=6, anp_prune_count=3)
+    whole = defend.run(spec(planted_bn, **settings), MemoryReporter(tmp_path / "whole"))
+    cut = tmp_path / "cut"
+    with pytest.raises(Cancelled):  # after the masks' first logged step (2) and its checkpoint
+        defend.run(spec(planted_bn, **settings), StopWhen(cut, "anp/loss"))
+    assert (cut / defend.ANP_CHECKPOINT).exists()
+    resumed_reporter = MemoryReporter(cut, resume=True)
+    resumed = defend.run(spec(planted_bn, **settings), resumed_reporter)
+    assert any("after iteration 2" in line for _, line in resumed_reporter.lines)
+    assert [s for s, _ in resumed_reporter.series("anp/loss")] == [4, 6]
+    assert [s for s, _ in resumed_reporter.series("eval/acc_clean")] == [1]  # not step 0 again
+    a, b = _weights(whole.artifact), _weights(resumed.artifact)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    same = {k: v for k, v in whole.metrics.items() if not k.startswith("time/")}
+    assert same == {k: v for k, v in resumed.metrics.items() if not k.startswith("time/")}
+    assert not (cut / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("method", ["i-bau", "ft-sam"])
+def test_an_interrupted_i_bau_or_ft_sam_repair_resumes_to_the_same_model(planted, tmp_path, method):
+    from engine.errors import Cancelled
+    from engine.tasks import defend
+
+    settings = dict(QUICK_POSTTRAIN, method=method)
+    whole = defend.run(spec(planted, **settings), MemoryReporter(tmp_path / "whole"))
+    cut = tmp_path / "cut"
+    with pytest.raises(Cancelled):  # after the first round or epoch
+        defend.run(spec(planted, **settings), StopWhen(cut, "repair/loss"))
+    reporter = MemoryReporter(cut, resume=True)
+    resumed = defend.run(spec(planted, **settings), reporter)
+    assert [s for s, _ in reporter.series("repair/loss")] == [2]
+    a, b = _weights(whole.artifact), _weights(resumed.artifact)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_check_spec_refusals(planted, tmp_path):
     from engine.tasks.defend import check_spec
 
@@ -406,6 +539,39 @@ def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(planted, extra, mes
     lines = [line for line in out.output.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in out.output
     assert not paths.artifacts_dir().exists() or not any(paths.artifacts_dir().iterdir())
+
+
+def test_cli_defend_takes_the_post_training_defenses_settings(planted):
+    from mesa_tui.cli import app
+
+    args = ["run", "defend", "--model", str(planted), "--method", "ft-sam", "--json"]
+    args += ["--sam-epochs", "1", "--sam-rho", "1.5", "--no-sam-adaptive", "--batch-size", "50"]
+    args += ["--residual-steps", "0", "--device", "cpu", "--precision", "fp32"]
+    out = CliRunner().invoke(app, args)
+    assert out.exit_code == 0, out.output
+    obj = json.loads(out.stdout.strip().splitlines()[-1])
+    spec_json = json.loads((Path(obj["artifact"]) / "manifest.json").read_text())["spec"]
+    assert spec_json["sam_rho"] == 1.5 and spec_json["sam_adaptive"] is False
+    assert spec_json["sam_epochs"] == 1
+    bad = CliRunner().invoke(app, ["run", "defend", "--model", str(planted), "--sam-rhoo", "2"])
+    assert bad.exit_code == 2 and "unknown setting 'sam_rhoo'" in bad.output
+
+
+def test_every_defend_setting_is_an_option_of_run_defend_or_named_in_its_help():
+    import inspect
+
+    from engine.specs import DefendSpec
+    from mesa_tui.commands import run_defense
+
+    options = set(inspect.signature(run_defense.defend).parameters) - {"ctx", "json_output"}
+    named = {
+        token.strip(",.;:").removeprefix("--").split("/")[0].replace("-", "_")
+        for token in run_defense.DEFEND_EPILOG.split()
+        if token.startswith("--") and token.strip(",.;:") != "--name"
+    }
+    fields = set(DefendSpec.model_fields) - {"kind"}
+    assert fields - options - named == set()
+    assert named - fields == {"no_name"} or named <= fields
 
 
 def test_cli_missing_model_is_refused(isolated_home):

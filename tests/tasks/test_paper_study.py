@@ -48,6 +48,20 @@ def test_point_is_three_repairs_and_mesa_uses_the_search():
         assert settings["epochs"] == 10 and settings["seed"] == protocol.SEED
 
 
+def test_the_recent_defenses_run_at_their_defaults_and_one_repair_serves_every_rate():
+    for method in protocol.RECENT_METHODS:
+        ((label, low),) = protocol.repair_overrides(method, "M", "S", 0.01)
+        ((_, high),) = protocol.repair_overrides(method, "M", "S", 0.1)
+        assert label == method and low == high and "stamp_rate" not in low
+        assert low["method"] == method and "search" not in low
+        assert not protocol.uses_rate(method)
+    assert all(protocol.uses_rate(m) for m in [*protocol.MAIN_METHODS, *protocol.SUBSET_METHODS])
+    from benchmarks.paper_study import method_list
+
+    assert method_list("anp,i-bau,clp,ft-sam") == ["anp", "i-bau", "clp", "ft-sam"]
+    assert set(protocol.RECENT_METHODS) <= set(method_list("all"))
+
+
 def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "benchmarks/paper_study.py", *args],
