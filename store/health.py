@@ -15,6 +15,7 @@ import contextlib
 import errno
 import os
 import sqlite3
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,6 @@ from sqlalchemy.engine import make_url
 from engine.errors import UserError
 from store import db as dbmod
 
-SQLITE_MAGIC = b"SQLite format 3\x00"
 README = 'docs/operators.md, "When the store is damaged"'
 
 
@@ -177,17 +177,24 @@ def check_file(url: str, write: bool = True) -> None:
 
 
 def _check_header(path: Path) -> None:
-    if not path.exists():
+    """SQLite reads the header itself: a plain ``open()`` and ``close()`` of the file would drop
+    every POSIX lock this process's SQLite connections hold on it (the locks belong to the
+    process and the inode, not to the descriptor), so a second Store in a process that already
+    had one open made that one read stale snapshots and write into nowhere. SQLite's own close
+    keeps the descriptor while other connections hold locks; ``immutable`` takes none."""
+    if not path.exists() or path.stat().st_size == 0:
         return
+    uri = f"file:{urllib.parse.quote(str(path))}?mode=ro&immutable=1"
     try:
-        with open(path, "rb") as handle:
-            header = handle.read(100)
-    except OSError as exc:
-        raise StoreNotWritable(
-            f"the store {path} cannot be read ({exc.strerror}); check its permissions and disk"
-        ) from None
-    if header and (len(header) < 100 or not header.startswith(SQLITE_MAGIC)):
-        raise not_a_database(path)
+        conn = sqlite3.connect(uri, uri=True)
+        try:
+            conn.execute("PRAGMA schema_version").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        if getattr(exc, "sqlite_errorname", "") == "SQLITE_NOTADB" or "not a database" in str(exc):
+            raise not_a_database(path) from None
+        # Anything else (permissions, a damaged page 1) is classified when the store opens.
 
 
 # ------------------------------------------------------------------------------------------------

@@ -234,3 +234,29 @@ def _refused(url: str) -> bool:
     except health.StoreAuthFailed:
         return True
     return False
+
+
+def test_a_second_store_in_a_process_keeps_the_first_ones_sqlite_locks(tmp_path):
+    """Opening and closing the store file with plain Python drops every POSIX lock the process's
+    SQLite connections hold: the next process to close its connection then deletes the -wal file
+    under the first Store, whose later writes vanish. The header check goes through SQLite."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    path = tmp_path / "store.db"
+    first = Store(f"sqlite:///{path}")
+    first.submit([NewJob("count", {"n": 0}, "before")])
+    Store(f"sqlite:///{path}").close()  # the cheap checks of a second Store in this process
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"import sqlite3; sqlite3.connect({str(path)!r}).execute('select count(*) from jobs').fetchall()",
+        ],
+        check=True,
+    )
+    first.submit([NewJob("count", {"n": 1}, "after")])
+    seen = sqlite3.connect(path).execute("select count(*) from jobs").fetchone()[0]
+    first.close()
+    assert seen == 2
