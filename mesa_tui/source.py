@@ -52,6 +52,8 @@ class JobRow:
     acc_clean: float | None = None
     asr: float | None = None
     loss_tail: tuple[float, ...] = ()
+    label: str | None = None  # as ``mesa-tui ls`` shows it
+    method: str | None = None  # what tells a pipeline's rows apart: "point #3", "mesa-0.9", ...
 
 
 @dataclass(frozen=True)
@@ -480,6 +482,7 @@ class FakeSource:
         study: str | None = None,
         trigger: str | None = None,
         workdir: str | None = None,
+        label: str | None = None,
         **row: Any,
     ) -> int:
         with self._lock:
@@ -495,6 +498,8 @@ class FakeSource:
                 updated_at=now,
                 study=study,
                 trigger=trigger or spec.get("trigger"),
+                label=label,
+                method=row.pop("method", None) or label_method(label, spec),
                 **row,
             )
             self._specs[job_id] = spec
@@ -787,6 +792,7 @@ def demo_source(root: Path, clock: FrozenClock | None = None) -> FakeSource:
         "succeeded",
         spec={"kind": "train", "arch": "small", "epochs": 8, "trigger": "bw:170", "target": 0},
         study="mini",
+        label="attack bw:170 -> 0",
         progress=1.0,
         stage="done",
     )
@@ -824,6 +830,7 @@ def demo_source(root: Path, clock: FrozenClock | None = None) -> FakeSource:
         spec={"kind": "mesa", "betas": [0.9, 0.8, 0.5], "alpha": 0.1, "steps": 620},
         study="mini",
         trigger="bw:170",
+        label="mesa bw:170 -> 0",
         workdir=str(search_dir),
         progress=0.42,
         stage="search",
@@ -857,12 +864,14 @@ def demo_source(root: Path, clock: FrozenClock | None = None) -> FakeSource:
         spec={"kind": "defend", "method": "mesa-ensemble"},
         study="mini",
         trigger="bw:170",
+        label="mesa-ensemble bw:170 -> 0",
     )
     failed = src.add_job(
         "train",
         "failed",
         spec={"kind": "train", "trigger": "bw:7", "epochs": 8},
         study="mini",
+        label="attack bw:7 -> 0",
         progress=0.25,
         stage="train",
     )
@@ -870,8 +879,9 @@ def demo_source(root: Path, clock: FrozenClock | None = None) -> FakeSource:
     src.add_job(
         "train",
         "cancelled",
-        spec={"kind": "train", "trigger": "color:3"},
-        trigger="color:3",
+        spec={"kind": "train", "trigger": "square:white"},
+        trigger="square:white",
+        label="attack square:white -> 0",
         progress=0.1,
         stage="train",
     )
@@ -952,6 +962,19 @@ def _label_trigger(label: str | None) -> str | None:
     return found.group(0) if found else label
 
 
+def label_method(label: str | None, spec: Mapping[str, Any]) -> str | None:
+    """What a job does, from its label's words before the trigger ("point #3 bw:85 -> 0" ->
+    "point #3", "mesa-0.9 square:white -> 0" -> "mesa-0.9"), else the spec's method, else the
+    whole label: the pipeline's defend rows share kind and trigger and differ only here."""
+    head = label or ""
+    found = _TRIGGER_IN_LABEL.search(head)
+    if found:
+        head = head[: found.start()]
+    head = head.strip()
+    method = spec.get("method")
+    return head or (str(method) if method else None) or label or None
+
+
 class StoreSource:
     """``DataSource`` over ``store.repository.Store``; called from worker threads only.
 
@@ -976,6 +999,8 @@ class StoreSource:
             updated_at=s.updated_at,
             study=s.studies[0] if s.studies else None,
             trigger=spec.get("trigger") or _label_trigger(s.label),
+            label=s.label,
+            method=label_method(s.label, spec),
             progress=progress.fraction
             if progress is not None
             else (1.0 if s.status == "succeeded" else None),

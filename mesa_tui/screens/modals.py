@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from textual import events
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -130,6 +131,15 @@ class HelpModal(ModalScreen[None]):
         for key, description in self.rows:
             table.add_row(key, description)
         table.focus()
+        self._fit(self.size.height)
+
+    def on_resize(self, event: events.Resize) -> None:
+        self._fit(event.size.height)
+
+    def _fit(self, height: int) -> None:
+        """The table shows every key (and its header) where the screen has room, else scrolls."""
+        room = height - 5  # the dialog's border, the title and its margins
+        self.query_one(DataTable).styles.height = max(3, min(len(self.rows) + 1, room))
 
     def action_close(self) -> None:
         self.dismiss(None)

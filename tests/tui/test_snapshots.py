@@ -1,4 +1,4 @@
-"""Snapshots of every screen in fixed states (FakeSource, frozen clock) at 80x24, one at 120x40.
+"""Snapshots of every screen in fixed states (FakeSource, frozen clock) at 80x24, 120x40 and 60x20.
 
 Update after a deliberate change with ``pytest tests/tui/test_snapshots.py --snapshot-update`` and
 look at ``snapshot_report.html`` before accepting.
@@ -6,6 +6,7 @@ look at ``snapshot_report.html`` before accepting.
 
 from __future__ import annotations
 
+import pytest
 from textual.widgets import Input, SelectionList
 
 from .conftest import make_app, refresh_screen, settle
@@ -28,6 +29,11 @@ def run_before(*steps):
     return script
 
 
+SIZES = pytest.mark.parametrize(
+    "size", [(80, 24), (120, 40), (60, 20)], ids=lambda size: f"{size[0]}x{size[1]}"
+)
+
+
 def open_job(job_id: int):
     def step(pilot) -> None:
         pilot.app.open_job(job_id)
@@ -35,14 +41,9 @@ def open_job(job_id: int):
     return step
 
 
-def test_jobs_80x24(snap_compare, snapshot_demo, clock):
-    assert snap_compare(make_app(snapshot_demo, clock), run_before=run_before())
-
-
-def test_jobs_120x40(snap_compare, snapshot_demo, clock):
-    assert snap_compare(
-        make_app(snapshot_demo, clock), terminal_size=(120, 40), run_before=run_before()
-    )
+@SIZES
+def test_jobs(snap_compare, snapshot_demo, clock, size):
+    assert snap_compare(make_app(snapshot_demo, clock), terminal_size=size, run_before=run_before())
 
 
 def test_jobs_light_theme_no_engine(snap_compare, snapshot_demo, clock):
@@ -51,42 +52,67 @@ def test_jobs_light_theme_no_engine(snap_compare, snapshot_demo, clock):
     assert snap_compare(app, run_before=run_before())
 
 
-def test_run_curves(snap_compare, snapshot_demo, clock):
-    assert snap_compare(make_app(snapshot_demo, clock), run_before=run_before(open_job(2)))
+@SIZES
+def test_run_curves(snap_compare, snapshot_demo, clock, size):
+    assert snap_compare(
+        make_app(snapshot_demo, clock), terminal_size=size, run_before=run_before(open_job(2))
+    )
 
 
-def test_run_triggers(snap_compare, snapshot_demo, clock):
-    assert snap_compare(make_app(snapshot_demo, clock), run_before=run_before(open_job(2), "2"))
+@SIZES
+def test_run_triggers(snap_compare, snapshot_demo, clock, size):
+    assert snap_compare(
+        make_app(snapshot_demo, clock), terminal_size=size, run_before=run_before(open_job(2), "2")
+    )
 
 
-def test_run_embedding(snap_compare, snapshot_demo, clock):
-    assert snap_compare(make_app(snapshot_demo, clock), run_before=run_before(open_job(2), "3"))
+@SIZES
+def test_run_embedding(snap_compare, snapshot_demo, clock, size):
+    assert snap_compare(
+        make_app(snapshot_demo, clock), terminal_size=size, run_before=run_before(open_job(2), "3")
+    )
 
 
-def test_run_params(snap_compare, snapshot_demo, clock):
-    assert snap_compare(make_app(snapshot_demo, clock), run_before=run_before(open_job(1), "4"))
+@SIZES
+def test_run_params(snap_compare, snapshot_demo, clock, size):
+    assert snap_compare(
+        make_app(snapshot_demo, clock), terminal_size=size, run_before=run_before(open_job(1), "4")
+    )
 
 
-def test_run_log(snap_compare, snapshot_demo, clock):
-    assert snap_compare(make_app(snapshot_demo, clock), run_before=run_before(open_job(1), "5"))
+@SIZES
+def test_run_log(snap_compare, snapshot_demo, clock, size):
+    assert snap_compare(
+        make_app(snapshot_demo, clock), terminal_size=size, run_before=run_before(open_job(1), "5")
+    )
 
 
-def test_run_artifacts(snap_compare, snapshot_demo, clock):
-    assert snap_compare(make_app(snapshot_demo, clock), run_before=run_before(open_job(1), "6"))
+@SIZES
+def test_run_artifacts(snap_compare, snapshot_demo, clock, size):
+    assert snap_compare(
+        make_app(snapshot_demo, clock), terminal_size=size, run_before=run_before(open_job(1), "6")
+    )
 
 
-def test_new_form_with_field_error(snap_compare, snapshot_demo, clock):
+@SIZES
+def test_new_form_with_field_error(snap_compare, snapshot_demo, clock, size):
     def bad_epochs(pilot) -> None:
         pilot.app.screen.query_one("#f-epochs", Input).value = "0"
 
-    assert snap_compare(make_app(snapshot_demo, clock), run_before=run_before("n", bad_epochs))
+    assert snap_compare(
+        make_app(snapshot_demo, clock), terminal_size=size, run_before=run_before("n", bad_epochs)
+    )
 
 
-def test_study(snap_compare, snapshot_demo, clock):
-    assert snap_compare(make_app(snapshot_demo, clock), run_before=run_before("s"))
+@SIZES
+def test_study(snap_compare, snapshot_demo, clock, size):
+    assert snap_compare(
+        make_app(snapshot_demo, clock), terminal_size=size, run_before=run_before("s")
+    )
 
 
-def test_compare(snap_compare, snapshot_demo, clock):
+@SIZES
+def test_compare(snap_compare, snapshot_demo, clock, size):
     def pick(pilot) -> None:
         chooser = pilot.app.screen.query_one("#compare-jobs", SelectionList)
         chooser.select(1)
@@ -95,7 +121,9 @@ def test_compare(snap_compare, snapshot_demo, clock):
     def key(pilot) -> None:
         pilot.app.screen.query_one("#compare-key").value = "train/loss"
 
-    assert snap_compare(make_app(snapshot_demo, clock), run_before=run_before("m", pick, key))
+    assert snap_compare(
+        make_app(snapshot_demo, clock), terminal_size=size, run_before=run_before("m", pick, key)
+    )
 
 
 def test_cancel_confirmation(snap_compare, snapshot_demo, clock):
@@ -106,5 +134,8 @@ def test_cancel_confirmation(snap_compare, snapshot_demo, clock):
     assert snap_compare(make_app(snapshot_demo, clock), run_before=run_before(to_running, "c"))
 
 
-def test_help(snap_compare, snapshot_demo, clock):
-    assert snap_compare(make_app(snapshot_demo, clock), run_before=run_before("question_mark"))
+@SIZES
+def test_help(snap_compare, snapshot_demo, clock, size):
+    assert snap_compare(
+        make_app(snapshot_demo, clock), terminal_size=size, run_before=run_before("question_mark")
+    )

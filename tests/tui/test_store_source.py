@@ -173,3 +173,14 @@ async def test_study_screen_over_the_store_shows_the_study_statistics(tmp_path):
                 f"{100 * mean['lo']:.1f}–{100 * mean['hi']:.1f}"
             )
             assert rows["worst"][column].plain.strip() == f"{100 * worst:.1f}"
+
+
+def test_the_method_column_is_the_label_before_its_trigger_else_the_spec_method():
+    from mesa_tui.source import label_method
+
+    assert label_method("point #3 bw:85 -> 0", {"method": "point"}) == "point #3"
+    assert label_method("mesa-0.9 square:white -> 0", {}) == "mesa-0.9"
+    assert label_method("attack bw:170 -> 0", {}) == "attack"
+    assert label_method(None, {"method": "anp"}) == "anp"
+    assert label_method("bw:7 -> 0", {"method": "finetune"}) == "finetune"
+    assert label_method("clean model", {}) == "clean model" and label_method(None, {}) is None

@@ -1,0 +1,79 @@
+"""The jobs screen and the help dialog at 60x20, 80x24 and 120x40, read back as rendered text:
+columns that fit the width, triggers not cut, and no block glyph (a scroll bar's thumb end)
+anywhere but in the loss spark line."""
+
+from __future__ import annotations
+
+import pytest
+from textual.widgets import DataTable
+
+from mesa_tui.widgets.jobs_table import PADDING, JobsTable, layout
+
+from .conftest import make_app, refresh_screen, settle, wait_until
+
+BLOCKS = set("▁▂▃▄▅▆▇█▉▊▋▌▍▎")
+SIZES = [(60, 20), (80, 24), (120, 40)]
+
+
+def screen_lines(app) -> list[str]:
+    return ["".join(s.text for s in strip) for strip in app.screen._compositor.render_strips()]
+
+
+def stray_blocks(lines: list[str], allowed: range | None = None) -> list[tuple[int, int, str]]:
+    """(row, column, glyph) of every block glyph outside ``allowed`` columns."""
+    return [
+        (y, x, ch)
+        for y, line in enumerate(lines)
+        for x, ch in enumerate(line)
+        if ch in BLOCKS and (allowed is None or x not in allowed)
+    ]
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+async def test_jobs_columns_fit_and_no_stray_block(demo, clock, size) -> None:
+    app = make_app(demo, clock)
+    async with app.run_test(size=size) as pilot:
+        await settle(pilot)
+        await refresh_screen(pilot)
+        table = app.screen.query_one(JobsTable)
+        assert table.widths == layout(table.size.width)
+        assert sum(w + PADDING for w in table.widths.values()) <= table.size.width
+        assert table.max_scroll_x == 0  # no horizontal scroll bar: every shown column fits
+        lines = screen_lines(app)
+        assert any("square:white" in line for line in lines)  # the trigger is never cut
+        methods = {table.get_row(str(job_id))[2] for job_id in (1, 2, 3)}
+        assert len(methods) == 3  # the method column tells the rows apart
+        header = next(line for line in lines if line.startswith(" id "))
+        loss = range(0)
+        if "loss" in table.widths:
+            start = header.index("loss")
+            loss = range(start, start + table.widths["loss"])
+        assert stray_blocks(lines[:-1], loss) == []  # the footer's own separator aside
+        if size[0] >= 120:
+            assert {"study", "loss"} <= set(table.widths)
+            assert table.widths["method"] > 8 and table.widths["loss"] > 10  # uses the room
+
+
+async def test_help_fits_at_120x40_without_scroll_bar(demo, clock) -> None:
+    app = make_app(demo, clock)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot)
+        await pilot.press("question_mark")
+        await settle(pilot)
+        keys = app.screen.query_one("#help-keys", DataTable)
+        assert keys.max_scroll_y == 0 and keys.size.height == keys.row_count + 1
+        region = keys.region
+        inside = [line[region.x : region.right] for line in screen_lines(app)]
+        assert stray_blocks(inside[region.y : region.bottom]) == []
+
+
+async def test_help_scrolls_where_its_keys_do_not_fit(demo, clock) -> None:
+    app = make_app(demo, clock)
+    async with app.run_test(size=(60, 20)) as pilot:
+        await settle(pilot)
+        await pilot.press("question_mark")
+        await settle(pilot)
+        keys = app.screen.query_one("#help-keys", DataTable)
+        assert keys.max_scroll_y > 0 and keys.show_vertical_scrollbar
+        await pilot.press("ctrl+end")
+        await wait_until(pilot, lambda: keys.scroll_y == keys.max_scroll_y)  # the last keys show
