@@ -13,6 +13,7 @@ The scripts put the repository on the import path before they import this.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -294,10 +295,11 @@ def machine(quick: bool) -> dict[str, Any]:
 
 
 def commit() -> str | None:
+    """The checkout's commit, else ``MESA_COMMIT`` (a copy without .git, as on a lent GPU)."""
     try:
         out = subprocess.run(
             ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True
-        )
+        ).stdout.strip()
     except OSError:
-        return None
-    return out.stdout.strip() or None
+        out = ""
+    return out or os.environ.get("MESA_COMMIT") or None

@@ -18,8 +18,8 @@
 #   bash benchmarks/gpu.sh --download-wheels       # pydantic and its needs, for CPython 3.12
 #
 # The device call (about 6 minutes; the budget stops starting and cuts triggers 40 s before it,
-# which leaves the MESA stage its time):
-#   run  command: bash benchmarks/gpu.sh --budget-s 320
+# which leaves the MESA stage its time; the copy there has no .git, so name the commit):
+#   run  command: MESA_COMMIT=<git rev-parse HEAD> bash benchmarks/gpu.sh --budget-s 320
 #        carry:   [".data", ".whl"]
 #        timeout_s: 360
 #

@@ -337,3 +337,69 @@ def test_a_failed_trigger_is_listed_and_the_next_one_runs(gpu_bench, monkeypatch
     spent = run_paper_stage(gpu_bench, monkeypatch, tmp_path, 0, durations)
     assert spent["finished"] == [] and spent["not_started"] == ["bw:1", "bw:2"]
     assert spent["stopped"] == "budget spent"
+
+
+def test_compiling_is_used_only_where_its_cost_is_earned_back_within_the_clean_recipe(gpu_bench):
+    eager = {"steady_epoch_s": 5.0, "first_step_extra_s": 1.0}
+    fast = {"steady_epoch_s": 3.0, "first_step_extra_s": 41.0}  # 40 s to compile, 2 s an epoch
+    assert gpu_bench.compile_pays(eager, fast, 30) == {
+        "compile_s": 40.0,
+        "saving_per_epoch_s": 2.0,
+        "pays_off_within_clean": True,
+    }
+    assert gpu_bench.compile_pays(eager, fast, 19)["pays_off_within_clean"] is False
+    slower = {"steady_epoch_s": 5.5, "first_step_extra_s": 2.0}
+    assert gpu_bench.compile_pays(eager, slower, 1000)["pays_off_within_clean"] is False
+
+
+def test_the_heartbeat_keeps_what_the_engine_would_show_per_stage(gpu_bench, monkeypatch, capsys):
+    from engine import daemon
+
+    busy = iter([90.0, 100.0] * 1000)
+    snapshot = lambda gpus: [  # noqa: E731 (NVML's fields, as engine.daemon.gpu_snapshot gives)
+        {"index": 0, "name": "NVIDIA H100 80GB HBM3", "memory_used_mb": 2048.0,
+         "memory_total_mb": 81559.0, "utilization_pct": next(busy)}
+    ]  # fmt: skip
+    monkeypatch.setattr(daemon, "visible_gpus", lambda: ["0"])
+    monkeypatch.setattr(daemon, "gpu_snapshot", snapshot)
+    heartbeat = gpu_bench.Heartbeat(print_every_s=0.0, sample_every_s=0.01)
+    into: dict = {}
+    with heartbeat.watch("clean", into):
+        time.sleep(0.3)
+    (gpu,) = into["clean"]["gpus"]
+    assert into["clean"]["samples"] >= 2 and 90 <= gpu["util_mean_pct"] <= 100
+    assert gpu["util_max_pct"] == 100.0 and gpu["memory_total_mb"] == 81559
+    line = "[heartbeat] clean: gpu 0 NVIDIA H100 80GB HBM3: "
+    assert line in capsys.readouterr().err
+    monkeypatch.setattr(daemon, "gpu_snapshot", lambda gpus: [{"index": 0, "name": "gpu 0"}])
+    without_nvml = gpu_bench.Heartbeat(print_every_s=60, sample_every_s=0.01)
+    with without_nvml.watch("epoch", into):
+        time.sleep(0.05)
+    assert "no utilisation from NVML" in into["epoch"]["gpus"][0]["note"]
+
+
+def test_a_compiled_clean_run_that_fails_is_trained_again_eager(gpu_bench, monkeypatch, tmp_path):
+    from engine.reporter import MemoryReporter, TaskResult
+
+    calls = []
+
+    def train_once(overrides, workdir, preset):
+        compiled = os.environ.get("MESA_TUI_COMPILE") == "1"
+        calls.append(compiled)
+        if compiled:
+            raise RuntimeError("inductor: no C compiler")
+        reporter = MemoryReporter(workdir)
+        reporter.log({"train/epoch": 1, "eval/acc_clean": 0.5}, 1)
+        metrics = {"time/train_s": 2.0, "perf/images_per_s": 10.0, "eval/acc_clean": 0.5}
+        extra = {"compiled": False, "precision": "bf16"}
+        return TaskResult(str(workdir), metrics, extra), 3.0, reporter
+
+    monkeypatch.setattr(gpu_bench, "train_once", train_once)
+    monkeypatch.setattr(gpu_bench, "sha256_of", lambda path: "abc")
+    res = gpu_bench.Results(None, {"options": {"compile": {"pays_off_within_clean": True}}})
+    args = argparse.Namespace(clean_epochs=None, tiny=False)
+    assert gpu_bench.clean_stage(res, args, "cifar10", tmp_path) == tmp_path / "clean-eager"
+    clean = res.data["clean_cifar10"]
+    assert calls == [True, False] and clean["compiled"] is False
+    assert clean["compile_failed"] == "RuntimeError: inductor: no C compiler"
+    assert clean["acc_clean_by_epoch"] == [0.5] and clean["epochs"] == 1
