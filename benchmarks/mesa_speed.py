@@ -40,6 +40,7 @@ from engine.ml.mesa import (  # noqa: E402
 from engine.ml.models import build_model  # noqa: E402
 from engine.ml.runtime import (  # noqa: E402
     configure_cpu,
+    configure_device,
     environment,
     pick_device,
     resolve_precision,
@@ -147,7 +148,7 @@ def time_reference(model, images_u8, betas, args, device) -> list[float]:
     return times
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--batch", type=int, default=128)
@@ -164,11 +165,17 @@ def main() -> None:
         "--skip-fp32", action="store_true", help="do not also time ours in fp32 when bf16 is used"
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a CPU check")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
         args.arch, args.batch, args.hidden, args.steps, args.images = "small", 8, 32, 2, 64
+    return args
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """The figures as one JSON-ready dict (benchmarks/gpu_bench.py calls this as its last stage)."""
     configure_cpu()
     device = pick_device(args.device)
+    configure_device(device)
     precision = resolve_precision(args.precision, device)
     betas = [float(b) for b in args.betas.split(",")]
     torch.manual_seed(0)
@@ -213,7 +220,11 @@ def main() -> None:
             "channels_last": False,
         }
         out["speedup"] = round(ours_rate / ref_rate, 3) if math.isfinite(ref_rate) else None
-    print(json.dumps(out))
+    return out
+
+
+def main() -> None:
+    print(json.dumps(measure(parse_args())))
 
 
 if __name__ == "__main__":

@@ -26,11 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
-import subprocess
 import sys
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,11 +35,20 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._paper import (  # noqa: E402
+    Setup,
+    commit,
+    log,
+    machine,
+    run_task,
+    sha256_of,
+    trigger_record,
+    write_json,
+)
 from benchmarks._script import run_main  # noqa: E402
 from engine import paper_small as protocol  # noqa: E402
 from engine.errors import UserError  # noqa: E402
 
-SCHEMA = 1
 RESULTS = ROOT / "docs/results/paper-small"
 QUICK = {
     "dataset": "cifar10-quick",
@@ -61,10 +67,6 @@ QUICK = {
         "sam_epochs": 1,
     },
 }
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -168,36 +170,8 @@ def decide_rate(results: Path) -> dict[str, Any]:
 # Running tasks (each in its own folder of the workdir; a killed run resumes from checkpoints)
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Whole or not at all: a run killed while writing leaves the old file (or none)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=float) + "\n")
-    tmp.replace(path)
-
-
-def run_task(kind: str, overrides: dict[str, Any], workdir: Path, preset: str | None = None):
-    """(TaskResult, seconds): a result left in ``workdir`` by the same spec is reused."""
-    import importlib
-
-    from engine.reporter import MemoryReporter, TaskResult
-    from engine.specs import build_spec
-
-    spec = build_spec(kind, preset=preset, overrides=overrides)
-    saved = workdir / "task-result.json"
-    spec_json = spec.model_dump(mode="json")
-    if saved.exists():
-        data = json.loads(saved.read_text())
-        if data["spec"] == spec_json and Path(data["artifact"]).exists():
-            return TaskResult(data["artifact"], data["metrics"], data["extra"]), data["seconds"]
-    started = time.perf_counter()
-    result = importlib.import_module(f"engine.tasks.{kind}").run(
-        spec, MemoryReporter(workdir, resume=True)
-    )
-    seconds = time.perf_counter() - started
-    record = {"spec": spec_json, "artifact": result.artifact, "metrics": result.metrics}
-    write_json(saved, {**record, "extra": result.extra, "seconds": seconds})
-    return result, seconds
+def setup_of(args: argparse.Namespace) -> Setup:
+    return Setup(workdir=args.workdir, arch="small", quick=QUICK if args.quick else None)
 
 
 def clean_model(args: argparse.Namespace) -> Path:
@@ -218,7 +192,7 @@ def clean_model(args: argparse.Namespace) -> Path:
         {
             "metrics": result.metrics,
             "seconds": seconds,
-            "machine": machine(args),
+            "machine": machine(args.quick),
             "commit": commit(),
             "sha256": sha256_of(kept / "model.safetensors"),
         },
@@ -226,108 +200,8 @@ def clean_model(args: argparse.Namespace) -> Path:
     return kept
 
 
-def sha256_of(path: Path) -> str:
-    from engine.ml.artifacts import sha256_file
-
-    return sha256_file(path)
-
-
 # ---------------------------------------------------------------------------------------------
-# One trigger
-
-
-def attack_and_search(args, trigger: str, clean: Path) -> dict[str, Any]:
-    base = args.workdir / trigger.replace(":", "-")
-    overrides = protocol.attack_overrides(trigger, str(clean.resolve()))
-    if args.quick:
-        overrides.update(QUICK["attack"], dataset=QUICK["dataset"])
-    log(f"{trigger}: attack (fine-tuning the clean model, 1 % poisoning)")
-    attack, attack_s = run_task("train", overrides, base / "attack", protocol.ATTACK["preset"])
-    overrides = protocol.search_overrides(attack.artifact)
-    if args.quick:
-        overrides.update(QUICK["search"], samples=QUICK["search_samples"])
-    log(f"{trigger}: search ({overrides['steps']} steps per beta)")
-    search, search_s = run_task("mesa", overrides, base / "search")
-    validity = {
-        f"{b:g}": search.metrics.get(f"mesa/beta={b:g}/validity") for b in protocol.SEARCH["betas"]
-    }
-    return {
-        "base": base,
-        "model": attack.artifact,
-        "search": search.artifact,
-        "attack_metrics": {k: attack.metrics.get(f"eval/{k}") for k in ("acc_clean", "asr")},
-        "search_validity": validity,
-        "seconds": {"attack": attack_s, "search": search_s},
-    }
-
-
-def repair_entry(result, seconds: float) -> dict[str, Any]:
-    outcomes = json.loads((Path(result.artifact) / "outcomes.json").read_text())["after"]
-    m = result.metrics
-    return {
-        "acc_clean": m["eval/acc_clean"],
-        "asr": m["eval/asr"],
-        "asr_outcomes": outcomes["asr"],
-        "clean_outcomes": outcomes["clean"],
-        "seconds": seconds,
-    }
-
-
-def repairs(args, stage: dict[str, Any], trigger: str, rate: float, methods: list[str]):
-    """Every method's repair of one model at one rate: (entries, the before outcomes)."""
-    entries: dict[str, Any] = {}
-    before = None
-    for method in methods:
-        restarts = []
-        reversal = None
-        for label, overrides in protocol.repair_overrides(
-            method, stage["model"], stage["search"], rate
-        ):
-            if reversal is not None:
-                overrides["reversal_from"] = reversal
-            if args.quick:
-                overrides.update(QUICK["repair"])
-            log(f"{trigger}: repair {label} at rate {rate:g}")
-            # A repair that stamps nothing is the same at every rate: one folder serves them all.
-            at = f"rate-{rate:g}" if protocol.uses_rate(method) else "any-rate"
-            folder = stage["base"] / at / label.replace("/", "-")
-            result, seconds = run_task("defend", overrides, folder)
-            if method == "point" and reversal is None:
-                reversal = result.artifact
-            entry = repair_entry(result, seconds)
-            if method == "point":
-                entry["reverse_s"] = result.metrics.get("time/reverse_s")
-                entry["point_success"] = result.extra.get("point_success")
-            restarts.append(entry)
-            if before is None:
-                outcomes = json.loads((Path(result.artifact) / "outcomes.json").read_text())
-                before = outcomes["before"]
-        entries[method] = {"restarts": restarts} if method == "point" else restarts[0]
-    return entries, before
-
-
-def floor(clean: Path, trigger: str, args) -> dict[str, Any]:
-    """The clean model's ASR for the trigger on the held-out split (same placements)."""
-    from engine.ml.data import defender_split
-    from engine.ml.metrics import outcome_bits, outcomes
-    from engine.ml.runtime import pick_device, resolve_precision
-    from engine.ml.triggers import PatchTrigger, Placement, parse_trigger
-    from engine.tasks.mesa import load_defender_data
-
-    device = pick_device("auto")
-    model, _, normalizer, _, _, data = load_defender_data(str(clean), device, 0.8, 0)
-    _, held = defender_split(data.test_x.shape[0], 0.8, 0)
-    found = outcomes(
-        model,
-        data.test_x[held],
-        data.test_y[held],
-        normalizer,
-        trigger=PatchTrigger(parse_trigger(trigger), Placement("per-image")),
-        target=protocol.TARGET,
-        precision=resolve_precision("auto", device),
-        channels_last=True,
-    )
-    return {"asr": float(found["asr"].float().mean()), "asr_outcomes": outcome_bits(found["asr"])}
+# One trigger (benchmarks/_paper.py builds the record; here it is skipped, extended or written)
 
 
 def run_trigger(args, trigger: str, rate: float, methods: list[str], clean: Path) -> Path:
@@ -337,76 +211,9 @@ def run_trigger(args, trigger: str, rate: float, methods: list[str], clean: Path
     if not missing:
         log(f"{trigger} at {rate:g}: done already ({path})")
         return path
-    started = time.perf_counter()
-    stage = attack_and_search(args, trigger, clean)
-    entries, before = repairs(args, stage, trigger, rate, missing)
-    record = existing or {
-        "schema": SCHEMA,
-        "trigger": trigger,
-        "target": protocol.TARGET,
-        "rate": rate,
-        "protocol": protocol_settings(),
-        "floor": floor(clean, trigger, args),
-        "attack": {
-            **stage["attack_metrics"],
-            "held_out_asr": before["asr"].count("1") / len(before["asr"]),
-            "held_out_acc_clean": before["clean"].count("1") / len(before["clean"]),
-            "asr_outcomes": before["asr"],
-            "clean_outcomes": before["clean"],
-        },
-        "search": {"validity": stage["search_validity"]},
-        "clean_model_sha256": sha256_of(clean / "model.safetensors"),
-        "repairs": {},
-        "runs": [],
-    }
-    record["repairs"].update(entries)
-    record["runs"].append(
-        {
-            "methods": missing,
-            "machine": machine(args),
-            "commit": commit(),
-            "finished": datetime.now(UTC).isoformat(timespec="seconds"),
-            "seconds": {**stage["seconds"], "wall": time.perf_counter() - started},
-        }
-    )
+    record = trigger_record(setup_of(args), trigger, rate, missing, clean, existing)
     write_json(path, record)
     return path
-
-
-def protocol_settings() -> dict[str, Any]:
-    return {
-        "clean": protocol.CLEAN,
-        "attack": protocol.ATTACK,
-        "search": protocol.SEARCH,
-        "repair": protocol.REPAIR,
-        "methods": protocol.METHOD_SETTINGS,
-    }
-
-
-def machine(args) -> dict[str, Any]:
-    import torch
-
-    from engine.ml.runtime import cpu_has_native_bf16, cpu_name, resolve_precision
-
-    return {
-        "cpu": cpu_name(),
-        "arch": platform.machine(),
-        "native_bf16": cpu_has_native_bf16(),
-        "precision": resolve_precision("auto", torch.device("cpu")),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "quick": bool(args.quick),
-    }
-
-
-def commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True
-        )
-    except OSError:
-        return None
-    return out.stdout.strip() or None
 
 
 def ensure_dataset(quick: bool) -> None:

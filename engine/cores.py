@@ -14,6 +14,8 @@ from engine.errors import UserError
 
 THREADS_ENV = "MESA_TUI_THREADS"
 MALLOC_ENV = "MESA_TUI_MALLOC"
+COMPILE_ENV = "MESA_TUI_COMPILE"
+CUDNN_BENCHMARK_ENV = "MESA_TUI_CUDNN_BENCHMARK"
 
 
 def usable_cores() -> int:
@@ -49,8 +51,33 @@ def malloc_setting() -> str:
     return value
 
 
+def _switch(name: str, default: bool) -> bool:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    if value not in ("0", "1"):
+        raise UserError(f"{name}={value!r} is not a switch; set it to 1 or 0, or unset it")
+    return value == "1"
+
+
+def compile_setting() -> bool:
+    """``MESA_TUI_COMPILE=1``: training compiles its step's model with ``torch.compile`` (off by
+    default: compiling costs tens of seconds, which only a long run on a GPU earns back;
+    ``benchmarks/gpu_bench.py`` measures both and decides)."""
+    return _switch(COMPILE_ENV, False)
+
+
+def cudnn_benchmark_setting() -> bool:
+    """``MESA_TUI_CUDNN_BENCHMARK``: on CUDA, cuDNN times its algorithms for the run's fixed
+    shapes and keeps the fastest (on by default; 0 leaves cuDNN's heuristics)."""
+    return _switch(CUDNN_BENCHMARK_ENV, True)
+
+
 def check_run_environment() -> None:
-    """Refuse a bad ``MESA_TUI_THREADS`` or ``MESA_TUI_MALLOC`` before anything is written
-    (the run command and the engine call it; each task reads them again when it starts)."""
+    """Refuse a bad ``MESA_TUI_THREADS``, ``MESA_TUI_MALLOC``, ``MESA_TUI_COMPILE`` or
+    ``MESA_TUI_CUDNN_BENCHMARK`` before anything is written (the run command and the engine call
+    it; each task reads them again when it starts)."""
     thread_budget()
     malloc_setting()
+    compile_setting()
+    cudnn_benchmark_setting()

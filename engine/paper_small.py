@@ -12,6 +12,10 @@ The attack departs from the paper in one place: the learning rate is 1e-2, not 1
 fine-tuning this network at 1e-3 did not implant the backdoor (1e-2 did). Everything here is
 torch-free, so the study template, the driver script (``benchmarks/paper_study.py``) and the
 report read the same values.
+
+The same protocol on the paper's own network (``arch="resnet18"``, run on a lent GPU by
+``benchmarks/gpu_bench.py``): the clean model is the ``clean-cifar10`` preset's ResNet-18, and the
+attack fine-tunes it at the paper's learning rate, 1e-3; everything else is the same.
 """
 
 from __future__ import annotations
@@ -55,6 +59,10 @@ REPAIR = {
     "variations": False,
     "point_restarts": POINT_RESTARTS,
 }
+# The paper's own network: ResNet-18 from the clean-cifar10 preset, attacked at the paper's 1e-3.
+CLEAN_RESNET18 = {"preset": "clean-cifar10", "trigger": "none", "poison_rate": 0.0, "seed": SEED}
+ATTACK_RESNET18 = {**ATTACK, "arch": "resnet18", "lr": 1e-3}
+ARCHS = {"small": (CLEAN, ATTACK), "resnet18": (CLEAN_RESNET18, ATTACK_RESNET18)}
 # Neural Cleanse at its original budget (the defend spec's defaults: 1,000 outer steps), and the
 # recent defenses likewise at their own: ANP 2,000 mask steps, I-BAU 5 rounds, FT-SAM 100 epochs
 # (its own, not the protocol's 10 repair epochs; the first 10 see the same batches), CLP no data.
@@ -107,8 +115,15 @@ def main_rate(pilot_ideal_asr: list[float]) -> float:
     return FALLBACK_RATE if mean > IDEAL_CEILING else PAPER_RATE
 
 
-def attack_overrides(trigger: str, clean_model: str) -> dict[str, Any]:
-    values = {k: v for k, v in ATTACK.items() if k != "preset"}
+def settings(arch: str = "small") -> tuple[dict[str, Any], dict[str, Any]]:
+    """(clean, attack) settings of the protocol on ``arch`` (small or resnet18)."""
+    if arch not in ARCHS:
+        raise ValueError(f"the protocol has no {arch!r} variant; use one of {', '.join(ARCHS)}")
+    return ARCHS[arch]
+
+
+def attack_overrides(trigger: str, clean_model: str, arch: str = "small") -> dict[str, Any]:
+    values = {k: v for k, v in settings(arch)[1].items() if k != "preset"}
     return {**values, "trigger": trigger, "init_from": clean_model}
 
 

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import torch
 
-from engine.cores import malloc_setting, thread_budget
+from engine.cores import cudnn_benchmark_setting, malloc_setting, thread_budget
 from engine.errors import UserError
 
 
@@ -50,6 +50,13 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def configure_device(device: torch.device) -> None:
+    """Set the process up for a job on ``device``: on CUDA, cuDNN's autotuner for the run's fixed
+    shapes (``MESA_TUI_CUDNN_BENCHMARK``, on by default). Nothing on other devices."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cudnn_benchmark_setting()
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -156,7 +156,9 @@ def build_report(
         elif kind == "results":
             from engine.report import paper
 
-            paper.write(writer, Path(key))
+            paper.write(writer, Path(key), gpu)
+            if gpu:
+                _gpu_section(writer, gpu)
         else:
             _job_report(writer, store, int(key), gpu)
         result = writer.finish()

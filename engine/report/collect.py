@@ -401,12 +401,25 @@ class GpuResult:
     cuda: str | None
     tiny: bool
     figures: dict[str, Any]
+    # The paper protocol's ResNet-18 pilot (format 2): its per-trigger records (schema 1, as
+    # benchmarks/paper_study.py writes them) and what the budget left unfinished or unstarted.
+    records: list[dict[str, Any]] = field(default_factory=list)
+    paper: dict[str, Any] = field(default_factory=dict)
+
+
+# Kept out of the figures table: the run's bookkeeping and the pilot's records (its own section).
+GPU_BOOKKEEPING = ("environment", "benchmark", "tiny", "format", "command", "history", "started",
+                   "updated", "dataset")  # fmt: skip
 
 
 def flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    """Nested dicts (and lists of dicts, by position) to dotted keys; other values as they are."""
     if isinstance(value, dict):
         for k, v in value.items():
             flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        for i, v in enumerate(value):
+            flatten(f"{prefix}.{i}", v, out)
     else:
         out[prefix] = value
 
@@ -433,9 +446,17 @@ def load_gpu_result(path: str | Path) -> GpuResult:
             "benchmarks/gpu_bench.py"
         )
     env = data["environment"]
+    paper = data.get("paper_resnet18") or {}
+    records = paper.get("records") or []
     figures: dict[str, Any] = {}
-    flatten("", {k: v for k, v in data.items() if k not in ("environment", "benchmark")}, figures)
-    figures.pop("tiny", None)
+    flatten(
+        "",
+        {k: v for k, v in data.items() if k not in (*GPU_BOOKKEEPING, "paper_resnet18")},
+        figures,
+    )
+    if paper:
+        figures["paper_resnet18.triggers_finished"] = len(records)
+        figures["paper_resnet18.stopped"] = paper.get("stopped")
     return GpuResult(
         path=str(p),
         device=str(env.get("device_name") or env.get("device") or "unknown device"),
@@ -443,6 +464,8 @@ def load_gpu_result(path: str | Path) -> GpuResult:
         cuda=env.get("cuda") or None,
         tiny=bool(data.get("tiny")),
         figures=figures,
+        records=records,
+        paper={k: v for k, v in paper.items() if k not in ("records", "protocol")},
     )
 
 

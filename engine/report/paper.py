@@ -83,14 +83,19 @@ def summary(folder: str | Path) -> dict[str, Any]:
         "rates": {},
     }
     for rate, records in sorted(by_rate.items()):
-        methods = methods_of(records)
-        entry = stats.summarize(records, methods) if "mesa" in methods else {}
-        entry["triggers"] = sorted(r["trigger"] for r in records)
-        dropped = set(entry.get("not_implanted", {}).get("triggers", []))
-        entry["before"] = _before([r for r in records if r["trigger"] not in dropped] or records)
-        entry["cost"] = cost(records)
-        out["rates"][f"{rate:g}"] = entry
+        out["rates"][f"{rate:g}"] = rate_entry(records)
     return out
+
+
+def rate_entry(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The statistics, the attack before repair and the cost of one rate's records."""
+    methods = methods_of(records)
+    entry = stats.summarize(records, methods) if "mesa" in methods else {}
+    entry["triggers"] = sorted(r["trigger"] for r in records)
+    dropped = set(entry.get("not_implanted", {}).get("triggers", []))
+    entry["before"] = _before([r for r in records if r["trigger"] not in dropped] or records)
+    entry["cost"] = cost(records)
+    return entry
 
 
 def _before(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -111,7 +116,7 @@ def cost(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Wall seconds per trigger (the attack and search counted where they ran) and the machines."""
     walls = [sum(run["seconds"]["wall"] for run in r["runs"]) for r in records]
     machines = sorted(
-        {f"{run['machine']['cpu']} ({run['machine']['precision']}, "
+        {f"{run['machine'].get('gpu') or run['machine']['cpu']} ({run['machine']['precision']}, "
          f"{run['machine']['threads']} thread(s))" for r in records for run in r["runs"]}
     )  # fmt: skip
     return {
@@ -125,8 +130,9 @@ def cost(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
 # The report
 
 
-def write(w: Any, folder: Path) -> None:
-    """The report's sections into ``w`` (``engine.report.build.Writer``)."""
+def write(w: Any, folder: Path, gpu: Sequence[collect.GpuResult] = ()) -> None:
+    """The report's sections into ``w`` (``engine.report.build.Writer``); each GPU result with
+    the protocol's ResNet-18 pilot (``benchmarks/gpu_bench.py``) gets its section after them."""
     data = summary(folder)
     main = f"{data['main_rate']:g}"
     w.md(
@@ -141,6 +147,57 @@ def write(w: Any, folder: Path) -> None:
     )
     for rate, entry in data["rates"].items():
         _rate_section(w, rate, entry, data["paper"], rate == main)
+    for result in gpu:
+        if result.records:
+            gpu_pilot_section(w, result, data["paper"])
+
+
+def gpu_pilot_section(w: Any, result: collect.GpuResult, paper: dict) -> None:
+    """The same protocol on the paper's ResNet-18, run on a GPU: a pilot of a few triggers."""
+    for record in result.records:
+        if record.get("schema") not in SCHEMAS:
+            raise UserError(
+                f"{result.path}: the record of {record.get('trigger')} has schema "
+                f"{record.get('schema')!r}; this version reads {SCHEMAS}"
+            )
+    info = result.paper
+    name = Path(result.path).name
+    w.md(f"## ResNet-18 on {result.device}: a pilot of the same protocol", "")
+    unfinished = ", ".join(
+        f"{u['trigger']} (stopped in {u.get('stopped_in')}"
+        + (f": {u['error']}" if u.get("error") else "")
+        + ")"
+        for u in info.get("unfinished", [])
+    )
+    w.md(
+        f"From `{name}`, measured on **{result.device}**"
+        + (" — a `--tiny` smoke run, not a measurement" if result.tiny else "")
+        + ": the protocol above on the paper's own network (the `clean-cifar10` ResNet-18, "
+        "attacked at the paper's learning rate 1e-3), written by `benchmarks/gpu_bench.py`. "
+        f"{len(result.records)} trigger(s) finished: "
+        f"{', '.join(r['trigger'] for r in result.records)}. A pilot, not the study: "
+        "intervals over so few triggers are wide."
+        + (f" Unfinished: {unfinished}." if unfinished else "")
+        + (f" Not started: {len(info['not_started'])}." if info.get("not_started") else "")
+        + (f" Stopped: {info['stopped']}." if info.get("stopped") else ""),
+        "",
+    )
+    by_rate: dict[float, list[dict[str, Any]]] = {}
+    for record in result.records:
+        by_rate.setdefault(float(record["rate"]), []).append(record)
+    for rate, records in sorted(by_rate.items()):
+        entry = rate_entry(records)
+        label = f"{rate:g}"
+        w.md(
+            f"Stamping rate {label}: {_hours(entry['cost']['per_trigger_s'])} per trigger on "
+            f"{'; '.join(entry['cost']['machines'])}.",
+            "",
+        )
+        if "methods" not in entry:
+            w.md("No MESA repair at this rate.", "")
+            continue
+        _summary_table(w, label, entry, paper, stem="gpu-summary-rate")
+        _trigger_table(w, label, entry, stem="gpu-triggers-rate")
 
 
 def _rate_section(w: Any, rate: str, entry: dict[str, Any], paper: dict, main: bool) -> None:
@@ -160,7 +217,9 @@ def _rate_section(w: Any, rate: str, entry: dict[str, Any], paper: dict, main: b
     _tests(w, entry)
 
 
-def _summary_table(w: Any, rate: str, entry: dict[str, Any], paper: dict) -> None:
+def _summary_table(
+    w: Any, rate: str, entry: dict[str, Any], paper: dict, stem: str = "summary-rate"
+) -> None:
     before = entry["before"]
     rows = [["before repair", n_of(entry), before["mean"], before["lo"], before["hi"],
              before["worst"]["asr"], None, None, None, *_paper(paper, "before repair")]]  # fmt: skip
@@ -178,7 +237,7 @@ def _summary_table(w: Any, rate: str, entry: dict[str, Any], paper: dict) -> Non
         "",
     )
     w.table(
-        f"summary-rate-{rate}.csv",
+        f"{stem}-{rate}.csv",
         (
             "method",
             "n",
@@ -239,7 +298,7 @@ def _bar(cell: dict[str, Any] | None) -> tuple[float, float] | None:
     return (cell["lo"], cell["hi"])
 
 
-def _trigger_table(w: Any, rate: str, entry: dict[str, Any]) -> None:
+def _trigger_table(w: Any, rate: str, entry: dict[str, Any], stem: str = "triggers-rate") -> None:
     methods = list(entry["methods"])
     others = [m for m in methods if m != entry["reference"]]
     columns = ["trigger", "implanted", "attack_asr", "floor"]
@@ -255,7 +314,7 @@ def _trigger_table(w: Any, rate: str, entry: dict[str, Any]) -> None:
         values += [versus.get(m, {}).get(k) for m in others for k in ("diff", "lo", "hi")]
         rows.append(values)
     w.md("Per trigger (the figure's numbers, and MESA minus each method, paired per image):", "")
-    w.table(f"triggers-rate-{rate}.csv", columns, rows, markdown=False)
+    w.table(f"{stem}-{rate}.csv", columns, rows, markdown=False)
 
 
 def _tests(w: Any, entry: dict[str, Any]) -> None:

@@ -246,6 +246,7 @@ def run(spec: DefendSpec, reporter: Reporter) -> TaskResult:
     )
     from engine.ml.runtime import (
         configure_cpu,
+        configure_device,
         environment,
         pick_device,
         resolve_precision,
@@ -271,6 +272,7 @@ def run(spec: DefendSpec, reporter: Reporter) -> TaskResult:
     )
     configure_cpu()
     device = pick_device(spec.device)
+    configure_device(device)
     precision = resolve_precision(spec.precision, device)
     generator = seed_everything(spec.seed)
     trigger_generator = trigger_stream(spec.seed, generator.device)

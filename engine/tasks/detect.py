@@ -64,7 +64,13 @@ def run(spec: DetectSpec, reporter: Reporter) -> TaskResult:
     from engine.ml import checkpoint as ckpt
     from engine.ml.artifacts import write_manifest
     from engine.ml.mesa import MesaConfig, SearchCheckpoint, search_targets
-    from engine.ml.runtime import configure_cpu, pick_device, resolve_precision, seed_everything
+    from engine.ml.runtime import (
+        configure_cpu,
+        configure_device,
+        pick_device,
+        resolve_precision,
+        seed_everything,
+    )
     from engine.tasks import mesa as mesa_task
     from engine.tasks.mesa import load_defender_data
 
@@ -85,6 +91,7 @@ def run(spec: DetectSpec, reporter: Reporter) -> TaskResult:
     )
     configure_cpu()
     device = pick_device(spec.device)
+    configure_device(device)
     precision = resolve_precision(spec.precision, device)
     seed_everything(spec.seed)
     model, _meta, normalizer, images, labels, _data = load_defender_data(

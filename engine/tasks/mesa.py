@@ -117,6 +117,7 @@ def run(spec: MesaSpec, reporter: Reporter) -> TaskResult:
     from engine.ml.mesa import SearchCheckpoint, search, write_search_artifact
     from engine.ml.runtime import (
         configure_cpu,
+        configure_device,
         pick_device,
         resolve_precision,
         seed_everything,
@@ -126,6 +127,7 @@ def run(spec: MesaSpec, reporter: Reporter) -> TaskResult:
     config = mesa_config(spec)
     configure_cpu()
     device = pick_device(spec.device)
+    configure_device(device)
     precision = resolve_precision(spec.precision, device)
     seed_everything(spec.seed)
     model, meta, normalizer, images, labels, data = load_defender_data(

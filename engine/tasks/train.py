@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from engine.cores import compile_setting
 from engine.errors import UserError
 from engine.ml import artifacts
 from engine.ml.checkpoint import load_or_none, save_checkpoint
@@ -26,6 +27,7 @@ from engine.ml.models import build_model, count_parameters, stem_modules, whiten
 from engine.ml.runtime import (
     autocast,
     configure_cpu,
+    configure_device,
     environment,
     peak_memory_mb,
     pick_device,
@@ -122,6 +124,7 @@ def run(spec: TrainSpec, reporter: Reporter) -> TaskResult:
     started = time.perf_counter()
     configure_cpu()
     device = pick_device(spec.device)
+    configure_device(device)
     precision = resolve_precision(spec.precision, device)
     generator = seed_everything(spec.seed)
 
@@ -186,6 +189,11 @@ def run(spec: TrainSpec, reporter: Reporter) -> TaskResult:
     steps_per_epoch = n // spec.batch_size if drop_last else math.ceil(n / spec.batch_size)
     total_steps = steps_per_epoch * spec.epochs
 
+    # The training step's forward (and so its backward) through torch.compile when
+    # MESA_TUI_COMPILE=1; evaluation and the saved weights use the model itself.
+    compiled = compile_setting()
+    step_model = torch.compile(model) if compiled else model
+
     optimizer = torch.optim.SGD(
         parameter_groups(model, spec.weight_decay, spec.norm_weight_decay),
         lr=spec.lr,
@@ -209,6 +217,7 @@ def run(spec: TrainSpec, reporter: Reporter) -> TaskResult:
     reporter.text(
         f"training {arch} ({count_parameters(model) / 1e6:.2f} M parameters) on {spec.dataset} "
         f"({n} images) for {spec.epochs} epochs on {env['device_name']}, precision {precision}"
+        + (", compiled" if compiled else "")
         + (
             f", trigger {spec.trigger} -> class {spec.target} at rate {spec.poison_rate}"
             if spec.poisoned
@@ -264,7 +273,7 @@ def run(spec: TrainSpec, reporter: Reporter) -> TaskResult:
             if spec.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device, precision):
-                logits = model(x)
+                logits = step_model(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=spec.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -371,5 +380,6 @@ def run(spec: TrainSpec, reporter: Reporter) -> TaskResult:
             "dataset_sha256": data.sha256,
             "environment": env,
             "precision": precision,
+            "compiled": compiled,
         },
     )

@@ -113,3 +113,63 @@ def test_study_show_reads_a_result_folder(folder):
     assert json.loads(shown.output) == json.loads(json.dumps(paper.summary(folder)))
     table = CliRunner().invoke(app, ["study", "show", str(folder)])
     assert "stamping rate 0.01 (main)" in table.output and "5.0 % [" in table.output
+
+
+def gpu_result(tmp_path: Path, records: list[dict]) -> Path:
+    """The shape benchmarks/gpu_bench.py writes (format 2), with its pilot's records."""
+    for r in records:
+        r["runs"][0]["machine"] |= {"gpu": "NVIDIA H100 80GB HBM3", "precision": "bf16"}
+    data = {
+        "benchmark": "gpu",
+        "format": 2,
+        "tiny": False,
+        "environment": {"torch": "2.11.0", "cuda": "13.0", "device_name": "NVIDIA H100 80GB HBM3"},
+        "history": [{"stage": "epoch", "status": "running", "at_s": 0.1}],
+        "stages": {"epoch": "done", "clean": "done", "paper": "done", "mesa_speed": "done"},
+        "resnet18_epoch_s_bs512": 4.1,
+        "clean_cifar10": {"acc_clean": 0.9412, "acc_clean_by_epoch": [0.5, 0.9412]},
+        "utilisation": {"clean": {"gpus": [{"index": "0", "util_mean_pct": 96.5}]}},
+        "paper_resnet18": {
+            "pilot": True,
+            "protocol": {"attack": {"lr": 1e-3}},
+            "finished": [r["trigger"] for r in records],
+            "unfinished": [{"trigger": "bw:85", "stopped_in": "search", "finished": ["attack"]}],
+            "not_started": ["bw:1", "bw:2"],
+            "stopped": "budget spent in the middle of bw:85's search",
+            "records": records,
+        },
+    }
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_the_gpu_pilot_is_reported_beside_the_cpu_study_with_its_device(folder, tmp_path):
+    records = [record("bw:0", 40, 1, (3, 5, 7), wall=80.0), record("bw:170", 39, 0, (2, 2, 2))]
+    path = gpu_result(tmp_path, records)
+    result = build_report(None, str(folder), tmp_path / "out", gpu_results=[path])
+    text = Path(result.report).read_text()
+    assert "## Stamping rate 0.01 (main)" in text  # the CPU study comes first, as before
+    assert "## ResNet-18 on NVIDIA H100 80GB HBM3: a pilot of the same protocol" in text
+    assert "2 trigger(s) finished: bw:0, bw:170. A pilot, not the study" in text
+    assert "Unfinished: bw:85 (stopped in search). Not started: 2. Stopped: budget spent" in text
+    assert "on NVIDIA H100 80GB HBM3 (bf16, 1 thread(s))" in text
+    assert "| mesa | 2 | 1.2 % [" in text  # (1 + 0) / 2 / 40 held-out images
+    tables = Path(result.report).parent / "tables"
+    rows = list(csv.DictReader(open(tables / "gpu-triggers-rate-0.01.csv")))
+    assert [r["trigger"] for r in rows] == ["bw:0", "bw:170"]
+    assert (tables / "gpu-summary-rate-0.01.csv").exists()
+    figures = (tables / "gpu_results.csv").read_text()
+    assert "NVIDIA H100 80GB HBM3,gpu.json,clean_cifar10.acc_clean,0.9412" in figures
+    assert "utilisation.clean.gpus.0.util_mean_pct,96.5" in figures
+    assert "paper_resnet18.triggers_finished,2" in figures
+    assert "asr_outcomes" not in figures and "history" not in figures
+
+
+def test_a_gpu_pilot_record_of_another_schema_is_refused(folder, tmp_path):
+    bad = record("bw:0", 40, 1, (3, 5, 7))
+    bad["schema"] = 7
+    path = gpu_result(tmp_path, [bad])
+    with pytest.raises(UserError, match="the record of bw:0 has schema 7"):
+        build_report(None, str(folder), tmp_path / "out", gpu_results=[path])
+    assert not (tmp_path / "out").exists()

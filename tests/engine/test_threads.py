@@ -15,7 +15,17 @@ import subprocess
 import pytest
 
 from engine import daemon
-from engine.cores import MALLOC_ENV, THREADS_ENV, thread_budget, usable_cores
+from engine.cores import (
+    COMPILE_ENV,
+    CUDNN_BENCHMARK_ENV,
+    MALLOC_ENV,
+    THREADS_ENV,
+    check_run_environment,
+    compile_setting,
+    cudnn_benchmark_setting,
+    thread_budget,
+    usable_cores,
+)
 from engine.daemon import EngineConfig, make_slots
 from engine.errors import UserError
 from engine.executors.base import Launch, Slot
@@ -34,6 +44,37 @@ def test_a_bad_budget_is_one_line_naming_it(monkeypatch, value):
     monkeypatch.setenv(THREADS_ENV, value)
     with pytest.raises(UserError, match=f"{THREADS_ENV}='{value}' is not a thread count"):
         thread_budget()
+
+
+def test_the_gpu_switches_default_to_no_compile_and_cudnn_autotuning(monkeypatch):
+    monkeypatch.delenv(COMPILE_ENV, raising=False)
+    monkeypatch.delenv(CUDNN_BENCHMARK_ENV, raising=False)
+    assert compile_setting() is False and cudnn_benchmark_setting() is True
+    monkeypatch.setenv(COMPILE_ENV, "1")
+    monkeypatch.setenv(CUDNN_BENCHMARK_ENV, "0")
+    assert compile_setting() is True and cudnn_benchmark_setting() is False
+    monkeypatch.setenv(COMPILE_ENV, "yes")
+    with pytest.raises(UserError, match=f"{COMPILE_ENV}='yes' is not a switch; set it to 1 or 0"):
+        check_run_environment()
+
+
+def test_configure_device_sets_cudnn_autotuning_on_cuda_only(monkeypatch):
+    torch = pytest.importorskip("torch")
+    from engine.ml.runtime import configure_device
+
+    before = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        configure_device(torch.device("cpu"))
+        assert torch.backends.cudnn.benchmark is False
+        monkeypatch.delenv(CUDNN_BENCHMARK_ENV, raising=False)
+        configure_device(torch.device("cuda"))  # a flag only: no GPU is touched
+        assert torch.backends.cudnn.benchmark is True
+        monkeypatch.setenv(CUDNN_BENCHMARK_ENV, "0")
+        configure_device(torch.device("cuda"))
+        assert torch.backends.cudnn.benchmark is False
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 def test_configure_threads_follows_the_budget(monkeypatch):

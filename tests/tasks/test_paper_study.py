@@ -62,6 +62,22 @@ def test_the_recent_defenses_run_at_their_defaults_and_one_repair_serves_every_r
     assert set(protocol.RECENT_METHODS) <= set(method_list("all"))
 
 
+def test_the_resnet18_variant_is_the_same_protocol_at_the_papers_learning_rate():
+    clean, attack = protocol.settings("resnet18")
+    assert clean["preset"] == "clean-cifar10" and clean["poison_rate"] == 0.0
+    assert attack["arch"] == "resnet18" and attack["lr"] == 1e-3
+    small = protocol.ATTACK
+    assert {k: v for k, v in attack.items() if k not in ("arch", "lr")} == {
+        k: v for k, v in small.items() if k not in ("arch", "lr")
+    }
+    overrides = protocol.attack_overrides("bw:0", "/m", "resnet18")
+    assert overrides["init_from"] == "/m" and overrides["poison_rate"] == 0.01
+    assert "preset" not in overrides and overrides["lr"] == 1e-3
+    assert protocol.attack_overrides("bw:0", "/m")["lr"] == 1e-2  # the CPU network's default
+    with pytest.raises(ValueError, match="no 'vgg' variant"):
+        protocol.settings("vgg")
+
+
 def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "benchmarks/paper_study.py", *args],

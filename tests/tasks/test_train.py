@@ -206,6 +206,31 @@ def test_crop_epochs_train_on_smaller_windows_then_full_images(cifar10, tmp_path
     assert seen == [(24, 24)] * 4 + [(32, 32)] * 4
 
 
+def test_compile_switch_compiles_the_training_step_and_saves_the_plain_model(
+    cifar10, tmp_path, monkeypatch
+):
+    """MESA_TUI_COMPILE=1 sends the training step through torch.compile (faked here: compiling
+    on this CPU takes minutes); evaluation and the saved weights use the model itself."""
+    compiled, calls = [], []
+
+    def fake_compile(model):
+        compiled.append(model)
+        return lambda x: calls.append(x.shape[0]) or model(x)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setenv("MESA_TUI_COMPILE", "1")
+    reporter = MemoryReporter(tmp_path / "run")
+    result = train.run(tiny_spec(), reporter)
+    assert len(compiled) == 1 and calls == [8, 8, 8, 8]  # the 4 training steps, no evaluation
+    assert result.extra["compiled"] is True
+    assert any("compiled" in line for _, line in reporter.lines)
+    assert not any(k.startswith("_orig_mod") for k in final_state(tmp_path / "run"))
+    monkeypatch.setenv("MESA_TUI_COMPILE", "0")
+    compiled.clear()
+    assert train.run(tiny_spec(), MemoryReporter(tmp_path / "eager")).extra["compiled"] is False
+    assert compiled == []
+
+
 def test_crop_size_must_fit_the_images_and_hold_the_trigger(cifar10, tmp_path):
     with pytest.raises(UserError, match="--crop-size 40"):
         train.run(tiny_spec(crop_epochs=1, crop_size=40), MemoryReporter(tmp_path / "a"))
