@@ -138,7 +138,7 @@ def write(w: Any, folder: Path, gpu: Sequence[collect.GpuResult] = ()) -> None:
     w.md(
         "# Report: the paper's figure on the CPU network",
         "",
-        f"From `{folder}`: every trigger's record written by `benchmarks/paper_study.py` "
+        f"From `{shown(folder)}`: every trigger's record written by `benchmarks/paper_study.py` "
         f"(protocol: `engine/paper_small.py`). Main stamping rate {main} "
         f"({data['main_rate_source']}). Repairs of one model are paired: the same batches, "
         "stamped images and "
@@ -204,8 +204,10 @@ def _rate_section(w: Any, rate: str, entry: dict[str, Any], paper: dict, main: b
     n = len(entry["triggers"])
     w.md(f"## Stamping rate {rate}" + (" (main)" if main else ""), "")
     w.md(
-        f"{n} of 51 triggers finished; cost {_hours(entry['cost']['per_trigger_s'])} per trigger "
-        f"on {'; '.join(entry['cost']['machines'])}, {_hours(entry['cost']['total_s'])} in all.",
+        f"{n} of 51 triggers finished. The runs that wrote these records took "
+        f"{_hours(entry['cost']['per_trigger_s'])} per trigger "
+        f"({_hours(entry['cost']['total_s'])} in all) on {'; '.join(entry['cost']['machines'])}; "
+        "a trigger's attack and search count with the rate that ran them first.",
         "",
     )
     if "methods" not in entry:
@@ -337,6 +339,14 @@ def _tests(w: Any, entry: dict[str, Any]) -> None:
         + (f" ({', '.join(dropped['triggers'])})" if dropped["triggers"] else "")
     )
     w.md(*lines, "")
+
+
+def shown(folder: Path) -> str:
+    """The folder as the reader would type it: relative to the working directory when inside."""
+    try:
+        return str(folder.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(folder)
 
 
 def n_of(entry: dict[str, Any]) -> int:
