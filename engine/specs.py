@@ -10,7 +10,7 @@ import hashlib
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -419,18 +419,6 @@ PRESETS["detect"] = {"cpu-quick": {"steps": 150, "n_eval_triggers": 32, "eval_im
 # ---------------------------------------------------------------------------------------------
 # Defenses: the repair loop with each trigger source
 
-DEFEND_METHODS = (
-    "mesa",
-    "ideal",
-    "point",
-    "neural-cleanse",
-    "finetune",
-    "random-patch",
-    "anp",
-    "i-bau",
-    "clp",
-    "ft-sam",
-)
 DefendMethod = Literal[
     "mesa",
     "ideal",
@@ -443,6 +431,7 @@ DefendMethod = Literal[
     "clp",
     "ft-sam",
 ]
+DEFEND_METHODS: tuple[str, ...] = get_args(DefendMethod)
 # The defenses that change the model without the repair loop's fine-tuning (no repair epochs).
 PRUNING_METHODS = ("anp", "clp")
 
