@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.ml.anp import (
-    ANPConfig,
     MaskState,
     batchnorm_layers,
     neurons_to_prune,
@@ -28,7 +27,7 @@ from engine.ml.models import build_model
 from engine.ml.repair import EvalSet, PlainStep, repair
 from tests.ml.planted import PlantedBackdoor, synthetic
 from tests.ml.planted import TinyBatchNormNet as TinyBN
-from tests.ml.settings import repair_config
+from tests.ml.settings import anp_config, repair_config
 
 CPU = torch.device("cpu")
 IDENTITY = Normalizer((0.0,) * 3, (1.0,) * 3)
@@ -281,7 +280,7 @@ def test_anp_learns_masks_on_a_copy_and_resumes_to_the_same_masks(monkeypatch):
     net = TinyBN()
     before = copy.deepcopy(net.state_dict())
     images, labels = _anp_data()
-    config = ANPConfig(iterations=6, batch_size=16, augment=True)
+    config = anp_config(iterations=6, batch_size=16)
     whole = optimize_masks(net, IDENTITY, images, labels, config,
                            generator=torch.Generator().manual_seed(0))  # fmt: skip
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
@@ -296,7 +295,7 @@ def test_anp_learns_masks_on_a_copy_and_resumes_to_the_same_masks(monkeypatch):
         if state.iteration == 2:
             saved.append((copy.deepcopy(state), g.get_state()))
 
-    optimize_masks(net, IDENTITY, images, labels, ANPConfig(iterations=2, batch_size=16),
+    optimize_masks(net, IDENTITY, images, labels, anp_config(iterations=2, batch_size=16),
                    generator=g, on_log=keep)  # fmt: skip
     state, generator_state = saved[0]
     g2 = torch.Generator()
@@ -309,9 +308,9 @@ def test_anp_learns_masks_on_a_copy_and_resumes_to_the_same_masks(monkeypatch):
 
 def test_anp_prunes_by_threshold_or_count_and_zeroes_the_bn_scale():
     masks = [torch.tensor([0.9, 0.1, 0.2]), torch.tensor([0.05, 0.5])]
-    by_threshold = neurons_to_prune(masks, ANPConfig(threshold=0.2))
+    by_threshold = neurons_to_prune(masks, anp_config(threshold=0.2))
     assert [c.tolist() for c in by_threshold] == [[False, True, True], [True, False]]
-    by_count = neurons_to_prune(masks, ANPConfig(prune_count=2))
+    by_count = neurons_to_prune(masks, anp_config(prune_count=2))
     assert [c.tolist() for c in by_count] == [[False, True, False], [True, False]]
     net = TinyBN()
     layers = batchnorm_layers(net)
