@@ -34,6 +34,7 @@ from engine.executors.local import (
     kill_group,
     started_before,
 )
+from engine.spec_fields import option_name
 from engine.version import code_version
 
 log = logging.getLogger("mesa.engine")
@@ -767,17 +768,23 @@ class EngineFlags(BaseModel):
         out = []
         for name, value in self.model_dump(exclude_unset=True).items():
             if value is not None:
-                out += ["--" + name.replace("_", "-"), str(value)]
+                out += [option_name(name), str(value)]
         return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def flag_parser() -> argparse.ArgumentParser:
+    """``python -m engine.daemon``'s parser: ``EngineFlags``' fields, each as text that the
+    model checks, and ``--store-checked``."""
     parser = argparse.ArgumentParser(prog="python -m engine.daemon")
     for name, info in EngineFlags.model_fields.items():
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, help=info.description)
+        parser.add_argument(option_name(name), dest=name, help=info.description)
     # `mesa-tui engine start` has checked the store's integrity before it started this process.
     parser.add_argument("--store-checked", action="store_true", help=argparse.SUPPRESS)
-    args = vars(parser.parse_args(argv))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(flag_parser().parse_args(argv))
     store_checked = args.pop("store_checked")
     from engine.errors import UserError
 

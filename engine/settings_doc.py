@@ -29,9 +29,10 @@ HEADER = """\
 # Settings
 
 Every setting of every job kind, as `mesa-tui run KIND` and `mesa-tui submit KIND` take it
-(`--option value`; a switch as `--name` / `--no-name`), as a key of a `--config` TOML file
-(top level, or under a table named after the kind), and as a field of the new-job form.
-Values come from the defaults, then `--preset`, then `--config`, then the options.
+(`--option value`; a switch as `--name` / `--no-name`; a list as `0.9,0.8,0.5`), as a key of a
+`--config` TOML file (the name with underscores, `stamp_rate = 0.1`; top level, or under a table
+named after the kind), and as a field of the new-job form. Values come from the defaults, then
+`--preset`, then `--config`, then the options.
 
 This page is written by `python -m engine.settings_doc --write` from the specs in
 `engine/specs.py`; a test fails when it differs from them.

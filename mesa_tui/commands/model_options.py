@@ -88,6 +88,7 @@ class ModelOptionsCommand(TyperCommand):
 
 
 def usage_message(exc: Exception) -> str:
+    """One line for click's usage error: an unknown option names the closest one."""
     if type(exc).__name__ == "NoSuchOption":
         near = list(getattr(exc, "possibilities", None) or ())  # closest first
         hint = f"did you mean {near[0]}?" if near else "see --help for the settings"
@@ -179,34 +180,38 @@ def model_command(
     ``body`` runs with ``cli_errors`` (one-line errors, exit 2)."""
 
     def register(body: Callable[..., Any]) -> Callable[..., Any]:
-        hints = typing.get_type_hints(body)
-        own = [
-            p.replace(annotation=hints.get(p.name, p.annotation), kind=KEYWORD)
-            for p in list(inspect.signature(body).parameters.values())[1:]
-        ]
-        checked = cli_errors(body)
-
-        def callback(ctx: typer.Context, **own_values: Any) -> Any:
-            values = ctx.meta.pop(GIVEN, {})
-            preset, config = values.pop("preset", None), values.pop("config", None)
-            given = Given(
-                {k: v for k, v in values.items() if v is not None}, preset=preset, config=config
-            )
-            return checked(given, **own_values)
-
-        context = inspect.Parameter("ctx", KEYWORD, annotation=typer.Context)
-        callback.__signature__ = inspect.Signature([context, *own])  # type: ignore[attr-defined]
-        callback.__annotations__ = {}  # the signature's annotations are resolved already
-        callback.__doc__ = body.__doc__
         command_class = type(
             f"{body.__name__.title()}Command",
             (ModelOptionsCommand,),
             {"model_parameters": staticmethod(parameters)},
         )
-        app.command(name, cls=command_class, **settings)(callback)
+        app.command(name, cls=command_class, **settings)(_callback(body))
         return body
 
     return register
+
+
+def _callback(body: Callable[..., Any]) -> Callable[..., Any]:
+    """What typer calls: the context (which holds the model's options) and ``body``'s own
+    options; it hands ``body`` the ``Given``."""
+    checked = cli_errors(body)
+
+    def callback(ctx: typer.Context, **own_values: Any) -> Any:
+        values = ctx.meta.pop(GIVEN, {})
+        preset, config = values.pop("preset", None), values.pop("config", None)
+        given = {k: v for k, v in values.items() if v is not None}
+        return checked(Given(given, preset=preset, config=config), **own_values)
+
+    hints = typing.get_type_hints(body)
+    own = [
+        p.replace(annotation=hints.get(p.name, p.annotation), kind=KEYWORD)
+        for p in list(inspect.signature(body).parameters.values())[1:]
+    ]
+    context = inspect.Parameter("ctx", KEYWORD, annotation=typer.Context)
+    callback.__signature__ = inspect.Signature([context, *own])  # type: ignore[attr-defined]
+    callback.__annotations__ = {}  # the signature's annotations are resolved already
+    callback.__doc__ = body.__doc__
+    return callback
 
 
 def spec_command(
