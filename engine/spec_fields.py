@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 # Enumerations longer than this read badly as a metavar: the type says CHOICE instead.
-CHOICES_WIDTH = 24
+CHOICES_WIDTH = 18
 
 
 def option_name(field: str) -> str:
@@ -70,14 +70,14 @@ TYPE_WORDS = {int: "INTEGER", float: "NUMBER", str: "TEXT", bool: "SWITCH"}
 
 
 def type_label(annotation: Any) -> str:
-    """A short type for help and docs: INTEGER, NUMBER, TEXT, [a|b], LIST OF NUMBER, SWITCH."""
+    """A short type for help and docs: INTEGER, NUMBER, TEXT, [a|b] (CHOICE when long), LIST,
+    SWITCH."""
     options = choices(annotation)
     if options:
         joined = "[" + "|".join(options) + "]"
         return joined if len(joined) <= CHOICES_WIDTH else "CHOICE"
-    item = list_item(annotation)
-    if item is not None:
-        return f"LIST OF {TYPE_WORDS.get(item, 'TEXT')}"
+    if list_item(annotation) is not None:
+        return "LIST"  # of what: the help's example (0.9,0.8,0.5)
     return TYPE_WORDS.get(without_none(annotation), "TEXT")
 
 
