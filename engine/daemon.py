@@ -22,6 +22,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from engine import paths
 from engine.cores import usable_cores
 from engine.executors.base import Executor, Handle, Launch, Slot
@@ -32,6 +34,7 @@ from engine.executors.local import (
     kill_group,
     started_before,
 )
+from engine.spec_fields import option_name
 from engine.version import code_version
 
 log = logging.getLogger("mesa.engine")
@@ -714,34 +717,80 @@ def parse_gpus(value: str | None) -> list[str] | None:
     return gpus
 
 
-def main(argv: list[str] | None = None) -> int:
+class EngineFlags(BaseModel):
+    """How the engine runs jobs: CPU or GPU slots, its log and the executor.
+
+    The flags of ``mesa-tui engine start`` and ``python -m engine.daemon``, defined once: the
+    CLI makes its options of these fields and hands a detached engine the ones given."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cpu_slots: int | None = Field(
+        None,
+        ge=1,
+        description="run N jobs at once on the CPU (no GPU); each gets its share of the cores",
+    )
+    gpus: str | None = Field(
+        None, description="GPU indices to use, e.g. 0,1 (default: every visible GPU)"
+    )
+    slots_per_gpu: int = Field(1, ge=1, description="jobs per GPU at once (small jobs)")
+    log: str | None = Field(None, description="log file (default with --detach: in the data home)")
+    executor: str | None = Field(
+        None,
+        description="local (child processes here, the default) or ray (tasks on a Ray cluster)",
+    )
+    ray_address: str | None = Field(
+        None,
+        description="Ray head HOST:PORT, auto (RAY_ADDRESS or a cluster on this machine) or "
+        "local (start a Ray instance here); implies --executor ray",
+    )
+    ray_gpus: float = Field(
+        1.0, description="GPUs a run asks Ray for (runs with --device cpu ask for none)"
+    )
+    ray_artifacts: str = Field(
+        "auto",
+        description="shared (every node sees the data home), copy (through Ray's object store) "
+        "or auto",
+    )
+
+    def config(self) -> EngineConfig:
+        """Checked into the engine's configuration (one line naming a bad value and the fix)."""
+        return EngineConfig(
+            cpu_slots=self.cpu_slots,
+            gpus=parse_gpus(self.gpus),
+            slots_per_gpu=self.slots_per_gpu,
+            log_path=self.log,
+            **executor_options(self.executor, self.ray_address, self.ray_gpus, self.ray_artifacts),
+        )
+
+    def argv(self) -> list[str]:
+        """The flags given (the others keep their defaults), as ``main`` reads them."""
+        out = []
+        for name, value in self.model_dump(exclude_unset=True).items():
+            if value is not None:
+                out += [option_name(name), str(value)]
+        return out
+
+
+def flag_parser() -> argparse.ArgumentParser:
+    """``python -m engine.daemon``'s parser: ``EngineFlags``' fields, each as text that the
+    model checks, and ``--store-checked``."""
     parser = argparse.ArgumentParser(prog="python -m engine.daemon")
-    parser.add_argument("--cpu-slots", type=int, default=None)
-    parser.add_argument("--gpus", default=None)
-    parser.add_argument("--slots-per-gpu", type=int, default=1)
-    parser.add_argument("--log", default=None)
-    parser.add_argument("--executor", default="local")
-    parser.add_argument("--ray-address", default=None)
-    parser.add_argument("--ray-gpus", type=float, default=1.0)
-    parser.add_argument("--ray-artifacts", default="auto")
+    for name, info in EngineFlags.model_fields.items():
+        parser.add_argument(option_name(name), dest=name, help=info.description)
     # `mesa-tui engine start` has checked the store's integrity before it started this process.
     parser.add_argument("--store-checked", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(flag_parser().parse_args(argv))
+    store_checked = args.pop("store_checked")
     from engine.errors import UserError
 
     try:
-        serve(
-            EngineConfig(
-                cpu_slots=args.cpu_slots,
-                gpus=parse_gpus(args.gpus),
-                slots_per_gpu=args.slots_per_gpu,
-                log_path=args.log,
-                **executor_options(
-                    args.executor, args.ray_address, args.ray_gpus, args.ray_artifacts
-                ),
-            ),
-            check_store=not args.store_checked,
-        )
+        flags = build_flags({k: v for k, v in args.items() if v is not None})
+        serve(flags.config(), check_store=not store_checked)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -754,6 +803,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     return 0
+
+
+def build_flags(values: dict[str, Any]) -> EngineFlags:
+    """``EngineFlags`` from given values; a bad one is one line (``UserError``)."""
+    from pydantic import ValidationError
+
+    from engine.errors import UserError
+
+    try:
+        return EngineFlags(**values)
+    except ValidationError as exc:
+        from engine.specs import format_validation_error
+
+        raise UserError(format_validation_error(exc, EngineFlags)) from None
 
 
 def executor_options(

@@ -169,3 +169,19 @@ def test_optional_extras_are_imported_lazily():
         if top and _is(n, "ray", "psycopg", "psycopg2", "tensorboard")
     ]
     assert not bad, bad
+
+
+def test_commands_other_than_run_and_submit_do_not_load_the_specs():
+    """The spec options are made when such a command runs (``model_options``), not when typer
+    builds the command tree for every invocation."""
+    code = (
+        "import sys, typer\n"
+        "from mesa_tui.cli import app\n"
+        "typer.main.get_command(app)\n"
+        "print('engine.specs' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "False"

@@ -50,15 +50,18 @@ LOG_EVERY = 100  # iterations per logged point (anp/loss, anp/acc) and checkpoin
 
 @dataclass(frozen=True)
 class ANPConfig:
-    iterations: int = 2000
-    batch_size: int = 128
-    lr: float = 0.2
-    eps: float = 0.4
-    steps: int = 1
-    alpha: float = 0.2
-    threshold: float = 0.2
-    prune_count: int | None = None
-    augment: bool = True
+    """ANP's settings. Their defaults, bounds and help live in ``engine.specs.DefendSpec``
+    (``anp_*``) alone, which builds this (``DefendSpec.anp_config()``)."""
+
+    iterations: int
+    batch_size: int
+    lr: float
+    eps: float
+    steps: int
+    alpha: float
+    threshold: float
+    prune_count: int | None
+    augment: bool = True  # crop and flip of the mask batches: not a setting (as the authors)
 
 
 @dataclass

@@ -234,7 +234,6 @@ def run(spec: DefendSpec, reporter: Reporter) -> TaskResult:
         EvalSet,
         FixedPatternSampler,
         RandomPatchSampler,
-        RepairConfig,
         evaluate_repair,
         load_source_state,
         load_step_state,
@@ -258,18 +257,7 @@ def run(spec: DefendSpec, reporter: Reporter) -> TaskResult:
 
     started = time.perf_counter()
     check_spec(spec)
-    config = RepairConfig(
-        epochs=spec.epochs,
-        lr=spec.lr,
-        momentum=spec.momentum,
-        weight_decay=spec.weight_decay,
-        batch_size=spec.batch_size,
-        stamp_rate=spec.stamp_rate,
-        placement=spec.placement,
-        augment=spec.augment,
-        channels_last=spec.channels_last,
-        eval_batch_size=spec.eval_batch_size,
-    )
+    config = spec.repair_config()
     configure_cpu()
     device = pick_device(spec.device)
     configure_device(device)
@@ -772,16 +760,7 @@ def _anp(
     from engine.tasks import mesa as mesa_task
 
     layers = anp.require_batchnorm(model, "anp", meta.arch)
-    config = anp.ANPConfig(
-        iterations=spec.anp_iterations,
-        batch_size=spec.anp_batch_size,
-        lr=spec.anp_lr,
-        eps=spec.anp_eps,
-        steps=spec.anp_steps,
-        alpha=spec.anp_alpha,
-        threshold=spec.anp_threshold,
-        prune_count=spec.anp_prune_count,
-    )
+    config = spec.anp_config()
     workdir = Path(reporter.workdir)
     masks = None
     if state is not None:
