@@ -43,7 +43,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from engine.errors import UserError
 from engine.ml.data import Normalizer, augment, to_float
 from engine.ml.runtime import autocast
-from engine.reporter import Reporter, stop_point
+from engine.reporter import Reporter, or_null, stop_point
 
 LOG_EVERY = 100  # iterations per logged point (anp/loss, anp/acc) and checkpoint opportunity
 
@@ -112,24 +112,22 @@ def optimize_masks(
     ``state`` resumes (masks, optimiser, iteration; the generator must be restored by the
     caller). Every ``LOG_EVERY`` iterations the window's mean loss and clean accuracy are logged
     (``anp/loss``, ``anp/acc``, step = iteration) and ``on_log(state)`` is called (checkpoints)."""
+    reporter = or_null(reporter)
     trainer = _MaskTrainer(model, config, state, precision, channels_last, images_u8.device)
     labels = labels.to(trainer.device)
     window = _Window(trainer.device)
     for iteration in range(trainer.state.iteration, config.iterations):
-        if reporter is not None:
-            stop_point(reporter)
+        stop_point(reporter)
         x, y = _batch(images_u8, labels, normalizer, config, generator, channels_last)
         loss, logits = trainer.step(x, y, generator)
         window.add(loss, logits, y)
         done = iteration + 1
-        if reporter is not None:
-            reporter.progress("anp", done, config.iterations, {"iteration": done})
+        reporter.progress("anp", done, config.iterations, {"iteration": done})
         if done % LOG_EVERY == 0 or done == config.iterations:
             point = window.take(config.batch_size)
             trainer.keep(done)
             trainer.state.history.append({"iteration": done, **point})
-            if reporter is not None:
-                reporter.log(point, done)
+            reporter.log(point, done)
             if on_log is not None:
                 on_log(trainer.state)
     trainer.keep(max(trainer.state.iteration, config.iterations))

@@ -28,7 +28,7 @@ from engine.errors import UserError
 from engine.ml.data import Normalizer, to_float
 from engine.ml.runtime import autocast
 from engine.ml.triggers import MaskTrigger, Placement, stamp
-from engine.reporter import Reporter, stop_point
+from engine.reporter import Reporter, or_null, stop_point
 
 MAD_CONSTANT = 1.4826
 TANH_EPS = 1e-7
@@ -101,6 +101,7 @@ def reverse_point(
     reporter: Reporter | None = None,
 ) -> PointResult:
     """Reverse-engineer ``restarts`` independent k x k patches that flip images to ``target``."""
+    reporter = or_null(reporter)
     _check_images(images_u8, batch_size, "point reversal")
     if restarts < 1:
         raise UserError(f"point restarts {restarts} must be at least 1")
@@ -122,8 +123,7 @@ def reverse_point(
             orders = [torch.randperm(n, generator=g) for g in streams]
             epoch_loss = torch.zeros(restarts, device=device)
             for i in range(per_epoch):
-                if reporter is not None:
-                    stop_point(reporter)
+                stop_point(reporter)
                 idx = torch.cat([o[i * batch_size : (i + 1) * batch_size] for o in orders])
                 b = idx.shape[0] // restarts
                 pos = torch.cat([placement.sample(b, (h, w), size, g) for g in streams]).to(device)
@@ -140,15 +140,13 @@ def reverse_point(
                 per_restart.sum().backward()
                 optimizer.step()
                 epoch_loss += per_restart.detach() * b
-                if reporter is not None:
-                    reporter.progress("point", epoch * per_epoch + i + 1, epochs * per_epoch, {})
+                reporter.progress("point", epoch * per_epoch + i + 1, epochs * per_epoch, {})
             with torch.no_grad():
                 pixels = (patch * std + mean).clamp_(0.0, 1.0)
                 patch.copy_((pixels - mean) / std)
             for r, value in enumerate((epoch_loss / n).tolist()):
                 losses[r].append(value)
-            if reporter is not None:
-                reporter.check_in(120.0)
+            reporter.check_in(120.0)
         patterns = (patch.detach() * std + mean).clamp(0.0, 1.0)
         success = _patch_success(frozen, normalizer, images_u8, patterns, target, size, seed)
     return PointResult(patterns=patterns.float(), success=success, losses=losses)
@@ -352,6 +350,7 @@ def neural_cleanse(
     attack success and mean mask norm, as in the original.
     """
     _check_images(images_u8, batch_size, "Neural Cleanse")
+    reporter = or_null(reporter)
     labels = list(labels)
     if not labels:
         raise UserError("Neural Cleanse needs at least one label to reverse")
@@ -365,12 +364,9 @@ def neural_cleanse(
                 frozen, normalizer, images_u8, steps_per_epoch, precision, channels_last, reporter
             )
             search.update(epoch, means)
-            if reporter is not None:
-                reporter.progress(
-                    "neural-cleanse", epoch + 1, epochs, {"labels": len(search.active)}
-                )
-                if (epoch + 1) % 10 == 0:
-                    reporter.check_in(300.0)
+            reporter.progress("neural-cleanse", epoch + 1, epochs, {"labels": len(search.active)})
+            if (epoch + 1) % 10 == 0:
+                reporter.check_in(300.0)
     triggers = search.triggers()
     detection = None
     if len(labels) >= 3:
@@ -429,7 +425,7 @@ class _Cleanse:
         steps: int,
         precision: str,
         channels_last: bool,
-        reporter: Reporter | None,
+        reporter: Reporter,
     ) -> list[list[float]]:
         """``steps`` mini-batches for the active labels: their mean (success, mask L1)."""
         device = images_u8.device
@@ -440,8 +436,7 @@ class _Cleanse:
         act = torch.tensor(active, device=device)
         targets = torch.tensor(self.labels, device=device)[act].repeat_interleave(b)
         for _ in range(steps):
-            if reporter is not None:
-                stop_point(reporter)
+            stop_point(reporter)
             idx = torch.cat([torch.randint(0, n, (b,), generator=self.streams[i]) for i in active])
             x = to_float(images_u8[idx.to(device)]).view(len(active), b, c, h, w)
             mask = tanh_to_unit(self.mask_raw[act])  # (A, H, W)
