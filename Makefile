@@ -17,7 +17,7 @@ $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[test,ray,postgres,tensorboard]'
+	$(BIN)/python -m pip install -q -e '.[test,dev,ray,postgres,tensorboard]'
 	touch $@
 
 setup: $(BIN)/.installed
@@ -51,9 +51,11 @@ test-services:
 		fi; \
 	fi
 
+# Style, then the import layers (the contracts in pyproject.toml, [tool.importlinter]).
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 test: setup test-data test-services lint
 	$(BIN)/python -m pytest -q

@@ -23,7 +23,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
-from engine.errors import UserError
+from store.errors import UserError
 
 BUSY_TIMEOUT_MS = 30_000
 # A write that still finds the database locked after the busy timeout is retried this long.

@@ -22,8 +22,8 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
-from engine.errors import UserError
 from store import db as dbmod
+from store.errors import UserError
 
 README = 'docs/operators.md, "When the store is damaged"'
 

@@ -35,7 +35,6 @@ from sqlalchemy import (
     update,
 )
 
-from engine.errors import UserError
 from store import db as dbmod
 from store import downsample, health
 from store.entities import (
@@ -63,6 +62,7 @@ from store.entities import (
     StudyRepair,
     StudySummary,
 )
+from store.errors import UserError
 from store.models import (
     Artifact,
     Base,
@@ -77,6 +77,7 @@ from store.models import (
     Study,
     StudyJob,
 )
+from store.paths import default_db_url
 
 jobs_t = Job.__table__
 runs_t = Run.__table__
@@ -148,10 +149,9 @@ def upgrade(url: str | None = None) -> tuple[str | None, str]:
     """Bring a database to the newest schema with alembic; returns (before, after) revisions."""
     from alembic import command
 
-    from engine import paths
     from store.migrations import HEAD, alembic_config
 
-    url = dbmod.check_url(url or paths.default_db_url())
+    url = dbmod.check_url(url or default_db_url())
     with health.translated(url, opening=True):
         health.check_file(url)
         engine = dbmod.make_engine(url)
@@ -333,9 +333,8 @@ class Store:
     """The store behind one URL. Cheap to create; safe to share between threads."""
 
     def __init__(self, url: str | None = None, *, check_schema: bool = True):
-        from engine import paths
 
-        self.url = dbmod.check_url(url or paths.default_db_url())
+        self.url = dbmod.check_url(url or default_db_url())
         # The cheap checks (store.health) first: a damaged or unusable store is one line.
         with health.translated(self.url, opening=True):
             health.check_file(self.url)
