@@ -51,11 +51,12 @@ test-services:
 		fi; \
 	fi
 
-# Style, then the import layers (the contracts in pyproject.toml, [tool.importlinter]).
+# Style, then the import layers and the types (pyproject.toml: [tool.importlinter], [tool.mypy]).
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 test: setup test-data test-services lint
 	$(BIN)/python -m pytest -q

@@ -126,7 +126,7 @@ def visible_gpus() -> list[str]:
 def gpu_snapshot(gpus: list[str]) -> list[dict[str, Any]]:
     """Name, memory and utilisation of each GPU through NVML (only the index without NVML)."""
     nvml = _nvml() if gpus else None
-    out = []
+    out: list[dict[str, Any]] = []
     for gpu in gpus:
         entry: dict[str, Any] = {
             "index": int(gpu) if gpu.isdigit() else len(out),
@@ -210,6 +210,12 @@ class Engine:
 
     # -------------------------------------------------------------------------------- lifecycle
 
+    @property
+    def registered_id(self) -> int:
+        """This engine's row; the loop's store calls come after ``run`` registered it."""
+        assert self.engine_id is not None, "the engine registers before its loop starts"
+        return self.engine_id
+
     def request_stop(self, *_: Any) -> None:
         self.stopping = True
 
@@ -281,7 +287,7 @@ class Engine:
         if now >= due["heartbeat"]:
             due["heartbeat"] = now + self.config.heartbeat_every_s
             beat = self.store.engine_heartbeat(
-                self.engine_id, len(self.active), gpu_snapshot(self.gpus)
+                self.registered_id, len(self.active), gpu_snapshot(self.gpus)
             )
             if beat.stop_requested_at is not None and not self.stopping:
                 log.info("stop requested through the store")
@@ -316,7 +322,7 @@ class Engine:
         busy = {run.handle.slot for run in self.active.values()}
         free_slots = [s for s in self.slots if s not in busy]
         claimed = self.store.claim_jobs(
-            self.engine_id,
+            self.registered_id,
             len(free_slots),
             host=self.host,
             executor=self.executor.name,
@@ -566,7 +572,7 @@ class Engine:
     # -------------------------------------------------------------------------------- cancel
 
     def check_cancels(self) -> None:
-        for _job_id, run_id in self.store.cancel_requests(self.engine_id):
+        for _job_id, run_id in self.store.cancel_requests(self.registered_id):
             run = self.active.get(run_id)
             if run is not None and run.cancel_stage is None:
                 log.info("cancelling job %d (run %d)", run.handle.launch.job_id, run_id)
@@ -608,15 +614,16 @@ class Engine:
             if (
                 run.executor == "foreground"
                 and run.host == self.host
-                and (run.external_id or "").isdigit()
-                and not started_before(int(run.external_id), run.started_at)
+                and (pid_text := run.external_id or "").isdigit()
+                and not started_before(int(pid_text), run.started_at)
             ):
                 self.store.finish_run(
                     run.id, "failed", error="the foreground process ended without closing its run"
                 )
         from store.repository import utcnow
 
-        dead_here, alive_here = [], []
+        dead_here: list[int] = []
+        alive_here: list[int] = []
         for engine in self.store.engines():
             if engine.id == self.engine_id or engine.stopped_at is not None:
                 continue
@@ -643,8 +650,8 @@ class Engine:
         killed = []
         for run in stale:
             local = run.executor in ("local", None)
-            if local and run.host == self.host and (run.external_id or "").isdigit():
-                pid = int(run.external_id)
+            if local and run.host == self.host and (pid_text := run.external_id or "").isdigit():
+                pid = int(pid_text)
                 if is_runner_process(pid, run.started_at):  # this run's child, not a reused pid
                     kill_group(pid, signal.SIGKILL)
                     killed.append(pid)

@@ -284,6 +284,7 @@ def build_pipeline(
         refs: dict[str, str] = {"model": model}
         deps: list[tuple[int | str, str | None]] = [(ref(train), "model")]
         if settings["method"] == "mesa":
+            assert search is not None  # made above for every mesa method
             refs["search"] = f"job:{ref(search)}"
             deps.append((ref(search), "search"))
         elif settings["method"] in ("point", "neural-cleanse"):
@@ -292,7 +293,7 @@ def build_pipeline(
                 deps.extend(target_deps)
             else:
                 values.update(target_values)
-        restarts = [None]
+        restarts: list[int | None] = [None]
         if (
             split_point_restarts
             and settings["method"] == "point"
@@ -819,7 +820,12 @@ def flagged_target(result: dict[str, Any] | None) -> int | None:
         return None
     scores = result.get("scores")
     if isinstance(scores, dict):
-        return int(max(flagged, key=lambda c: float(scores.get(str(c), scores.get(c, 0.0)))))
+        return int(
+            max(
+                flagged,
+                key=lambda c: float(scores[str(c)] if str(c) in scores else scores.get(c, 0.0)),
+            )
+        )
     if isinstance(scores, list):
         return int(max(flagged, key=lambda c: float(scores[c]) if c < len(scores) else 0.0))
     return int(flagged[0])

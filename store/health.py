@@ -18,7 +18,7 @@ import sqlite3
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy.engine import make_url
 
@@ -64,9 +64,12 @@ class SchemaBehind(StoreProblem):
     """The database was made by an older mesa-tui (or a newer one: its schema is unknown)."""
 
 
-def schema_problem(url: str, revision: str | None, state: str) -> SchemaBehind | None:
-    """The one line for a schema this code cannot use (``state`` as ``check_store`` names it:
-    behind, unknown, foreign); None for current and empty."""
+SchemaState = Literal["behind", "unknown", "foreign"]
+BAD_SCHEMA_STATES: tuple[SchemaState, ...] = ("behind", "unknown", "foreign")
+
+
+def schema_problem(url: str, revision: str | None, state: SchemaState) -> SchemaBehind:
+    """The one line for a schema this code cannot use (``state`` as ``check_store`` names it)."""
     from store.migrations import HEAD
 
     where = _where(url)
@@ -80,12 +83,10 @@ def schema_problem(url: str, revision: str | None, state: str) -> SchemaBehind |
             f"the store {where} uses schema {revision}, which this mesa-tui does not know "
             "(made by a newer one?); upgrade mesa-tui, or point --db / MESA_DB at another store"
         )
-    if state == "foreign":
-        return SchemaBehind(
-            f"the store {where} has tables but no schema version (not made by mesa-tui?); "
-            "point --db / MESA_DB at another file or move this one aside"
-        )
-    return None
+    return SchemaBehind(
+        f"the store {where} has tables but no schema version (not made by mesa-tui?); "
+        "point --db / MESA_DB at another file or move this one aside"
+    )
 
 
 def _where(url: str) -> str:
@@ -470,9 +471,8 @@ def check_store(url: str, limit: int = 20) -> dict[str, Any]:
     except StoreProblem as exc:
         report["problem"] = str(exc)
         return report
-    problem = schema_problem(url, report["schema"], report["schema_state"])
-    if problem is not None:
-        report["problem"] = str(problem)
+    if report["schema_state"] in BAD_SCHEMA_STATES:
+        report["problem"] = str(schema_problem(url, report["schema"], report["schema_state"]))
     return report
 
 

@@ -95,7 +95,7 @@ def _use_token_if_present() -> None:
     if os.environ.get("RAY_AUTH_TOKEN") or Path(token_file).is_file():
         os.environ["RAY_AUTH_MODE"] = "token"
         with contextlib.suppress(Exception):  # what ray.init does for address="auto"
-            from ray._raylet import Config
+            from ray._raylet import Config  # type: ignore[attr-defined]  # Cython, no stub
 
             Config.initialize("")
 
@@ -241,9 +241,10 @@ def run_task(payload: dict[str, Any], hub: Any, staged: dict[str, bytes] | None)
             preexec_fn=_die_with_parent(),
         )
     os.close(write_fd)
-    assert process.stdin is not None
-    process.stdin.write((json.dumps(launch) + "\n").encode())
-    process.stdin.flush()
+    stdin = process.stdin
+    assert stdin is not None
+    stdin.write((json.dumps(launch) + "\n").encode())
+    stdin.flush()
 
     buffer: list[dict[str, Any]] = []
     lock = threading.Lock()
@@ -262,7 +263,8 @@ def run_task(payload: dict[str, Any], hub: Any, staged: dict[str, bytes] | None)
 
     reader = threading.Thread(target=read_events, name=f"events-{run_id}", daemon=True)
     reader.start()
-    worker = {"node": node, "pid": os.getpid(), "child": process.pid}
+    # Sent with the first batch only, so the hub learns where the run lives.
+    worker: dict[str, object] | None = {"node": node, "pid": os.getpid(), "child": process.pid}
     handled = ""
 
     def act(stage: str) -> None:
@@ -272,8 +274,8 @@ def run_task(payload: dict[str, Any], hub: Any, staged: dict[str, bytes] | None)
         handled = stage
         if stage == "stop":
             with contextlib.suppress(BrokenPipeError, OSError, ValueError):
-                process.stdin.write(b"stop\n")
-                process.stdin.flush()
+                stdin.write(b"stop\n")
+                stdin.flush()
         else:
             _kill_group(process.pid, signal.SIGTERM if stage == "term" else signal.SIGKILL)
 
@@ -299,11 +301,11 @@ def run_task(payload: dict[str, Any], hub: Any, staged: dict[str, bytes] | None)
         except ray.exceptions.RayActorError:
             # The engine (and its hub) went away: the child sees its stdin close and stops.
             with contextlib.suppress(OSError):
-                process.stdin.close()
+                stdin.close()
             process.wait()
             break
     with contextlib.suppress(OSError):
-        process.stdin.close()
+        stdin.close()
     code = process.wait()
     out: dict[str, Any] = {"exit_code": code, "tail": _tail(log_path)}
     if local_root is not None:
