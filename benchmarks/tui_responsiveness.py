@@ -47,7 +47,7 @@ TAB_OF_KEY = {
 
 
 def build_fake(points: int, jobs: int):
-    from mesa_tui.source import FakeSource
+    from mesa_tui.demo import FakeSource
 
     source = FakeSource()
     per_job = points // jobs

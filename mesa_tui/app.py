@@ -1,8 +1,8 @@
 """The terminal app: ``mesa-tui`` with no arguments.
 
 The data source is injected (``create_app``), so the CLI runs the app over the store and the tests
-run the same app over a scripted ``FakeSource`` with a frozen clock. Every store call happens in a
-thread worker; widgets only ever see the messages those workers post.
+run the same app over a scripted ``mesa_tui.demo.FakeSource`` with a frozen clock. Every store
+call happens in a thread worker; widgets only ever see the messages those workers post.
 """
 
 from __future__ import annotations
