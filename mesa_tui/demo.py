@@ -20,9 +20,7 @@ from typing import Any
 import numpy as np
 
 from mesa_tui.source import (
-    FINISHED,
     HISTORY_POINTS,
-    RETRYABLE,
     ArtifactInfo,
     EngineStatus,
     GpuInfo,
@@ -39,6 +37,7 @@ from mesa_tui.source import (
     StudySummary,
     label_method,
 )
+from store.entities import FINISHED, RETRYABLE
 
 
 class FrozenClock:

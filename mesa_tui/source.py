@@ -19,9 +19,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "lost")
-FINISHED = frozenset({"succeeded", "failed", "cancelled", "lost"})
-RETRYABLE = frozenset({"failed", "cancelled", "lost"})
+from engine.paper_figures import paper_bw_numbers
+
 BETA_KEY = re.compile(r"^(?P<stage>[^/]+)/beta=(?P<beta>[^/]+)/(?P<name>.+)$")
 
 
@@ -218,7 +217,7 @@ class StudySummary:
 
     def paper_numbers(self, method: str) -> tuple[float | None, float | None] | None:
         """The paper's (mean, worst) for a method: the study's own record, else section 5."""
-        return self.paper.get(method) or paper_numbers(method)
+        return self.paper.get(method) or paper_bw_numbers(method)
 
     def column(self, method: str) -> list[float]:
         values = (self.cells.get((t, method)) for t in self.triggers)
@@ -249,27 +248,6 @@ class StudySummary:
     @property
     def statistics_error(self) -> str | None:
         return (self.statistics or {}).get("error")
-
-
-# Section 5 of the method notes: the poster's CIFAR-10 ResNet-18 numbers (51 bw triggers).
-PAPER_BW_ASR: dict[str, tuple[float, float]] = {
-    "before": (0.987, 0.924),
-    "ideal": (0.024, 0.037),
-    "mesa-0.9": (0.034, 0.059),
-    "mesa-0.8": (0.036, 0.091),
-    "mesa-0.5": (0.042, 0.090),
-    "mesa-ensemble": (0.036, 0.082),
-    "point": (0.105, 0.514),
-}
-
-
-def paper_numbers(method: str) -> tuple[float, float] | None:
-    """The paper's (mean, worst) ASR after repair for a method name, when it reports one."""
-    name = method.lower().replace("beta=", "").replace("_", "-")
-    for alias, key in (("mesa-ens", "mesa-ensemble"), ("before-repair", "before")):
-        if name.startswith(alias):
-            name = key
-    return PAPER_BW_ASR.get(name)
 
 
 # --------------------------------------------------------------------------------------------

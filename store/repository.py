@@ -41,6 +41,7 @@ from store import db as dbmod
 from store import downsample, health
 from store.entities import (
     ACTIVE,
+    RETRYABLE,
     STATUSES,
     ArtifactInfo,
     ClaimedJob,
@@ -437,7 +438,7 @@ class Store:
                 broken = conn.execute(
                     select(jobs_t.c.id, jobs_t.c.status).where(
                         jobs_t.c.id.in_([u for u, _ in upstream]),
-                        jobs_t.c.status.in_(("failed", "cancelled", "lost")),
+                        jobs_t.c.status.in_(RETRYABLE),
                     )
                 ).first()
                 if broken is not None:
@@ -572,7 +573,7 @@ class Store:
         dependents that were cancelled because of it."""
         with self._write() as conn:
             row = self._require_job(conn, job_id)
-            if row.status not in ("failed", "cancelled", "lost"):
+            if row.status not in RETRYABLE:
                 raise UserError(
                     f"job {job_id} is {row.status}; only failed, cancelled or lost jobs can be retried"
                 )
@@ -581,7 +582,7 @@ class Store:
                 .join(deps_t, deps_t.c.depends_on_id == jobs_t.c.id)
                 .where(
                     deps_t.c.job_id == job_id,
-                    jobs_t.c.status.in_(("failed", "cancelled", "lost")),
+                    jobs_t.c.status.in_(RETRYABLE),
                 )
             ).first()
             if blocked is not None:

@@ -191,7 +191,7 @@ def stop(
 def status(json_output: bool = typer.Option(False, "--json", help="one JSON object")) -> None:
     """Whether an engine is alive, its slots and GPUs, and the queue."""
     from mesa_tui.commands.jobs import age, open_store
-    from store.entities import to_json
+    from store.entities import STATUSES, to_json
 
     store = open_store()
     engines = store.engines(alive_only=True)
@@ -201,10 +201,7 @@ def status(json_output: bool = typer.Option(False, "--json", help="one JSON obje
             {
                 "alive": bool(engines),
                 "engines": [to_json(e) for e in engines],
-                "jobs": {
-                    s: counts.get(s, 0)
-                    for s in ("queued", "running", "succeeded", "failed", "cancelled", "lost")
-                },
+                "jobs": {s: counts.get(s, 0) for s in STATUSES},
                 "store": store.url,
             }
         )
@@ -244,10 +241,4 @@ def status(json_output: bool = typer.Option(False, "--json", help="one JSON obje
                 e.version,
             )
         console.print(table)
-    console.print(
-        "jobs: "
-        + ", ".join(
-            f"{counts.get(s, 0)} {s}"
-            for s in ("queued", "running", "succeeded", "failed", "cancelled", "lost")
-        )
-    )
+    console.print("jobs: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in STATUSES))
