@@ -154,10 +154,8 @@ def run_foreground(
 def _store_recorder(kind: str, spec: Any, console: Console) -> Any:
     """Foreground runs are recorded in the store when it is available (the store work hooks in
     ``engine.recording``); a store problem never stops a foreground run."""
-    try:
-        from engine.recording import ForegroundRecorder  # type: ignore[import-not-found]
-    except ImportError:
-        return None
+    from engine.recording import ForegroundRecorder
+
     try:
         return ForegroundRecorder.start(kind, spec)
     except Exception as exc:  # the store is optional for a foreground run

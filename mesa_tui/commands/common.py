@@ -61,14 +61,8 @@ def print_json(obj: Any) -> None:
 
 
 def open_app() -> None:
-    try:
-        from mesa_tui.app import run_app
-    except ImportError:
-        typer.echo(
-            "the terminal app is not available in this build; use the subcommands (see --help)",
-            err=True,
-        )
-        raise typer.Exit(2) from None
+    from mesa_tui.app import run_app
+
     code = run_app()
     if code:
         raise typer.Exit(code)
