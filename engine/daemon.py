@@ -49,8 +49,8 @@ def _env_float(name: str, default: float) -> float:
 @dataclass
 class EngineConfig:
     """Slots and timings. The check-in and grace figures can be shortened through the
-    environment (``MESA_STARTUP_GRACE_S``, ``MESA_CANCEL_GRACE_S``, ``MESA_CHECKIN_SLACK_S``)
-    for tests, and the interval of the buffered writes lengthened (``MESA_FLUSH_EVERY_S``: a
+    environment (``MESA_TUI_STARTUP_GRACE_S``, ``MESA_TUI_CANCEL_GRACE_S``, ``MESA_TUI_CHECKIN_SLACK_S``)
+    for tests, and the interval of the buffered writes lengthened (``MESA_TUI_FLUSH_EVERY_S``: a
     test that must kill the engine while it still holds a batch, as on a fast CPU)."""
 
     cpu_slots: int | None = None
@@ -62,10 +62,16 @@ class EngineConfig:
     heartbeat_every_s: float = 2.0
     sweep_every_s: float = 5.0
     cancel_check_every_s: float = 0.5
-    flush_every_s: float = field(default_factory=lambda: _env_float("MESA_FLUSH_EVERY_S", 0.2))
-    startup_grace_s: float = field(default_factory=lambda: _env_float("MESA_STARTUP_GRACE_S", 300))
-    cancel_grace_s: float = field(default_factory=lambda: _env_float("MESA_CANCEL_GRACE_S", 3.0))
-    checkin_slack_s: float = field(default_factory=lambda: _env_float("MESA_CHECKIN_SLACK_S", 10.0))
+    flush_every_s: float = field(default_factory=lambda: _env_float("MESA_TUI_FLUSH_EVERY_S", 0.2))
+    startup_grace_s: float = field(
+        default_factory=lambda: _env_float("MESA_TUI_STARTUP_GRACE_S", 300)
+    )
+    cancel_grace_s: float = field(
+        default_factory=lambda: _env_float("MESA_TUI_CANCEL_GRACE_S", 3.0)
+    )
+    checkin_slack_s: float = field(
+        default_factory=lambda: _env_float("MESA_TUI_CHECKIN_SLACK_S", 10.0)
+    )
     executor: str = "local"
     ray_address: str = "auto"
     ray_gpus: float = 1.0
@@ -206,7 +212,7 @@ class Engine:
         self._last_problem: tuple[str | None, float] = (None, 0.0)
         from engine import crashpoints
 
-        self.crash = crashpoints.engine_side(self.store.engine)  # tests only (MESA_TEST_CRASH)
+        self.crash = crashpoints.engine_side(self.store.engine)  # tests only (MESA_TUI_TEST_CRASH)
 
     # -------------------------------------------------------------------------------- lifecycle
 

@@ -6,9 +6,9 @@ and the faces ask one module for every location.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from store.environment import setting
 from store.paths import cache_home, data_home, default_db_url
 
 __all__ = [
@@ -35,7 +35,7 @@ def dataset_cache_dir() -> Path:
 
 
 def torchvision_root() -> Path:
-    """Where torchvision datasets are downloaded or expected (``MESA_DATA_ROOT`` overrides)."""
-    if root := os.environ.get("MESA_DATA_ROOT"):
+    """Where torchvision datasets are downloaded or expected (``MESA_TUI_DATA_ROOT`` overrides)."""
+    if root := setting("MESA_TUI_DATA_ROOT"):
         return Path(root)
     return data_home() / "torchvision"

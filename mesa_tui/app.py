@@ -139,7 +139,7 @@ def create_app(
 
 
 def app_for_store(db_url: str | None = None) -> App:
-    """The app over the store (``--db`` / ``MESA_DB`` / the default SQLite file), or, when the
+    """The app over the store (``--db`` / ``MESA_TUI_DB`` / the default SQLite file), or, when the
     store cannot be used (damaged, unwritable, unreachable, another schema), the screen that
     says so in the CLI's words and exits with code 2."""
     from engine.errors import UserError

@@ -44,12 +44,12 @@ report_cmd.register(app)
 def main_callback(
     ctx: typer.Context,
     db: str | None = typer.Option(
-        None, "--db", envvar="MESA_DB", help="store URL (default: SQLite in the data home)"
+        None, "--db", envvar="MESA_TUI_DB", help="store URL (default: SQLite in the data home)"
     ),
 ) -> None:
     """Without a command, open the terminal app."""
     if db:
-        os.environ["MESA_DB"] = db
+        os.environ["MESA_TUI_DB"] = db
     if ctx.invoked_subcommand is None:
         from mesa_tui.commands.common import open_app
 

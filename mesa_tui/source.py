@@ -702,7 +702,7 @@ class StoreSource:
         import subprocess
         import sys
 
-        env = dict(os.environ, MESA_DB=self.store.url)
+        env = dict(os.environ, MESA_TUI_DB=self.store.url)
         done = subprocess.run(
             [sys.executable, "-m", "mesa_tui.cli", "engine", "start", "--detach"],
             capture_output=True,
@@ -724,7 +724,7 @@ class StoreSource:
 
 
 def open_store_source(db_url: str | None = None) -> StoreSource:
-    """The store behind ``--db`` / ``MESA_DB`` / the default SQLite file, wrapped for the app."""
+    """The store behind ``--db`` / ``MESA_TUI_DB`` / the default SQLite file, wrapped for the app."""
     from store.repository import Store
 
     return StoreSource(Store(db_url))

@@ -2,13 +2,15 @@
 
 The bottom layer owns them because the store's default URL lies in the data home; the engine's
 directories (``engine.paths``) are built on these. Setting ``XDG_DATA_HOME`` and
-``XDG_CACHE_HOME`` (or ``MESA_HOME``) isolates a run.
+``XDG_CACHE_HOME`` (or ``MESA_TUI_HOME``) isolates a run.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from store.environment import setting
 
 APP = "mesa-tui"
 
@@ -37,19 +39,19 @@ def _platformdirs():
 
 def data_home() -> Path:
     """Persistent state: imported datasets, artifacts, the default store."""
-    if home := os.environ.get("MESA_HOME"):
+    if home := setting("MESA_TUI_HOME"):
         return Path(home) / "data"
     return Path(_platformdirs().user_data_dir(APP, appauthor=False))
 
 
 def cache_home() -> Path:
     """Re-creatable state: decoded dataset caches."""
-    if home := os.environ.get("MESA_HOME"):
+    if home := setting("MESA_TUI_HOME"):
         return Path(home) / "cache"
     return Path(_platformdirs().user_cache_dir(APP, appauthor=False))
 
 
 def default_db_url() -> str:
-    if url := os.environ.get("MESA_DB"):
+    if url := setting("MESA_TUI_DB"):
         return url
     return f"sqlite:///{data_home() / 'mesa.db'}"

@@ -4,7 +4,7 @@ Writers: the faces write requests only (new jobs, cancels, retries, deletions, s
 requests); runs, metrics, logs, artifacts and heartbeats are written by the engine (or by the
 foreground recorder for its own run). Every write is one short ``BEGIN IMMEDIATE`` transaction.
 
-Open a store with ``Store()`` (the URL of ``--db``/``MESA_DB``, else SQLite in the data home). A new
+Open a store with ``Store()`` (the URL of ``--db``/``MESA_TUI_DB``, else SQLite in the data home). A new
 database is created at the newest schema; one behind it is refused with the upgrade command.
 """
 

@@ -112,7 +112,7 @@ def start(
         command += ["--executor", "ray", "--ray-address", options["ray_address"]]
         command += ["--ray-gpus", str(ray_gpus), "--ray-artifacts", ray_artifacts]
     env = dict(os.environ)
-    env["MESA_DB"] = store.url
+    env["MESA_TUI_DB"] = store.url
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     with open(log_path, "ab") as log_file:

@@ -27,7 +27,7 @@ STATUS_STYLE = {
 
 
 def open_store() -> Any:
-    """The store of ``--db`` / ``MESA_DB`` (SQLite in the data home by default)."""
+    """The store of ``--db`` / ``MESA_TUI_DB`` (SQLite in the data home by default)."""
     from store.repository import Store
 
     return Store()
