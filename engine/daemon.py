@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from engine import paths
-from engine.cores import usable_cores
 from engine.executors.base import Executor, Handle, Launch, Slot
 from engine.executors.local import (
     LocalExecutor,
@@ -32,6 +31,7 @@ from engine.executors.local import (
     kill_group,
     started_before,
 )
+from engine.run_environment import usable_cores
 from engine.version import code_version
 
 log = logging.getLogger("mesa.engine")

@@ -14,7 +14,7 @@ import typer
 
 from mesa_tui.commands import data as data_cmd
 from mesa_tui.commands import db as db_cmd
-from mesa_tui.commands import engine_cmd, jobs, paths, study, submit
+from mesa_tui.commands import engine_control, jobs, paths, study, submit
 from mesa_tui.commands import model as model_cmd
 from mesa_tui.commands import report as report_cmd
 from mesa_tui.commands import run as run_cmd
@@ -33,7 +33,7 @@ app.add_typer(data_cmd.app, name="data")
 app.add_typer(model_cmd.app, name="model")
 app.add_typer(submit.app, name="submit")
 jobs.register(app)
-app.add_typer(engine_cmd.app, name="engine")
+app.add_typer(engine_control.app, name="engine")
 app.add_typer(study.app, name="study")
 app.add_typer(db_cmd.app, name="db")
 paths.register(app)

@@ -126,7 +126,7 @@ def run_foreground(
     kind: str, spec: Any, json_output: bool, workdir: Path | None = None
 ) -> TaskResult:
     """Run ``engine.tasks.<kind>.run(spec, reporter)`` here, with progress, then print results."""
-    from engine.cores import check_run_environment
+    from engine.run_environment import check_run_environment
     from mesa_tui.commands.common import print_json
 
     check_run_environment()  # a bad MESA_TUI_* value: one line, before the run is recorded

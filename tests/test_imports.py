@@ -128,7 +128,16 @@ def test_torch_only_lazily_outside_engine_ml_and_tasks():
 ML_ALLOWED_THIRD_PARTY = ("torch", "numpy", "safetensors", "PIL", "matplotlib")
 ML_ALLOWED_ENGINE = tuple(
     f"engine.{m}"
-    for m in ("ml", "errors", "reporter", "triggerspec", "catalog", "paths", "version", "cores")
+    for m in (
+        "ml",
+        "errors",
+        "reporter",
+        "triggerspec",
+        "catalog",
+        "paths",
+        "version",
+        "run_environment",
+    )
 )
 
 

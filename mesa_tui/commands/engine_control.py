@@ -67,8 +67,8 @@ def start(
     """Run queued jobs: one child process per job, one per GPU slot (or CPU slot), or one Ray
     task per job on a cluster (--executor ray; --cpu-slots then caps the runs in flight)."""
     from engine import paths
-    from engine.cores import check_run_environment
     from engine.daemon import EngineConfig, executor_options, parse_gpus, serve
+    from engine.run_environment import check_run_environment
     from mesa_tui.commands.jobs import open_store
     from store.health import check_integrity
 
