@@ -670,8 +670,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         emit(report, args)
         return report
     if args.threads:  # the tasks (and configure_cpu here) read the budget from there
-        from engine.cores import THREADS_ENV
         from engine.ml.runtime import configure_cpu
+        from engine.run_environment import THREADS_ENV
 
         os.environ[THREADS_ENV] = str(args.threads)
         configure_cpu()

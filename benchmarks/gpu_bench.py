@@ -64,7 +64,6 @@ from benchmarks._paper import (  # noqa: E402
     write_json,
 )
 from engine import paper_small as protocol  # noqa: E402
-from engine.cores import COMPILE_ENV, CUDNN_BENCHMARK_ENV  # noqa: E402
 from engine.errors import Cancelled, UserError  # noqa: E402
 from engine.ml.data import import_dataset, load_dataset  # noqa: E402
 from engine.ml.runtime import (  # noqa: E402
@@ -74,6 +73,7 @@ from engine.ml.runtime import (  # noqa: E402
     pick_device,
 )
 from engine.reporter import MemoryReporter  # noqa: E402
+from engine.run_environment import COMPILE_ENV, CUDNN_BENCHMARK_ENV  # noqa: E402
 
 FORMAT = 2  # of this file's JSON (1: the figures at the end only, before the stages)
 STAGES = ("epoch", "clean", "paper", "mesa_speed")
@@ -162,7 +162,7 @@ def sync() -> None:
 
 @contextlib.contextmanager
 def env(values: dict[str, str]) -> Iterator[None]:
-    """Environment switches (engine.cores) for the tasks run inside the block."""
+    """Environment switches (engine.run_environment) for the tasks run inside the block."""
     old = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:

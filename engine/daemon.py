@@ -25,7 +25,6 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine import paths
-from engine.cores import usable_cores
 from engine.executors.base import Executor, Handle, Launch, Slot
 from engine.executors.local import (
     LocalExecutor,
@@ -34,6 +33,7 @@ from engine.executors.local import (
     kill_group,
     started_before,
 )
+from engine.run_environment import usable_cores
 from engine.spec_fields import option_name
 from engine.version import code_version
 
@@ -52,8 +52,8 @@ def _env_float(name: str, default: float) -> float:
 @dataclass
 class EngineConfig:
     """Slots and timings. The check-in and grace figures can be shortened through the
-    environment (``MESA_STARTUP_GRACE_S``, ``MESA_CANCEL_GRACE_S``, ``MESA_CHECKIN_SLACK_S``)
-    for tests, and the interval of the buffered writes lengthened (``MESA_FLUSH_EVERY_S``: a
+    environment (``MESA_TUI_STARTUP_GRACE_S``, ``MESA_TUI_CANCEL_GRACE_S``, ``MESA_TUI_CHECKIN_SLACK_S``)
+    for tests, and the interval of the buffered writes lengthened (``MESA_TUI_FLUSH_EVERY_S``: a
     test that must kill the engine while it still holds a batch, as on a fast CPU)."""
 
     cpu_slots: int | None = None
@@ -65,10 +65,16 @@ class EngineConfig:
     heartbeat_every_s: float = 2.0
     sweep_every_s: float = 5.0
     cancel_check_every_s: float = 0.5
-    flush_every_s: float = field(default_factory=lambda: _env_float("MESA_FLUSH_EVERY_S", 0.2))
-    startup_grace_s: float = field(default_factory=lambda: _env_float("MESA_STARTUP_GRACE_S", 300))
-    cancel_grace_s: float = field(default_factory=lambda: _env_float("MESA_CANCEL_GRACE_S", 3.0))
-    checkin_slack_s: float = field(default_factory=lambda: _env_float("MESA_CHECKIN_SLACK_S", 10.0))
+    flush_every_s: float = field(default_factory=lambda: _env_float("MESA_TUI_FLUSH_EVERY_S", 0.2))
+    startup_grace_s: float = field(
+        default_factory=lambda: _env_float("MESA_TUI_STARTUP_GRACE_S", 300)
+    )
+    cancel_grace_s: float = field(
+        default_factory=lambda: _env_float("MESA_TUI_CANCEL_GRACE_S", 3.0)
+    )
+    checkin_slack_s: float = field(
+        default_factory=lambda: _env_float("MESA_TUI_CHECKIN_SLACK_S", 10.0)
+    )
     executor: str = "local"
     ray_address: str = "auto"
     ray_gpus: float = 1.0
@@ -129,7 +135,7 @@ def visible_gpus() -> list[str]:
 def gpu_snapshot(gpus: list[str]) -> list[dict[str, Any]]:
     """Name, memory and utilisation of each GPU through NVML (only the index without NVML)."""
     nvml = _nvml() if gpus else None
-    out = []
+    out: list[dict[str, Any]] = []
     for gpu in gpus:
         entry: dict[str, Any] = {
             "index": int(gpu) if gpu.isdigit() else len(out),
@@ -209,9 +215,15 @@ class Engine:
         self._last_problem: tuple[str | None, float] = (None, 0.0)
         from engine import crashpoints
 
-        self.crash = crashpoints.engine_side(self.store.engine)  # tests only (MESA_TEST_CRASH)
+        self.crash = crashpoints.engine_side(self.store.engine)  # tests only (MESA_TUI_TEST_CRASH)
 
     # -------------------------------------------------------------------------------- lifecycle
+
+    @property
+    def registered_id(self) -> int:
+        """This engine's row; the loop's store calls come after ``run`` registered it."""
+        assert self.engine_id is not None, "the engine registers before its loop starts"
+        return self.engine_id
 
     def request_stop(self, *_: Any) -> None:
         self.stopping = True
@@ -284,7 +296,7 @@ class Engine:
         if now >= due["heartbeat"]:
             due["heartbeat"] = now + self.config.heartbeat_every_s
             beat = self.store.engine_heartbeat(
-                self.engine_id, len(self.active), gpu_snapshot(self.gpus)
+                self.registered_id, len(self.active), gpu_snapshot(self.gpus)
             )
             if beat.stop_requested_at is not None and not self.stopping:
                 log.info("stop requested through the store")
@@ -319,7 +331,7 @@ class Engine:
         busy = {run.handle.slot for run in self.active.values()}
         free_slots = [s for s in self.slots if s not in busy]
         claimed = self.store.claim_jobs(
-            self.engine_id,
+            self.registered_id,
             len(free_slots),
             host=self.host,
             executor=self.executor.name,
@@ -569,7 +581,7 @@ class Engine:
     # -------------------------------------------------------------------------------- cancel
 
     def check_cancels(self) -> None:
-        for _job_id, run_id in self.store.cancel_requests(self.engine_id):
+        for _job_id, run_id in self.store.cancel_requests(self.registered_id):
             run = self.active.get(run_id)
             if run is not None and run.cancel_stage is None:
                 log.info("cancelling job %d (run %d)", run.handle.launch.job_id, run_id)
@@ -611,15 +623,16 @@ class Engine:
             if (
                 run.executor == "foreground"
                 and run.host == self.host
-                and (run.external_id or "").isdigit()
-                and not started_before(int(run.external_id), run.started_at)
+                and (pid_text := run.external_id or "").isdigit()
+                and not started_before(int(pid_text), run.started_at)
             ):
                 self.store.finish_run(
                     run.id, "failed", error="the foreground process ended without closing its run"
                 )
         from store.repository import utcnow
 
-        dead_here, alive_here = [], []
+        dead_here: list[int] = []
+        alive_here: list[int] = []
         for engine in self.store.engines():
             if engine.id == self.engine_id or engine.stopped_at is not None:
                 continue
@@ -646,8 +659,8 @@ class Engine:
         killed = []
         for run in stale:
             local = run.executor in ("local", None)
-            if local and run.host == self.host and (run.external_id or "").isdigit():
-                pid = int(run.external_id)
+            if local and run.host == self.host and (pid_text := run.external_id or "").isdigit():
+                pid = int(pid_text)
                 if is_runner_process(pid, run.started_at):  # this run's child, not a reused pid
                     kill_group(pid, signal.SIGKILL)
                     killed.append(pid)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.errors import UserError
+from engine.paper_figures import PAPER_BW, PAPER_COLOR_CIFAR10, PAPER_COLOR_CIFAR100
 from store.entities import NewJob
 
 # The paper's 51 black/white triggers: the smallest id of each orbit of the 512 3x3 patterns under
@@ -306,6 +307,7 @@ class _Pipeline:
         refs: dict[str, str] = {"model": self.model}
         deps: Deps = [(self.train_ref, "model")]
         if settings["method"] == "mesa":
+            assert search is not None  # made first for every mesa method
             refs["search"] = f"job:{self.ref(search)}"
             deps.append((self.ref(search), "search"))
         elif settings["method"] in ("point", "neural-cleanse"):
@@ -347,29 +349,6 @@ def _preset_value(kind: str, preset: str | None, key: str, default: Any) -> Any:
 # Studies
 
 
-PAPER_BW = {
-    "before repair": {"mean": 0.987, "worst": 0.924},
-    "ideal": {"mean": 0.024, "worst": 0.037},
-    "mesa-0.9": {"mean": 0.034, "worst": 0.059},
-    "mesa-0.8": {"mean": 0.036, "worst": 0.091},
-    "mesa-0.5": {"mean": 0.042, "worst": 0.090},
-    "mesa-ensemble": {"mean": 0.036, "worst": 0.082},
-    "point": {"mean": 0.105, "worst": 0.514},
-}
-PAPER_COLOR_CIFAR10 = {
-    "mesa-0.9": {"mean": 0.0204},
-    "mesa-0.8": {"mean": 0.0193},
-    "mesa-0.5": {"mean": 0.0177},
-    "mesa-ensemble": {"mean": 0.0191},
-    "point": {"mean": 0.2275},
-}
-PAPER_COLOR_CIFAR100 = {
-    "mesa-0.9": {"mean": 0.0142},
-    "mesa-0.8": {"mean": 0.0141},
-    "mesa-0.5": {"mean": 0.0156},
-    "mesa-ensemble": {"mean": 0.0114},
-    "point": {"mean": 0.2741},
-}
 PAPER_METHODS = ["ideal", "point", "mesa-0.9", "mesa-0.8", "mesa-0.5", "mesa-ensemble",
                  "neural-cleanse", "finetune"]  # fmt: skip
 PAPER_NOTES = [
@@ -855,7 +834,12 @@ def flagged_target(result: dict[str, Any] | None) -> int | None:
         return None
     scores = result.get("scores")
     if isinstance(scores, dict):
-        return int(max(flagged, key=lambda c: float(scores.get(str(c), scores.get(c, 0.0)))))
+        return int(
+            max(
+                flagged,
+                key=lambda c: float(scores[str(c)] if str(c) in scores else scores.get(c, 0.0)),
+            )
+        )
     if isinstance(scores, list):
         return int(max(flagged, key=lambda c: float(scores[c]) if c < len(scores) else 0.0))
     return int(flagged[0])

@@ -55,6 +55,8 @@ CONNECT_TIMEOUT_S = 5.0
 ARTIFACT_MODES = ("auto", "shared", "copy")
 # Environment a child needs from the engine's side: the data home, test task kinds, offline mode.
 FORWARDED_ENV = ("XDG_DATA_HOME", "XDG_CACHE_HOME")
+# A run's child never opens the store, so its URL (either name) stays on the engine's machine.
+_STORE_URLS = ("MESA_TUI_DB", "MESA_DB")
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -97,7 +99,7 @@ def _use_token_if_present() -> None:
     if os.environ.get("RAY_AUTH_TOKEN") or Path(token_file).is_file():
         os.environ["RAY_AUTH_MODE"] = "token"
         with contextlib.suppress(Exception):  # what ray.init does for address="auto"
-            from ray._raylet import Config
+            from ray._raylet import Config  # type: ignore[attr-defined]  # Cython, no stub
 
             Config.initialize("")
 
@@ -524,7 +526,9 @@ class RayExecutor(Executor):
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"run-{launch.run_id}.log"
         num_gpus = self.gpus_for(launch.spec)
-        env = {k: v for k, v in os.environ.items() if k.startswith("MESA_") and k != "MESA_DB"}
+        env = {
+            k: v for k, v in os.environ.items() if k.startswith("MESA_") and k not in _STORE_URLS
+        }
         env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
         payload = {
             "run_id": launch.run_id,

@@ -47,6 +47,7 @@ from torch import nn
 from engine.errors import UserError
 from engine.ml.data import Normalizer, to_float
 from engine.ml.models import fold_batchnorm
+from engine.ml.repair import TriggerSampler
 from engine.ml.runtime import autocast, resolve_precision
 from engine.ml.triggers import Placement, stamp
 from engine.reporter import Reporter, stop_point
@@ -1081,19 +1082,6 @@ def write_search_artifact(
 
 # ---------------------------------------------------------------------------------------------
 # Sampling from a finished search (the repair loop's contract)
-
-
-class TriggerSampler:
-    """Triggers (n, C, k, k) in [0, 1] from one generator or an ensemble of them."""
-
-    size: int
-    channels: int
-
-    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        raise NotImplementedError
-
-    def set_epoch(self, epoch: int) -> None:
-        """Only the round-robin ensemble uses the epoch; the others ignore it."""
 
 
 class _GeneratorSampler(TriggerSampler):

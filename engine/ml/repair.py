@@ -49,14 +49,16 @@ from engine.reporter import Reporter, stop_point
 
 
 class TriggerSampler(Protocol):
-    """The sampling contract of ``engine.ml.mesa``: ``(n, C, k, k)`` patches in [0, 1]."""
+    """What the repair loop samples: ``(n, C, k, k)`` patches in [0, 1], from MESA's generators
+    (``engine.ml.mesa``'s samplers subclass it) or a fixed pattern."""
 
     size: int
     channels: int
 
     def sample(self, n: int, generator: torch.Generator) -> torch.Tensor: ...
 
-    def set_epoch(self, epoch: int) -> None: ...
+    def set_epoch(self, epoch: int) -> None:
+        """Only the round-robin ensemble uses the epoch; the others ignore it."""
 
 
 class FixedPatternSampler:

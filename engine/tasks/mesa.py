@@ -29,7 +29,7 @@ CHECKPOINT_EVERY_S = 60.0
 
 def read_model_meta(model_dir: str | Path) -> dict[str, Any]:
     """The model artifact's meta (architecture, classes, dataset) without loading weights."""
-    from engine.ml.artifacts import ModelMeta, check_arch_version, read_manifest
+    from engine.ml.artifacts import read_manifest
 
     path = Path(model_dir).expanduser()
     if path.is_file() and (path.parent / "manifest.json").is_file():
@@ -52,7 +52,6 @@ def read_model_meta(model_dir: str | Path) -> dict[str, Any]:
         raise UserError(
             f"'{model_dir}' is a {manifest.get('kind')} artifact; give a model artifact"
         )
-    check_arch_version(model_dir, ModelMeta.from_dict(manifest["meta"]))
     return manifest["meta"]
 
 

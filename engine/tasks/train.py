@@ -18,7 +18,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from engine.cores import compile_setting
 from engine.errors import UserError
 from engine.ml import artifacts
 from engine.ml.checkpoint import load_or_none, save_checkpoint
@@ -37,6 +36,7 @@ from engine.ml.runtime import (
 )
 from engine.ml.triggers import PatchTrigger, Placement, parse_trigger, stamp
 from engine.reporter import Reporter, TaskResult, stop_point
+from engine.run_environment import compile_setting
 from engine.specs import TrainSpec, check_crop_size, check_padding
 
 CHECKPOINT = "checkpoints/train.safetensors"

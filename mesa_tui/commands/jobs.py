@@ -27,7 +27,7 @@ STATUS_STYLE = {
 
 
 def open_store() -> Any:
-    """The store of ``--db`` / ``MESA_DB`` (SQLite in the data home by default)."""
+    """The store of ``--db`` / ``MESA_TUI_DB`` (SQLite in the data home by default)."""
     from store.repository import Store
 
     return Store()
@@ -367,13 +367,15 @@ def cancel(
     json_output: bool = typer.Option(False, "--json", help="one JSON object"),
 ) -> None:
     """Cancel a job: a queued one at once, a running one within seconds (dependents too)."""
+    from store.entities import FINISHED
+
     store = open_store()
     before = store.job(job_id)
     job = store.request_cancel(job_id)
     if json_output:
         print_json(job_json(job))
         return
-    if before.status in ("succeeded", "failed", "cancelled", "lost"):
+    if before.status in FINISHED:
         typer.echo(f"job {job_id} already {before.status}; nothing to cancel")
     elif job.status == "cancelled":
         typer.echo(f"job {job_id} cancelled")

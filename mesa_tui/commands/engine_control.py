@@ -41,8 +41,8 @@ def start(
     """Run queued jobs: one child process per job, one per GPU slot (or CPU slot), or one Ray
     task per job on a cluster (--executor ray; --cpu-slots then caps the runs in flight)."""
     from engine import paths
-    from engine.cores import check_run_environment
     from engine.daemon import build_flags, serve
+    from engine.run_environment import check_run_environment
     from mesa_tui.commands.jobs import open_store
     from store.health import check_integrity
 
@@ -62,7 +62,7 @@ def start(
     child = build_flags({**given.values, "log": log_path})
     command = [sys.executable, "-m", "engine.daemon", *child.argv(), "--store-checked"]
     env = dict(os.environ)
-    env["MESA_DB"] = store.url
+    env["MESA_TUI_DB"] = store.url
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     with open(log_path, "ab") as log_file:
@@ -141,7 +141,7 @@ def stop(
 def status(json_output: bool = typer.Option(False, "--json", help="one JSON object")) -> None:
     """Whether an engine is alive, its slots and GPUs, and the queue."""
     from mesa_tui.commands.jobs import age, open_store
-    from store.entities import to_json
+    from store.entities import STATUSES, to_json
 
     store = open_store()
     engines = store.engines(alive_only=True)
@@ -151,10 +151,7 @@ def status(json_output: bool = typer.Option(False, "--json", help="one JSON obje
             {
                 "alive": bool(engines),
                 "engines": [to_json(e) for e in engines],
-                "jobs": {
-                    s: counts.get(s, 0)
-                    for s in ("queued", "running", "succeeded", "failed", "cancelled", "lost")
-                },
+                "jobs": {s: counts.get(s, 0) for s in STATUSES},
                 "store": store.url,
             }
         )
@@ -194,10 +191,4 @@ def status(json_output: bool = typer.Option(False, "--json", help="one JSON obje
                 e.version,
             )
         console.print(table)
-    console.print(
-        "jobs: "
-        + ", ".join(
-            f"{counts.get(s, 0)} {s}"
-            for s in ("queued", "running", "succeeded", "failed", "cancelled", "lost")
-        )
-    )
+    console.print("jobs: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in STATUSES))
