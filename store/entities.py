@@ -41,6 +41,28 @@ class GpuInfo:
 
 
 @dataclass(frozen=True)
+class SlotLoad:
+    """What one slot's child uses (psutil on the engine's host), with the slot's GPU."""
+
+    slot: int
+    gpu: str | None = None
+    job_id: int | None = None
+    cpu_pct: float | None = None  # of one core, as top shows it
+    rss_mb: float | None = None
+
+
+@dataclass(frozen=True)
+class SystemInfo:
+    """The engine host's CPU and memory at its last heartbeat, and each slot's child."""
+
+    cpus: int
+    cpu_pct: float | None = None  # of the whole host
+    mem_used_mb: float | None = None
+    mem_total_mb: float | None = None
+    slots: tuple[SlotLoad, ...] = ()
+
+
+@dataclass(frozen=True)
 class EngineInfo:
     """An engine process; ``alive`` is computed when read (fresh heartbeat, not stopped)."""
 
@@ -58,6 +80,7 @@ class EngineInfo:
     stop_requested_at: datetime | None
     stopped_at: datetime | None
     alive: bool
+    system: SystemInfo | None = None  # None: an engine from before 0.3 or without psutil
 
 
 @dataclass(frozen=True)
@@ -101,6 +124,8 @@ class JobSummary:
     progress: Progress | None
     latest: dict[str, float]
     cancel_requested: bool
+    note: str | None = None  # the researcher's words on the job (``mesa-tui note``)
+    tags: tuple[str, ...] = ()  # sorted (``mesa-tui tag``)
 
 
 @dataclass(frozen=True)
