@@ -119,6 +119,10 @@ class MesaApp(App):
                 spec: Mapping[str, Any] = kwargs["spec"]
                 ids = tuple(source.submit(kwargs["kind"], spec, kwargs.get("study")))
                 detail = f"submitted {kwargs['kind']} job{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))}"
+            elif action == "annotate":
+                row = source.annotate(job_id, kwargs["note"], kwargs["tags"])  # type: ignore[arg-type]
+                words = " ".join(f"#{t}" for t in row.tags)
+                detail = f"job {job_id}: {words + ' ' if words else ''}{row.note or '(no note)'}"
             elif action == "start_engine":
                 detail = source.start_engine()
             elif action == "export_report":

@@ -21,6 +21,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from store.entities import tag_problem
+
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "lost")
 FINISHED = frozenset({"succeeded", "failed", "cancelled", "lost"})
 RETRYABLE = frozenset({"failed", "cancelled", "lost"})
@@ -54,6 +56,14 @@ class JobRow:
     loss_tail: tuple[float, ...] = ()
     label: str | None = None  # as ``mesa-tui ls`` shows it
     method: str | None = None  # what tells a pipeline's rows apart: "point #3", "mesa-0.9", ...
+    note: str | None = None  # the researcher's words (``t`` in the app, ``mesa-tui note``)
+    tags: tuple[str, ...] = ()
+
+    def finds(self, text: str) -> bool:
+        """Whether the jobs filter's text is in the label, the note or a tag (any case), as
+        the store's ``list_jobs(text=...)`` matches."""
+        needle = text.lower()
+        return any(needle in (part or "").lower() for part in (self.label, self.note, *self.tags))
 
 
 @dataclass(frozen=True)
@@ -63,12 +73,14 @@ class JobQuery:
     statuses: frozenset[str] | None = None
     kind: str | None = None
     study: str | None = None
+    text: str | None = None  # in the label, note or a tag
 
     def matches(self, row: JobRow) -> bool:
         return (
             (self.statuses is None or row.status in self.statuses)
             and (self.kind is None or row.kind == self.kind)
             and (self.study is None or row.study == self.study)
+            and (not self.text or row.finds(self.text))
         )
 
     def describe(self) -> str:
@@ -79,6 +91,8 @@ class JobQuery:
             parts.append(f"kind {self.kind}")
         if self.study:
             parts.append(f"study {self.study}")
+        if self.text:
+            parts.append(f"finding {self.text!r}")
         return "; ".join(parts) or "all jobs"
 
 
@@ -312,6 +326,9 @@ class DataSource(Protocol):
         """Queue a finished job again; returns the job id that will run."""
 
     def delete(self, job_id: int) -> None: ...
+
+    def annotate(self, job_id: int, note: str | None, tags: Sequence[str]) -> JobRow:
+        """Replace a job's note and tags; returns its row as the table shows it."""
 
     def start_engine(self) -> str:
         """Start a detached engine; returns a line for the user."""
@@ -759,6 +776,18 @@ class FakeSource:
                 raise SourceError(f"job {job_id} is {job.status}; cancel it before deleting it")
             del self._jobs[job_id]
 
+    def annotate(self, job_id: int, note: str | None, tags: Sequence[str]) -> JobRow:
+        with self._lock:
+            self._maybe_fail()
+            self.calls.append(("annotate", (job_id, note, tuple(tags))))
+            self._get(job_id)
+            problems = [p for p in map(tag_problem, tags) if p]
+            if problems:
+                raise SourceError(problems[0])
+            clean = tuple(sorted(dict.fromkeys(t.strip() for t in tags)))
+            self.update_job(job_id, note=(note or "").strip() or None, tags=clean)
+            return self._jobs[job_id]
+
     def start_engine(self) -> str:
         with self._lock:
             self.calls.append(("start_engine", None))
@@ -1009,6 +1038,8 @@ class StoreSource:
             acc_clean=s.latest.get("eval/acc_clean", s.latest.get("repair/acc_clean")),
             asr=s.latest.get("eval/asr", s.latest.get("repair/asr")),
             loss_tail=loss_tail,
+            note=s.note,
+            tags=s.tags,
         )
 
     def _loss_tails(self, summaries: Iterable[Any]) -> dict[int, tuple[float, ...]]:
@@ -1043,19 +1074,18 @@ class StoreSource:
         self, query: JobQuery, changed_since: datetime | None, all_ids: bool = False
     ) -> JobsPage:
         statuses = sorted(query.statuses) if query.statuses else None
-        changed = self.store.list_jobs(
-            status=statuses, kind=query.kind, study=query.study, changed_since=changed_since
-        )
+        where = {"kind": query.kind, "study": query.study, "text": query.text}
+        changed = self.store.list_jobs(status=statuses, changed_since=changed_since, **where)
         rows = {s.id: s for s in changed}
         if changed_since is not None and (statuses is None or "running" in statuses):
-            for s in self.store.list_jobs(status="running", kind=query.kind, study=query.study):
+            for s in self.store.list_jobs(status="running", **where):
                 rows.setdefault(s.id, s)
         cursor = max((s.updated_at for s in changed), default=changed_since)
         ids = frozenset(rows) if changed_since is None else None
         if ids is None and all_ids:
             # Read after the rows: a job made in between is listed here and read at the next
             # poll (it changed after the cursor); one deleted in between is dropped.
-            ids = frozenset(self.store.job_ids(status=statuses, kind=query.kind, study=query.study))
+            ids = frozenset(self.store.job_ids(status=statuses, **where))
         tails = self._loss_tails(rows.values())
         return JobsPage(
             tuple(self._row(s, tails.get(s.id, ())) for s in rows.values()), ids, cursor
@@ -1226,6 +1256,13 @@ class StoreSource:
 
     def cancel(self, job_id: int) -> None:
         self.store.request_cancel(job_id)
+
+    def annotate(self, job_id: int, note: str | None, tags: Sequence[str]) -> JobRow:
+        have = set(self.store.job(job_id).tags)
+        want = {t.strip() for t in tags}
+        self.store.tag(job_id, add=sorted(want - have), remove=sorted(have - want))
+        summary = self.store.set_note(job_id, note)
+        return self._row(summary, self._loss_tails([summary]).get(job_id, ()))
 
     def retry(self, job_id: int) -> int:
         return self.store.retry(job_id).id

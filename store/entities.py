@@ -16,6 +16,20 @@ FINISHED = ("succeeded", "failed", "cancelled", "lost")
 ACTIVE = ("queued", "running")
 
 
+MAX_TAG = 60  # job_tags.tag's width
+
+
+def tag_problem(tag: str) -> str | None:
+    """Why ``tag`` cannot be stored (a tag is one word: no spaces or commas), else None."""
+    clean = tag.strip()
+    if clean and len(clean) <= MAX_TAG and not any(c.isspace() or c == "," for c in clean):
+        return None
+    return (
+        f"tag {tag!r} is not one word of 1 to {MAX_TAG} characters; give tags as separate "
+        "words, e.g. `mesa-tui tag 12 baseline paper`"
+    )
+
+
 def to_json(obj: Any) -> Any:
     """Any entity (or list/dict of them) as JSON-ready data; datetimes as ISO-8601 UTC strings."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):

@@ -64,6 +64,7 @@ from store.entities import (
     StudyRepair,
     StudySummary,
     SystemInfo,
+    tag_problem,
 )
 from store.models import (
     Artifact,
@@ -372,21 +373,14 @@ def _text_matches(text: str) -> Any:
     )
 
 
-MAX_TAG = 60  # the column's width
-
-
 def check_tags(tags: Iterable[str]) -> list[str]:
-    """Tags as stored: stripped, one word each (no spaces or commas), at most ``MAX_TAG`` long."""
-    out = []
+    """Tags as stored (stripped); a tag that is not one word is a UserError."""
+    tags = list(tags)
     for tag in tags:
-        clean = tag.strip()
-        if not clean or any(c.isspace() or c == "," for c in clean) or len(clean) > MAX_TAG:
-            raise UserError(
-                f"tag {tag!r} is not one word of 1 to {MAX_TAG} characters; give tags as "
-                "separate words, e.g. `mesa-tui tag 12 baseline paper`"
-            )
-        out.append(clean)
-    return out
+        problem = tag_problem(tag)
+        if problem:
+            raise UserError(problem)
+    return [t.strip() for t in tags]
 
 
 class Store:

@@ -9,7 +9,7 @@ from textual.widgets import DataTable, Footer, Static
 
 from mesa_tui.messages import EngineStatusPolled, JobsPolled, RequestDone
 from mesa_tui.screens.base import SourceScreen
-from mesa_tui.screens.modals import ConfirmModal, FilterModal
+from mesa_tui.screens.modals import ConfirmModal, FilterModal, NoteModal
 from mesa_tui.source import FINISHED, RETRYABLE, EngineStatus, JobQuery
 from mesa_tui.widgets.engine_bar import EngineBar
 from mesa_tui.widgets.jobs_table import JobsTable
@@ -25,6 +25,7 @@ class JobsScreen(SourceScreen):
         Binding("r", "retry", "retry"),
         Binding("d", "delete", "delete"),
         Binding("slash", "filter", "filter"),
+        Binding("t", "annotate", "note/tags"),
         Binding("e", "start_engine", "start engine", show=False),
     ]
 
@@ -164,6 +165,18 @@ class JobsScreen(SourceScreen):
                 self.poll()
 
         self.app.push_screen(FilterModal(self.query_filter, kinds, table.studies()), chosen)
+
+    def action_annotate(self) -> None:
+        job = self.query_one(JobsTable).selected_job()
+        if job is None:
+            return
+
+        def saved(answer: tuple[str, tuple[str, ...]] | None) -> None:
+            if answer is not None and answer != (job.note or "", job.tags):
+                note, tags = answer
+                self.mesa.send_request(self, "annotate", job.id, note=note, tags=tags)
+
+        self.app.push_screen(NoteModal(job), saved)
 
     def action_start_engine(self) -> None:
         if self.engine is not None and self.engine.alive:

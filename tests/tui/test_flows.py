@@ -8,7 +8,7 @@ from textual.widgets import DataTable, Input, SelectionList, Static, TabbedConte
 from engine.specs import PRESETS
 from mesa_tui.screens.compare import CompareScreen
 from mesa_tui.screens.jobs import JobsScreen
-from mesa_tui.screens.modals import ConfirmModal, FilterModal, HelpModal
+from mesa_tui.screens.modals import ConfirmModal, FilterModal, HelpModal, NoteModal
 from mesa_tui.screens.new import NewJobScreen
 from mesa_tui.screens.run import RunScreen
 from mesa_tui.screens.study import StudyScreen
@@ -240,6 +240,47 @@ async def test_filter_by_status(demo, clock):
         await pilot.press("ctrl+x")
         await settle(pilot)
         assert len(table_ids(app)) == 5
+
+
+async def test_note_and_tags_are_saved_then_found_by_the_filter(demo, clock):
+    app = make_app(demo, clock)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot)
+        await move_to(pilot, 3)
+        await pilot.press("t")
+        await pilot.pause()
+        assert isinstance(app.screen, NoteModal)
+        app.screen.query_one("#tags", Input).value = "two words,"  # a comma ends a tag
+        app.screen.query_one("#note", Input).value = "loss spikes at epoch 3"
+        await pilot.press("ctrl+s")
+        await settle(pilot)
+        assert demo.calls[-1] == ("annotate", (3, "loss spikes at epoch 3", ("two", "words")))
+        await refresh_screen(pilot)
+        note = app.screen.query_one(JobsTable).get_row("3")[-1].plain
+        assert note.startswith("#two #wor")  # 10 cells wide at 120 columns
+        await pilot.press("slash")
+        await pilot.pause()
+        app.screen.query_one("#find", Input).value = "SPIKES"
+        await pilot.press("ctrl+s")
+        await settle(pilot)
+        assert table_ids(app) == [3]
+        assert "finding 'SPIKES'" in str(app.screen.query_one("#filter-line", Static).render())
+
+
+async def test_a_tag_that_is_not_one_word_is_said_in_the_dialog(demo, clock):
+    app = make_app(demo, clock)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        await pilot.press("t")
+        await pilot.pause()
+        app.screen.query_one("#tags", Input).value = "x" * 61
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert isinstance(app.screen, NoteModal)  # still open, saying why
+        assert "not one word" in str(app.screen.query_one("#note-error").render())
+        await pilot.press("escape")
+        await pilot.pause()
+        assert not any(call[0] == "annotate" for call in demo.calls)
 
 
 async def test_help_lists_bindings_and_closes(demo, clock):

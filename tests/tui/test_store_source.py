@@ -184,3 +184,15 @@ def test_the_method_column_is_the_label_before_its_trigger_else_the_spec_method(
     assert label_method(None, {"method": "anp"}) == "anp"
     assert label_method("bw:7 -> 0", {"method": "finetune"}) == "finetune"
     assert label_method("clean model", {}) == "clean model" and label_method(None, {}) is None
+
+
+def test_store_source_annotates_and_finds_by_note_or_tag(store_source):
+    (job_id,) = store_source.store.job_ids()
+    row = store_source.annotate(job_id, "first clean run", ["baseline"])
+    assert (row.note, row.tags) == ("first clean run", ("baseline",))
+    assert store_source.annotate(job_id, "first clean run", ["paper"]).tags == ("paper",)
+    found = store_source.jobs(JobQuery(text="CLEAN"), None)
+    assert [r.id for r in found.rows] == [job_id] and found.ids == {job_id}
+    assert store_source.jobs(JobQuery(text="baseline"), None).rows == ()  # removed above
+    page = store_source.jobs(JobQuery(text="paper"), utc_now(), all_ids=True)
+    assert page.ids == {job_id}
