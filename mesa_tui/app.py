@@ -61,6 +61,27 @@ class MesaApp(App):
         self.metrics_poll_s = metrics_poll_s
         self.redraw_s = redraw_s
         self.theme = theme
+        self.pins: list[int] = []  # jobs overlaid on every run's curves and chosen in compare
+        self.job_colours: dict[int, str] = {}
+
+    # -- pinned runs ----------------------------------------------------------------------------
+
+    def colour_of(self, job_id: int) -> str:
+        """A job's colour, the same on every screen for as long as the app runs."""
+        from mesa_tui.widgets.curves import PALETTE
+
+        if job_id not in self.job_colours:
+            self.job_colours[job_id] = PALETTE[len(self.job_colours) % len(PALETTE)]
+        return self.job_colours[job_id]
+
+    def toggle_pin(self, job_id: int) -> bool:
+        """Pin or unpin a job; returns whether it is pinned now."""
+        if job_id in self.pins:
+            self.pins.remove(job_id)
+            return False
+        self.pins.append(job_id)
+        self.colour_of(job_id)
+        return True
 
     # -- navigation ---------------------------------------------------------------------------
 

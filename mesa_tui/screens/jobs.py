@@ -26,6 +26,7 @@ class JobsScreen(SourceScreen):
         Binding("d", "delete", "delete"),
         Binding("slash", "filter", "filter"),
         Binding("t", "annotate", "note/tags"),
+        Binding("p", "pin", "pin"),
         Binding("e", "start_engine", "start engine", show=False),
     ]
 
@@ -165,6 +166,13 @@ class JobsScreen(SourceScreen):
                 self.poll()
 
         self.app.push_screen(FilterModal(self.query_filter, kinds, table.studies()), chosen)
+
+    def action_pin(self) -> None:
+        """Pin the job: its curves are overlaid on every run screen and chosen in compare."""
+        job = self.query_one(JobsTable).selected_job()
+        if job is not None:
+            pinned = self.mesa.toggle_pin(job.id)
+            self.notify(f"job {job.id} {'pinned' if pinned else 'unpinned'} (m compares the pins)")
 
     def action_annotate(self) -> None:
         job = self.query_one(JobsTable).selected_job()

@@ -200,11 +200,14 @@ async def test_curves_follow_new_points_and_series_choice(demo, clock):
         demo.log_metrics(run_id, 260, {"mesa/beta=0.9/hinge": 0.89})
         await refresh_screen(pilot)
         assert run.series.series["mesa/beta=0.9/hinge"].last() == pytest.approx(0.89)
-        assert panel.drawn[0] == run.series.version
+        assert panel.drawn_versions() == {2: run.series.version}
         chooser = run.query_one("#series", SelectionList)
         chooser.deselect("train/loss")
         await pilot.pause()
         assert "train/loss" not in panel.selected()
+        run.redraw()
+        await settle(pilot, 1)
+        assert "loss" not in panel.panels()  # no plot without a series
 
 
 async def test_run_screen_cancel_with_confirmation(demo, clock):
@@ -361,10 +364,11 @@ async def test_compare_overlays_chosen_jobs(demo, clock):
         chooser.select(1)
         chooser.select(2)
         await refresh_screen(pilot)
+        assert app.pins == [1, 2]  # what compare picks is pinned on the run screens too
         assert compare.series[1].series["train/loss"].n == 8
-        compare.query_one("#compare-key").value = "train/loss"
-        await settle(pilot)
-        assert compare.drawn[1] == "train/loss"
+        await refresh_screen(pilot)
+        loss = compare.query_one(CurvesPanel).panels()["train/loss"]
+        assert [colour for *_, colour in loss.lines] == [app.colour_of(1), app.colour_of(2)]
         await pilot.press("j")
         await pilot.pause()
         assert isinstance(app.screen, JobsScreen)
