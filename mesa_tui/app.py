@@ -7,10 +7,13 @@ thread worker; widgets only ever see the messages those workers post.
 
 from __future__ import annotations
 
+import gc
+import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
+from textual import events
 from textual.app import App
 from textual.binding import Binding
 from textual.screen import Screen
@@ -53,8 +56,11 @@ class MesaApp(App):
         metrics_poll_s: float = 0.5,
         redraw_s: float = 0.5,
         theme: str = "textual-dark",
+        quiet_gc: bool = False,
     ) -> None:
         super().__init__()
+        self.quiet_gc = quiet_gc  # the real app and the benchmark; tests share one process
+        self._gc = QuietCollector()
         self.source = source
         self.clock = clock
         self.poll_s = poll_s
@@ -63,6 +69,20 @@ class MesaApp(App):
         self.theme = theme
         self.pins: list[int] = []  # jobs overlaid on every run's curves and chosen in compare
         self.job_colours: dict[int, str] = {}
+
+    def on_mount(self) -> None:
+        if self.quiet_gc:
+            self.call_after_refresh(self._gc.start)
+            self.set_interval(FULL_GC_EVERY_S, self._gc.collect_if_idle)
+
+    def on_unmount(self) -> None:
+        if self.quiet_gc:
+            self._gc.stop()
+
+    async def on_event(self, event: events.Event) -> None:
+        if isinstance(event, events.Key | events.MouseDown):
+            self._gc.last_input = time.monotonic()
+        await super().on_event(event)
 
     # -- pinned runs ----------------------------------------------------------------------------
 
@@ -156,6 +176,43 @@ class MesaApp(App):
         screen.run_worker(do, thread=True, exit_on_error=False, group="request", description=what)
 
 
+FULL_GC_EVERY_S = 20.0  # a full garbage collection at most this often, between key presses
+QUIET_S = 1.0  # no key or click for this long: a collection now delays no one
+
+
+class QuietCollector:
+    """Full garbage collections only while the user is not typing.
+
+    A full collection walks every tracked object with the event loop stopped: with a large heap
+    one took 600 ms, and those were the slowest key presses of
+    ``benchmarks/tui_responsiveness.py --profile``. At start everything alive (modules, Textual's
+    and the store's structures, a data source's caches, all living as long as the app) is frozen
+    out of the collector's reach; afterwards the young generations are collected as usual, and
+    the old one on a timer when no key was pressed for ``QUIET_S``.
+    """
+
+    def __init__(self) -> None:
+        self.last_input = 0.0
+        self.thresholds: tuple[int, int, int] | None = None
+
+    def start(self) -> None:
+        gc.collect()
+        gc.freeze()
+        self.thresholds = gc.get_threshold()
+        young, middle, _ = self.thresholds
+        gc.set_threshold(young, middle, 1_000_000_000)  # the old generation: never by itself
+
+    def collect_if_idle(self) -> None:
+        if time.monotonic() - self.last_input >= QUIET_S:
+            gc.collect()
+
+    def stop(self) -> None:
+        if self.thresholds is not None:
+            gc.set_threshold(*self.thresholds)
+            gc.unfreeze()
+            self.thresholds = None
+
+
 def create_app(
     source: DataSource, clock: Callable[[], datetime] = utc_now, **options: Any
 ) -> MesaApp:
@@ -172,7 +229,7 @@ def app_for_store(db_url: str | None = None) -> App:
     from mesa_tui.source import open_store_source
 
     try:
-        return create_app(open_store_source(db_url))
+        return create_app(open_store_source(db_url), quiet_gc=True)
     except UserError as exc:
         return StoreErrorApp(str(exc))
 
