@@ -195,6 +195,33 @@ class GpuInfo:
 
 
 @dataclass(frozen=True)
+class SlotView:
+    """One slot of an engine: its job, what the job's process uses, and the slot's GPU."""
+
+    slot: int
+    job_id: int | None = None
+    cpu_pct: float | None = None  # of one core
+    rss_mb: float | None = None
+    gpu: GpuInfo | None = None  # None: a CPU slot
+    gpu_index: str | None = None  # the slot's GPU as CUDA sees it, even without NVML figures
+
+
+@dataclass(frozen=True)
+class EngineView:
+    """One live engine for the system pane (None: the heartbeat had no such figure)."""
+
+    host: str
+    pid: int
+    slots_total: int
+    slots_busy: int
+    cpus: int | None = None
+    cpu_pct: float | None = None
+    mem_used_mb: float | None = None
+    mem_total_mb: float | None = None
+    slots: tuple[SlotView, ...] = ()
+
+
+@dataclass(frozen=True)
 class EngineStatus:
     alive: bool
     host: str | None = None
@@ -203,6 +230,7 @@ class EngineStatus:
     slots_busy: int = 0
     gpus: tuple[GpuInfo, ...] = ()
     heartbeat_at: datetime | None = None
+    engines: tuple[EngineView, ...] = ()  # each live engine, for the system pane
 
 
 @dataclass(frozen=True)
@@ -489,6 +517,31 @@ class FakeSource:
                 else (GpuInfo(0, "NVIDIA H100", 21_504, 81_559, 87.0),),
                 heartbeat_at=self.clock(),
             )
+            self.engine = replace(self.engine, engines=(self._engine_view(self.engine),))
+
+    def _engine_view(self, status: EngineStatus) -> EngineView:
+        """The scripted engine's host and slots: slot 0 on the first GPU runs the first running
+        job; the other three are CPU slots, idle."""
+        running = [j.id for j in self._jobs.values() if j.status == "running"]
+        first = SlotView(
+            0,
+            running[0] if running else None,
+            97.0 if running else None,
+            3_100.0 if running else None,
+            status.gpus[0] if status.gpus else None,
+            str(status.gpus[0].index) if status.gpus else None,
+        )
+        return EngineView(
+            host=status.host or "?",
+            pid=status.pid or 0,
+            slots_total=status.slots_total,
+            slots_busy=len(running),
+            cpus=16,
+            cpu_pct=41.0,
+            mem_used_mb=37_000.0,
+            mem_total_mb=128_000.0,
+            slots=(first, *(SlotView(i) for i in range(1, status.slots_total))),
+        )
 
     def add_job(
         self,
@@ -717,7 +770,8 @@ class FakeSource:
         with self._lock:
             if self.engine.alive:
                 busy = sum(j.status == "running" for j in self._jobs.values())
-                return replace(self.engine, slots_busy=busy)
+                status = replace(self.engine, slots_busy=busy)
+                return replace(status, engines=(self._engine_view(status),))
             return self.engine
 
     def studies(self) -> list[str]:
@@ -1004,6 +1058,31 @@ def label_method(label: str | None, spec: Mapping[str, Any]) -> str | None:
     return head or (str(method) if method else None) or label or None
 
 
+def _gpu(g: Any) -> GpuInfo:
+    return GpuInfo(g.index, g.name, g.memory_used_mb, g.memory_total_mb, g.utilization_pct)
+
+
+def _engine_view(e: Any) -> EngineView:
+    """A store engine (its heartbeat's system figures and GPUs) as the system pane shows it."""
+    gpus = {str(g.index): _gpu(g) for g in e.gpus}
+    system = e.system
+    slots = tuple(
+        SlotView(s.slot, s.job_id, s.cpu_pct, s.rss_mb, gpus.get(s.gpu or ""), s.gpu)
+        for s in (system.slots if system is not None else ())
+    )
+    return EngineView(
+        host=e.host,
+        pid=e.pid,
+        slots_total=e.slots,
+        slots_busy=e.slots_used,
+        cpus=system.cpus if system else None,
+        cpu_pct=system.cpu_pct if system else None,
+        mem_used_mb=system.mem_used_mb if system else None,
+        mem_total_mb=system.mem_total_mb if system else None,
+        slots=slots,
+    )
+
+
 class StoreSource:
     """``DataSource`` over ``store.repository.Store``; called from worker threads only.
 
@@ -1160,12 +1239,9 @@ class StoreSource:
             pid=first.pid,
             slots_total=sum(e.slots for e in alive),
             slots_busy=sum(e.slots_used for e in alive),
-            gpus=tuple(
-                GpuInfo(g.index, g.name, g.memory_used_mb, g.memory_total_mb, g.utilization_pct)
-                for e in alive
-                for g in e.gpus
-            ),
+            gpus=tuple(_gpu(g) for e in alive for g in e.gpus),
             heartbeat_at=max(e.heartbeat_at for e in alive),
+            engines=tuple(_engine_view(e) for e in alive),
         )
 
     def studies(self) -> list[str]:

@@ -13,6 +13,7 @@ from mesa_tui.screens.modals import ConfirmModal, FilterModal, NoteModal
 from mesa_tui.source import FINISHED, RETRYABLE, EngineStatus, JobQuery
 from mesa_tui.widgets.engine_bar import EngineBar
 from mesa_tui.widgets.jobs_table import JobsTable
+from mesa_tui.widgets.system_pane import SystemPane
 
 FULL_READ_EVERY = 15
 
@@ -27,6 +28,7 @@ class JobsScreen(SourceScreen):
         Binding("slash", "filter", "filter"),
         Binding("t", "annotate", "note/tags"),
         Binding("p", "pin", "pin"),
+        Binding("y", "system", "system"),
         Binding("e", "start_engine", "start engine", show=False),
     ]
 
@@ -42,6 +44,7 @@ class JobsScreen(SourceScreen):
         yield EngineBar(id="engine-bar")
         yield Static(self.query_filter.describe(), id="filter-line", classes="subtle")
         yield JobsTable(id="jobs-table")
+        yield SystemPane(id="system-pane")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -85,6 +88,9 @@ class JobsScreen(SourceScreen):
     def on_engine_status_polled(self, message: EngineStatusPolled) -> None:
         self.engine = message.status
         self.query_one(EngineBar).show(message.status, self.mesa.clock())
+        pane = self.query_one(SystemPane)
+        if pane.display:
+            pane.show(message.status)
 
     # -- actions ----------------------------------------------------------------------------
 
@@ -166,6 +172,13 @@ class JobsScreen(SourceScreen):
                 self.poll()
 
         self.app.push_screen(FilterModal(self.query_filter, kinds, table.studies()), chosen)
+
+    def action_system(self) -> None:
+        """Show or hide the system pane: each engine's host and slots."""
+        pane = self.query_one(SystemPane)
+        pane.display = not pane.display
+        if pane.display:
+            pane.show(self.engine)
 
     def action_pin(self) -> None:
         """Pin the job: its curves are overlaid on every run screen and chosen in compare."""

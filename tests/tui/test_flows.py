@@ -286,6 +286,29 @@ async def test_a_tag_that_is_not_one_word_is_said_in_the_dialog(demo, clock):
         assert not any(call[0] == "annotate" for call in demo.calls)
 
 
+async def test_system_pane_shows_each_slot_of_the_engine(demo, clock):
+    from mesa_tui.source import GpuInfo
+    from mesa_tui.widgets.system_pane import SystemPane
+
+    app = make_app(demo, clock)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        pane = app.screen.query_one(SystemPane)
+        assert not pane.display
+        await pilot.press("y")
+        await refresh_screen(pilot)
+        rows = [[str(c) for c in pane.get_row_at(i)] for i in range(pane.row_count)]
+        assert rows[0][:3] == ["gpu-box", "1/4", "41%/16"]
+        assert rows[1][:7] == ["  slot 0", "2", "97%", "3.0G", "gpu0", "21/80G", "87%"]
+        assert rows[2][1:5] == ["idle", "", "", "none"]  # a CPU slot: no GPU, said so
+        demo.set_engine(alive=True, gpus=(GpuInfo(0, "gpu 0"),))  # no NVML figures
+        await refresh_screen(pilot)
+        assert [str(c) for c in pane.get_row_at(1)][4:6] == ["gpu0", ""]
+        demo.set_engine(alive=False)
+        await refresh_screen(pilot)
+        assert str(pane.get_row_at(0)[0]) == "no engine running"
+
+
 async def test_help_lists_bindings_and_closes(demo, clock):
     app = make_app(demo, clock)
     async with app.run_test(size=(80, 24)) as pilot:
