@@ -11,12 +11,13 @@ import gc
 import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from textual import events
 from textual.app import App
 from textual.binding import Binding
 from textual.screen import Screen
+from textual.scrollbar import ScrollBar, ScrollBarRender
 
 from mesa_tui.messages import RequestDone
 from mesa_tui.screens.compare import CompareScreen
@@ -28,6 +29,18 @@ from mesa_tui.screens.study import StudyScreen
 from mesa_tui.source import DataSource, utc_now
 
 THEMES = ("textual-dark", "textual-light")
+
+
+class WholeCellScrollBar(ScrollBarRender):
+    """Scroll-bar thumbs of whole cells: Textual draws a thumb's ends with eighth blocks
+    (▁▂▃ ▇, ▉▊▋ ▎), which read as data beside a table or a plot (the stray ▇▇ of the help
+    dialog); a thumb a fraction of a cell off is not worth that."""
+
+    VERTICAL_BARS: ClassVar[list[str]] = [" "] * 8
+    HORIZONTAL_BARS: ClassVar[list[str]] = [" "] * 8
+
+
+ScrollBar.renderer = WholeCellScrollBar  # Textual's documented hook, for every scroll bar
 
 
 class MesaApp(App):
