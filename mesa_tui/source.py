@@ -878,6 +878,8 @@ def demo_source(root: Path, clock: FrozenClock | None = None) -> FakeSource:
         label="attack bw:170 -> 0",
         progress=1.0,
         stage="done",
+        tags=("baseline",),
+        note="the model every repair starts from",
     )
     run = src.run_ids(train)[0]
     for epoch in range(8):
