@@ -59,11 +59,14 @@ from store.entities import (
     RunInfo,
     SeriesColumns,
     SeriesPoint,
+    SlotLoad,
     StudyCell,
     StudyInfo,
     StudyMember,
     StudyRepair,
     StudySummary,
+    SystemInfo,
+    tag_problem,
 )
 from store.errors import UserError
 from store.models import (
@@ -72,6 +75,7 @@ from store.models import (
     EngineRow,
     Job,
     JobDependency,
+    JobTag,
     LatestMetric,
     LogLine,
     Metric,
@@ -101,6 +105,7 @@ latest_t = _table(LatestMetric)
 artifacts_t = _table(Artifact)
 logs_t = _table(LogLine)
 params_t = _table(Param)
+tags_t = _table(JobTag)
 
 # An engine whose heartbeat is older than this is dead (it beats every few seconds).
 ENGINE_DEAD_AFTER_S = 30.0
@@ -256,6 +261,7 @@ def _engine_info(e: Any, now: datetime) -> EngineInfo:
     )
     alive = e.stopped_at is None and (now - e.heartbeat_at).total_seconds() < ENGINE_DEAD_AFTER_S
     return EngineInfo(
+        system=_system_info(e.system),
         id=e.id,
         host=e.host,
         pid=e.pid,
@@ -270,6 +276,28 @@ def _engine_info(e: Any, now: datetime) -> EngineInfo:
         stop_requested_at=e.stop_requested_at,
         stopped_at=e.stopped_at,
         alive=alive,
+    )
+
+
+def _system_info(value: dict[str, Any] | None) -> SystemInfo | None:
+    """The heartbeat's ``system`` object (engine.system.snapshot) as an entity."""
+    if not value:
+        return None
+    return SystemInfo(
+        cpus=int(value.get("cpus") or 0),
+        cpu_pct=value.get("cpu_pct"),
+        mem_used_mb=value.get("mem_used_mb"),
+        mem_total_mb=value.get("mem_total_mb"),
+        slots=tuple(
+            SlotLoad(
+                slot=int(s.get("slot", i)),
+                gpu=s.get("gpu"),
+                job_id=s.get("job_id"),
+                cpu_pct=s.get("cpu_pct"),
+                rss_mb=s.get("rss_mb"),
+            )
+            for i, s in enumerate(value.get("slots") or [])
+        ),
     )
 
 
@@ -327,6 +355,11 @@ _STUDY_NAMES = (
     .where(study_jobs_t.c.job_id.in_(bindparam("ids", expanding=True)))
     .order_by(studies_t.c.id)
 )
+_TAGS_OF = (
+    select(tags_t.c.job_id, tags_t.c.tag)
+    .where(tags_t.c.job_id.in_(bindparam("ids", expanding=True)))
+    .order_by(tags_t.c.tag)
+)
 _CHANGED_JOB_IDS = (
     select(jobs_t.c.id).where(jobs_t.c.updated_at > bindparam("since")).order_by(jobs_t.c.id)
 )
@@ -346,6 +379,27 @@ _METRICS_AFTER = (
     .order_by(metrics_t.c.id)
     .limit(bindparam("limit"))
 )
+
+
+def _text_matches(text: str) -> Any:
+    """Jobs whose label, note or one of whose tags contains ``text``, in any case (ILIKE on
+    PostgreSQL, lower() LIKE on SQLite); % and _ in the text are literal."""
+    pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    return or_(
+        jobs_t.c.label.ilike(pattern, escape="\\"),
+        jobs_t.c.note.ilike(pattern, escape="\\"),
+        exists().where(tags_t.c.job_id == jobs_t.c.id, tags_t.c.tag.ilike(pattern, escape="\\")),
+    )
+
+
+def check_tags(tags: Iterable[str]) -> list[str]:
+    """Tags as stored (stripped); a tag that is not one word is a UserError."""
+    tags = list(tags)
+    for tag in tags:
+        problem = tag_problem(tag)
+        if problem:
+            raise UserError(problem)
+    return [t.strip() for t in tags]
 
 
 class Store:
@@ -619,6 +673,34 @@ class Store:
                 todo.extend(r.id for r in dependents)
             return self._summaries(conn, [job_id])[0]
 
+    def set_note(self, job_id: int, note: str | None) -> JobSummary:
+        """Replace a job's note (None or blank clears it). A face's request like a cancel: the
+        job's ``updated_at`` moves, so the app's poll shows the note at once."""
+        with self._write() as conn:
+            self._require_job(conn, job_id)
+            text = (note or "").strip() or None
+            conn.execute(
+                update(jobs_t).where(jobs_t.c.id == job_id).values(note=text, updated_at=utcnow())
+            )
+            return self._summaries(conn, [job_id])[0]
+
+    def tag(self, job_id: int, add: Iterable[str] = (), remove: Iterable[str] = ()) -> JobSummary:
+        """Add and remove tags of a job (adding one it has, or removing one it lacks, is no
+        error); moves ``updated_at`` like ``set_note``."""
+        add, remove = check_tags(add), check_tags(remove)
+        with self._write() as conn:
+            self._require_job(conn, job_id)
+            have = {r.tag for r in conn.execute(_TAGS_OF, {"ids": [job_id]})}
+            new = [t for t in dict.fromkeys(add) if t not in have and t not in remove]
+            if new:
+                conn.execute(insert(tags_t), [{"job_id": job_id, "tag": t} for t in new])
+            if remove:
+                conn.execute(
+                    delete(tags_t).where(tags_t.c.job_id == job_id, tags_t.c.tag.in_(remove))
+                )
+            conn.execute(update(jobs_t).where(jobs_t.c.id == job_id).values(updated_at=utcnow()))
+            return self._summaries(conn, [job_id])[0]
+
     def delete_job(self, job_id: int) -> list[str]:
         """Delete a finished job with its runs, metrics and links; returns the artifact paths and
         work directory for the caller to remove from disk."""
@@ -655,6 +737,7 @@ class Store:
                 )
             )
             conn.execute(delete(study_jobs_t).where(study_jobs_t.c.job_id == job_id))
+            conn.execute(delete(tags_t).where(tags_t.c.job_id == job_id))
             conn.execute(delete(jobs_t).where(jobs_t.c.id == job_id))
             return list(dict.fromkeys(paths))
 
@@ -694,6 +777,9 @@ class Store:
         studies: dict[int, list[str]] = defaultdict(list)
         for link in conn.execute(_STUDY_NAMES, ids):
             studies[link.job_id].append(link.name)
+        tags: dict[int, list[str]] = defaultdict(list)
+        for link in conn.execute(_TAGS_OF, ids):
+            tags[link.job_id].append(link.tag)
         out = []
         for job_id in job_ids:
             r = by_id.get(job_id)
@@ -723,6 +809,8 @@ class Store:
                     progress=_progress(run_rows[run_id].progress) if run_id in run_rows else None,
                     latest=dict(latest.get(run_id, {})) if run_id else {},
                     cancel_requested=r.cancel_requested_at is not None,
+                    note=r.note,
+                    tags=tuple(tags.get(job_id, ())),
                 )
             )
         return out
@@ -735,12 +823,16 @@ class Store:
         changed_since: datetime | None = None,
         limit: int | None = None,
         newest_first: bool = False,
+        text: str | None = None,
     ) -> list[JobSummary]:
         """Jobs matching the filters, oldest first. ``changed_since`` returns only jobs whose
-        ``updated_at`` is later (the TUI's poll cursor: keep the largest ``updated_at`` seen)."""
+        ``updated_at`` is later (the TUI's poll cursor: keep the largest ``updated_at`` seen);
+        ``text`` keeps jobs whose label, note or a tag contains it (any case)."""
         statuses = _statuses(status)
         with self._read() as conn:
-            ids = self._job_ids(conn, statuses, kind, study, changed_since, limit, newest_first)
+            ids = self._job_ids(
+                conn, statuses, kind, study, changed_since, limit, newest_first, text
+            )
             return self._summaries(conn, ids)
 
     def job_ids(
@@ -749,13 +841,14 @@ class Store:
         kind: str | None = None,
         study: str | None = None,
         changed_since: datetime | None = None,
+        text: str | None = None,
     ) -> list[int]:
         """The ids ``list_jobs`` would return, oldest first, without building summaries: an
         index read that stays cheap at any number of jobs (the TUI checks with it which jobs are
         gone, and reads summaries only of the jobs changed since its cursor)."""
         statuses = _statuses(status)
         with self._read() as conn:
-            return self._job_ids(conn, statuses, kind, study, changed_since)
+            return self._job_ids(conn, statuses, kind, study, changed_since, text=text)
 
     def _job_ids(
         self,
@@ -766,8 +859,11 @@ class Store:
         changed_since: datetime | None,
         limit: int | None = None,
         newest_first: bool = False,
+        text: str | None = None,
     ) -> list[int]:
         query = select(jobs_t.c.id)
+        if text:
+            query = query.where(_text_matches(text))
         if statuses:
             query = query.where(jobs_t.c.status.in_(statuses))
         if kind:
@@ -1374,14 +1470,21 @@ class Store:
             return _engine_info(row, now)
 
     def engine_heartbeat(
-        self, engine_id: int, slots_used: int, gpus: list[dict[str, Any]] | None = None
+        self,
+        engine_id: int,
+        slots_used: int,
+        gpus: list[dict[str, Any]] | None = None,
+        system: dict[str, Any] | None = None,
     ) -> EngineInfo:
-        """Record that the engine is alive (engine only); the answer carries stop requests."""
+        """Record that the engine is alive (engine only); the answer carries stop requests.
+        ``system``: the host's CPU and memory and each slot's child (engine.system.snapshot)."""
         with self._write() as conn:
             now = utcnow()
             values: dict[str, Any] = {"heartbeat_at": now, "slots_used": slots_used}
             if gpus is not None:
                 values["gpus"] = gpus
+            if system is not None:
+                values["system"] = system
             row = conn.execute(
                 update(engines_t)
                 .where(engines_t.c.id == engine_id)

@@ -9,10 +9,11 @@ from textual.widgets import DataTable, Footer, Static
 
 from mesa_tui.messages import EngineStatusPolled, JobsPolled, RequestDone
 from mesa_tui.screens.base import SourceScreen
-from mesa_tui.screens.modals import ConfirmModal, FilterModal
+from mesa_tui.screens.modals import ConfirmModal, FilterModal, NoteModal
 from mesa_tui.source import EngineStatus, JobQuery
 from mesa_tui.widgets.engine_bar import EngineBar
 from mesa_tui.widgets.jobs_table import JobsTable
+from mesa_tui.widgets.system_pane import SystemPane
 from store.entities import FINISHED, RETRYABLE
 
 FULL_READ_EVERY = 15
@@ -26,6 +27,9 @@ class JobsScreen(SourceScreen):
         Binding("r", "retry", "retry"),
         Binding("d", "delete", "delete"),
         Binding("slash", "filter", "filter"),
+        Binding("t", "annotate", "note/tags"),
+        Binding("p", "pin", "pin"),
+        Binding("y", "system", "system"),
         Binding("e", "start_engine", "start engine", show=False),
     ]
 
@@ -41,6 +45,7 @@ class JobsScreen(SourceScreen):
         yield EngineBar(id="engine-bar")
         yield Static(self.query_filter.describe(), id="filter-line", classes="subtle")
         yield JobsTable(id="jobs-table")
+        yield SystemPane(id="system-pane")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -84,6 +89,9 @@ class JobsScreen(SourceScreen):
     def on_engine_status_polled(self, message: EngineStatusPolled) -> None:
         self.engine = message.status
         self.query_one(EngineBar).show(message.status, self.mesa.clock())
+        pane = self.query_one(SystemPane)
+        if pane.display:
+            pane.show(message.status)
 
     # -- actions ----------------------------------------------------------------------------
 
@@ -165,6 +173,32 @@ class JobsScreen(SourceScreen):
                 self.poll()
 
         self.app.push_screen(FilterModal(self.query_filter, kinds, table.studies()), chosen)
+
+    def action_system(self) -> None:
+        """Show or hide the system pane: each engine's host and slots."""
+        pane = self.query_one(SystemPane)
+        pane.display = not pane.display
+        if pane.display:
+            pane.show(self.engine)
+
+    def action_pin(self) -> None:
+        """Pin the job: its curves are overlaid on every run screen and chosen in compare."""
+        job = self.query_one(JobsTable).selected_job()
+        if job is not None:
+            pinned = self.mesa.toggle_pin(job.id)
+            self.notify(f"job {job.id} {'pinned' if pinned else 'unpinned'} (m compares the pins)")
+
+    def action_annotate(self) -> None:
+        job = self.query_one(JobsTable).selected_job()
+        if job is None:
+            return
+
+        def saved(answer: tuple[str, tuple[str, ...]] | None) -> None:
+            if answer is not None and answer != (job.note or "", job.tags):
+                note, tags = answer
+                self.mesa.send_request(self, "annotate", job.id, note=note, tags=tags)
+
+        self.app.push_screen(NoteModal(job), saved)
 
     def action_start_engine(self) -> None:
         if self.engine is not None and self.engine.alive:

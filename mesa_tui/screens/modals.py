@@ -1,4 +1,4 @@
-"""Modal screens that return a value: confirm, filter, help."""
+"""Modal screens that return a value: confirm, filter, note and tags, help."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Button, DataTable, Label, Select, SelectionList
+from textual.widgets import Button, DataTable, Input, Label, Select, SelectionList
 
-from mesa_tui.source import JobQuery
-from store.entities import STATUSES
+from mesa_tui.source import JobQuery, JobRow
+from store.entities import STATUSES, tag_problem
 
 
 class ConfirmModal(ModalScreen[bool]):
@@ -44,7 +44,8 @@ class ConfirmModal(ModalScreen[bool]):
 
 
 class FilterModal(ModalScreen[JobQuery | None]):
-    """Filter the jobs table by status, kind and study; escape leaves it as it was."""
+    """Filter the jobs table by status, kind, study and text (in a label, note or tag); escape
+    leaves it as it was."""
 
     BINDINGS = [
         Binding("escape", "close", "cancel"),
@@ -63,6 +64,9 @@ class FilterModal(ModalScreen[JobQuery | None]):
         with Vertical(classes="dialog filter"):
             yield Label(
                 "Filter jobs  (space toggles, ctrl+s applies, ctrl+x clears)", classes="question"
+            )
+            yield Input(
+                q.text or "", placeholder="find in label, note or tags", id="find", compact=True
             )
             yield SelectionList[str](
                 *[(s, s, q.statuses is not None and s in q.statuses) for s in STATUSES],
@@ -97,16 +101,69 @@ class FilterModal(ModalScreen[JobQuery | None]):
         statuses = self.query_one("#statuses", SelectionList).selected
         kind = self.query_one("#kind", Select).value
         study = self.query_one("#study", Select).value
+        text = self.query_one("#find", Input).value.strip()
         self.dismiss(
             JobQuery(
                 statuses=frozenset(statuses) or None,
                 kind=None if kind is Select.NULL else str(kind),
                 study=None if study is Select.NULL else str(study),
+                text=text or None,
             )
         )
 
+    def on_input_submitted(self) -> None:
+        self.action_apply()
+
     def action_clear(self) -> None:
         self.dismiss(JobQuery())
+
+    def action_close(self) -> None:
+        self.dismiss(None)
+
+
+class NoteModal(ModalScreen[tuple[str, tuple[str, ...]] | None]):
+    """A job's tags (words) and note; enter or ctrl+s saves, escape leaves them as they were."""
+
+    BINDINGS = [
+        Binding("escape", "close", "cancel"),
+        Binding("ctrl+s", "save", "save"),
+    ]
+
+    def __init__(self, job: JobRow) -> None:
+        super().__init__(classes="modal")
+        self.job = job
+
+    def compose(self) -> ComposeResult:
+        job = self.job
+        with Vertical(classes="dialog note"):
+            yield Label(f"Job {job.id} · {job.method or job.kind}", classes="question")
+            yield Label("tags, one word each", classes="subtle")
+            yield Input(" ".join(job.tags), placeholder="baseline paper", id="tags", compact=True)
+            yield Label("note", classes="subtle")
+            yield Input(job.note or "", placeholder="what to remember", id="note", compact=True)
+            yield Label("", id="note-error", classes="field-error")
+            with Horizontal(classes="buttons"):
+                yield Button("Save (ctrl+s)", id="save", variant="primary")
+                yield Button("Cancel (esc)", id="cancel")
+
+    def on_mount(self) -> None:
+        self.query_one("#note" if self.job.tags else "#tags", Input).focus()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.action_save() if event.button.id == "save" else self.action_close()
+
+    def on_input_submitted(self) -> None:
+        self.action_save()
+
+    def action_save(self) -> None:
+        tags = tuple(self.query_one("#tags", Input).value.replace(",", " ").split())
+        problem = next((p for p in map(tag_problem, tags) if p), None)
+        if problem:  # said here, before a request the store would refuse
+            error = self.query_one("#note-error", Label)
+            error.update(problem)
+            error.add_class("shown")
+            return
+        self.dismiss((self.query_one("#note", Input).value.strip(), tags))
 
     def action_close(self) -> None:
         self.dismiss(None)

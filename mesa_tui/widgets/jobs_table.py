@@ -55,6 +55,7 @@ COLUMNS = (
     Column("acc", "acc%", 5, 7),
     Column("asr", "asr%", 5, 5),
     Column("loss", "loss", 10, 9, grow=2, most=24),
+    Column("note", "note", 8, 10, grow=2, most=40),
 )
 
 
@@ -98,7 +99,18 @@ CELLS: dict[str, Callable[[JobRow, int], object]] = {
     "acc": lambda row, w: _pct(row.acc_clean),
     "asr": lambda row, w: _pct(row.asr),
     "loss": lambda row, w: Text(sparkline(row.loss_tail, w), style="cyan"),
+    "note": lambda row, w: _note(row, w),
 }
+
+
+def _note(row: JobRow, width: int) -> Text:
+    """Tags first (as #tag, in the accent colour), then the note."""
+    text = Text(no_wrap=True, overflow="ellipsis")
+    for tag in row.tags:
+        text.append(f"#{tag} ", style="bold magenta")
+    text.append(row.note or "")
+    text.truncate(width, overflow="ellipsis")
+    return text
 
 
 def row_cells(row: JobRow, widths: dict[str, int] | None = None) -> tuple[object, ...]:
