@@ -370,6 +370,90 @@ def _insert_run(
     return run_id
 
 
+# ------------------------------------------------------------------------------------------------
+# Submissions
+
+
+def _upstream(item: NewJob, ids: list[int]) -> list[tuple[int, str | None]]:
+    """(upstream job id, input field) of a new job; ``#n`` names the n-th job submitted with it."""
+    upstream: list[tuple[int, str | None]] = []
+    for ref, input_field in item.depends_on:
+        if isinstance(ref, str):
+            index = int(ref.lstrip("#"))
+            if not 0 <= index < len(ids):
+                raise ValueError(f"dependency {ref} must name an earlier job")
+            upstream.append((ids[index], input_field))
+        else:
+            upstream.append((int(ref), input_field))
+    return upstream
+
+
+def _insert_job(
+    conn: Connection,
+    item: NewJob,
+    upstream: list[tuple[int, str | None]],
+    ids: list[int],
+    now: datetime,
+) -> int:
+    """A queued job and its dependencies; cancelled at once when an upstream job already failed."""
+    spec = {k: _number_reference(v, ids) if isinstance(v, str) else v for k, v in item.spec.items()}
+    job_id = conn.execute(
+        insert(jobs_t)
+        .values(
+            kind=item.kind,
+            label=item.label,
+            spec=spec,
+            spec_hash=item.spec_hash,
+            status="queued",
+            priority=item.priority,
+            max_attempts=item.max_attempts,
+            attempts=0,
+            executor="engine",
+            created_at=now,
+            updated_at=now,
+        )
+        .returning(jobs_t.c.id)
+    ).scalar_one()
+    for up, input_field in dict.fromkeys(upstream):
+        conn.execute(
+            insert(deps_t).values(job_id=job_id, depends_on_id=up, input_field=input_field)
+        )
+    broken = conn.execute(
+        select(jobs_t.c.id, jobs_t.c.status).where(
+            jobs_t.c.id.in_([u for u, _ in upstream]),
+            jobs_t.c.status.in_(RETRYABLE),
+        )
+    ).first()
+    if broken is not None:
+        reason = f"upstream job {broken.id} {broken.status}"
+        conn.execute(
+            update(jobs_t)
+            .where(jobs_t.c.id == job_id)
+            .values(status="cancelled", error=reason, ended_at=now)
+        )
+    return job_id
+
+
+def _join_study(conn: Connection, study_id: int, job_id: int, item: NewJob) -> None:
+    """Make the job a member of the study (once), in the role the submission gives it."""
+    already = conn.execute(
+        select(study_jobs_t.c.job_id).where(
+            study_jobs_t.c.study_id == study_id, study_jobs_t.c.job_id == job_id
+        )
+    ).first()
+    if already is None:
+        conn.execute(
+            insert(study_jobs_t).values(
+                study_id=study_id,
+                job_id=job_id,
+                role=item.role or item.kind,
+                trigger=item.trigger,
+                method=item.method,
+                seed=item.seed,
+            )
+        )
+
+
 def _statuses(status: str | Iterable[str] | None) -> list[str] | None:
     if status is None:
         return None
@@ -496,77 +580,15 @@ class Store:
         now = utcnow()
         ids: list[int] = []
         for item in jobs:
-            upstream: list[tuple[int, str | None]] = []
-            for ref, input_field in item.depends_on:
-                if isinstance(ref, str):
-                    index = int(ref.lstrip("#"))
-                    if not 0 <= index < len(ids):
-                        raise ValueError(f"dependency {ref} must name an earlier job")
-                    upstream.append((ids[index], input_field))
-                else:
-                    upstream.append((int(ref), input_field))
-            spec = {
-                k: _number_reference(v, ids) if isinstance(v, str) else v
-                for k, v in item.spec.items()
-            }
+            upstream = _upstream(item, ids)
             if item.reuse_of is not None:
                 job_id = item.reuse_of
             else:
                 for up, _ in upstream:
                     self._require_job(conn, up)
-                job_id = conn.execute(
-                    insert(jobs_t)
-                    .values(
-                        kind=item.kind,
-                        label=item.label,
-                        spec=spec,
-                        spec_hash=item.spec_hash,
-                        status="queued",
-                        priority=item.priority,
-                        max_attempts=item.max_attempts,
-                        attempts=0,
-                        executor="engine",
-                        created_at=now,
-                        updated_at=now,
-                    )
-                    .returning(jobs_t.c.id)
-                ).scalar_one()
-                for up, input_field in dict.fromkeys(upstream):
-                    conn.execute(
-                        insert(deps_t).values(
-                            job_id=job_id, depends_on_id=up, input_field=input_field
-                        )
-                    )
-                broken = conn.execute(
-                    select(jobs_t.c.id, jobs_t.c.status).where(
-                        jobs_t.c.id.in_([u for u, _ in upstream]),
-                        jobs_t.c.status.in_(RETRYABLE),
-                    )
-                ).first()
-                if broken is not None:
-                    reason = f"upstream job {broken.id} {broken.status}"
-                    conn.execute(
-                        update(jobs_t)
-                        .where(jobs_t.c.id == job_id)
-                        .values(status="cancelled", error=reason, ended_at=now)
-                    )
+                job_id = _insert_job(conn, item, upstream, ids, now)
             if study_id is not None:
-                already = conn.execute(
-                    select(study_jobs_t.c.job_id).where(
-                        study_jobs_t.c.study_id == study_id, study_jobs_t.c.job_id == job_id
-                    )
-                ).first()
-                if already is None:
-                    conn.execute(
-                        insert(study_jobs_t).values(
-                            study_id=study_id,
-                            job_id=job_id,
-                            role=item.role or item.kind,
-                            trigger=item.trigger,
-                            method=item.method,
-                            seed=item.seed,
-                        )
-                    )
+                _join_study(conn, study_id, job_id, item)
             ids.append(job_id)
         return ids
 
