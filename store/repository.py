@@ -23,6 +23,7 @@ from sqlalchemy import (
     BigInteger,
     ColumnElement,
     Connection,
+    Select,
     Table,
     and_,
     bindparam,
@@ -452,6 +453,85 @@ def _join_study(conn: Connection, study_id: int, job_id: int, item: NewJob) -> N
                 seed=item.seed,
             )
         )
+
+
+# ------------------------------------------------------------------------------------------------
+# Metric columns: attempts joined at resume, long series cut to per-bucket extremes in SQL
+
+Segment = tuple[int, int, int]  # run id, first step, last step
+
+
+def _in_segment(key: str, run_id: int, lo: int, hi: int) -> ColumnElement[bool]:
+    m = metrics_t.c
+    return and_(m.run_id == run_id, m.key == key, m.step >= lo, m.step <= hi)
+
+
+def _segments(conn: Connection, runs: list[int], key: str) -> list[Segment]:
+    """Each run's part of the series: from its first step to before where a later run's begin.
+    Steps ascend from segment to segment."""
+    m = metrics_t.c
+    first = {
+        r: conn.execute(select(func.min(m.step)).where(m.run_id == r, m.key == key)).scalar()
+        for r in runs
+    }
+    segments: list[Segment] = []
+    for i, r in enumerate(runs):
+        later = [step for x in runs[i + 1 :] if (step := first[x]) is not None]
+        query = select(func.max(m.step)).where(m.run_id == r, m.key == key)
+        if later:
+            query = query.where(m.step < min(later))
+        last = conn.execute(query).scalar()
+        if (start := first[r]) is not None and last is not None:
+            segments.append((r, start, last))
+    return segments
+
+
+def _bucket_extremes(key: str, seg: Segment, lo: int, hi: int, buckets: int) -> Select[Any]:
+    """The earliest minimum and maximum of each step bucket of a segment: two aggregate passes
+    over the (run_id, key, step) index range, a few rows per bucket back."""
+    m = metrics_t.c
+    bucket = ((cast(m.step, BigInteger) - lo) * buckets // (hi - lo + 1)).label("b")
+    pts = select(m.step, m.value, bucket).where(_in_segment(key, *seg)).subquery("pts")
+    agg = (
+        select(pts.c.b, func.min(pts.c.value).label("lo"), func.max(pts.c.value).label("hi"))
+        .group_by(pts.c.b)
+        .subquery("agg")
+    )
+    again = select(m.step, m.value, bucket).where(_in_segment(key, *seg)).subquery("again")
+    return (
+        select(func.min(again.c.step).label("step"), again.c.value)
+        .join_from(
+            again,
+            agg,
+            and_(
+                again.c.b == agg.c.b,
+                or_(again.c.value == agg.c.lo, again.c.value == agg.c.hi),
+            ),
+        )
+        .group_by(again.c.b, again.c.value)
+        .order_by("step")
+    )
+
+
+def _add_ends(
+    conn: Connection, key: str, segments: list[Segment], steps: list[int], values: list[float]
+) -> None:
+    """Make the series start at the first step and end at the last (in place)."""
+    m = metrics_t.c
+    lo, hi = segments[0][1], segments[-1][2]
+    first_end, last_end = (
+        conn.execute(
+            select(m.step, m.value).where(m.run_id == run, m.key == key, m.step == step)
+        ).first()
+        for run, step in ((segments[0][0], lo), (segments[-1][0], hi))
+    )
+    assert first_end is not None and last_end is not None  # lo and hi were read from them
+    if not steps or steps[0] != lo:
+        steps.insert(0, lo)
+        values.insert(0, _stored_float(first_end.value))
+    if steps[-1] != hi:
+        steps.append(hi)
+        values.append(_stored_float(last_end.value))
 
 
 def _statuses(status: str | Iterable[str] | None) -> list[str] | None:
@@ -1171,83 +1251,36 @@ class Store:
     def _series_columns(
         self, conn: Connection, runs: list[int], key: str, max_points: int
     ) -> SeriesColumns:
-        m = metrics_t.c
-
-        def of(run_id: int, lo: int, hi: int) -> Any:
-            return and_(m.run_id == run_id, m.key == key, m.step >= lo, m.step <= hi)
-
-        first = {
-            r: conn.execute(select(func.min(m.step)).where(m.run_id == r, m.key == key)).scalar()
-            for r in runs
-        }
-        segments: list[tuple[int, int, int]] = []  # (run, first step, last step), steps ascend
-        for i, r in enumerate(runs):
-            later = [step for x in runs[i + 1 :] if (step := first[x]) is not None]
-            query = select(func.max(m.step)).where(m.run_id == r, m.key == key)
-            if later:
-                query = query.where(m.step < min(later))
-            last = conn.execute(query).scalar()
-            if (start := first[r]) is not None and last is not None:
-                segments.append((r, start, last))
+        """``key`` over ``runs`` joined at resume: every point when there are few, else each
+        bucket's extremes read in SQL and cut to ``max_points`` here."""
+        segments = _segments(conn, runs, key)
         counts = [
-            conn.execute(select(func.count()).select_from(metrics_t).where(of(*seg))).scalar() or 0
+            conn.execute(
+                select(func.count()).select_from(metrics_t).where(_in_segment(key, *seg))
+            ).scalar()
+            or 0
             for seg in segments
         ]
         total = sum(counts)
         steps: list[int] = []
         values: list[float] = []
         if total <= 2 * max(1, max_points):
+            m = metrics_t.c
             for seg in segments:
-                for point in conn.execute(select(m.step, m.value).where(of(*seg)).order_by(m.step)):
+                query = select(m.step, m.value).where(_in_segment(key, *seg)).order_by(m.step)
+                for point in conn.execute(query):
                     steps.append(point.step)
                     values.append(_stored_float(point.value))
             return SeriesColumns(steps, values, total)
         lo, hi = segments[0][1], segments[-1][2]
         buckets = downsample.buckets_for(max_points)
-        for n, (r, a, b) in zip(counts, segments, strict=True):
+        for n, seg in zip(counts, segments, strict=True):
             if n == 0:
                 continue
-            # The earliest minimum and maximum of each bucket: two aggregate passes over the
-            # (run_id, key, step) index range, a few rows per bucket back.
-            bucket = ((cast(m.step, BigInteger) - lo) * buckets // (hi - lo + 1)).label("b")
-            pts = select(m.step, m.value, bucket).where(of(r, a, b)).subquery("pts")
-            agg = (
-                select(
-                    pts.c.b, func.min(pts.c.value).label("lo"), func.max(pts.c.value).label("hi")
-                )
-                .group_by(pts.c.b)
-                .subquery("agg")
-            )
-            again = select(m.step, m.value, bucket).where(of(r, a, b)).subquery("again")
-            query = (
-                select(func.min(again.c.step).label("step"), again.c.value)
-                .join_from(
-                    again,
-                    agg,
-                    and_(
-                        again.c.b == agg.c.b,
-                        or_(again.c.value == agg.c.lo, again.c.value == agg.c.hi),
-                    ),
-                )
-                .group_by(again.c.b, again.c.value)
-                .order_by("step")
-            )
-            for row in conn.execute(query):
+            for row in conn.execute(_bucket_extremes(key, seg, lo, hi, buckets)):
                 steps.append(row.step)
                 values.append(_stored_float(row.value))
-        first_end, last_end = (
-            conn.execute(
-                select(m.step, m.value).where(m.run_id == run, m.key == key, m.step == step)
-            ).first()
-            for run, step in ((segments[0][0], lo), (segments[-1][0], hi))
-        )
-        assert first_end is not None and last_end is not None  # lo and hi were read from them
-        if not steps or steps[0] != lo:
-            steps.insert(0, lo)
-            values.insert(0, _stored_float(first_end.value))
-        if steps[-1] != hi:
-            steps.append(hi)
-            values.append(_stored_float(last_end.value))
+        _add_ends(conn, key, segments, steps, values)
         steps, values = downsample.minmax(steps, values, max_points, lo, hi)
         return SeriesColumns(steps, values, total)
 
