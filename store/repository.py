@@ -16,6 +16,7 @@ import math
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -532,6 +533,121 @@ def _add_ends(
     if steps[-1] != hi:
         steps.append(hi)
         values.append(_stored_float(last_end.value))
+
+
+# ------------------------------------------------------------------------------------------------
+# Claims: which jobs, marking them running, one new attempt each
+
+
+@dataclass(frozen=True)
+class _Claimant:
+    """The engine that claims, and when: what every attempt it opens records."""
+
+    engine_id: int
+    host: str
+    executor: str
+    code_version: str
+    now: datetime
+    expect_next_by: datetime
+
+
+def _claimable(limit: int, kinds: Sequence[str] | None) -> Select[Any]:
+    """Queued engine jobs, not asked to cancel, whose upstream jobs all succeeded; by priority."""
+    up = jobs_t.alias("upstream")
+    unmet = exists().where(
+        deps_t.c.job_id == jobs_t.c.id,
+        deps_t.c.depends_on_id == up.c.id,
+        up.c.status != "succeeded",
+    )
+    candidates = (
+        select(jobs_t.c.id)
+        .where(
+            jobs_t.c.status == "queued",
+            jobs_t.c.executor == "engine",
+            jobs_t.c.cancel_requested_at.is_(None),
+            ~unmet,
+        )
+        .order_by(jobs_t.c.priority.desc(), jobs_t.c.id)
+        .limit(limit)
+    )
+    if kinds:
+        candidates = candidates.where(jobs_t.c.kind.in_(list(kinds)))
+    return candidates
+
+
+def _mark_claimed(
+    conn: Connection, ids: list[int], engine_id: int, code_version: str, now: datetime
+) -> Sequence[Any]:
+    """The jobs of ``ids`` still queued become running on the engine, one attempt more."""
+    return conn.execute(
+        update(jobs_t)
+        .where(jobs_t.c.id.in_(ids), jobs_t.c.status == "queued")
+        .values(
+            status="running",
+            engine_id=engine_id,
+            attempts=jobs_t.c.attempts + 1,
+            started_at=func.coalesce(jobs_t.c.started_at, now),
+            code_version=code_version,
+            updated_at=now,
+        )
+        .returning(
+            jobs_t.c.id,
+            jobs_t.c.kind,
+            jobs_t.c.spec,
+            jobs_t.c.spec_hash,
+            jobs_t.c.attempts,
+            jobs_t.c.workdir,
+        )
+    ).all()
+
+
+def _open_attempt(conn: Connection, job: Any, claimant: _Claimant, workdir_for: Any) -> ClaimedJob:
+    """A claimed job's work directory (named once), its run row and its inputs."""
+    workdir = job.workdir
+    if workdir is None:
+        workdir = str(workdir_for(job.kind, job.id))
+        conn.execute(update(jobs_t).where(jobs_t.c.id == job.id).values(workdir=workdir))
+    previous = conn.execute(
+        select(func.count()).select_from(runs_t).where(runs_t.c.job_id == job.id)
+    ).scalar_one()
+    spec = dict(job.spec or {})
+    run_id = _insert_run(
+        conn,
+        job.id,
+        spec,
+        claimant.now,
+        attempt=job.attempts,
+        executor=claimant.executor,
+        host=claimant.host,
+        code_version=claimant.code_version,
+        spec_hash=job.spec_hash,
+        engine_id=claimant.engine_id,
+        resumed=previous > 0,
+        expect_next_by=claimant.expect_next_by,
+    )
+    return ClaimedJob(
+        job_id=job.id,
+        run_id=run_id,
+        attempt=job.attempts,
+        kind=job.kind,
+        spec=spec,
+        spec_hash=job.spec_hash,
+        workdir=workdir,
+        resume=previous > 0,
+        inputs=_inputs(conn, job.id),
+    )
+
+
+def _inputs(conn: Connection, job_id: int) -> dict[str, int]:
+    """Input field -> the upstream job that feeds it."""
+    return {
+        r.input_field: r.depends_on_id
+        for r in conn.execute(
+            select(deps_t.c.depends_on_id, deps_t.c.input_field).where(
+                deps_t.c.job_id == job_id, deps_t.c.input_field.is_not(None)
+            )
+        )
+    }
 
 
 def _statuses(status: str | Iterable[str] | None) -> list[str] | None:
@@ -1622,98 +1738,26 @@ class Store:
         on PostgreSQL). ``workdir_for(kind, job_id)`` names a new job's stable work directory."""
         if limit <= 0:
             return []
-        up = jobs_t.alias("upstream")
-        unmet = exists().where(
-            deps_t.c.job_id == jobs_t.c.id,
-            deps_t.c.depends_on_id == up.c.id,
-            up.c.status != "succeeded",
-        )
         with self._write() as conn:
             now = utcnow()
-            candidates = (
-                select(jobs_t.c.id)
-                .where(
-                    jobs_t.c.status == "queued",
-                    jobs_t.c.executor == "engine",
-                    jobs_t.c.cancel_requested_at.is_(None),
-                    ~unmet,
-                )
-                .order_by(jobs_t.c.priority.desc(), jobs_t.c.id)
-                .limit(limit)
-            )
-            if kinds:
-                candidates = candidates.where(jobs_t.c.kind.in_(list(kinds)))
-            ids = [r.id for r in conn.execute(dbmod.claim_lock_clause(candidates, conn))]
+            ids = [
+                r.id for r in conn.execute(dbmod.claim_lock_clause(_claimable(limit, kinds), conn))
+            ]
             if not ids:
                 return []
-            claimed = conn.execute(
-                update(jobs_t)
-                .where(jobs_t.c.id.in_(ids), jobs_t.c.status == "queued")
-                .values(
-                    status="running",
-                    engine_id=engine_id,
-                    attempts=jobs_t.c.attempts + 1,
-                    started_at=func.coalesce(jobs_t.c.started_at, now),
-                    code_version=code_version,
-                    updated_at=now,
-                )
-                .returning(
-                    jobs_t.c.id,
-                    jobs_t.c.kind,
-                    jobs_t.c.spec,
-                    jobs_t.c.spec_hash,
-                    jobs_t.c.attempts,
-                    jobs_t.c.workdir,
-                )
-            ).all()
-            out = []
-            for job in sorted(claimed, key=lambda r: ids.index(r.id)):
-                workdir = job.workdir
-                if workdir is None:
-                    workdir = str(workdir_for(job.kind, job.id))
-                    conn.execute(
-                        update(jobs_t).where(jobs_t.c.id == job.id).values(workdir=workdir)
-                    )
-                previous = conn.execute(
-                    select(func.count()).select_from(runs_t).where(runs_t.c.job_id == job.id)
-                ).scalar_one()
-                spec = dict(job.spec or {})
-                run_id = _insert_run(
-                    conn,
-                    job.id,
-                    spec,
-                    now,
-                    attempt=job.attempts,
-                    executor=executor,
-                    host=host,
-                    code_version=code_version,
-                    spec_hash=job.spec_hash,
-                    engine_id=engine_id,
-                    resumed=previous > 0,
-                    expect_next_by=now + timedelta(seconds=startup_grace_s),
-                )
-                inputs = {
-                    r.input_field: r.depends_on_id
-                    for r in conn.execute(
-                        select(deps_t.c.depends_on_id, deps_t.c.input_field).where(
-                            deps_t.c.job_id == job.id, deps_t.c.input_field.is_not(None)
-                        )
-                    )
-                }
-                out.append(
-                    ClaimedJob(
-                        job_id=job.id,
-                        run_id=run_id,
-                        attempt=job.attempts,
-                        kind=job.kind,
-                        spec=spec,
-                        spec_hash=job.spec_hash,
-                        workdir=workdir,
-                        resume=previous > 0,
-                        inputs=inputs,
-                    )
-                )
-            return out
+            claimed = _mark_claimed(conn, ids, engine_id, code_version, now)
+            claimant = _Claimant(
+                engine_id=engine_id,
+                host=host,
+                executor=executor,
+                code_version=code_version,
+                now=now,
+                expect_next_by=now + timedelta(seconds=startup_grace_s),
+            )
+            return [
+                _open_attempt(conn, job, claimant, workdir_for)
+                for job in sorted(claimed, key=lambda r: ids.index(r.id))
+            ]
 
     def upstream_artifact(self, job_id: int) -> ArtifactInfo | None:
         """The artifact a dependent job receives from ``job_id``: the newest one of its runs
