@@ -650,6 +650,90 @@ def _inputs(conn: Connection, job_id: int) -> dict[str, int]:
     }
 
 
+# ------------------------------------------------------------------------------------------------
+# Recording what runs reported
+
+MetricRow = tuple[int, str, int, float, float]  # run id, key, step, value, wall time
+
+
+def _metric_rows(batches: Sequence[RunEvents]) -> tuple[list[MetricRow], list[dict[str, Any]]]:
+    """The points to store (replayed first) and a warning line per run and key that was NaN.
+
+    SQLite stores NaN as NULL (the column is NOT NULL): a diverged loss must not cost the whole
+    batch, so the point is dropped and said in the log. Infinities are stored as they are."""
+    rows: list[MetricRow] = []
+    warnings: list[dict[str, Any]] = []
+    for b in batches:
+        warned: set[str] = set()
+        for k, s, v, t in itertools.chain(b.replayed, b.metrics):
+            if not math.isnan(v):
+                rows.append((b.run_id, k, s, v, t))
+            elif k not in warned:
+                warned.add(k)
+                warnings.append(
+                    {
+                        "run_id": b.run_id,
+                        "level": "warning",
+                        "message": f"metric {k} was NaN at step {s}; NaN points are not stored",
+                        "wall_time": t,
+                    }
+                )
+    return rows, warnings
+
+
+def _upsert_latest(conn: Connection, metric_rows: list[MetricRow]) -> None:
+    """Each run's newest point of each key (by step; the later write of a step wins)."""
+    newest: dict[tuple[int, str], dict[str, Any]] = {}
+    for run_id, key, step, value, wall in metric_rows:
+        seen = newest.get((run_id, key))
+        if seen is None or step >= seen["step"]:
+            newest[(run_id, key)] = {
+                "run_id": run_id,
+                "key": key,
+                "step": step,
+                "value": value,
+                "wall_time": wall,
+            }
+    stmt = dbmod.upsert(latest_t, conn, ["run_id", "key"], ["step", "value", "wall_time"], "step")
+    conn.execute(stmt, list(newest.values()))
+
+
+def _record_run(conn: Connection, b: RunEvents, now: datetime) -> bool:
+    """One run's heartbeat, deadline, progress, environment and artifacts; True when its job's
+    view changed (progress, points or artifacts), so the job's ``updated_at`` moves."""
+    values: dict[str, Any] = {"heartbeat_at": now}
+    if b.expect_next_by is not None:
+        values["expect_next_by"] = b.expect_next_by
+    if b.progress is not None:
+        values["progress"] = b.progress
+    if b.env:
+        values["env"] = b.env
+        for field in ("seed", "code_version", "dataset_hash"):
+            if b.env.get(field) is not None:
+                values[field] = b.env[field]
+    if b.metrics:
+        first = min(s for _, s, _, _ in b.metrics)
+        values["start_step"] = func.coalesce(runs_t.c.start_step, first)
+    conn.execute(update(runs_t).where(runs_t.c.id == b.run_id).values(**values))
+    if b.env.get("dataset_hash"):
+        conn.execute(
+            update(jobs_t).where(jobs_t.c.id == b.job_id).values(dataset_hash=b.env["dataset_hash"])
+        )
+    for path, kind, sha, size in b.artifacts:
+        conn.execute(
+            insert(artifacts_t).values(
+                run_id=b.run_id,
+                job_id=b.job_id,
+                kind=kind,
+                path=path,
+                sha256=sha,
+                bytes=size,
+                created_at=now,
+            )
+        )
+    return bool(b.progress is not None or b.metrics or b.replayed or b.artifacts)
+
+
 def _statuses(status: str | Iterable[str] | None) -> list[str] | None:
     if status is None:
         return None
@@ -1792,89 +1876,20 @@ class Store:
             return
         with self._write() as conn:
             now = utcnow()
-            metric_rows = []
-            extra_logs: list[dict[str, Any]] = []
-            for b in batches:
-                warned: set[str] = set()
-                for k, s, v, t in itertools.chain(b.replayed, b.metrics):
-                    if not math.isnan(v):
-                        metric_rows.append((b.run_id, k, s, v, t))
-                    elif k not in warned:
-                        # SQLite stores NaN as NULL (the column is NOT NULL): a diverged loss must
-                        # not cost the whole batch, so the point is dropped and said in the log.
-                        # Infinities are stored as they are.
-                        warned.add(k)
-                        extra_logs.append(
-                            {
-                                "run_id": b.run_id,
-                                "level": "warning",
-                                "message": f"metric {k} was NaN at step {s}; "
-                                "NaN points are not stored",
-                                "wall_time": t,
-                            }
-                        )
+            metric_rows, nan_logs = _metric_rows(batches)
             if metric_rows:
                 dbmod.insert_metric_rows(conn, metric_rows)
-                newest: dict[tuple[int, str], dict[str, Any]] = {}
-                for run_id, key, step, value, wall in metric_rows:
-                    seen = newest.get((run_id, key))
-                    if seen is None or step >= seen["step"]:
-                        newest[(run_id, key)] = {
-                            "run_id": run_id,
-                            "key": key,
-                            "step": step,
-                            "value": value,
-                            "wall_time": wall,
-                        }
-                stmt = dbmod.upsert(
-                    latest_t, conn, ["run_id", "key"], ["step", "value", "wall_time"], "step"
-                )
-                conn.execute(stmt, list(newest.values()))
+                _upsert_latest(conn, metric_rows)
             log_rows = [
                 {"run_id": b.run_id, "level": lvl, "message": msg, "wall_time": t}
                 for b in batches
                 for lvl, msg, t in b.logs
-            ] + extra_logs
+            ] + nan_logs
             if log_rows:
                 conn.execute(insert(logs_t), log_rows)
-            touched_jobs = set()
-            for b in batches:
-                values: dict[str, Any] = {"heartbeat_at": now}
-                if b.expect_next_by is not None:
-                    values["expect_next_by"] = b.expect_next_by
-                if b.progress is not None:
-                    values["progress"] = b.progress
-                    touched_jobs.add(b.job_id)
-                if b.env:
-                    values["env"] = b.env
-                    for field in ("seed", "code_version", "dataset_hash"):
-                        if b.env.get(field) is not None:
-                            values[field] = b.env[field]
-                if b.metrics:
-                    first = min(s for _, s, _, _ in b.metrics)
-                    values["start_step"] = func.coalesce(runs_t.c.start_step, first)
-                    touched_jobs.add(b.job_id)
-                if b.replayed:
-                    touched_jobs.add(b.job_id)
-                conn.execute(update(runs_t).where(runs_t.c.id == b.run_id).values(**values))
-                if b.env.get("dataset_hash"):
-                    conn.execute(
-                        update(jobs_t)
-                        .where(jobs_t.c.id == b.job_id)
-                        .values(dataset_hash=b.env["dataset_hash"])
-                    )
-                for path, kind, sha, size in b.artifacts:
-                    conn.execute(
-                        insert(artifacts_t).values(
-                            run_id=b.run_id,
-                            job_id=b.job_id,
-                            kind=kind,
-                            path=path,
-                            sha256=sha,
-                            bytes=size,
-                            created_at=now,
-                        )
-                    )
+            touched_jobs: set[int] = set()
+            for b in batches:  # in batch order, as the engine handed them over
+                if _record_run(conn, b, now):
                     touched_jobs.add(b.job_id)
             if touched_jobs:
                 conn.execute(
