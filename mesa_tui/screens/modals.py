@@ -9,7 +9,8 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, DataTable, Input, Label, Select, SelectionList
 
-from mesa_tui.source import STATUSES, JobQuery, JobRow, tag_problem
+from mesa_tui.source import JobQuery, JobRow
+from store.entities import STATUSES, tag_problem
 
 
 class ConfirmModal(ModalScreen[bool]):

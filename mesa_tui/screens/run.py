@@ -31,8 +31,6 @@ from mesa_tui.screens.base import SourceScreen, read_series
 from mesa_tui.screens.modals import ConfirmModal
 from mesa_tui.source import (
     BETA_KEY,
-    FINISHED,
-    RETRYABLE,
     JobDetail,
     pca_2d,
     read_trigger_samples,
@@ -42,6 +40,7 @@ from mesa_tui.widgets.curves import PALETTE, Curves, CurvesPanel, make_plot
 from mesa_tui.widgets.format import duration, number, size, status_text
 from mesa_tui.widgets.series import SeriesSet
 from mesa_tui.widgets.trigger_grid import TriggerGrid
+from store.entities import FINISHED, RETRYABLE
 
 TABS = ("curves", "triggers", "embedding", "params", "log", "artifacts")
 SAMPLES_EVERY = 4  # polls between looks at the samples on disk

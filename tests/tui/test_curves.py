@@ -6,8 +6,8 @@ from __future__ import annotations
 from textual.widgets import Input
 from textual_plot import PlotWidget
 
+from mesa_tui.demo import FakeSource
 from mesa_tui.screens.run import RunScreen
-from mesa_tui.source import FakeSource
 from mesa_tui.widgets.curves import CurvesPanel, group_of, line_label, matches
 
 from .conftest import make_app, refresh_screen, settle
