@@ -15,10 +15,10 @@ class SystemSampler:
     CPU share is measured from one call to the next, so the first reading of a child is 0."""
 
     def __init__(self) -> None:
+        self.psutil: Any = None  # the module, or None where psutil is not installed
         try:
             import psutil
         except ImportError:
-            self.psutil = None
             return
         self.psutil = psutil
         self.processes: dict[int, Any] = {}

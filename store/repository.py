@@ -322,6 +322,54 @@ def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
         out[prefix] = value if isinstance(value, str) else json.dumps(value)
 
 
+def _insert_run(
+    conn: Connection,
+    job_id: int,
+    spec: dict[str, Any],
+    now: datetime,
+    *,
+    attempt: int,
+    executor: str,
+    host: str,
+    code_version: str,
+    spec_hash: str,
+    engine_id: int | None = None,
+    external_id: str | None = None,
+    resumed: bool = False,
+    expect_next_by: datetime | None = None,
+) -> int:
+    """A running attempt's row and its flattened spec as params (claims and foreground runs)."""
+    run_id = conn.execute(
+        insert(runs_t)
+        .values(
+            job_id=job_id,
+            attempt=attempt,
+            status="running",
+            executor=executor,
+            engine_id=engine_id,
+            external_id=external_id,
+            host=host,
+            resumed=resumed,
+            started_at=now,
+            heartbeat_at=now,
+            expect_next_by=expect_next_by,
+            seed=spec.get("seed") if isinstance(spec.get("seed"), int) else None,
+            code_version=code_version,
+            spec_hash=spec_hash,
+            env={},
+        )
+        .returning(runs_t.c.id)
+    ).scalar_one()
+    flat: dict[str, str] = {}
+    _flatten("", spec, flat)
+    if flat:
+        conn.execute(
+            insert(params_t),
+            [{"run_id": run_id, "key": k[:200], "value": v} for k, v in flat.items()],
+        )
+    return run_id
+
+
 def _statuses(status: str | Iterable[str] | None) -> list[str] | None:
     if status is None:
         return None
@@ -1607,33 +1655,20 @@ class Store:
                     select(func.count()).select_from(runs_t).where(runs_t.c.job_id == job.id)
                 ).scalar_one()
                 spec = dict(job.spec or {})
-                run_id = conn.execute(
-                    insert(runs_t)
-                    .values(
-                        job_id=job.id,
-                        attempt=job.attempts,
-                        status="running",
-                        executor=executor,
-                        engine_id=engine_id,
-                        host=host,
-                        resumed=previous > 0,
-                        started_at=now,
-                        heartbeat_at=now,
-                        expect_next_by=now + timedelta(seconds=startup_grace_s),
-                        seed=spec.get("seed") if isinstance(spec.get("seed"), int) else None,
-                        code_version=code_version,
-                        spec_hash=job.spec_hash,
-                        env={},
-                    )
-                    .returning(runs_t.c.id)
-                ).scalar_one()
-                flat: dict[str, str] = {}
-                _flatten("", spec, flat)
-                if flat:
-                    conn.execute(
-                        insert(params_t),
-                        [{"run_id": run_id, "key": k[:200], "value": v} for k, v in flat.items()],
-                    )
+                run_id = _insert_run(
+                    conn,
+                    job.id,
+                    spec,
+                    now,
+                    attempt=job.attempts,
+                    executor=executor,
+                    host=host,
+                    code_version=code_version,
+                    spec_hash=job.spec_hash,
+                    engine_id=engine_id,
+                    resumed=previous > 0,
+                    expect_next_by=now + timedelta(seconds=startup_grace_s),
+                )
                 inputs = {
                     r.input_field: r.depends_on_id
                     for r in conn.execute(
@@ -1976,31 +2011,18 @@ class Store:
                 )
                 .returning(jobs_t.c.id)
             ).scalar_one()
-            run_id = conn.execute(
-                insert(runs_t)
-                .values(
-                    job_id=job_id,
-                    attempt=1,
-                    status="running",
-                    executor="foreground",
-                    external_id=str(pid),
-                    host=host,
-                    started_at=now,
-                    heartbeat_at=now,
-                    seed=spec.get("seed") if isinstance(spec.get("seed"), int) else None,
-                    code_version=code_version,
-                    spec_hash=spec_hash,
-                    env={},
-                )
-                .returning(runs_t.c.id)
-            ).scalar_one()
-            flat: dict[str, str] = {}
-            _flatten("", spec, flat)
-            if flat:
-                conn.execute(
-                    insert(params_t),
-                    [{"run_id": run_id, "key": k[:200], "value": v} for k, v in flat.items()],
-                )
+            run_id = _insert_run(
+                conn,
+                job_id,
+                spec,
+                now,
+                attempt=1,
+                executor="foreground",
+                host=host,
+                code_version=code_version,
+                spec_hash=spec_hash,
+                external_id=str(pid),
+            )
             return job_id, run_id
 
 
