@@ -52,6 +52,7 @@ class SystemSampler:
     def _child(self, pid: int) -> dict[str, float]:
         """CPU (percent of one core) and resident memory of a child and its own children."""
         psutil = self.psutil
+        assert psutil is not None, "snapshot reads children only with psutil"
         try:
             process = self.processes.get(pid)
             if process is None:

@@ -19,6 +19,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.scrollbar import ScrollBar, ScrollBarRender
 
+from mesa_tui.config import AppConfig
 from mesa_tui.messages import RequestDone
 from mesa_tui.screens.compare import CompareScreen
 from mesa_tui.screens.jobs import JobsScreen
@@ -70,8 +71,10 @@ class MesaApp(App):
         redraw_s: float = 0.5,
         theme: str = "textual-dark",
         quiet_gc: bool = False,
+        config: AppConfig | None = None,
     ) -> None:
         super().__init__()
+        self.config = config if config is not None else AppConfig()  # in memory unless loaded
         self.quiet_gc = quiet_gc  # the real app and the benchmark; tests share one process
         self._gc = QuietCollector()
         self.source = source
@@ -84,6 +87,8 @@ class MesaApp(App):
         self.job_colours: dict[int, str] = {}
 
     def on_mount(self) -> None:
+        if self.config.problem:
+            self.notify(self.config.problem, severity="warning", timeout=10)
         if self.quiet_gc:
             self.call_after_refresh(self._gc.start)
             self.set_interval(FULL_GC_EVERY_S, self._gc.collect_if_idle)
@@ -130,22 +135,22 @@ class MesaApp(App):
         return list(SPEC_CLASSES)
 
     def action_help(self) -> None:
-        """The keys of this screen and the app first, then those of the focused widget."""
+        """The keys of this screen and the app first, then those of the focused widget; keys
+        that do the same (q and ctrl+q quit) share a row."""
         if isinstance(self.screen, HelpModal):
             return
-        own: list[tuple[str, str]] = []
-        widget: list[tuple[str, str]] = []
-        seen: set[tuple[str, str]] = set()
+        rows: dict[str, tuple[bool, str, list[str]]] = {}  # by what it does, any case
         for active in self.screen.active_bindings.values():
-            row = (
-                self.get_key_display(active.binding),
-                active.binding.description or active.binding.action,
-            )
-            if row in seen:
-                continue
-            seen.add(row)
-            (own if active.node in (self, self.screen) else widget).append(row)
-        self.push_screen(HelpModal(own + widget))
+            key = self.get_key_display(active.binding)
+            description = active.binding.description or active.binding.action
+            own = active.node in (self, self.screen)
+            first_own, _, keys = rows.get(description.lower(), (own, description, []))
+            if key not in keys:
+                keys.append(key)
+            # A subclass's words come after Textual's ("quit" after "Quit"): the later wins.
+            rows[description.lower()] = (first_own, description, keys)
+        ordered = sorted(rows.values(), key=lambda row: not row[0])  # stable: own rows first
+        self.push_screen(HelpModal([(", ".join(keys), does) for _, does, keys in ordered]))
 
     def action_toggle_theme(self) -> None:
         self.theme = (
@@ -242,7 +247,7 @@ def app_for_store(db_url: str | None = None) -> App:
     from mesa_tui.source import open_store_source
 
     try:
-        return create_app(open_store_source(db_url), quiet_gc=True)
+        return create_app(open_store_source(db_url), quiet_gc=True, config=AppConfig.load())
     except UserError as exc:
         return StoreErrorApp(str(exc))
 

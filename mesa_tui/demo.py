@@ -37,6 +37,7 @@ from mesa_tui.source import (
     SourceError,
     StudyCell,
     StudySummary,
+    best_asr,
     label_method,
 )
 from store.entities import FINISHED, RETRYABLE, tag_problem
@@ -206,10 +207,15 @@ class FakeSource:
             job = self._jobs[job_id]
             latest = self._latest[run_id]
             loss = values.get("train/loss")
+            asr = values.get("eval/asr")
+            best = job.asr_best
+            if asr is not None:
+                best = float(asr) if best is None else best_asr(job.kind, *sorted((best, asr)))
             self._jobs[job_id] = replace(
                 job,
                 acc_clean=latest.get("eval/acc_clean", job.acc_clean),
                 asr=latest.get("eval/asr", job.asr),
+                asr_best=best,
                 loss_tail=(job.loss_tail + (float(loss),))[-24:]
                 if loss is not None
                 else job.loss_tail,

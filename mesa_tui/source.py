@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,7 +52,8 @@ class JobRow:
     stage: str | None = None
     eta_s: float | None = None
     acc_clean: float | None = None
-    asr: float | None = None
+    asr: float | None = None  # the last
+    asr_best: float | None = None  # the lowest of a defense, the highest of an attack (best_asr)
     loss_tail: tuple[float, ...] = ()
     label: str | None = None  # as ``mesa-tui ls`` shows it
     method: str | None = None  # what tells a pipeline's rows apart: "point #3", "mesa-0.9", ...
@@ -434,6 +435,14 @@ def pca_2d(samples: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 LOSS_KEYS = ("train/loss", "repair/loss", "mesa/loss")
 LOSS_TAIL = 24  # values of the jobs table's loss sparkline
+ASR_KEYS = ("eval/asr", "repair/asr")
+
+
+def best_asr(kind: str, low: float, high: float) -> float:
+    """A job's best ASR: a defense aims low, an attack (any other kind that logs one) high."""
+    return low if kind == "defend" else high
+
+
 REFERENCE_FIELDS = ("model", "search", "init_from")  # spec fields that may name an upstream job
 
 
@@ -505,11 +514,17 @@ class StoreSource:
 
     def __init__(self, store: Any):
         self.store = store
-        # job id -> (run id, key, status, tail): a finished job's tail is read once
-        self._loss: dict[int, tuple[int, str, str, tuple[float, ...]]] = {}
+        # job id -> (run id, key, status, value): a finished job's tail or range is read once
+        self._loss: dict[int, tuple[int, str, str, Any]] = {}
+        self._asr: dict[int, tuple[int, str, str, Any]] = {}
         self._lock = threading.Lock()
 
-    def _row(self, s: Any, loss_tail: tuple[float, ...] = ()) -> JobRow:
+    def _row(
+        self,
+        s: Any,
+        loss_tail: tuple[float, ...] = (),
+        asr_range: tuple[float, float] | None = None,
+    ) -> JobRow:
         spec = s.spec or {}
         progress = s.progress if s.status == "running" else None
         return JobRow(
@@ -529,23 +544,49 @@ class StoreSource:
             eta_s=_eta(progress),
             acc_clean=s.latest.get("eval/acc_clean", s.latest.get("repair/acc_clean")),
             asr=s.latest.get("eval/asr", s.latest.get("repair/asr")),
+            asr_best=best_asr(s.kind, *asr_range) if asr_range else None,
             loss_tail=loss_tail,
             note=s.note,
             tags=s.tags,
         )
 
     def _loss_tails(self, summaries: Iterable[Any]) -> dict[int, tuple[float, ...]]:
-        """The last values of each job's loss: one ``metric_tail`` read per loss key for the jobs
-        whose tail may have moved (running ones, and any not read since its run or status
-        changed); the others come from the cache."""
-        out: dict[int, tuple[float, ...]] = {}
+        """The last values of each job's loss (``metric_tail``, one read per loss key)."""
+
+        def read(ids: list[int], key: str) -> Mapping[int, Any]:
+            return self.store.metric_tail(ids, key, LOSS_TAIL)
+
+        return {
+            job_id: tuple(tail)
+            for job_id, tail in self._per_job(self._loss, LOSS_KEYS, summaries, read).items()
+        }
+
+    def _asr_ranges(self, summaries: Iterable[Any]) -> dict[int, tuple[float, float]]:
+        """The least and greatest ASR of each job's newest run (``metric_range``)."""
+        ranges = self._per_job(self._asr, ASR_KEYS, summaries, self.store.metric_range)
+        return {job_id: r for job_id, r in ranges.items() if r}
+
+    def _per_job(
+        self,
+        cache: dict[int, tuple[int, str, str, Any]],
+        keys: Sequence[str],
+        summaries: Iterable[Any],
+        read: Callable[[list[int], str], Mapping[int, Any]],
+    ) -> dict[int, Any]:
+        """A value read from a job's series: one ``read`` per key for the jobs whose series may
+        have moved (running ones, and any not read since its run or status changed); the others
+        come from ``cache``. The key is the first of ``keys`` the job has a latest value of."""
+        out: dict[int, Any] = {}
         wanted: dict[str, list[Any]] = {}
         with self._lock:
             for s in summaries:
-                cached = self._loss.get(s.id)
-                key = next((k for k in LOSS_KEYS if k in s.latest), None)
+                cached = cache.get(s.id)
+                key = next((k for k in keys if k in s.latest), None)
                 if s.current_run_id is None or key is None:
-                    out[s.id] = cached[3] if cached else ()
+                    # Nothing to read: the value read from this run before, if any (never one
+                    # from an earlier run: a retried job's series starts again).
+                    same_run = cached is not None and cached[0] == s.current_run_id
+                    out[s.id] = cached[3] if same_run else ()
                 elif (
                     cached is not None
                     and cached[:3] == (s.current_run_id, key, s.status)
@@ -555,11 +596,11 @@ class StoreSource:
                 else:
                     wanted.setdefault(key, []).append(s)
         for key, group in wanted.items():
-            tails = self.store.metric_tail([s.id for s in group], key, LOSS_TAIL)
+            found = read([s.id for s in group], key)
             with self._lock:
                 for s in group:
-                    out[s.id] = tuple(tails.get(s.id, ()))
-                    self._loss[s.id] = (s.current_run_id, key, s.status, out[s.id])
+                    out[s.id] = found.get(s.id, ())
+                    cache[s.id] = (s.current_run_id, key, s.status, out[s.id])
         return out
 
     def jobs(
@@ -579,8 +620,11 @@ class StoreSource:
             # poll (it changed after the cursor); one deleted in between is dropped.
             ids = frozenset(self.store.job_ids(status=statuses, **where))
         tails = self._loss_tails(rows.values())
+        asrs = self._asr_ranges(rows.values())
         return JobsPage(
-            tuple(self._row(s, tails.get(s.id, ())) for s in rows.values()), ids, cursor
+            tuple(self._row(s, tails.get(s.id, ()), asrs.get(s.id)) for s in rows.values()),
+            ids,
+            cursor,
         )
 
     def job_detail(self, job_id: int) -> JobDetail:
@@ -751,7 +795,8 @@ class StoreSource:
         want = {t.strip() for t in tags}
         self.store.tag(job_id, add=sorted(want - have), remove=sorted(have - want))
         summary = self.store.set_note(job_id, note)
-        return self._row(summary, self._loss_tails([summary]).get(job_id, ()))
+        tail = self._loss_tails([summary]).get(job_id, ())
+        return self._row(summary, tail, self._asr_ranges([summary]).get(job_id))
 
     def retry(self, job_id: int) -> int:
         return self.store.retry(job_id).id

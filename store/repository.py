@@ -1524,6 +1524,38 @@ class Store:
                 out[r.job_id].append(_stored_float(r.value))
         return dict(out)
 
+    def metric_range(self, job_ids: Sequence[int], key: str) -> dict[int, tuple[float, float]]:
+        """The least and greatest value of ``key`` in each job's newest run (the app's best ASR),
+        in one read over the (run_id, key, step) index. Jobs whose newest run lacks the key are
+        left out (NaN points are never stored: ``record_events`` drops them)."""
+        if not job_ids:
+            return {}
+        current = (
+            select(runs_t.c.job_id, func.max(runs_t.c.id).label("run_id"))
+            .where(runs_t.c.job_id.in_(list(job_ids)))
+            .group_by(runs_t.c.job_id)
+            .subquery("current")
+        )
+        query = (
+            select(
+                current.c.job_id,
+                func.min(metrics_t.c.value).label("low"),
+                func.max(metrics_t.c.value).label("high"),
+            )
+            .join_from(
+                current,
+                metrics_t,
+                and_(metrics_t.c.run_id == current.c.run_id, metrics_t.c.key == key),
+            )
+            .group_by(current.c.job_id)
+        )
+        with self._read() as conn:
+            return {
+                r.job_id: (float(r.low), float(r.high))
+                for r in conn.execute(query)
+                if r.low is not None
+            }
+
     def latest_metrics(self, run_ids: Sequence[int]) -> dict[int, dict[str, float]]:
         """The newest value of every key, per run."""
         out: dict[int, dict[str, float]] = {int(r): {} for r in run_ids}

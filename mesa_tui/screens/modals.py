@@ -1,15 +1,18 @@
-"""Modal screens that return a value: confirm, filter, note and tags, help."""
+"""Modal screens that return a value: confirm, filter, note and tags, columns, help."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from textual import events
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Button, DataTable, Input, Label, Select, SelectionList
+from textual.widgets import Button, Checkbox, DataTable, Input, Label, Select, SelectionList
 
 from mesa_tui.source import JobQuery, JobRow
+from mesa_tui.widgets.jobs_table import ALWAYS, COLUMNS
 from store.entities import STATUSES, tag_problem
 
 
@@ -164,6 +167,71 @@ class NoteModal(ModalScreen[tuple[str, tuple[str, ...]] | None]):
             error.add_class("shown")
             return
         self.dismiss((self.query_one("#note", Input).value.strip(), tags))
+
+    def action_close(self) -> None:
+        self.dismiss(None)
+
+
+class ColumnsModal(ModalScreen[tuple[tuple[str, ...], str, bool] | None]):
+    """The jobs table's columns (space toggles) and the column it is sorted by; ctrl+s applies
+    (the app saves the choice in its config), escape leaves both as they were."""
+
+    BINDINGS = [
+        Binding("escape", "close", "cancel"),
+        Binding("ctrl+s", "apply", "apply"),
+    ]
+
+    def __init__(self, shown: Sequence[str], sort: str, descending: bool) -> None:
+        super().__init__(classes="modal")
+        self.shown = tuple(shown)
+        self.sort = sort
+        self.descending = descending
+
+    def compose(self) -> ComposeResult:
+        choices = [c for c in COLUMNS if c.key != ALWAYS]
+        width = max(len(c.label) for c in choices)
+        with Vertical(classes="dialog columns"):
+            yield Label("Columns and order  (space toggles, ctrl+s applies)", classes="question")
+            yield SelectionList[str](
+                *[(f"{c.label:<{width}}  {c.about}", c.key, c.key in self.shown) for c in choices],
+                id="columns",
+                compact=True,
+            )
+            with Horizontal(classes="sort-row"):
+                yield Label("sort by", classes="sort-label")
+                yield Select(
+                    [(c.label, c.key) for c in COLUMNS],
+                    value=self.sort,
+                    allow_blank=False,
+                    id="sort",
+                    compact=True,
+                )
+                yield Checkbox("descending", self.descending, id="descending", compact=True)
+            with Horizontal(classes="buttons"):
+                yield Button("Apply", id="apply", variant="primary")
+                yield Button("Cancel", id="cancel")
+
+    def on_mount(self) -> None:
+        self.query_one("#columns").focus()
+        self._fit(self.size.height)
+
+    def on_resize(self, event: events.Resize) -> None:
+        self._fit(event.size.height)
+
+    def _fit(self, height: int) -> None:
+        """Every column where the screen has room, else the list scrolls."""
+        room = height - 12  # border, padding, title, the sort row and the buttons
+        rows = self.query_one("#columns", SelectionList).option_count
+        self.query_one("#columns").styles.height = max(3, min(rows, room))
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.action_apply() if event.button.id == "apply" else self.action_close()
+
+    def action_apply(self) -> None:
+        columns = tuple(self.query_one("#columns", SelectionList).selected)
+        sort = self.query_one("#sort", Select).value
+        descending = self.query_one("#descending", Checkbox).value
+        self.dismiss((columns, str(sort), descending))
 
     def action_close(self) -> None:
         self.dismiss(None)

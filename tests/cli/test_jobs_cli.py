@@ -4,6 +4,7 @@ bad input (exit 2, one line, no row) and the schema upgrade."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -152,6 +153,7 @@ def test_older_schema_gives_the_upgrade_message_then_db_upgrade_works():
 def test_paths_and_study_create_show_export(tmp_path):
     where = json.loads(run("paths", "--json").stdout)
     assert where["store"].startswith("sqlite:///") and where["artifacts"].endswith("artifacts")
+    assert where["app_config"] == os.path.join(os.environ["MESA_TUI_HOME"], "config", "app.toml")
     result = run("study", "create", "mini", "--template", "cpu-mini", "--json")
     assert result.exit_code == 0, result.output
     created = json.loads(result.stdout)

@@ -317,7 +317,8 @@ async def test_help_lists_bindings_and_closes(demo, clock):
         await pilot.pause()
         assert isinstance(app.screen, HelpModal)
         described = {d for _, d in app.screen.rows}
-        assert {"new", "cancel", "retry", "delete", "filter", "quit"} <= described
+        assert {"new", "cancel", "retry", "delete", "filter", "columns/sort", "quit"} <= described
+        assert ("^q, q", "quit") in app.screen.rows  # keys that do the same share a row
         await pilot.press("escape")
         await pilot.pause()
         assert isinstance(app.screen, JobsScreen)

@@ -7,7 +7,7 @@ look at ``snapshot_report.html`` before accepting.
 from __future__ import annotations
 
 import pytest
-from textual.widgets import Input, SelectionList
+from textual.widgets import Input, Select, SelectionList
 
 from .conftest import make_app, refresh_screen, settle
 
@@ -162,6 +162,28 @@ def test_filter_dialog(snap_compare, snapshot_demo, clock, size):
 
     assert snap_compare(
         make_app(snapshot_demo, clock), terminal_size=size, run_before=run_before("slash", find)
+    )
+
+
+@SIZES
+def test_columns_dialog(snap_compare, snapshot_demo, clock, size):
+    def choose(pilot) -> None:
+        pilot.app.screen.query_one("#columns", SelectionList).deselect("study")
+        pilot.app.screen.query_one("#sort", Select).value = "best"
+
+    assert snap_compare(
+        make_app(snapshot_demo, clock), terminal_size=size, run_before=run_before("o", choose)
+    )
+
+
+@SIZES
+def test_jobs_sorted_by_a_column_of_the_users_choice(snap_compare, snapshot_demo, clock, size):
+    def arrange(pilot) -> None:
+        table = pilot.app.screen.query_one("#jobs-table")
+        table.arrange([c for c in table.chosen if c != "kind"], "prog", True)
+
+    assert snap_compare(
+        make_app(snapshot_demo, clock), terminal_size=size, run_before=run_before(arrange)
     )
 
 

@@ -210,3 +210,36 @@ def test_store_source_gives_each_engine_its_host_and_slots(store_source):
     first, second = view.slots
     assert first.gpu.name == "H100" and first.job_id == 5
     assert second.gpu is None and second.gpu_index == "1"  # no NVML figures for gpu 1
+
+
+def test_store_source_gives_a_defense_its_lowest_asr_and_an_attack_its_highest(store_source):
+    from store.repository import RunEvents
+
+    store = store_source.store
+    rows = {}
+    for kind, values in (("defend", [0.9, 0.05, 0.2]), ("train", [0.5, 0.97, 0.9])):
+        job_id, run_id = store.start_foreground(
+            kind, {"kind": kind}, kind * 8, label=kind, host="h", pid=1, code_version="t"
+        )
+        events = RunEvents(run_id, job_id)
+        events.metrics = [("eval/asr", step, v, time.time()) for step, v in enumerate(values)]
+        store.record_events([events])
+        rows[kind] = job_id
+    page = {r.id: r for r in store_source.jobs(JobQuery(), None).rows}
+    defend, train = page[rows["defend"]], page[rows["train"]]
+    assert (defend.asr, defend.asr_best) == (pytest.approx(0.2), pytest.approx(0.05))
+    assert (train.asr, train.asr_best) == (pytest.approx(0.9), pytest.approx(0.97))
+    mesa = next(r for r in page.values() if r.kind == "mesa")
+    assert mesa.asr is None and mesa.asr_best is None  # a search logs no ASR
+
+
+def test_store_source_never_shows_an_earlier_runs_best_asr_for_a_retried_job():
+    from types import SimpleNamespace
+
+    store = SimpleNamespace(metric_range=lambda ids, key: {1: (0.1, 0.9)})
+    source = StoreSource(store)
+    first = SimpleNamespace(id=1, latest={"eval/asr": 0.2}, current_run_id=10, status="succeeded")
+    assert source._asr_ranges([first]) == {1: (0.1, 0.9)}
+    assert source._asr_ranges([first]) == {1: (0.1, 0.9)}  # from the cache
+    again = SimpleNamespace(id=1, latest={}, current_run_id=11, status="running")  # no ASR yet
+    assert source._asr_ranges([again]) == {}
