@@ -122,30 +122,41 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 30 else text[:29] + "…"
 
 
+def _checked(table: dict, key: str, fallback: Any, wrong: list[str], ok: Any, problem: str) -> Any:
+    """``table[key]`` when present and ``ok``; else the fallback, noting a present bad value."""
+    if key not in table:
+        return fallback
+    value = table[key]
+    if ok(value):
+        return value
+    wrong.append(f"jobs.{key} = {_shown(value)} {problem}")
+    return fallback
+
+
 def _jobs_view(table: dict[str, Any], wrong: list[str]) -> JobsView:
     """The [jobs] table as a view; each value of the wrong type is the default's, and named in
     ``wrong``. Column names are not checked here (the table ignores those it does not know)."""
     default = JobsView()
-    columns, sort, descending = default.columns, default.sort, default.descending
-    if "columns" in table:
-        value = table["columns"]
-        if isinstance(value, list) and all(isinstance(c, str) for c in value):
-            columns = tuple(value)
-        else:
-            wrong.append(f"jobs.columns = {_shown(value)} is not a list of column names")
-    if "sort" in table:
-        value = table["sort"]
-        if isinstance(value, str):
-            sort = value
-        else:
-            wrong.append(f"jobs.sort = {_shown(value)} is not a column name")
-    if "descending" in table:
-        value = table["descending"]
-        if isinstance(value, bool):
-            descending = value
-        else:
-            wrong.append(f"jobs.descending = {_shown(value)} is not true or false")
-    return JobsView(columns, sort, descending)
+    columns = _checked(
+        table,
+        "columns",
+        default.columns,
+        wrong,
+        lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v),
+        "is not a list of column names",
+    )
+    sort = _checked(
+        table, "sort", default.sort, wrong, lambda v: isinstance(v, str), "is not a column name"
+    )
+    descending = _checked(
+        table,
+        "descending",
+        default.descending,
+        wrong,
+        lambda v: isinstance(v, bool),
+        "is not true or false",
+    )
+    return JobsView(tuple(columns) if isinstance(columns, list) else columns, sort, descending)
 
 
 def write_atomically(path: Path, text: str) -> None:
