@@ -18,9 +18,6 @@ one. A write that fails is reported to the caller, not raised.
 from __future__ import annotations
 
 import contextlib
-import datetime
-import json
-import math
 import os
 import stat
 import tempfile
@@ -28,6 +25,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomli_w
 
 from store.paths import config_home
 
@@ -182,42 +181,5 @@ HEADER = "# mesa-tui's app settings, rewritten by the app when they change (mesa
 
 
 def dumps(data: dict[str, Any]) -> str:
-    """TOML for what ``tomllib`` reads from this file: tables (written as ``[name]``, nested ones
-    inline) of strings, numbers, booleans, dates and their arrays."""
-    lines = [HEADER]
-    plain = {k: v for k, v in data.items() if not isinstance(v, dict)}
-    tables = {k: v for k, v in data.items() if isinstance(v, dict)}
-    lines += [f"{_key(k)} = {_value(v)}\n" for k, v in plain.items()]
-    for name, table in tables.items():
-        lines.append(f"\n[{_key(name)}]\n")
-        lines += [f"{_key(k)} = {_value(v)}\n" for k, v in table.items()]
-    return "".join(lines)
-
-
-def _string(text: str) -> str:
-    """A TOML basic string: JSON's escapes are TOML's, but TOML wants no surrogate pairs (so no
-    ASCII-only escaping) and DEL escaped."""
-    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
-
-
-def _key(key: str) -> str:
-    bare = key.replace("_", "").replace("-", "").isalnum() and key.isascii()
-    return key if bare else _string(key)
-
-
-def _value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if value != value else ("inf" if value > 0 else "-inf")
-    if isinstance(value, str):
-        return _string(value)
-    if isinstance(value, int | float):
-        return json.dumps(value)
-    if isinstance(value, datetime.date | datetime.time):  # as tomllib read it
-        return value.isoformat()
-    if isinstance(value, list):
-        return "[" + ", ".join(_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{_key(k)} = {_value(v)}" for k, v in value.items()) + "}"
-    raise TypeError(f"the app's config holds no {type(value).__name__}")
+    """TOML for what ``tomllib`` read from this file (tomli-w writes what tomllib reads)."""
+    return HEADER + tomli_w.dumps(data)
