@@ -543,7 +543,7 @@ class StoreSource:
             stage=progress.stage if progress is not None else None,
             eta_s=_eta(progress),
             acc_clean=s.latest.get("eval/acc_clean", s.latest.get("repair/acc_clean")),
-            asr=s.latest.get("eval/asr", s.latest.get("repair/asr")),
+            asr=next((s.latest[k] for k in ASR_KEYS if k in s.latest), None),
             asr_best=best_asr(s.kind, *asr_range) if asr_range else None,
             loss_tail=loss_tail,
             note=s.note,
