@@ -16,10 +16,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from engine.catalog import dataset_info
 from engine.errors import UserError
-from engine.triggerspec import check_trigger_syntax, trigger_size
+from engine.triggerspec import check_placement_syntax, check_trigger_syntax, trigger_size
 
 Precision = Literal["auto", "fp32", "bf16"]
 PlacementMode = Literal["per-image", "per-batch", "corner"]
+# Where a MESA search or a detection stamps its triggers: the paper's random places, or
+# ``learned`` (a distribution over positions searched with the patterns; docs/method.md).
+SearchPlacement = Literal["per-image", "per-batch", "learned"]
 
 
 class SpecBase(BaseModel):
@@ -106,7 +109,10 @@ class TrainSpec(SpecBase):
     poison_rate: float = Field(
         0.1, ge=0, le=1, description="probability that a training image is poisoned"
     )
-    placement: PlacementMode = "per-image"
+    placement: str = Field(
+        "per-image",
+        description="per-image, per-batch, corner or at:ROW,COL (a fixed top-left offset)",
+    )
     channels_last: bool = True
     eval_every: int = Field(
         1,
@@ -129,6 +135,11 @@ class TrainSpec(SpecBase):
         if v is None or v in ("", "none"):
             return None
         return check_trigger_syntax(v)
+
+    @field_validator("placement")
+    @classmethod
+    def _placement(cls, v: str) -> str:
+        return check_placement_syntax(v)
 
     @property
     def poisoned(self) -> bool:
@@ -335,7 +346,11 @@ class MesaSpec(SpecBase):
     )
     jitter: float = Field(0.1, ge=0, le=1, description="std of the pixel noise added when stamping")
     jitter_clamp: bool = Field(True, description="clamp jittered triggers to [0, 1]")
-    placement: Literal["per-image", "per-batch"] = "per-image"
+    placement: SearchPlacement = Field(
+        "learned",
+        description="per-image, per-batch (the paper's random places) or learned (a position "
+        "distribution searched with the patterns: fixed-position backdoors too)",
+    )
     stats_every: int = Field(20, ge=1, description="log live statistics every N steps")
     sample_every: int = Field(200, ge=1, description="evaluate sampled triggers every N steps")
     n_eval_triggers: int = Field(64, ge=1, le=100_000, description="K triggers per evaluation")
@@ -379,6 +394,11 @@ class DetectSpec(SpecBase):
     eval_images: int = Field(128, ge=1)
     classes_per_pass: int = Field(
         10, ge=1, le=1000, description="classes whose generators share one model pass"
+    )
+    placement: SearchPlacement = Field(
+        "learned",
+        description="where the searches stamp: learned (a position distribution per class, "
+        "finds fixed-position backdoors too), per-image or per-batch (random places)",
     )
     z_threshold: float = Field(2.0, gt=0)
     min_score: float = Field(0.5, ge=0, le=1)

@@ -48,12 +48,15 @@ from engine.errors import UserError
 from engine.ml.data import Normalizer, to_float
 from engine.ml.models import fold_batchnorm
 from engine.ml.runtime import autocast, resolve_precision
-from engine.ml.triggers import Placement, stamp
+from engine.ml.triggers import Placement, position_grid, sample_positions, stamp
 from engine.reporter import Reporter, stop_point
 
 NOISE_KINDS = ("uniform", "gaussian")
 SCORE_KINDS = ("prob", "ce")
 ENSEMBLES = ("round-robin", "equal", "staircase")
+SEARCH_PLACEMENTS = ("per-image", "per-batch", "learned")
+# Share of the position grid's cells whose mass ``pos_top_mass`` reports (the top 5 %).
+TOP_CELLS = 0.05
 HIST_BINS = 10
 
 
@@ -90,6 +93,14 @@ class MesaConfig:
     samples: int = 1024
     knn_k: int = 3
     channels_last: bool = True
+    # ``learned`` placement only (docs/method.md): pi = softmax(r / position_alpha), the
+    # maximiser of E_pi[r] + position_alpha * H(pi), with r per offset the running mean of
+    # min(log F, log beta) of the stamps that landed there, shrunk towards the mean offset by
+    # ``position_prior`` pseudo-visits and forgotten with a time constant of
+    # ``position_memory`` steps (the generator improves; old visits count less).
+    position_alpha: float = 0.5
+    position_prior: float = 2.0
+    position_memory: float = 100.0
 
     def __post_init__(self) -> None:
         if not self.betas:
@@ -103,8 +114,10 @@ class MesaConfig:
             raise UserError(f"noise '{self.noise}' is unknown; use uniform or gaussian")
         if self.score not in SCORE_KINDS:
             raise UserError(f"score '{self.score}' is unknown; use prob or ce")
-        if self.placement not in ("per-image", "per-batch"):
-            raise UserError(f"placement '{self.placement}' is unknown; use per-image or per-batch")
+        if self.placement not in SEARCH_PLACEMENTS:
+            raise UserError(
+                f"placement '{self.placement}' is unknown; use per-image, per-batch or learned"
+            )
         if self.noise_dim % self.noise_chunks or self.noise_chunks < 2:
             raise UserError(
                 f"noise_dim {self.noise_dim} does not split into {self.noise_chunks} chunks; "
@@ -116,10 +129,17 @@ class MesaConfig:
                 "sample at least as many triggers as are evaluated"
             )
 
+    @property
+    def learned(self) -> bool:
+        return self.placement == "learned"
+
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["betas"] = list(self.betas)
         d["adam_betas"] = list(self.adam_betas)
+        if not self.learned:  # the random placements' configs read as they always did
+            for key in ("position_alpha", "position_prior", "position_memory"):
+                d.pop(key)
         return d
 
 
@@ -291,9 +311,11 @@ def trigger_success(
     precision: str = "fp32",
     channels_last: bool = False,
     max_batch: int = 2048,
+    per_image: bool = False,
 ) -> torch.Tensor:
     """Each trigger's own ASR: share of ``images_u8`` stamped with it (at fixed ``positions``)
-    that the model classifies as ``target``. Returns (K,) floats on the CPU."""
+    that the model classifies as ``target``. Returns (K,) floats on the CPU; with ``per_image``
+    the (K, M) hits (1.0: image m stamped with trigger k went to ``target``) instead."""
     device = images_u8.device
     m = images_u8.shape[0]
     x = to_float(images_u8)
@@ -309,8 +331,40 @@ def trigger_success(
             xs = xs.contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
             pred = model(xs).argmax(1)
-        out.append((pred == target).float().view(kc, m).mean(1).cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+        hits = (pred == target).float().view(kc, m)
+        out.append(hits.cpu() if per_image else hits.mean(1).cpu())
+    if not out:
+        return torch.zeros(0, m) if per_image else torch.zeros(0)
+    return torch.cat(out)
+
+
+def position_stats(probs: torch.Tensor | np.ndarray) -> dict[str, float]:
+    """Summary of a distribution over the position grid (Hp, Wp): its entropy in nats and as a
+    share of the uniform's (1.0: uniform), the mass of the top 5 % of cells, the largest cell's
+    mass and that cell (row, col of the patch's top-left pixel)."""
+    p = torch.as_tensor(np.asarray(probs, dtype=np.float64))
+    flat = p.flatten()
+    flat = flat / flat.sum().clamp_min(1e-300)
+    n = flat.numel()
+    entropy = float(-(flat * flat.clamp_min(1e-300).log()).sum())
+    top = max(1, math.ceil(TOP_CELLS * n))
+    best = int(flat.argmax())
+    return {
+        "pos_entropy": entropy,
+        "pos_entropy_ratio": entropy / math.log(n) if n > 1 else 1.0,
+        "pos_top_mass": float(flat.topk(top).values.sum()),
+        "pos_top_share": float(flat[best]),
+        "pos_top_row": float(best // p.shape[-1]),
+        "pos_top_col": float(best % p.shape[-1]),
+    }
+
+
+def top_positions(probs: torch.Tensor | np.ndarray, count: int = 5) -> list[list[float]]:
+    """The ``count`` most likely cells as [row, col, mass], most likely first."""
+    p = np.asarray(probs, dtype=np.float64)
+    flat = p.reshape(-1) / max(p.sum(), 1e-300)
+    order = np.argsort(-flat, kind="stable")[:count]
+    return [[int(i // p.shape[-1]), int(i % p.shape[-1]), float(flat[i])] for i in order]
 
 
 def validity_stats(success: torch.Tensor, beta: float) -> tuple[dict[str, float], list[int]]:
@@ -349,6 +403,36 @@ class _Run:
     mine_objective: MineObjective
     order: torch.Tensor | None = None
     cursor: int = 0
+    # ``learned`` placement: per offset (flat grid, float64 on the CPU) the decayed sum of the
+    # capped log scores of the stamps that landed there, and the decayed count of them.
+    pos_sums: torch.Tensor | None = None
+    pos_counts: torch.Tensor | None = None
+
+    @property
+    def learned(self) -> bool:
+        return self.pos_sums is not None
+
+    def position_probs(self, grid: tuple[int, int], config: MesaConfig) -> torch.Tensor:
+        """pi (Hp, Wp) float32: softmax of the offsets' shrunk mean rewards / position_alpha."""
+        assert self.pos_sums is not None and self.pos_counts is not None
+        return position_distribution(self.pos_sums, self.pos_counts, config).view(grid)
+
+
+def position_distribution(
+    sums: torch.Tensor, counts: torch.Tensor, config: MesaConfig
+) -> torch.Tensor:
+    """The max-entropy position distribution for the current reward estimates (flat, float32).
+
+    r_j = (sum_j + n0 * m) / (count_j + n0), with m the mean of the visited offsets' own means
+    (an offset never visited, or long ago, reads as an average one) and n0 = position_prior;
+    pi = softmax(r / position_alpha) maximises E_pi[r] + position_alpha * H(pi). Before any
+    visit every r_j is equal: pi is uniform, the paper's per-image placement."""
+    visited = counts > 1e-6
+    if not bool(visited.any()):
+        return torch.full_like(sums, 1.0 / sums.numel(), dtype=torch.float32)
+    mean = float((sums[visited] / counts[visited]).mean())
+    reward = (sums + config.position_prior * mean) / (counts + config.position_prior)
+    return torch.softmax(reward / config.position_alpha, 0).float()
 
 
 class MesaTrainer:
@@ -390,7 +474,9 @@ class MesaTrainer:
                 f"the defender split has {self.images.shape[0]} images, fewer than the batch size "
                 f"{config.batch_size}; lower --batch-size"
             )
-        self.placement = Placement(config.placement)
+        self.learned = config.learned
+        self.placement = Placement("per-image" if self.learned else config.placement)
+        self.grid = position_grid(self.image_size, config.trigger_size)
         self.use_channels_last = config.channels_last and self.device.type != "mps"
         self.step_count = 0
         self.runs: list[_Run] = []
@@ -404,6 +490,10 @@ class MesaTrainer:
                 )
                 T = StatisticsNetwork(config.noise_dim, self.channels * k * k, config.hidden)
             G, T = G.to(self.device).train(), T.to(self.device).train()
+            pos_sums = pos_counts = None
+            if self.learned:  # pi starts uniform: the paper's per-image placement
+                pos_sums = torch.zeros(self.grid[0] * self.grid[1], dtype=torch.float64)
+                pos_counts = torch.zeros_like(pos_sums)
             self.runs.append(
                 _Run(
                     beta=beta,
@@ -415,6 +505,8 @@ class MesaTrainer:
                     opt_t=torch.optim.Adam(T.parameters(), lr=config.lr_t, betas=config.adam_betas),
                     stream=torch.Generator().manual_seed(run_seed),
                     mine_objective=MineObjective(config.ma_rate),
+                    pos_sums=pos_sums,
+                    pos_counts=pos_counts,
                 )
             )
         self.targets = torch.tensor(
@@ -451,7 +543,11 @@ class MesaTrainer:
             zs.append(self._noise(run, b))
             zms.append(self._noise(run, b))
             eps.append(torch.randn(b, self.channels, k, k, generator=run.stream) * cfg.jitter)
-            pos.append(self.placement.sample(b, self.image_size, k, run.stream))
+            if self.learned:
+                probs = run.position_probs(self.grid, cfg)
+                pos.append(sample_positions(probs, b, run.stream))
+            else:
+                pos.append(self.placement.sample(b, self.image_size, k, run.stream))
         idx_all = torch.cat(idx).to(dev, non_blocking=True)
         eps_all = torch.cat(eps).to(dev, non_blocking=True)
         pos_all = torch.cat(pos).to(dev, non_blocking=True)
@@ -488,6 +584,8 @@ class MesaTrainer:
         loss.sum().backward()
         for run in self.runs:
             run.opt_g.step()
+        if self.learned:
+            self._update_positions(p.detach(), betas, torch.cat(pos).view(len(self.runs), b, 2))
 
         for run in self.runs:
             z2, zm2 = self._noise(run, b).to(dev), self._noise(run, b).to(dev)
@@ -507,6 +605,19 @@ class MesaTrainer:
         self.step_count += 1
         return row
 
+    def _update_positions(
+        self, p: torch.Tensor, betas: torch.Tensor, positions: torch.Tensor
+    ) -> None:
+        """Each stamp's reward min(log F, log beta) joins the running sums of its offset."""
+        reward = torch.minimum(p.float().clamp_min(1e-12).log(), betas.float().log()[:, None])
+        reward = reward.double().cpu()
+        cells = positions[..., 0] * self.grid[1] + positions[..., 1]
+        keep = 1.0 - 1.0 / self.config.position_memory
+        for i, run in enumerate(self.runs):
+            assert run.pos_sums is not None and run.pos_counts is not None
+            run.pos_sums.mul_(keep).index_add_(0, cells[i], reward[i])
+            run.pos_counts.mul_(keep).index_add_(0, cells[i], torch.ones_like(reward[i]))
+
     def take_window(self) -> dict[str, float]:
         """Means of the live statistics since the last call, keyed ``<run key>/<name>``."""
         if self._window_steps == 0:
@@ -518,6 +629,10 @@ class MesaTrainer:
         for run, row in zip(self.runs, means, strict=True):
             for name, value in zip(("hinge", "mine", "p_target", "above_beta"), row, strict=True):
                 out[f"{run.key}/{name}"] = float(value)
+            if run.learned:
+                stats = position_stats(run.position_probs(self.grid, self.config))
+                out[f"{run.key}/pos_entropy"] = stats["pos_entropy"]
+                out[f"{run.key}/pos_top_mass"] = stats["pos_top_mass"]
         return out
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -541,6 +656,11 @@ class MesaTrainer:
                     "moving_average": r.mine_objective.moving_average,
                     "order": r.order,
                     "cursor": r.cursor,
+                    **(
+                        {"pos_sums": r.pos_sums.clone(), "pos_counts": r.pos_counts.clone()}
+                        if r.pos_sums is not None and r.pos_counts is not None
+                        else {}
+                    ),
                 }
                 for r in self.runs
             ],
@@ -562,6 +682,9 @@ class MesaTrainer:
             run.mine_objective.moving_average = None if ma is None else ma.to(self.device)
             run.order = s["order"]
             run.cursor = int(s["cursor"])
+            if run.pos_sums is not None and run.pos_counts is not None:
+                run.pos_sums.copy_(s["pos_sums"])
+                run.pos_counts.copy_(s["pos_counts"])
         self._window = state["window"].to(self.device)
         self._window_steps = int(state["window_steps"])
         self.step_count = int(state["step"])
@@ -638,6 +761,10 @@ class SearchResult:
     pca: dict[str, list] | None = None
     seconds: float = 0.0
     device: str = "cpu"
+    # ``learned`` placement: per pair pi (Hp, Wp) and where its evaluated stamps hit the target
+    # (counts per offset); None for the random placements.
+    positions: list[torch.Tensor | None] = field(default_factory=list)
+    landing: list[torch.Tensor | None] = field(default_factory=list)
 
     @property
     def target(self) -> int:
@@ -670,6 +797,9 @@ class SearchResult:
             beta,
             ensemble,
             torch.device(self.device),
+            positions={
+                b: p for b, p in zip(self.betas, self.positions, strict=False) if p is not None
+            },
         )
 
 
@@ -794,25 +924,45 @@ def search_targets(
             )
 
         started = time.monotonic()
+        landing: list[torch.Tensor | None] = []
 
         def evaluate(step: int, n: int) -> tuple[dict[str, float], dict, list[torch.Tensor]]:
             flat: dict[str, float] = {}
             hists: dict[str, list[int]] = {}
             all_samples = []
+            landing.clear()
             for i, run in enumerate(trainer.runs):
                 g = torch.Generator().manual_seed(_run_seed(seed + 1, run.beta, run.target))
                 samples = trainer.sample(run, n, g)
                 ev = eval_sets[run.target]
-                success = trigger_success(
+                positions = ev.positions
+                if run.learned:
+                    # The validity of the pair's distribution: the patterns at places from pi.
+                    gp = torch.Generator().manual_seed(_run_seed(seed + 2, run.beta, run.target))
+                    probs = run.position_probs(trainer.grid, cfg)
+                    positions = sample_positions(probs, ev.images.shape[0], gp)
+                    positions = positions.to(ev.images.device)
+                hits = trigger_success(
                     trainer.model,  # the frozen copy (BN folded, channels_last) the search uses
                     normalizer,
                     samples[: cfg.n_eval_triggers],
                     ev.images,
-                    ev.positions,
+                    positions,
                     run.target,
                     precision=trainer.precision,
                     channels_last=trainer.use_channels_last,
+                    per_image=True,
                 )
+                success = hits.mean(1)
+                if run.learned:
+                    cells = positions[:, 0].cpu() * trainer.grid[1] + positions[:, 1].cpu()
+                    counts = torch.zeros(trainer.grid[0] * trainer.grid[1])
+                    counts.index_add_(0, cells, hits.sum(0))
+                    landing.append(counts.view(trainer.grid))
+                    for name, value in position_stats(probs).items():
+                        flat[f"{run.key}/{name}"] = value
+                else:
+                    landing.append(None)
                 vstats, hist = validity_stats(success, run.beta)
                 dstats = diversity_stats(
                     samples, k=cfg.knn_k, true_pattern=true_pattern, bw=bw_stats
@@ -875,6 +1025,10 @@ def search_targets(
             pca=pca_basis,
             seconds=train_seconds,
             device=str(device),
+            positions=[
+                r.position_probs(trainer.grid, cfg) if r.learned else None for r in trainer.runs
+            ],
+            landing=list(landing),
         )
     finally:
         for p, flag in zip(model.parameters(), frozen_flags, strict=True):
@@ -1034,6 +1188,7 @@ def write_search_artifact(
     truth = true_pattern.detach().float().cpu().numpy() if true_pattern is not None else None
     files: list[str] = []
     samples_by_beta: dict[str, np.ndarray] = {}
+    position_summary: dict[str, dict[str, Any]] = {}
     entropies = result.entropies()
     for i, beta in enumerate(result.betas):
         label = beta_label(beta)
@@ -1060,6 +1215,19 @@ def write_search_artifact(
             f"beta={label}/{name}"
             for name in ("G.safetensors", "T.safetensors", "samples.npy", "grid.png")
         ]
+        pi = result.positions[i] if i < len(result.positions) else None
+        if pi is not None:  # learned placement: pi and where its stamps hit the target
+            save_array(sub / "positions.npy", pi.float().numpy())
+            files.append(f"beta={label}/positions.npy")
+            land = result.landing[i] if i < len(result.landing) else None
+            if land is not None:
+                save_array(sub / "landing.npy", land.float().numpy())
+                files.append(f"beta={label}/landing.npy")
+            position_summary[label] = {
+                **position_stats(pi),
+                "grid": list(pi.shape),
+                "top": top_positions(pi),
+            }
     if result.pca is not None:
         plot_embedding(directory / "embedding.png", samples_by_beta, result.pca, truth)
         files.append("embedding.png")
@@ -1075,6 +1243,8 @@ def write_search_artifact(
         "pca": result.pca,
         "seconds": result.seconds,
     }
+    if position_summary:
+        stats["positions"] = position_summary
     (directory / "stats.json").write_text(json.dumps(stats, indent=1, allow_nan=True))
     files.append("stats.json")
     manifest_meta = {
@@ -1115,12 +1285,39 @@ class TriggerSampler:
 
 class _GeneratorSampler(TriggerSampler):
     def __init__(
-        self, generators: list[TriggerGenerator], noise: str, noise_dim: int, device: torch.device
+        self,
+        generators: list[TriggerGenerator],
+        noise: str,
+        noise_dim: int,
+        device: torch.device,
+        positions: list[torch.Tensor | None] | None = None,
     ):
         self.generators = [g.to(device).eval() for g in generators]
         self.noise, self.noise_dim, self.device = noise, noise_dim, device
         self.size = generators[0].size
         self.channels = generators[0].channels
+        # The learned position distribution of each generator (None: random places).
+        self.positions = positions if positions and all(p is not None for p in positions) else None
+
+    def _position_probs(self) -> torch.Tensor | None:
+        return None if self.positions is None else self.positions[0]
+
+    def sample_positions(
+        self, n: int, image_size: tuple[int, int], generator: torch.Generator
+    ) -> torch.Tensor | None:
+        """Top-left offsets (n, 2) from the search's learned position distribution, drawn from
+        ``generator`` (the trigger source's stream); None when the search placed its triggers at
+        random (the repair's own placement then stands)."""
+        probs = self._position_probs()
+        if probs is None:
+            return None
+        grid = position_grid(image_size, self.size)
+        if tuple(probs.shape) != grid:
+            raise UserError(
+                f"the search's positions cover a {probs.shape[0]}x{probs.shape[1]} grid, these "
+                f"images a {grid[0]}x{grid[1]} one; repair images of the size searched"
+            )
+        return sample_positions(probs, n, generator)
 
     @torch.no_grad()
     def _from(self, i: int, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -1146,13 +1343,25 @@ class RoundRobinSampler(_GeneratorSampler):
     def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
         return self._from(self.epoch % len(self.generators), n, generator)
 
+    def _position_probs(self) -> torch.Tensor | None:
+        if self.positions is None:
+            return None
+        return self.positions[self.epoch % len(self.generators)]
+
 
 class MixtureSampler(_GeneratorSampler):
     """Per-sample mixing: each trigger comes from generator i with probability weights[i]."""
 
-    def __init__(self, generators, noise, noise_dim, device, weights: list[float]):
-        super().__init__(generators, noise, noise_dim, device)
+    def __init__(self, generators, noise, noise_dim, device, weights: list[float], positions=None):
+        super().__init__(generators, noise, noise_dim, device, positions)
         self.weights = torch.tensor(weights, dtype=torch.float64)
+
+    def _position_probs(self) -> torch.Tensor | None:
+        """The mixture's marginal over positions (each generator's pi, weighted)."""
+        if self.positions is None:
+            return None
+        mixed = [w * p.double() for w, p in zip(self.weights.tolist(), self.positions, strict=True)]
+        return torch.stack(mixed).sum(0)
 
     def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
         weights = self.weights.to(generator.device)
@@ -1186,6 +1395,7 @@ def _make_sampler(
     beta: float | None,
     ensemble: str | None,
     device: torch.device,
+    positions: dict[float, torch.Tensor] | None = None,
 ) -> TriggerSampler:
     if beta is not None and ensemble is not None:
         raise UserError("give either a beta or an ensemble, not both")
@@ -1200,14 +1410,20 @@ def _make_sampler(
             raise UserError(
                 f"beta {beta} is not in this search; use one of {', '.join(map(beta_label, betas))}"
             )
-        return SingleSampler([generators[match[0]]], noise, noise_dim, device)
+        pi = positions.get(match[0]) if positions else None
+        return SingleSampler([generators[match[0]]], noise, noise_dim, device, [pi])
     gens = [generators[b] for b in betas]
+    pis = [positions.get(b) for b in betas] if positions else None
     if ensemble == "round-robin":
-        return RoundRobinSampler(gens, noise, noise_dim, device)
+        return RoundRobinSampler(gens, noise, noise_dim, device, pis)
     if ensemble == "equal":
-        return MixtureSampler(gens, noise, noise_dim, device, [1.0 / len(gens)] * len(gens))
+        return MixtureSampler(
+            gens, noise, noise_dim, device, [1.0 / len(gens)] * len(gens), positions=pis
+        )
     if ensemble == "staircase":
-        return MixtureSampler(gens, noise, noise_dim, device, staircase_weights(betas, entropies))
+        return MixtureSampler(
+            gens, noise, noise_dim, device, staircase_weights(betas, entropies), positions=pis
+        )
     raise UserError(f"ensemble '{ensemble}' is unknown; use one of {', '.join(ENSEMBLES)}")
 
 
@@ -1235,6 +1451,8 @@ class SearchArtifact:
     generators: dict[float, TriggerGenerator]
     noise: str
     noise_dim: int
+    # ``learned`` placement: pi (Hp, Wp) per beta; empty for the random placements.
+    positions: dict[float, torch.Tensor] = field(default_factory=dict)
 
     def samples(self, beta: float) -> np.ndarray:
         from engine.ml.artifacts import load_array
@@ -1256,6 +1474,7 @@ class SearchArtifact:
             beta,
             ensemble,
             self.device,
+            positions=self.positions,
         )
 
 
@@ -1273,6 +1492,14 @@ def open_search(directory: str | Path, device: torch.device | str = "cpu") -> Se
         for b in betas
     }
     cfg = meta.get("config", {})
+    from engine.ml.artifacts import load_array
+
+    listed = set(manifest.get("files", {}))
+    positions = {
+        b: torch.from_numpy(load_array(directory / f"beta={beta_label(b)}" / "positions.npy"))
+        for b in betas
+        if f"beta={beta_label(b)}/positions.npy" in listed
+    }
     return SearchArtifact(
         directory=directory,
         betas=betas,
@@ -1282,4 +1509,5 @@ def open_search(directory: str | Path, device: torch.device | str = "cpu") -> Se
         generators=generators,
         noise=cfg.get("noise", "uniform"),
         noise_dim=int(cfg.get("noise_dim", 64)),
+        positions=positions,
     )

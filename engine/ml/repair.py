@@ -7,7 +7,8 @@ the trigger source differs between methods:
 
 - a ``TriggerSampler`` of k x k patches (MESA's generators, ``FixedPatternSampler`` for the point
   reversal and the ideal oracle, ``RandomPatchSampler`` for the random-patch control), stamped at
-  placements drawn per image (``engine.ml.triggers.Placement``);
+  placements drawn per image (``engine.ml.triggers.Placement``), or, for a MESA search with a
+  learned position distribution, at places drawn from that distribution;
 - a full-image ``MaskTrigger`` (Neural Cleanse), blended at its fixed place;
 - nothing (plain fine-tuning, the control the paper lacks).
 
@@ -260,8 +261,11 @@ def build_repair_batch(
     Returns (images, labels, stamped mask). Which images are stamped and where (one placement per
     image, for ``patch_size`` patches unless the source has its own size) are drawn from
     ``generator`` for every source, none included, so the repair's stream advances alike for
-    every method; the patterns come from ``trigger_generator`` (default: ``generator``). Every
-    step is one vectorised operation on the images' device.
+    every method; the patterns come from ``trigger_generator`` (default: ``generator``). A source
+    with a learned position distribution (a MESA search with ``learned`` placement) stamps at
+    places drawn from it, from ``trigger_generator`` too, after the patterns: the repair's stream
+    still draws its placements, so every method's batches stay the same. Every step is one
+    vectorised operation on the images' device.
     """
     n = x.shape[0]
     chosen = (torch.rand(n, generator=generator) < rate).to(x.device)
@@ -273,6 +277,11 @@ def build_repair_batch(
         stamped = blend(x, source.mask.to(x.device), source.pattern.to(x.device))
     else:
         patterns = source.sample(n, trigger_generator or generator).to(x.device, x.dtype)
+        own_places = getattr(source, "sample_positions", None)
+        if callable(own_places):  # a learned MESA search: where its distribution says they work
+            learned = own_places(n, (x.shape[2], x.shape[3]), trigger_generator or generator)
+            if learned is not None:
+                positions = learned.to(x.device)
         stamped = stamp(x, patterns, positions)
     return torch.where(chosen[:, None, None, None], stamped, x), y, chosen
 

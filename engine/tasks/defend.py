@@ -351,6 +351,10 @@ def run(spec: DefendSpec, reporter: Reporter) -> TaskResult:
         upstream.append(str(spec.search))
         extra["beta"] = spec.beta
         extra["ensemble"] = ensemble
+        # A search with learned placement: its triggers are stamped where its pi says.
+        extra["positions"] = "learned" if search.positions else spec.placement
+        if search.positions:
+            reporter.text("mesa: stamping at the places the search's position distribution gives")
     elif spec.method == "ideal":
         assert truth is not None  # check_spec refused a model without ground truth
         target = truth.target

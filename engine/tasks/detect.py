@@ -63,7 +63,13 @@ def check_spec(spec: DetectSpec) -> list[int]:
 def run(spec: DetectSpec, reporter: Reporter) -> TaskResult:
     from engine.ml import checkpoint as ckpt
     from engine.ml.artifacts import write_manifest
-    from engine.ml.mesa import MesaConfig, SearchCheckpoint, search_targets
+    from engine.ml.mesa import (
+        MesaConfig,
+        SearchCheckpoint,
+        position_stats,
+        search_targets,
+        top_positions,
+    )
     from engine.ml.runtime import (
         configure_cpu,
         configure_device,
@@ -88,6 +94,7 @@ def run(spec: DetectSpec, reporter: Reporter) -> TaskResult:
         n_eval_triggers=spec.n_eval_triggers,
         eval_images=spec.eval_images,
         samples=max(spec.n_eval_triggers, 256),
+        placement=spec.placement,
     )
     configure_cpu()
     device = pick_device(spec.device)
@@ -99,10 +106,12 @@ def run(spec: DetectSpec, reporter: Reporter) -> TaskResult:
     )
     reporter.text(
         f"detection: {len(classes)} classes, {spec.steps} steps each, beta {spec.beta}, "
+        f"placement {spec.placement}, "
         f"{images.shape[0]} defender images, {device} {precision}"
     )
     metrics: dict[str, float] = {}
     histograms: dict[str, list[int]] = {}
+    positions: dict[str, dict] = {}
     scores: dict[int, float] = {}
     workdir = Path(reporter.workdir)
     # Finished classes: {class: {score, validity_mean, p_target, histogram}}.
@@ -145,13 +154,21 @@ def run(spec: DetectSpec, reporter: Reporter) -> TaskResult:
                 every_s=mesa_task.CHECKPOINT_EVERY_S,
             ),
         )
-        for c, key in zip(group, result.keys, strict=True):
+        for i, (c, key) in enumerate(zip(group, result.keys, strict=True)):
             finished[c] = {
                 "score": result.metrics[f"{key}/validity"],
                 "validity_mean": result.metrics[f"{key}/validity_mean"],
                 "p_target": result.metrics[f"{key}/p_target"],
                 "histogram": result.histograms[key],
             }
+            pi = result.positions[i] if i < len(result.positions) else None
+            if pi is not None:  # learned placement: where the class's triggers work
+                finished[c]["positions"] = {
+                    **position_stats(pi),
+                    "grid": list(pi.shape),
+                    "top": top_positions(pi),
+                    "probs": [[round(float(v), 6) for v in row] for row in pi.tolist()],
+                }
         reporter.check_in(120.0)  # flushes this pass's metrics before its scores count as done
         ckpt.save_checkpoint(
             workdir / SCORES,
@@ -166,6 +183,11 @@ def run(spec: DetectSpec, reporter: Reporter) -> TaskResult:
         metrics[f"detect/class={c}/validity_mean"] = finished[c]["validity_mean"]
         metrics[f"detect/class={c}/p_target"] = finished[c]["p_target"]
         histograms[str(c)] = finished[c]["histogram"]
+        where = finished[c].get("positions")
+        if where is not None:
+            positions[str(c)] = where
+            for name in ("pos_entropy_ratio", "pos_top_mass", "pos_top_row", "pos_top_col"):
+                metrics[f"detect/class={c}/{name}"] = where[name]
     flagged, z = flag_classes(
         scores, z_threshold=spec.z_threshold, min_score=spec.min_score, floor=spec.mad_floor
     )
@@ -182,7 +204,10 @@ def run(spec: DetectSpec, reporter: Reporter) -> TaskResult:
         "z": {str(c): v for c, v in z.items()},
         "histograms": histograms,
         "model": str(Path(spec.model).resolve()),
+        "placement": spec.placement,
     }
+    if positions:
+        report["positions"] = positions
     (workdir / "detect.json").write_text(json.dumps(report, indent=1))
     write_manifest(
         workdir,
@@ -205,5 +230,7 @@ def run(spec: DetectSpec, reporter: Reporter) -> TaskResult:
             "z": {c: round(z[c], 4) for c in classes},
             "device": str(device),
             "precision": precision,
+            "placement": spec.placement,
+            "top_positions": {c: v["top"][0][:2] for c, v in positions.items()},
         },
     )

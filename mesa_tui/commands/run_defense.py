@@ -37,7 +37,9 @@ def mesa(
     score: str | None = typer.Option(None, help="prob (softmax probability) or ce"),
     jitter: float | None = typer.Option(None, help="std of the stamping noise"),
     jitter_clamp: bool | None = typer.Option(None, "--jitter-clamp/--no-jitter-clamp"),
-    placement: str | None = typer.Option(None, help="per-image or per-batch"),
+    placement: str | None = typer.Option(
+        None, help="learned (default: positions searched too), per-image or per-batch"
+    ),
     stats_every: int | None = typer.Option(None, "--stats-every"),
     sample_every: int | None = typer.Option(None, "--sample-every"),
     n_eval_triggers: int | None = typer.Option(None, "--n-eval-triggers"),
@@ -114,6 +116,9 @@ def detect(
     z_threshold: float | None = typer.Option(None, "--z-threshold"),
     min_score: float | None = typer.Option(None, "--min-score"),
     mad_floor: float | None = typer.Option(None, "--mad-floor"),
+    placement: str | None = typer.Option(
+        None, help="learned (default: finds fixed-position triggers too), per-image or per-batch"
+    ),
     seed: int | None = typer.Option(None),
     precision: str | None = typer.Option(None, help="auto, fp32 or bf16"),
     device: str | None = typer.Option(None, help="auto, cpu, cuda or cuda:N"),
@@ -140,6 +145,7 @@ def detect(
         z_threshold=z_threshold,
         min_score=min_score,
         mad_floor=mad_floor,
+        placement=placement,
         seed=seed,
         precision=precision,
         device=device,

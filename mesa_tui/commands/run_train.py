@@ -41,7 +41,9 @@ def train(
     poison_rate: float | None = typer.Option(
         None, "--poison-rate", help="probability that an image is poisoned"
     ),
-    placement: str | None = typer.Option(None, help="per-image, per-batch or corner"),
+    placement: str | None = typer.Option(
+        None, help="per-image, per-batch, corner or at:ROW,COL (a fixed top-left offset)"
+    ),
     epochs: int | None = typer.Option(None),
     batch_size: int | None = typer.Option(None, "--batch-size"),
     lr: float | None = typer.Option(None),

@@ -98,14 +98,14 @@ def test_a_choice_only_the_attack_offers_goes_to_the_attack(isolated_home):
     assert routed["train"] == {"placement": "corner"}
     assert "placement" not in routed["mesa"] and "placement" not in routed["defend"]
     (note,) = routing_notes({"placement": "corner"})
-    assert "train stage only" in note and "--mesa-placement" in note
+    assert "train stage only" in note and "--detect-placement" in note
     assert split_overrides({"placement": "per-batch"})["defend"] == {"placement": "per-batch"}
     assert routing_notes({"placement": "per-batch", "epochs": 2}) == []
     built = build_pipeline(
         preset="cpu-quick", trigger="bw:170", target="0", methods=["mesa"],
         overrides={"placement": "corner"},
     )  # fmt: skip
-    assert [j.spec.get("placement") for j in built.jobs] == ["corner", "per-image", "per-image"]
+    assert [j.spec.get("placement") for j in built.jobs] == ["corner", "learned", "per-image"]
     with pytest.raises(UserError, match="invalid --placement 'diagonal'"):
         build_pipeline(
             preset="cpu-quick", trigger="bw:170", target="0", methods=["mesa"],
