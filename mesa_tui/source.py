@@ -333,6 +333,8 @@ class TriggerSamples:
     by_beta: Mapping[str, np.ndarray]
     original: np.ndarray | None = None  # (C, k, k) from ground_truth.json
     stamp: float = 0.0  # newest mtime, to skip rereads
+    # Learned placement: per beta the position distribution pi (Hp, Wp) from positions.npy.
+    positions: Mapping[str, np.ndarray] = field(default_factory=dict)
 
 
 def _as_chw(array: np.ndarray) -> np.ndarray:
@@ -368,7 +370,15 @@ def read_trigger_samples(dirs: Iterable[Path], known_stamp: float = 0.0) -> Trig
             f.parent.name.removeprefix("beta="): _as_chw(np.load(f, allow_pickle=False))
             for f in files
         }
-        return TriggerSamples(str(directory), by_beta, _ground_truth(directory), stamp)
+        positions = {}
+        for f in sorted(directory.glob("beta=*/positions.npy")):
+            try:
+                pi = np.load(f, allow_pickle=False)
+            except (OSError, ValueError):
+                continue  # half-written or damaged: the next poll reads it again
+            if pi.ndim == 2:
+                positions[f.parent.name.removeprefix("beta=")] = pi.astype(np.float32)
+        return TriggerSamples(str(directory), by_beta, _ground_truth(directory), stamp, positions)
     return None
 
 
