@@ -17,7 +17,7 @@ $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[test,ray,postgres,tensorboard]'
+	$(BIN)/python -m pip install -q -e '.[test,dev,ray,postgres,tensorboard]'
 	touch $@
 
 setup: $(BIN)/.installed
@@ -51,9 +51,12 @@ test-services:
 		fi; \
 	fi
 
+# Style, then the import layers and the types (pyproject.toml: [tool.importlinter], [tool.mypy]).
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 test: setup test-data test-services lint
 	$(BIN)/python -m pytest -q

@@ -15,12 +15,13 @@ sys.path.insert(0, str(ROOT))
 
 
 def isolated_home(prefix: str) -> Path:
-    """A fresh MESA_HOME (store, artifacts, logs) for this benchmark run."""
+    """A fresh MESA_TUI_HOME (store, artifacts, logs) for this benchmark run."""
     home = Path(tempfile.mkdtemp(prefix=f"mesa-bench-{prefix}-"))
-    os.environ["MESA_HOME"] = str(home)
-    os.environ.pop("MESA_DB", None)
+    os.environ["MESA_TUI_HOME"] = str(home)
+    os.environ.pop("MESA_TUI_DB", None)
+    os.environ.pop("MESA_DB", None)  # the old name would still be read
     # The fast test-only task kind "count" (tests/engine/counting_task.py) drives the engine.
-    os.environ["MESA_TASK_MODULES"] = "count=tests.engine.counting_task"
+    os.environ["MESA_TUI_TASK_MODULES"] = "count=tests.engine.counting_task"
     os.environ["PYTHONPATH"] = str(ROOT)
     return home
 
@@ -28,7 +29,7 @@ def isolated_home(prefix: str) -> Path:
 def start_engine(slots: int = 1) -> subprocess.Popen:
     from store.repository import Store
 
-    log = open(Path(os.environ["MESA_HOME"]) / "engine.log", "ab")
+    log = open(Path(os.environ["MESA_TUI_HOME"]) / "engine.log", "ab")
     process = subprocess.Popen(
         [sys.executable, "-m", "engine.daemon", "--cpu-slots", str(slots)],
         stdout=log,

@@ -13,7 +13,6 @@ The scripts put the repository on the import path before they import this.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import paper_small as protocol
+from store.environment import setting
 
 SCHEMA = 1
 ROOT = Path(__file__).resolve().parent.parent
@@ -297,11 +297,11 @@ def machine(quick: bool) -> dict[str, Any]:
 
 
 def commit() -> str | None:
-    """The checkout's commit, else ``MESA_COMMIT`` (a copy without .git, as on a lent GPU)."""
+    """The checkout's commit, else ``MESA_TUI_COMMIT`` (a copy without .git, as on a lent GPU)."""
     try:
         out = subprocess.run(
             ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True
         ).stdout.strip()
     except OSError:
         out = ""
-    return out or os.environ.get("MESA_COMMIT") or None
+    return out or setting("MESA_TUI_COMMIT") or None

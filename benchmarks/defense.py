@@ -75,6 +75,34 @@ def csv(kind):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    _models_and_methods(p)
+    _parts_and_output(p)
+    args = p.parse_args(argv)
+    _check(p, args)
+    if args.skip_alpha and "alpha" in args.parts:
+        args.parts.remove("alpha")
+    if args.skip_paper and "paper" in args.parts:
+        args.parts.remove("paper")
+    models = {}
+    for item in args.models:
+        trigger, sep, path = item.partition("=")
+        if not sep or not Path(path, "manifest.json").exists():
+            p.error(f"--models {item!r}: give TRIGGER=ARTIFACT_DIR (a model artifact directory)")
+        models[trigger] = path
+    args.models = models
+    if args.quick:
+        apply_quick(args)
+    if args.residual_rates is None:
+        args.residual_rates = [args.headline_rate]
+    if args.paper_seeds is None:
+        args.paper_seeds = args.seeds
+    if args.alpha_betas is None:
+        args.alpha_betas = args.betas
+    return args
+
+
+def _models_and_methods(p: argparse.ArgumentParser) -> None:
+    """The main part: which models, which search, which repairs."""
     p.add_argument("--triggers", type=csv(str), default=["bw:170", "bw:0", "bw:85"])
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per trigger")
     p.add_argument(
@@ -111,6 +139,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="methods whose repairs get the residual search (default: all)",
     )
+    p.add_argument(
+        "--models",
+        type=csv(str),
+        default=[],
+        help="TRIGGER=ARTIFACT: reuse this backdoored model for the trigger at its own seed",
+    )
+
+
+def _parts_and_output(p: argparse.ArgumentParser) -> None:
+    """The alpha and paper parts, the machine, and where the report goes."""
     p.add_argument("--alpha", type=csv(float), default=[0.0, 0.1, 10.0])
     p.add_argument("--alpha-long-steps", type=int, default=3000)
     p.add_argument(
@@ -126,12 +164,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=csv(str),
         default=["main", "alpha", "paper"],
         help="which parts run: main (every method at every rate), alpha, paper",
-    )
-    p.add_argument(
-        "--models",
-        type=csv(str),
-        default=[],
-        help="TRIGGER=ARTIFACT: reuse this backdoored model for the trigger at its own seed",
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--paper-epochs", type=int, default=10)
@@ -156,7 +188,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="REPORT.json,...: run nothing; combine reports of earlier runs (other triggers, "
         "seeds or sittings) into one, with the summary and bar checks over all of them",
     )
-    args = p.parse_args(argv)
+
+
+def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     unknown = [m for m in args.methods if m not in ALL_METHODS and not m.startswith("mesa:")]
     if unknown:
         p.error(f"unknown methods {unknown}; use {', '.join(ALL_METHODS)} or mesa:BETA")
@@ -165,26 +199,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown parts {bad_parts}; use main, alpha, paper")
     if args.first_seed < 0 or args.seeds < 1:
         p.error(f"--first-seed {args.first_seed} --seeds {args.seeds}: use 0 or more and 1 or more")
-    if args.skip_alpha and "alpha" in args.parts:
-        args.parts.remove("alpha")
-    if args.skip_paper and "paper" in args.parts:
-        args.parts.remove("paper")
-    models = {}
-    for item in args.models:
-        trigger, sep, path = item.partition("=")
-        if not sep or not Path(path, "manifest.json").exists():
-            p.error(f"--models {item!r}: give TRIGGER=ARTIFACT_DIR (a model artifact directory)")
-        models[trigger] = path
-    args.models = models
-    if args.quick:
-        apply_quick(args)
-    if args.residual_rates is None:
-        args.residual_rates = [args.headline_rate]
-    if args.paper_seeds is None:
-        args.paper_seeds = args.seeds
-    if args.alpha_betas is None:
-        args.alpha_betas = args.betas
-    return args
 
 
 def apply_quick(args: argparse.Namespace) -> None:
@@ -656,13 +670,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         emit(report, args)
         return report
     if args.threads:  # the tasks (and configure_cpu here) read the budget from there
-        from engine.cores import THREADS_ENV
         from engine.ml.runtime import configure_cpu
+        from engine.run_environment import THREADS_ENV
 
         os.environ[THREADS_ENV] = str(args.threads)
         configure_cpu()
-    from engine.ml.runtime import cpu_has_native_bf16, cpu_name, pick_device, resolve_precision
-
     started = time.perf_counter()
     ensure_dataset(args.dataset)
     temp = None
@@ -674,74 +686,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         root = Path(temp.name)
     report: dict[str, Any] = {
         "benchmark": "defense",
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu": cpu_name(),
-            "native_bf16": cpu_has_native_bf16(),
-            "precision": resolve_precision(args.precision, pick_device(args.device)),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        },
+        "machine": _machine(args),
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "workdir")},
         "models": [],
     }
-    all_rows: list[dict[str, Any]] = []
-    searches: list[dict[str, Any]] = []
-    first_model: tuple[str, int, Path] | None = None
-    needs_models = "main" in args.parts or "alpha" in args.parts
-    for trigger in args.triggers if needs_models else []:
-        for seed in range(args.first_seed, args.first_seed + args.seeds):
-            tag = f"{trigger.replace(':', '')}-s{seed}"
-            base = root / tag
-            trained = reused_model(args, trigger, seed)
-            if trained is None:
-                log(f"{tag}: training the backdoored cpu-quick model")
-                trained = train_model(args, trigger, seed, base / "model")
-            else:
-                log(f"{tag}: reusing the backdoored model {trained.artifact}")
-            model = str(trained.artifact)
-            if first_model is None:
-                first_model = (model, seed, base)
-            if "main" not in args.parts:
-                continue
-            log(f"{tag}: MESA search ({args.steps} steps, betas {args.betas})")
-            search = run_search(args, model, seed, base / "search")
-            summary = search_summary(search, args.betas)
-            searches.append(summary)
-            reference = residual_reference(args, model, seed, base) if args.residual_steps else {}
-            rows = repair_all(
-                args, model, str(search.artifact), seed, base, args.rates, args.methods
-            )
-            for row in rows:
-                row.update({"trigger": trigger, "seed": seed})
-            all_rows += rows
-            report["models"].append(
-                {
-                    "trigger": trigger,
-                    "seed": seed,
-                    "attack": {
-                        "acc_clean": trained.metrics.get("eval/acc_clean"),
-                        "asr": trained.metrics.get("eval/asr"),
-                        "train_s": trained.extra.get("wall_s"),
-                        "reused": bool(trained.extra.get("reused")),
-                        "artifact": model,
-                    },
-                    "search": summary,
-                    "residual_before_repair": reference.get("residual/validity"),
-                    "residual_own_asr_before_repair": reference.get("residual/validity_mean"),
-                    "repairs": rows,
-                }
-            )
-    if "main" in args.parts:
-        report["summary"] = {
-            "rate": args.headline_rate,
-            "methods": summarise(all_rows, args.headline_rate),
-        }
-        report["summary_by_rate"] = {f"{r:g}": summarise(all_rows, r) for r in args.rates}
-        report["bar"] = bar_checks(report["summary"]["methods"], searches, args.betas)
-
+    first_model = _main_part(args, root, report)
     if "alpha" in args.parts and first_model is not None:
         report["alpha_ablation"] = alpha_ablation(args, *first_model)
     if "paper" in args.parts:
@@ -751,6 +700,88 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if temp is not None:
         temp.cleanup()
     return report
+
+
+def _machine(args) -> dict[str, Any]:
+    from engine.ml.runtime import cpu_has_native_bf16, cpu_name, pick_device, resolve_precision
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
+        "native_bf16": cpu_has_native_bf16(),
+        "precision": resolve_precision(args.precision, pick_device(args.device)),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def _main_part(args, root: Path, report: dict[str, Any]) -> tuple[str, int, Path] | None:
+    """Every trigger and seed: the backdoored model, and with the main part its search and
+    repairs (report["models"], the summaries and bar checks); returns the first model (the alpha
+    ablation's)."""
+    all_rows: list[dict[str, Any]] = []
+    searches: list[dict[str, Any]] = []
+    first_model: tuple[str, int, Path] | None = None
+    needs_models = "main" in args.parts or "alpha" in args.parts
+    for trigger in args.triggers if needs_models else []:
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
+            base = root / f"{trigger.replace(':', '')}-s{seed}"
+            trained = _backdoored(args, trigger, seed, base)
+            if first_model is None:
+                first_model = (str(trained.artifact), seed, base)
+            if "main" not in args.parts:
+                continue
+            entry = _model_entry(args, trigger, seed, base, trained)
+            searches.append(entry["search"])
+            all_rows += entry["repairs"]
+            report["models"].append(entry)
+    if "main" in args.parts:
+        report["summary"] = {
+            "rate": args.headline_rate,
+            "methods": summarise(all_rows, args.headline_rate),
+        }
+        report["summary_by_rate"] = {f"{r:g}": summarise(all_rows, r) for r in args.rates}
+        report["bar"] = bar_checks(report["summary"]["methods"], searches, args.betas)
+    return first_model
+
+
+def _backdoored(args, trigger: str, seed: int, base: Path) -> TaskResult:
+    tag = base.name
+    trained = reused_model(args, trigger, seed)
+    if trained is None:
+        log(f"{tag}: training the backdoored cpu-quick model")
+        return train_model(args, trigger, seed, base / "model")
+    log(f"{tag}: reusing the backdoored model {trained.artifact}")
+    return trained
+
+
+def _model_entry(args, trigger: str, seed: int, base: Path, trained: TaskResult) -> dict:
+    """One model's search, residual reference and repairs, as the report lists them."""
+    model = str(trained.artifact)
+    log(f"{base.name}: MESA search ({args.steps} steps, betas {args.betas})")
+    search = run_search(args, model, seed, base / "search")
+    summary = search_summary(search, args.betas)
+    reference = residual_reference(args, model, seed, base) if args.residual_steps else {}
+    rows = repair_all(args, model, str(search.artifact), seed, base, args.rates, args.methods)
+    for row in rows:
+        row.update({"trigger": trigger, "seed": seed})
+    return {
+        "trigger": trigger,
+        "seed": seed,
+        "attack": {
+            "acc_clean": trained.metrics.get("eval/acc_clean"),
+            "asr": trained.metrics.get("eval/asr"),
+            "train_s": trained.extra.get("wall_s"),
+            "reused": bool(trained.extra.get("reused")),
+            "artifact": model,
+        },
+        "search": summary,
+        "residual_before_repair": reference.get("residual/validity"),
+        "residual_own_asr_before_repair": reference.get("residual/validity_mean"),
+        "repairs": rows,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -851,93 +882,111 @@ def markdown(report: dict[str, Any]) -> str:
     paper recipe and the bar checks."""
     out: list[str] = []
     if report.get("merged_from"):
-        out.append("Merged from:\n")
-        for part in report["merged_from"]:
-            machine = part.get("machine") or {}
-            where = machine.get("cpu") or machine.get("processor", "?")
-            if "precision" in machine:
-                where += f", {machine['precision']}"
-            out.append(f"- {part['file']} ({where}, torch {machine.get('torch', '?')})")
-        out.append("")
+        out += _merged_md(report["merged_from"])
     if report.get("models"):
-        out.append("## Backdoored models and searches\n")
-        rows = []
-        for m in report["models"]:
-            for beta, s in per_beta(m["search"]).items():
-                rows.append(
-                    [
-                        m["trigger"],
-                        str(m["seed"]),
-                        _pct(m["attack"]["acc_clean"]),
-                        _pct(m["attack"]["asr"]),
-                        beta,
-                        _pct(s.get("validity")),
-                        f"{s.get('pixel_std') or 0:.3f}",
-                        f"{s.get('pairwise_l2') or 0:.2f}",
-                        f"{s.get('bw_distinct') or 0:.0f}",
-                    ]
-                )
-        header = ["trigger", "seed", "clean acc", "ASR", "beta", "validity", "pixel std"]
-        out.append(_table(header + ["pairwise L2", "distinct b/w"], rows))
-        out.append("\n## Every repair\n")
-        out.append(_table(REPAIR_HEADER, _repair_rows(report["models"])))
-        by_rate = report.get("summary_by_rate", {})
-        for rate, summary in by_rate.items():
-            out.append(f"\n## Mean and worst over triggers and seeds, stamping rate {rate}\n")
-            out.append(_table(SUMMARY_HEADER, _summary_rows(summary)))
-        if len(by_rate) > 1:
-            out.append("\n## ASR left by stamping rate (mean / worst, number of repairs)\n")
-            out.append(_rate_table(by_rate))
+        out += _models_md(report)
     if report.get("alpha_ablation"):
-        out.append("\n## Alpha ablation\n")
-        rows = []
-        for a in report["alpha_ablation"]:
-            for beta, s in per_beta(a["search"]).items():
-                rows.append(
-                    [
-                        f"{a['alpha']:g}",
-                        str(a["steps"]),
-                        beta,
-                        _pct(s.get("validity")),
-                        f"{s.get('pixel_std') or 0:.3f}",
-                        f"{s.get('pairwise_l2') or 0:.2f}",
-                        f"{s.get('knn_entropy') or 0:.1f}",
-                        f"{s.get('bw_distinct') or 0:.0f}",
-                        _pct(a["repair_asr"]),
-                        _pct(a["repair_acc_clean"]),
-                    ]
-                )
-        header = ["alpha", "steps", "beta", "validity", "pixel std", "pairwise L2"]
-        header += ["k-NN entropy", "distinct b/w", "repair ASR", "clean acc"]
-        out.append(_table(header, rows))
+        out += _alpha_md(report["alpha_ablation"])
     if report.get("paper_recipe"):
-        paper = report["paper_recipe"]
-        out.append("\n## The paper's attack recipe (fine-tuned, 1 % poisoning)\n")
-        rows = []
-        for m in paper.get("models", []):
-            searched = per_beta(m.get("search", {}))
-            nearest = [v.get("nearest_to_true") for v in searched.values()]
-            nearest = [v for v in nearest if v is not None]
+        out += _paper_md(report["paper_recipe"])
+    if report.get("bar"):
+        out.append("\n## Bar checks\n")
+        out.append("\n".join(f"- {k}: {v}" for k, v in report["bar"].items()))
+    return "\n".join(out) + "\n"
+
+
+def _merged_md(parts: list[dict[str, Any]]) -> list[str]:
+    out = ["Merged from:\n"]
+    for part in parts:
+        machine = part.get("machine") or {}
+        where = machine.get("cpu") or machine.get("processor", "?")
+        if "precision" in machine:
+            where += f", {machine['precision']}"
+        out.append(f"- {part['file']} ({where}, torch {machine.get('torch', '?')})")
+    out.append("")
+    return out
+
+
+def _models_md(report: dict[str, Any]) -> list[str]:
+    out = ["## Backdoored models and searches\n"]
+    rows = []
+    for m in report["models"]:
+        for beta, s in per_beta(m["search"]).items():
             rows.append(
                 [
                     m["trigger"],
                     str(m["seed"]),
                     _pct(m["attack"]["acc_clean"]),
                     _pct(m["attack"]["asr"]),
-                    " / ".join(_pct(v.get("validity")) for v in searched.values()),
-                    " / ".join(f"{v.get('bw_distinct') or 0:.0f}" for v in searched.values()),
-                    f"{min(nearest):.2f}" if nearest else "–",
+                    beta,
+                    _pct(s.get("validity")),
+                    f"{s.get('pixel_std') or 0:.3f}",
+                    f"{s.get('pairwise_l2') or 0:.2f}",
+                    f"{s.get('bw_distinct') or 0:.0f}",
                 ]
             )
-        header = ["trigger", "seed", "clean acc", "ASR", "validity per beta"]
-        header += ["distinct b/w per beta", "nearest sample to the trigger (L2)"]
-        out.append(_table(header, rows) + "\n")
-        out.append(_table(REPAIR_HEADER, _repair_rows(paper.get("models", []))) + "\n")
-        out.append(_table(SUMMARY_HEADER, _summary_rows(paper.get("summary", {}))))
-    if report.get("bar"):
-        out.append("\n## Bar checks\n")
-        out.append("\n".join(f"- {k}: {v}" for k, v in report["bar"].items()))
-    return "\n".join(out) + "\n"
+    header = ["trigger", "seed", "clean acc", "ASR", "beta", "validity", "pixel std"]
+    out.append(_table(header + ["pairwise L2", "distinct b/w"], rows))
+    out.append("\n## Every repair\n")
+    out.append(_table(REPAIR_HEADER, _repair_rows(report["models"])))
+    by_rate = report.get("summary_by_rate", {})
+    for rate, summary in by_rate.items():
+        out.append(f"\n## Mean and worst over triggers and seeds, stamping rate {rate}\n")
+        out.append(_table(SUMMARY_HEADER, _summary_rows(summary)))
+    if len(by_rate) > 1:
+        out.append("\n## ASR left by stamping rate (mean / worst, number of repairs)\n")
+        out.append(_rate_table(by_rate))
+    return out
+
+
+def _alpha_md(ablation: list[dict[str, Any]]) -> list[str]:
+    rows = []
+    for a in ablation:
+        for beta, s in per_beta(a["search"]).items():
+            rows.append(
+                [
+                    f"{a['alpha']:g}",
+                    str(a["steps"]),
+                    beta,
+                    _pct(s.get("validity")),
+                    f"{s.get('pixel_std') or 0:.3f}",
+                    f"{s.get('pairwise_l2') or 0:.2f}",
+                    f"{s.get('knn_entropy') or 0:.1f}",
+                    f"{s.get('bw_distinct') or 0:.0f}",
+                    _pct(a["repair_asr"]),
+                    _pct(a["repair_acc_clean"]),
+                ]
+            )
+    header = ["alpha", "steps", "beta", "validity", "pixel std", "pairwise L2"]
+    header += ["k-NN entropy", "distinct b/w", "repair ASR", "clean acc"]
+    return ["\n## Alpha ablation\n", _table(header, rows)]
+
+
+def _paper_md(paper: dict[str, Any]) -> list[str]:
+    rows = []
+    for m in paper.get("models", []):
+        searched = per_beta(m.get("search", {}))
+        nearest = [v.get("nearest_to_true") for v in searched.values()]
+        nearest = [v for v in nearest if v is not None]
+        rows.append(
+            [
+                m["trigger"],
+                str(m["seed"]),
+                _pct(m["attack"]["acc_clean"]),
+                _pct(m["attack"]["asr"]),
+                " / ".join(_pct(v.get("validity")) for v in searched.values()),
+                " / ".join(f"{v.get('bw_distinct') or 0:.0f}" for v in searched.values()),
+                f"{min(nearest):.2f}" if nearest else "–",
+            ]
+        )
+    header = ["trigger", "seed", "clean acc", "ASR", "validity per beta"]
+    header += ["distinct b/w per beta", "nearest sample to the trigger (L2)"]
+    return [
+        "\n## The paper's attack recipe (fine-tuned, 1 % poisoning)\n",
+        _table(header, rows) + "\n",
+        _table(REPAIR_HEADER, _repair_rows(paper.get("models", []))) + "\n",
+        _table(SUMMARY_HEADER, _summary_rows(paper.get("summary", {}))),
+    ]
 
 
 def alpha_ablation(args, model: str, seed: int, base: Path) -> list[dict[str, Any]]:

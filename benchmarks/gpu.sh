@@ -19,7 +19,7 @@
 #
 # The device call (about 6 minutes; the budget stops starting and cuts triggers 40 s before it,
 # which leaves the MESA stage its time; the copy there has no .git, so name the commit):
-#   run  command: MESA_COMMIT=<git rev-parse HEAD> bash benchmarks/gpu.sh --budget-s 320
+#   run  command: MESA_TUI_COMMIT=<git rev-parse HEAD> bash benchmarks/gpu.sh --budget-s 320
 #        carry:   [".data", ".whl"]
 #        timeout_s: 360
 #
@@ -49,7 +49,7 @@ if ! "$PYTHON" -c "import pydantic" 2> /dev/null; then  # the lent machine: from
     --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PYTHONPATH
 fi
-export MESA_HOME=${MESA_HOME:-/tmp/mesa-home} PYTHONUNBUFFERED=1
+export MESA_TUI_HOME=${MESA_TUI_HOME:-/tmp/mesa-home} PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
 archive=()

@@ -64,7 +64,6 @@ from benchmarks._paper import (  # noqa: E402
     write_json,
 )
 from engine import paper_small as protocol  # noqa: E402
-from engine.cores import COMPILE_ENV, CUDNN_BENCHMARK_ENV  # noqa: E402
 from engine.errors import Cancelled, UserError  # noqa: E402
 from engine.ml.data import import_dataset, load_dataset  # noqa: E402
 from engine.ml.runtime import (  # noqa: E402
@@ -74,6 +73,7 @@ from engine.ml.runtime import (  # noqa: E402
     pick_device,
 )
 from engine.reporter import MemoryReporter  # noqa: E402
+from engine.run_environment import COMPILE_ENV, CUDNN_BENCHMARK_ENV  # noqa: E402
 
 FORMAT = 2  # of this file's JSON (1: the figures at the end only, before the stages)
 STAGES = ("epoch", "clean", "paper", "mesa_speed")
@@ -162,7 +162,7 @@ def sync() -> None:
 
 @contextlib.contextmanager
 def env(values: dict[str, str]) -> Iterator[None]:
-    """Environment switches (engine.cores) for the tasks run inside the block."""
+    """Environment switches (engine.run_environment) for the tasks run inside the block."""
     old = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:
@@ -541,8 +541,54 @@ def first_trigger_estimate(res: Results, args) -> float | None:
 
 def paper_stage(res: Results, args, clean: Path, budget: Budget, work: Path) -> None:
     triggers = trigger_order(args.triggers)
+    block = _paper_block(res, args, clean, triggers)
+    res.data["paper_resnet18"] = block
+    res.save()
     estimate: float | None = None  # the last trigger's seconds; the first starts while time is left
-    block: dict[str, Any] = {
+    for i, trigger in enumerate(triggers):
+        if not budget.can_start(estimate):
+            block["not_started"] = triggers[i:]
+            block["stopped"] = (
+                f"budget: {max(budget.left(), 0):.0f} s left before {trigger}, "
+                f"which needs about {estimate:.0f} s"
+                if estimate is not None
+                else "budget spent"
+            )
+            res.save()
+            break
+        where: dict[str, Any] = {"task": None, "finished": []}
+        setup = _paper_setup(args, budget, work, trigger, where)
+        partial: dict[str, Any] = {}
+        started = budget.clock()
+        try:
+            record = trigger_record(setup, trigger, RATE, METHODS, clean, partial=partial)
+        except Cancelled:
+            block["unfinished"].append(_unfinished(trigger, where, {}, budget, started, partial))
+            block["not_started"] = triggers[i + 1 :]
+            block["stopped"] = f"budget spent in the middle of {trigger}'s {where['task']}"
+            log(f"{trigger}: stopped in {where['task']} (the budget is spent)")
+            res.save()
+            break
+        except Exception as exc:  # noqa: BLE001 (the next trigger may still run)
+            error = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            block["unfinished"].append(_unfinished(trigger, where, error, budget, started, partial))
+            log(f"{trigger}: failed in {where['task']}: {exc}")
+            res.save()
+            continue
+        estimate = budget.clock() - started
+        block["records"].append(record)
+        block["finished"].append(trigger)
+        log(
+            f"{trigger}: done in {estimate:.0f} s; held-out ASR {record['attack']['held_out_asr']:.3f}"
+            f" before repair, after: "
+            + ", ".join(f"{m} {entry_asr(record['repairs'][m]):.3f}" for m in METHODS)
+        )
+        res.save()
+
+
+def _paper_block(res: Results, args, clean: Path, triggers: list[str]) -> dict[str, Any]:
+    """The pilot's entry in the results, filled as triggers finish."""
+    return {
         "pilot": True,
         "note": "a pilot: the triggers that fitted the budget, not the 51 of the study",
         "arch": "resnet18",
@@ -559,78 +605,38 @@ def paper_stage(res: Results, args, clean: Path, budget: Budget, work: Path) -> 
         "stopped": None,
         "records": [],
     }
-    res.data["paper_resnet18"] = block
-    res.save()
-    for i, trigger in enumerate(triggers):
-        if not budget.can_start(estimate):
-            block["not_started"] = triggers[i:]
-            block["stopped"] = (
-                f"budget: {max(budget.left(), 0):.0f} s left before {trigger}, "
-                f"which needs about {estimate:.0f} s"
-                if estimate is not None
-                else "budget spent"
-            )
-            res.save()
-            break
-        where: dict[str, Any] = {"task": None, "finished": []}
 
-        def on_task(event: str, label: str, trigger: str = trigger, where=where) -> None:
-            if event == "start":
-                where["task"] = label
-                if args.cut_at == f"{trigger}/{label}":
-                    budget.expire()
-            else:
-                where["finished"].append(label)
 
-        setup = Setup(
-            workdir=work / "paper",
-            arch="resnet18",
-            quick=TINY_PAPER if args.tiny else None,
-            should_stop=budget.expired,
-            on_task=on_task,
-        )
-        partial: dict[str, Any] = {}
-        started = budget.clock()
-        try:
-            record = trigger_record(setup, trigger, RATE, METHODS, clean, partial=partial)
-        except Cancelled:
-            block["unfinished"].append(
-                {
-                    "trigger": trigger,
-                    "stopped_in": where["task"],
-                    "finished": where["finished"],
-                    "seconds": round(budget.clock() - started, 1),
-                    **partial,
-                }
-            )
-            block["not_started"] = triggers[i + 1 :]
-            block["stopped"] = f"budget spent in the middle of {trigger}'s {where['task']}"
-            log(f"{trigger}: stopped in {where['task']} (the budget is spent)")
-            res.save()
-            break
-        except Exception as exc:  # noqa: BLE001 (the next trigger may still run)
-            block["unfinished"].append(
-                {
-                    "trigger": trigger,
-                    "stopped_in": where["task"],
-                    "finished": where["finished"],
-                    "error": f"{type(exc).__name__}: {exc}"[:500],
-                    "seconds": round(budget.clock() - started, 1),
-                    **partial,
-                }
-            )
-            log(f"{trigger}: failed in {where['task']}: {exc}")
-            res.save()
-            continue
-        estimate = budget.clock() - started
-        block["records"].append(record)
-        block["finished"].append(trigger)
-        log(
-            f"{trigger}: done in {estimate:.0f} s; held-out ASR {record['attack']['held_out_asr']:.3f}"
-            f" before repair, after: "
-            + ", ".join(f"{m} {entry_asr(record['repairs'][m]):.3f}" for m in METHODS)
-        )
-        res.save()
+def _paper_setup(args, budget: Budget, work: Path, trigger: str, where: dict[str, Any]) -> Setup:
+    """The study's setup for one trigger; ``where`` follows its tasks (and --cut-at expires the
+    budget when the named task starts, for the tests)."""
+
+    def on_task(event: str, label: str) -> None:
+        if event == "start":
+            where["task"] = label
+            if args.cut_at == f"{trigger}/{label}":
+                budget.expire()
+        else:
+            where["finished"].append(label)
+
+    return Setup(
+        workdir=work / "paper",
+        arch="resnet18",
+        quick=TINY_PAPER if args.tiny else None,
+        should_stop=budget.expired,
+        on_task=on_task,
+    )
+
+
+def _unfinished(trigger, where, error: dict, budget: Budget, started: float, partial) -> dict:
+    return {
+        "trigger": trigger,
+        "stopped_in": where["task"],
+        "finished": where["finished"],
+        **error,
+        "seconds": round(budget.clock() - started, 1),
+        **partial,
+    }
 
 
 def entry_asr(entry: dict[str, Any]) -> float:

@@ -22,72 +22,13 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=50)
     args = parser.parse_args()
     home = isolated_home("ingest")
-    from sqlalchemy import func, select
-
-    from store.entities import NewJob
-    from store.models import Metric
-    from store.repository import RunEvents, Store
+    from store.repository import Store
 
     store = Store()
     total = args.steps * args.keys
-
-    # Reference: the store alone, batches the size the engine writes.
-    engine_id = store.register_engine("bench", 0, "bench", 1).id
-    store.submit([NewJob("count", {"steps": 1}, "ref")])
-    claimed = store.claim_jobs(
-        engine_id, 1, host="bench", executor="local", code_version="bench",
-        workdir_for=lambda k, i: str(home / f"{k}-{i}"), startup_grace_s=60,
-    )[0]  # fmt: skip
-    started = time.perf_counter()
-    batch_steps = 200
-    for first in range(0, args.steps, batch_steps):
-        events = RunEvents(claimed.run_id, claimed.job_id)
-        now = time.time()
-        events.metrics = [
-            (f"bench/k{k}", s, float(s), now)
-            for s in range(first, min(first + batch_steps, args.steps))
-            for k in range(args.keys)
-        ]
-        store.record_events([events])
-    store_only = total / (time.perf_counter() - started)
-    store.finish_run(claimed.run_id, "succeeded", result={"metrics": {}})
-
-    engine = start_engine()
-    try:
-        (job,) = store.submit(
-            [
-                NewJob(
-                    "count",
-                    {
-                        "steps": args.steps,
-                        "step_s": 0.0,
-                        "keys": args.keys,
-                        "checkpoint_every": 1000000,
-                    },
-                    "ingest",
-                )
-            ]
-        )
-        while store.job(job).status not in ("succeeded", "failed", "lost", "cancelled"):
-            time.sleep(0.25)
-        if store.job(job).status != "succeeded":
-            raise SystemExit(
-                f"the ingest job ended {store.job(job).status}: {store.job(job).error}"
-            )
-        run = store.runs(job)[0]
-        run_id = run.id
-        first_point = store.metrics_since([run_id], limit=1)[0].wall_time
-        # From the child's first point to the run's end, which comes after the last write.
-        through_engine = total / (run.ended_at.timestamp() - first_point)
-    finally:
-        stop_engine(engine)
-    with store.engine.connect() as conn:
-        duplicates = (
-            conn.execute(
-                select(func.count()).select_from(Metric).where(Metric.run_id == run_id)
-            ).scalar_one()
-            - total
-        )
+    store_only = total / _store_only_s(store, home, args.steps, args.keys)
+    run_id, seconds = _through_engine(store, args.steps, args.keys)
+    through_engine = total / seconds
     print(
         json.dumps(
             {
@@ -98,10 +39,69 @@ def main() -> None:
                 "points_per_s_store_only_reference": round(store_only),
                 "target_points_per_s": 50000,
                 "meets_target": through_engine >= 50000,
-                "extra_rows": duplicates,
+                "extra_rows": _stored_points(store, run_id) - total,
             }
         )
     )
+
+
+def _store_only_s(store, home, steps: int, keys: int) -> float:
+    """Reference: the store alone, in batches the size the engine writes (seconds)."""
+    from store.entities import NewJob
+    from store.repository import RunEvents
+
+    engine_id = store.register_engine("bench", 0, "bench", 1).id
+    store.submit([NewJob("count", {"steps": 1}, "ref")])
+    claimed = store.claim_jobs(
+        engine_id, 1, host="bench", executor="local", code_version="bench",
+        workdir_for=lambda k, i: str(home / f"{k}-{i}"), startup_grace_s=60,
+    )[0]  # fmt: skip
+    started = time.perf_counter()
+    batch_steps = 200
+    for first in range(0, steps, batch_steps):
+        events = RunEvents(claimed.run_id, claimed.job_id)
+        now = time.time()
+        events.metrics = [
+            (f"bench/k{k}", s, float(s), now)
+            for s in range(first, min(first + batch_steps, steps))
+            for k in range(keys)
+        ]
+        store.record_events([events])
+    seconds = time.perf_counter() - started
+    store.finish_run(claimed.run_id, "succeeded", result={"metrics": {}})
+    return seconds
+
+
+def _through_engine(store, steps: int, keys: int) -> tuple[int, float]:
+    """A counting job through a real engine: (its run, seconds from the child's first point to
+    the run's end, which comes after the last write)."""
+    from store.entities import NewJob
+
+    engine = start_engine()
+    try:
+        spec = {"steps": steps, "step_s": 0.0, "keys": keys, "checkpoint_every": 1000000}
+        (job,) = store.submit([NewJob("count", spec, "ingest")])
+        while store.job(job).status not in ("succeeded", "failed", "lost", "cancelled"):
+            time.sleep(0.25)
+        if store.job(job).status != "succeeded":
+            raise SystemExit(
+                f"the ingest job ended {store.job(job).status}: {store.job(job).error}"
+            )
+        run = store.runs(job)[0]
+        first_point = store.metrics_since([run.id], limit=1)[0].wall_time
+        return run.id, run.ended_at.timestamp() - first_point
+    finally:
+        stop_engine(engine)
+
+
+def _stored_points(store, run_id: int) -> int:
+    from sqlalchemy import func, select
+
+    from store.models import Metric
+
+    with store.engine.connect() as conn:
+        query = select(func.count()).select_from(Metric).where(Metric.run_id == run_id)
+        return conn.execute(query).scalar_one()
 
 
 if __name__ == "__main__":

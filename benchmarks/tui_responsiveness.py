@@ -47,7 +47,7 @@ TAB_OF_KEY = {
 
 
 def build_fake(points: int, jobs: int):
-    from mesa_tui.source import FakeSource
+    from mesa_tui.demo import FakeSource
 
     source = FakeSource()
     per_job = points // jobs
@@ -344,8 +344,8 @@ def main() -> None:
         runs = {int(k): int(v) for k, v in spec["runs"].items()}
         engine_like_writer(spec["url"], runs, spec["first_step"], spec["rate"])
         return
-    if args.source == "store" and "MESA_HOME" not in os.environ:
-        os.environ["MESA_HOME"] = tempfile.mkdtemp(prefix="mesa-bench-")
+    if args.source == "store" and "MESA_TUI_HOME" not in os.environ:
+        os.environ["MESA_TUI_HOME"] = tempfile.mkdtemp(prefix="mesa-bench-")
     print(json.dumps(asyncio.run(main_async(args))))
 
 

@@ -1,4 +1,4 @@
-"""Test-only crash points: ``MESA_TEST_CRASH`` makes the engine or a run's child SIGKILL itself
+"""Test-only crash points: ``MESA_TUI_TEST_CRASH`` makes the engine or a run's child SIGKILL itself
 at a chosen instant of a job's first attempt, so tests can sweep the instants of a crash instead
 of hoping a timer lands on one. Never set it outside tests. It is read here only, once per
 process, and does nothing when unset (the engine and the runner ask ``engine_side`` and
@@ -34,7 +34,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-ENV = "MESA_TEST_CRASH"
+ENV = "MESA_TUI_TEST_CRASH"
 ENGINE_MODES = ("engine-received", "engine-mid-flush", "engine-after-flush")
 CHILD_MODES = ("child-journaled", "child-sent", "both")
 

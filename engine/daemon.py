@@ -22,8 +22,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from engine import paths
-from engine.cores import usable_cores
 from engine.executors.base import Executor, Handle, Launch, Slot
 from engine.executors.local import (
     LocalExecutor,
@@ -32,6 +33,8 @@ from engine.executors.local import (
     kill_group,
     started_before,
 )
+from engine.run_environment import usable_cores
+from engine.spec_fields import option_name
 from engine.version import code_version
 
 log = logging.getLogger("mesa.engine")
@@ -49,8 +52,8 @@ def _env_float(name: str, default: float) -> float:
 @dataclass
 class EngineConfig:
     """Slots and timings. The check-in and grace figures can be shortened through the
-    environment (``MESA_STARTUP_GRACE_S``, ``MESA_CANCEL_GRACE_S``, ``MESA_CHECKIN_SLACK_S``)
-    for tests, and the interval of the buffered writes lengthened (``MESA_FLUSH_EVERY_S``: a
+    environment (``MESA_TUI_STARTUP_GRACE_S``, ``MESA_TUI_CANCEL_GRACE_S``, ``MESA_TUI_CHECKIN_SLACK_S``)
+    for tests, and the interval of the buffered writes lengthened (``MESA_TUI_FLUSH_EVERY_S``: a
     test that must kill the engine while it still holds a batch, as on a fast CPU)."""
 
     cpu_slots: int | None = None
@@ -62,10 +65,16 @@ class EngineConfig:
     heartbeat_every_s: float = 2.0
     sweep_every_s: float = 5.0
     cancel_check_every_s: float = 0.5
-    flush_every_s: float = field(default_factory=lambda: _env_float("MESA_FLUSH_EVERY_S", 0.2))
-    startup_grace_s: float = field(default_factory=lambda: _env_float("MESA_STARTUP_GRACE_S", 300))
-    cancel_grace_s: float = field(default_factory=lambda: _env_float("MESA_CANCEL_GRACE_S", 3.0))
-    checkin_slack_s: float = field(default_factory=lambda: _env_float("MESA_CHECKIN_SLACK_S", 10.0))
+    flush_every_s: float = field(default_factory=lambda: _env_float("MESA_TUI_FLUSH_EVERY_S", 0.2))
+    startup_grace_s: float = field(
+        default_factory=lambda: _env_float("MESA_TUI_STARTUP_GRACE_S", 300)
+    )
+    cancel_grace_s: float = field(
+        default_factory=lambda: _env_float("MESA_TUI_CANCEL_GRACE_S", 3.0)
+    )
+    checkin_slack_s: float = field(
+        default_factory=lambda: _env_float("MESA_TUI_CHECKIN_SLACK_S", 10.0)
+    )
     executor: str = "local"
     ray_address: str = "auto"
     ray_gpus: float = 1.0
@@ -126,7 +135,7 @@ def visible_gpus() -> list[str]:
 def gpu_snapshot(gpus: list[str]) -> list[dict[str, Any]]:
     """Name, memory and utilisation of each GPU through NVML (only the index without NVML)."""
     nvml = _nvml() if gpus else None
-    out = []
+    out: list[dict[str, Any]] = []
     for gpu in gpus:
         entry: dict[str, Any] = {
             "index": int(gpu) if gpu.isdigit() else len(out),
@@ -206,9 +215,15 @@ class Engine:
         self._last_problem: tuple[str | None, float] = (None, 0.0)
         from engine import crashpoints
 
-        self.crash = crashpoints.engine_side(self.store.engine)  # tests only (MESA_TEST_CRASH)
+        self.crash = crashpoints.engine_side(self.store.engine)  # tests only (MESA_TUI_TEST_CRASH)
 
     # -------------------------------------------------------------------------------- lifecycle
+
+    @property
+    def registered_id(self) -> int:
+        """This engine's row; the loop's store calls come after ``run`` registered it."""
+        assert self.engine_id is not None, "the engine registers before its loop starts"
+        return self.engine_id
 
     def request_stop(self, *_: Any) -> None:
         self.stopping = True
@@ -281,7 +296,7 @@ class Engine:
         if now >= due["heartbeat"]:
             due["heartbeat"] = now + self.config.heartbeat_every_s
             beat = self.store.engine_heartbeat(
-                self.engine_id, len(self.active), gpu_snapshot(self.gpus)
+                self.registered_id, len(self.active), gpu_snapshot(self.gpus)
             )
             if beat.stop_requested_at is not None and not self.stopping:
                 log.info("stop requested through the store")
@@ -316,7 +331,7 @@ class Engine:
         busy = {run.handle.slot for run in self.active.values()}
         free_slots = [s for s in self.slots if s not in busy]
         claimed = self.store.claim_jobs(
-            self.engine_id,
+            self.registered_id,
             len(free_slots),
             host=self.host,
             executor=self.executor.name,
@@ -566,7 +581,7 @@ class Engine:
     # -------------------------------------------------------------------------------- cancel
 
     def check_cancels(self) -> None:
-        for _job_id, run_id in self.store.cancel_requests(self.engine_id):
+        for _job_id, run_id in self.store.cancel_requests(self.registered_id):
             run = self.active.get(run_id)
             if run is not None and run.cancel_stage is None:
                 log.info("cancelling job %d (run %d)", run.handle.launch.job_id, run_id)
@@ -608,15 +623,16 @@ class Engine:
             if (
                 run.executor == "foreground"
                 and run.host == self.host
-                and (run.external_id or "").isdigit()
-                and not started_before(int(run.external_id), run.started_at)
+                and (pid_text := run.external_id or "").isdigit()
+                and not started_before(int(pid_text), run.started_at)
             ):
                 self.store.finish_run(
                     run.id, "failed", error="the foreground process ended without closing its run"
                 )
         from store.repository import utcnow
 
-        dead_here, alive_here = [], []
+        dead_here: list[int] = []
+        alive_here: list[int] = []
         for engine in self.store.engines():
             if engine.id == self.engine_id or engine.stopped_at is not None:
                 continue
@@ -643,8 +659,8 @@ class Engine:
         killed = []
         for run in stale:
             local = run.executor in ("local", None)
-            if local and run.host == self.host and (run.external_id or "").isdigit():
-                pid = int(run.external_id)
+            if local and run.host == self.host and (pid_text := run.external_id or "").isdigit():
+                pid = int(pid_text)
                 if is_runner_process(pid, run.started_at):  # this run's child, not a reused pid
                     kill_group(pid, signal.SIGKILL)
                     killed.append(pid)
@@ -714,34 +730,80 @@ def parse_gpus(value: str | None) -> list[str] | None:
     return gpus
 
 
-def main(argv: list[str] | None = None) -> int:
+class EngineFlags(BaseModel):
+    """How the engine runs jobs: CPU or GPU slots, its log and the executor.
+
+    The flags of ``mesa-tui engine start`` and ``python -m engine.daemon``, defined once: the
+    CLI makes its options of these fields and hands a detached engine the ones given."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cpu_slots: int | None = Field(
+        None,
+        ge=1,
+        description="run N jobs at once on the CPU (no GPU); each gets its share of the cores",
+    )
+    gpus: str | None = Field(
+        None, description="GPU indices to use, e.g. 0,1 (default: every visible GPU)"
+    )
+    slots_per_gpu: int = Field(1, ge=1, description="jobs per GPU at once (small jobs)")
+    log: str | None = Field(None, description="log file (default with --detach: in the data home)")
+    executor: str | None = Field(
+        None,
+        description="local (child processes here, the default) or ray (tasks on a Ray cluster)",
+    )
+    ray_address: str | None = Field(
+        None,
+        description="Ray head HOST:PORT, auto (RAY_ADDRESS or a cluster on this machine) or "
+        "local (start a Ray instance here); implies --executor ray",
+    )
+    ray_gpus: float = Field(
+        1.0, description="GPUs a run asks Ray for (runs with --device cpu ask for none)"
+    )
+    ray_artifacts: str = Field(
+        "auto",
+        description="shared (every node sees the data home), copy (through Ray's object store) "
+        "or auto",
+    )
+
+    def config(self) -> EngineConfig:
+        """Checked into the engine's configuration (one line naming a bad value and the fix)."""
+        return EngineConfig(
+            cpu_slots=self.cpu_slots,
+            gpus=parse_gpus(self.gpus),
+            slots_per_gpu=self.slots_per_gpu,
+            log_path=self.log,
+            **executor_options(self.executor, self.ray_address, self.ray_gpus, self.ray_artifacts),
+        )
+
+    def argv(self) -> list[str]:
+        """The flags given (the others keep their defaults), as ``main`` reads them."""
+        out = []
+        for name, value in self.model_dump(exclude_unset=True).items():
+            if value is not None:
+                out += [option_name(name), str(value)]
+        return out
+
+
+def flag_parser() -> argparse.ArgumentParser:
+    """``python -m engine.daemon``'s parser: ``EngineFlags``' fields, each as text that the
+    model checks, and ``--store-checked``."""
     parser = argparse.ArgumentParser(prog="python -m engine.daemon")
-    parser.add_argument("--cpu-slots", type=int, default=None)
-    parser.add_argument("--gpus", default=None)
-    parser.add_argument("--slots-per-gpu", type=int, default=1)
-    parser.add_argument("--log", default=None)
-    parser.add_argument("--executor", default="local")
-    parser.add_argument("--ray-address", default=None)
-    parser.add_argument("--ray-gpus", type=float, default=1.0)
-    parser.add_argument("--ray-artifacts", default="auto")
+    for name, info in EngineFlags.model_fields.items():
+        parser.add_argument(option_name(name), dest=name, help=info.description)
     # `mesa-tui engine start` has checked the store's integrity before it started this process.
     parser.add_argument("--store-checked", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(flag_parser().parse_args(argv))
+    store_checked = args.pop("store_checked")
     from engine.errors import UserError
 
     try:
-        serve(
-            EngineConfig(
-                cpu_slots=args.cpu_slots,
-                gpus=parse_gpus(args.gpus),
-                slots_per_gpu=args.slots_per_gpu,
-                log_path=args.log,
-                **executor_options(
-                    args.executor, args.ray_address, args.ray_gpus, args.ray_artifacts
-                ),
-            ),
-            check_store=not args.store_checked,
-        )
+        flags = build_flags({k: v for k, v in args.items() if v is not None})
+        serve(flags.config(), check_store=not store_checked)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -754,6 +816,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     return 0
+
+
+def build_flags(values: dict[str, Any]) -> EngineFlags:
+    """``EngineFlags`` from given values; a bad one is one line (``UserError``)."""
+    from pydantic import ValidationError
+
+    from engine.errors import UserError
+
+    try:
+        return EngineFlags(**values)
+    except ValidationError as exc:
+        from engine.specs import format_validation_error
+
+        raise UserError(format_validation_error(exc, EngineFlags)) from None
 
 
 def executor_options(

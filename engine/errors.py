@@ -1,10 +1,11 @@
-"""Errors that reach a person as one line (exit code 2), never as a traceback."""
+"""Errors that reach a person as one line (exit code 2), never as a traceback.
 
+``UserError`` is the store's (the bottom layer raises it too); the engine's kinds build on it.
+"""
 
-class UserError(Exception):
-    """Bad input or a missing prerequisite; the message names the bad value and the fix."""
+from store.errors import UserError
 
-    exit_code = 2
+__all__ = ["Cancelled", "DatasetMissing", "UnsafeFile", "UserError"]
 
 
 class DatasetMissing(UserError):

@@ -39,8 +39,8 @@ RECENT_METHODS = ("anp", "i-bau", "clp", "ft-sam")
 POINT_RESTARTS = 3
 SUBSET_WORST, SUBSET_SPACED = 4, 8
 
-CLEAN = {"preset": "cpu-quick", "trigger": "none", "poison_rate": 0.0, "seed": SEED}
-ATTACK = {
+CLEAN: dict[str, Any] = {"preset": "cpu-quick", "trigger": "none", "poison_rate": 0.0, "seed": SEED}
+ATTACK: dict[str, Any] = {
     "preset": "paper-cifar10",
     "arch": "small",
     "lr": 1e-2,
@@ -52,14 +52,14 @@ ATTACK = {
 }
 # The paper's random per-image places, pinned: the search's default became ``learned`` later
 # (fixed-position backdoors), and the study's records were made with these.
-SEARCH = {
+SEARCH: dict[str, Any] = {
     "betas": [0.9, 0.8, 0.5],
     "steps": 620,
     "target": TARGET,
     "seed": SEED,
     "placement": "per-image",
 }
-REPAIR = {
+REPAIR: dict[str, Any] = {
     "epochs": 10,
     "seed": SEED,
     "target": TARGET,
@@ -68,8 +68,13 @@ REPAIR = {
     "point_restarts": POINT_RESTARTS,
 }
 # The paper's own network: ResNet-18 from the clean-cifar10 preset, attacked at the paper's 1e-3.
-CLEAN_RESNET18 = {"preset": "clean-cifar10", "trigger": "none", "poison_rate": 0.0, "seed": SEED}
-ATTACK_RESNET18 = {**ATTACK, "arch": "resnet18", "lr": 1e-3}
+CLEAN_RESNET18: dict[str, Any] = {
+    "preset": "clean-cifar10",
+    "trigger": "none",
+    "poison_rate": 0.0,
+    "seed": SEED,
+}
+ATTACK_RESNET18: dict[str, Any] = {**ATTACK, "arch": "resnet18", "lr": 1e-3}
 ARCHS = {"small": (CLEAN, ATTACK), "resnet18": (CLEAN_RESNET18, ATTACK_RESNET18)}
 # Neural Cleanse at its original budget (the defend spec's defaults: 1,000 outer steps), and the
 # recent defenses likewise at their own: ANP 2,000 mask steps, I-BAU 5 rounds, FT-SAM 100 epochs

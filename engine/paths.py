@@ -1,50 +1,25 @@
-"""Where mesa-tui keeps its data, caches and artifacts (XDG through platformdirs).
+"""The engine's directories (datasets, artifacts, caches), inside the homes ``store.paths`` owns.
 
-Setting ``XDG_DATA_HOME`` and ``XDG_CACHE_HOME`` (or ``MESA_HOME``) isolates a run.
+``data_home``, ``cache_home`` and ``default_db_url`` are the store's, re-exported so the engine
+and the faces ask one module for every location.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-APP = "mesa-tui"
+from store.environment import setting
+from store.paths import cache_home, data_home, default_db_url
 
-
-class _XdgFallback:
-    """XDG paths where platformdirs is absent (engine.ml must run with torch alone on a GPU box)."""
-
-    @staticmethod
-    def user_data_dir(app: str, appauthor: bool = False) -> str:
-        base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
-        return os.path.join(base, app)
-
-    @staticmethod
-    def user_cache_dir(app: str, appauthor: bool = False) -> str:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-        return os.path.join(base, app)
-
-
-def _platformdirs():
-    try:
-        import platformdirs
-    except ImportError:
-        return _XdgFallback
-    return platformdirs
-
-
-def data_home() -> Path:
-    """Persistent state: imported datasets, artifacts, the default store."""
-    if home := os.environ.get("MESA_HOME"):
-        return Path(home) / "data"
-    return Path(_platformdirs().user_data_dir(APP, appauthor=False))
-
-
-def cache_home() -> Path:
-    """Re-creatable state: decoded dataset caches."""
-    if home := os.environ.get("MESA_HOME"):
-        return Path(home) / "cache"
-    return Path(_platformdirs().user_cache_dir(APP, appauthor=False))
+__all__ = [
+    "artifacts_dir",
+    "cache_home",
+    "data_home",
+    "dataset_cache_dir",
+    "datasets_dir",
+    "default_db_url",
+    "torchvision_root",
+]
 
 
 def datasets_dir() -> Path:
@@ -60,13 +35,7 @@ def dataset_cache_dir() -> Path:
 
 
 def torchvision_root() -> Path:
-    """Where torchvision datasets are downloaded or expected (``MESA_DATA_ROOT`` overrides)."""
-    if root := os.environ.get("MESA_DATA_ROOT"):
+    """Where torchvision datasets are downloaded or expected (``MESA_TUI_DATA_ROOT`` overrides)."""
+    if root := setting("MESA_TUI_DATA_ROOT"):
         return Path(root)
     return data_home() / "torchvision"
-
-
-def default_db_url() -> str:
-    if url := os.environ.get("MESA_DB"):
-        return url
-    return f"sqlite:///{data_home() / 'mesa.db'}"

@@ -13,10 +13,11 @@ import hashlib
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from engine.errors import UserError
+from engine.paper_figures import PAPER_BW, PAPER_COLOR_CIFAR10, PAPER_COLOR_CIFAR100
 from store.entities import NewJob
 
 # The paper's 51 black/white triggers: the smallest id of each orbit of the 512 3x3 patterns under
@@ -214,19 +215,48 @@ def build_pipeline(
     ``split_point_restarts`` each point restart is its own job (studies report mean and worst
     over restarts); otherwise one job repairs with every restart in turn.
     """
-    routed = split_overrides(overrides)
-    auto = target == "auto"
-    if not auto and not target.isdigit():
+    if target != "auto" and not target.isdigit():
         raise UserError(f"invalid --target {target!r}: give a class number or auto")
-    jobs: list[NewJob] = []
+    build = _Pipeline(preset, trigger, target, split_overrides(overrides), seed, start, study_seed)
+    train = build.attack(train_from)
+    build.find_target()
+    search = build.search() if any(m.startswith("mesa") for m in methods) else None
+    for method in methods:
+        build.defend(method, search, split_point_restarts)
+    return PipelineJobs(jobs=build.jobs, train_index=train)
 
-    def ref(i: int) -> str:
-        return f"#{start + i}"
 
-    def add(
-        kind: str, spec: dict[str, Any], deps: list[tuple[int | str, str | None]], **meta: Any
-    ) -> int:
-        jobs.append(
+Deps = list[tuple[int | str, str | None]]
+
+
+@dataclass
+class _Pipeline:
+    """One pipeline's jobs as they are added, each stage validated against its spec."""
+
+    preset: str | None
+    trigger: str | None
+    target: str
+    routed: dict[str, dict[str, Any]]
+    seed: int
+    start: int
+    study_seed: int | None
+    jobs: list[NewJob] = field(default_factory=list)
+    label: str = ""
+    model: str = ""
+    train_ref: str = ""
+    target_refs: dict[str, str] = field(default_factory=dict)
+    target_deps: Deps = field(default_factory=list)
+    target_values: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def auto(self) -> bool:
+        return self.target == "auto"
+
+    def ref(self, index: int) -> str:
+        return f"#{self.start + index}"
+
+    def add(self, kind: str, spec: dict[str, Any], deps: Deps, **meta: Any) -> int:
+        self.jobs.append(
             NewJob(
                 kind=kind,
                 spec=spec,
@@ -234,89 +264,82 @@ def build_pipeline(
                 label=meta.pop("label", ""),
                 depends_on=tuple(deps),
                 role=kind,
-                trigger=trigger,
-                seed=study_seed,
+                trigger=self.trigger,
+                seed=self.study_seed,
                 **meta,
             )
         )
-        return len(jobs) - 1
+        return len(self.jobs) - 1
 
-    train_values = {"seed": seed, **routed["train"]}
-    if trigger is not None:
-        train_values["trigger"] = trigger
-    if not auto:
-        train_values.setdefault("target", int(target))
-    train_refs: dict[str, str] = {}
-    train_deps: list[tuple[int | str, str | None]] = []
-    if train_from is not None:
-        train_refs["init_from"] = f"job:{train_from[0]}"
-        train_deps.append((train_from[0], "init_from"))
-    train_spec = _stage_spec("train", preset, train_values, train_refs)
-    if auto and "target" not in routed["train"]:
-        train_spec["target"] = 0
-    label = f"{train_spec.get('trigger') or 'clean'} -> {train_spec['target']}"
-    train = add("train", train_spec, train_deps, label=f"attack {label}")
-    model = f"job:{ref(train)}"
+    def attack(self, train_from: tuple[int | str, str] | None) -> int:
+        values = {"seed": self.seed, **self.routed["train"]}
+        if self.trigger is not None:
+            values["trigger"] = self.trigger
+        if not self.auto:
+            values.setdefault("target", int(self.target))
+        refs: dict[str, str] = {}
+        deps: Deps = []
+        if train_from is not None:
+            refs["init_from"] = f"job:{train_from[0]}"
+            deps.append((train_from[0], "init_from"))
+        spec = _stage_spec("train", self.preset, values, refs)
+        if self.auto and "target" not in self.routed["train"]:
+            spec["target"] = 0
+        self.label = f"{spec.get('trigger') or 'clean'} -> {spec['target']}"
+        train = self.add("train", spec, deps, label=f"attack {self.label}")
+        self.train_ref = self.ref(train)
+        self.model = f"job:{self.train_ref}"
+        return train
 
-    target_refs: dict[str, str] = {}
-    target_deps: list[tuple[int | str, str | None]] = []
-    if auto:
-        detect_spec = _stage_spec(
-            "detect", preset, {"seed": seed, **routed["detect"]}, {"model": model}
-        )
-        detect = add("detect", detect_spec, [(ref(train), "model")], label=f"detect {label}")
-        target_refs["target"] = f"job:{ref(detect)}:flagged"
-        target_deps.append((ref(detect), "target:flagged"))
-        target_values: dict[str, Any] = {}
-    else:
-        target_values = {"target": int(target)}
+    def find_target(self) -> None:
+        """The oracle's class, or a detect job whose flagged class later stages take."""
+        if not self.auto:
+            self.target_values = {"target": int(self.target)}
+            return
+        values = {"seed": self.seed, **self.routed["detect"]}
+        spec = _stage_spec("detect", self.preset, values, {"model": self.model})
+        detect = self.add("detect", spec, [(self.train_ref, "model")], label=f"detect {self.label}")
+        self.target_refs["target"] = f"job:{self.ref(detect)}:flagged"
+        self.target_deps.append((self.ref(detect), "target:flagged"))
 
-    search = None
-    if any(m.startswith("mesa") for m in methods):
-        mesa_spec = _stage_spec(
-            "mesa",
-            preset,
-            {"seed": seed, **target_values, **routed["mesa"]},
-            {"model": model, **target_refs},
-        )
-        search = add(
-            "mesa",
-            mesa_spec,
-            [(ref(train), "model"), *target_deps],
-            label=f"mesa {label}",
-        )
-    for method in methods:
+    def search(self) -> int:
+        values = {"seed": self.seed, **self.target_values, **self.routed["mesa"]}
+        spec = _stage_spec("mesa", self.preset, values, {"model": self.model, **self.target_refs})
+        deps: Deps = [(self.train_ref, "model"), *self.target_deps]
+        return self.add("mesa", spec, deps, label=f"mesa {self.label}")
+
+    def defend(self, method: str, search: int | None, split_point_restarts: bool) -> None:
         settings = method_settings(method)
-        values = {"seed": seed, **routed["defend"], **settings}
-        refs: dict[str, str] = {"model": model}
-        deps: list[tuple[int | str, str | None]] = [(ref(train), "model")]
+        values = {"seed": self.seed, **self.routed["defend"], **settings}
+        refs: dict[str, str] = {"model": self.model}
+        deps: Deps = [(self.train_ref, "model")]
         if settings["method"] == "mesa":
-            refs["search"] = f"job:{ref(search)}"
-            deps.append((ref(search), "search"))
+            assert search is not None  # made first for every mesa method
+            refs["search"] = f"job:{self.ref(search)}"
+            deps.append((self.ref(search), "search"))
         elif settings["method"] in ("point", "neural-cleanse"):
-            if auto:
-                refs.update(target_refs)
-                deps.extend(target_deps)
+            if self.auto:
+                refs.update(self.target_refs)
+                deps.extend(self.target_deps)
             else:
-                values.update(target_values)
-        restarts = [None]
-        if (
-            split_point_restarts
-            and settings["method"] == "point"
-            and "point_index" not in routed["defend"]
-        ):
-            count = routed["defend"].get("point_restarts") or _preset_value(
-                "defend", preset, "point_restarts", 10
-            )
-            restarts = list(range(int(count)))
-        for index in restarts:
+                values.update(self.target_values)
+        for index in self.restarts(settings["method"], split_point_restarts):
             spec_values = dict(values)
             if index is not None:
                 spec_values["point_index"] = index
-            spec = _stage_spec("defend", preset, spec_values, refs)
+            spec = _stage_spec("defend", self.preset, spec_values, refs)
             suffix = f" #{index}" if index is not None else ""
-            add("defend", spec, list(deps), label=f"{method}{suffix} {label}", method=method)
-    return PipelineJobs(jobs=jobs, train_index=train)
+            label = f"{method}{suffix} {self.label}"
+            self.add("defend", spec, list(deps), label=label, method=method)
+
+    def restarts(self, method: str, split: bool) -> list[int | None]:
+        """[None] (one job for every restart) or each point restart's index (a job each)."""
+        if not split or method != "point" or "point_index" in self.routed["defend"]:
+            return [None]
+        count = self.routed["defend"].get("point_restarts") or _preset_value(
+            "defend", self.preset, "point_restarts", 10
+        )
+        return list(range(int(count)))
 
 
 def _preset_value(kind: str, preset: str | None, key: str, default: Any) -> Any:
@@ -333,29 +356,6 @@ def _preset_value(kind: str, preset: str | None, key: str, default: Any) -> Any:
 # Studies
 
 
-PAPER_BW = {
-    "before repair": {"mean": 0.987, "worst": 0.924},
-    "ideal": {"mean": 0.024, "worst": 0.037},
-    "mesa-0.9": {"mean": 0.034, "worst": 0.059},
-    "mesa-0.8": {"mean": 0.036, "worst": 0.091},
-    "mesa-0.5": {"mean": 0.042, "worst": 0.090},
-    "mesa-ensemble": {"mean": 0.036, "worst": 0.082},
-    "point": {"mean": 0.105, "worst": 0.514},
-}
-PAPER_COLOR_CIFAR10 = {
-    "mesa-0.9": {"mean": 0.0204},
-    "mesa-0.8": {"mean": 0.0193},
-    "mesa-0.5": {"mean": 0.0177},
-    "mesa-ensemble": {"mean": 0.0191},
-    "point": {"mean": 0.2275},
-}
-PAPER_COLOR_CIFAR100 = {
-    "mesa-0.9": {"mean": 0.0142},
-    "mesa-0.8": {"mean": 0.0141},
-    "mesa-0.5": {"mean": 0.0156},
-    "mesa-ensemble": {"mean": 0.0114},
-    "point": {"mean": 0.2741},
-}
 PAPER_METHODS = ["ideal", "point", "mesa-0.9", "mesa-0.8", "mesa-0.5", "mesa-ensemble",
                  "neural-cleanse", "finetune"]  # fmt: skip
 PAPER_NOTES = [
@@ -599,6 +599,14 @@ def _paper_bw_small(
     }
     all_triggers = [protocol.trigger_name(i) for i in CANONICAL_BW_IDS]
     triggers = choose_triggers(name, all_triggers, chosen, named)
+    jobs = _paper_small_jobs(triggers, rate)
+    return _paper_small_params(name, jobs[0].spec["dataset"], triggers, rate), jobs
+
+
+def _paper_small_jobs(triggers: list[str], rate: float) -> list[NewJob]:
+    """The clean model, then per trigger its attack, search and paired repairs."""
+    from engine import paper_small as protocol
+
     seed, target = protocol.SEED, protocol.TARGET
     jobs: list[NewJob] = []
 
@@ -611,7 +619,7 @@ def _paper_bw_small(
     ) -> str:
         """Validate one stage (references as placeholders) and append it; returns its ref."""
         spec = _stage_spec(kind, preset, {k: v for k, v in values.items() if k not in refs}, refs)
-        deps = tuple((ref[4:], field) for field, ref in refs.items())
+        deps = tuple((ref[4:], name) for name, ref in refs.items())
         role = meta.pop("role", kind)
         jobs.append(
             NewJob(kind, spec, reference_hash(spec), depends_on=deps, role=role, seed=seed, **meta)
@@ -627,7 +635,6 @@ def _paper_bw_small(
         role="clean",
         label=f"clean model ({protocol.CLEAN['preset']} recipe, no poisoning)",
     )
-    dataset = jobs[-1].spec["dataset"]
     for trigger in triggers:
         label = f"{trigger} -> {target}"
         model = add(
@@ -663,6 +670,15 @@ def _paper_bw_small(
                 )
                 if values["method"] == "point" and reversal is None:
                     reversal = ref
+    return jobs
+
+
+def _paper_small_params(
+    name: str, dataset: str, triggers: list[str], rate: float
+) -> dict[str, Any]:
+    """The study's params: what it runs, the paper's numbers beside it, and how it differs."""
+    from engine import paper_small as protocol
+
     paper = {
         "before repair": PAPER_BW["before repair"],
         "mesa": PAPER_BW["mesa-ensemble"],
@@ -683,19 +699,18 @@ def _paper_bw_small(
         "numbers stand beside it)",
         "data: the local CIFAR-10 copy; ASR and clean accuracy on the 2,000 held-out images",
     ]
-    params = {
+    return {
         "template": name,
         "dataset": dataset,
         "triggers": triggers,
-        "targets": [target] * len(triggers),
+        "targets": [protocol.TARGET] * len(triggers),
         "methods": list(protocol.MAIN_METHODS),
-        "seeds": [seed],
+        "seeds": [protocol.SEED],
         "target_mode": "oracle",
         "overrides": {"stamp_rate": rate},
         "paper": paper,
         "protocol_notes": notes,
     }
-    return params, jobs
 
 
 def _small_rate(template: str, overrides: dict[str, Any], default: float) -> float:
@@ -826,7 +841,12 @@ def flagged_target(result: dict[str, Any] | None) -> int | None:
         return None
     scores = result.get("scores")
     if isinstance(scores, dict):
-        return int(max(flagged, key=lambda c: float(scores.get(str(c), scores.get(c, 0.0)))))
+        return int(
+            max(
+                flagged,
+                key=lambda c: float(scores[str(c)] if str(c) in scores else scores.get(c, 0.0)),
+            )
+        )
     if isinstance(scores, list):
         return int(max(flagged, key=lambda c: float(scores[c]) if c < len(scores) else 0.0))
     return int(flagged[0])

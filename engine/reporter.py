@@ -75,6 +75,40 @@ def stop_point(reporter: Reporter) -> None:
         raise Cancelled("stop requested")
 
 
+class NullReporter:
+    """Reports nowhere and never asks to stop: what a computation run without a reporter (a
+    benchmark, a test) reports to, so the computations never test for one."""
+
+    workdir = Path(".")
+    resume = False
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def check_in(self, next_within_s: float) -> None:
+        pass
+
+    def artifact(self, path: str | Path, kind: str) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False
+
+    def text(self, message: str, level: str = "info") -> None:
+        pass
+
+    def progress(self, stage: str, done: int, total: int, info: dict[str, float]) -> None:
+        pass
+
+
+NULL_REPORTER = NullReporter()
+
+
+def or_null(reporter: Reporter | None) -> Reporter:
+    """``reporter``, or the reporter that reports nowhere."""
+    return NULL_REPORTER if reporter is None else reporter
+
+
 class MemoryReporter:
     """Keeps everything in lists; used by tests and as a base for other reporters."""
 

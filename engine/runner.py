@@ -14,8 +14,8 @@ runs the task and streams JSON lines to the events pipe, one object per line, fi
 - ``status``: succeeded | failed | cancelled, with the TaskResult JSON or the error.
 
 Standard output and error go to the run's log file, so a stray print cannot break the stream.
-Test-only task kinds come from ``MESA_TASK_MODULES`` ("kind=module,kind=module"); such a module
-has ``Spec`` and ``run``. Test-only crash points come from ``MESA_TEST_CRASH`` (engine.crashpoints).
+Test-only task kinds come from ``MESA_TUI_TASK_MODULES`` ("kind=module,kind=module"); such a module
+has ``Spec`` and ``run``. Test-only crash points come from ``MESA_TUI_TEST_CRASH`` (engine.crashpoints).
 """
 
 from __future__ import annotations
@@ -284,9 +284,9 @@ def artifact_identity(path: Path) -> tuple[str | None, int]:
 
 
 def extra_task_modules() -> dict[str, str]:
-    """Kinds registered through ``MESA_TASK_MODULES`` (used by tests and benchmarks)."""
+    """Kinds registered through ``MESA_TUI_TASK_MODULES`` (used by tests and benchmarks)."""
     out = {}
-    for item in os.environ.get("MESA_TASK_MODULES", "").split(","):
+    for item in os.environ.get("MESA_TUI_TASK_MODULES", "").split(","):
         kind, _, module = item.partition("=")
         if kind.strip() and module.strip():
             out[kind.strip()] = module.strip()

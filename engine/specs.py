@@ -10,12 +10,21 @@ import hashlib
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from engine.catalog import dataset_info
 from engine.errors import UserError
+from engine.spec_fields import default_of, list_item, option_name, split_list, value_text
 from engine.triggerspec import check_placement_syntax, check_trigger_syntax, trigger_size
 
 Precision = Literal["auto", "fp32", "bf16"]
@@ -26,9 +35,16 @@ SearchPlacement = Literal["per-image", "per-batch", "learned"]
 
 
 class SpecBase(BaseModel):
-    """Common settings of every job kind."""
+    """Common settings of every job kind.
+
+    A field's description is its help in ``run``, ``submit``, the form and docs/settings.md;
+    ``GROUPS`` puts fields under a heading there (a key ending in ``_`` is a name prefix)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    GROUPS: ClassVar[dict[str, str]] = dict.fromkeys(
+        ("seed", "precision", "device", "defender_fraction", "split_seed"),
+        "Seed, device and data split",
+    )
 
     seed: int = Field(0, ge=0, description="random seed; the same seed gives the same run")
     precision: Precision = Field(
@@ -43,12 +59,30 @@ class SpecBase(BaseModel):
             return v
         raise ValueError(f"device '{v}' is unknown; use auto, cpu, cuda or cuda:N")
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _comma_lists(cls, v: Any, info: ValidationInfo) -> Any:
+        """A list setting given as text (the command line, the form): ``0.9,0.8,0.5``."""
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(v, str) and field is not None and list_item(field.annotation) is not None:
+            return split_list(v)
+        return v
+
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
     def spec_hash(self) -> str:
         canonical = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# The defender's share of the test set: every kind splits it the same way.
+DefenderFraction = Annotated[
+    float, Field(0.8, gt=0, lt=1, description="share of the test set the defender owns")
+]
+SplitSeed = Annotated[
+    int, Field(0, ge=0, description="seed of the fixed defender/held-out permutation")
+]
 
 
 class TrainSpec(SpecBase):
@@ -63,12 +97,12 @@ class TrainSpec(SpecBase):
     init_from: str | None = Field(
         None, description="model artifact to fine-tune from (None: from scratch)"
     )
-    epochs: int = Field(10, ge=1, le=10000)
-    batch_size: int = Field(128, ge=1, le=65536)
-    lr: float = Field(0.1, gt=0, le=100)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = False
-    weight_decay: float = Field(5e-4, ge=0, le=1)
+    epochs: int = Field(10, ge=1, le=10000, description="training epochs")
+    batch_size: int = Field(128, ge=1, le=65536, description="images per SGD step")
+    lr: float = Field(0.1, gt=0, le=100, description="SGD learning rate (the schedule's peak)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    nesterov: bool = Field(False, description="Nesterov momentum")
+    weight_decay: float = Field(5e-4, ge=0, le=1, description="SGD weight decay")
     norm_weight_decay: float | None = Field(
         None,
         ge=0,
@@ -76,12 +110,14 @@ class TrainSpec(SpecBase):
         description="weight decay of the one-dimensional parameters (BatchNorm scales and "
         "shifts, biases); None: the same as weight_decay",
     )
-    schedule: Literal["constant", "cosine", "multistep", "onecycle"] = "cosine"
-    milestones: list[int] = Field(
-        default_factory=list, description="epochs where multistep divides lr by 10"
+    schedule: Literal["constant", "cosine", "multistep", "onecycle"] = Field(
+        "cosine", description="learning-rate schedule"
     )
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    augment: bool = True
+    milestones: list[int] = Field(
+        default_factory=list, description="epochs where multistep divides lr by 10, e.g. 3,6"
+    )
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the loss")
+    augment: bool = Field(True, description="random crop (see crop_padding) and flip")
     crop_padding: int = Field(
         4, ge=0, le=16, description="pixels added on each side before the random crop (augment)"
     )
@@ -103,7 +139,7 @@ class TrainSpec(SpecBase):
         "image patches (airbench's patch whitening) and keep it and the BatchNorm after it fixed",
     )
     trigger: str | None = Field(
-        "bw:170", description="bw:ID, color:SEED, square:white, file:PATH, or none"
+        "bw:170", description="bw:ID, color:SEED, square:white, file:PATH, or none (clean)"
     )
     target: int = Field(0, ge=0, description="target class of the backdoor")
     poison_rate: float = Field(
@@ -111,19 +147,18 @@ class TrainSpec(SpecBase):
     )
     placement: str = Field(
         "per-image",
-        description="per-image, per-batch, corner or at:ROW,COL (a fixed top-left offset)",
+        description="where the trigger is stamped: per-image or per-batch (a random place per "
+        "image or per batch), corner (bottom right) or at:ROW,COL (a fixed top-left offset)",
     )
-    channels_last: bool = True
+    channels_last: bool = Field(True, description="channels-last memory format")
     eval_every: int = Field(
         1,
         ge=0,
         description="evaluate every N epochs (and always after the last); 0: after the last only",
     )
-    eval_batch_size: int = Field(1000, ge=1)
-    defender_fraction: float = Field(
-        0.8, gt=0, lt=1, description="share of the test set the defender owns"
-    )
-    split_seed: int = Field(0, ge=0, description="seed of the fixed defender/held-out permutation")
+    eval_batch_size: int = Field(1000, ge=1, description="images per evaluation batch")
+    defender_fraction: DefenderFraction
+    split_seed: SplitSeed
     max_train_images: int | None = Field(
         None, ge=1, description="use only the first N training images"
     )
@@ -132,7 +167,7 @@ class TrainSpec(SpecBase):
     @field_validator("trigger")
     @classmethod
     def _trigger(cls, v: str | None) -> str | None:
-        if v is None or v in ("", "none"):
+        if v is None or v.lower() in ("", "none", "clean"):
             return None
         return check_trigger_syntax(v)
 
@@ -210,16 +245,38 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 SPEC_CLASSES: dict[str, type[SpecBase]] = {"train": TrainSpec}
 
 
-def format_validation_error(exc: ValidationError, prefix: str = "--") -> str:
+def format_validation_error(exc: ValidationError, model: type[BaseModel] | None = None) -> str:
     """One line: the bad field, the value given, and what would be accepted."""
     err = exc.errors()[0]
-    field = ".".join(str(p) for p in err.get("loc", ())) or "spec"
+    loc = err.get("loc", ())
+    field = str(loc[0]) if loc else "spec"
     value = err.get("input")
     msg = err.get("msg", "invalid").removeprefix("Value error, ")
-    flag = f"{prefix}{field.replace('_', '-')}" if prefix else field
+    info = model.model_fields.get(field) if model is not None else None
     if err.get("type") == "extra_forbidden":
         return f"unknown setting '{field}'; check the spelling (see --help for the settings)"
-    return f"invalid {flag} {value!r}: {msg}"
+    if err.get("type") == "missing":
+        what = f"; give the {info.description}" if info is not None and info.description else ""
+        return f"{option_name(field)} is required{what}"
+    if not loc:  # a check across fields: its message names them
+        return msg
+    if len(loc) > 1 and info is not None and list_item(info.annotation) is not None:
+        example = default_of(info)
+        hint = f", e.g. {value_text(example)}" if example not in (..., None, []) else ""
+        return f"invalid {option_name(field)} item {_shown(value)}: {msg}; give a comma-separated list{hint}"
+    return f"invalid {option_name(field)} {_shown(value)}: {msg}"
+
+
+def _shown(value: Any) -> str:
+    """A value in a message: numbers as written (the command line gives them as text), other
+    text quoted."""
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return repr(value)
+        return value
+    return repr(value)
 
 
 def load_spec_file(path: str | Path) -> dict[str, Any]:
@@ -261,7 +318,7 @@ def build_spec(
     try:
         return SPEC_CLASSES[kind](**values)
     except ValidationError as exc:
-        raise UserError(format_validation_error(exc)) from None
+        raise UserError(format_validation_error(exc, SPEC_CLASSES[kind])) from None
 
 
 def check_against_dataset(spec: TrainSpec) -> None:
@@ -313,16 +370,18 @@ def check_crop_size(size: int, image_size: tuple[int, int], trigger_k: int | Non
 # MESA search and target-class detection
 
 
-def _parse_betas(v: Any) -> Any:
-    """Accept "0.9,0.8,0.5" (the command line) as well as a list."""
-    if isinstance(v, str):
-        try:
-            return [float(part) for part in v.split(",") if part.strip()]
-        except ValueError:
-            raise ValueError(
-                f"betas '{v}' is not a comma-separated list of numbers; e.g. 0.9,0.8,0.5"
-            ) from None
-    return v
+# Settings the search and the detection share, each defined once (default, bounds, help).
+Alpha = Annotated[float, Field(0.1, ge=0, le=1e4, description="weight of the entropy (MINE) term")]
+SearchBatch = Annotated[int, Field(128, ge=2, le=65536, description="images per generator step")]
+Hidden = Annotated[int, Field(512, ge=4, le=65536, description="hidden width of G and T")]
+LrG = Annotated[float, Field(2e-4, gt=0, le=1, description="Adam learning rate of G")]
+LrT = Annotated[float, Field(2e-4, gt=0, le=1, description="Adam learning rate of T (MINE)")]
+EvalTriggers = Annotated[
+    int, Field(64, ge=1, le=100_000, description="K triggers sampled per evaluation")
+]
+EvalImages = Annotated[
+    int, Field(128, ge=1, description="clean non-target images per validity check")
+]
 
 
 class MesaSpec(SpecBase):
@@ -334,13 +393,15 @@ class MesaSpec(SpecBase):
     betas: list[float] = Field(
         default_factory=lambda: [0.9, 0.8, 0.5], description="thresholds, e.g. 0.9,0.8,0.5"
     )
-    alpha: float = Field(0.1, ge=0, le=1e4, description="weight of the entropy (MINE) term")
+    alpha: Alpha
     steps: int = Field(620, ge=1, le=10_000_000, description="generator steps per beta")
-    batch_size: int = Field(128, ge=2, le=65536)
-    hidden: int = Field(512, ge=4, le=65536, description="hidden width of G and T")
-    lr_g: float = Field(2e-4, gt=0, le=1)
-    lr_t: float = Field(2e-4, gt=0, le=1)
-    noise: Literal["uniform", "gaussian"] = "uniform"
+    batch_size: SearchBatch
+    hidden: Hidden
+    lr_g: LrG
+    lr_t: LrT
+    noise: Literal["uniform", "gaussian"] = Field(
+        "uniform", description="distribution of the generator's input noise"
+    )
     score: Literal["prob", "ce"] = Field(
         "prob", description="prob: hinge on the softmax probability; ce: on cross-entropy"
     )
@@ -353,16 +414,11 @@ class MesaSpec(SpecBase):
     )
     stats_every: int = Field(20, ge=1, description="log live statistics every N steps")
     sample_every: int = Field(200, ge=1, description="evaluate sampled triggers every N steps")
-    n_eval_triggers: int = Field(64, ge=1, le=100_000, description="K triggers per evaluation")
-    eval_images: int = Field(128, ge=1, description="clean non-target images per validity check")
+    n_eval_triggers: EvalTriggers
+    eval_images: EvalImages
     samples: int = Field(1024, ge=2, le=1_000_000, description="triggers stored per beta")
-    defender_fraction: float = Field(0.8, gt=0, lt=1)
-    split_seed: int = Field(0, ge=0)
-
-    @field_validator("betas", mode="before")
-    @classmethod
-    def _betas_list(cls, v: Any) -> Any:
-        return _parse_betas(v)
+    defender_fraction: DefenderFraction
+    split_seed: SplitSeed
 
     @field_validator("betas")
     @classmethod
@@ -376,22 +432,57 @@ class MesaSpec(SpecBase):
             raise ValueError("a beta repeats; give each threshold once")
         return v
 
+    @model_validator(mode="after")
+    def _enough_samples(self) -> MesaSpec:
+        if self.n_eval_triggers > self.samples:
+            raise ValueError(
+                f"--n-eval-triggers {self.n_eval_triggers} exceeds --samples {self.samples}; "
+                "sample at least as many triggers as are evaluated"
+            )
+        return self
+
+    def mesa_config(self):  # noqa: ANN201  (engine.ml.mesa.MesaConfig: torch, imported here)
+        """The search's settings for ``engine.ml.mesa``."""
+        from engine.ml.mesa import MesaConfig
+
+        return MesaConfig(
+            betas=tuple(self.betas),
+            alpha=self.alpha,
+            steps=self.steps,
+            batch_size=self.batch_size,
+            hidden=self.hidden,
+            lr_g=self.lr_g,
+            lr_t=self.lr_t,
+            noise=self.noise,
+            score=self.score,
+            jitter=self.jitter,
+            jitter_clamp=self.jitter_clamp,
+            placement=self.placement,
+            stats_every=self.stats_every,
+            sample_every=self.sample_every,
+            n_eval_triggers=self.n_eval_triggers,
+            eval_images=self.eval_images,
+            samples=self.samples,
+        )
+
 
 class DetectSpec(SpecBase):
     """Target-class detection: a short search per class, flag classes with many valid triggers."""
 
     kind: Literal["detect"] = "detect"
     model: str = Field(..., description="model artifact directory")
-    classes: list[int] | None = Field(None, description="classes to test (default: all)")
+    classes: list[int] | None = Field(
+        None, description="classes to test, e.g. 0,3,5 (default: all)"
+    )
     steps: int = Field(200, ge=1, le=10_000_000, description="search steps per class")
-    beta: float = Field(0.9, gt=0, lt=1)
-    alpha: float = Field(0.1, ge=0, le=1e4)
-    batch_size: int = Field(128, ge=2, le=65536)
-    hidden: int = Field(512, ge=4, le=65536)
-    lr_g: float = Field(2e-4, gt=0, le=1)
-    lr_t: float = Field(2e-4, gt=0, le=1)
-    n_eval_triggers: int = Field(64, ge=1, le=100_000)
-    eval_images: int = Field(128, ge=1)
+    beta: float = Field(0.9, gt=0, lt=1, description="validity threshold of the searches")
+    alpha: Alpha
+    batch_size: SearchBatch
+    hidden: Hidden
+    lr_g: LrG
+    lr_t: LrT
+    n_eval_triggers: EvalTriggers
+    eval_images: EvalImages
     classes_per_pass: int = Field(
         10, ge=1, le=1000, description="classes whose generators share one model pass"
     )
@@ -400,23 +491,13 @@ class DetectSpec(SpecBase):
         description="where the searches stamp: learned (a position distribution per class, "
         "finds fixed-position backdoors too), per-image or per-batch (random places)",
     )
-    z_threshold: float = Field(2.0, gt=0)
-    min_score: float = Field(0.5, ge=0, le=1)
-    mad_floor: float = Field(0.05, gt=0)
-    defender_fraction: float = Field(0.8, gt=0, lt=1)
-    split_seed: int = Field(0, ge=0)
-
-    @field_validator("classes", mode="before")
-    @classmethod
-    def _classes_list(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            try:
-                return [int(part) for part in v.split(",") if part.strip()]
-            except ValueError:
-                raise ValueError(
-                    f"classes '{v}' is not a comma-separated list of integers"
-                ) from None
-        return v
+    z_threshold: float = Field(
+        2.0, gt=0, description="flag a class whose score is this many MADs above the median"
+    )
+    min_score: float = Field(0.5, ge=0, le=1, description="flag no class scoring below this")
+    mad_floor: float = Field(0.05, gt=0, description="smallest spread (MAD) the z-scores divide by")
+    defender_fraction: DefenderFraction
+    split_seed: SplitSeed
 
     @field_validator("classes")
     @classmethod
@@ -424,6 +505,26 @@ class DetectSpec(SpecBase):
         if v is not None and (not v or min(v) < 0 or len(set(v)) != len(v)):
             raise ValueError("give distinct non-negative class indices, e.g. 0,3,5")
         return v
+
+    def mesa_config(self):  # noqa: ANN201  (engine.ml.mesa.MesaConfig: torch, imported here)
+        """One short search per class, evaluated once at the end."""
+        from engine.ml.mesa import MesaConfig
+
+        return MesaConfig(
+            betas=(self.beta,),
+            alpha=self.alpha,
+            steps=self.steps,
+            batch_size=self.batch_size,
+            hidden=self.hidden,
+            lr_g=self.lr_g,
+            lr_t=self.lr_t,
+            stats_every=max(1, self.steps // 10),
+            sample_every=self.steps,  # one evaluation, at the end
+            n_eval_triggers=self.n_eval_triggers,
+            eval_images=self.eval_images,
+            samples=max(self.n_eval_triggers, 256),
+            placement=self.placement,
+        )
 
 
 SPEC_CLASSES["mesa"] = MesaSpec
@@ -462,6 +563,19 @@ class DefendSpec(SpecBase):
     defenses anp, i-bau, clp and ft-sam have their own settings (``anp_*``, ``ibau_*``,
     ``clp_*``, ``sam_*``, their papers' defaults) and end in the same evaluation."""
 
+    GROUPS: ClassVar[dict[str, str]] = {
+        **SpecBase.GROUPS,
+        "patch_size": "Point reversal (point, random-patch)",
+        "point_": "Point reversal (point, random-patch)",
+        "nc_": "Neural Cleanse (neural-cleanse)",
+        "reversal_from": "Neural Cleanse (neural-cleanse)",
+        "residual_": "Residual MESA search (after the repair)",
+        "anp_": "ANP (--method anp)",
+        "ibau_": "I-BAU (--method i-bau)",
+        "clp_": "CLP (--method clp)",
+        "sam_": "FT-SAM (--method ft-sam)",
+    }
+
     kind: Literal["defend"] = "defend"
     model: str = Field(..., description="model artifact directory (the backdoored model)")
     method: DefendMethod = Field(
@@ -489,8 +603,10 @@ class DefendSpec(SpecBase):
         128, ge=1, le=65536, description="repair batch (ft-sam's and i-bau's too: paired)"
     )
     augment: bool = Field(False, description="random crop and flip during repair")
-    placement: Literal["per-image", "per-batch"] = "per-image"
-    channels_last: bool = True
+    placement: Literal["per-image", "per-batch"] = Field(
+        "per-image", description="where repair triggers are stamped: per image or per batch"
+    )
+    channels_last: bool = Field(True, description="channels-last memory format")
     target: int | None = Field(
         None, ge=0, description="the defender's belief of the target class (mesa: the search's)"
     )
@@ -499,17 +615,21 @@ class DefendSpec(SpecBase):
     point_index: int | None = Field(
         None, ge=0, description="repair with this restart only (default: all, in turn)"
     )
-    point_epochs: int = Field(5, ge=1, le=10000)
-    point_batch_size: int = Field(100, ge=1, le=65536)
-    point_lr: float = Field(0.1, gt=0, le=100)
+    point_epochs: int = Field(5, ge=1, le=10000, description="epochs of each point reversal")
+    point_batch_size: int = Field(100, ge=1, le=65536, description="images per reversal step")
+    point_lr: float = Field(0.1, gt=0, le=100, description="learning rate of the reversal")
     nc_epochs: int = Field(1000, ge=1, le=1_000_000, description="Neural Cleanse outer steps")
     nc_steps_per_epoch: int = Field(31, ge=1, le=100_000, description="mini-batches per step")
-    nc_batch_size: int = Field(32, ge=1, le=65536)
-    nc_lr: float = Field(0.1, gt=0, le=100)
-    nc_init_cost: float = Field(1e-3, gt=0, le=100)
-    nc_patience: int = Field(5, ge=1, le=10000)
+    nc_batch_size: int = Field(32, ge=1, le=65536, description="images per mini-batch")
+    nc_lr: float = Field(0.1, gt=0, le=100, description="Adam learning rate of mask and pattern")
+    nc_init_cost: float = Field(
+        1e-3, gt=0, le=100, description="initial weight of the mask's size in the loss"
+    )
+    nc_patience: int = Field(
+        5, ge=1, le=10000, description="steps before the cost is raised or lowered"
+    )
     nc_threshold: float = Field(0.99, gt=0, le=1, description="attack success a mask must reach")
-    nc_early_stop: bool = True
+    nc_early_stop: bool = Field(True, description="stop once the mask stops shrinking")
     reversal_from: str | None = Field(
         None,
         description="an earlier point or neural-cleanse defense of this model whose reversed "
@@ -518,9 +638,9 @@ class DefendSpec(SpecBase):
     residual_steps: int = Field(
         200, ge=0, le=1_000_000, description="steps of the residual MESA search (0: skip it)"
     )
-    residual_beta: float = Field(0.9, gt=0, lt=1)
-    residual_batch_size: int = Field(128, ge=2, le=65536)
-    residual_hidden: int = Field(512, ge=4, le=65536)
+    residual_beta: float = Field(0.9, gt=0, lt=1, description="threshold of the residual search")
+    residual_batch_size: SearchBatch
+    residual_hidden: Hidden
     # ANP (Wu & Wang, NeurIPS 2021): masks learnt on the defender split, then pruning.
     anp_iterations: int = Field(
         2000, ge=1, le=10_000_000, description="anp: mask optimisation steps (one batch each)"
@@ -578,9 +698,41 @@ class DefendSpec(SpecBase):
         0.1, ge=0, lt=1, description="ft-sam: label smoothing of the cross-entropy"
     )
     variations: bool = Field(True, description="ASR of pattern variations at the end")
-    eval_batch_size: int = Field(1000, ge=1)
-    defender_fraction: float = Field(0.8, gt=0, lt=1)
-    split_seed: int = Field(0, ge=0)
+    eval_batch_size: int = Field(1000, ge=1, description="images per evaluation batch")
+    defender_fraction: DefenderFraction
+    split_seed: SplitSeed
+
+    def repair_config(self):  # noqa: ANN201  (engine.ml.repair.RepairConfig: torch, imported here)
+        """The repair loop's settings for ``engine.ml.repair``."""
+        from engine.ml.repair import RepairConfig
+
+        return RepairConfig(
+            epochs=self.epochs,
+            lr=self.lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            batch_size=self.batch_size,
+            stamp_rate=self.stamp_rate,
+            placement=self.placement,
+            augment=self.augment,
+            channels_last=self.channels_last,
+            eval_batch_size=self.eval_batch_size,
+        )
+
+    def anp_config(self):  # noqa: ANN201  (engine.ml.anp.ANPConfig: torch, imported here)
+        """ANP's mask optimisation and pruning settings for ``engine.ml.anp``."""
+        from engine.ml.anp import ANPConfig
+
+        return ANPConfig(
+            iterations=self.anp_iterations,
+            batch_size=self.anp_batch_size,
+            lr=self.anp_lr,
+            eps=self.anp_eps,
+            steps=self.anp_steps,
+            alpha=self.anp_alpha,
+            threshold=self.anp_threshold,
+            prune_count=self.anp_prune_count,
+        )
 
 
 SPEC_CLASSES["defend"] = DefendSpec

@@ -120,8 +120,8 @@ def _file_array(path: Path, channels: int):
         from PIL import Image
 
         with Image.open(path) as img:
-            img = img.convert("L" if channels == 1 else "RGB")
-            array = np.asarray(img, dtype=np.float32) / 255.0
+            pixels = img.convert("L" if channels == 1 else "RGB")
+            array = np.asarray(pixels, dtype=np.float32) / 255.0
     if array.ndim == 2:
         array = np.repeat(array[None], channels, axis=0)
     elif array.ndim == 3 and array.shape[-1] in (1, 3) and array.shape[0] not in (1, 3):

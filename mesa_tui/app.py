@@ -1,8 +1,8 @@
 """The terminal app: ``mesa-tui`` with no arguments.
 
 The data source is injected (``create_app``), so the CLI runs the app over the store and the tests
-run the same app over a scripted ``FakeSource`` with a frozen clock. Every store call happens in a
-thread worker; widgets only ever see the messages those workers post.
+run the same app over a scripted ``mesa_tui.demo.FakeSource`` with a frozen clock. Every store
+call happens in a thread worker; widgets only ever see the messages those workers post.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def create_app(
 
 
 def app_for_store(db_url: str | None = None) -> App:
-    """The app over the store (``--db`` / ``MESA_DB`` / the default SQLite file), or, when the
+    """The app over the store (``--db`` / ``MESA_TUI_DB`` / the default SQLite file), or, when the
     store cannot be used (damaged, unwritable, unreachable, another schema), the screen that
     says so in the CLI's words and exits with code 2."""
     from engine.errors import UserError

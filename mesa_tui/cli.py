@@ -14,7 +14,7 @@ import typer
 
 from mesa_tui.commands import data as data_cmd
 from mesa_tui.commands import db as db_cmd
-from mesa_tui.commands import engine_cmd, jobs, paths, study, submit
+from mesa_tui.commands import engine_control, jobs, paths, study, submit
 from mesa_tui.commands import model as model_cmd
 from mesa_tui.commands import report as report_cmd
 from mesa_tui.commands import run as run_cmd
@@ -33,7 +33,7 @@ app.add_typer(data_cmd.app, name="data")
 app.add_typer(model_cmd.app, name="model")
 app.add_typer(submit.app, name="submit")
 jobs.register(app)
-app.add_typer(engine_cmd.app, name="engine")
+app.add_typer(engine_control.app, name="engine")
 app.add_typer(study.app, name="study")
 app.add_typer(db_cmd.app, name="db")
 paths.register(app)
@@ -44,12 +44,12 @@ report_cmd.register(app)
 def main_callback(
     ctx: typer.Context,
     db: str | None = typer.Option(
-        None, "--db", envvar="MESA_DB", help="store URL (default: SQLite in the data home)"
+        None, "--db", envvar="MESA_TUI_DB", help="store URL (default: SQLite in the data home)"
     ),
 ) -> None:
     """Without a command, open the terminal app."""
     if db:
-        os.environ["MESA_DB"] = db
+        os.environ["MESA_TUI_DB"] = db
     if ctx.invoked_subcommand is None:
         from mesa_tui.commands.common import open_app
 

@@ -126,7 +126,7 @@ def run_foreground(
     kind: str, spec: Any, json_output: bool, workdir: Path | None = None
 ) -> TaskResult:
     """Run ``engine.tasks.<kind>.run(spec, reporter)`` here, with progress, then print results."""
-    from engine.cores import check_run_environment
+    from engine.run_environment import check_run_environment
     from mesa_tui.commands.common import print_json
 
     check_run_environment()  # a bad MESA_TUI_* value: one line, before the run is recorded
@@ -154,10 +154,8 @@ def run_foreground(
 def _store_recorder(kind: str, spec: Any, console: Console) -> Any:
     """Foreground runs are recorded in the store when it is available (the store work hooks in
     ``engine.recording``); a store problem never stops a foreground run."""
-    try:
-        from engine.recording import ForegroundRecorder  # type: ignore[import-not-found]
-    except ImportError:
-        return None
+    from engine.recording import ForegroundRecorder
+
     try:
         return ForegroundRecorder.start(kind, spec)
     except Exception as exc:  # the store is optional for a foreground run

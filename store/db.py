@@ -23,7 +23,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
-from engine.errors import UserError
+from store.errors import UserError
 
 BUSY_TIMEOUT_MS = 30_000
 # A write that still finds the database locked after the busy timeout is retried this long.
@@ -183,11 +183,13 @@ def upsert(
 ) -> Any:
     """``INSERT ... ON CONFLICT (keys) DO UPDATE SET update = excluded.update``, optionally only
     where the stored ``only_if_not_older`` column is not greater than the new one."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    stmt: postgresql.Insert | sqlite.Insert
     if engine_or_conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+        stmt = postgresql.insert(table)
     else:
-        from sqlalchemy.dialects.sqlite import insert as dialect_insert
-    stmt = dialect_insert(table)
+        stmt = sqlite.insert(table)
     where = None
     if only_if_not_older is not None:
         where = table.c[only_if_not_older] <= stmt.excluded[only_if_not_older]

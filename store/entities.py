@@ -13,6 +13,8 @@ from typing import Any
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "lost")
 FINISHED = ("succeeded", "failed", "cancelled", "lost")
+# Finished without success: what `retry` accepts, and what an upstream job must not be.
+RETRYABLE = ("failed", "cancelled", "lost")
 ACTIVE = ("queued", "running")
 
 

@@ -18,12 +18,12 @@ import sqlite3
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy.engine import make_url
 
-from engine.errors import UserError
 from store import db as dbmod
+from store.errors import UserError
 
 README = 'docs/operators.md, "When the store is damaged"'
 
@@ -64,9 +64,12 @@ class SchemaBehind(StoreProblem):
     """The database was made by an older mesa-tui (or a newer one: its schema is unknown)."""
 
 
-def schema_problem(url: str, revision: str | None, state: str) -> SchemaBehind | None:
-    """The one line for a schema this code cannot use (``state`` as ``check_store`` names it:
-    behind, unknown, foreign); None for current and empty."""
+SchemaState = Literal["behind", "unknown", "foreign"]
+BAD_SCHEMA_STATES: tuple[SchemaState, ...] = ("behind", "unknown", "foreign")
+
+
+def schema_problem(url: str, revision: str | None, state: SchemaState) -> SchemaBehind:
+    """The one line for a schema this code cannot use (``state`` as ``check_store`` names it)."""
     from store.migrations import HEAD
 
     where = _where(url)
@@ -78,14 +81,12 @@ def schema_problem(url: str, revision: str | None, state: str) -> SchemaBehind |
     if state == "unknown":
         return SchemaBehind(
             f"the store {where} uses schema {revision}, which this mesa-tui does not know "
-            "(made by a newer one?); upgrade mesa-tui, or point --db / MESA_DB at another store"
+            "(made by a newer one?); upgrade mesa-tui, or point --db / MESA_TUI_DB at another store"
         )
-    if state == "foreign":
-        return SchemaBehind(
-            f"the store {where} has tables but no schema version (not made by mesa-tui?); "
-            "point --db / MESA_DB at another file or move this one aside"
-        )
-    return None
+    return SchemaBehind(
+        f"the store {where} has tables but no schema version (not made by mesa-tui?); "
+        "point --db / MESA_TUI_DB at another file or move this one aside"
+    )
 
 
 def _where(url: str) -> str:
@@ -99,7 +100,7 @@ def _where(url: str) -> str:
 
 def not_a_database(path: Path | str) -> NotADatabase:
     return NotADatabase(
-        f"the store {path} is not an SQLite database; point --db / MESA_DB at your store, restore "
+        f"the store {path} is not an SQLite database; point --db / MESA_TUI_DB at your store, restore "
         f"it from a backup, or move it aside to start an empty store ({README})"
     )
 
@@ -133,12 +134,14 @@ def check_file(url: str, write: bool = True) -> None:
         return
     if not write:
         if path.is_dir():
-            raise NotADatabase(f"the store {path} is a directory; point --db / MESA_DB at a file")
+            raise NotADatabase(
+                f"the store {path} is a directory; point --db / MESA_TUI_DB at a file"
+            )
         _check_header(path)
         return
     if path.is_dir():
         raise NotADatabase(
-            f"the store {path} is a directory; point --db / MESA_DB at a file, e.g. "
+            f"the store {path} is a directory; point --db / MESA_TUI_DB at a file, e.g. "
             f"sqlite:///{path / 'mesa.db'}"
         )
     parent = path.parent
@@ -148,12 +151,12 @@ def check_file(url: str, write: bool = True) -> None:
         except OSError as exc:
             raise StoreNotWritable(
                 f"the store {path} cannot be created: its directory {parent} cannot be made "
-                f"({exc.strerror}); point --db / MESA_DB at a writable place"
+                f"({exc.strerror}); point --db / MESA_TUI_DB at a writable place"
             ) from None
     if not parent.is_dir():
         raise StoreNotWritable(
             f"the store {path} cannot be created: {parent} is not a directory; point --db / "
-            "MESA_DB at a writable place"
+            "MESA_TUI_DB at a writable place"
         )
     if not os.access(parent, os.W_OK | os.X_OK):
         raise StoreNotWritable(
@@ -249,24 +252,24 @@ def _server_problem(err: BaseException, url: str, opening: bool) -> StoreProblem
     if "password authentication failed" in low or sqlstate in ("28P01", "28000"):
         return StoreAuthFailed(
             f"cannot open the store {where}: the server refused user {user} ({reason}); fix "
-            "the user or password in --db / MESA_DB (postgresql+psycopg://USER:PASSWORD@HOST/DB) "
+            "the user or password in --db / MESA_TUI_DB (postgresql+psycopg://USER:PASSWORD@HOST/DB) "
             "or in ~/.pgpass"
         )
     if "no password supplied" in low:
         return StoreAuthFailed(
             f"cannot open the store {where}: the server wants a password for user {user} and "
-            "none was given; add it to --db / MESA_DB (postgresql+psycopg://USER:PASSWORD@HOST/DB) "
+            "none was given; add it to --db / MESA_TUI_DB (postgresql+psycopg://USER:PASSWORD@HOST/DB) "
             "or to ~/.pgpass"
         )
     if sqlstate == "3D000" or ("database" in low and "does not exist" in low):
         return StoreUnreachable(
             f"cannot open the store {where}: {reason}; create it (createdb) or fix the database "
-            "name in --db / MESA_DB"
+            "name in --db / MESA_TUI_DB"
         )
     if "failed to resolve host" in low or "could not translate host name" in low:
         return StoreUnreachable(
             f"cannot open the store {where}: the host is unknown ({reason}); fix the host in "
-            "--db / MESA_DB"
+            "--db / MESA_TUI_DB"
         )
     if sqlstate == "53100" or "no space left on device" in low:
         return StoreFull(
@@ -282,7 +285,7 @@ def _server_problem(err: BaseException, url: str, opening: bool) -> StoreProblem
     ):
         return StoreUnreachable(
             f"cannot open the store {where}: the server does not answer ({reason}); start it "
-            "(e.g. systemctl start postgresql) or fix the host and port in --db / MESA_DB"
+            "(e.g. systemctl start postgresql) or fix the host and port in --db / MESA_TUI_DB"
         )
     if (
         "server closed the connection" in low
@@ -299,7 +302,7 @@ def _server_problem(err: BaseException, url: str, opening: bool) -> StoreProblem
     if opening:
         return StoreUnreachable(
             f"cannot open the store {where}: {reason}; check that the server runs and the URL "
-            "(--db / MESA_DB) is right"
+            "(--db / MESA_TUI_DB) is right"
         )
     return None
 
@@ -470,9 +473,8 @@ def check_store(url: str, limit: int = 20) -> dict[str, Any]:
     except StoreProblem as exc:
         report["problem"] = str(exc)
         return report
-    problem = schema_problem(url, report["schema"], report["schema_state"])
-    if problem is not None:
-        report["problem"] = str(problem)
+    if report["schema_state"] in BAD_SCHEMA_STATES:
+        report["problem"] = str(schema_problem(url, report["schema"], report["schema_state"]))
     return report
 
 
@@ -536,7 +538,7 @@ def backup_sqlite(url: str, dest: Path | str) -> dict[str, Any]:
             f"the store {dbmod.safe_url(url)} is in memory; there is nothing to back up"
         )
     if not path.exists():
-        raise UserError(f"no store at {path} to back up; check --db / MESA_DB")
+        raise UserError(f"no store at {path} to back up; check --db / MESA_TUI_DB")
     with translated(url, opening=True):
         check_file(url, write=False)
     dest = backup_target(url, dest)

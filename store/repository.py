@@ -4,7 +4,7 @@ Writers: the faces write requests only (new jobs, cancels, retries, deletions, s
 requests); runs, metrics, logs, artifacts and heartbeats are written by the engine (or by the
 foreground recorder for its own run). Every write is one short ``BEGIN IMMEDIATE`` transaction.
 
-Open a store with ``Store()`` (the URL of ``--db``/``MESA_DB``, else SQLite in the data home). A new
+Open a store with ``Store()`` (the URL of ``--db``/``MESA_TUI_DB``, else SQLite in the data home). A new
 database is created at the newest schema; one behind it is refused with the upgrade command.
 """
 
@@ -21,7 +21,9 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    ColumnElement,
     Connection,
+    Table,
     and_,
     bindparam,
     cast,
@@ -35,11 +37,11 @@ from sqlalchemy import (
     update,
 )
 
-from engine.errors import UserError
 from store import db as dbmod
 from store import downsample, health
 from store.entities import (
     ACTIVE,
+    RETRYABLE,
     STATUSES,
     ArtifactInfo,
     ClaimedJob,
@@ -63,6 +65,7 @@ from store.entities import (
     StudyRepair,
     StudySummary,
 )
+from store.errors import UserError
 from store.models import (
     Artifact,
     Base,
@@ -77,18 +80,27 @@ from store.models import (
     Study,
     StudyJob,
 )
+from store.paths import default_db_url
 
-jobs_t = Job.__table__
-runs_t = Run.__table__
-deps_t = JobDependency.__table__
-studies_t = Study.__table__
-study_jobs_t = StudyJob.__table__
-engines_t = EngineRow.__table__
-metrics_t = Metric.__table__
-latest_t = LatestMetric.__table__
-artifacts_t = Artifact.__table__
-logs_t = LogLine.__table__
-params_t = Param.__table__
+
+def _table(model: type[Base]) -> Table:
+    # Declarative typing promises a FromClause; every model here maps one plain table.
+    table = model.__table__
+    assert isinstance(table, Table), model
+    return table
+
+
+jobs_t = _table(Job)
+runs_t = _table(Run)
+deps_t = _table(JobDependency)
+studies_t = _table(Study)
+study_jobs_t = _table(StudyJob)
+engines_t = _table(EngineRow)
+metrics_t = _table(Metric)
+latest_t = _table(LatestMetric)
+artifacts_t = _table(Artifact)
+logs_t = _table(LogLine)
+params_t = _table(Param)
 
 # An engine whose heartbeat is older than this is dead (it beats every few seconds).
 ENGINE_DEAD_AFTER_S = 30.0
@@ -140,18 +152,27 @@ def ensure_schema(engine: Any, url: str) -> None:
         return
     from store.migrations import known_revisions
 
-    state = "behind" if revision in known_revisions() else "unknown"
+    state: health.SchemaState = "behind" if revision in known_revisions() else "unknown"
     raise health.schema_problem(url, revision, state)
+
+
+def _sqlite_foreign_keys(conn: Connection, *, on: bool) -> None:
+    """Switch SQLite's foreign keys on the driver's connection: SQLite ignores the pragma inside
+    the transaction SQLAlchemy would open first."""
+    if conn.dialect.name != "sqlite":
+        return
+    driver = conn.connection.driver_connection
+    assert driver is not None, "a checked-out connection has its driver connection"
+    driver.execute(f"PRAGMA foreign_keys = {'ON' if on else 'OFF'}")
 
 
 def upgrade(url: str | None = None) -> tuple[str | None, str]:
     """Bring a database to the newest schema with alembic; returns (before, after) revisions."""
     from alembic import command
 
-    from engine import paths
     from store.migrations import HEAD, alembic_config
 
-    url = dbmod.check_url(url or paths.default_db_url())
+    url = dbmod.check_url(url or default_db_url())
     with health.translated(url, opening=True):
         health.check_file(url)
         engine = dbmod.make_engine(url)
@@ -164,15 +185,13 @@ def upgrade(url: str | None = None) -> tuple[str | None, str]:
                     _stamp_head(conn, HEAD)
                 return None, HEAD
             with engine.connect() as conn:
-                if conn.dialect.name == "sqlite":
-                    # Batch mode copies tables; cascades must not fire while it drops the old ones.
-                    conn.connection.driver_connection.execute("PRAGMA foreign_keys = OFF")
+                # Batch mode copies tables; cascades must not fire while it drops the old ones.
+                _sqlite_foreign_keys(conn, on=False)
                 config = alembic_config(url)
                 config.attributes["connection"] = conn
                 command.upgrade(config, "head")
                 conn.commit()
-                if conn.dialect.name == "sqlite":
-                    conn.connection.driver_connection.execute("PRAGMA foreign_keys = ON")
+                _sqlite_foreign_keys(conn, on=True)
         return before, dbmod.current_revision(engine) or HEAD
     finally:
         engine.dispose()
@@ -333,9 +352,7 @@ class Store:
     """The store behind one URL. Cheap to create; safe to share between threads."""
 
     def __init__(self, url: str | None = None, *, check_schema: bool = True):
-        from engine import paths
-
-        self.url = dbmod.check_url(url or paths.default_db_url())
+        self.url = dbmod.check_url(url or default_db_url())
         # The cheap checks (store.health) first: a damaged or unusable store is one line.
         with health.translated(self.url, opening=True):
             health.check_file(self.url)
@@ -421,7 +438,7 @@ class Store:
                 broken = conn.execute(
                     select(jobs_t.c.id, jobs_t.c.status).where(
                         jobs_t.c.id.in_([u for u, _ in upstream]),
-                        jobs_t.c.status.in_(("failed", "cancelled", "lost")),
+                        jobs_t.c.status.in_(RETRYABLE),
                     )
                 ).first()
                 if broken is not None:
@@ -556,7 +573,7 @@ class Store:
         dependents that were cancelled because of it."""
         with self._write() as conn:
             row = self._require_job(conn, job_id)
-            if row.status not in ("failed", "cancelled", "lost"):
+            if row.status not in RETRYABLE:
                 raise UserError(
                     f"job {job_id} is {row.status}; only failed, cancelled or lost jobs can be retried"
                 )
@@ -565,7 +582,7 @@ class Store:
                 .join(deps_t, deps_t.c.depends_on_id == jobs_t.c.id)
                 .where(
                     deps_t.c.job_id == job_id,
-                    jobs_t.c.status.in_(("failed", "cancelled", "lost")),
+                    jobs_t.c.status.in_(RETRYABLE),
                 )
             ).first()
             if blocked is not None:
@@ -645,7 +662,7 @@ class Store:
         """Ask one engine (or every live one) to stop; returns the engines asked."""
         with self._write() as conn:
             now = utcnow()
-            cond = engines_t.c.stopped_at.is_(None)
+            cond: ColumnElement[bool] = engines_t.c.stopped_at.is_(None)
             if engine_id is not None:
                 cond = and_(cond, engines_t.c.id == engine_id)
             conn.execute(update(engines_t).where(cond).values(stop_requested_at=now))
@@ -667,16 +684,16 @@ class Store:
         by_id = {r.id: r for r in conn.execute(_JOBS_BY_IDS, ids)}
         current: dict[int, int] = {}
         run_rows: dict[int, Any] = {}
-        for r in conn.execute(_CURRENT_RUNS, ids):
-            current[r.job_id] = r.id
-            run_rows[r.id] = r
+        for run in conn.execute(_CURRENT_RUNS, ids):
+            current[run.job_id] = run.id
+            run_rows[run.id] = run
         latest: dict[int, dict[str, float]] = defaultdict(dict)
         if current:
-            for r in conn.execute(_LATEST_OF_RUNS, {"ids": list(current.values())}):
-                latest[r.run_id][r.key] = r.value
+            for point in conn.execute(_LATEST_OF_RUNS, {"ids": list(current.values())}):
+                latest[point.run_id][point.key] = point.value
         studies: dict[int, list[str]] = defaultdict(list)
-        for r in conn.execute(_STUDY_NAMES, ids):
-            studies[r.job_id].append(r.name)
+        for link in conn.execute(_STUDY_NAMES, ids):
+            studies[link.job_id].append(link.name)
         out = []
         for job_id in job_ids:
             r = by_id.get(job_id)
@@ -999,13 +1016,13 @@ class Store:
         }
         segments: list[tuple[int, int, int]] = []  # (run, first step, last step), steps ascend
         for i, r in enumerate(runs):
-            later = [first[x] for x in runs[i + 1 :] if first[x] is not None]
+            later = [step for x in runs[i + 1 :] if (step := first[x]) is not None]
             query = select(func.max(m.step)).where(m.run_id == r, m.key == key)
             if later:
                 query = query.where(m.step < min(later))
             last = conn.execute(query).scalar()
-            if first[r] is not None and last is not None:
-                segments.append((r, first[r], last))
+            if (start := first[r]) is not None and last is not None:
+                segments.append((r, start, last))
         counts = [
             conn.execute(select(func.count()).select_from(metrics_t).where(of(*seg))).scalar() or 0
             for seg in segments
@@ -1015,9 +1032,9 @@ class Store:
         values: list[float] = []
         if total <= 2 * max(1, max_points):
             for seg in segments:
-                for r in conn.execute(select(m.step, m.value).where(of(*seg)).order_by(m.step)):
-                    steps.append(r.step)
-                    values.append(_stored_float(r.value))
+                for point in conn.execute(select(m.step, m.value).where(of(*seg)).order_by(m.step)):
+                    steps.append(point.step)
+                    values.append(_stored_float(point.value))
             return SeriesColumns(steps, values, total)
         lo, hi = segments[0][1], segments[-1][2]
         buckets = downsample.buckets_for(max_points)
@@ -1052,18 +1069,19 @@ class Store:
             for row in conn.execute(query):
                 steps.append(row.step)
                 values.append(_stored_float(row.value))
-        ends = [
+        first_end, last_end = (
             conn.execute(
                 select(m.step, m.value).where(m.run_id == run, m.key == key, m.step == step)
             ).first()
             for run, step in ((segments[0][0], lo), (segments[-1][0], hi))
-        ]
+        )
+        assert first_end is not None and last_end is not None  # lo and hi were read from them
         if not steps or steps[0] != lo:
             steps.insert(0, lo)
-            values.insert(0, _stored_float(ends[0].value))
+            values.insert(0, _stored_float(first_end.value))
         if steps[-1] != hi:
             steps.append(hi)
-            values.append(_stored_float(ends[1].value))
+            values.append(_stored_float(last_end.value))
         steps, values = downsample.minmax(steps, values, max_points, lo, hi)
         return SeriesColumns(steps, values, total)
 
@@ -1164,14 +1182,6 @@ class Store:
         infos = [_engine_info(r, now) for r in rows]
         return [e for e in infos if e.alive] if alive_only else infos
 
-    def engine(self, engine_id: int) -> EngineInfo:
-        now = utcnow()
-        with self._read() as conn:
-            row = conn.execute(select(engines_t).where(engines_t.c.id == engine_id)).first()
-        if row is None:
-            raise UserError(f"engine {engine_id} does not exist; see `mesa-tui engine status`")
-        return _engine_info(row, now)
-
     # -------------------------------------------------------------------------------- studies
 
     def _require_study(self, conn: Connection, name: str) -> Any:
@@ -1181,7 +1191,7 @@ class Store:
         return row
 
     def _study_info(self, conn: Connection, row: Any) -> StudyInfo:
-        counts = dict(
+        counts: dict[str, int] = dict(
             conn.execute(
                 select(jobs_t.c.status, func.count())
                 .join(study_jobs_t, study_jobs_t.c.job_id == jobs_t.c.id)
@@ -1910,10 +1920,11 @@ class RunEvents:
 
 def _method_summary(method: str, group: list[StudyCell], paper: dict[str, Any]) -> MethodSummary:
     done = [c for c in group if c.asr is not None]
-    asrs = [c.asr for c in done]
+    asrs = [c.asr for c in group if c.asr is not None]
     per_seed: dict[Any, list[float]] = defaultdict(list)
-    for c in done:
-        per_seed[c.seed].append(c.asr)
+    for c in group:
+        if c.asr is not None:
+            per_seed[c.seed].append(c.asr)
     seed_means = [statistics.fmean(v) for v in per_seed.values()]
     accs = [c.acc_clean for c in done if c.acc_clean is not None]
     ras = [c.ra for c in done if c.ra is not None]

@@ -1,4 +1,4 @@
-"""Shared fixtures. Every test runs with its own data home (``MESA_HOME``), so nothing touches the
+"""Shared fixtures. Every test runs with its own data home (``MESA_TUI_HOME``), so nothing touches the
 user's files. Real-data tests read the CIFAR-10 JPEG copy in ``../shared/data`` (decoded once per
 session) or Debian's Fashion-MNIST; they skip with a clear reason where neither exists."""
 
@@ -11,18 +11,22 @@ from pathlib import Path
 
 import pytest
 
+from store.environment import RENAMED
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path_factory, monkeypatch):
-    """A fresh MESA_HOME per test; downloads off (no network here)."""
+    """A fresh MESA_TUI_HOME per test; downloads off (no network here)."""
     home = tmp_path_factory.mktemp("mesa-home")
-    monkeypatch.setenv("MESA_HOME", str(home))
-    monkeypatch.setenv("MESA_OFFLINE", "1")
-    monkeypatch.delenv("MESA_DB", raising=False)
-    monkeypatch.delenv("MESA_DATA_ROOT", raising=False)
+    monkeypatch.setenv("MESA_TUI_HOME", str(home))
+    monkeypatch.setenv("MESA_TUI_OFFLINE", "1")
+    monkeypatch.delenv("MESA_TUI_DB", raising=False)
+    monkeypatch.delenv("MESA_TUI_DATA_ROOT", raising=False)
+    for old in RENAMED.values():  # a profile's old names must not reach the user's files
+        monkeypatch.delenv(old, raising=False)
     return home
 
 
@@ -32,17 +36,17 @@ def cifar_store(tmp_path_factory) -> Path:
     if not SHARED_CIFAR.exists():
         pytest.skip(f"{SHARED_CIFAR} is not present (CIFAR-10 JPEG copy for real-data tests)")
     home = tmp_path_factory.mktemp("cifar-home")
-    old = os.environ.get("MESA_HOME")
-    os.environ["MESA_HOME"] = str(home)
+    old = os.environ.get("MESA_TUI_HOME")
+    os.environ["MESA_TUI_HOME"] = str(home)
     try:
         from engine.ml.data import import_dataset
 
         info = import_dataset(SHARED_CIFAR, "cifar10")
     finally:
         if old is None:
-            os.environ.pop("MESA_HOME", None)
+            os.environ.pop("MESA_TUI_HOME", None)
         else:
-            os.environ["MESA_HOME"] = old
+            os.environ["MESA_TUI_HOME"] = old
     return Path(info["path"])
 
 
@@ -95,18 +99,18 @@ def postgres_server():
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def store_url(request, isolated_home, monkeypatch) -> str:
-    """The URL of a fresh store, also set as ``MESA_DB`` (engines started by the test inherit
+    """The URL of a fresh store, also set as ``MESA_TUI_DB`` (engines started by the test inherit
     it): a SQLite file in the test's home, or a new database on the session's PostgreSQL."""
     if request.param == "sqlite":
         url = f"sqlite:///{isolated_home / 'data' / 'mesa.db'}"
-        monkeypatch.setenv("MESA_DB", url)
+        monkeypatch.setenv("MESA_TUI_DB", url)
         yield url
         return
     server = request.getfixturevalue("postgres_server")
     name = server.create_database()
     _POSTGRES["tests"] += 1
     url = server.url(name)
-    monkeypatch.setenv("MESA_DB", url)
+    monkeypatch.setenv("MESA_TUI_DB", url)
     yield url
     server.drop_database(name)
 

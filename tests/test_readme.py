@@ -65,3 +65,21 @@ def test_every_readme_command_exists_with_its_options(line):
     assert path or not rest or rest == ["--help"], f"{line}: no such command"
     result = CliRunner().invoke(app, [*path, "--help"])
     assert result.exit_code == 0, result.output
+
+
+def test_the_settings_page_is_the_specs():
+    from engine.settings_doc import PAGE, settings_markdown
+
+    assert PAGE.read_text() == settings_markdown(), (
+        "docs/settings.md differs from the specs; run python -m engine.settings_doc --write"
+    )
+
+
+def test_every_setting_has_help():
+    from engine.daemon import EngineFlags
+    from engine.spec_fields import setting_fields
+    from engine.specs import SPEC_CLASSES
+
+    for model in (*SPEC_CLASSES.values(), EngineFlags):
+        bare = [name for name, info in setting_fields(model).items() if not info.description]
+        assert not bare, f"{model.__name__}: give these fields a description: {bare}"

@@ -14,8 +14,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from engine.cores import THREADS_ENV
 from engine.executors.base import Executor, Handle, Launch, Slot
+from engine.run_environment import THREADS_ENV
 
 
 class LocalExecutor(Executor):

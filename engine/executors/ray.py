@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -35,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,8 @@ CONNECT_TIMEOUT_S = 5.0
 ARTIFACT_MODES = ("auto", "shared", "copy")
 # Environment a child needs from the engine's side: the data home, test task kinds, offline mode.
 FORWARDED_ENV = ("XDG_DATA_HOME", "XDG_CACHE_HOME")
+# A run's child never opens the store, so its URL (either name) stays on the engine's machine.
+_STORE_URLS = ("MESA_TUI_DB", "MESA_DB")
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -95,7 +99,7 @@ def _use_token_if_present() -> None:
     if os.environ.get("RAY_AUTH_TOKEN") or Path(token_file).is_file():
         os.environ["RAY_AUTH_MODE"] = "token"
         with contextlib.suppress(Exception):  # what ray.init does for address="auto"
-            from ray._raylet import Config
+            from ray._raylet import Config  # type: ignore[attr-defined]  # Cython, no stub
 
             Config.initialize("")
 
@@ -183,40 +187,82 @@ def run_task(payload: dict[str, Any], hub: Any, staged: dict[str, bytes] | None)
     work directory (relative to the engine's artifact directory)."""
     import ray
 
-    run_id = payload["run_id"]
-    launch = dict(payload["launch"])
-    engine_artifacts = payload["artifacts_dir"]
-    node = socket.gethostname()
+    place = _Workspace.prepare(payload, staged)
+    if place.error:
+        status = {"t": "status", "status": "failed", "result": None, "error": place.error}
+        ray.get(hub.put.remote(payload["run_id"], [status]))
+        return {"exit_code": 1, "tail": place.error}
+    child = _Child.start(payload, place)
+    child.stream(hub)
+    code = child.finish()
+    out: dict[str, Any] = {"exit_code": code, "tail": _tail(place.log_path)}
+    if place.local_root is not None:
+        out.update(place.collect())
+    return out
+
+
+@dataclass
+class _Workspace:
+    """Where an attempt works on this node: the engine's own directories (shared mode) or a
+    temporary copy (copy mode, paths in the launch remapped)."""
+
+    launch: dict[str, Any]
+    log_path: Path
+    engine_artifacts: str
+    worker_artifacts: str
     local_root: Path | None = None
-    worker_artifacts = engine_artifacts
+    error: str = ""
 
-    def fail(message: str) -> dict[str, Any]:
-        status = {"t": "status", "status": "failed", "result": None, "error": message}
-        ray.get(hub.put.remote(run_id, [status]))
-        return {"exit_code": 1, "tail": message}
-
-    if payload["mode"] == "shared":
-        marker = Path(payload["marker"])
-        try:
-            visible = marker.read_text() == payload["token"]
-        except OSError:
-            visible = False
-        if not visible:
-            return fail(
-                f"the artifact directory {engine_artifacts} is not shared with node {node}; "
-                "mount it at the same path there, or start the engine with --ray-artifacts copy"
-            )
-        log_path = Path(payload["log"])
-    else:
-        local_root = Path(tempfile.mkdtemp(prefix=f"mesa-run-{run_id}-"))
+    @classmethod
+    def prepare(cls, payload: dict[str, Any], staged: dict[str, bytes] | None) -> _Workspace:
+        launch = dict(payload["launch"])
+        engine_artifacts = payload["artifacts_dir"]
+        if payload["mode"] == "shared":
+            place = cls(launch, Path(payload["log"]), engine_artifacts, engine_artifacts)
+            if not _marker_visible(payload):
+                place.error = (
+                    f"the artifact directory {engine_artifacts} is not shared with node "
+                    f"{socket.gethostname()}; mount it at the same path there, or start the "
+                    "engine with --ray-artifacts copy"
+                )
+            return place
+        local_root = Path(tempfile.mkdtemp(prefix=f"mesa-run-{payload['run_id']}-"))
         worker_artifacts = str(local_root / "artifacts")
         for rel, data in (staged or {}).items():
             target = Path(worker_artifacts) / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
         launch = _remap(launch, engine_artifacts, worker_artifacts)
-        log_path = local_root / "run.log"
+        return cls(launch, local_root / "run.log", engine_artifacts, worker_artifacts, local_root)
 
+    def to_engine(self, value: Any) -> Any:
+        """Paths in the child's events as the engine sees them."""
+        if self.local_root is None:
+            return value
+        return _remap(value, self.worker_artifacts, self.engine_artifacts)
+
+    def collect(self) -> dict[str, Any]:
+        """Copy mode: the work directory's files and the log travel back; the copy goes."""
+        assert self.local_root is not None
+        workdir = Path(self.launch["workdir"])
+        files = {}
+        if workdir.is_dir():
+            for path in sorted(workdir.rglob("*")):
+                if path.is_file():
+                    files[str(path.relative_to(self.worker_artifacts))] = path.read_bytes()
+        log = self.log_path.read_bytes() if self.log_path.exists() else b""
+        shutil.rmtree(self.local_root, ignore_errors=True)
+        return {"files": files, "log": log}
+
+
+def _marker_visible(payload: dict[str, Any]) -> bool:
+    try:
+        return Path(payload["marker"]).read_text() == payload["token"]
+    except OSError:
+        return False
+
+
+def _child_env(payload: dict[str, Any]) -> dict[str, str]:
     env = dict(os.environ)
     env.update(payload["env"])
     env["PYTHONUNBUFFERED"] = "1"
@@ -226,29 +272,53 @@ def run_task(payload: dict[str, Any], hub: Any, staged: dict[str, bytes] | None)
         )
     if not payload["num_gpus"]:
         env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU run cannot wander onto a GPU
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    read_fd, write_fd = os.pipe()
-    with open(log_path, "ab") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "engine.runner", "--events-fd", str(write_fd)],
-            stdin=subprocess.PIPE,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            pass_fds=(write_fd,),
-            start_new_session=True,
-            env=env,
-            close_fds=True,
-            preexec_fn=_die_with_parent(),
+    return env
+
+
+class _Child:
+    """The runner child of one attempt: its events read on a thread and pumped to the hub,
+    the hub's cancel stages acted on."""
+
+    def __init__(self, run_id: int, process: subprocess.Popen, read_fd: int, place: _Workspace):
+        self.run_id = run_id
+        self.process = process
+        self.place = place
+        self.buffer: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+        self.handled = ""
+        self.worker: dict[str, Any] | None = {
+            "node": socket.gethostname(),
+            "pid": os.getpid(),
+            "child": process.pid,
+        }
+        self.reader = threading.Thread(
+            target=self._read, args=(read_fd,), name=f"events-{run_id}", daemon=True
         )
-    os.close(write_fd)
-    assert process.stdin is not None
-    process.stdin.write((json.dumps(launch) + "\n").encode())
-    process.stdin.flush()
+        self.reader.start()
 
-    buffer: list[dict[str, Any]] = []
-    lock = threading.Lock()
+    @classmethod
+    def start(cls, payload: dict[str, Any], place: _Workspace) -> _Child:
+        place.log_path.parent.mkdir(parents=True, exist_ok=True)
+        read_fd, write_fd = os.pipe()
+        with open(place.log_path, "ab") as log_file:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "engine.runner", "--events-fd", str(write_fd)],
+                stdin=subprocess.PIPE,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                pass_fds=(write_fd,),
+                start_new_session=True,
+                env=_child_env(payload),
+                close_fds=True,
+                preexec_fn=_die_with_parent(),
+            )
+        os.close(write_fd)
+        assert process.stdin is not None
+        process.stdin.write((json.dumps(place.launch) + "\n").encode())
+        process.stdin.flush()
+        return cls(payload["run_id"], process, read_fd, place)
 
-    def read_events() -> None:
+    def _read(self, read_fd: int) -> None:
         with os.fdopen(read_fd, "rb", buffering=1 << 20) as pipe:
             for line in pipe:
                 if not line.strip():
@@ -257,68 +327,52 @@ def run_task(payload: dict[str, Any], hub: Any, staged: dict[str, bytes] | None)
                     event = json.loads(line)
                 except json.JSONDecodeError:
                     event = {"t": "log", "level": "warning", "msg": line.decode(errors="replace")}
-                with lock:
-                    buffer.append(event)
+                with self.lock:
+                    self.buffer.append(event)
 
-    reader = threading.Thread(target=read_events, name=f"events-{run_id}", daemon=True)
-    reader.start()
-    worker = {"node": node, "pid": os.getpid(), "child": process.pid}
-    handled = ""
-
-    def act(stage: str) -> None:
-        nonlocal handled
-        if stage == handled or not stage:
+    def act(self, stage: str) -> None:
+        if stage == self.handled or not stage:
             return
-        handled = stage
+        self.handled = stage
         if stage == "stop":
+            assert self.process.stdin is not None
             with contextlib.suppress(BrokenPipeError, OSError, ValueError):
-                process.stdin.write(b"stop\n")
-                process.stdin.flush()
+                self.process.stdin.write(b"stop\n")
+                self.process.stdin.flush()
         else:
-            _kill_group(process.pid, signal.SIGTERM if stage == "term" else signal.SIGKILL)
+            _kill_group(self.process.pid, signal.SIGTERM if stage == "term" else signal.SIGKILL)
 
-    def pump() -> None:
-        nonlocal worker
-        with lock:
-            batch = buffer[:]
-            buffer.clear()
-        if local_root is not None:
-            batch = _remap(batch, worker_artifacts, engine_artifacts)
-        act(ray.get(hub.put.remote(run_id, batch, worker)))
-        worker = None
+    def pump(self, hub: Any) -> None:
+        import ray
 
-    while True:
-        try:
-            done = process.poll() is not None and not reader.is_alive()
-            pump()
-            if done:
-                break
-            time.sleep(PUMP_EVERY_S)
-        except KeyboardInterrupt:  # ray.cancel(force=False): the "term" stage
-            act("term")
-        except ray.exceptions.RayActorError:
-            # The engine (and its hub) went away: the child sees its stdin close and stops.
-            with contextlib.suppress(OSError):
-                process.stdin.close()
-            process.wait()
-            break
-    with contextlib.suppress(OSError):
-        process.stdin.close()
-    code = process.wait()
-    out: dict[str, Any] = {"exit_code": code, "tail": _tail(log_path)}
-    if local_root is not None:
-        workdir = Path(launch["workdir"])
-        files = {}
-        if workdir.is_dir():
-            for path in sorted(workdir.rglob("*")):
-                if path.is_file():
-                    files[str(path.relative_to(worker_artifacts))] = path.read_bytes()
-        out["files"] = files
-        out["log"] = log_path.read_bytes() if log_path.exists() else b""
-        import shutil
+        with self.lock:
+            batch = self.buffer[:]
+            self.buffer.clear()
+        self.act(ray.get(hub.put.remote(self.run_id, self.place.to_engine(batch), self.worker)))
+        self.worker = None
 
-        shutil.rmtree(local_root, ignore_errors=True)
-    return out
+    def stream(self, hub: Any) -> None:
+        """Pump events until the child has ended and its pipe is drained."""
+        import ray
+
+        while True:
+            try:
+                done = self.process.poll() is not None and not self.reader.is_alive()
+                self.pump(hub)
+                if done:
+                    return
+                time.sleep(PUMP_EVERY_S)
+            except KeyboardInterrupt:  # ray.cancel(force=False): the "term" stage
+                self.act("term")
+            except ray.exceptions.RayActorError:
+                # The engine (and its hub) went away: the child sees its stdin close and stops.
+                return
+
+    def finish(self) -> int:
+        with contextlib.suppress(OSError):
+            assert self.process.stdin is not None
+            self.process.stdin.close()
+        return self.process.wait()
 
 
 def _tail(path: Path, lines: int = 3) -> str:
@@ -472,7 +526,9 @@ class RayExecutor(Executor):
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"run-{launch.run_id}.log"
         num_gpus = self.gpus_for(launch.spec)
-        env = {k: v for k, v in os.environ.items() if k.startswith("MESA_") and k != "MESA_DB"}
+        env = {
+            k: v for k, v in os.environ.items() if k.startswith("MESA_") and k not in _STORE_URLS
+        }
         env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
         payload = {
             "run_id": launch.run_id,

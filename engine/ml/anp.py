@@ -43,22 +43,25 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from engine.errors import UserError
 from engine.ml.data import Normalizer, augment, to_float
 from engine.ml.runtime import autocast
-from engine.reporter import Reporter, stop_point
+from engine.reporter import Reporter, or_null, stop_point
 
 LOG_EVERY = 100  # iterations per logged point (anp/loss, anp/acc) and checkpoint opportunity
 
 
 @dataclass(frozen=True)
 class ANPConfig:
-    iterations: int = 2000
-    batch_size: int = 128
-    lr: float = 0.2
-    eps: float = 0.4
-    steps: int = 1
-    alpha: float = 0.2
-    threshold: float = 0.2
-    prune_count: int | None = None
-    augment: bool = True
+    """ANP's settings. Their defaults, bounds and help live in ``engine.specs.DefendSpec``
+    (``anp_*``) alone, which builds this (``DefendSpec.anp_config()``)."""
+
+    iterations: int
+    batch_size: int
+    lr: float
+    eps: float
+    steps: int
+    alpha: float
+    threshold: float
+    prune_count: int | None
+    augment: bool = True  # crop and flip of the mask batches: not a setting (as the authors)
 
 
 @dataclass
@@ -109,103 +112,138 @@ def optimize_masks(
     ``state`` resumes (masks, optimiser, iteration; the generator must be restored by the
     caller). Every ``LOG_EVERY`` iterations the window's mean loss and clean accuracy are logged
     (``anp/loss``, ``anp/acc``, step = iteration) and ``on_log(state)`` is called (checkpoints)."""
-    device = images_u8.device
-    net = copy.deepcopy(model).to(device)
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    net.train()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    layers = batchnorm_layers(net)
-    if state is None:
-        masks = [torch.ones(bn.num_features, device=device) for _, bn in layers]
-        state = MaskState(masks)
-    masks = [m.detach().to(device).requires_grad_(True) for m in state.masks]
-    optimizer = torch.optim.SGD(masks, lr=config.lr, momentum=0.9)
-    if state.optimizer is not None:
-        optimizer.load_state_dict(state.optimizer)
-    labels = labels.to(device)
-    n = images_u8.shape[0]
+    reporter = or_null(reporter)
+    trainer = _MaskTrainer(model, config, state, precision, channels_last, images_u8.device)
+    labels = labels.to(trainer.device)
+    window = _Window(trainer.device)
+    for iteration in range(trainer.state.iteration, config.iterations):
+        stop_point(reporter)
+        x, y = _batch(images_u8, labels, normalizer, config, generator, channels_last)
+        loss, logits = trainer.step(x, y, generator)
+        window.add(loss, logits, y)
+        done = iteration + 1
+        reporter.progress("anp", done, config.iterations, {"iteration": done})
+        if done % LOG_EVERY == 0 or done == config.iterations:
+            point = window.take(config.batch_size)
+            trainer.keep(done)
+            trainer.state.history.append({"iteration": done, **point})
+            reporter.log(point, done)
+            if on_log is not None:
+                on_log(trainer.state)
+    trainer.keep(max(trainer.state.iteration, config.iterations))
+    return trainer.state
 
-    def forward(x: torch.Tensor, noise: list[tuple[torch.Tensor, torch.Tensor]] | None):
+
+def _batch(images_u8, labels, normalizer, config: ANPConfig, generator, channels_last: bool):
+    """One training batch of the defender split, drawn (and augmented) from ``generator``."""
+    device = images_u8.device
+    idx = torch.randint(0, images_u8.shape[0], (config.batch_size,), generator=generator)
+    x = images_u8[idx.to(device)]
+    if config.augment:
+        x = augment(x, generator)
+    x = normalizer.inplace(to_float(x))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, labels[idx.to(device)]
+
+
+class _Window:
+    """The mean loss and clean accuracy since the last logged iteration."""
+
+    def __init__(self, device) -> None:
+        self.loss = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device)
+        self.seen = 0
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        self.loss += loss.detach()
+        self.correct += (logits.detach().argmax(1) == y).sum()
+        self.seen += 1
+
+    def take(self, batch_size: int) -> dict[str, float]:
+        point = {
+            "anp/loss": float(self.loss / self.seen),
+            "anp/acc": float(self.correct) / (self.seen * batch_size),
+        }
+        self.loss.zero_()
+        self.correct.zero_()
+        self.seen = 0
+        return point
+
+
+class _MaskTrainer:
+    """The masks on a frozen copy of the network, their optimiser, and ANP's step: the natural
+    loss with the masks, plus the loss under the worst neuron perturbation found by ascent."""
+
+    def __init__(self, model, config: ANPConfig, state, precision, channels_last, device) -> None:
+        net = copy.deepcopy(model).to(device)
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        net.train()
+        for p in net.parameters():
+            p.requires_grad_(False)
+        self.net, self.config, self.precision, self.device = net, config, precision, device
+        self.layers = batchnorm_layers(net)
+        if state is None:
+            state = MaskState([torch.ones(bn.num_features, device=device) for _, bn in self.layers])
+        self.state = state
+        self.masks = [m.detach().to(device).requires_grad_(True) for m in state.masks]
+        self.optimizer = torch.optim.SGD(self.masks, lr=config.lr, momentum=0.9)
+        if state.optimizer is not None:
+            self.optimizer.load_state_dict(state.optimizer)
+
+    def forward(self, x: torch.Tensor, noise: list[tuple[torch.Tensor, torch.Tensor]] | None):
         values: dict[str, torch.Tensor] = {}
-        for i, (name, bn) in enumerate(layers):
+        for i, (name, bn) in enumerate(self.layers):
             if noise is None:
-                values[f"{name}.weight"] = bn.weight * masks[i]
+                values[f"{name}.weight"] = bn.weight * self.masks[i]
             else:
                 d, e = noise[i]
-                values[f"{name}.weight"] = bn.weight * (masks[i] + d)
+                values[f"{name}.weight"] = bn.weight * (self.masks[i] + d)
                 values[f"{name}.bias"] = bn.bias * (1.0 + e)
-        with autocast(device, precision):
-            logits = functional_call(net, values, (x,))
+        with autocast(self.device, self.precision):
+            logits = functional_call(self.net, values, (x,))
         return logits.float()
 
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device)
-    seen = 0
-    for iteration in range(state.iteration, config.iterations):
-        if reporter is not None:
-            stop_point(reporter)
-        idx = torch.randint(0, n, (config.batch_size,), generator=generator)
-        x = images_u8[idx.to(device)]
-        if config.augment:
-            x = augment(x, generator)
-        x = normalizer.inplace(to_float(x))
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        y = labels[idx.to(device)]
+    def worst_noise(self, x, y, generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The multiplicative neuron perturbation within eps that most raises the loss (PGD)."""
+        eps, steps = self.config.eps, self.config.steps
+        noise = [
+            (_uniform(bn.num_features, eps, generator, self.device),
+             _uniform(bn.num_features, eps, generator, self.device))
+            for _, bn in self.layers
+        ]  # fmt: skip
+        for _ in range(steps):
+            flat = [t.requires_grad_(True) for pair in noise for t in pair]
+            ascent = F.cross_entropy(self.forward(x, noise), y)
+            grads = torch.autograd.grad(ascent, flat)
+            with torch.no_grad():
+                for t, g in zip(flat, grads, strict=True):
+                    t.add_(g.sign(), alpha=eps / steps)
+            noise = [(d.detach(), e.detach()) for d, e in noise]
+        return noise
 
+    def step(self, x, y, generator) -> tuple[torch.Tensor, torch.Tensor]:
+        config = self.config
         loss_rob: torch.Tensor | float = 0.0
         if config.eps > 0:
-            noise = [
-                (_uniform(bn.num_features, config.eps, generator, device),
-                 _uniform(bn.num_features, config.eps, generator, device))
-                for _, bn in layers
-            ]  # fmt: skip
-            for _ in range(config.steps):
-                flat = [t.requires_grad_(True) for pair in noise for t in pair]
-                ascent = F.cross_entropy(forward(x, noise), y)
-                grads = torch.autograd.grad(ascent, flat)
-                with torch.no_grad():
-                    for t, g in zip(flat, grads, strict=True):
-                        t.add_(g.sign(), alpha=config.eps / config.steps)
-                noise = [(d.detach(), e.detach()) for d, e in noise]
-            loss_rob = F.cross_entropy(forward(x, noise), y)
-        logits = forward(x, None)
+            loss_rob = F.cross_entropy(self.forward(x, self.worst_noise(x, y, generator)), y)
+        logits = self.forward(x, None)
         loss_nat = F.cross_entropy(logits, y)
         loss = config.alpha * loss_nat + (1.0 - config.alpha) * loss_rob
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        self.optimizer.step()
         with torch.no_grad():
-            for m in masks:
+            for m in self.masks:
                 m.clamp_(0.0, 1.0)
-        loss_sum += loss.detach()
-        correct += (logits.detach().argmax(1) == y).sum()
-        seen += 1
-        done = iteration + 1
-        if reporter is not None:
-            reporter.progress("anp", done, config.iterations, {"iteration": done})
-        if done % LOG_EVERY == 0 or done == config.iterations:
-            point = {
-                "anp/loss": float(loss_sum / seen),
-                "anp/acc": float(correct) / (seen * config.batch_size),
-            }
-            loss_sum.zero_()
-            correct.zero_()
-            seen = 0
-            state.masks = [m.detach() for m in masks]
-            state.optimizer = optimizer.state_dict()
-            state.iteration = done
-            state.history.append({"iteration": done, **point})
-            if reporter is not None:
-                reporter.log(point, done)
-            if on_log is not None:
-                on_log(state)
-    state.masks = [m.detach() for m in masks]
-    state.optimizer = optimizer.state_dict()
-    state.iteration = max(state.iteration, config.iterations)
-    return state
+        return loss, logits
+
+    def keep(self, iteration: int) -> None:
+        """The masks and optimiser so far into the state (what checkpoints and callers read)."""
+        self.state.masks = [m.detach() for m in self.masks]
+        self.state.optimizer = self.optimizer.state_dict()
+        self.state.iteration = iteration
 
 
 def _uniform(n: int, eps: float, generator: torch.Generator, device) -> torch.Tensor:

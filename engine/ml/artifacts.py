@@ -129,21 +129,9 @@ class ModelMeta:
     dataset: str
     dataset_sha256: str = ""
     seed: int | None = None
-    # The definition version of ``arch`` the weights belong to (``engine.ml.models.ARCH_VERSIONS``);
-    # left out, the code's current one. A manifest written before the field existed stands for
-    # ``engine.ml.models.UNVERSIONED_ARCH``.
-    arch_version: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.arch_version is None:
-            from engine.ml.models import arch_version
-
-            object.__setattr__(self, "arch_version", arch_version(self.arch))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelMeta:
-        from engine.ml.models import unversioned_arch_version
-
         return cls(
             arch=d["arch"],
             num_classes=int(d["num_classes"]),
@@ -154,9 +142,6 @@ class ModelMeta:
             dataset=d["dataset"],
             dataset_sha256=d.get("dataset_sha256", ""),
             seed=d.get("seed"),
-            arch_version=int(d["arch_version"])
-            if d.get("arch_version") is not None
-            else unversioned_arch_version(d["arch"]),
         )
 
 
@@ -233,9 +218,7 @@ def save_model(
 def load_model(
     directory: str | Path, device: torch.device | str = "cpu"
 ) -> tuple[nn.Module, ModelMeta, dict[str, Any]]:
-    """Build the architecture named in the manifest and load its verified safetensors weights.
-    Weights of another definition version of the architecture are refused (they would load into
-    a network that computes something else)."""
+    """Build the architecture named in the manifest and load its verified safetensors weights."""
     from engine.ml.models import build_model
 
     manifest = read_manifest(directory)
@@ -244,27 +227,10 @@ def load_model(
             f"'{directory}' is a {manifest.get('kind')} artifact; give a model artifact"
         )
     meta = ModelMeta.from_dict(manifest["meta"])
-    check_arch_version(directory, meta)
     model = build_model(meta.arch, meta.num_classes, meta.in_channels)
     state = load_file(str(Path(directory) / "model.safetensors"), device="cpu")
     model.load_state_dict(state, strict=True)
     return model.to(device), meta, manifest
-
-
-def check_arch_version(directory: str | Path, meta: ModelMeta) -> None:
-    """One-line ``UserError`` when the artifact's architecture version is not the code's."""
-    from engine.ml.models import ARCH_CHANGES, arch_version
-
-    saved, current = meta.arch_version or 1, arch_version(meta.arch)
-    if saved == current:
-        return
-    change = ARCH_CHANGES.get((meta.arch, current))
-    raise UserError(
-        f"model artifact '{directory}' holds '{meta.arch}' weights of definition version {saved}, "
-        f"but this code builds version {current}"
-        + (f" ({change})" if change and saved < current else "")
-        + "; retrain the model (mesa-tui run train) with this version"
-    )
 
 
 def save_array(path: str | Path, array: np.ndarray | torch.Tensor) -> None:

@@ -25,6 +25,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from engine.reporter import or_null
+
 FORMAT = "mesa-tui-checkpoint"
 VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
@@ -167,8 +169,7 @@ def load_or_none(path: str | Path, kind: str, fingerprint: Any, reporter: Any = 
     try:
         return load_checkpoint(path, kind, fingerprint)
     except CheckpointError as exc:
-        if reporter is not None:
-            reporter.text(f"{exc}; starting from the beginning", "warning")
+        or_null(reporter).text(f"{exc}; starting from the beginning", "warning")
         return None
 
 

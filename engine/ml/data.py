@@ -3,7 +3,7 @@
 Where a dataset is looked for, in order:
 1. an imported copy under the data home (``mesa-tui data import SOURCE --name NAME``);
 2. the decoded cache under the cache home (made on the first load from 3-5);
-3. torchvision's files under the torchvision root (``MESA_DATA_ROOT``), downloaded when online;
+3. torchvision's files under the torchvision root (``MESA_TUI_DATA_ROOT``), downloaded when online;
 4. for MNIST-style sets, the idx files where Debian's ``dataset-fashion-mnist`` puts them;
 5. ``imagefolder:PATH`` decodes ``PATH/train/<class>/*`` and ``PATH/test/<class>/*``.
 
@@ -42,6 +42,7 @@ from engine.catalog import (
     imported_path,
 )
 from engine.errors import DatasetMissing, UnsafeFile, UserError
+from store.environment import setting
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 
@@ -260,10 +261,10 @@ def _folder_fingerprint(folder: Path) -> str:
 def load_dataset(name: str, download: bool | None = None) -> Dataset:
     """Load a dataset by name (see the module docstring for where it is looked for).
 
-    ``download`` defaults to True unless ``MESA_OFFLINE=1``.
+    ``download`` defaults to True unless ``MESA_TUI_OFFLINE=1``.
     """
     if download is None:
-        download = os.environ.get("MESA_OFFLINE", "") not in ("1", "true", "yes")
+        download = (setting("MESA_TUI_OFFLINE") or "") not in ("1", "true", "yes")
     looked = []
     if name.startswith("imagefolder:"):
         folder = Path(name[12:]).expanduser()

@@ -40,7 +40,7 @@ from torch import nn
 from engine.ml.data import Normalizer, batch_indices, to_float
 from engine.ml.repair import RepairConfig
 from engine.ml.runtime import autocast
-from engine.reporter import Reporter, stop_point
+from engine.reporter import Reporter, or_null, stop_point
 
 PERTURBATION_LR = 10.0  # SGD step of the universal perturbation (the reference's batch_opt)
 INNER_STEP = 0.1  # the fixed-point map's gradient step (the reference's GradientDescent(…, 0.1))
@@ -101,8 +101,7 @@ class IBAUStep:
         optimizer = torch.optim.SGD([delta], lr=PERTURBATION_LR)
         fooled = torch.zeros((), device=self.device)
         for idx in batch_indices(n, self.batch_size, self.generator, device=self.device):
-            if reporter is not None:
-                stop_point(reporter)
+            stop_point(or_null(reporter))
             x = self._batch(idx)
             with torch.no_grad(), autocast(self.device, self.precision):
                 predicted = model(x).argmax(1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,21 @@ from engine.catalog import KNOWN, dataset_info
 from engine.errors import UserError
 from engine.ml import artifacts, backdoorbench
 from engine.ml.models import build_model
+
+
+@dataclass
+class _Weights:
+    """What a foreign file brings: the weights and what they need to be a model artifact."""
+
+    arch: str
+    classes: int
+    channels: int
+    size: tuple[int, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    dataset: str
+    state: dict[str, Any]
+    hint: str  # what to check when the weights do not fit
 
 
 def import_model(
@@ -31,6 +47,34 @@ def import_model(
     and input size; options given beside it must agree with the file. Any other file needs
     ``arch``, ``classes`` and ``normalize``."""
     path = Path(path)
+    directory = _out_directory(out)
+    obj = artifacts.read_foreign_checkpoint(path)
+    spec: dict[str, Any] = {"imported_from": str(path.resolve())}
+    if path.suffix != ".safetensors" and backdoorbench.is_attack_result(obj):
+        weights = _from_backdoorbench(path, obj, arch, classes, channels, normalize, spec)
+    else:
+        weights = _from_state_dict(path, obj, arch, classes, channels, normalize)
+    model = _load_strict(path, weights)
+    w = weights
+    meta = artifacts.ModelMeta(
+        w.arch, w.classes, w.channels, tuple(w.size), tuple(w.mean), tuple(w.std), w.dataset
+    )
+    artifacts.save_model(directory, model, meta, spec=spec)
+    return {
+        "artifact": str(directory),
+        "arch": w.arch,
+        "classes": w.classes,
+        "dataset": w.dataset,
+        "image_size": list(w.size),
+        "mean": list(w.mean),
+        "std": list(w.std),
+        "source": "backdoorbench" if "backdoorbench" in spec else "state-dict",
+        "sha256": artifacts.sha256_file(directory / "model.safetensors"),
+    }
+
+
+def _out_directory(out: str | Path | None) -> Path:
+    """``--out``, or a new directory under the artifacts home; never one with files in it."""
     directory = (
         Path(out)
         if out
@@ -39,71 +83,75 @@ def import_model(
     )
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise UserError(f"--out {directory} exists and is not empty; choose a new directory")
-    obj = artifacts.read_foreign_checkpoint(path)
-    spec: dict[str, Any] = {"imported_from": str(path.resolve())}
-    if path.suffix != ".safetensors" and backdoorbench.is_attack_result(obj):
-        result = backdoorbench.read_attack_result(obj, path, dataset=normalize)
-        _agree(path, "--arch", arch, result.arch, result.model_name)
-        _agree(path, "--classes", classes, result.num_classes)
-        _agree(path, "--channels", channels, result.in_channels)
-        arch, classes, chans = result.arch, result.num_classes, result.in_channels
-        size, mean, std, dataset = result.image_size, result.mean, result.std, result.dataset
-        state = result.state
-        spec["backdoorbench"] = result.provenance
-    else:
-        if arch is None or classes is None or normalize is None:
-            missing = [
-                flag
-                for flag, value in (
-                    ("--arch", arch),
-                    ("--classes", classes),
-                    ("--normalize", normalize),
-                )
-                if value is None
-            ]
-            raise UserError(
-                f"{path} is a plain state dict, which does not say its network; give "
-                f"{', '.join(missing)} (a BackdoorBench attack_result.pt needs none of them)"
-            )
-        if path.suffix == ".safetensors":
-            state = {k.removeprefix("module."): v for k, v in obj.items()}
-        else:
-            state = artifacts._unwrap_state_dict(obj, path)
-        mean, std, size, chans = _normalization(normalize)
-        chans = channels or chans
-        dataset = normalize
-    hint = (
-        "the file is damaged or its model_name is not what trained it"
-        if "backdoorbench" in spec
-        else "check --arch and --classes"
+    return directory
+
+
+def _from_backdoorbench(path, obj, arch, classes, channels, normalize, spec) -> _Weights:
+    """A BackdoorBench attack result: it names its network; options given must agree."""
+    result = backdoorbench.read_attack_result(obj, path, dataset=normalize)
+    _agree(path, "--arch", arch, result.arch, result.model_name)
+    _agree(path, "--classes", classes, result.num_classes)
+    _agree(path, "--channels", channels, result.in_channels)
+    spec["backdoorbench"] = result.provenance
+    return _Weights(
+        arch=result.arch,
+        classes=result.num_classes,
+        channels=result.in_channels,
+        size=result.image_size,
+        mean=result.mean,
+        std=result.std,
+        dataset=result.dataset,
+        state=result.state,
+        hint="the file is damaged or its model_name is not what trained it",
     )
-    model = build_model(arch, classes, chans)
-    missing, unexpected = _diff(model.state_dict().keys(), state.keys())
+
+
+def _from_state_dict(path, obj, arch, classes, channels, normalize) -> _Weights:
+    """A plain state dict (or safetensors): the options say the network."""
+    if arch is None or classes is None or normalize is None:
+        given = (("--arch", arch), ("--classes", classes), ("--normalize", normalize))
+        missing = [flag for flag, value in given if value is None]
+        raise UserError(
+            f"{path} is a plain state dict, which does not say its network; give "
+            f"{', '.join(missing)} (a BackdoorBench attack_result.pt needs none of them)"
+        )
+    if path.suffix == ".safetensors":
+        state = {k.removeprefix("module."): v for k, v in obj.items()}
+    else:
+        state = artifacts._unwrap_state_dict(obj, path)
+    mean, std, size, chans = _normalization(normalize)
+    return _Weights(
+        arch=arch,
+        classes=classes,
+        channels=channels or chans,
+        size=size,
+        mean=mean,
+        std=std,
+        dataset=normalize,
+        state=state,
+        hint="check --arch and --classes",
+    )
+
+
+def _load_strict(path: Path, w: _Weights):
+    """The network with the weights loaded strictly; a misfit is one line naming it."""
+    model = build_model(w.arch, w.classes, w.channels)
+    missing, unexpected = _diff(model.state_dict().keys(), w.state.keys())
     if missing or unexpected:
         raise UserError(
-            f"{path} does not fit {arch} with {classes} classes: missing {len(missing)} keys "
+            f"{path} does not fit {w.arch} with {w.classes} classes: missing {len(missing)} keys "
             f"(e.g. {', '.join(missing[:2]) or '-'}), unexpected {len(unexpected)} "
-            f"(e.g. {', '.join(unexpected[:2]) or '-'}); {hint}"
+            f"(e.g. {', '.join(unexpected[:2]) or '-'}); {w.hint}"
         )
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(w.state, strict=True)
     except RuntimeError as exc:
+        shape = str(exc).splitlines()[1].strip()[:140]
         raise UserError(
-            f"{path} has tensors of the wrong shape for {arch} with {classes} classes ({str(exc).splitlines()[1].strip()[:140]}); {hint}"
+            f"{path} has tensors of the wrong shape for {w.arch} with {w.classes} classes "
+            f"({shape}); {w.hint}"
         ) from None
-    meta = artifacts.ModelMeta(arch, classes, chans, tuple(size), tuple(mean), tuple(std), dataset)
-    artifacts.save_model(directory, model, meta, spec=spec)
-    return {
-        "artifact": str(directory),
-        "arch": arch,
-        "classes": classes,
-        "dataset": dataset,
-        "image_size": list(size),
-        "mean": list(mean),
-        "std": list(std),
-        "source": "backdoorbench" if "backdoorbench" in spec else "state-dict",
-        "sha256": artifacts.sha256_file(directory / "model.safetensors"),
-    }
+    return model
 
 
 def _normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...], tuple[int, int], int]:

@@ -206,36 +206,6 @@ class SmallNet(nn.Module):
         return self.linear(x) * self.scale
 
 
-# The version of each architecture's definition, stored in every model artifact's manifest
-# (``arch_version``). Raise it whenever a change makes old weights compute something else, and say
-# what changed below; a model artifact of another version is refused (retrain it). Unlisted
-# architectures are at version 1.
-ARCH_VERSIONS: dict[str, int] = {
-    "small": 2,  # 2: ReLU instead of GELU (version 1)
-    "small-wide": 2,
-}
-ARCH_CHANGES: dict[tuple[str, int], str] = {
-    ("small", 2): "its activation changed from GELU to ReLU",
-    ("small-wide", 2): "its activation changed from GELU to ReLU",
-}
-
-
-# Manifests written before the field existed (every release up to and including the first with
-# the engine) hold the definitions of that time: the small networks already used ReLU, so they are
-# version 2; only the very first development commit wrote GELU weights, which no release shipped.
-UNVERSIONED_ARCH: dict[str, int] = {"small": 2, "small-wide": 2}
-
-
-def unversioned_arch_version(arch: str) -> int:
-    """The version a manifest without ``arch_version`` stands for."""
-    return UNVERSIONED_ARCH.get(arch, 1)
-
-
-def arch_version(arch: str) -> int:
-    """The current definition version of ``arch`` (1 unless it was changed)."""
-    return ARCH_VERSIONS.get(arch, 1)
-
-
 ARCHITECTURES: dict[str, Callable[[int, int], nn.Module]] = {
     "resnet18": lambda n, c: ResNet([2, 2, 2, 2], n, c),
     "preact-resnet18": PreActResNet18,

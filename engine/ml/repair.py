@@ -50,14 +50,16 @@ from engine.reporter import Reporter, stop_point
 
 
 class TriggerSampler(Protocol):
-    """The sampling contract of ``engine.ml.mesa``: ``(n, C, k, k)`` patches in [0, 1]."""
+    """What the repair loop samples: ``(n, C, k, k)`` patches in [0, 1], from MESA's generators
+    (``engine.ml.mesa``'s samplers subclass it) or a fixed pattern."""
 
     size: int
     channels: int
 
     def sample(self, n: int, generator: torch.Generator) -> torch.Tensor: ...
 
-    def set_epoch(self, epoch: int) -> None: ...
+    def set_epoch(self, epoch: int) -> None:
+        """Only the round-robin ensemble uses the epoch; the others ignore it."""
 
 
 class FixedPatternSampler:
@@ -125,29 +127,19 @@ TriggerSource = TriggerSampler | MaskTrigger | None
 
 @dataclass(frozen=True)
 class RepairConfig:
-    """The paper's repair settings by default (stamp rate: the script's 0.01)."""
+    """The repair loop's settings. Defaults, bounds and help live in ``engine.specs.DefendSpec``
+    alone, which builds this (``DefendSpec.repair_config()``) from values it has checked."""
 
-    epochs: int = 10
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    batch_size: int = 128
-    stamp_rate: float = 0.01
-    placement: str = "per-image"
-    augment: bool = False
-    channels_last: bool = True
-    eval_batch_size: int = 1000
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.stamp_rate <= 1.0:
-            raise UserError(
-                f"stamp rate {self.stamp_rate} is outside [0, 1]; use e.g. 0.01, 0.1 or 0.2"
-            )
-        if self.epochs < 1 or self.batch_size < 1:
-            raise UserError(
-                f"epochs {self.epochs} and batch size {self.batch_size} must be at least 1"
-            )
-        Placement(self.placement)
+    epochs: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    batch_size: int
+    stamp_rate: float
+    placement: str
+    augment: bool
+    channels_last: bool
+    eval_batch_size: int
 
 
 # The trigger source's stream is seeded apart from the repair's own (``trigger_stream``).

@@ -28,7 +28,7 @@ from engine.errors import UserError
 from engine.ml.data import Normalizer, to_float
 from engine.ml.runtime import autocast
 from engine.ml.triggers import MaskTrigger, Placement, stamp
-from engine.reporter import Reporter, stop_point
+from engine.reporter import Reporter, or_null, stop_point
 
 MAD_CONSTANT = 1.4826
 TANH_EPS = 1e-7
@@ -101,6 +101,7 @@ def reverse_point(
     reporter: Reporter | None = None,
 ) -> PointResult:
     """Reverse-engineer ``restarts`` independent k x k patches that flip images to ``target``."""
+    reporter = or_null(reporter)
     _check_images(images_u8, batch_size, "point reversal")
     if restarts < 1:
         raise UserError(f"point restarts {restarts} must be at least 1")
@@ -122,8 +123,7 @@ def reverse_point(
             orders = [torch.randperm(n, generator=g) for g in streams]
             epoch_loss = torch.zeros(restarts, device=device)
             for i in range(per_epoch):
-                if reporter is not None:
-                    stop_point(reporter)
+                stop_point(reporter)
                 idx = torch.cat([o[i * batch_size : (i + 1) * batch_size] for o in orders])
                 b = idx.shape[0] // restarts
                 pos = torch.cat([placement.sample(b, (h, w), size, g) for g in streams]).to(device)
@@ -140,15 +140,13 @@ def reverse_point(
                 per_restart.sum().backward()
                 optimizer.step()
                 epoch_loss += per_restart.detach() * b
-                if reporter is not None:
-                    reporter.progress("point", epoch * per_epoch + i + 1, epochs * per_epoch, {})
+                reporter.progress("point", epoch * per_epoch + i + 1, epochs * per_epoch, {})
             with torch.no_grad():
                 pixels = (patch * std + mean).clamp_(0.0, 1.0)
                 patch.copy_((pixels - mean) / std)
             for r, value in enumerate((epoch_loss / n).tolist()):
                 losses[r].append(value)
-            if reporter is not None:
-                reporter.check_in(120.0)
+            reporter.check_in(120.0)
         patterns = (patch.detach() * std + mean).clamp(0.0, 1.0)
         success = _patch_success(frozen, normalizer, images_u8, patterns, target, size, seed)
     return PointResult(patterns=patterns.float(), success=success, losses=losses)
@@ -352,88 +350,144 @@ def neural_cleanse(
     attack success and mean mask norm, as in the original.
     """
     _check_images(images_u8, batch_size, "Neural Cleanse")
+    reporter = or_null(reporter)
     labels = list(labels)
     if not labels:
         raise UserError("Neural Cleanse needs at least one label to reverse")
-    template = schedule or CostSchedule()
-    device = images_u8.device
-    n, c, h, w = images_u8.shape
-    count = len(labels)
-    streams = [torch.Generator().manual_seed(_stream_seed(seed, lab, 3)) for lab in labels]
-    mask_init = torch.stack([torch.rand(h, w, generator=g) for g in streams])
-    pattern_init = torch.stack([torch.rand(c, h, w, generator=g) for g in streams])
-    mask_raw = unit_to_tanh(mask_init).to(device).requires_grad_(True)
-    pattern_raw = unit_to_tanh(pattern_init).to(device).requires_grad_(True)
-    optimizer = torch.optim.Adam([mask_raw, pattern_raw], lr=lr, betas=adam_betas)
-    schedules = [
-        CostSchedule(**{k: getattr(template, k) for k in _SCHEDULE_SETTINGS}) for _ in labels
-    ]
-    label_tensor = torch.tensor(labels, device=device)
-    best: dict[int, LabelTrigger] = {}
-    active = list(range(count))
-    b = min(batch_size, n)
-    steps_done = [0] * count
-    last_stats: list[tuple[float, float]] = [(0.0, math.inf)] * count
+    search = _Cleanse.start(images_u8, labels, lr, adam_betas, schedule or CostSchedule(), seed)
+    search.batch = min(batch_size, images_u8.shape[0])
     with _Frozen(model) as frozen:
         for epoch in range(epochs):
-            if not active:
+            if not search.active:
                 break
-            sums = torch.zeros(len(active), 2, device=device)  # success, mask L1
-            costs = torch.tensor([schedules[i].cost for i in active], device=device)
-            act = torch.tensor(active, device=device)
-            for _ in range(steps_per_epoch):
-                if reporter is not None:
-                    stop_point(reporter)
-                idx = torch.cat([torch.randint(0, n, (b,), generator=streams[i]) for i in active])
-                x = to_float(images_u8[idx.to(device)]).view(len(active), b, c, h, w)
-                mask = tanh_to_unit(mask_raw[act])  # (A, H, W)
-                pattern = tanh_to_unit(pattern_raw[act])  # (A, C, H, W)
-                blended = x * (1 - mask[:, None, None]) + mask[:, None, None] * pattern[:, None]
-                xs = normalizer(blended.view(-1, c, h, w))
-                if channels_last:
-                    xs = xs.contiguous(memory_format=torch.channels_last)
-                with autocast(device, precision):
-                    logits = frozen(xs).float()
-                tgt = label_tensor[act].repeat_interleave(b)
-                ce = F.cross_entropy(logits, tgt, reduction="none").view(len(active), b).mean(1)
-                l1 = mask.abs().sum(dim=(1, 2))
-                loss = ce + costs * l1
-                optimizer.zero_grad(set_to_none=True)
-                loss.sum().backward()
-                optimizer.step()
-                with torch.no_grad():
-                    hit = (logits.argmax(1) == tgt).float().view(len(active), b).mean(1)
-                    sums += torch.stack([hit, l1.detach()], dim=1)
-            means = (sums / steps_per_epoch).tolist()
-            still = []
-            for j, i in enumerate(active):
-                success, norm = means[j]
-                steps_done[i] = epoch + 1
-                last_stats[i] = (success, norm)
-                improved, stop = schedules[i].update(success, norm)
-                if improved:
-                    best[i] = _snapshot(labels[i], mask_raw[i], pattern_raw[i], success, norm)
-                    best[i].steps, best[i].cost = epoch + 1, schedules[i].cost
-                if not stop:
-                    still.append(i)
-            active = still
-            if reporter is not None:
-                reporter.progress("neural-cleanse", epoch + 1, epochs, {"labels": len(active)})
-                if (epoch + 1) % 10 == 0:
-                    reporter.check_in(300.0)
-    triggers = {}
-    for i, label in enumerate(labels):
-        if i in best:
-            triggers[label] = best[i]
-        else:
-            success, norm = last_stats[i]
-            snap = _snapshot(label, mask_raw[i], pattern_raw[i], success, norm)
-            snap.reached, snap.steps, snap.cost = False, steps_done[i], schedules[i].cost
-            triggers[label] = snap
+            means = search.outer_step(
+                frozen, normalizer, images_u8, steps_per_epoch, precision, channels_last, reporter
+            )
+            search.update(epoch, means)
+            reporter.progress("neural-cleanse", epoch + 1, epochs, {"labels": len(search.active)})
+            if (epoch + 1) % 10 == 0:
+                reporter.check_in(300.0)
+    triggers = search.triggers()
     detection = None
-    if count >= 3:
+    if len(labels) >= 3:
         detection = mad_detection({k: t.l1 for k, t in triggers.items()}, detect_threshold)
     return CleanseResult(triggers, detection)
+
+
+@dataclass
+class _Cleanse:
+    """Every label's mask and pattern, reversed side by side: each with its own parameters,
+    schedule and random stream; ``active`` holds the labels whose schedule has not stopped."""
+
+    labels: list[int]
+    streams: list[torch.Generator]
+    mask_raw: torch.Tensor
+    pattern_raw: torch.Tensor
+    optimizer: torch.optim.Optimizer
+    schedules: list[CostSchedule]
+    active: list[int]
+    batch: int = 0
+    best: dict[int, LabelTrigger] = field(default_factory=dict)
+    steps_done: list[int] = field(default_factory=list)
+    last_stats: list[tuple[float, float]] = field(default_factory=list)
+
+    @classmethod
+    def start(
+        cls,
+        images_u8: torch.Tensor,
+        labels: list[int],
+        lr: float,
+        adam_betas: tuple[float, float],
+        template: CostSchedule,
+        seed: int,
+    ) -> _Cleanse:
+        _, c, h, w = images_u8.shape
+        streams = [torch.Generator().manual_seed(_stream_seed(seed, lab, 3)) for lab in labels]
+        mask_init = torch.stack([torch.rand(h, w, generator=g) for g in streams])
+        pattern_init = torch.stack([torch.rand(c, h, w, generator=g) for g in streams])
+        mask_raw = unit_to_tanh(mask_init).to(images_u8.device).requires_grad_(True)
+        pattern_raw = unit_to_tanh(pattern_init).to(images_u8.device).requires_grad_(True)
+        optimizer = torch.optim.Adam([mask_raw, pattern_raw], lr=lr, betas=adam_betas)
+        schedules = [
+            CostSchedule(**{k: getattr(template, k) for k in _SCHEDULE_SETTINGS}) for _ in labels
+        ]
+        count = len(labels)
+        return cls(
+            labels, streams, mask_raw, pattern_raw, optimizer, schedules, list(range(count)),
+            steps_done=[0] * count, last_stats=[(0.0, math.inf)] * count,
+        )  # fmt: skip
+
+    def outer_step(
+        self,
+        frozen: nn.Module,
+        normalizer: Normalizer,
+        images_u8: torch.Tensor,
+        steps: int,
+        precision: str,
+        channels_last: bool,
+        reporter: Reporter,
+    ) -> list[list[float]]:
+        """``steps`` mini-batches for the active labels: their mean (success, mask L1)."""
+        device = images_u8.device
+        n, c, h, w = images_u8.shape
+        active, b = self.active, self.batch
+        sums = torch.zeros(len(active), 2, device=device)  # success, mask L1
+        costs = torch.tensor([self.schedules[i].cost for i in active], device=device)
+        act = torch.tensor(active, device=device)
+        targets = torch.tensor(self.labels, device=device)[act].repeat_interleave(b)
+        for _ in range(steps):
+            stop_point(reporter)
+            idx = torch.cat([torch.randint(0, n, (b,), generator=self.streams[i]) for i in active])
+            x = to_float(images_u8[idx.to(device)]).view(len(active), b, c, h, w)
+            mask = tanh_to_unit(self.mask_raw[act])  # (A, H, W)
+            pattern = tanh_to_unit(self.pattern_raw[act])  # (A, C, H, W)
+            blended = x * (1 - mask[:, None, None]) + mask[:, None, None] * pattern[:, None]
+            xs = normalizer(blended.view(-1, c, h, w))
+            if channels_last:
+                xs = xs.contiguous(memory_format=torch.channels_last)
+            with autocast(device, precision):
+                logits = frozen(xs).float()
+            ce = F.cross_entropy(logits, targets, reduction="none").view(len(active), b).mean(1)
+            l1 = mask.abs().sum(dim=(1, 2))
+            loss = ce + costs * l1
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.sum().backward()
+            self.optimizer.step()
+            with torch.no_grad():
+                hit = (logits.argmax(1) == targets).float().view(len(active), b).mean(1)
+                sums += torch.stack([hit, l1.detach()], dim=1)
+        return (sums / steps).tolist()
+
+    def update(self, epoch: int, means: list[list[float]]) -> None:
+        """Lambda and the best mask, once per outer step, as in the original."""
+        still = []
+        for j, i in enumerate(self.active):
+            success, norm = means[j]
+            self.steps_done[i] = epoch + 1
+            self.last_stats[i] = (success, norm)
+            improved, stop = self.schedules[i].update(success, norm)
+            if improved:
+                snap = _snapshot(
+                    self.labels[i], self.mask_raw[i], self.pattern_raw[i], success, norm
+                )
+                snap.steps, snap.cost = epoch + 1, self.schedules[i].cost
+                self.best[i] = snap
+            if not stop:
+                still.append(i)
+        self.active = still
+
+    def triggers(self) -> dict[int, LabelTrigger]:
+        """Each label's best mask, or its last one marked as not reached."""
+        out = {}
+        for i, label in enumerate(self.labels):
+            if i in self.best:
+                out[label] = self.best[i]
+                continue
+            success, norm = self.last_stats[i]
+            snap = _snapshot(label, self.mask_raw[i], self.pattern_raw[i], success, norm)
+            snap.reached, snap.steps, snap.cost = False, self.steps_done[i], self.schedules[i].cost
+            out[label] = snap
+        return out
 
 
 _SCHEDULE_SETTINGS = (

@@ -12,8 +12,8 @@ import sys
 import numpy as np
 import torch
 
-from engine.cores import cudnn_benchmark_setting, malloc_setting, thread_budget
 from engine.errors import UserError
+from engine.run_environment import cudnn_benchmark_setting, malloc_setting, thread_budget
 
 
 def pick_device(name: str = "auto") -> torch.device:

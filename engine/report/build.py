@@ -156,7 +156,7 @@ def build_report(
         elif kind == "results":
             from engine.report import paper
 
-            paper.write(writer, Path(key), gpu)
+            paper.write(writer, Path(str(key)), gpu)
             if gpu:
                 _gpu_section(writer, gpu)
         else:

@@ -4,7 +4,7 @@
 
 Whatever exists is aggregated: a study that is still running reports its finished triggers and
 says how many. The statistics are ``engine.report.stats.summarize``; the paper's numbers are
-``engine.pipelines.PAPER_BW``. numpy and matplotlib only, like the rest of the report.
+``engine.paper_figures.PAPER_BW``. numpy and matplotlib only, like the rest of the report.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import UserError
+from engine.paper_figures import PAPER_BW
 from engine.report import collect, stats
 
 # Our method -> the paper's row (mesa-method.md section 5); finetune has none (the paper lacks it).
@@ -69,8 +70,6 @@ def methods_of(records: Sequence[dict[str, Any]]) -> list[str]:
 
 def summary(folder: str | Path) -> dict[str, Any]:
     """The study as one JSON-ready dict: per rate the statistics, costs and machines."""
-    from engine.pipelines import PAPER_BW
-
     folder = Path(folder)
     by_rate = load_records(folder)
     out: dict[str, Any] = {

@@ -371,7 +371,7 @@ def _method_summary(
     return summary
 
 
-def _worst(names: list[str], asr: Sequence[float]) -> dict[str, Any]:
+def _worst(names: list[str], asr: Sequence[float] | np.ndarray) -> dict[str, Any]:
     i = int(np.argmax(asr))
     return {"trigger": names[i], "asr": float(asr[i])}
 

@@ -36,7 +36,8 @@ import json
 import math
 import shutil
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -196,19 +197,23 @@ def _cleanse(spec: DefendSpec, model, normalizer, images, labels_to_run, device,
     )
 
 
-def _detect_target(spec, model, normalizer, images, num_classes, device, precision, reporter):
-    """Neural Cleanse over every label: the defender's belief when none was given."""
-    reporter.text(f"no --target given: Neural Cleanse detection over all {num_classes} labels")
+def _detect_target(d: _Defense):
+    """Neural Cleanse over every label: the defender's belief when none was given (sets the
+    target and the detection's fields; returns the Neural Cleanse result)."""
+    classes = d.meta.num_classes
+    d.reporter.text(f"no --target given: Neural Cleanse detection over all {classes} labels")
     result = _cleanse(
-        spec, model, normalizer, images, range(num_classes), device, precision, reporter
+        d.spec, d.model, d.normalizer, d.images, range(classes), d.device, d.precision, d.reporter
     )
-    target = result.most_suspicious()
+    d.target = result.most_suspicious()
     det = result.detection
     if det is not None and not det.flagged:
-        reporter.text(
-            f"Neural Cleanse flagged no label; using the smallest mask's label {target}", "warning"
+        d.reporter.text(
+            f"Neural Cleanse flagged no label; using the smallest mask's label {d.target}",
+            "warning",
         )
-    return target, result
+    d.extra.update(_detection_fields(result))
+    return result
 
 
 def _detection_fields(result) -> dict[str, Any]:
@@ -222,54 +227,89 @@ def _detection_fields(result) -> dict[str, Any]:
     }
 
 
-def run(spec: DefendSpec, reporter: Reporter) -> TaskResult:
-    import torch
+@dataclass
+class _Defense:
+    """One defense's state, handed from stage to stage."""
 
+    spec: DefendSpec
+    reporter: Reporter
+    started: float
+    config: Any  # RepairConfig
+    device: Any
+    precision: str
+    use_cl: bool
+    generator: Any  # the repair's stream
+    trigger_generator: Any  # the trigger source's own stream
+    model: Any
+    meta: Any
+    normalizer: Any
+    images: Any
+    labels: Any
+    held_out: Any  # EvalSet: evaluation only, never seen by a defense
+    truth: Any  # GroundTruth | None: evaluation (and ideal's trigger) only
+    workdir: Path
+    fingerprint: str
+    reversal_state: dict[str, Any] | None = None
+    repair_state: dict[str, Any] | None = None
+    anp_state: dict[str, Any] | None = None
+    outcomes_before: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, Any] = field(default_factory=dict)  # tensors saved as <name>.npy
+    upstream: list[str] = field(default_factory=list)
+    target: int | None = None
+    source: Any = None  # the trigger source the repair stamps with (None: no trigger)
+    step: Any = None  # a method's own repair step (I-BAU, FT-SAM)
+    last: dict[str, float] = field(default_factory=dict)  # the final evaluation
+    final_step: int = 0
+
+    def evaluate(self, **batch) -> dict[str, float]:
+        from engine.ml.repair import evaluate_repair
+
+        return evaluate_repair(
+            self.model,
+            self.normalizer,
+            self.held_out,
+            precision=self.precision,
+            channels_last=self.use_cl,
+            **batch,
+        )
+
+    def outcomes(self) -> dict[str, str]:
+        return held_out_outcomes(
+            self.model, self.normalizer, self.held_out, self.precision, self.use_cl, self.spec
+        )
+
+
+def run(spec: DefendSpec, reporter: Reporter) -> TaskResult:
+    started = time.perf_counter()
+    check_spec(spec)
+    d = _open(spec, reporter, started)
+    _read_checkpoints(d)
+    _evaluate_before(d)
+    _trigger_source(d)
+    _repair_or_prune(d)
+    _after_repair(d)
+    return _finish(d)
+
+
+def _open(spec: DefendSpec, reporter: Reporter, started: float) -> _Defense:
+    """Devices, streams, the defender split and the held-out evaluation set (in this order: the
+    streams' draws depend on it)."""
     from engine.ml import artifacts
-    from engine.ml import checkpoint as ckpt
     from engine.ml.data import defender_split
-    from engine.ml.mesa import SearchCheckpoint
-    from engine.ml.metrics import variation_asr
-    from engine.ml.repair import (
-        EvalSet,
-        FixedPatternSampler,
-        RandomPatchSampler,
-        RepairConfig,
-        evaluate_repair,
-        load_source_state,
-        load_step_state,
-        method_stream,
-        repair,
-        source_state,
-        step_state,
-        trigger_stream,
-    )
+    from engine.ml.repair import EvalSet, trigger_stream
     from engine.ml.runtime import (
         configure_cpu,
         configure_device,
-        environment,
         pick_device,
         resolve_precision,
         seed_everything,
     )
     from engine.ml.triggers import PatchTrigger, Placement
-    from engine.tasks import mesa as mesa_task
     from engine.tasks.mesa import load_defender_data
 
-    started = time.perf_counter()
-    check_spec(spec)
-    config = RepairConfig(
-        epochs=spec.epochs,
-        lr=spec.lr,
-        momentum=spec.momentum,
-        weight_decay=spec.weight_decay,
-        batch_size=spec.batch_size,
-        stamp_rate=spec.stamp_rate,
-        placement=spec.placement,
-        augment=spec.augment,
-        channels_last=spec.channels_last,
-        eval_batch_size=spec.eval_batch_size,
-    )
+    config = spec.repair_config()
     configure_cpu()
     device = pick_device(spec.device)
     configure_device(device)
@@ -279,7 +319,6 @@ def run(spec: DefendSpec, reporter: Reporter) -> TaskResult:
     model, meta, normalizer, images, labels, data = load_defender_data(
         spec.model, device, spec.defender_fraction, spec.split_seed
     )
-    use_cl = spec.channels_last and device.type != "mps"
     _, held = defender_split(data.test_x.shape[0], spec.defender_fraction, spec.split_seed)
     # Evaluation only: the held-out images and the original trigger never reach a defense.
     truth = artifacts.load_ground_truth(spec.model)
@@ -292,406 +331,522 @@ def run(spec: DefendSpec, reporter: Reporter) -> TaskResult:
     )
     if truth is None:
         reporter.text("no ground truth in the model artifact: ASR and robust accuracy are absent")
-    # Checkpoints of an earlier attempt (read now, applied below; unusable ones are reported).
-    workdir = Path(reporter.workdir)
-    fingerprint = spec.spec_hash()
-    reversal_state = repair_state = anp_state = None
-    if reporter.resume:
-        reversal_state = ckpt.load_or_none(
-            workdir / REVERSAL, "defend-reversal", fingerprint, reporter
-        )
-        repair_state = ckpt.load_or_none(
-            workdir / CHECKPOINT, "defend-repair", fingerprint, reporter
-        )
-        if spec.method == "anp":
-            anp_state = ckpt.load_or_none(
-                workdir / ANP_CHECKPOINT, "defend-anp", fingerprint, reporter
-            )
-    before = evaluate_repair(
-        model,
-        normalizer,
-        held_out,
+    return _Defense(
+        spec=spec,
+        reporter=reporter,
+        started=started,
+        config=config,
+        device=device,
         precision=precision,
-        channels_last=use_cl,
-        batch_size=spec.eval_batch_size,
+        use_cl=spec.channels_last and device.type != "mps",
+        generator=generator,
+        trigger_generator=trigger_generator,
+        model=model,
+        meta=meta,
+        normalizer=normalizer,
+        images=images,
+        labels=labels,
+        held_out=held_out,
+        truth=truth,
+        workdir=Path(reporter.workdir),
+        fingerprint=spec.spec_hash(),
+        extra={"method": spec.method, "stamp_rate": spec.stamp_rate},
+        upstream=[spec.model],
+        target=spec.target,
     )
-    outcomes_before = held_out_outcomes(model, normalizer, held_out, precision, use_cl, spec)
-    result_metrics: dict[str, float] = {f"before/{k}": v for k, v in before.items()}
-    resumed = any(state is not None for state in (reversal_state, repair_state, anp_state))
+
+
+def _read_checkpoints(d: _Defense) -> None:
+    """An earlier attempt's checkpoints (applied by the stages; unusable ones are reported)."""
+    from engine.ml import checkpoint as ckpt
+
+    if not d.reporter.resume:
+        return
+    load = partial(ckpt.load_or_none, fingerprint=d.fingerprint, reporter=d.reporter)
+    d.reversal_state = load(d.workdir / REVERSAL, "defend-reversal")
+    d.repair_state = load(d.workdir / CHECKPOINT, "defend-repair")
+    if d.spec.method == "anp":
+        d.anp_state = load(d.workdir / ANP_CHECKPOINT, "defend-anp")
+
+
+def _evaluate_before(d: _Defense) -> None:
+    before = d.evaluate(batch_size=d.spec.eval_batch_size)
+    d.outcomes_before = d.outcomes()
+    d.metrics = {f"before/{k}": v for k, v in before.items()}
+    resumed = any(s is not None for s in (d.reversal_state, d.repair_state, d.anp_state))
     if not resumed:  # a resumed attempt logged them already
-        reporter.log({f"eval/{k}": v for k, v in before.items()}, 0)
-        reporter.log(result_metrics, 0)
+        d.reporter.log({f"eval/{k}": v for k, v in before.items()}, 0)
+        d.reporter.log(d.metrics, 0)
 
-    # -- the trigger source (the only thing that differs between methods) ---------------------
-    extra: dict[str, Any] = {"method": spec.method, "stamp_rate": spec.stamp_rate}
-    extra_files: dict[str, torch.Tensor] = {}
-    upstream: list[str] = [spec.model]
-    target: int | None = spec.target
-    reverse_started = time.perf_counter()
-    source: Any = None
-    reversed_before = reversal_state is not None and spec.method in ("point", "neural-cleanse")
-    if reversed_before:
-        assert reversal_state is not None
-        target = reversal_state["target"]
-        extra = reversal_state["extra"]
-        extra_files = reversal_state["files"]
-        source = _reversal_source(spec, extra_files)
-        ckpt.set_global_rng_state(reversal_state["rng"])
-        generator.set_state(reversal_state["generator"])
-        reporter.text(f"resumed: reusing this job's finished {spec.method} reversal")
-    elif spec.method == "mesa":
-        from engine.ml.mesa import open_search
 
-        search = open_search(spec.search, device)
-        target = search.target
-        ensemble = spec.ensemble or (None if spec.beta is not None else "round-robin")
-        if spec.beta is None and len(search.betas) == 1:
-            ensemble = None
-        source = search.sampler(beta=spec.beta, ensemble=ensemble)
-        upstream.append(str(spec.search))
-        extra["beta"] = spec.beta
-        extra["ensemble"] = ensemble
-        # A search with learned placement: its triggers are stamped where its pi says.
-        extra["positions"] = "learned" if search.positions else spec.placement
-        if search.positions:
-            reporter.text("mesa: stamping at the places the search's position distribution gives")
-    elif spec.method == "ideal":
-        assert truth is not None  # check_spec refused a model without ground truth
-        target = truth.target
-        source = FixedPatternSampler(truth.pattern)
-        reporter.text("ideal: repairing with the original trigger (the oracle bound)")
-    elif spec.method == "random-patch":
-        source = RandomPatchSampler(meta.in_channels, spec.patch_size)
-    elif spec.method == "point" and spec.reversal_from:
-        earlier = _check_reversal(spec)
-        target = int(earlier["target"])
-        patterns = torch.from_numpy(
-            artifacts.load_array(Path(spec.reversal_from) / "point_patterns.npy")
-        )
-        if spec.point_index is not None and spec.point_index >= patterns.shape[0]:
-            raise UserError(
-                f"invalid --point-index {spec.point_index}: the reused reversal has "
-                f"{patterns.shape[0]} restarts"
-            )
-        chosen = patterns if spec.point_index is None else patterns[spec.point_index][None]
-        source = FixedPatternSampler(chosen)
-        extra["point_success"] = earlier.get("point_success")
-        extra_files["point_patterns"] = patterns
-        upstream.append(str(spec.reversal_from))
-    elif spec.method == "neural-cleanse" and spec.reversal_from:
-        from engine.ml.triggers import MaskTrigger
+# -- the trigger source (the only thing that differs between methods) -------------------------
 
-        earlier = _check_reversal(spec)
-        target = int(earlier["target"])
-        mask = torch.from_numpy(artifacts.load_array(Path(spec.reversal_from) / "nc_mask.npy"))
-        pattern = torch.from_numpy(
-            artifacts.load_array(Path(spec.reversal_from) / "nc_pattern.npy")
-        )
-        source = MaskTrigger(mask, pattern)
-        reused = ("flagged", "scores", "mask_l1", "nc")
-        extra.update({k: earlier[k] for k in reused if k in earlier})
-        extra_files["nc_mask"], extra_files["nc_pattern"] = mask, pattern
-        upstream.append(str(spec.reversal_from))
-    elif spec.method == "point":
-        from engine.ml.reverse import reverse_point
 
-        if target is None:
-            target, nc = _detect_target(
-                spec, model, normalizer, images, meta.num_classes, device, precision, reporter
-            )
-            extra.update(_detection_fields(nc))
-        point = reverse_point(
-            model,
-            normalizer,
-            images,
-            target,
-            size=spec.patch_size,
-            restarts=spec.point_restarts,
-            epochs=spec.point_epochs,
-            batch_size=spec.point_batch_size,
-            lr=spec.point_lr,
-            placement=Placement(spec.placement),
-            seed=spec.seed,
-            precision=precision,
-            channels_last=use_cl,
-            reporter=reporter,
-        )
-        chosen = point.patterns
-        if spec.point_index is not None:
-            chosen = chosen[spec.point_index : spec.point_index + 1]
-        source = FixedPatternSampler(chosen)
-        extra["point_success"] = point.success
-        extra_files["point_patterns"] = point.patterns
-    elif spec.method == "neural-cleanse":
-        if target is None:
-            target, nc = _detect_target(
-                spec, model, normalizer, images, meta.num_classes, device, precision, reporter
-            )
-            extra.update(_detection_fields(nc))
-        else:
-            nc = _cleanse(spec, model, normalizer, images, [target], device, precision, reporter)
-        reversed_trigger = nc.triggers[target]
-        source = reversed_trigger.trigger()
-        extra["nc"] = {
-            "mask_l1": reversed_trigger.l1,
-            "success": reversed_trigger.success,
-            "reached": float(reversed_trigger.reached),
-        }
-        if not reversed_trigger.reached:
-            reporter.text(
-                f"Neural Cleanse found no mask reaching {spec.nc_threshold:.0%} success for class "
-                f"{target}; unlearning with its last mask",
-                "warning",
-            )
-        extra_files["nc_mask"] = reversed_trigger.mask
-        extra_files["nc_pattern"] = reversed_trigger.pattern
-    elif spec.method == "clp":
-        extra["clp"], extra_files["clp_uclc"] = _clp(spec, model, meta, reporter)
-        result_metrics["clp/pruned"] = float(extra["clp"]["pruned"])
-        result_metrics["clp/pruned_share"] = extra["clp"]["pruned"] / extra["clp"]["channels"]
-        result_metrics["time/prune_s"] = time.perf_counter() - reverse_started
-    elif spec.method == "anp":
-        extra["anp"], extra_files["anp_masks"] = _anp(
-            spec,
-            model,
-            meta,
-            normalizer,
-            images,
-            labels,
-            anp_state,
-            method_stream(spec.seed, generator.device),
-            precision,
-            use_cl,
-            reporter,
-            fingerprint,
-        )
-        result_metrics["anp/pruned"] = float(extra["anp"]["pruned"])
-        result_metrics["anp/pruned_share"] = extra["anp"]["pruned"] / extra["anp"]["neurons"]
-        result_metrics["time/prune_s"] = time.perf_counter() - reverse_started
-    reverse_s = time.perf_counter() - reverse_started
-    if reversed_before:
-        assert reversal_state is not None
-        reverse_s = float(reversal_state["seconds"])
-    elif spec.method in ("point", "neural-cleanse") and not spec.reversal_from:
-        reporter.check_in(120.0)
-        ckpt.save_checkpoint(
-            workdir / REVERSAL,
-            "defend-reversal",
-            {
-                "target": target,
-                "extra": extra,
-                "files": {k: v.detach().cpu() for k, v in extra_files.items()},
-                "seconds": reverse_s,
-                "rng": ckpt.global_rng_state(),
-                "generator": generator.get_state(),
-            },
-            fingerprint,
-        )
-    for r, success in enumerate(extra.get("point_success") or []):
-        result_metrics[f"point/restart={r}/success"] = success
-    for name, value in extra.get("nc", {}).items():
-        result_metrics[f"nc/{name}"] = value
-    patterns = extra_files.get("point_patterns")
+def _trigger_source(d: _Defense) -> None:
+    spec = d.spec
+    reversing = spec.method in ("point", "neural-cleanse")
+    started = time.perf_counter()
+    if reversing and d.reversal_state is not None:
+        _resume_reversal(d)
+    else:
+        SOURCES[spec.method](d)
+    seconds = time.perf_counter() - started
+    if spec.method in PRUNING_METHODS:
+        d.metrics["time/prune_s"] = seconds
+    if reversing and d.reversal_state is not None:
+        seconds = float(d.reversal_state["seconds"])
+    elif reversing and not spec.reversal_from:
+        _save_reversal(d, seconds)
+    _reversal_metrics(d)
+    if reversing and not spec.reversal_from:
+        d.metrics["time/reverse_s"] = seconds
+    d.extra["target"] = d.target
+    if spec.method != "ideal" and d.truth is not None and d.target is not None:
+        d.metrics["defense/target_correct"] = float(d.target == d.truth.target)
+
+
+def _resume_reversal(d: _Defense) -> None:
+    from engine.ml import checkpoint as ckpt
+
+    state = d.reversal_state
+    assert state is not None
+    d.target, d.extra, d.files = state["target"], state["extra"], state["files"]
+    d.source = _reversal_source(d.spec, d.files)
+    ckpt.set_global_rng_state(state["rng"])
+    d.generator.set_state(state["generator"])
+    d.reporter.text(f"resumed: reusing this job's finished {d.spec.method} reversal")
+
+
+def _save_reversal(d: _Defense, seconds: float) -> None:
+    from engine.ml import checkpoint as ckpt
+
+    d.reporter.check_in(120.0)
+    state = {
+        "target": d.target,
+        "extra": d.extra,
+        "files": {k: v.detach().cpu() for k, v in d.files.items()},
+        "seconds": seconds,
+        "rng": ckpt.global_rng_state(),
+        "generator": d.generator.get_state(),
+    }
+    ckpt.save_checkpoint(d.workdir / REVERSAL, "defend-reversal", state, d.fingerprint)
+
+
+def _reversal_metrics(d: _Defense) -> None:
+    for r, success in enumerate(d.extra.get("point_success") or []):
+        d.metrics[f"point/restart={r}/success"] = success
+    for name, value in d.extra.get("nc", {}).items():
+        d.metrics[f"nc/{name}"] = value
+    patterns, truth = d.files.get("point_patterns"), d.truth
     if patterns is not None and truth is not None and truth.pattern.shape == patterns.shape[1:]:
         # Evaluation only: how close each restart came to the original trigger.
         distance = (patterns.cpu() - truth.pattern).flatten(1).norm(dim=1)
         for r, value in enumerate(distance.tolist()):
-            result_metrics[f"point/restart={r}/distance_to_true"] = value
-    if spec.method in ("point", "neural-cleanse") and not spec.reversal_from:
-        result_metrics["time/reverse_s"] = reverse_s
-    extra["target"] = target
-    if spec.method != "ideal" and truth is not None and target is not None:
-        result_metrics["defense/target_correct"] = float(target == truth.target)
+            d.metrics[f"point/restart={r}/distance_to_true"] = value
 
-    # -- the repair loop (the pruning methods have none) --------------------------------------
-    step: Any = None
+
+def _source_mesa(d: _Defense) -> None:
+    from engine.ml.mesa import open_search
+
+    spec = d.spec
+    search = open_search(spec.search, d.device)
+    d.target = search.target
+    ensemble = spec.ensemble or (None if spec.beta is not None else "round-robin")
+    if spec.beta is None and len(search.betas) == 1:
+        ensemble = None
+    d.source = search.sampler(beta=spec.beta, ensemble=ensemble)
+    d.upstream.append(str(spec.search))
+    d.extra["beta"] = spec.beta
+    d.extra["ensemble"] = ensemble
+    # A search with learned placement: its triggers are stamped where its pi says.
+    d.extra["positions"] = "learned" if search.positions else spec.placement
+    if search.positions:
+        d.reporter.text("mesa: stamping at the places the search's position distribution gives")
+
+
+def _source_ideal(d: _Defense) -> None:
+    from engine.ml.repair import FixedPatternSampler
+
+    assert d.truth is not None  # check_spec refused a model without ground truth
+    d.target = d.truth.target
+    d.source = FixedPatternSampler(d.truth.pattern)
+    d.reporter.text("ideal: repairing with the original trigger (the oracle bound)")
+
+
+def _source_random_patch(d: _Defense) -> None:
+    from engine.ml.repair import RandomPatchSampler
+
+    d.source = RandomPatchSampler(d.meta.in_channels, d.spec.patch_size)
+
+
+def _no_source(d: _Defense) -> None:
+    """Fine-tuning, I-BAU and FT-SAM: the repair stamps nothing."""
+
+
+def _source_point(d: _Defense) -> None:
+    from engine.ml.repair import FixedPatternSampler
+    from engine.ml.reverse import reverse_point
+    from engine.ml.triggers import Placement
+
+    spec = d.spec
+    if spec.reversal_from:
+        return _reuse_point(d)
+    if d.target is None:
+        _detect_target(d)
+    point = reverse_point(
+        d.model,
+        d.normalizer,
+        d.images,
+        d.target,
+        size=spec.patch_size,
+        restarts=spec.point_restarts,
+        epochs=spec.point_epochs,
+        batch_size=spec.point_batch_size,
+        lr=spec.point_lr,
+        placement=Placement(spec.placement),
+        seed=spec.seed,
+        precision=d.precision,
+        channels_last=d.use_cl,
+        reporter=d.reporter,
+    )
+    chosen = point.patterns
+    if spec.point_index is not None:
+        chosen = chosen[spec.point_index : spec.point_index + 1]
+    d.source = FixedPatternSampler(chosen)
+    d.extra["point_success"] = point.success
+    d.files["point_patterns"] = point.patterns
+
+
+def _reuse_point(d: _Defense) -> None:
+    import torch
+
+    from engine.ml import artifacts
+    from engine.ml.repair import FixedPatternSampler
+
+    spec = d.spec
+    earlier = _check_reversal(spec)
+    d.target = int(earlier["target"])
+    patterns = torch.from_numpy(
+        artifacts.load_array(Path(spec.reversal_from) / "point_patterns.npy")
+    )
+    if spec.point_index is not None and spec.point_index >= patterns.shape[0]:
+        raise UserError(
+            f"invalid --point-index {spec.point_index}: the reused reversal has "
+            f"{patterns.shape[0]} restarts"
+        )
+    chosen = patterns if spec.point_index is None else patterns[spec.point_index][None]
+    d.source = FixedPatternSampler(chosen)
+    d.extra["point_success"] = earlier.get("point_success")
+    d.files["point_patterns"] = patterns
+    d.upstream.append(str(spec.reversal_from))
+
+
+def _source_neural_cleanse(d: _Defense) -> None:
+    spec = d.spec
+    if spec.reversal_from:
+        return _reuse_neural_cleanse(d)
+    if d.target is None:
+        nc = _detect_target(d)
+    else:
+        nc = _cleanse(
+            spec, d.model, d.normalizer, d.images, [d.target], d.device, d.precision, d.reporter
+        )
+    found = nc.triggers[d.target]
+    d.source = found.trigger()
+    d.extra["nc"] = {"mask_l1": found.l1, "success": found.success, "reached": float(found.reached)}
+    if not found.reached:
+        d.reporter.text(
+            f"Neural Cleanse found no mask reaching {spec.nc_threshold:.0%} success for class "
+            f"{d.target}; unlearning with its last mask",
+            "warning",
+        )
+    d.files["nc_mask"], d.files["nc_pattern"] = found.mask, found.pattern
+
+
+def _reuse_neural_cleanse(d: _Defense) -> None:
+    import torch
+
+    from engine.ml import artifacts
+    from engine.ml.triggers import MaskTrigger
+
+    spec = d.spec
+    earlier = _check_reversal(spec)
+    d.target = int(earlier["target"])
+    directory = Path(spec.reversal_from)
+    mask = torch.from_numpy(artifacts.load_array(directory / "nc_mask.npy"))
+    pattern = torch.from_numpy(artifacts.load_array(directory / "nc_pattern.npy"))
+    d.source = MaskTrigger(mask, pattern)
+    reused = ("flagged", "scores", "mask_l1", "nc")
+    d.extra.update({k: earlier[k] for k in reused if k in earlier})
+    d.files["nc_mask"], d.files["nc_pattern"] = mask, pattern
+    d.upstream.append(str(spec.reversal_from))
+
+
+def _source_clp(d: _Defense) -> None:
+    d.extra["clp"], d.files["clp_uclc"] = _clp(d.spec, d.model, d.meta, d.reporter)
+    d.metrics["clp/pruned"] = float(d.extra["clp"]["pruned"])
+    d.metrics["clp/pruned_share"] = d.extra["clp"]["pruned"] / d.extra["clp"]["channels"]
+
+
+def _source_anp(d: _Defense) -> None:
+    d.extra["anp"], d.files["anp_masks"] = _anp(d)
+    d.metrics["anp/pruned"] = float(d.extra["anp"]["pruned"])
+    d.metrics["anp/pruned_share"] = d.extra["anp"]["pruned"] / d.extra["anp"]["neurons"]
+
+
+SOURCES = {
+    "mesa": _source_mesa,
+    "ideal": _source_ideal,
+    "random-patch": _source_random_patch,
+    "point": _source_point,
+    "neural-cleanse": _source_neural_cleanse,
+    "finetune": _no_source,
+    "i-bau": _no_source,
+    "ft-sam": _no_source,
+    "clp": _source_clp,
+    "anp": _source_anp,
+}
+
+
+# -- the repair loop (the pruning methods have none) ------------------------------------------
+
+
+def _repair_or_prune(d: _Defense) -> None:
+    if d.spec.method in PRUNING_METHODS:
+        d.last = {f"eval/{k}": v for k, v in d.evaluate(batch_size=d.spec.eval_batch_size).items()}
+        d.final_step = 1
+        d.reporter.log(d.last, d.final_step)
+    else:
+        _method_step(d)
+        _repair(d)
+    d.metrics.update(d.last)
+
+
+def _method_step(d: _Defense) -> None:
+    """I-BAU's and FT-SAM's own step in the repair loop, with their epochs and optimiser."""
+    from engine.ml.repair import method_stream
+
+    spec = d.spec
     if spec.method == "i-bau":
         from engine.ml.ibau import IBAUStep
 
-        step = IBAUStep(
-            device,
-            precision,
-            images,
-            normalizer,
-            method_stream(spec.seed, generator.device),
+        d.step = IBAUStep(
+            d.device,
+            d.precision,
+            d.images,
+            d.normalizer,
+            method_stream(spec.seed, d.generator.device),
             k=spec.ibau_k,
             lr=spec.ibau_lr,
             portion=spec.ibau_portion,
             batch_size=spec.batch_size,
-            channels_last=use_cl,
+            channels_last=d.use_cl,
         )
-        config = replace(config, epochs=spec.ibau_rounds)
+        d.config = replace(d.config, epochs=spec.ibau_rounds)
     elif spec.method == "ft-sam":
         from engine.ml.ftsam import SAMStep
 
-        step = SAMStep(
-            device,
-            precision,
+        d.step = SAMStep(
+            d.device,
+            d.precision,
             rho=spec.sam_rho,
             adaptive=spec.sam_adaptive,
             label_smoothing=spec.sam_label_smoothing,
             lr=spec.sam_lr,
             epochs=spec.sam_epochs,
         )
-        config = replace(
-            config, epochs=spec.sam_epochs, lr=spec.sam_lr, weight_decay=spec.sam_weight_decay
+        d.config = replace(
+            d.config, epochs=spec.sam_epochs, lr=spec.sam_lr, weight_decay=spec.sam_weight_decay
         )
-    start_epoch, optimizer_state = 0, None
-    if repair_state is not None:
-        current = model.state_dict()
-        saved = repair_state.get("model")
-        if not isinstance(saved, dict) or {k: tuple(v.shape) for k, v in saved.items()} != {
-            k: tuple(v.shape) for k, v in current.items()
-        }:
-            reporter.text(
-                f"checkpoint {workdir / CHECKPOINT} does not fit this model; "
-                "repairing from the beginning",
-                "warning",
-            )
-        else:
-            model.load_state_dict(saved)
-            optimizer_state = repair_state["optimizer"]
-            generator.set_state(repair_state["generator"])
-            if "trigger_generator" in repair_state:  # absent from checkpoints before pairing
-                trigger_generator.set_state(repair_state["trigger_generator"])
-            ckpt.set_global_rng_state(repair_state["rng"])
-            load_source_state(source, repair_state["source"])
-            load_step_state(step, repair_state.get("step", {}))
-            start_epoch = int(repair_state["epoch"])
-            reporter.text(f"resumed the repair after epoch {start_epoch}")
 
-    def save_checkpoint(epoch: int, _metrics: dict[str, float], optimizer) -> None:
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "epoch": epoch,
-            "generator": generator.get_state(),
-            "trigger_generator": trigger_generator.get_state(),
-            "rng": ckpt.global_rng_state(),
-            "source": source_state(source),
-            "step": step_state(step),
-        }
-        ckpt.save_checkpoint(workdir / CHECKPOINT, "defend-repair", state, fingerprint)
 
-    final_step = config.epochs
-    if spec.method in PRUNING_METHODS:
-        last = {
-            f"eval/{k}": v
-            for k, v in evaluate_repair(
-                model,
-                normalizer,
-                held_out,
-                precision=precision,
-                channels_last=use_cl,
-                batch_size=spec.eval_batch_size,
-            ).items()
-        }
-        final_step = 1
-        reporter.log(last, final_step)
-    else:
-        schedule = {
-            "i-bau": f"{config.epochs} rounds",
-            "ft-sam": f"{config.epochs} epochs of sharpness-aware fine-tuning",
-        }.get(spec.method, f"stamp rate {spec.stamp_rate}, {config.epochs} epochs")
-        reporter.text(
-            f"repair: {spec.method}, {schedule} on {images.shape[0]} defender images, "
-            f"{device} {precision}"
+def _resume_repair(d: _Defense) -> tuple[int, Any]:
+    """(the epoch to start after, the optimiser's state) from a fitting repair checkpoint."""
+    from engine.ml import checkpoint as ckpt
+    from engine.ml.repair import load_source_state, load_step_state
+
+    state = d.repair_state
+    if state is None:
+        return 0, None
+    saved, current = state.get("model"), d.model.state_dict()
+    shapes = {k: tuple(v.shape) for k, v in current.items()}
+    if not isinstance(saved, dict) or {k: tuple(v.shape) for k, v in saved.items()} != shapes:
+        d.reporter.text(
+            f"checkpoint {d.workdir / CHECKPOINT} does not fit this model; "
+            "repairing from the beginning",
+            "warning",
         )
-        repair_started = time.perf_counter()
-        last, _ = repair(
-            model,
-            normalizer,
-            images,
-            labels,
-            source,
-            config,
-            held_out,
-            generator=generator,
-            trigger_generator=trigger_generator,
-            patch_size=spec.patch_size,
-            precision=precision,
-            reporter=reporter,
-            on_epoch=save_checkpoint,
-            start_epoch=start_epoch,
-            optimizer_state=optimizer_state,
-            step=step,
-        )
-        result_metrics["time/repair_s"] = time.perf_counter() - repair_started
-        if not last:  # resumed after the last epoch: evaluate the checkpointed model
-            last = {
-                f"eval/{k}": v
-                for k, v in evaluate_repair(
-                    model, normalizer, held_out, precision=precision, channels_last=use_cl
-                ).items()
-            }
-    result_metrics.update(last)
+        return 0, None
+    d.model.load_state_dict(saved)
+    d.generator.set_state(state["generator"])
+    if "trigger_generator" in state:  # absent from checkpoints before pairing
+        d.trigger_generator.set_state(state["trigger_generator"])
+    ckpt.set_global_rng_state(state["rng"])
+    load_source_state(d.source, state["source"])
+    load_step_state(d.step, state.get("step", {}))
+    start_epoch = int(state["epoch"])
+    d.reporter.text(f"resumed the repair after epoch {start_epoch}")
+    return start_epoch, state["optimizer"]
 
-    # -- after the repair: pattern variations and the residual search ------------------------
+
+def _save_repair(d: _Defense, epoch: int, _metrics: dict[str, float], optimizer) -> None:
+    from engine.ml import checkpoint as ckpt
+    from engine.ml.repair import source_state, step_state
+
+    state = {
+        "model": d.model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "generator": d.generator.get_state(),
+        "trigger_generator": d.trigger_generator.get_state(),
+        "rng": ckpt.global_rng_state(),
+        "source": source_state(d.source),
+        "step": step_state(d.step),
+    }
+    ckpt.save_checkpoint(d.workdir / CHECKPOINT, "defend-repair", state, d.fingerprint)
+
+
+def _repair(d: _Defense) -> None:
+    from engine.ml.repair import repair
+
+    spec, config = d.spec, d.config
+    start_epoch, optimizer_state = _resume_repair(d)
+    schedule = {
+        "i-bau": f"{config.epochs} rounds",
+        "ft-sam": f"{config.epochs} epochs of sharpness-aware fine-tuning",
+    }.get(spec.method, f"stamp rate {spec.stamp_rate}, {config.epochs} epochs")
+    d.reporter.text(
+        f"repair: {spec.method}, {schedule} on {d.images.shape[0]} defender images, "
+        f"{d.device} {d.precision}"
+    )
+    started = time.perf_counter()
+    d.last, _ = repair(
+        d.model,
+        d.normalizer,
+        d.images,
+        d.labels,
+        d.source,
+        config,
+        d.held_out,
+        generator=d.generator,
+        trigger_generator=d.trigger_generator,
+        patch_size=spec.patch_size,
+        precision=d.precision,
+        reporter=d.reporter,
+        on_epoch=partial(_save_repair, d),
+        start_epoch=start_epoch,
+        optimizer_state=optimizer_state,
+        step=d.step,
+    )
+    d.metrics["time/repair_s"] = time.perf_counter() - started
+    d.final_step = config.epochs
+    if not d.last:  # resumed after the last epoch: evaluate the checkpointed model
+        d.last = {f"eval/{k}": v for k, v in d.evaluate().items()}
+
+
+# -- after the repair: pattern variations and the residual search -----------------------------
+
+
+def _after_repair(d: _Defense) -> None:
+    from engine.ml.metrics import variation_asr
+
+    spec, truth = d.spec, d.truth
     if truth is not None and spec.variations:
         variations = variation_asr(
-            model,
-            held_out.images,
-            held_out.labels,
-            normalizer,
-            held_out.trigger,
+            d.model,
+            d.held_out.images,
+            d.held_out.labels,
+            d.normalizer,
+            d.held_out.trigger,
             truth.target,
             batch_size=spec.eval_batch_size,
-            precision=precision,
-            channels_last=use_cl,
+            precision=d.precision,
+            channels_last=d.use_cl,
         )
-        result_metrics.update({f"eval/{k}": v for k, v in variations.items()})
-    if spec.residual_steps > 0 and target is not None:
-        residual_started = time.perf_counter()
-        result_metrics.update(
-            residual_check(
-                model,
-                normalizer,
-                images,
-                labels,
-                target,
-                steps=spec.residual_steps,
-                beta=spec.residual_beta,
-                batch_size=spec.residual_batch_size,
-                hidden=spec.residual_hidden,
-                seed=spec.seed + RESIDUAL_SEED_OFFSET,
-                device=device,
-                precision=precision,
-                reporter=reporter,
-                true_pattern=truth.pattern if truth else None,
-                checkpoint=SearchCheckpoint(
-                    workdir / RESIDUAL,
-                    resume=reporter.resume,
-                    every_steps=mesa_task.CHECKPOINT_EVERY_STEPS,
-                    every_s=mesa_task.CHECKPOINT_EVERY_S,
-                ),
-            )
-        )
-        result_metrics["time/residual_s"] = time.perf_counter() - residual_started
+        d.metrics.update({f"eval/{k}": v for k, v in variations.items()})
+    if spec.residual_steps > 0 and d.target is not None:
+        started = time.perf_counter()
+        d.metrics.update(_residual(d))
+        d.metrics["time/residual_s"] = time.perf_counter() - started
     elif spec.residual_steps > 0:
-        reporter.text("residual check skipped: no target class is known (give --target)")
-    result_metrics["time/total_s"] = time.perf_counter() - started
+        d.reporter.text("residual check skipped: no target class is known (give --target)")
+    d.metrics["time/total_s"] = time.perf_counter() - d.started
 
-    # -- the repaired model artifact ---------------------------------------------------------
-    model_cpu = model.to("cpu").to(memory_format=torch.contiguous_format)
+
+def _residual(d: _Defense) -> dict[str, float]:
+    from engine.ml.mesa import SearchCheckpoint
+    from engine.tasks import mesa as mesa_task
+
+    spec = d.spec
+    assert d.target is not None
+    return residual_check(
+        d.model,
+        d.normalizer,
+        d.images,
+        d.labels,
+        d.target,
+        steps=spec.residual_steps,
+        beta=spec.residual_beta,
+        batch_size=spec.residual_batch_size,
+        hidden=spec.residual_hidden,
+        seed=spec.seed + RESIDUAL_SEED_OFFSET,
+        device=d.device,
+        precision=d.precision,
+        reporter=d.reporter,
+        true_pattern=d.truth.pattern if d.truth else None,
+        checkpoint=SearchCheckpoint(
+            d.workdir / RESIDUAL,
+            resume=d.reporter.resume,
+            every_steps=mesa_task.CHECKPOINT_EVERY_STEPS,
+            every_s=mesa_task.CHECKPOINT_EVERY_S,
+        ),
+    )
+
+
+# -- the repaired model artifact ------------------------------------------------------------
+
+
+def _finish(d: _Defense) -> TaskResult:
+    from engine.ml.runtime import environment
+
+    _save_artifact(d)
+    final_only = {
+        k: v for k, v in d.metrics.items() if k not in d.last and not k.startswith("before/")
+    }
+    d.reporter.log(final_only, d.final_step)
+    d.reporter.artifact(d.workdir, "repaired-model")
+    d.extra.update(
+        {"device": str(d.device), "precision": d.precision, "environment": environment(d.device)}
+    )
+    return TaskResult(artifact=str(d.workdir), metrics=d.metrics, extra=d.extra)
+
+
+def _save_artifact(d: _Defense) -> None:
+    """The repaired model, the defender's side (defense.json), the held-out outcomes before and
+    after, the reversal's tensors, and the manifest over all of them; checkpoints go."""
+    import torch
+
+    from engine.ml import artifacts
+
+    spec, workdir = d.spec, d.workdir
+    model_cpu = d.model.to("cpu").to(memory_format=torch.contiguous_format)
     artifacts.save_model(
         workdir,
         model_cpu,
-        meta,
+        d.meta,
         kind="repaired-model",
         spec=spec.to_json(),
         spec_hash=spec.spec_hash(),
-        upstream=upstream,
-        metrics=result_metrics,
-        ground_truth=truth,
+        upstream=d.upstream,
+        metrics=d.metrics,
+        ground_truth=d.truth,
     )
     names = [DEFENSE_FILE, OUTCOMES_FILE]
-    defense = {k: v for k, v in extra.items() if k != "environment"}
+    defense = {k: v for k, v in d.extra.items() if k != "environment"}
     (workdir / DEFENSE_FILE).write_text(json.dumps(defense, indent=1))
-    outcomes_after = held_out_outcomes(model, normalizer, held_out, precision, use_cl, spec)
-    (workdir / OUTCOMES_FILE).write_text(
-        json.dumps({"before": outcomes_before, "after": outcomes_after}, indent=1)
-    )
-    for name, tensor in extra_files.items():
+    outcomes = {"before": d.outcomes_before, "after": d.outcomes()}
+    (workdir / OUTCOMES_FILE).write_text(json.dumps(outcomes, indent=1))
+    for name, tensor in d.files.items():
         artifacts.save_array(workdir / f"{name}.npy", tensor.detach().float().cpu())
         names.append(f"{name}.npy")
     artifacts.write_manifest(
@@ -700,20 +855,11 @@ def run(spec: DefendSpec, reporter: Reporter) -> TaskResult:
         ["model.safetensors", *names],
         spec=spec.to_json(),
         spec_hash=spec.spec_hash(),
-        upstream=upstream,
+        upstream=d.upstream,
         meta=artifacts.read_manifest(workdir, verify=False)["meta"],
-        metrics=result_metrics,
+        metrics=d.metrics,
     )
     shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
-    final_only = {
-        k: v for k, v in result_metrics.items() if k not in last and not k.startswith("before/")
-    }
-    reporter.log(final_only, final_step)
-    reporter.artifact(workdir, "repaired-model")
-    extra.update(
-        {"device": str(device), "precision": precision, "environment": environment(device)}
-    )
-    return TaskResult(artifact=str(workdir), metrics=result_metrics, extra=extra)
 
 
 def _clp(spec: DefendSpec, model, meta, reporter: Reporter):
@@ -753,98 +899,45 @@ def _clp(spec: DefendSpec, model, meta, reporter: Reporter):
     return entry, torch.cat([layer.uclc for layer in layers])
 
 
-def _anp(
-    spec: DefendSpec,
-    model,
-    meta,
-    normalizer,
-    images,
-    labels,
-    state: dict[str, Any] | None,
-    method_generator,
-    precision: str,
-    channels_last: bool,
-    reporter: Reporter,
-    fingerprint: str,
-):
-    """ANP: learn the masks (resuming from ``state``), prune ``model`` in place; (the
+def _anp(d: _Defense):
+    """ANP: learn the masks (resuming from a checkpoint), prune the model in place; (the
     defense.json entry, every neuron's mask in module order)."""
     import torch
 
     from engine.ml import anp
-    from engine.ml import checkpoint as ckpt
-    from engine.tasks import mesa as mesa_task
+    from engine.ml.repair import method_stream
 
-    layers = anp.require_batchnorm(model, "anp", meta.arch)
-    config = anp.ANPConfig(
-        iterations=spec.anp_iterations,
-        batch_size=spec.anp_batch_size,
-        lr=spec.anp_lr,
-        eps=spec.anp_eps,
-        steps=spec.anp_steps,
-        alpha=spec.anp_alpha,
-        threshold=spec.anp_threshold,
-        prune_count=spec.anp_prune_count,
-    )
-    workdir = Path(reporter.workdir)
-    masks = None
-    if state is not None:
-        masks = anp.MaskState(
-            masks=list(state["masks"]),
-            optimizer=state["optimizer"],
-            iteration=int(state["iteration"]),
-            history=list(state["history"]),
-        )
-        method_generator.set_state(state["generator"])
-        reporter.text(f"resumed ANP's mask optimisation after iteration {masks.iteration}")
-    cadence = ckpt.Cadence(ANP_CHECKPOINT_EVERY_STEPS, every_s=mesa_task.CHECKPOINT_EVERY_S)
-
-    def save(current: anp.MaskState) -> None:
-        finished = current.iteration >= config.iterations
-        if not finished and not cadence.due(current.iteration):
-            return
-        reporter.check_in(120.0)  # flushes the logged points before the checkpoint passes them
-        seconds = ckpt.save_checkpoint(
-            workdir / ANP_CHECKPOINT,
-            "defend-anp",
-            {
-                "masks": [m.detach().cpu() for m in current.masks],
-                "optimizer": current.optimizer,
-                "iteration": current.iteration,
-                "history": current.history,
-                "generator": method_generator.get_state(),
-            },
-            fingerprint,
-        )
-        cadence.wrote(seconds)
-
+    layers = anp.require_batchnorm(d.model, "anp", d.meta.arch)
+    config = d.spec.anp_config()
+    stream = method_stream(d.spec.seed, d.generator.device)
+    masks = _anp_resume(d, stream)
     if masks is None or masks.iteration < config.iterations:
-        reporter.text(
+        d.reporter.text(
             f"anp: {config.iterations} mask steps of {config.batch_size} defender images "
             f"(eps {config.eps:g}, alpha {config.alpha:g})"
         )
     masks = anp.optimize_masks(
-        model,
-        normalizer,
-        images,
-        labels,
+        d.model,
+        d.normalizer,
+        d.images,
+        d.labels,
         config,
-        generator=method_generator,
-        precision=precision,
-        channels_last=channels_last,
-        reporter=reporter,
+        generator=stream,
+        precision=d.precision,
+        channels_last=d.use_cl,
+        reporter=d.reporter,
         state=masks,
-        on_log=save,
+        on_log=_anp_saver(d, config, stream),
     )
     chosen = anp.neurons_to_prune(masks.masks, config)
-    pruned = anp.prune_batchnorm(model, layers, chosen)
+    pruned = anp.prune_batchnorm(d.model, layers, chosen)
     neurons = sum(m.numel() for m in masks.masks)
     rule = (
         f"the {config.prune_count} smallest masks"
         if config.prune_count is not None
         else f"masks at most {config.threshold:g}"
     )
-    reporter.text(f"anp: pruned {pruned} of {neurons} neurons ({rule})")
+    d.reporter.text(f"anp: pruned {pruned} of {neurons} neurons ({rule})")
     entry = {
         "pruned": pruned,
         "neurons": neurons,
@@ -857,6 +950,51 @@ def _anp(
         "history": masks.history,
     }
     return entry, torch.cat([m.detach().cpu().flatten() for m in masks.masks])
+
+
+def _anp_resume(d: _Defense, stream):
+    """The masks of an earlier attempt (its stream restored), or None."""
+    from engine.ml import anp
+
+    state = d.anp_state
+    if state is None:
+        return None
+    masks = anp.MaskState(
+        masks=list(state["masks"]),
+        optimizer=state["optimizer"],
+        iteration=int(state["iteration"]),
+        history=list(state["history"]),
+    )
+    stream.set_state(state["generator"])
+    d.reporter.text(f"resumed ANP's mask optimisation after iteration {masks.iteration}")
+    return masks
+
+
+def _anp_saver(d: _Defense, config, stream):
+    """ANP's checkpoint writer: at a logged iteration, every minute at most, and when done."""
+    from engine.ml import checkpoint as ckpt
+    from engine.tasks import mesa as mesa_task
+
+    cadence = ckpt.Cadence(ANP_CHECKPOINT_EVERY_STEPS, every_s=mesa_task.CHECKPOINT_EVERY_S)
+
+    def save(current) -> None:
+        finished = current.iteration >= config.iterations
+        if not finished and not cadence.due(current.iteration):
+            return
+        d.reporter.check_in(120.0)  # flushes the logged points before the checkpoint passes them
+        state = {
+            "masks": [m.detach().cpu() for m in current.masks],
+            "optimizer": current.optimizer,
+            "iteration": current.iteration,
+            "history": current.history,
+            "generator": stream.get_state(),
+        }
+        seconds = ckpt.save_checkpoint(
+            d.workdir / ANP_CHECKPOINT, "defend-anp", state, d.fingerprint
+        )
+        cadence.wrote(seconds)
+
+    return save
 
 
 def held_out_outcomes(model, normalizer, held_out, precision, channels_last, spec) -> dict:

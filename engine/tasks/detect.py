@@ -63,13 +63,7 @@ def check_spec(spec: DetectSpec) -> list[int]:
 def run(spec: DetectSpec, reporter: Reporter) -> TaskResult:
     from engine.ml import checkpoint as ckpt
     from engine.ml.artifacts import write_manifest
-    from engine.ml.mesa import (
-        MesaConfig,
-        SearchCheckpoint,
-        position_stats,
-        search_targets,
-        top_positions,
-    )
+    from engine.ml.mesa import SearchCheckpoint, position_stats, search_targets, top_positions
     from engine.ml.runtime import (
         configure_cpu,
         configure_device,
@@ -81,21 +75,7 @@ def run(spec: DetectSpec, reporter: Reporter) -> TaskResult:
     from engine.tasks.mesa import load_defender_data
 
     classes = check_spec(spec)
-    config = MesaConfig(
-        betas=(spec.beta,),
-        alpha=spec.alpha,
-        steps=spec.steps,
-        batch_size=spec.batch_size,
-        hidden=spec.hidden,
-        lr_g=spec.lr_g,
-        lr_t=spec.lr_t,
-        stats_every=max(1, spec.steps // 10),
-        sample_every=spec.steps,  # one evaluation, at the end
-        n_eval_triggers=spec.n_eval_triggers,
-        eval_images=spec.eval_images,
-        samples=max(spec.n_eval_triggers, 256),
-        placement=spec.placement,
-    )
+    config = spec.mesa_config()
     configure_cpu()
     device = pick_device(spec.device)
     configure_device(device)

@@ -29,7 +29,7 @@ CHECKPOINT_EVERY_S = 60.0
 
 def read_model_meta(model_dir: str | Path) -> dict[str, Any]:
     """The model artifact's meta (architecture, classes, dataset) without loading weights."""
-    from engine.ml.artifacts import ModelMeta, check_arch_version, read_manifest
+    from engine.ml.artifacts import read_manifest
 
     path = Path(model_dir).expanduser()
     if path.is_file() and (path.parent / "manifest.json").is_file():
@@ -52,7 +52,6 @@ def read_model_meta(model_dir: str | Path) -> dict[str, Any]:
         raise UserError(
             f"'{model_dir}' is a {manifest.get('kind')} artifact; give a model artifact"
         )
-    check_arch_version(model_dir, ModelMeta.from_dict(manifest["meta"]))
     return manifest["meta"]
 
 
@@ -65,32 +64,7 @@ def check_spec(spec: MesaSpec) -> dict[str, Any]:
             f"invalid --target {spec.target}: the model has {classes} classes; "
             f"use a class in 0..{classes - 1}"
         )
-    mesa_config(spec)
     return meta
-
-
-def mesa_config(spec: MesaSpec):
-    from engine.ml.mesa import MesaConfig
-
-    return MesaConfig(
-        betas=tuple(spec.betas),
-        alpha=spec.alpha,
-        steps=spec.steps,
-        batch_size=spec.batch_size,
-        hidden=spec.hidden,
-        lr_g=spec.lr_g,
-        lr_t=spec.lr_t,
-        noise=spec.noise,
-        score=spec.score,
-        jitter=spec.jitter,
-        jitter_clamp=spec.jitter_clamp,
-        placement=spec.placement,
-        stats_every=spec.stats_every,
-        sample_every=spec.sample_every,
-        n_eval_triggers=spec.n_eval_triggers,
-        eval_images=spec.eval_images,
-        samples=spec.samples,
-    )
 
 
 def load_defender_data(model_dir: str, device, defender_fraction: float, split_seed: int):
@@ -124,7 +98,7 @@ def run(spec: MesaSpec, reporter: Reporter) -> TaskResult:
     )
 
     check_spec(spec)
-    config = mesa_config(spec)
+    config = spec.mesa_config()
     configure_cpu()
     device = pick_device(spec.device)
     configure_device(device)

@@ -41,7 +41,7 @@ def cli_errors(fn: F) -> F:
 
 def store_problem(exc: BaseException) -> Exception | None:
     """The store problem behind an error from a store read or write (None when it is not one).
-    The commands open the store of ``--db`` / ``MESA_DB``, so that is the store it names."""
+    The commands open the store of ``--db`` / ``MESA_TUI_DB``, so that is the store it names."""
     if "sqlalchemy" not in sys.modules:  # nothing touched a store
         return None
     from engine import paths
@@ -61,14 +61,8 @@ def print_json(obj: Any) -> None:
 
 
 def open_app() -> None:
-    try:
-        from mesa_tui.app import run_app
-    except ImportError:
-        typer.echo(
-            "the terminal app is not available in this build; use the subcommands (see --help)",
-            err=True,
-        )
-        raise typer.Exit(2) from None
+    from mesa_tui.app import run_app
+
     code = run_app()
     if code:
         raise typer.Exit(code)

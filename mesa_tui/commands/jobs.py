@@ -27,7 +27,7 @@ STATUS_STYLE = {
 
 
 def open_store() -> Any:
-    """The store of ``--db`` / ``MESA_DB`` (SQLite in the data home by default)."""
+    """The store of ``--db`` / ``MESA_TUI_DB`` (SQLite in the data home by default)."""
     from store.repository import Store
 
     return Store()
@@ -139,55 +139,93 @@ def show(
     """Everything about one job: spec, attempts, dependencies, artifacts, latest metrics; with
     --format tensorboard, its metric series, trigger grids and spec as event files."""
     from engine.errors import UserError
-    from store.entities import to_json
 
     if format not in ("text", "json", "tensorboard"):
         raise UserError(f"invalid --format {format!r}: use text, json or tensorboard")
     if format == "tensorboard":
-        from engine.report import tensorboard
-
-        tensorboard.check_available()
-        if output is None:
-            raise UserError("--format tensorboard writes a directory; give -o DIR")
-        store = open_store()
-        store.job(job_id)  # one line naming an unknown job before anything is written
-        written = tensorboard.export_jobs(store, [job_id], output)
-        if json_output:
-            print_json(written)
-        else:
-            run = written["runs"][0]
-            typer.echo(
-                f"wrote job {job_id} as TensorBoard run {run['run']} ({run['scalars']} series, "
-                f"{len(run['images'])} images) to {written['directory']}"
-            )
+        _show_tensorboard(job_id, output, json_output)
         return
     if output is not None:
         raise UserError("-o is for --format tensorboard; text and json print to stdout")
-    json_output = json_output or format == "json"
+    detail = open_store().job_detail(job_id)
+    if json_output or format == "json":
+        print_json(_detail_json(detail))
+    else:
+        _print_detail(detail)
+
+
+RUN_COLUMNS = ("run", "attempt", "status", "host", "pid", "gpu", "resumed", "started", "ended")
+ENV_KEYS = ("torch", "cuda", "device_name", "code_version", "dataset_hash", "seed")
+
+
+def _show_tensorboard(job_id: int, output: Path | None, json_output: bool) -> None:
+    from engine.errors import UserError
+    from engine.report import tensorboard
+
+    tensorboard.check_available()
+    if output is None:
+        raise UserError("--format tensorboard writes a directory; give -o DIR")
     store = open_store()
-    detail = store.job_detail(job_id)
-    job = detail.job
+    store.job(job_id)  # one line naming an unknown job before anything is written
+    written = tensorboard.export_jobs(store, [job_id], output)
     if json_output:
-        data = to_json(detail)
-        data.update(
-            id=job.id,
-            kind=job.kind,
-            status=job.status,
-            label=job.label,
-            spec=job.spec,
-            error=job.error,
-            artifact=(detail.result or {}).get("artifact")
-            or (detail.artifacts[-1].path if detail.artifacts else None),
-            metrics={**job.latest, **(detail.result or {}).get("metrics", {})},
-        )
-        for key, value in (detail.result or {}).items():
-            data.setdefault(key, value)
-        print_json(data)
+        print_json(written)
         return
+    run = written["runs"][0]
+    typer.echo(
+        f"wrote job {job_id} as TensorBoard run {run['run']} ({run['scalars']} series, "
+        f"{len(run['images'])} images) to {written['directory']}"
+    )
+
+
+def _detail_json(detail) -> dict:
+    from store.entities import to_json
+
+    job, result = detail.job, detail.result or {}
+    data = to_json(detail)
+    data.update(
+        id=job.id,
+        kind=job.kind,
+        status=job.status,
+        label=job.label,
+        spec=job.spec,
+        error=job.error,
+        artifact=result.get("artifact")
+        or (detail.artifacts[-1].path if detail.artifacts else None),
+        metrics={**job.latest, **result.get("metrics", {})},
+    )
+    for key, value in result.items():
+        data.setdefault(key, value)
+    return data
+
+
+def _print_detail(detail) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
+    job = detail.job
+    _print_header(console, detail)
+    spec = Table("setting", "value", box=None, header_style="bold")
+    for key, value in job.spec.items():
+        spec.add_row(key, fmt(value))
+    console.print(spec)
+    if detail.runs:
+        _print_runs(console, detail.runs)
+    if job.latest:
+        metrics = Table("metric", "latest", box=None, header_style="bold")
+        for key in sorted(job.latest):
+            metrics.add_row(key, fmt(job.latest[key]))
+        console.print(metrics)
+    for a in detail.artifacts:
+        console.print(
+            f"  artifact {a.kind}: {a.path}  ({fmt(a.bytes)} bytes, sha256 {str(a.sha256)[:12]})"
+        )
+
+
+def _print_header(console, detail) -> None:
+    """The job's line, its error, studies, dependencies and where it works."""
+    job = detail.job
     console.print(f"[bold]job {job.id}[/bold] {job.kind} {styled(job.status)}  {job.label}")
     if job.error:
         console.print(f"  [red]{job.error}[/red]")
@@ -204,65 +242,33 @@ def show(
     if detail.dependents:
         console.print(f"  needed by: {', '.join(map(str, detail.dependents))}")
     console.print(f"  workdir: {detail.workdir or '-'}   spec hash: {job.spec_hash[:12]}")
-    spec = Table("setting", "value", box=None, header_style="bold")
-    for key, value in job.spec.items():
-        spec.add_row(key, fmt(value))
-    console.print(spec)
-    if detail.runs:
-        runs = Table(box=None, header_style="bold")
-        for column in (
-            "run",
-            "attempt",
-            "status",
-            "host",
-            "pid",
-            "gpu",
-            "resumed",
-            "started",
-            "ended",
-            "error",
-        ):
-            runs.add_column(column)
-        for r in detail.runs:
-            runs.add_row(
-                str(r.id),
-                str(r.attempt),
-                styled(r.status),
-                r.host or "-",
-                r.external_id or "-",
-                r.gpu or "-",
-                "yes" if r.resumed else "no",
-                age(r.started_at),
-                age(r.ended_at),
-                (r.error or "")[:60],
-            )
-        console.print(runs)
-        env = detail.runs[-1].env
-        if env:
-            console.print(
-                "  env: "
-                + "  ".join(
-                    f"{k} {env[k]}"
-                    for k in (
-                        "torch",
-                        "cuda",
-                        "device_name",
-                        "code_version",
-                        "dataset_hash",
-                        "seed",
-                    )
-                    if env.get(k) not in (None, "")
-                )
-            )
-    if job.latest:
-        metrics = Table("metric", "latest", box=None, header_style="bold")
-        for key in sorted(job.latest):
-            metrics.add_row(key, fmt(job.latest[key]))
-        console.print(metrics)
-    for a in detail.artifacts:
-        console.print(
-            f"  artifact {a.kind}: {a.path}  ({fmt(a.bytes)} bytes, sha256 {str(a.sha256)[:12]})"
+
+
+def _print_runs(console, runs) -> None:
+    """Every attempt, then the last attempt's environment."""
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    for column in (*RUN_COLUMNS, "error"):
+        table.add_column(column)
+    for r in runs:
+        table.add_row(
+            str(r.id),
+            str(r.attempt),
+            styled(r.status),
+            r.host or "-",
+            r.external_id or "-",
+            r.gpu or "-",
+            "yes" if r.resumed else "no",
+            age(r.started_at),
+            age(r.ended_at),
+            (r.error or "")[:60],
         )
+    console.print(table)
+    env = runs[-1].env
+    if env:
+        shown = [f"{k} {env[k]}" for k in ENV_KEYS if env.get(k) not in (None, "")]
+        console.print("  env: " + "  ".join(shown))
 
 
 def logs(
@@ -361,13 +367,15 @@ def cancel(
     json_output: bool = typer.Option(False, "--json", help="one JSON object"),
 ) -> None:
     """Cancel a job: a queued one at once, a running one within seconds (dependents too)."""
+    from store.entities import FINISHED
+
     store = open_store()
     before = store.job(job_id)
     job = store.request_cancel(job_id)
     if json_output:
         print_json(job_json(job))
         return
-    if before.status in ("succeeded", "failed", "cancelled", "lost"):
+    if before.status in FINISHED:
         typer.echo(f"job {job_id} already {before.status}; nothing to cancel")
     elif job.status == "cancelled":
         typer.echo(f"job {job_id} cancelled")

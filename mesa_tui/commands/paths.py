@@ -10,7 +10,7 @@ from mesa_tui.commands.common import cli_errors, print_json
 def paths_command(
     json_output: bool = typer.Option(False, "--json", help="one JSON object"),
 ) -> None:
-    """Print where everything lives (MESA_HOME, XDG_DATA_HOME / XDG_CACHE_HOME and --db move it)."""
+    """Print where everything lives (MESA_TUI_HOME, XDG_DATA_HOME / XDG_CACHE_HOME and --db move it)."""
     from engine import paths
 
     where = {

@@ -1,19 +1,19 @@
 """``mesa-tui submit ...``: queue jobs for the engine (it need not be running).
 
-Every setting of the ``run`` commands is accepted as ``--name value`` (``--no-name`` for false
-switches); the spec is validated before anything is written, so a bad value exits 2 with one
-line and no job. A path setting can name a job instead (``--model job:12``): the engine passes
-that job's artifact at launch, once the job has succeeded.
+The options of each kind are its spec's fields, as in ``run`` (``model_options``); the spec is
+validated before anything is written, so a bad value exits 2 with one line and no job. A path
+setting can name a job instead (``--model job:12``): the engine passes that job's artifact at
+launch, once the job has succeeded.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import typer
 
 from mesa_tui.commands.common import cli_errors, print_json
+from mesa_tui.commands.model_options import Given, spec_command
 
 app = typer.Typer(
     help="Queue jobs for the engine (see `mesa-tui engine start`).", no_args_is_help=True
@@ -48,41 +48,22 @@ def parse_extra(args: list[str]) -> dict[str, Any]:
     return values
 
 
-def coerce_lists(kind: str, values: dict[str, Any]) -> dict[str, Any]:
-    """Comma-separated text for list settings (``--milestones 3,6``)."""
-    from engine.specs import SPEC_CLASSES
-
-    fields = SPEC_CLASSES[kind].model_fields
-    out = dict(values)
-    for key, value in values.items():
-        field = fields.get(key)
-        if field is not None and isinstance(value, str) and "list" in str(field.annotation):
-            out[key] = [v.strip() for v in value.split(",") if v.strip()]
-    return out
-
-
 def submit_one(
-    kind: str,
-    preset: str | None,
-    config: Path | None,
-    extra: list[str],
-    priority: int,
-    max_attempts: int,
-    json_output: bool,
+    kind: str, given: Given, priority: int, max_attempts: int, json_output: bool
 ) -> None:
     from engine.pipelines import reference_hash, resolve_reference
     from engine.specs import build_spec
     from mesa_tui.commands.jobs import open_store
     from store.entities import NewJob
 
-    values = coerce_lists(kind, parse_extra(extra)) if kind in _spec_kinds() else parse_extra(extra)
+    values = given.values
     references = {
         k: v
         for k, v in values.items()
         if k in REFERENCE_FIELDS and isinstance(v, str) and resolve_reference(v)
     }
     placeholders = {k: "job" for k in references}
-    spec = build_spec(kind, preset, config, {**values, **placeholders})
+    spec = build_spec(kind, given.preset, given.config, {**values, **placeholders})
     if kind == "train":
         from engine.specs import check_against_dataset
 
@@ -123,12 +104,6 @@ def submit_one(
         typer.echo(f"job {job_id} queued ({kind}){_engine_hint(store)}")
 
 
-def _spec_kinds() -> tuple[str, ...]:
-    from engine.specs import SPEC_CLASSES
-
-    return tuple(SPEC_CLASSES)
-
-
 def _engine_hint(store: Any) -> str:
     return (
         ""
@@ -138,34 +113,22 @@ def _engine_hint(store: Any) -> str:
 
 
 def _kind_command(kind: str, doc: str) -> None:
-    @app.command(kind, context_settings=EXTRA, help=doc)
-    @cli_errors
+    @spec_command(app, kind, help=doc)
     def command(
-        ctx: typer.Context,
-        preset: str | None = typer.Option(None, help="a preset of this kind, e.g. cpu-quick"),
-        config: Path | None = typer.Option(None, "--config", help="TOML file with spec values"),
+        given: Given,
         priority: int = typer.Option(0, help="higher runs first"),
         max_attempts: int = typer.Option(
             3, "--max-attempts", help="attempts before a lost job gives up"
         ),
-        json_output: bool = typer.Option(False, "--json", help='print {"jobs": [id]}'),
+        json_output: bool = typer.Option(False, "--json", help='print {"jobs": ids}'),
     ) -> None:
-        submit_one(kind, preset, config, list(ctx.args), priority, max_attempts, json_output)
+        submit_one(kind, given, priority, max_attempts, json_output)
 
 
-_kind_command(
-    "train", "Queue a training (the attack, or clean). Settings as in `mesa-tui run train --help`."
-)
-_kind_command(
-    "mesa",
-    "Queue a MESA search (--model PATH or job:ID). Settings as in `mesa-tui run mesa --help`.",
-)
-_kind_command(
-    "detect", "Queue a target-class detection. Settings as in `mesa-tui run detect --help`."
-)
-_kind_command(
-    "defend", "Queue a defense (--method ...). Settings as in `mesa-tui run defend --help`."
-)
+_kind_command("train", "Queue a training (the attack, or clean).")
+_kind_command("mesa", "Queue a MESA search (--model PATH or job:ID).")
+_kind_command("detect", "Queue a target-class detection (--model PATH or job:ID).")
+_kind_command("defend", "Queue a defense (--method ...; --model PATH or job:ID).")
 
 
 @app.command("pipeline", context_settings=EXTRA)
@@ -188,7 +151,7 @@ def pipeline(
     priority: int = typer.Option(0, help="higher runs first"),
     reuse: bool = typer.Option(True, "--reuse/--no-reuse", help="reuse identical finished jobs"),
     follow: bool = typer.Option(False, "--follow", help="follow the jobs to the results table"),
-    json_output: bool = typer.Option(False, "--json", help='print {"jobs": [ids]}'),
+    json_output: bool = typer.Option(False, "--json", help='print {"jobs": ids, "reused": ids}'),
 ) -> None:
     """Queue train (attack) -> [detect] -> mesa -> defend per method, passing artifacts by
     reference. Stage settings pass through: --epochs, --steps, --stamp-rate ... go to every

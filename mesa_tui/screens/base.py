@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from textual.screen import ModalScreen, Screen
+from textual.screen import Screen
 from textual.worker import Worker, WorkerState
 
 if TYPE_CHECKING:
@@ -33,15 +33,6 @@ def report_failed_worker(screen: Screen, event: Worker.StateChanged) -> None:
 class SourceScreen(Screen):
     """A screen that reads the data source in thread workers."""
 
-    @property
-    def mesa(self) -> MesaApp:
-        return self.app  # type: ignore[return-value]
-
-    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
-        report_failed_worker(self, event)
-
-
-class SourceModal(ModalScreen):
     @property
     def mesa(self) -> MesaApp:
         return self.app  # type: ignore[return-value]

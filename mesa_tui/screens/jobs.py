@@ -10,9 +10,10 @@ from textual.widgets import DataTable, Footer, Static
 from mesa_tui.messages import EngineStatusPolled, JobsPolled, RequestDone
 from mesa_tui.screens.base import SourceScreen
 from mesa_tui.screens.modals import ConfirmModal, FilterModal
-from mesa_tui.source import FINISHED, RETRYABLE, EngineStatus, JobQuery
+from mesa_tui.source import EngineStatus, JobQuery
 from mesa_tui.widgets.engine_bar import EngineBar
 from mesa_tui.widgets.jobs_table import JobsTable
+from store.entities import FINISHED, RETRYABLE
 
 FULL_READ_EVERY = 15
 

@@ -9,7 +9,8 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, DataTable, Label, Select, SelectionList
 
-from mesa_tui.source import STATUSES, JobQuery
+from mesa_tui.source import JobQuery
+from store.entities import STATUSES
 
 
 class ConfirmModal(ModalScreen[bool]):

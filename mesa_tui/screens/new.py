@@ -6,9 +6,6 @@ is shown under its own field, and submit is refused until the spec is valid.
 
 from __future__ import annotations
 
-import json
-import types
-import typing
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -18,6 +15,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Button, Footer, Input, Label, Select, Static
 
+from engine.spec_fields import allows_none, choices, is_bool, setting_fields, value_text
 from mesa_tui.messages import RequestDone
 from mesa_tui.screens.base import SourceScreen
 
@@ -25,50 +23,17 @@ NO_PRESET = "(defaults)"
 NONE_WORDS = ("", "none", "null")
 
 
-def _literal_choices(annotation: Any) -> tuple[str, ...] | None:
-    if typing.get_origin(annotation) is Literal:
-        return tuple(str(a) for a in typing.get_args(annotation))
-    return None
-
-
-def _is_bool(annotation: Any) -> bool:
-    return annotation is bool
-
-
-def _allows_none(annotation: Any) -> bool:
-    origin = typing.get_origin(annotation)
-    return (origin is typing.Union or origin is types.UnionType) and type(None) in typing.get_args(
-        annotation
-    )
-
-
-def _is_list(annotation: Any) -> bool:
-    return typing.get_origin(annotation) is list
-
-
 def field_text(value: Any) -> str:
     """How a spec value appears in its input box."""
-    if value is None:
-        return "none"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, list):
-        return ", ".join(str(v) for v in value)
-    return str(value)
+    return value_text(value, separator=", ")
 
 
 def parse_field(text: str, annotation: Any) -> Any:
-    """The value handed to pydantic: None words for optional fields, lists from commas."""
+    """The value handed to pydantic: None words for optional fields; the rest as typed (the
+    spec reads list text such as ``0.9, 0.8`` itself)."""
     text = text.strip()
-    if _allows_none(annotation) and text.lower() in NONE_WORDS:
+    if allows_none(annotation) and text.lower() in NONE_WORDS:
         return None
-    if _is_list(annotation):
-        if not text:
-            return []
-        try:
-            return json.loads(f"[{text}]")
-        except ValueError:
-            return [p.strip() for p in text.split(",")]
     return text
 
 
@@ -221,17 +186,17 @@ class NewJobScreen(SourceScreen):
         preset = self.presets.get(self.kind, {}).get(self.preset, {})
         rows = []
         self.editors, self.error_labels = {}, {}
-        for name, info in cls.model_fields.items():
-            if name == "kind":
-                continue
+        for name, info in setting_fields(cls).items():
             default = "" if info.is_required() else info.get_default(call_default_factory=True)
             value = preset.get(name, default)
-            choices = _literal_choices(info.annotation) or (
-                ("true", "false") if _is_bool(info.annotation) else None
+            options = choices(info.annotation) or (
+                ("true", "false") if is_bool(info.annotation) else None
             )
-            if choices:
+            if options and allows_none(info.annotation):
+                options = ("none", *options)
+            if options:
                 editor = Select(
-                    [(c, c) for c in choices],
+                    [(c, c) for c in options],
                     value=field_text(value),
                     allow_blank=False,
                     id=f"f-{name}",

@@ -31,9 +31,7 @@ from mesa_tui.screens.base import SourceScreen
 from mesa_tui.screens.modals import ConfirmModal
 from mesa_tui.source import (
     BETA_KEY,
-    FINISHED,
     HISTORY_POINTS,
-    RETRYABLE,
     JobDetail,
     pca_2d,
     read_trigger_samples,
@@ -44,6 +42,7 @@ from mesa_tui.widgets.format import duration, number, size, status_text
 from mesa_tui.widgets.position_map import PositionMap
 from mesa_tui.widgets.series import MetricColumns, SeriesSet
 from mesa_tui.widgets.trigger_grid import TriggerGrid
+from store.entities import FINISHED, RETRYABLE
 
 TABS = ("curves", "triggers", "embedding", "params", "log", "artifacts")
 METRIC_PAGE = 10_000  # small pages keep each batch's handling short on the event loop

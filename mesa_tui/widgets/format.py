@@ -39,14 +39,6 @@ def pct(value: float | None, digits: int = 1) -> str:
     return "" if value is None else f"{100 * value:.{digits}f}%"
 
 
-def progress_text(progress: float | None, stage: str | None) -> str:
-    if progress is None:
-        return ""
-    bar_cells = 6
-    filled = int(round(max(0.0, min(1.0, progress)) * bar_cells))
-    return f"{'█' * filled}{'░' * (bar_cells - filled)} {100 * progress:3.0f}%"
-
-
 def duration(seconds: float | None) -> str:
     if seconds is None:
         return ""

@@ -27,7 +27,12 @@ def run_migrations_online() -> None:
     if connection is not None:
         _run(connection)
         return
-    engine = make_engine(config.get_main_option("sqlalchemy.url"))
+    url = config.get_main_option("sqlalchemy.url")
+    if url is None:  # alembic run by hand, without the store's configuration
+        raise RuntimeError(
+            "no sqlalchemy.url to migrate; upgrade a store with `mesa-tui db upgrade`"
+        )
+    engine = make_engine(url)
     with engine.connect() as conn:
         _run(conn)
     engine.dispose()

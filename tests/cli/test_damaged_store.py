@@ -31,11 +31,11 @@ BACKUP_WORKS = {"newer-schema", "unwritable-directory", "read-only-file"}
 
 @pytest.fixture
 def damaged(request, tmp_path, isolated_home, monkeypatch):
-    """The case's store at tmp_path/store/mesa.db as MESA_DB; returns (words, where)."""
+    """The case's store at tmp_path/store/mesa.db as MESA_TUI_DB; returns (words, where)."""
     path = tmp_path / "store" / "mesa.db"
     with released():
         words = CASES[request.param](path)
-        monkeypatch.setenv("MESA_DB", f"sqlite:///{path}")
+        monkeypatch.setenv("MESA_TUI_DB", f"sqlite:///{path}")
         monkeypatch.chdir(tmp_path)
         yield words, tmp_path
 
@@ -83,7 +83,7 @@ def test_the_entry_points_answer_in_one_line_too(tmp_path):
 
     path = tmp_path / "mesa.db"
     words = header_then_garbage(path)
-    env = engine_env(MESA_DB=f"sqlite:///{path}")
+    env = engine_env(MESA_TUI_DB=f"sqlite:///{path}")
     for command in (
         [sys.executable, "-m", "mesa_tui.cli", "ls"],
         [sys.executable, "-m", "engine.daemon", "--cpu-slots", "1"],
@@ -100,7 +100,7 @@ def test_damage_that_reads_do_not_meet_stops_the_engine_and_db_check(tmp_path, m
     run ``PRAGMA integrity_check`` and refuse, naming the fix (REINDEX)."""
     path = tmp_path / "mesa.db"
     words = index_damage(path)
-    monkeypatch.setenv("MESA_DB", f"sqlite:///{path}")
+    monkeypatch.setenv("MESA_TUI_DB", f"sqlite:///{path}")
     assert runner.invoke(app, ["ls"]).exit_code == 0
     before = snapshot(tmp_path)
     for args in (COMMANDS["engine start"], COMMANDS["engine start (foreground)"]):

@@ -91,6 +91,10 @@ def test_pipeline_jobs_ls_show_cancel_retry_rm():
     assert {d["job_id"] for d in shown["depends_on"]} == {train, mesa}
     assert shown["job"]["spec"]["epochs"] == 1 and "metrics" in shown
     assert json.loads(run("show", str(mesa), "--json").stdout)["spec"]["steps"] == 20
+    text = run("show", str(defend_mesa)).stdout
+    assert f"after: {train} (train, queued, model), {mesa} (mesa, queued, search)" in text
+    assert f"job:{train}" in text and f"job:{mesa}" in text  # the spec table
+    assert "spec hash:" in text and "run  attempt" not in text  # no attempt yet: no runs table
 
     assert run("cancel", str(train)).exit_code == 0
     statuses = {j["id"]: j for j in json.loads(run("ls", "--json").stdout)["jobs"]}

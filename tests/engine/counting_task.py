@@ -1,5 +1,5 @@
 """A fast test-only task kind ("count") for engine mechanics, registered through
-``MESA_TASK_MODULES=count=tests.engine.counting_task``. It counts steps, checkpoints its step in
+``MESA_TUI_TASK_MODULES=count=tests.engine.counting_task``. It counts steps, checkpoints its step in
 the work directory (atomically, like the real tasks) and resumes from it, like the train task
 does with its epochs. With ``running_sum`` it also logs ``count/sum``, a seeded running sum kept
 in the checkpoint, so a resume from the wrong state shows in the values and in the result."""

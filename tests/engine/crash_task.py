@@ -1,6 +1,6 @@
 """A test-only task kind ("crash") for the Ray executor: on its first attempt it kills the Ray
 worker that runs it (its parent process), as a dead node or an OOM kill would; later attempts run
-to the end. Registered through ``MESA_TASK_MODULES=crash=tests.engine.crash_task``; never run it
+to the end. Registered through ``MESA_TUI_TASK_MODULES=crash=tests.engine.crash_task``; never run it
 under the local executor, whose child's parent is the engine itself."""
 
 from __future__ import annotations

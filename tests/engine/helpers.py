@@ -17,7 +17,7 @@ FINISHED = {"succeeded", "failed", "cancelled", "lost"}
 
 def engine_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env["MESA_TASK_MODULES"] = "count=tests.engine.counting_task"
+    env["MESA_TUI_TASK_MODULES"] = "count=tests.engine.counting_task"
     env["PYTHONPATH"] = str(ROOT)
     env.update(extra)
     return env

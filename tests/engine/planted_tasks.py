@@ -1,5 +1,5 @@
 """The real ``mesa`` and ``defend`` tasks on the hand-built backdoored model of
-tests/ml/planted.py, for engine tests that kill them: registered through ``MESA_TASK_MODULES``
+tests/ml/planted.py, for engine tests that kill them: registered through ``MESA_TUI_TASK_MODULES``
 (``mesa=tests.engine.planted_mesa,defend=tests.engine.planted_defend``), which the engine's child
 imports instead of ``engine.tasks.mesa``/``defend``. Importing this module registers the
 ``planted`` architecture and makes searches checkpoint every 2 steps (the knob tests set), since

@@ -127,7 +127,7 @@ def _method(spec: dict) -> str:
 
 
 def make_study(root: Path, name: str = "mini", store: Store | None = None) -> Store:
-    """Create and finish the study in the default store (the test's MESA_HOME)."""
+    """Create and finish the study in the default store (the test's MESA_TUI_HOME)."""
     store = store or Store()
     params, jobs = build_study("cpu-mini", [0], {}, "oracle")
     store.create_study(name, "cpu-mini", params, jobs)

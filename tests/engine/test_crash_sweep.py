@@ -1,6 +1,6 @@
 """Exactly once at every instant of a crash (issue 23): a sweep of kill -9 instants.
 
-``MESA_TEST_CRASH`` (engine/crashpoints.py) kills the engine, the child or both at the Nth event
+``MESA_TUI_TEST_CRASH`` (engine/crashpoints.py) kills the engine, the child or both at the Nth event
 of a job's first attempt, N = the job id plus an offset, so each job of a submission dies at
 another instant and its retry finishes it. The child modes run their jobs through one engine;
 the engine modes through a chain of engines, each started when the last one died: it finishes
@@ -89,9 +89,9 @@ class Group:
 
     def env(self) -> dict[str, str]:
         return engine_env(
-            MESA_HOME=str(self.home),
-            MESA_DB=self.url,
-            MESA_TEST_CRASH=f"{self.mode}:job+{self.first - 1}",
+            MESA_TUI_HOME=str(self.home),
+            MESA_TUI_DB=self.url,
+            MESA_TUI_TEST_CRASH=f"{self.mode}:job+{self.first - 1}",
             MESA_TUI_THREADS="1",
         )
 
@@ -214,7 +214,7 @@ def groups_for(mode: str, root: Path) -> list[Group]:
 def test_every_kill_instant_of_engine_child_or_both_leaves_each_point_exactly_once(tmp_path):
     started = time.monotonic()
     groups = [g for mode in MODES for g in groups_for(mode, tmp_path)]
-    parallel = int(os.environ.get("MESA_SWEEP_PARALLEL", "6"))
+    parallel = int(os.environ.get("MESA_TUI_SWEEP_PARALLEL", "6"))
     forkers: queue.Queue[Forker] = queue.Queue()
     try:
         with ThreadPoolExecutor(parallel) as pool:

@@ -6,7 +6,14 @@ import subprocess
 import sys
 import types
 
-from engine.daemon import EngineConfig, gpu_snapshot, make_slots, visible_gpus
+from engine.daemon import (
+    EngineConfig,
+    build_flags,
+    flag_parser,
+    gpu_snapshot,
+    make_slots,
+    visible_gpus,
+)
 from store.entities import NewJob
 from store.repository import Store
 from tests.engine.helpers import ROOT, start_engine, stop_engine, wait_for
@@ -22,6 +29,14 @@ def test_slots_per_gpu_and_cpu_slots(monkeypatch):
     assert [s.name for s in make_slots(EngineConfig())] == ["cpu0"]  # no GPU visible
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     assert visible_gpus() == ["2", "3"]
+
+
+def test_the_flags_a_detached_start_hands_on_parse_back_to_the_same_flags():
+    flags = build_flags({"cpu_slots": "2", "gpus": "0,1", "ray_gpus": "0.5", "log": "/l"})
+    assert flags.argv() == ["--cpu-slots", "2", "--gpus", "0,1", "--log", "/l", "--ray-gpus", "0.5"]
+    parsed = vars(flag_parser().parse_args([*flags.argv(), "--store-checked"]))
+    assert parsed.pop("store_checked") is True
+    assert build_flags({k: v for k, v in parsed.items() if v is not None}) == flags
 
 
 def test_gpu_figures_come_from_nvml_when_present(monkeypatch):

@@ -42,8 +42,8 @@ def stored_points(path, job_id: int) -> list[tuple[str, int, float]]:
 def test_a_full_disk_keeps_the_events_and_loses_nothing(tmp_path, monkeypatch, caplog):
     path = tmp_path / "mesa.db"
     url = f"sqlite:///{path}"
-    monkeypatch.setenv("MESA_DB", url)
-    monkeypatch.setenv("MESA_TASK_MODULES", "count=tests.engine.counting_task")
+    monkeypatch.setenv("MESA_TUI_DB", url)
+    monkeypatch.setenv("MESA_TUI_TASK_MODULES", "count=tests.engine.counting_task")
     caplog.set_level(logging.INFO, logger="mesa")
     store = Store(url)
     spec = {"steps": STEPS, "step_s": 0.1, "keys": KEYS, "checkpoint_every": 1000}

@@ -94,7 +94,7 @@ def test_crash_points_parse_and_refuse_bad_values():
     assert at.hits(9, 1, {"t": "metrics", "points": [["mesa/beta=0.9/hinge", 4, 0.1, 0.0]]})
     assert not at.hits(9, 1, {"t": "metrics", "points": [["mesa/beta=0.9/hinge", 2, 0.1, 0.0]]})
     for bad in ("engine-received", "explode:3", "child-sent:0", "child-sent:x"):
-        with pytest.raises(ValueError, match="MESA_TEST_CRASH"):
+        with pytest.raises(ValueError, match="MESA_TUI_TEST_CRASH"):
             crashpoints.parse(bad)
 
 

@@ -37,8 +37,8 @@ def ray_cluster():
 @pytest.fixture
 def ray_engine(ray_cluster, monkeypatch):
     """Start an engine with the Ray executor in a thread of this process (the module's Ray)."""
-    monkeypatch.setenv("MESA_TASK_MODULES", TASKS)
-    monkeypatch.setenv("MESA_CANCEL_GRACE_S", "2")
+    monkeypatch.setenv("MESA_TUI_TASK_MODULES", TASKS)
+    monkeypatch.setenv("MESA_TUI_CANCEL_GRACE_S", "2")
     started = []
 
     def start(artifacts: str = "shared", slots: int = 2) -> Engine:
@@ -189,7 +189,7 @@ def test_cli_engine_connects_to_a_running_cluster(ray_cluster, tmp_path):
     store = Store()
     jobs = store.submit([count_job(str(i), steps=3) for i in range(3)])
     cli = [sys.executable, "-m", "mesa_tui.cli", "engine", "start"]
-    env = engine_env(MESA_TASK_MODULES=TASKS)
+    env = engine_env(MESA_TUI_TASK_MODULES=TASKS)
     log = open(tmp_path / "engine.log", "ab")
     process = subprocess.Popen(
         [*cli, "--executor", "ray", "--ray-address", ray_cluster, "--cpu-slots", "2"],

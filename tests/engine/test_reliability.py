@@ -120,7 +120,7 @@ def test_four_submitters_and_two_engines_run_every_job_once(tmp_path, store_url,
 
 def test_cancel_a_task_that_ignores_stop_within_10_s(tmp_path, store):
     (job,) = store.submit([count_job(steps=100, step_s=0.05, hang_at=3, checkin_s=60)])
-    engine = start_engine(tmp_path, MESA_CANCEL_GRACE_S="2")
+    engine = start_engine(tmp_path, MESA_TUI_CANCEL_GRACE_S="2")
     try:
         wait_for(lambda: store.job(job).latest.get("count/k0", -1) >= 2, what="running")
         child = int(store.runs(job)[0].external_id)
@@ -162,7 +162,7 @@ def test_cooperative_cancel_and_failed_upstream_cancels_dependents(tmp_path, sto
 
 def test_missed_check_in_is_lost_and_retried(tmp_path, store):
     (job,) = store.submit([count_job(steps=6, step_s=0.01, hang_at=3, checkin_s=0.5)])
-    engine = start_engine(tmp_path, MESA_CHECKIN_SLACK_S="0.5")
+    engine = start_engine(tmp_path, MESA_TUI_CHECKIN_SLACK_S="0.5")
     try:
         wait_for(lambda: store.job(job).status in FINISHED, timeout=30, what="the retry")
         child = int(store.runs(job)[0].external_id)
@@ -177,7 +177,7 @@ def test_missed_check_in_is_lost_and_retried(tmp_path, store):
 
 
 # ------------------------------------------------------------------------------------------------
-# Real tasks killed at an exact instant (MESA_TEST_CRASH, engine/crashpoints.py), then compared
+# Real tasks killed at an exact instant (MESA_TUI_TEST_CRASH, engine/crashpoints.py), then compared
 # with an uninterrupted run of the same spec and seed in the same environment (one thread).
 
 PLANTED = (
@@ -198,9 +198,9 @@ def kill_then_compare(
     retried by the same engine), then the same spec uninterrupted; check that the job's series
     hold each (key, step) once, all from its last attempt, equal to the uninterrupted ones, and
     that the results are equal. Returns (job, reference)."""
-    env = {"MESA_TUI_THREADS": "1", "MESA_TASK_MODULES": PLANTED}
+    env = {"MESA_TUI_THREADS": "1", "MESA_TUI_TASK_MODULES": PLANTED}
     (job,) = store.submit([NewJob(kind, spec, f"{kind}-crashed", label="crashed")])
-    first = start_engine(tmp_path, "first", MESA_TEST_CRASH=crash, **env, **first_env)
+    first = start_engine(tmp_path, "first", MESA_TUI_TEST_CRASH=crash, **env, **first_env)
     try:
         wait_for(
             lambda: first.poll() is not None or store.job(job).status in FINISHED,
@@ -253,7 +253,7 @@ def test_kill_9_during_real_training_resumes_from_the_epoch_checkpoint(tmp_path,
     """The case that failed on a faster CPU: the child wrote the epoch-2 checkpoint and the
     engine died still holding the epoch-2 evaluation (step 4) unwritten; the retry resumes after
     epoch 2, so only the journal still has step 4. Made exact: the first engine writes no batch
-    on its timer (MESA_FLUSH_EVERY_S, standing for a CPU that outpaces the 0.2 s flush) and dies
+    on its timer (MESA_TUI_FLUSH_EVERY_S, standing for a CPU that outpaces the 0.2 s flush) and dies
     on receiving epoch 3's first loss, which the child sends only after that checkpoint."""
     from engine.specs import build_spec
 
@@ -277,7 +277,7 @@ def test_kill_9_during_real_training_resumes_from_the_epoch_checkpoint(tmp_path,
         "train",
         spec,
         f"engine-received:key=train/loss@{step + 1}",
-        MESA_FLUSH_EVERY_S="3600",
+        MESA_TUI_FLUSH_EVERY_S="3600",
     )
     first, second = store.runs(job)
     stored = [p.step for p in store.metrics_since([first.id], keys=["eval/acc_clean"])]

@@ -15,7 +15,11 @@ import subprocess
 import pytest
 
 from engine import daemon
-from engine.cores import (
+from engine.daemon import EngineConfig, make_slots
+from engine.errors import UserError
+from engine.executors.base import Launch, Slot
+from engine.executors.local import LocalExecutor
+from engine.run_environment import (
     COMPILE_ENV,
     CUDNN_BENCHMARK_ENV,
     MALLOC_ENV,
@@ -26,10 +30,6 @@ from engine.cores import (
     thread_budget,
     usable_cores,
 )
-from engine.daemon import EngineConfig, make_slots
-from engine.errors import UserError
-from engine.executors.base import Launch, Slot
-from engine.executors.local import LocalExecutor
 
 
 def test_budget_is_every_core_unless_set(monkeypatch):

@@ -28,6 +28,7 @@ from engine.ml.mesa import (
     trigger_grid,
     write_search_artifact,
 )
+from engine.specs import MesaSpec, build_spec
 
 
 @pytest.fixture(autouse=True)
@@ -164,13 +165,17 @@ def test_diversity_stats_bw_and_nearest():
     assert "bw_distinct" not in diversity_stats(samples)
 
 
-def test_config_validation():
-    with pytest.raises(UserError, match="beta 1.2"):
-        MesaConfig(betas=(1.2,))
-    with pytest.raises(UserError, match="noise 'laplace'"):
-        MesaConfig(noise="laplace")
-    with pytest.raises(UserError, match="score"):
-        MesaConfig(score="logit")
+def test_the_spec_validates_and_its_defaults_are_the_configs():
+    # MesaSpec is the one home of the checks; MesaConfig keeps defaults for the ML layer alone.
+    for values, message in (
+        ({"betas": [1.2]}, "beta 1.2"),
+        ({"noise": "laplace"}, "--noise 'laplace'"),
+        ({"score": "logit"}, "--score"),
+        ({"n_eval_triggers": 64, "samples": 32}, "exceeds --samples 32"),
+    ):
+        with pytest.raises(UserError, match=message):
+            build_spec("mesa", overrides={"model": "m", **values})
+    assert MesaSpec(model="m").mesa_config() == MesaConfig()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.ml.anp import (
-    ANPConfig,
     MaskState,
     batchnorm_layers,
     neurons_to_prune,
@@ -25,9 +24,10 @@ from engine.ml.data import Normalizer
 from engine.ml.ftsam import SAMStep, frozen_batchnorm_statistics, smoothed_cross_entropy
 from engine.ml.ibau import INNER_STEP, PENALTY, IBAUStep
 from engine.ml.models import build_model
-from engine.ml.repair import EvalSet, PlainStep, RepairConfig, repair
+from engine.ml.repair import EvalSet, PlainStep, repair
 from tests.ml.planted import PlantedBackdoor, synthetic
 from tests.ml.planted import TinyBatchNormNet as TinyBN
+from tests.ml.settings import anp_config, repair_config
 
 CPU = torch.device("cpu")
 IDENTITY = Normalizer((0.0,) * 3, (1.0,) * 3)
@@ -91,7 +91,7 @@ def test_the_sam_step_takes_the_gradient_at_the_ascended_weights(adaptive):
     expected = [w - lr * g for w, g in zip(start, second, strict=True)]
 
     step = SAMStep(CPU, "fp32", rho=rho, adaptive=adaptive, label_smoothing=0.0, lr=lr, epochs=1)
-    optimizer = step.make_optimizer(model, RepairConfig(lr=lr, momentum=0.0))
+    optimizer = step.make_optimizer(model, repair_config(lr=lr, momentum=0.0))
     step.update(model, x, y, optimizer)
     for p, e in zip(model.parameters(), expected, strict=True):
         assert torch.allclose(p, e, atol=1e-6)
@@ -173,7 +173,7 @@ def test_the_ibau_round_finds_a_perturbation_and_keeps_batchnorm_frozen():
     stats = copy.deepcopy(net.bn1.state_dict())
     metrics = step.start_epoch(net, 0, None)
     assert step.perturbation.shape == (1, 3, 8, 8) and metrics["ibau/perturbation_l2"] > 0
-    optimizer = step.make_optimizer(net, RepairConfig())
+    optimizer = step.make_optimizer(net, repair_config())
     assert isinstance(optimizer, torch.optim.Adam)
     net.train(step.train_mode)
     step.update(net, images[:16].float() / 255, torch.zeros(16, dtype=torch.long), optimizer)
@@ -200,7 +200,7 @@ class Recording:
 def test_sam_and_ibau_steps_see_the_same_batches_as_plain_fine_tuning():
     images, labels = synthetic(96, seed=4)
     held = EvalSet(images[:20], labels[:20], 4)
-    config = RepairConfig(epochs=2, batch_size=32, stamp_rate=0.3, channels_last=False)
+    config = repair_config(epochs=2, batch_size=32, stamp_rate=0.3, channels_last=False)
     seen, states = [], []
     for make in (
         lambda: PlainStep(CPU, "fp32"),
@@ -280,7 +280,7 @@ def test_anp_learns_masks_on_a_copy_and_resumes_to_the_same_masks(monkeypatch):
     net = TinyBN()
     before = copy.deepcopy(net.state_dict())
     images, labels = _anp_data()
-    config = ANPConfig(iterations=6, batch_size=16, augment=True)
+    config = anp_config(iterations=6, batch_size=16)
     whole = optimize_masks(net, IDENTITY, images, labels, config,
                            generator=torch.Generator().manual_seed(0))  # fmt: skip
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
@@ -295,7 +295,7 @@ def test_anp_learns_masks_on_a_copy_and_resumes_to_the_same_masks(monkeypatch):
         if state.iteration == 2:
             saved.append((copy.deepcopy(state), g.get_state()))
 
-    optimize_masks(net, IDENTITY, images, labels, ANPConfig(iterations=2, batch_size=16),
+    optimize_masks(net, IDENTITY, images, labels, anp_config(iterations=2, batch_size=16),
                    generator=g, on_log=keep)  # fmt: skip
     state, generator_state = saved[0]
     g2 = torch.Generator()
@@ -308,9 +308,9 @@ def test_anp_learns_masks_on_a_copy_and_resumes_to_the_same_masks(monkeypatch):
 
 def test_anp_prunes_by_threshold_or_count_and_zeroes_the_bn_scale():
     masks = [torch.tensor([0.9, 0.1, 0.2]), torch.tensor([0.05, 0.5])]
-    by_threshold = neurons_to_prune(masks, ANPConfig(threshold=0.2))
+    by_threshold = neurons_to_prune(masks, anp_config(threshold=0.2))
     assert [c.tolist() for c in by_threshold] == [[False, True, True], [True, False]]
-    by_count = neurons_to_prune(masks, ANPConfig(prune_count=2))
+    by_count = neurons_to_prune(masks, anp_config(prune_count=2))
     assert [c.tolist() for c in by_count] == [[False, True, False], [True, False]]
     net = TinyBN()
     layers = batchnorm_layers(net)

@@ -14,13 +14,14 @@ from engine.ml.repair import (
     EvalSet,
     FixedPatternSampler,
     RandomPatchSampler,
-    RepairConfig,
     build_repair_batch,
     repair,
 )
 from engine.ml.triggers import MaskTrigger, PatchTrigger, Placement, blend
 from engine.reporter import MemoryReporter
+from engine.specs import build_spec
 from tests.ml.planted import PlantedBackdoor, checker_pattern, synthetic
+from tests.ml.settings import repair_config
 
 IDENTITY = Normalizer((0.0,) * 3, (1.0,) * 3)
 
@@ -108,9 +109,10 @@ def test_samplers():
         FixedPatternSampler(torch.zeros(3, 3, 4))
 
 
-def test_config_refuses_a_rate_outside_the_unit_interval():
-    with pytest.raises(UserError, match="stamp rate 1.5"):
-        RepairConfig(stamp_rate=1.5)
+def test_the_spec_refuses_a_rate_outside_the_unit_interval():
+    # The spec is the one home of the repair's bounds; RepairConfig takes checked values.
+    with pytest.raises(UserError, match="--stamp-rate 1.5"):
+        build_spec("defend", overrides={"model": "m", "stamp_rate": 1.5})
 
 
 def _held_out(trigger: bool = True) -> EvalSet:
@@ -129,7 +131,7 @@ def test_repair_with_the_true_trigger_unlearns_the_planted_backdoor(tmp_path):
     model = PlantedBackdoor(target=1)
     images, labels = synthetic(256, seed=10)
     reporter = MemoryReporter(tmp_path)
-    config = RepairConfig(epochs=3, lr=0.05, batch_size=64, stamp_rate=0.5, channels_last=False)
+    config = repair_config(epochs=3, lr=0.05, batch_size=64, stamp_rate=0.5, channels_last=False)
     calls = []
     last, _ = repair(
         model,
@@ -154,7 +156,7 @@ def test_repair_with_the_true_trigger_unlearns_the_planted_backdoor(tmp_path):
 def test_repair_without_trigger_keeps_the_backdoor_and_without_truth_has_no_asr(tmp_path):
     model = PlantedBackdoor(target=1)
     images, labels = synthetic(128, seed=12)
-    config = RepairConfig(epochs=1, lr=0.05, batch_size=64, channels_last=False)
+    config = repair_config(epochs=1, lr=0.05, batch_size=64, channels_last=False)
     last, _ = repair(
         model,
         IDENTITY,
@@ -196,7 +198,7 @@ def _paired_repair(source, seed: int = 3) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     model = PlantedBackdoor(target=1)
     images, labels = synthetic(192, seed=11)
-    config = RepairConfig(
+    config = repair_config(
         epochs=2, lr=0.05, batch_size=64, stamp_rate=0.3, augment=True, channels_last=False
     )
     repair(

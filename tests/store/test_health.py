@@ -140,7 +140,7 @@ def test_db_backup_while_an_engine_writes_is_a_sound_consistent_copy(
         assert [j.id for j in backup.list_jobs()] == [job]
         backup.close()
     assert 0 < counts[0] < counts[-1]  # taken while the points kept coming
-    monkeypatch.setenv("MESA_DB", f"sqlite:///{copies[-1]}")
+    monkeypatch.setenv("MESA_TUI_DB", f"sqlite:///{copies[-1]}")
     checked = runner.invoke(app, ["db", "check", "--json"])
     assert checked.exit_code == 0 and f'"schema": "{HEAD}"' in checked.stdout
 
@@ -175,7 +175,7 @@ async def _app_line() -> str:
 
 
 def _every_face(monkeypatch, url: str, *words: str) -> None:
-    monkeypatch.setenv("MESA_DB", url)
+    monkeypatch.setenv("MESA_TUI_DB", url)
     lines = set()
     for args in (["ls"], ["submit", "train"], ["engine", "start", "--detach"], ["db", "check"]):
         lines.add(assert_one_line_error(runner.invoke(app, args), *words))
@@ -218,7 +218,7 @@ def test_a_postgresql_server_that_refuses_the_password(postgres_server, monkeypa
             monkeypatch, f"postgresql+psycopg://mesa_pw@{base}", "wants a password", "~/.pgpass"
         )
         # The right password works, and a backup is the pg_dump command (without it).
-        monkeypatch.setenv("MESA_DB", f"postgresql+psycopg://mesa_pw:right@{base}")
+        monkeypatch.setenv("MESA_TUI_DB", f"postgresql+psycopg://mesa_pw:right@{base}")
         assert runner.invoke(app, ["ls"]).exit_code == 0
         dump = runner.invoke(app, ["db", "backup", "store.dump"])
         assert dump.exit_code == 0, dump.output

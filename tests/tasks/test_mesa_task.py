@@ -196,17 +196,6 @@ def test_interrupted_search_task_resumes_to_the_same_artifact(synth_dataset, tmp
     assert not (tmp_path / "cut" / "checkpoints").exists()  # the artifact holds no checkpoint
 
 
-def test_task_refuses_a_model_of_another_architecture_version(synth_dataset, tmp_path):
-    from engine.tasks import mesa as task
-
-    model_dir = make_model(tmp_path / "model", backdoor_target=1)
-    manifest = json.loads((model_dir / "manifest.json").read_text())
-    manifest["meta"]["arch_version"] = 2  # hand-backdoor is at version 1
-    (model_dir / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(UserError, match="definition version 2.*retrain"):
-        task.check_spec(tiny_spec(model_dir))
-
-
 def test_task_refuses_bad_target_before_writing(synth_dataset, tmp_path):
     from engine.tasks import mesa as task
 

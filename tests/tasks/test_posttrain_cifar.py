@@ -58,9 +58,9 @@ def backdoored_cifar(cifar_store, tmp_path_factory) -> tuple[Path, Path]:
     from engine.tasks.train import run as train
 
     home = tmp_path_factory.mktemp("posttrain-home")
-    saved = {k: os.environ.get(k) for k in ("MESA_HOME", "MESA_OFFLINE")}
+    saved = {k: os.environ.get(k) for k in ("MESA_TUI_HOME", "MESA_TUI_OFFLINE")}
     threads, configure = torch.get_num_threads(), runtime.configure_threads
-    os.environ.update(MESA_HOME=str(home), MESA_OFFLINE="1")
+    os.environ.update(MESA_TUI_HOME=str(home), MESA_TUI_OFFLINE="1")
     torch.set_num_threads(1)
     runtime.configure_threads = lambda: None  # one thread, as every test here
     try:

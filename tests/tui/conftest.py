@@ -12,7 +12,7 @@ from textual.pilot import Pilot
 from textual.worker import WorkerFailed
 
 from mesa_tui.app import MesaApp, create_app
-from mesa_tui.source import FakeSource, FrozenClock, demo_source
+from mesa_tui.demo import FakeSource, FrozenClock, demo_source
 
 SLOW = 3600.0  # timers effectively off: tests poll explicitly, so screens are deterministic
 

@@ -1,4 +1,4 @@
-"""A test-only task kind ("searchlike", via ``MESA_TASK_MODULES``) that reports like a MESA search:
+"""A test-only task kind ("searchlike", via ``MESA_TUI_TASK_MODULES``) that reports like a MESA search:
 hinge and MINE curves per beta, and ``beta=<b>/samples.npy`` rewritten as it goes, in seconds and
 without torch, so a test can watch a real engine fill the app's curves and trigger grid."""
 

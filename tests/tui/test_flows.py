@@ -259,7 +259,7 @@ async def test_help_lists_bindings_and_closes(demo, clock):
 
 
 async def test_dead_engine_offers_to_start_one(tmp_path, clock):
-    from mesa_tui.source import demo_source
+    from mesa_tui.demo import demo_source
 
     source = demo_source(tmp_path, clock)
     source.set_engine(alive=False)

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from textual_plot import PlotWidget
 
+from mesa_tui.demo import FakeSource
 from mesa_tui.screens.run import RunScreen
-from mesa_tui.source import HISTORY_POINTS, FakeSource, MetricHistory, MetricPoint
+from mesa_tui.source import HISTORY_POINTS, MetricHistory, MetricPoint
 from mesa_tui.widgets.series import MetricColumns, SeriesSet, downsample
 from store.downsample import minmax
 

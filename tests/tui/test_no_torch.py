@@ -11,7 +11,7 @@ SCRIPT = textwrap.dedent(
     import asyncio, sys, tempfile
     from pathlib import Path
     from mesa_tui.app import create_app
-    from mesa_tui.source import demo_source
+    from mesa_tui.demo import demo_source
     import store.repository  # what run_app opens
 
     async def main():

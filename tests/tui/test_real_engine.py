@@ -24,7 +24,7 @@ async def test_real_engine_fills_curves_and_trigger_grid(tmp_path):
     store = Store()
     spec = {"steps": 60, "step_s": 0.1, "betas": [0.9, 0.5]}
     (job,) = store.submit([NewJob("searchlike", spec, "searchlike-test", label="bw:170")])
-    engine = start_engine(tmp_path, MESA_TASK_MODULES="searchlike=tests.tui.search_like_task")
+    engine = start_engine(tmp_path, MESA_TUI_TASK_MODULES="searchlike=tests.tui.search_like_task")
     try:
         app = create_app(StoreSource(store), utc_now, poll_s=0.2, metrics_poll_s=0.2, redraw_s=0.2)
         async with app.run_test(size=(80, 24)) as pilot:

@@ -1,4 +1,4 @@
-"""The app over the real store (SQLite in the test's own MESA_HOME), written to as the engine does."""
+"""The app over the real store (SQLite in the test's own MESA_TUI_HOME), written to as the engine does."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""How many CPU threads a run may use (torch-free: the engine imports it, and so does engine.ml).
+"""A run's switches from the environment: its CPU threads, allocator, torch.compile and cuDNN
+autotuning (``MESA_TUI_*``). Torch-free: the engine imports it, and so does engine.ml.
 
 Two runs that each take every core of the same CPU run several times slower than their share:
 OpenMP threads spin while they wait for each other. So the engine shares the cores out among

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import signal
 import socket
@@ -14,105 +15,54 @@ from pathlib import Path
 import typer
 
 from mesa_tui.commands.common import cli_errors, print_json
+from mesa_tui.commands.model_options import Given, field_parameters, model_command
 
 app = typer.Typer(
     help="Start, stop and inspect the engine that runs queued jobs.", no_args_is_help=True
 )
 
 
-@app.command("start")
-@cli_errors
+def _engine_flags() -> list[inspect.Parameter]:
+    from engine.daemon import EngineFlags
+
+    return field_parameters(EngineFlags)
+
+
+@model_command(app, "start", _engine_flags)
 def start(
+    given: Given,
     detach: bool = typer.Option(
         False, "--detach", "-d", help="keep running in the background (log to a file)"
     ),
-    cpu_slots: int | None = typer.Option(
-        None,
-        "--cpu-slots",
-        min=1,
-        help="run N jobs at once on the CPU (no GPU); each gets its share of the cores",
-    ),
-    gpus: str | None = typer.Option(
-        None, "--gpus", help="GPU indices to use, e.g. 0,1 (default: every visible GPU)"
-    ),
-    slots_per_gpu: int = typer.Option(
-        1, "--slots-per-gpu", min=1, help="jobs per GPU at once (small jobs)"
-    ),
-    log: Path | None = typer.Option(
-        None, "--log", help="log file (default with --detach: in the data home)"
-    ),
     json_output: bool = typer.Option(
         False, "--json", help="print the started engine as JSON (with --detach)"
-    ),
-    executor: str | None = typer.Option(
-        None,
-        "--executor",
-        help="local (child processes here, the default) or ray (tasks on a Ray cluster)",
-    ),
-    ray_address: str | None = typer.Option(
-        None,
-        "--ray-address",
-        help="Ray head HOST:PORT, auto (RAY_ADDRESS or a cluster on this machine) or local "
-        "(start a Ray instance here); implies --executor ray",
-    ),
-    ray_gpus: float = typer.Option(
-        1.0, "--ray-gpus", help="GPUs a run asks Ray for (runs with --device cpu ask for none)"
-    ),
-    ray_artifacts: str = typer.Option(
-        "auto",
-        "--ray-artifacts",
-        help="shared (every node sees the data home), copy (through Ray's object store) or auto",
     ),
 ) -> None:
     """Run queued jobs: one child process per job, one per GPU slot (or CPU slot), or one Ray
     task per job on a cluster (--executor ray; --cpu-slots then caps the runs in flight)."""
     from engine import paths
-    from engine.cores import check_run_environment
-    from engine.daemon import EngineConfig, executor_options, parse_gpus, serve
+    from engine.daemon import build_flags, serve
+    from engine.run_environment import check_run_environment
     from mesa_tui.commands.jobs import open_store
     from store.health import check_integrity
 
     check_run_environment()  # its jobs inherit MESA_TUI_*: a bad value would fail every one
-    gpu_list = parse_gpus(gpus)
-    options = executor_options(executor, ray_address, ray_gpus, ray_artifacts)
+    flags = build_flags(given.values)
+    config = flags.config()  # refuses bad GPUs and executor settings before anything starts
     # Refuses a damaged or unusable store and an old schema before anything starts, then reads
     # the whole file once (PRAGMA integrity_check): an engine must not write into damage.
     store = open_store()
     check_integrity(store.engine, store.url)
     if not detach:
-        serve(
-            EngineConfig(
-                cpu_slots=cpu_slots,
-                gpus=gpu_list,
-                slots_per_gpu=slots_per_gpu,
-                log_path=str(log) if log else None,
-                **options,
-            ),
-            check_store=False,
-        )
+        serve(config, check_store=False)
         return
     log_dir = paths.data_home() / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log or log_dir / f"engine-{time.strftime('%Y%m%d-%H%M%S')}.log"
-    command = [
-        sys.executable,
-        "-m",
-        "engine.daemon",
-        "--slots-per-gpu",
-        str(slots_per_gpu),
-        "--log",
-        str(log_path),
-        "--store-checked",
-    ]
-    if cpu_slots:
-        command += ["--cpu-slots", str(cpu_slots)]
-    if gpus:
-        command += ["--gpus", gpus]
-    if options["executor"] == "ray":
-        command += ["--executor", "ray", "--ray-address", options["ray_address"]]
-        command += ["--ray-gpus", str(ray_gpus), "--ray-artifacts", ray_artifacts]
+    log_path = flags.log or str(log_dir / f"engine-{time.strftime('%Y%m%d-%H%M%S')}.log")
+    child = build_flags({**given.values, "log": log_path})
+    command = [sys.executable, "-m", "engine.daemon", *child.argv(), "--store-checked"]
     env = dict(os.environ)
-    env["MESA_DB"] = store.url
+    env["MESA_TUI_DB"] = store.url
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     with open(log_path, "ab") as log_file:
@@ -120,7 +70,7 @@ def start(
             command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
             start_new_session=True, env=env,
         )  # fmt: skip
-    deadline = time.monotonic() + (120 if options["executor"] == "ray" else 30)
+    deadline = time.monotonic() + (120 if config.executor == "ray" else 30)
     while time.monotonic() < deadline:
         engines = [
             e for e in store.engines() if e.pid == process.pid and e.host == socket.gethostname()
@@ -191,7 +141,7 @@ def stop(
 def status(json_output: bool = typer.Option(False, "--json", help="one JSON object")) -> None:
     """Whether an engine is alive, its slots and GPUs, and the queue."""
     from mesa_tui.commands.jobs import age, open_store
-    from store.entities import to_json
+    from store.entities import STATUSES, to_json
 
     store = open_store()
     engines = store.engines(alive_only=True)
@@ -201,10 +151,7 @@ def status(json_output: bool = typer.Option(False, "--json", help="one JSON obje
             {
                 "alive": bool(engines),
                 "engines": [to_json(e) for e in engines],
-                "jobs": {
-                    s: counts.get(s, 0)
-                    for s in ("queued", "running", "succeeded", "failed", "cancelled", "lost")
-                },
+                "jobs": {s: counts.get(s, 0) for s in STATUSES},
                 "store": store.url,
             }
         )
@@ -244,10 +191,4 @@ def status(json_output: bool = typer.Option(False, "--json", help="one JSON obje
                 e.version,
             )
         console.print(table)
-    console.print(
-        "jobs: "
-        + ", ".join(
-            f"{counts.get(s, 0)} {s}"
-            for s in ("queued", "running", "succeeded", "failed", "cancelled", "lost")
-        )
-    )
+    console.print("jobs: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in STATUSES))
