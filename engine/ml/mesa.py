@@ -83,7 +83,7 @@ class MesaConfig:
     score: str = "prob"
     jitter: float = 0.1
     jitter_clamp: bool = True
-    placement: str = "per-image"
+    placement: str = "learned"  # the spec's default (engine.specs.MesaSpec)
     trigger_size: int = 3
     ma_rate: float = 0.001
     stats_every: int = 20

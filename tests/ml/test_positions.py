@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from engine.errors import UserError
+from engine.specs import build_spec
 from engine.ml.data import Normalizer
 from engine.ml.mesa import (
     MesaConfig,
@@ -139,8 +140,8 @@ def test_random_placements_are_unchanged_by_the_position_fields():
     cfg = config("per-image")
     assert "position_alpha" not in cfg.to_json()
     assert "position_alpha" in config("learned").to_json()
-    with pytest.raises(UserError, match="per-image, per-batch or learned"):
-        config("corner")
+    with pytest.raises(UserError, match="'per-image', 'per-batch' or 'learned'"):
+        build_spec("mesa", overrides={"model": "m", "placement": "corner"})
 
 
 def test_pi_is_stored_and_the_repair_stamps_where_it_says(tmp_path):
