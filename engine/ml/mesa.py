@@ -47,6 +47,13 @@ from torch import nn
 from engine.errors import UserError
 from engine.ml.data import Normalizer, to_float
 from engine.ml.models import fold_batchnorm
+from engine.ml.position_scan import (
+    PositionScan,
+    ScanConfig,
+    position_prior,
+    position_support,
+    scan_positions,
+)
 from engine.ml.repair import TriggerSampler
 from engine.ml.runtime import autocast, resolve_precision
 from engine.ml.triggers import Placement, position_grid, sample_positions, stamp
@@ -57,6 +64,15 @@ SEARCH_PLACEMENTS = ("per-image", "per-batch", "learned")
 # Share of the position grid's cells whose mass ``pos_top_mass`` reports (the top 5 %).
 TOP_CELLS = 0.05
 HIST_BINS = 10
+# MesaConfig fields that only the ``learned`` placement reads (left out of the others' JSON).
+LEARNED_ONLY = (
+    "position_alpha",
+    "position_prior",
+    "position_memory",
+    "scan_probes",
+    "scan_images",
+    "scan_min_lift",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,6 +117,12 @@ class MesaConfig:
     position_alpha: float = 0.5
     position_prior: float = 2.0
     position_memory: float = 100.0
+    # Before the search, the position scan (engine.ml.position_scan): probe patterns at every
+    # offset. A target whose map peaks (lift >= scan_min_lift) is searched only where it peaks,
+    # the scan's probabilities as the first pseudo-visits; otherwise pi starts uniform.
+    scan_probes: int = 16
+    scan_images: int = 16
+    scan_min_lift: float = 0.25
 
     def __post_init__(self) -> None:
         # The settings a person gives are checked by engine.specs.MesaSpec; these two are not
@@ -120,7 +142,7 @@ class MesaConfig:
         d["betas"] = list(self.betas)
         d["adam_betas"] = list(self.adam_betas)
         if not self.learned:  # the random placements' configs read as they always did
-            for key in ("position_alpha", "position_prior", "position_memory"):
+            for key in LEARNED_ONLY:
                 d.pop(key)
         return d
 
@@ -389,6 +411,8 @@ class _Run:
     # capped log scores of the stamps that landed there, and the decayed count of them.
     pos_sums: torch.Tensor | None = None
     pos_counts: torch.Tensor | None = None
+    # The offsets the scan allowed (flat bool), None for all of them.
+    support: torch.Tensor | None = None
 
     @property
     def learned(self) -> bool:
@@ -397,23 +421,31 @@ class _Run:
     def position_probs(self, grid: tuple[int, int], config: MesaConfig) -> torch.Tensor:
         """pi (Hp, Wp) float32: softmax of the offsets' shrunk mean rewards / position_alpha."""
         assert self.pos_sums is not None and self.pos_counts is not None
-        return position_distribution(self.pos_sums, self.pos_counts, config).view(grid)
+        return position_distribution(
+            self.pos_sums, self.pos_counts, config, self.support
+        ).view(grid)
 
 
 def position_distribution(
-    sums: torch.Tensor, counts: torch.Tensor, config: MesaConfig
+    sums: torch.Tensor,
+    counts: torch.Tensor,
+    config: MesaConfig,
+    support: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The max-entropy position distribution for the current reward estimates (flat, float32).
 
     r_j = (sum_j + n0 * m) / (count_j + n0), with m the mean of the visited offsets' own means
     (an offset never visited, or long ago, reads as an average one) and n0 = position_prior;
     pi = softmax(r / position_alpha) maximises E_pi[r] + position_alpha * H(pi). Before any
-    visit every r_j is equal: pi is uniform, the paper's per-image placement."""
-    visited = counts > 1e-6
+    visit every r_j is equal: pi is uniform, the paper's per-image placement. Offsets outside
+    ``support`` (the position scan's peak) get no mass."""
+    allowed = torch.ones_like(sums, dtype=torch.bool) if support is None else support
+    visited = (counts > 1e-6) & allowed
     if not bool(visited.any()):
-        return torch.full_like(sums, 1.0 / sums.numel(), dtype=torch.float32)
+        return (allowed.float() / allowed.sum()).float()
     mean = float((sums[visited] / counts[visited]).mean())
     reward = (sums + config.position_prior * mean) / (counts + config.position_prior)
+    reward = reward.masked_fill(~allowed, float("-inf"))
     return torch.softmax(reward / config.position_alpha, 0).float()
 
 
@@ -436,6 +468,7 @@ class MesaTrainer:
         device: torch.device | str = "cpu",
         precision: str = "fp32",
         seed: int = 0,
+        position_scan: PositionScan | None = None,
     ):
         self.device = torch.device(device)
         self.precision = resolve_precision(precision, self.device)
@@ -472,10 +505,9 @@ class MesaTrainer:
                 )
                 T = StatisticsNetwork(config.noise_dim, self.channels * k * k, config.hidden)
             G, T = G.to(self.device).train(), T.to(self.device).train()
-            pos_sums = pos_counts = None
-            if self.learned:  # pi starts uniform: the paper's per-image placement
-                pos_sums = torch.zeros(self.grid[0] * self.grid[1], dtype=torch.float64)
-                pos_counts = torch.zeros_like(pos_sums)
+            pos_sums = pos_counts = support = None
+            if self.learned:
+                pos_sums, pos_counts, support = self._position_start(position_scan, beta, target)
             self.runs.append(
                 _Run(
                     beta=beta,
@@ -489,6 +521,7 @@ class MesaTrainer:
                     mine_objective=MineObjective(config.ma_rate),
                     pos_sums=pos_sums,
                     pos_counts=pos_counts,
+                    support=support,
                 )
             )
         self.targets = torch.tensor(
@@ -586,6 +619,30 @@ class MesaTrainer:
         self._window_steps += 1
         self.step_count += 1
         return row
+
+    def _position_start(
+        self, scan: PositionScan | None, beta: float, target: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Sums, counts and support of a learned pi before the first step: uniform (the paper's
+        per-image placement) unless the scan found a peak for ``target``; then only the peak's
+        offsets, each with ``position_prior`` pseudo-visits at the scan's capped log score."""
+        cells = self.grid[0] * self.grid[1]
+        sums = torch.zeros(cells, dtype=torch.float64)
+        counts = torch.zeros_like(sums)
+        support = None
+        if scan is not None:
+            if scan.grid != self.grid:
+                raise UserError(
+                    f"the position scan covers a {scan.grid[0]}x{scan.grid[1]} grid, the search "
+                    f"a {self.grid[0]}x{self.grid[1]} one; scan with the search's trigger size"
+                )
+            support = position_support(scan, target, self.config.scan_min_lift)
+        if support is not None:
+            visits = self.config.position_prior
+            prior = position_prior(scan, target, beta)  # type: ignore[arg-type]
+            sums = torch.where(support, visits * prior, sums)
+            counts = torch.where(support, torch.full_like(counts, visits), counts)
+        return sums, counts, support
 
     def _update_positions(
         self, p: torch.Tensor, betas: torch.Tensor, positions: torch.Tensor
@@ -801,6 +858,28 @@ class SearchCheckpoint:
 CHECKPOINT_KIND = "mesa-search"
 
 
+def scan_for(
+    model: nn.Module,
+    normalizer: Normalizer,
+    images_u8: torch.Tensor,
+    cfg: MesaConfig,
+    precision: str,
+    seed: int,
+    reporter: Reporter | None = None,
+) -> PositionScan:
+    """The position scan with a search's settings (the model in eval mode, as searched)."""
+    if reporter is not None:
+        reporter.text(
+            f"position scan: {cfg.scan_probes} probe patterns at every offset on "
+            f"{cfg.scan_images} images"
+        )
+    model.eval()
+    scan_cfg = ScanConfig(probes=cfg.scan_probes, images=cfg.scan_images, seed=seed)
+    return scan_positions(
+        model, normalizer, images_u8, cfg.trigger_size, scan_cfg, precision=precision
+    )
+
+
 def search_targets(
     model: nn.Module,
     normalizer: Normalizer,
@@ -818,8 +897,11 @@ def search_targets(
     stage: str = "mesa",
     pca_warmup: int | None = None,
     checkpoint: SearchCheckpoint | None = None,
+    position_scan: PositionScan | None = None,
 ) -> SearchResult:
     """Train one generator per (beta, target, metric-key prefix) in one process; see ``search``.
+    A ``learned`` search first scans the positions (``engine.ml.position_scan``) unless
+    ``position_scan`` is given (a detection scans once for all its classes).
 
     With ``checkpoint``, the state is saved now and then; with ``checkpoint.resume`` a usable
     file there is loaded and the search continues after its step, logging only later steps, and
@@ -832,8 +914,18 @@ def search_targets(
     frozen_flags = [p.requires_grad for p in model.parameters()]
     was_training = model.training
     try:
+        if cfg.learned and position_scan is None:
+            position_scan = scan_for(model, normalizer, images_u8, cfg, precision, seed, reporter)
         trainer = MesaTrainer(
-            model, normalizer, images_u8, pairs, cfg, device=device, precision=precision, seed=seed
+            model,
+            normalizer,
+            images_u8,
+            pairs,
+            cfg,
+            device=device,
+            precision=precision,
+            seed=seed,
+            position_scan=position_scan,
         )
         eval_sets = _eval_sets(trainer, labels, seed)
         history: list[dict[str, Any]] = []

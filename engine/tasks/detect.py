@@ -44,6 +44,26 @@ def flag_classes(
     return flagged, z
 
 
+def scan_flags(
+    lifts: dict[int, float], *, z_threshold: float, min_lift: float, floor: float
+) -> tuple[list[int], dict[int, float]]:
+    """Classes whose position-scan lift (peak minus median of the map) stands out, robust z
+    over the classes as for the scores, and reaches ``min_lift``: fixed-position backdoors."""
+    z = robust_z(lifts, floor)
+    flagged = sorted(c for c, v in lifts.items() if z[c] > z_threshold and v >= min_lift)
+    return flagged, z
+
+
+def _scan_stage(spec: DetectSpec, config, model, normalizer, images, precision, reporter):  # noqa: ANN001, ANN202
+    """The position scan of a ``learned`` detection (None otherwise): one forward sweep serves
+    every class, its searches start from it and its lifts flag fixed-position backdoors."""
+    from engine.ml.mesa import scan_for
+
+    if not config.learned:
+        return None
+    return scan_for(model, normalizer, images, config, precision, spec.seed, reporter)
+
+
 def check_spec(spec: DetectSpec) -> list[int]:
     """Refuse bad input before anything is written; returns the classes to test."""
     from engine.tasks.mesa import read_model_meta
@@ -62,7 +82,7 @@ def check_spec(spec: DetectSpec) -> list[int]:
 
 def run(spec: DetectSpec, reporter: Reporter) -> TaskResult:
     from engine.ml import checkpoint as ckpt
-    from engine.ml.artifacts import write_manifest
+    from engine.ml.artifacts import save_array, write_manifest
     from engine.ml.mesa import SearchCheckpoint, position_stats, search_targets, top_positions
     from engine.ml.runtime import (
         configure_cpu,
@@ -89,6 +109,7 @@ def run(spec: DetectSpec, reporter: Reporter) -> TaskResult:
         f"placement {spec.placement}, "
         f"{images.shape[0]} defender images, {device} {precision}"
     )
+    scan = _scan_stage(spec, config, model, normalizer, images, precision, reporter)
     metrics: dict[str, float] = {}
     histograms: dict[str, list[int]] = {}
     positions: dict[str, dict] = {}
@@ -127,6 +148,7 @@ def run(spec: DetectSpec, reporter: Reporter) -> TaskResult:
             reporter=reporter,
             seed=spec.seed,
             stage=f"detect {gi + 1}/{len(groups)} (classes {group[0]}..{group[-1]})",
+            position_scan=scan,
             checkpoint=SearchCheckpoint(
                 pass_checkpoint,
                 resume=reporter.resume,
@@ -173,6 +195,20 @@ def run(spec: DetectSpec, reporter: Reporter) -> TaskResult:
     )
     for c in classes:
         metrics[f"detect/class={c}/z"] = z[c]
+    scan_report = None
+    if scan is not None:
+        lifts = {c: scan.lift(c) for c in classes}
+        by_scan, scan_z = scan_flags(
+            lifts, z_threshold=spec.z_threshold, min_lift=config.scan_min_lift, floor=spec.mad_floor
+        )
+        flagged = sorted(set(flagged) | set(by_scan))
+        scan_report = {
+            "flagged": by_scan,
+            "classes": {str(c): {**scan.summary(c), "z": round(scan_z[c], 4)} for c in classes},
+        }
+        for c in classes:
+            metrics[f"detect/class={c}/scan_lift"] = lifts[c]
+            metrics[f"detect/class={c}/scan_z"] = scan_z[c]
     metrics["detect/flagged_count"] = float(len(flagged))
     metrics["detect/max_score"] = max(scores.values())
     reporter.log(metrics, spec.steps)
@@ -188,11 +224,14 @@ def run(spec: DetectSpec, reporter: Reporter) -> TaskResult:
     }
     if positions:
         report["positions"] = positions
+    if scan_report is not None:
+        report["scan"] = scan_report
+        save_array(workdir / "scan.npy", scan.probs.numpy())
     (workdir / "detect.json").write_text(json.dumps(report, indent=1))
     write_manifest(
         workdir,
         "detection",
-        ["detect.json"],
+        ["detect.json", *(["scan.npy"] if scan_report is not None else [])],
         spec=spec.to_json(),
         spec_hash=spec.spec_hash(),
         upstream=[spec.model],
