@@ -62,8 +62,23 @@ METHODS = ("mesa", "point", "neural-cleanse", "finetune")
 # --quick: a smoke run on the cut dataset (tests), every stage at a token size.
 QUICK: dict[str, dict[str, Any]] = {
     "train": {"dataset": "cifar10-quick", "epochs": 1, "crop_epochs": 0, "batch_size": 128},
-    "detect": {"steps": 4, "n_eval_triggers": 8, "eval_images": 16, "classes": [0, 1, 2]},
-    "mesa": {"steps": 6, "sample_every": 3, "n_eval_triggers": 8, "eval_images": 16, "samples": 32},
+    "detect": {
+        "steps": 4,
+        "n_eval_triggers": 8,
+        "eval_images": 16,
+        "classes": [0, 1, 2],
+        "scan_probes": 2,
+        "scan_images": 2,
+    },
+    "mesa": {
+        "steps": 6,
+        "sample_every": 3,
+        "n_eval_triggers": 8,
+        "eval_images": 16,
+        "samples": 32,
+        "scan_probes": 2,
+        "scan_images": 2,
+    },
     "defend": {"epochs": 1, "point_epochs": 1, "nc_epochs": 2, "nc_steps_per_epoch": 2},
 }
 CUT: dict[str, dict[str, Any]] = {}  # QUICK when --quick, else nothing

@@ -382,6 +382,23 @@ EvalTriggers = Annotated[
 EvalImages = Annotated[
     int, Field(128, ge=1, description="clean non-target images per validity check")
 ]
+# The position scan of a ``learned`` search or detection (engine.ml.position_scan).
+ScanProbes = Annotated[
+    int,
+    Field(16, ge=1, le=1024, description="probe patterns the position scan stamps at every offset"),
+]
+ScanImages = Annotated[
+    int, Field(16, ge=1, le=4096, description="defender images each scan probe is stamped on")
+]
+ScanMinLift = Annotated[
+    float,
+    Field(
+        0.25,
+        ge=0,
+        le=1,
+        description="a class's scan map must peak this far above its median to count as a place",
+    ),
+]
 
 
 class MesaSpec(SpecBase):
@@ -412,6 +429,9 @@ class MesaSpec(SpecBase):
         description="per-image, per-batch (the paper's random places) or learned (a position "
         "distribution searched with the patterns: fixed-position backdoors too)",
     )
+    scan_probes: ScanProbes
+    scan_images: ScanImages
+    scan_min_lift: ScanMinLift
     stats_every: int = Field(20, ge=1, description="log live statistics every N steps")
     sample_every: int = Field(200, ge=1, description="evaluate sampled triggers every N steps")
     n_eval_triggers: EvalTriggers
@@ -458,6 +478,9 @@ class MesaSpec(SpecBase):
             jitter=self.jitter,
             jitter_clamp=self.jitter_clamp,
             placement=self.placement,
+            scan_probes=self.scan_probes,
+            scan_images=self.scan_images,
+            scan_min_lift=self.scan_min_lift,
             stats_every=self.stats_every,
             sample_every=self.sample_every,
             n_eval_triggers=self.n_eval_triggers,
@@ -491,6 +514,9 @@ class DetectSpec(SpecBase):
         description="where the searches stamp: learned (a position distribution per class, "
         "finds fixed-position backdoors too), per-image or per-batch (random places)",
     )
+    scan_probes: ScanProbes
+    scan_images: ScanImages
+    scan_min_lift: ScanMinLift
     z_threshold: float = Field(
         2.0, gt=0, description="flag a class whose score is this many MADs above the median"
     )
@@ -524,6 +550,9 @@ class DetectSpec(SpecBase):
             eval_images=self.eval_images,
             samples=max(self.n_eval_triggers, 256),
             placement=self.placement,
+            scan_probes=self.scan_probes,
+            scan_images=self.scan_images,
+            scan_min_lift=self.scan_min_lift,
         )
 
 
@@ -714,6 +743,9 @@ class DefendSpec(SpecBase):
             batch_size=self.batch_size,
             stamp_rate=self.stamp_rate,
             placement=self.placement,
+            scan_probes=self.scan_probes,
+            scan_images=self.scan_images,
+            scan_min_lift=self.scan_min_lift,
             augment=self.augment,
             channels_last=self.channels_last,
             eval_batch_size=self.eval_batch_size,
