@@ -241,7 +241,84 @@ async def measure(
         await asyncio.sleep(0.15)  # let polls and redraws interleave with the presses
     app._display = original
     measure.cpu_ms = cpu  # type: ignore[attr-defined]  # CPU time of this process per press
+    slowest = sorted(range(len(out)), key=lambda i: -out[i])[:3]
+    measure.slowest = [  # type: ignore[attr-defined]
+        {"press": i, "tab": TAB_OF_KEY[KEYS[i % len(KEYS)]], "ms": round(out[i], 1),
+         "cpu_ms": round(cpu[i], 1)}
+        for i in slowest
+    ]  # fmt: skip
     return out
+
+
+class StallSampler(threading.Thread):
+    """What the event loop is doing while it is blocked: the loop stamps a heartbeat every 5 ms;
+    when the stamp is older than ``stall_ms`` this thread samples the loop thread's stack every
+    2 ms and counts the innermost frames of our code and of the libraries under it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, stall_ms: float = 30.0):
+        super().__init__(daemon=True)
+        self.loop, self.stall_s = loop, stall_ms / 1000
+        self.loop_thread = threading.get_ident()
+        self.beat = time.perf_counter()
+        self.stop_event = threading.Event()
+        self.samples: dict[str, int] = {}
+        self.total = 0
+
+    def tick(self) -> None:
+        self.beat = time.perf_counter()
+        if not self.stop_event.is_set():
+            self.loop.call_later(0.005, self.tick)
+
+    def run(self) -> None:
+        while not self.stop_event.wait(0.002):
+            if time.perf_counter() - self.beat < self.stall_s:
+                continue
+            frame = sys._current_frames().get(self.loop_thread)
+            if frame is None:
+                continue
+            self.total += 1
+            self.samples[self._where(frame)] = self.samples.get(self._where(frame), 0) + 1
+
+    @staticmethod
+    def _where(frame) -> str:
+        """The innermost frame in mesa_tui, plus the innermost frame of all (file:function)."""
+        inner = f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}"
+        ours = None
+        while frame is not None:
+            if "mesa_tui" in frame.f_code.co_filename:
+                ours = (
+                    f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}:{frame.f_lineno}"
+                )
+                break
+            frame = frame.f_back
+        return f"{ours or '-'} <- {inner}"
+
+    def watch_gc(self) -> None:
+        """Time every garbage collection (a full one walks every live object: a stall)."""
+        import gc
+
+        self.gc_ms: dict[int, list[float]] = {0: [], 1: [], 2: []}
+        started: list[float] = []
+
+        def callback(phase: str, info: dict) -> None:
+            if phase == "start":
+                started[:] = [time.perf_counter()]
+            elif started:
+                self.gc_ms[info["generation"]].append(1000 * (time.perf_counter() - started[0]))
+
+        gc.callbacks.append(callback)
+
+    def gc_summary(self) -> dict[str, object]:
+        return {
+            f"gen{g}": {"n": len(ms), "max_ms": round(max(ms, default=0), 1),
+                        "total_ms": round(sum(ms), 1)}
+            for g, ms in self.gc_ms.items()
+        }  # fmt: skip
+
+    def top(self, n: int = 12) -> dict[str, float]:
+        """Share of the blocked samples per place (ms at one sample per 2 ms)."""
+        ranked = sorted(self.samples.items(), key=lambda kv: -kv[1])[:n]
+        return {where: 2 * count for where, count in ranked}
 
 
 def summary(ms: list[float]) -> dict[str, float]:
@@ -265,7 +342,12 @@ async def main_async(args) -> dict:
         build_store if args.source == "store" else build_fake
     )(args.points, args.jobs)
     build_s = time.perf_counter() - t0
-    app = create_app(source, utc_now)
+    app = create_app(source, utc_now, quiet_gc=not args.default_gc)
+    sampler = StallSampler(asyncio.get_running_loop()) if args.profile else None
+    if sampler is not None:
+        sampler.tick()
+        sampler.watch_gc()
+        sampler.start()
     async with app.run_test(size=(120, 40)) as pilot:
         await pilot.pause(0.5)
         target = sent_to(job_ids[0])  # nothing streams yet
@@ -281,6 +363,7 @@ async def main_async(args) -> dict:
         full_read_s = await asyncio.to_thread(read_every_point, source, job_ids[0])
         idle = await measure(app, pilot, args.presses)
         idle_cpu = measure.cpu_ms
+        idle_slowest = measure.slowest
         if args.source == "store":
             streamer = StoreStreamer(source, feed, history, args.rate)
         else:
@@ -290,6 +373,7 @@ async def main_async(args) -> dict:
         loaded_by_tab: dict[str, list[float]] = {}
         loaded = await measure(app, pilot, args.presses, loaded_by_tab)
         loaded_cpu = measure.cpu_ms
+        loaded_slowest = measure.slowest
         if isinstance(streamer, Streamer):
             streamer.stop_event.set()
         streamer.join()
@@ -301,7 +385,14 @@ async def main_async(args) -> dict:
             if received >= expected:
                 break
             await asyncio.sleep(0.1)
+    if sampler is not None:
+        sampler.stop_event.set()
     return {
+        **(
+            {"blocked_ms_by_place": sampler.top(), "garbage_collections": sampler.gc_summary()}
+            if sampler is not None
+            else {}
+        ),
         "benchmark": "tui_responsiveness",
         "source": args.source,
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f}",
@@ -315,6 +406,8 @@ async def main_async(args) -> dict:
         "open_run_read_every_point_s_reference": round(full_read_s, 2),
         "idle_reference": summary(idle),
         "idle_cpu_ms_per_press_p50": round(statistics.median(idle_cpu), 1),
+        "idle_slowest_presses": idle_slowest,
+        "under_load_slowest_presses": loaded_slowest,
         "under_load_cpu_ms_per_press_p50": round(statistics.median(loaded_cpu), 1),
         "under_load": summary(loaded),
         "under_load_p50_ms_by_tab": {
@@ -337,6 +430,12 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=4)
     parser.add_argument("--rate", type=float, default=50.0, help="points per second per job")
     parser.add_argument("--presses", type=int, default=30)
+    parser.add_argument(
+        "--default-gc", action="store_true", help="the app without its quiet collector"
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="sample what the event loop does while blocked"
+    )
     parser.add_argument("--writer", help=argparse.SUPPRESS)  # internal: the engine-like writer
     args = parser.parse_args()
     if args.writer:

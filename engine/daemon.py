@@ -212,6 +212,9 @@ class Engine:
         self.active: dict[int, ActiveRun] = {}
         self.stopping = False
         self.engine_id: int | None = None
+        from engine.system import SystemSampler
+
+        self.system = SystemSampler()
         self._last_problem: tuple[str | None, float] = (None, 0.0)
         from engine import crashpoints
 
@@ -269,6 +272,17 @@ class Engine:
             self.executor.shutdown()
             log.info("engine %d stopped", self.engine_id)
 
+    def system_snapshot(self) -> dict[str, Any] | None:
+        """The host and each slot's child (psutil), for the app's system pane."""
+        by_slot = {run.handle.slot: run.handle for run in self.active.values()}
+        slots = []
+        for index, slot in enumerate(self.slots):
+            handle = by_slot.get(slot)
+            pid = handle.external_id if handle is not None else ""
+            job_id = handle.launch.job_id if handle is not None else None
+            slots.append((index, slot.gpu, job_id, int(pid) if pid.isdigit() else None))
+        return self.system.snapshot(slots)
+
     def report_store_failure(self, exc: Exception, doing: str) -> bool:
         """Log a store problem (``store.health``: a full disk, a server gone away, damage) in
         its one line with the events held for the retry, at most once a minute while the same
@@ -296,7 +310,10 @@ class Engine:
         if now >= due["heartbeat"]:
             due["heartbeat"] = now + self.config.heartbeat_every_s
             beat = self.store.engine_heartbeat(
-                self.registered_id, len(self.active), gpu_snapshot(self.gpus)
+                self.registered_id,
+                len(self.active),
+                gpu_snapshot(self.gpus),
+                self.system_snapshot(),
             )
             if beat.stop_requested_at is not None and not self.stopping:
                 log.info("stop requested through the store")

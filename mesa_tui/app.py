@@ -7,14 +7,19 @@ call happens in a thread worker; widgets only ever see the messages those worker
 
 from __future__ import annotations
 
+import gc
+import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar
 
+from textual import events
 from textual.app import App
 from textual.binding import Binding
 from textual.screen import Screen
+from textual.scrollbar import ScrollBar, ScrollBarRender
 
+from mesa_tui.config import AppConfig
 from mesa_tui.messages import RequestDone
 from mesa_tui.screens.compare import CompareScreen
 from mesa_tui.screens.jobs import JobsScreen
@@ -25,6 +30,18 @@ from mesa_tui.screens.study import StudyScreen
 from mesa_tui.source import DataSource, utc_now
 
 THEMES = ("textual-dark", "textual-light")
+
+
+class WholeCellScrollBar(ScrollBarRender):
+    """Scroll-bar thumbs of whole cells: Textual draws a thumb's ends with eighth blocks
+    (▁▂▃ ▇, ▉▊▋ ▎), which read as data beside a table or a plot (the stray ▇▇ of the help
+    dialog); a thumb a fraction of a cell off is not worth that."""
+
+    VERTICAL_BARS: ClassVar[list[str]] = [" "] * 8
+    HORIZONTAL_BARS: ClassVar[list[str]] = [" "] * 8
+
+
+ScrollBar.renderer = WholeCellScrollBar  # Textual's documented hook, for every scroll bar
 
 
 class MesaApp(App):
@@ -53,14 +70,56 @@ class MesaApp(App):
         metrics_poll_s: float = 0.5,
         redraw_s: float = 0.5,
         theme: str = "textual-dark",
+        quiet_gc: bool = False,
+        config: AppConfig | None = None,
     ) -> None:
         super().__init__()
+        self.config = config if config is not None else AppConfig()  # in memory unless loaded
+        self.quiet_gc = quiet_gc  # the real app and the benchmark; tests share one process
+        self._gc = QuietCollector()
         self.source = source
         self.clock = clock
         self.poll_s = poll_s
         self.metrics_poll_s = metrics_poll_s
         self.redraw_s = redraw_s
         self.theme = theme
+        self.pins: list[int] = []  # jobs overlaid on every run's curves and chosen in compare
+        self.job_colours: dict[int, str] = {}
+
+    def on_mount(self) -> None:
+        if self.config.problem:
+            self.notify(self.config.problem, severity="warning", timeout=10)
+        if self.quiet_gc:
+            self.call_after_refresh(self._gc.start)
+            self.set_interval(FULL_GC_EVERY_S, self._gc.collect_if_idle)
+
+    def on_unmount(self) -> None:
+        if self.quiet_gc:
+            self._gc.stop()
+
+    async def on_event(self, event: events.Event) -> None:
+        if isinstance(event, events.Key | events.MouseDown):
+            self._gc.last_input = time.monotonic()
+        await super().on_event(event)
+
+    # -- pinned runs ----------------------------------------------------------------------------
+
+    def colour_of(self, job_id: int) -> str:
+        """A job's colour, the same on every screen for as long as the app runs."""
+        from mesa_tui.widgets.curves import PALETTE
+
+        if job_id not in self.job_colours:
+            self.job_colours[job_id] = PALETTE[len(self.job_colours) % len(PALETTE)]
+        return self.job_colours[job_id]
+
+    def toggle_pin(self, job_id: int) -> bool:
+        """Pin or unpin a job; returns whether it is pinned now."""
+        if job_id in self.pins:
+            self.pins.remove(job_id)
+            return False
+        self.pins.append(job_id)
+        self.colour_of(job_id)
+        return True
 
     # -- navigation ---------------------------------------------------------------------------
 
@@ -76,22 +135,22 @@ class MesaApp(App):
         return list(SPEC_CLASSES)
 
     def action_help(self) -> None:
-        """The keys of this screen and the app first, then those of the focused widget."""
+        """The keys of this screen and the app first, then those of the focused widget; keys
+        that do the same (q and ctrl+q quit) share a row."""
         if isinstance(self.screen, HelpModal):
             return
-        own: list[tuple[str, str]] = []
-        widget: list[tuple[str, str]] = []
-        seen: set[tuple[str, str]] = set()
+        rows: dict[str, tuple[bool, str, list[str]]] = {}  # by what it does, any case
         for active in self.screen.active_bindings.values():
-            row = (
-                self.get_key_display(active.binding),
-                active.binding.description or active.binding.action,
-            )
-            if row in seen:
-                continue
-            seen.add(row)
-            (own if active.node in (self, self.screen) else widget).append(row)
-        self.push_screen(HelpModal(own + widget))
+            key = self.get_key_display(active.binding)
+            description = active.binding.description or active.binding.action
+            own = active.node in (self, self.screen)
+            first_own, _, keys = rows.get(description.lower(), (own, description, []))
+            if key not in keys:
+                keys.append(key)
+            # A subclass's words come after Textual's ("quit" after "Quit"): the later wins.
+            rows[description.lower()] = (first_own, description, keys)
+        ordered = sorted(rows.values(), key=lambda row: not row[0])  # stable: own rows first
+        self.push_screen(HelpModal([(", ".join(keys), does) for _, does, keys in ordered]))
 
     def action_toggle_theme(self) -> None:
         self.theme = (
@@ -119,6 +178,10 @@ class MesaApp(App):
                 spec: Mapping[str, Any] = kwargs["spec"]
                 ids = tuple(source.submit(kwargs["kind"], spec, kwargs.get("study")))
                 detail = f"submitted {kwargs['kind']} job{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))}"
+            elif action == "annotate":
+                row = source.annotate(job_id, kwargs["note"], kwargs["tags"])  # type: ignore[arg-type]
+                words = " ".join(f"#{t}" for t in row.tags)
+                detail = f"job {job_id}: {words + ' ' if words else ''}{row.note or '(no note)'}"
             elif action == "start_engine":
                 detail = source.start_engine()
             elif action == "export_report":
@@ -129,6 +192,43 @@ class MesaApp(App):
 
         what = f"{action} job {job_id}" if job_id is not None else action.replace("_", " ")
         screen.run_worker(do, thread=True, exit_on_error=False, group="request", description=what)
+
+
+FULL_GC_EVERY_S = 20.0  # a full garbage collection at most this often, between key presses
+QUIET_S = 1.0  # no key or click for this long: a collection now delays no one
+
+
+class QuietCollector:
+    """Full garbage collections only while the user is not typing.
+
+    A full collection walks every tracked object with the event loop stopped: with a large heap
+    one took 600 ms, and those were the slowest key presses of
+    ``benchmarks/tui_responsiveness.py --profile``. At start everything alive (modules, Textual's
+    and the store's structures, a data source's caches, all living as long as the app) is frozen
+    out of the collector's reach; afterwards the young generations are collected as usual, and
+    the old one on a timer when no key was pressed for ``QUIET_S``.
+    """
+
+    def __init__(self) -> None:
+        self.last_input = 0.0
+        self.thresholds: tuple[int, int, int] | None = None
+
+    def start(self) -> None:
+        gc.collect()
+        gc.freeze()
+        self.thresholds = gc.get_threshold()
+        young, middle, _ = self.thresholds
+        gc.set_threshold(young, middle, 1_000_000_000)  # the old generation: never by itself
+
+    def collect_if_idle(self) -> None:
+        if time.monotonic() - self.last_input >= QUIET_S:
+            gc.collect()
+
+    def stop(self) -> None:
+        if self.thresholds is not None:
+            gc.set_threshold(*self.thresholds)
+            gc.unfreeze()
+            self.thresholds = None
 
 
 def create_app(
@@ -147,7 +247,7 @@ def app_for_store(db_url: str | None = None) -> App:
     from mesa_tui.source import open_store_source
 
     try:
-        return create_app(open_store_source(db_url))
+        return create_app(open_store_source(db_url), quiet_gc=True, config=AppConfig.load())
     except UserError as exc:
         return StoreErrorApp(str(exc))
 

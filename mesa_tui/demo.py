@@ -23,6 +23,7 @@ from mesa_tui.source import (
     HISTORY_POINTS,
     ArtifactInfo,
     EngineStatus,
+    EngineView,
     GpuInfo,
     JobDetail,
     JobQuery,
@@ -32,12 +33,14 @@ from mesa_tui.source import (
     MetricHistory,
     MetricPoint,
     RunInfo,
+    SlotView,
     SourceError,
     StudyCell,
     StudySummary,
+    best_asr,
     label_method,
 )
-from store.entities import FINISHED, RETRYABLE
+from store.entities import FINISHED, RETRYABLE, tag_problem
 
 
 class FrozenClock:
@@ -100,6 +103,31 @@ class FakeSource:
                 else (GpuInfo(0, "NVIDIA H100", 21_504, 81_559, 87.0),),
                 heartbeat_at=self.clock(),
             )
+            self.engine = replace(self.engine, engines=(self._engine_view(self.engine),))
+
+    def _engine_view(self, status: EngineStatus) -> EngineView:
+        """The scripted engine's host and slots: slot 0 on the first GPU runs the first running
+        job; the other three are CPU slots, idle."""
+        running = [j.id for j in self._jobs.values() if j.status == "running"]
+        first = SlotView(
+            0,
+            running[0] if running else None,
+            97.0 if running else None,
+            3_100.0 if running else None,
+            status.gpus[0] if status.gpus else None,
+            str(status.gpus[0].index) if status.gpus else None,
+        )
+        return EngineView(
+            host=status.host or "?",
+            pid=status.pid or 0,
+            slots_total=status.slots_total,
+            slots_busy=len(running),
+            cpus=16,
+            cpu_pct=41.0,
+            mem_used_mb=37_000.0,
+            mem_total_mb=128_000.0,
+            slots=(first, *(SlotView(i) for i in range(1, status.slots_total))),
+        )
 
     def add_job(
         self,
@@ -179,10 +207,15 @@ class FakeSource:
             job = self._jobs[job_id]
             latest = self._latest[run_id]
             loss = values.get("train/loss")
+            asr = values.get("eval/asr")
+            best = job.asr_best
+            if asr is not None:
+                best = float(asr) if best is None else best_asr(job.kind, *sorted((best, asr)))
             self._jobs[job_id] = replace(
                 job,
                 acc_clean=latest.get("eval/acc_clean", job.acc_clean),
                 asr=latest.get("eval/asr", job.asr),
+                asr_best=best,
                 loss_tail=(job.loss_tail + (float(loss),))[-24:]
                 if loss is not None
                 else job.loss_tail,
@@ -328,7 +361,8 @@ class FakeSource:
         with self._lock:
             if self.engine.alive:
                 busy = sum(j.status == "running" for j in self._jobs.values())
-                return replace(self.engine, slots_busy=busy)
+                status = replace(self.engine, slots_busy=busy)
+                return replace(status, engines=(self._engine_view(status),))
             return self.engine
 
     def studies(self) -> list[str]:
@@ -387,6 +421,18 @@ class FakeSource:
                 raise SourceError(f"job {job_id} is {job.status}; cancel it before deleting it")
             del self._jobs[job_id]
 
+    def annotate(self, job_id: int, note: str | None, tags: Sequence[str]) -> JobRow:
+        with self._lock:
+            self._maybe_fail()
+            self.calls.append(("annotate", (job_id, note, tuple(tags))))
+            self._get(job_id)
+            problems = [p for p in map(tag_problem, tags) if p]
+            if problems:
+                raise SourceError(problems[0])
+            clean = tuple(sorted(dict.fromkeys(t.strip() for t in tags)))
+            self.update_job(job_id, note=(note or "").strip() or None, tags=clean)
+            return self._jobs[job_id]
+
     def start_engine(self) -> str:
         with self._lock:
             self.calls.append(("start_engine", None))
@@ -423,6 +469,8 @@ def demo_source(root: Path, clock: FrozenClock | None = None) -> FakeSource:
         label="attack bw:170 -> 0",
         progress=1.0,
         stage="done",
+        tags=("baseline",),
+        note="the model every repair starts from",
     )
     run = src.run_ids(train)[0]
     for epoch in range(8):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,10 +52,19 @@ class JobRow:
     stage: str | None = None
     eta_s: float | None = None
     acc_clean: float | None = None
-    asr: float | None = None
+    asr: float | None = None  # the last
+    asr_best: float | None = None  # the lowest of a defense, the highest of an attack (best_asr)
     loss_tail: tuple[float, ...] = ()
     label: str | None = None  # as ``mesa-tui ls`` shows it
     method: str | None = None  # what tells a pipeline's rows apart: "point #3", "mesa-0.9", ...
+    note: str | None = None  # the researcher's words (``t`` in the app, ``mesa-tui note``)
+    tags: tuple[str, ...] = ()
+
+    def finds(self, text: str) -> bool:
+        """Whether the jobs filter's text is in the label, the note or a tag (any case), as
+        the store's ``list_jobs(text=...)`` matches."""
+        needle = text.lower()
+        return any(needle in (part or "").lower() for part in (self.label, self.note, *self.tags))
 
 
 @dataclass(frozen=True)
@@ -65,12 +74,14 @@ class JobQuery:
     statuses: frozenset[str] | None = None
     kind: str | None = None
     study: str | None = None
+    text: str | None = None  # in the label, note or a tag
 
     def matches(self, row: JobRow) -> bool:
         return (
             (self.statuses is None or row.status in self.statuses)
             and (self.kind is None or row.kind == self.kind)
             and (self.study is None or row.study == self.study)
+            and (not self.text or row.finds(self.text))
         )
 
     def describe(self) -> str:
@@ -81,6 +92,8 @@ class JobQuery:
             parts.append(f"kind {self.kind}")
         if self.study:
             parts.append(f"study {self.study}")
+        if self.text:
+            parts.append(f"finding {self.text!r}")
         return "; ".join(parts) or "all jobs"
 
 
@@ -183,6 +196,33 @@ class GpuInfo:
 
 
 @dataclass(frozen=True)
+class SlotView:
+    """One slot of an engine: its job, what the job's process uses, and the slot's GPU."""
+
+    slot: int
+    job_id: int | None = None
+    cpu_pct: float | None = None  # of one core
+    rss_mb: float | None = None
+    gpu: GpuInfo | None = None  # None: a CPU slot
+    gpu_index: str | None = None  # the slot's GPU as CUDA sees it, even without NVML figures
+
+
+@dataclass(frozen=True)
+class EngineView:
+    """One live engine for the system pane (None: the heartbeat had no such figure)."""
+
+    host: str
+    pid: int
+    slots_total: int
+    slots_busy: int
+    cpus: int | None = None
+    cpu_pct: float | None = None
+    mem_used_mb: float | None = None
+    mem_total_mb: float | None = None
+    slots: tuple[SlotView, ...] = ()
+
+
+@dataclass(frozen=True)
 class EngineStatus:
     alive: bool
     host: str | None = None
@@ -191,6 +231,7 @@ class EngineStatus:
     slots_busy: int = 0
     gpus: tuple[GpuInfo, ...] = ()
     heartbeat_at: datetime | None = None
+    engines: tuple[EngineView, ...] = ()  # each live engine, for the system pane
 
 
 @dataclass(frozen=True)
@@ -293,6 +334,9 @@ class DataSource(Protocol):
         """Queue a finished job again; returns the job id that will run."""
 
     def delete(self, job_id: int) -> None: ...
+
+    def annotate(self, job_id: int, note: str | None, tags: Sequence[str]) -> JobRow:
+        """Replace a job's note and tags; returns its row as the table shows it."""
 
     def start_engine(self) -> str:
         """Start a detached engine; returns a line for the user."""
@@ -401,6 +445,14 @@ def pca_2d(samples: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 LOSS_KEYS = ("train/loss", "repair/loss", "mesa/loss")
 LOSS_TAIL = 24  # values of the jobs table's loss sparkline
+ASR_KEYS = ("eval/asr", "repair/asr")
+
+
+def best_asr(kind: str, low: float, high: float) -> float:
+    """A job's best ASR: a defense aims low, an attack (any other kind that logs one) high."""
+    return low if kind == "defend" else high
+
+
 REFERENCE_FIELDS = ("model", "search", "init_from")  # spec fields that may name an upstream job
 
 
@@ -438,6 +490,31 @@ def label_method(label: str | None, spec: Mapping[str, Any]) -> str | None:
     return head or (str(method) if method else None) or label or None
 
 
+def _gpu(g: Any) -> GpuInfo:
+    return GpuInfo(g.index, g.name, g.memory_used_mb, g.memory_total_mb, g.utilization_pct)
+
+
+def _engine_view(e: Any) -> EngineView:
+    """A store engine (its heartbeat's system figures and GPUs) as the system pane shows it."""
+    gpus = {str(g.index): _gpu(g) for g in e.gpus}
+    system = e.system
+    slots = tuple(
+        SlotView(s.slot, s.job_id, s.cpu_pct, s.rss_mb, gpus.get(s.gpu or ""), s.gpu)
+        for s in (system.slots if system is not None else ())
+    )
+    return EngineView(
+        host=e.host,
+        pid=e.pid,
+        slots_total=e.slots,
+        slots_busy=e.slots_used,
+        cpus=system.cpus if system else None,
+        cpu_pct=system.cpu_pct if system else None,
+        mem_used_mb=system.mem_used_mb if system else None,
+        mem_total_mb=system.mem_total_mb if system else None,
+        slots=slots,
+    )
+
+
 class StoreSource:
     """``DataSource`` over ``store.repository.Store``; called from worker threads only.
 
@@ -447,11 +524,17 @@ class StoreSource:
 
     def __init__(self, store: Any):
         self.store = store
-        # job id -> (run id, key, status, tail): a finished job's tail is read once
-        self._loss: dict[int, tuple[int, str, str, tuple[float, ...]]] = {}
+        # job id -> (run id, key, status, value): a finished job's tail or range is read once
+        self._loss: dict[int, tuple[int, str, str, Any]] = {}
+        self._asr: dict[int, tuple[int, str, str, Any]] = {}
         self._lock = threading.Lock()
 
-    def _row(self, s: Any, loss_tail: tuple[float, ...] = ()) -> JobRow:
+    def _row(
+        self,
+        s: Any,
+        loss_tail: tuple[float, ...] = (),
+        asr_range: tuple[float, float] | None = None,
+    ) -> JobRow:
         spec = s.spec or {}
         progress = s.progress if s.status == "running" else None
         return JobRow(
@@ -470,22 +553,50 @@ class StoreSource:
             stage=progress.stage if progress is not None else None,
             eta_s=_eta(progress),
             acc_clean=s.latest.get("eval/acc_clean", s.latest.get("repair/acc_clean")),
-            asr=s.latest.get("eval/asr", s.latest.get("repair/asr")),
+            asr=next((s.latest[k] for k in ASR_KEYS if k in s.latest), None),
+            asr_best=best_asr(s.kind, *asr_range) if asr_range else None,
             loss_tail=loss_tail,
+            note=s.note,
+            tags=s.tags,
         )
 
     def _loss_tails(self, summaries: Iterable[Any]) -> dict[int, tuple[float, ...]]:
-        """The last values of each job's loss: one ``metric_tail`` read per loss key for the jobs
-        whose tail may have moved (running ones, and any not read since its run or status
-        changed); the others come from the cache."""
-        out: dict[int, tuple[float, ...]] = {}
+        """The last values of each job's loss (``metric_tail``, one read per loss key)."""
+
+        def read(ids: list[int], key: str) -> Mapping[int, Any]:
+            return self.store.metric_tail(ids, key, LOSS_TAIL)
+
+        return {
+            job_id: tuple(tail)
+            for job_id, tail in self._per_job(self._loss, LOSS_KEYS, summaries, read).items()
+        }
+
+    def _asr_ranges(self, summaries: Iterable[Any]) -> dict[int, tuple[float, float]]:
+        """The least and greatest ASR of each job's newest run (``metric_range``)."""
+        ranges = self._per_job(self._asr, ASR_KEYS, summaries, self.store.metric_range)
+        return {job_id: r for job_id, r in ranges.items() if r}
+
+    def _per_job(
+        self,
+        cache: dict[int, tuple[int, str, str, Any]],
+        keys: Sequence[str],
+        summaries: Iterable[Any],
+        read: Callable[[list[int], str], Mapping[int, Any]],
+    ) -> dict[int, Any]:
+        """A value read from a job's series: one ``read`` per key for the jobs whose series may
+        have moved (running ones, and any not read since its run or status changed); the others
+        come from ``cache``. The key is the first of ``keys`` the job has a latest value of."""
+        out: dict[int, Any] = {}
         wanted: dict[str, list[Any]] = {}
         with self._lock:
             for s in summaries:
-                cached = self._loss.get(s.id)
-                key = next((k for k in LOSS_KEYS if k in s.latest), None)
+                cached = cache.get(s.id)
+                key = next((k for k in keys if k in s.latest), None)
                 if s.current_run_id is None or key is None:
-                    out[s.id] = cached[3] if cached else ()
+                    # Nothing to read: the value read from this run before, if any (never one
+                    # from an earlier run: a retried job's series starts again).
+                    same_run = cached is not None and cached[0] == s.current_run_id
+                    out[s.id] = cached[3] if same_run else ()
                 elif (
                     cached is not None
                     and cached[:3] == (s.current_run_id, key, s.status)
@@ -495,33 +606,35 @@ class StoreSource:
                 else:
                     wanted.setdefault(key, []).append(s)
         for key, group in wanted.items():
-            tails = self.store.metric_tail([s.id for s in group], key, LOSS_TAIL)
+            found = read([s.id for s in group], key)
             with self._lock:
                 for s in group:
-                    out[s.id] = tuple(tails.get(s.id, ()))
-                    self._loss[s.id] = (s.current_run_id, key, s.status, out[s.id])
+                    out[s.id] = found.get(s.id, ())
+                    cache[s.id] = (s.current_run_id, key, s.status, out[s.id])
         return out
 
     def jobs(
         self, query: JobQuery, changed_since: datetime | None, all_ids: bool = False
     ) -> JobsPage:
         statuses = sorted(query.statuses) if query.statuses else None
-        changed = self.store.list_jobs(
-            status=statuses, kind=query.kind, study=query.study, changed_since=changed_since
-        )
+        where = {"kind": query.kind, "study": query.study, "text": query.text}
+        changed = self.store.list_jobs(status=statuses, changed_since=changed_since, **where)
         rows = {s.id: s for s in changed}
         if changed_since is not None and (statuses is None or "running" in statuses):
-            for s in self.store.list_jobs(status="running", kind=query.kind, study=query.study):
+            for s in self.store.list_jobs(status="running", **where):
                 rows.setdefault(s.id, s)
         cursor = max((s.updated_at for s in changed), default=changed_since)
         ids = frozenset(rows) if changed_since is None else None
         if ids is None and all_ids:
             # Read after the rows: a job made in between is listed here and read at the next
             # poll (it changed after the cursor); one deleted in between is dropped.
-            ids = frozenset(self.store.job_ids(status=statuses, kind=query.kind, study=query.study))
+            ids = frozenset(self.store.job_ids(status=statuses, **where))
         tails = self._loss_tails(rows.values())
+        asrs = self._asr_ranges(rows.values())
         return JobsPage(
-            tuple(self._row(s, tails.get(s.id, ())) for s in rows.values()), ids, cursor
+            tuple(self._row(s, tails.get(s.id, ()), asrs.get(s.id)) for s in rows.values()),
+            ids,
+            cursor,
         )
 
     def job_detail(self, job_id: int) -> JobDetail:
@@ -593,12 +706,9 @@ class StoreSource:
             pid=first.pid,
             slots_total=sum(e.slots for e in alive),
             slots_busy=sum(e.slots_used for e in alive),
-            gpus=tuple(
-                GpuInfo(g.index, g.name, g.memory_used_mb, g.memory_total_mb, g.utilization_pct)
-                for e in alive
-                for g in e.gpus
-            ),
+            gpus=tuple(_gpu(g) for e in alive for g in e.gpus),
             heartbeat_at=max(e.heartbeat_at for e in alive),
+            engines=tuple(_engine_view(e) for e in alive),
         )
 
     def studies(self) -> list[str]:
@@ -689,6 +799,14 @@ class StoreSource:
 
     def cancel(self, job_id: int) -> None:
         self.store.request_cancel(job_id)
+
+    def annotate(self, job_id: int, note: str | None, tags: Sequence[str]) -> JobRow:
+        have = set(self.store.job(job_id).tags)
+        want = {t.strip() for t in tags}
+        self.store.tag(job_id, add=sorted(want - have), remove=sorted(have - want))
+        summary = self.store.set_note(job_id, note)
+        tail = self._loss_tails([summary]).get(job_id, ())
+        return self._row(summary, tail, self._asr_ranges([summary]).get(job_id))
 
     def retry(self, job_id: int) -> int:
         return self.store.retry(job_id).id

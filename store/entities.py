@@ -18,6 +18,20 @@ RETRYABLE = ("failed", "cancelled", "lost")
 ACTIVE = ("queued", "running")
 
 
+MAX_TAG = 60  # job_tags.tag's width
+
+
+def tag_problem(tag: str) -> str | None:
+    """Why ``tag`` cannot be stored (a tag is one word: no spaces or commas), else None."""
+    clean = tag.strip()
+    if clean and len(clean) <= MAX_TAG and not any(c.isspace() or c == "," for c in clean):
+        return None
+    return (
+        f"tag {tag!r} is not one word of 1 to {MAX_TAG} characters; give tags as separate "
+        "words, e.g. `mesa-tui tag 12 baseline paper`"
+    )
+
+
 def to_json(obj: Any) -> Any:
     """Any entity (or list/dict of them) as JSON-ready data; datetimes as ISO-8601 UTC strings."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
@@ -43,6 +57,28 @@ class GpuInfo:
 
 
 @dataclass(frozen=True)
+class SlotLoad:
+    """What one slot's child uses (psutil on the engine's host), with the slot's GPU."""
+
+    slot: int
+    gpu: str | None = None
+    job_id: int | None = None
+    cpu_pct: float | None = None  # of one core, as top shows it
+    rss_mb: float | None = None
+
+
+@dataclass(frozen=True)
+class SystemInfo:
+    """The engine host's CPU and memory at its last heartbeat, and each slot's child."""
+
+    cpus: int
+    cpu_pct: float | None = None  # of the whole host
+    mem_used_mb: float | None = None
+    mem_total_mb: float | None = None
+    slots: tuple[SlotLoad, ...] = ()
+
+
+@dataclass(frozen=True)
 class EngineInfo:
     """An engine process; ``alive`` is computed when read (fresh heartbeat, not stopped)."""
 
@@ -60,6 +96,7 @@ class EngineInfo:
     stop_requested_at: datetime | None
     stopped_at: datetime | None
     alive: bool
+    system: SystemInfo | None = None  # None: an engine from before 0.3 or without psutil
 
 
 @dataclass(frozen=True)
@@ -103,6 +140,8 @@ class JobSummary:
     progress: Progress | None
     latest: dict[str, float]
     cancel_requested: bool
+    note: str | None = None  # the researcher's words on the job (``mesa-tui note``)
+    tags: tuple[str, ...] = ()  # sorted (``mesa-tui tag``)
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,7 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    note: Mapped[str | None] = mapped_column(Text, nullable=True)  # the researcher's, free text
 
     __table_args__ = (
         Index("ix_jobs_status_priority_id", "status", "priority", "id"),
@@ -129,6 +130,15 @@ class StudyJob(Base):
     seed: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
+class JobTag(Base):
+    """A researcher's tag on a job (``mesa-tui tag``, ``t`` in the app); the jobs filter finds it."""
+
+    __tablename__ = "job_tags"
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    tag: Mapped[str] = mapped_column(String(60), primary_key=True, index=True)
+
+
 class EngineRow(Base):
     __tablename__ = "engines"
 
@@ -140,6 +150,8 @@ class EngineRow(Base):
     slots: Mapped[int] = mapped_column(Integer)
     slots_used: Mapped[int] = mapped_column(Integer, default=0)
     gpus: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    # The host's CPU and memory at the last heartbeat (engine.system): the app's system pane.
+    system: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     log_path: Mapped[str | None] = mapped_column(Text, nullable=True)
     started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)

@@ -1,8 +1,8 @@
-"""Where mesa-tui keeps its state: the data and cache homes and the default store URL.
+"""Where mesa-tui keeps its state: the data, cache and config homes and the default store URL.
 
 The bottom layer owns them because the store's default URL lies in the data home; the engine's
-directories (``engine.paths``) are built on these. Setting ``XDG_DATA_HOME`` and
-``XDG_CACHE_HOME`` (or ``MESA_TUI_HOME``) isolates a run.
+directories (``engine.paths``) are built on these. Setting ``XDG_DATA_HOME``, ``XDG_CACHE_HOME``
+and ``XDG_CONFIG_HOME`` (or ``MESA_TUI_HOME``) isolates a run.
 """
 
 from __future__ import annotations
@@ -28,6 +28,11 @@ class _XdgFallback:
         base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
         return os.path.join(base, app)
 
+    @staticmethod
+    def user_config_dir(app: str, appauthor: bool = False) -> str:
+        base = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+        return os.path.join(base, app)
+
 
 def _platformdirs():
     try:
@@ -49,6 +54,13 @@ def cache_home() -> Path:
     if home := setting("MESA_TUI_HOME"):
         return Path(home) / "cache"
     return Path(_platformdirs().user_cache_dir(APP, appauthor=False))
+
+
+def config_home() -> Path:
+    """The user's own settings: the app's columns and order (``mesa_tui.config``)."""
+    if home := setting("MESA_TUI_HOME"):
+        return Path(home) / "config"
+    return Path(_platformdirs().user_config_dir(APP, appauthor=False))
 
 
 def default_db_url() -> str:

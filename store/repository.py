@@ -16,6 +16,7 @@ import math
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -23,6 +24,7 @@ from sqlalchemy import (
     BigInteger,
     ColumnElement,
     Connection,
+    Select,
     Table,
     and_,
     bindparam,
@@ -59,11 +61,14 @@ from store.entities import (
     RunInfo,
     SeriesColumns,
     SeriesPoint,
+    SlotLoad,
     StudyCell,
     StudyInfo,
     StudyMember,
     StudyRepair,
     StudySummary,
+    SystemInfo,
+    tag_problem,
 )
 from store.errors import UserError
 from store.models import (
@@ -72,6 +77,7 @@ from store.models import (
     EngineRow,
     Job,
     JobDependency,
+    JobTag,
     LatestMetric,
     LogLine,
     Metric,
@@ -101,6 +107,7 @@ latest_t = _table(LatestMetric)
 artifacts_t = _table(Artifact)
 logs_t = _table(LogLine)
 params_t = _table(Param)
+tags_t = _table(JobTag)
 
 # An engine whose heartbeat is older than this is dead (it beats every few seconds).
 ENGINE_DEAD_AFTER_S = 30.0
@@ -256,6 +263,7 @@ def _engine_info(e: Any, now: datetime) -> EngineInfo:
     )
     alive = e.stopped_at is None and (now - e.heartbeat_at).total_seconds() < ENGINE_DEAD_AFTER_S
     return EngineInfo(
+        system=_system_info(e.system),
         id=e.id,
         host=e.host,
         pid=e.pid,
@@ -270,6 +278,28 @@ def _engine_info(e: Any, now: datetime) -> EngineInfo:
         stop_requested_at=e.stop_requested_at,
         stopped_at=e.stopped_at,
         alive=alive,
+    )
+
+
+def _system_info(value: dict[str, Any] | None) -> SystemInfo | None:
+    """The heartbeat's ``system`` object (engine.system.snapshot) as an entity."""
+    if not value:
+        return None
+    return SystemInfo(
+        cpus=int(value.get("cpus") or 0),
+        cpu_pct=value.get("cpu_pct"),
+        mem_used_mb=value.get("mem_used_mb"),
+        mem_total_mb=value.get("mem_total_mb"),
+        slots=tuple(
+            SlotLoad(
+                slot=int(s.get("slot", i)),
+                gpu=s.get("gpu"),
+                job_id=s.get("job_id"),
+                cpu_pct=s.get("cpu_pct"),
+                rss_mb=s.get("rss_mb"),
+            )
+            for i, s in enumerate(value.get("slots") or [])
+        ),
     )
 
 
@@ -292,6 +322,416 @@ def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
             _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
     else:
         out[prefix] = value if isinstance(value, str) else json.dumps(value)
+
+
+def _insert_run(
+    conn: Connection,
+    job_id: int,
+    spec: dict[str, Any],
+    now: datetime,
+    *,
+    attempt: int,
+    executor: str,
+    host: str,
+    code_version: str,
+    spec_hash: str,
+    engine_id: int | None = None,
+    external_id: str | None = None,
+    resumed: bool = False,
+    expect_next_by: datetime | None = None,
+) -> int:
+    """A running attempt's row and its flattened spec as params (claims and foreground runs)."""
+    run_id = conn.execute(
+        insert(runs_t)
+        .values(
+            job_id=job_id,
+            attempt=attempt,
+            status="running",
+            executor=executor,
+            engine_id=engine_id,
+            external_id=external_id,
+            host=host,
+            resumed=resumed,
+            started_at=now,
+            heartbeat_at=now,
+            expect_next_by=expect_next_by,
+            seed=spec.get("seed") if isinstance(spec.get("seed"), int) else None,
+            code_version=code_version,
+            spec_hash=spec_hash,
+            env={},
+        )
+        .returning(runs_t.c.id)
+    ).scalar_one()
+    flat: dict[str, str] = {}
+    _flatten("", spec, flat)
+    if flat:
+        conn.execute(
+            insert(params_t),
+            [{"run_id": run_id, "key": k[:200], "value": v} for k, v in flat.items()],
+        )
+    return run_id
+
+
+# ------------------------------------------------------------------------------------------------
+# Submissions
+
+
+def _upstream(item: NewJob, ids: list[int]) -> list[tuple[int, str | None]]:
+    """(upstream job id, input field) of a new job; ``#n`` names the n-th job submitted with it."""
+    upstream: list[tuple[int, str | None]] = []
+    for ref, input_field in item.depends_on:
+        if isinstance(ref, str):
+            index = int(ref.lstrip("#"))
+            if not 0 <= index < len(ids):
+                raise ValueError(f"dependency {ref} must name an earlier job")
+            upstream.append((ids[index], input_field))
+        else:
+            upstream.append((int(ref), input_field))
+    return upstream
+
+
+def _insert_job(
+    conn: Connection,
+    item: NewJob,
+    upstream: list[tuple[int, str | None]],
+    ids: list[int],
+    now: datetime,
+) -> int:
+    """A queued job and its dependencies; cancelled at once when an upstream job already failed."""
+    spec = {k: _number_reference(v, ids) if isinstance(v, str) else v for k, v in item.spec.items()}
+    job_id = conn.execute(
+        insert(jobs_t)
+        .values(
+            kind=item.kind,
+            label=item.label,
+            spec=spec,
+            spec_hash=item.spec_hash,
+            status="queued",
+            priority=item.priority,
+            max_attempts=item.max_attempts,
+            attempts=0,
+            executor="engine",
+            created_at=now,
+            updated_at=now,
+        )
+        .returning(jobs_t.c.id)
+    ).scalar_one()
+    for up, input_field in dict.fromkeys(upstream):
+        conn.execute(
+            insert(deps_t).values(job_id=job_id, depends_on_id=up, input_field=input_field)
+        )
+    broken = conn.execute(
+        select(jobs_t.c.id, jobs_t.c.status).where(
+            jobs_t.c.id.in_([u for u, _ in upstream]),
+            jobs_t.c.status.in_(RETRYABLE),
+        )
+    ).first()
+    if broken is not None:
+        reason = f"upstream job {broken.id} {broken.status}"
+        conn.execute(
+            update(jobs_t)
+            .where(jobs_t.c.id == job_id)
+            .values(status="cancelled", error=reason, ended_at=now)
+        )
+    return job_id
+
+
+def _join_study(conn: Connection, study_id: int, job_id: int, item: NewJob) -> None:
+    """Make the job a member of the study (once), in the role the submission gives it."""
+    already = conn.execute(
+        select(study_jobs_t.c.job_id).where(
+            study_jobs_t.c.study_id == study_id, study_jobs_t.c.job_id == job_id
+        )
+    ).first()
+    if already is None:
+        conn.execute(
+            insert(study_jobs_t).values(
+                study_id=study_id,
+                job_id=job_id,
+                role=item.role or item.kind,
+                trigger=item.trigger,
+                method=item.method,
+                seed=item.seed,
+            )
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Metric columns: attempts joined at resume, long series cut to per-bucket extremes in SQL
+
+Segment = tuple[int, int, int]  # run id, first step, last step
+
+
+def _in_segment(key: str, run_id: int, lo: int, hi: int) -> ColumnElement[bool]:
+    m = metrics_t.c
+    return and_(m.run_id == run_id, m.key == key, m.step >= lo, m.step <= hi)
+
+
+def _segments(conn: Connection, runs: list[int], key: str) -> list[Segment]:
+    """Each run's part of the series: from its first step to before where a later run's begin.
+    Steps ascend from segment to segment."""
+    m = metrics_t.c
+    first = {
+        r: conn.execute(select(func.min(m.step)).where(m.run_id == r, m.key == key)).scalar()
+        for r in runs
+    }
+    segments: list[Segment] = []
+    for i, r in enumerate(runs):
+        later = [step for x in runs[i + 1 :] if (step := first[x]) is not None]
+        query = select(func.max(m.step)).where(m.run_id == r, m.key == key)
+        if later:
+            query = query.where(m.step < min(later))
+        last = conn.execute(query).scalar()
+        if (start := first[r]) is not None and last is not None:
+            segments.append((r, start, last))
+    return segments
+
+
+def _bucket_extremes(key: str, seg: Segment, lo: int, hi: int, buckets: int) -> Select[Any]:
+    """The earliest minimum and maximum of each step bucket of a segment: two aggregate passes
+    over the (run_id, key, step) index range, a few rows per bucket back."""
+    m = metrics_t.c
+    bucket = ((cast(m.step, BigInteger) - lo) * buckets // (hi - lo + 1)).label("b")
+    pts = select(m.step, m.value, bucket).where(_in_segment(key, *seg)).subquery("pts")
+    agg = (
+        select(pts.c.b, func.min(pts.c.value).label("lo"), func.max(pts.c.value).label("hi"))
+        .group_by(pts.c.b)
+        .subquery("agg")
+    )
+    again = select(m.step, m.value, bucket).where(_in_segment(key, *seg)).subquery("again")
+    return (
+        select(func.min(again.c.step).label("step"), again.c.value)
+        .join_from(
+            again,
+            agg,
+            and_(
+                again.c.b == agg.c.b,
+                or_(again.c.value == agg.c.lo, again.c.value == agg.c.hi),
+            ),
+        )
+        .group_by(again.c.b, again.c.value)
+        .order_by("step")
+    )
+
+
+def _add_ends(
+    conn: Connection, key: str, segments: list[Segment], steps: list[int], values: list[float]
+) -> None:
+    """Make the series start at the first step and end at the last (in place)."""
+    m = metrics_t.c
+    lo, hi = segments[0][1], segments[-1][2]
+    first_end, last_end = (
+        conn.execute(
+            select(m.step, m.value).where(m.run_id == run, m.key == key, m.step == step)
+        ).first()
+        for run, step in ((segments[0][0], lo), (segments[-1][0], hi))
+    )
+    assert first_end is not None and last_end is not None  # lo and hi were read from them
+    if not steps or steps[0] != lo:
+        steps.insert(0, lo)
+        values.insert(0, _stored_float(first_end.value))
+    if steps[-1] != hi:
+        steps.append(hi)
+        values.append(_stored_float(last_end.value))
+
+
+# ------------------------------------------------------------------------------------------------
+# Claims: which jobs, marking them running, one new attempt each
+
+
+@dataclass(frozen=True)
+class _Claimant:
+    """The engine that claims, and when: what every attempt it opens records."""
+
+    engine_id: int
+    host: str
+    executor: str
+    code_version: str
+    now: datetime
+    expect_next_by: datetime
+
+
+def _claimable(limit: int, kinds: Sequence[str] | None) -> Select[Any]:
+    """Queued engine jobs, not asked to cancel, whose upstream jobs all succeeded; by priority."""
+    up = jobs_t.alias("upstream")
+    unmet = exists().where(
+        deps_t.c.job_id == jobs_t.c.id,
+        deps_t.c.depends_on_id == up.c.id,
+        up.c.status != "succeeded",
+    )
+    candidates = (
+        select(jobs_t.c.id)
+        .where(
+            jobs_t.c.status == "queued",
+            jobs_t.c.executor == "engine",
+            jobs_t.c.cancel_requested_at.is_(None),
+            ~unmet,
+        )
+        .order_by(jobs_t.c.priority.desc(), jobs_t.c.id)
+        .limit(limit)
+    )
+    if kinds:
+        candidates = candidates.where(jobs_t.c.kind.in_(list(kinds)))
+    return candidates
+
+
+def _mark_claimed(
+    conn: Connection, ids: list[int], engine_id: int, code_version: str, now: datetime
+) -> Sequence[Any]:
+    """The jobs of ``ids`` still queued become running on the engine, one attempt more."""
+    return conn.execute(
+        update(jobs_t)
+        .where(jobs_t.c.id.in_(ids), jobs_t.c.status == "queued")
+        .values(
+            status="running",
+            engine_id=engine_id,
+            attempts=jobs_t.c.attempts + 1,
+            started_at=func.coalesce(jobs_t.c.started_at, now),
+            code_version=code_version,
+            updated_at=now,
+        )
+        .returning(
+            jobs_t.c.id,
+            jobs_t.c.kind,
+            jobs_t.c.spec,
+            jobs_t.c.spec_hash,
+            jobs_t.c.attempts,
+            jobs_t.c.workdir,
+        )
+    ).all()
+
+
+def _open_attempt(conn: Connection, job: Any, claimant: _Claimant, workdir_for: Any) -> ClaimedJob:
+    """A claimed job's work directory (named once), its run row and its inputs."""
+    workdir = job.workdir
+    if workdir is None:
+        workdir = str(workdir_for(job.kind, job.id))
+        conn.execute(update(jobs_t).where(jobs_t.c.id == job.id).values(workdir=workdir))
+    previous = conn.execute(
+        select(func.count()).select_from(runs_t).where(runs_t.c.job_id == job.id)
+    ).scalar_one()
+    spec = dict(job.spec or {})
+    run_id = _insert_run(
+        conn,
+        job.id,
+        spec,
+        claimant.now,
+        attempt=job.attempts,
+        executor=claimant.executor,
+        host=claimant.host,
+        code_version=claimant.code_version,
+        spec_hash=job.spec_hash,
+        engine_id=claimant.engine_id,
+        resumed=previous > 0,
+        expect_next_by=claimant.expect_next_by,
+    )
+    return ClaimedJob(
+        job_id=job.id,
+        run_id=run_id,
+        attempt=job.attempts,
+        kind=job.kind,
+        spec=spec,
+        spec_hash=job.spec_hash,
+        workdir=workdir,
+        resume=previous > 0,
+        inputs=_inputs(conn, job.id),
+    )
+
+
+def _inputs(conn: Connection, job_id: int) -> dict[str, int]:
+    """Input field -> the upstream job that feeds it."""
+    return {
+        r.input_field: r.depends_on_id
+        for r in conn.execute(
+            select(deps_t.c.depends_on_id, deps_t.c.input_field).where(
+                deps_t.c.job_id == job_id, deps_t.c.input_field.is_not(None)
+            )
+        )
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Recording what runs reported
+
+MetricRow = tuple[int, str, int, float, float]  # run id, key, step, value, wall time
+
+
+def _metric_rows(batches: Sequence[RunEvents]) -> tuple[list[MetricRow], list[dict[str, Any]]]:
+    """The points to store (replayed first) and a warning line per run and key that was NaN.
+
+    SQLite stores NaN as NULL (the column is NOT NULL): a diverged loss must not cost the whole
+    batch, so the point is dropped and said in the log. Infinities are stored as they are."""
+    rows: list[MetricRow] = []
+    warnings: list[dict[str, Any]] = []
+    for b in batches:
+        warned: set[str] = set()
+        for k, s, v, t in itertools.chain(b.replayed, b.metrics):
+            if not math.isnan(v):
+                rows.append((b.run_id, k, s, v, t))
+            elif k not in warned:
+                warned.add(k)
+                warnings.append(
+                    {
+                        "run_id": b.run_id,
+                        "level": "warning",
+                        "message": f"metric {k} was NaN at step {s}; NaN points are not stored",
+                        "wall_time": t,
+                    }
+                )
+    return rows, warnings
+
+
+def _upsert_latest(conn: Connection, metric_rows: list[MetricRow]) -> None:
+    """Each run's newest point of each key (by step; the later write of a step wins)."""
+    newest: dict[tuple[int, str], dict[str, Any]] = {}
+    for run_id, key, step, value, wall in metric_rows:
+        seen = newest.get((run_id, key))
+        if seen is None or step >= seen["step"]:
+            newest[(run_id, key)] = {
+                "run_id": run_id,
+                "key": key,
+                "step": step,
+                "value": value,
+                "wall_time": wall,
+            }
+    stmt = dbmod.upsert(latest_t, conn, ["run_id", "key"], ["step", "value", "wall_time"], "step")
+    conn.execute(stmt, list(newest.values()))
+
+
+def _record_run(conn: Connection, b: RunEvents, now: datetime) -> bool:
+    """One run's heartbeat, deadline, progress, environment and artifacts; True when its job's
+    view changed (progress, points or artifacts), so the job's ``updated_at`` moves."""
+    values: dict[str, Any] = {"heartbeat_at": now}
+    if b.expect_next_by is not None:
+        values["expect_next_by"] = b.expect_next_by
+    if b.progress is not None:
+        values["progress"] = b.progress
+    if b.env:
+        values["env"] = b.env
+        for field in ("seed", "code_version", "dataset_hash"):
+            if b.env.get(field) is not None:
+                values[field] = b.env[field]
+    if b.metrics:
+        first = min(s for _, s, _, _ in b.metrics)
+        values["start_step"] = func.coalesce(runs_t.c.start_step, first)
+    conn.execute(update(runs_t).where(runs_t.c.id == b.run_id).values(**values))
+    if b.env.get("dataset_hash"):
+        conn.execute(
+            update(jobs_t).where(jobs_t.c.id == b.job_id).values(dataset_hash=b.env["dataset_hash"])
+        )
+    for path, kind, sha, size in b.artifacts:
+        conn.execute(
+            insert(artifacts_t).values(
+                run_id=b.run_id,
+                job_id=b.job_id,
+                kind=kind,
+                path=path,
+                sha256=sha,
+                bytes=size,
+                created_at=now,
+            )
+        )
+    return bool(b.progress is not None or b.metrics or b.replayed or b.artifacts)
 
 
 def _statuses(status: str | Iterable[str] | None) -> list[str] | None:
@@ -327,6 +767,11 @@ _STUDY_NAMES = (
     .where(study_jobs_t.c.job_id.in_(bindparam("ids", expanding=True)))
     .order_by(studies_t.c.id)
 )
+_TAGS_OF = (
+    select(tags_t.c.job_id, tags_t.c.tag)
+    .where(tags_t.c.job_id.in_(bindparam("ids", expanding=True)))
+    .order_by(tags_t.c.tag)
+)
 _CHANGED_JOB_IDS = (
     select(jobs_t.c.id).where(jobs_t.c.updated_at > bindparam("since")).order_by(jobs_t.c.id)
 )
@@ -346,6 +791,27 @@ _METRICS_AFTER = (
     .order_by(metrics_t.c.id)
     .limit(bindparam("limit"))
 )
+
+
+def _text_matches(text: str) -> Any:
+    """Jobs whose label, note or one of whose tags contains ``text``, in any case (ILIKE on
+    PostgreSQL, lower() LIKE on SQLite); % and _ in the text are literal."""
+    pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    return or_(
+        jobs_t.c.label.ilike(pattern, escape="\\"),
+        jobs_t.c.note.ilike(pattern, escape="\\"),
+        exists().where(tags_t.c.job_id == jobs_t.c.id, tags_t.c.tag.ilike(pattern, escape="\\")),
+    )
+
+
+def check_tags(tags: Iterable[str]) -> list[str]:
+    """Tags as stored (stripped); a tag that is not one word is a UserError."""
+    tags = list(tags)
+    for tag in tags:
+        problem = tag_problem(tag)
+        if problem:
+            raise UserError(problem)
+    return [t.strip() for t in tags]
 
 
 class Store:
@@ -394,77 +860,15 @@ class Store:
         now = utcnow()
         ids: list[int] = []
         for item in jobs:
-            upstream: list[tuple[int, str | None]] = []
-            for ref, input_field in item.depends_on:
-                if isinstance(ref, str):
-                    index = int(ref.lstrip("#"))
-                    if not 0 <= index < len(ids):
-                        raise ValueError(f"dependency {ref} must name an earlier job")
-                    upstream.append((ids[index], input_field))
-                else:
-                    upstream.append((int(ref), input_field))
-            spec = {
-                k: _number_reference(v, ids) if isinstance(v, str) else v
-                for k, v in item.spec.items()
-            }
+            upstream = _upstream(item, ids)
             if item.reuse_of is not None:
                 job_id = item.reuse_of
             else:
                 for up, _ in upstream:
                     self._require_job(conn, up)
-                job_id = conn.execute(
-                    insert(jobs_t)
-                    .values(
-                        kind=item.kind,
-                        label=item.label,
-                        spec=spec,
-                        spec_hash=item.spec_hash,
-                        status="queued",
-                        priority=item.priority,
-                        max_attempts=item.max_attempts,
-                        attempts=0,
-                        executor="engine",
-                        created_at=now,
-                        updated_at=now,
-                    )
-                    .returning(jobs_t.c.id)
-                ).scalar_one()
-                for up, input_field in dict.fromkeys(upstream):
-                    conn.execute(
-                        insert(deps_t).values(
-                            job_id=job_id, depends_on_id=up, input_field=input_field
-                        )
-                    )
-                broken = conn.execute(
-                    select(jobs_t.c.id, jobs_t.c.status).where(
-                        jobs_t.c.id.in_([u for u, _ in upstream]),
-                        jobs_t.c.status.in_(RETRYABLE),
-                    )
-                ).first()
-                if broken is not None:
-                    reason = f"upstream job {broken.id} {broken.status}"
-                    conn.execute(
-                        update(jobs_t)
-                        .where(jobs_t.c.id == job_id)
-                        .values(status="cancelled", error=reason, ended_at=now)
-                    )
+                job_id = _insert_job(conn, item, upstream, ids, now)
             if study_id is not None:
-                already = conn.execute(
-                    select(study_jobs_t.c.job_id).where(
-                        study_jobs_t.c.study_id == study_id, study_jobs_t.c.job_id == job_id
-                    )
-                ).first()
-                if already is None:
-                    conn.execute(
-                        insert(study_jobs_t).values(
-                            study_id=study_id,
-                            job_id=job_id,
-                            role=item.role or item.kind,
-                            trigger=item.trigger,
-                            method=item.method,
-                            seed=item.seed,
-                        )
-                    )
+                _join_study(conn, study_id, job_id, item)
             ids.append(job_id)
         return ids
 
@@ -619,6 +1023,34 @@ class Store:
                 todo.extend(r.id for r in dependents)
             return self._summaries(conn, [job_id])[0]
 
+    def set_note(self, job_id: int, note: str | None) -> JobSummary:
+        """Replace a job's note (None or blank clears it). A face's request like a cancel: the
+        job's ``updated_at`` moves, so the app's poll shows the note at once."""
+        with self._write() as conn:
+            self._require_job(conn, job_id)
+            text = (note or "").strip() or None
+            conn.execute(
+                update(jobs_t).where(jobs_t.c.id == job_id).values(note=text, updated_at=utcnow())
+            )
+            return self._summaries(conn, [job_id])[0]
+
+    def tag(self, job_id: int, add: Iterable[str] = (), remove: Iterable[str] = ()) -> JobSummary:
+        """Add and remove tags of a job (adding one it has, or removing one it lacks, is no
+        error); moves ``updated_at`` like ``set_note``."""
+        add, remove = check_tags(add), check_tags(remove)
+        with self._write() as conn:
+            self._require_job(conn, job_id)
+            have = {r.tag for r in conn.execute(_TAGS_OF, {"ids": [job_id]})}
+            new = [t for t in dict.fromkeys(add) if t not in have and t not in remove]
+            if new:
+                conn.execute(insert(tags_t), [{"job_id": job_id, "tag": t} for t in new])
+            if remove:
+                conn.execute(
+                    delete(tags_t).where(tags_t.c.job_id == job_id, tags_t.c.tag.in_(remove))
+                )
+            conn.execute(update(jobs_t).where(jobs_t.c.id == job_id).values(updated_at=utcnow()))
+            return self._summaries(conn, [job_id])[0]
+
     def delete_job(self, job_id: int) -> list[str]:
         """Delete a finished job with its runs, metrics and links; returns the artifact paths and
         work directory for the caller to remove from disk."""
@@ -655,6 +1087,7 @@ class Store:
                 )
             )
             conn.execute(delete(study_jobs_t).where(study_jobs_t.c.job_id == job_id))
+            conn.execute(delete(tags_t).where(tags_t.c.job_id == job_id))
             conn.execute(delete(jobs_t).where(jobs_t.c.id == job_id))
             return list(dict.fromkeys(paths))
 
@@ -694,6 +1127,9 @@ class Store:
         studies: dict[int, list[str]] = defaultdict(list)
         for link in conn.execute(_STUDY_NAMES, ids):
             studies[link.job_id].append(link.name)
+        tags: dict[int, list[str]] = defaultdict(list)
+        for link in conn.execute(_TAGS_OF, ids):
+            tags[link.job_id].append(link.tag)
         out = []
         for job_id in job_ids:
             r = by_id.get(job_id)
@@ -723,6 +1159,8 @@ class Store:
                     progress=_progress(run_rows[run_id].progress) if run_id in run_rows else None,
                     latest=dict(latest.get(run_id, {})) if run_id else {},
                     cancel_requested=r.cancel_requested_at is not None,
+                    note=r.note,
+                    tags=tuple(tags.get(job_id, ())),
                 )
             )
         return out
@@ -735,12 +1173,16 @@ class Store:
         changed_since: datetime | None = None,
         limit: int | None = None,
         newest_first: bool = False,
+        text: str | None = None,
     ) -> list[JobSummary]:
         """Jobs matching the filters, oldest first. ``changed_since`` returns only jobs whose
-        ``updated_at`` is later (the TUI's poll cursor: keep the largest ``updated_at`` seen)."""
+        ``updated_at`` is later (the TUI's poll cursor: keep the largest ``updated_at`` seen);
+        ``text`` keeps jobs whose label, note or a tag contains it (any case)."""
         statuses = _statuses(status)
         with self._read() as conn:
-            ids = self._job_ids(conn, statuses, kind, study, changed_since, limit, newest_first)
+            ids = self._job_ids(
+                conn, statuses, kind, study, changed_since, limit, newest_first, text
+            )
             return self._summaries(conn, ids)
 
     def job_ids(
@@ -749,13 +1191,14 @@ class Store:
         kind: str | None = None,
         study: str | None = None,
         changed_since: datetime | None = None,
+        text: str | None = None,
     ) -> list[int]:
         """The ids ``list_jobs`` would return, oldest first, without building summaries: an
         index read that stays cheap at any number of jobs (the TUI checks with it which jobs are
         gone, and reads summaries only of the jobs changed since its cursor)."""
         statuses = _statuses(status)
         with self._read() as conn:
-            return self._job_ids(conn, statuses, kind, study, changed_since)
+            return self._job_ids(conn, statuses, kind, study, changed_since, text=text)
 
     def _job_ids(
         self,
@@ -766,8 +1209,11 @@ class Store:
         changed_since: datetime | None,
         limit: int | None = None,
         newest_first: bool = False,
+        text: str | None = None,
     ) -> list[int]:
         query = select(jobs_t.c.id)
+        if text:
+            query = query.where(_text_matches(text))
         if statuses:
             query = query.where(jobs_t.c.status.in_(statuses))
         if kind:
@@ -1005,83 +1451,36 @@ class Store:
     def _series_columns(
         self, conn: Connection, runs: list[int], key: str, max_points: int
     ) -> SeriesColumns:
-        m = metrics_t.c
-
-        def of(run_id: int, lo: int, hi: int) -> Any:
-            return and_(m.run_id == run_id, m.key == key, m.step >= lo, m.step <= hi)
-
-        first = {
-            r: conn.execute(select(func.min(m.step)).where(m.run_id == r, m.key == key)).scalar()
-            for r in runs
-        }
-        segments: list[tuple[int, int, int]] = []  # (run, first step, last step), steps ascend
-        for i, r in enumerate(runs):
-            later = [step for x in runs[i + 1 :] if (step := first[x]) is not None]
-            query = select(func.max(m.step)).where(m.run_id == r, m.key == key)
-            if later:
-                query = query.where(m.step < min(later))
-            last = conn.execute(query).scalar()
-            if (start := first[r]) is not None and last is not None:
-                segments.append((r, start, last))
+        """``key`` over ``runs`` joined at resume: every point when there are few, else each
+        bucket's extremes read in SQL and cut to ``max_points`` here."""
+        segments = _segments(conn, runs, key)
         counts = [
-            conn.execute(select(func.count()).select_from(metrics_t).where(of(*seg))).scalar() or 0
+            conn.execute(
+                select(func.count()).select_from(metrics_t).where(_in_segment(key, *seg))
+            ).scalar()
+            or 0
             for seg in segments
         ]
         total = sum(counts)
         steps: list[int] = []
         values: list[float] = []
         if total <= 2 * max(1, max_points):
+            m = metrics_t.c
             for seg in segments:
-                for point in conn.execute(select(m.step, m.value).where(of(*seg)).order_by(m.step)):
+                query = select(m.step, m.value).where(_in_segment(key, *seg)).order_by(m.step)
+                for point in conn.execute(query):
                     steps.append(point.step)
                     values.append(_stored_float(point.value))
             return SeriesColumns(steps, values, total)
         lo, hi = segments[0][1], segments[-1][2]
         buckets = downsample.buckets_for(max_points)
-        for n, (r, a, b) in zip(counts, segments, strict=True):
+        for n, seg in zip(counts, segments, strict=True):
             if n == 0:
                 continue
-            # The earliest minimum and maximum of each bucket: two aggregate passes over the
-            # (run_id, key, step) index range, a few rows per bucket back.
-            bucket = ((cast(m.step, BigInteger) - lo) * buckets // (hi - lo + 1)).label("b")
-            pts = select(m.step, m.value, bucket).where(of(r, a, b)).subquery("pts")
-            agg = (
-                select(
-                    pts.c.b, func.min(pts.c.value).label("lo"), func.max(pts.c.value).label("hi")
-                )
-                .group_by(pts.c.b)
-                .subquery("agg")
-            )
-            again = select(m.step, m.value, bucket).where(of(r, a, b)).subquery("again")
-            query = (
-                select(func.min(again.c.step).label("step"), again.c.value)
-                .join_from(
-                    again,
-                    agg,
-                    and_(
-                        again.c.b == agg.c.b,
-                        or_(again.c.value == agg.c.lo, again.c.value == agg.c.hi),
-                    ),
-                )
-                .group_by(again.c.b, again.c.value)
-                .order_by("step")
-            )
-            for row in conn.execute(query):
+            for row in conn.execute(_bucket_extremes(key, seg, lo, hi, buckets)):
                 steps.append(row.step)
                 values.append(_stored_float(row.value))
-        first_end, last_end = (
-            conn.execute(
-                select(m.step, m.value).where(m.run_id == run, m.key == key, m.step == step)
-            ).first()
-            for run, step in ((segments[0][0], lo), (segments[-1][0], hi))
-        )
-        assert first_end is not None and last_end is not None  # lo and hi were read from them
-        if not steps or steps[0] != lo:
-            steps.insert(0, lo)
-            values.insert(0, _stored_float(first_end.value))
-        if steps[-1] != hi:
-            steps.append(hi)
-            values.append(_stored_float(last_end.value))
+        _add_ends(conn, key, segments, steps, values)
         steps, values = downsample.minmax(steps, values, max_points, lo, hi)
         return SeriesColumns(steps, values, total)
 
@@ -1124,6 +1523,38 @@ class Store:
             for r in conn.execute(query):
                 out[r.job_id].append(_stored_float(r.value))
         return dict(out)
+
+    def metric_range(self, job_ids: Sequence[int], key: str) -> dict[int, tuple[float, float]]:
+        """The least and greatest value of ``key`` in each job's newest run (the app's best ASR),
+        in one read over the (run_id, key, step) index. Jobs whose newest run lacks the key are
+        left out (NaN points are never stored: ``record_events`` drops them)."""
+        if not job_ids:
+            return {}
+        current = (
+            select(runs_t.c.job_id, func.max(runs_t.c.id).label("run_id"))
+            .where(runs_t.c.job_id.in_(list(job_ids)))
+            .group_by(runs_t.c.job_id)
+            .subquery("current")
+        )
+        query = (
+            select(
+                current.c.job_id,
+                func.min(metrics_t.c.value).label("low"),
+                func.max(metrics_t.c.value).label("high"),
+            )
+            .join_from(
+                current,
+                metrics_t,
+                and_(metrics_t.c.run_id == current.c.run_id, metrics_t.c.key == key),
+            )
+            .group_by(current.c.job_id)
+        )
+        with self._read() as conn:
+            return {
+                r.job_id: (float(r.low), float(r.high))
+                for r in conn.execute(query)
+                if r.low is not None
+            }
 
     def latest_metrics(self, run_ids: Sequence[int]) -> dict[int, dict[str, float]]:
         """The newest value of every key, per run."""
@@ -1374,14 +1805,21 @@ class Store:
             return _engine_info(row, now)
 
     def engine_heartbeat(
-        self, engine_id: int, slots_used: int, gpus: list[dict[str, Any]] | None = None
+        self,
+        engine_id: int,
+        slots_used: int,
+        gpus: list[dict[str, Any]] | None = None,
+        system: dict[str, Any] | None = None,
     ) -> EngineInfo:
-        """Record that the engine is alive (engine only); the answer carries stop requests."""
+        """Record that the engine is alive (engine only); the answer carries stop requests.
+        ``system``: the host's CPU and memory and each slot's child (engine.system.snapshot)."""
         with self._write() as conn:
             now = utcnow()
             values: dict[str, Any] = {"heartbeat_at": now, "slots_used": slots_used}
             if gpus is not None:
                 values["gpus"] = gpus
+            if system is not None:
+                values["system"] = system
             row = conn.execute(
                 update(engines_t)
                 .where(engines_t.c.id == engine_id)
@@ -1416,111 +1854,26 @@ class Store:
         on PostgreSQL). ``workdir_for(kind, job_id)`` names a new job's stable work directory."""
         if limit <= 0:
             return []
-        up = jobs_t.alias("upstream")
-        unmet = exists().where(
-            deps_t.c.job_id == jobs_t.c.id,
-            deps_t.c.depends_on_id == up.c.id,
-            up.c.status != "succeeded",
-        )
         with self._write() as conn:
             now = utcnow()
-            candidates = (
-                select(jobs_t.c.id)
-                .where(
-                    jobs_t.c.status == "queued",
-                    jobs_t.c.executor == "engine",
-                    jobs_t.c.cancel_requested_at.is_(None),
-                    ~unmet,
-                )
-                .order_by(jobs_t.c.priority.desc(), jobs_t.c.id)
-                .limit(limit)
-            )
-            if kinds:
-                candidates = candidates.where(jobs_t.c.kind.in_(list(kinds)))
-            ids = [r.id for r in conn.execute(dbmod.claim_lock_clause(candidates, conn))]
+            ids = [
+                r.id for r in conn.execute(dbmod.claim_lock_clause(_claimable(limit, kinds), conn))
+            ]
             if not ids:
                 return []
-            claimed = conn.execute(
-                update(jobs_t)
-                .where(jobs_t.c.id.in_(ids), jobs_t.c.status == "queued")
-                .values(
-                    status="running",
-                    engine_id=engine_id,
-                    attempts=jobs_t.c.attempts + 1,
-                    started_at=func.coalesce(jobs_t.c.started_at, now),
-                    code_version=code_version,
-                    updated_at=now,
-                )
-                .returning(
-                    jobs_t.c.id,
-                    jobs_t.c.kind,
-                    jobs_t.c.spec,
-                    jobs_t.c.spec_hash,
-                    jobs_t.c.attempts,
-                    jobs_t.c.workdir,
-                )
-            ).all()
-            out = []
-            for job in sorted(claimed, key=lambda r: ids.index(r.id)):
-                workdir = job.workdir
-                if workdir is None:
-                    workdir = str(workdir_for(job.kind, job.id))
-                    conn.execute(
-                        update(jobs_t).where(jobs_t.c.id == job.id).values(workdir=workdir)
-                    )
-                previous = conn.execute(
-                    select(func.count()).select_from(runs_t).where(runs_t.c.job_id == job.id)
-                ).scalar_one()
-                spec = dict(job.spec or {})
-                run_id = conn.execute(
-                    insert(runs_t)
-                    .values(
-                        job_id=job.id,
-                        attempt=job.attempts,
-                        status="running",
-                        executor=executor,
-                        engine_id=engine_id,
-                        host=host,
-                        resumed=previous > 0,
-                        started_at=now,
-                        heartbeat_at=now,
-                        expect_next_by=now + timedelta(seconds=startup_grace_s),
-                        seed=spec.get("seed") if isinstance(spec.get("seed"), int) else None,
-                        code_version=code_version,
-                        spec_hash=job.spec_hash,
-                        env={},
-                    )
-                    .returning(runs_t.c.id)
-                ).scalar_one()
-                flat: dict[str, str] = {}
-                _flatten("", spec, flat)
-                if flat:
-                    conn.execute(
-                        insert(params_t),
-                        [{"run_id": run_id, "key": k[:200], "value": v} for k, v in flat.items()],
-                    )
-                inputs = {
-                    r.input_field: r.depends_on_id
-                    for r in conn.execute(
-                        select(deps_t.c.depends_on_id, deps_t.c.input_field).where(
-                            deps_t.c.job_id == job.id, deps_t.c.input_field.is_not(None)
-                        )
-                    )
-                }
-                out.append(
-                    ClaimedJob(
-                        job_id=job.id,
-                        run_id=run_id,
-                        attempt=job.attempts,
-                        kind=job.kind,
-                        spec=spec,
-                        spec_hash=job.spec_hash,
-                        workdir=workdir,
-                        resume=previous > 0,
-                        inputs=inputs,
-                    )
-                )
-            return out
+            claimed = _mark_claimed(conn, ids, engine_id, code_version, now)
+            claimant = _Claimant(
+                engine_id=engine_id,
+                host=host,
+                executor=executor,
+                code_version=code_version,
+                now=now,
+                expect_next_by=now + timedelta(seconds=startup_grace_s),
+            )
+            return [
+                _open_attempt(conn, job, claimant, workdir_for)
+                for job in sorted(claimed, key=lambda r: ids.index(r.id))
+            ]
 
     def upstream_artifact(self, job_id: int) -> ArtifactInfo | None:
         """The artifact a dependent job receives from ``job_id``: the newest one of its runs
@@ -1555,89 +1908,20 @@ class Store:
             return
         with self._write() as conn:
             now = utcnow()
-            metric_rows = []
-            extra_logs: list[dict[str, Any]] = []
-            for b in batches:
-                warned: set[str] = set()
-                for k, s, v, t in itertools.chain(b.replayed, b.metrics):
-                    if not math.isnan(v):
-                        metric_rows.append((b.run_id, k, s, v, t))
-                    elif k not in warned:
-                        # SQLite stores NaN as NULL (the column is NOT NULL): a diverged loss must
-                        # not cost the whole batch, so the point is dropped and said in the log.
-                        # Infinities are stored as they are.
-                        warned.add(k)
-                        extra_logs.append(
-                            {
-                                "run_id": b.run_id,
-                                "level": "warning",
-                                "message": f"metric {k} was NaN at step {s}; "
-                                "NaN points are not stored",
-                                "wall_time": t,
-                            }
-                        )
+            metric_rows, nan_logs = _metric_rows(batches)
             if metric_rows:
                 dbmod.insert_metric_rows(conn, metric_rows)
-                newest: dict[tuple[int, str], dict[str, Any]] = {}
-                for run_id, key, step, value, wall in metric_rows:
-                    seen = newest.get((run_id, key))
-                    if seen is None or step >= seen["step"]:
-                        newest[(run_id, key)] = {
-                            "run_id": run_id,
-                            "key": key,
-                            "step": step,
-                            "value": value,
-                            "wall_time": wall,
-                        }
-                stmt = dbmod.upsert(
-                    latest_t, conn, ["run_id", "key"], ["step", "value", "wall_time"], "step"
-                )
-                conn.execute(stmt, list(newest.values()))
+                _upsert_latest(conn, metric_rows)
             log_rows = [
                 {"run_id": b.run_id, "level": lvl, "message": msg, "wall_time": t}
                 for b in batches
                 for lvl, msg, t in b.logs
-            ] + extra_logs
+            ] + nan_logs
             if log_rows:
                 conn.execute(insert(logs_t), log_rows)
-            touched_jobs = set()
-            for b in batches:
-                values: dict[str, Any] = {"heartbeat_at": now}
-                if b.expect_next_by is not None:
-                    values["expect_next_by"] = b.expect_next_by
-                if b.progress is not None:
-                    values["progress"] = b.progress
-                    touched_jobs.add(b.job_id)
-                if b.env:
-                    values["env"] = b.env
-                    for field in ("seed", "code_version", "dataset_hash"):
-                        if b.env.get(field) is not None:
-                            values[field] = b.env[field]
-                if b.metrics:
-                    first = min(s for _, s, _, _ in b.metrics)
-                    values["start_step"] = func.coalesce(runs_t.c.start_step, first)
-                    touched_jobs.add(b.job_id)
-                if b.replayed:
-                    touched_jobs.add(b.job_id)
-                conn.execute(update(runs_t).where(runs_t.c.id == b.run_id).values(**values))
-                if b.env.get("dataset_hash"):
-                    conn.execute(
-                        update(jobs_t)
-                        .where(jobs_t.c.id == b.job_id)
-                        .values(dataset_hash=b.env["dataset_hash"])
-                    )
-                for path, kind, sha, size in b.artifacts:
-                    conn.execute(
-                        insert(artifacts_t).values(
-                            run_id=b.run_id,
-                            job_id=b.job_id,
-                            kind=kind,
-                            path=path,
-                            sha256=sha,
-                            bytes=size,
-                            created_at=now,
-                        )
-                    )
+            touched_jobs: set[int] = set()
+            for b in batches:  # in batch order, as the engine handed them over
+                if _record_run(conn, b, now):
                     touched_jobs.add(b.job_id)
             if touched_jobs:
                 conn.execute(
@@ -1841,31 +2125,18 @@ class Store:
                 )
                 .returning(jobs_t.c.id)
             ).scalar_one()
-            run_id = conn.execute(
-                insert(runs_t)
-                .values(
-                    job_id=job_id,
-                    attempt=1,
-                    status="running",
-                    executor="foreground",
-                    external_id=str(pid),
-                    host=host,
-                    started_at=now,
-                    heartbeat_at=now,
-                    seed=spec.get("seed") if isinstance(spec.get("seed"), int) else None,
-                    code_version=code_version,
-                    spec_hash=spec_hash,
-                    env={},
-                )
-                .returning(runs_t.c.id)
-            ).scalar_one()
-            flat: dict[str, str] = {}
-            _flatten("", spec, flat)
-            if flat:
-                conn.execute(
-                    insert(params_t),
-                    [{"run_id": run_id, "key": k[:200], "value": v} for k, v in flat.items()],
-                )
+            run_id = _insert_run(
+                conn,
+                job_id,
+                spec,
+                now,
+                attempt=1,
+                executor="foreground",
+                host=host,
+                code_version=code_version,
+                spec_hash=spec_hash,
+                external_id=str(pid),
+            )
             return job_id, run_id
 
 

@@ -1,4 +1,5 @@
-"""Job commands: ``ls``, ``show``, ``logs``, ``metrics``, ``cancel``, ``retry``, ``rm``.
+"""Job commands: ``ls``, ``show``, ``logs``, ``metrics``, ``cancel``, ``retry``, ``rm``, ``tag``,
+``note``.
 
 Faces write requests only; the engine does the work. ``--json`` prints one object.
 """
@@ -76,13 +77,16 @@ def ls(
     study: str | None = typer.Option(None, "--study", help="only jobs of this study"),
     kind: str | None = typer.Option(None, "--kind", help="train, mesa, detect or defend"),
     limit: int | None = typer.Option(None, "--limit", help="only the newest N jobs"),
+    find: str | None = typer.Option(
+        None, "--find", help="only jobs whose label, note or a tag contains this (any case)"
+    ),
     json_output: bool = typer.Option(False, "--json", help='one JSON object: {"jobs": [...]}'),
 ) -> None:
     """List jobs (oldest first)."""
     store = open_store()
     statuses = [s.strip() for s in status.split(",")] if status else None
     jobs = store.list_jobs(
-        status=statuses, kind=kind, study=study, limit=limit, newest_first=bool(limit)
+        status=statuses, kind=kind, study=study, limit=limit, newest_first=bool(limit), text=find
     )
     if limit:
         jobs.reverse()
@@ -110,7 +114,7 @@ def ls(
             j.kind,
             styled(j.status)
             + (" (cancelling)" if j.cancel_requested and j.status == "running" else ""),
-            j.label or "",
+            " ".join([j.label or "", *(f"#{t}" for t in j.tags)]).strip(),
             progress,
             fmt(j.latest.get("eval/acc_clean")),
             fmt(j.latest.get("eval/asr")),
@@ -229,6 +233,10 @@ def _print_header(console, detail) -> None:
     console.print(f"[bold]job {job.id}[/bold] {job.kind} {styled(job.status)}  {job.label}")
     if job.error:
         console.print(f"  [red]{job.error}[/red]")
+    if job.tags:
+        console.print(f"  tags: {' '.join(job.tags)}")
+    if job.note:
+        console.print(f"  note: {job.note}", markup=False, highlight=False)
     if job.studies:
         console.print(f"  studies: {', '.join(job.studies)}")
     if detail.depends_on:
@@ -433,6 +441,35 @@ def rm(
         typer.echo(f"kept {p} (outside {root})")
 
 
+def tag(
+    job_id: int = typer.Argument(..., help="job id"),
+    tags: list[str] = typer.Argument(..., help="one word each, e.g. baseline paper"),
+    remove: bool = typer.Option(False, "--remove", help="take these tags off instead"),
+    json_output: bool = typer.Option(False, "--json", help="one JSON object"),
+) -> None:
+    """Tag a job (the app's jobs filter and ls --find find it by its tags)."""
+    store = open_store()
+    job = store.tag(job_id, remove=tags) if remove else store.tag(job_id, add=tags)
+    if json_output:
+        print_json(job_json(job))
+    else:
+        typer.echo(f"job {job_id} tags: {' '.join(job.tags) or '(none)'}")
+
+
+def note(
+    job_id: int = typer.Argument(..., help="job id"),
+    text: str = typer.Argument(..., help='the note, quoted; "" clears it'),
+    json_output: bool = typer.Option(False, "--json", help="one JSON object"),
+) -> None:
+    """Write a note on a job, replacing its old one (the jobs filter finds it by its words)."""
+    store = open_store()
+    job = store.set_note(job_id, text)
+    if json_output:
+        print_json(job_json(job))
+    else:
+        typer.echo(f"job {job_id} note: {job.note}" if job.note else f"job {job_id} note cleared")
+
+
 def jobs_table(jobs: list[Any]) -> Any:
     """Progress while jobs run; the results (clean accuracy, ASR, robust accuracy) once done."""
     from rich.table import Table
@@ -549,5 +586,7 @@ def register(app: typer.Typer) -> None:
         ("retry", retry),
         ("rm", rm),
         ("wait", wait),
+        ("tag", tag),
+        ("note", note),
     ):
         app.command(name)(cli_errors(fn))

@@ -37,10 +37,11 @@ def report_command(
     apply to it and its upstream jobs; a result folder of benchmarks/paper_study.py gets the
     paper's figure with intervals and the paired statistics. Every table's CSV is under
     DIR/tables."""
-    from engine.report import build_report, default_report_dir, resolve_target
+    from engine.report import build_report, default_report_dir, paper, resolve_target
     from mesa_tui.commands.jobs import open_store
 
-    store = open_store()
+    # A result folder is read from its files alone: no store is opened (or needs upgrading).
+    store = None if paper.is_results_folder(str(target).strip()) else open_store()
     if out is None:
         kind, key = resolve_target(store, target)
         name = {"study": str(key), "results": Path(str(key)).name}.get(kind, f"job-{key}")

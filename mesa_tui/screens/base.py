@@ -7,6 +7,12 @@ from typing import TYPE_CHECKING
 from textual.screen import Screen
 from textual.worker import Worker, WorkerState
 
+from mesa_tui.messages import MetricsBatch, MetricsHistory
+from mesa_tui.source import HISTORY_POINTS, DataSource
+from mesa_tui.widgets.series import MetricColumns
+
+METRIC_PAGE = 10_000  # small pages keep each batch's handling short on the event loop
+
 if TYPE_CHECKING:
     from mesa_tui.app import MesaApp
 
@@ -28,6 +34,30 @@ def report_failed_worker(screen: Screen, event: Worker.StateChanged) -> None:
             severity="error",
             timeout=8,
         )
+
+
+def read_series(
+    screen: Screen,
+    source: DataSource,
+    job_id: int,
+    runs: tuple[int, ...],
+    cursor: int,
+    with_history: bool,
+    worker: Worker,
+) -> None:
+    """Post a job's series to ``screen`` (in a worker): its downsampled history first when asked
+    (a few thousand values per series however long the run), then the points after it."""
+    if with_history:
+        history = source.metric_history(job_id, HISTORY_POINTS)
+        screen.post_message(MetricsHistory(job_id, history))
+        cursor = max(cursor, history.cursor)
+    while runs and not worker.is_cancelled:
+        points = source.metric_points(runs, cursor, METRIC_PAGE)
+        if points:
+            screen.post_message(MetricsBatch(job_id, MetricColumns(points)))
+            cursor = points[-1].id
+        if len(points) < METRIC_PAGE:
+            break
 
 
 class SourceScreen(Screen):

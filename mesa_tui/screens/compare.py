@@ -1,28 +1,32 @@
-"""Compare: pick jobs and overlay one metric's curves."""
+"""Compare: pick jobs (they are the pinned runs, overlaid on every run screen too) and see their
+series side by side, one plot per series with a line per job, in the curves widget of the run
+screen."""
 
 from __future__ import annotations
 
-from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
-from textual.widgets import Footer, Select, SelectionList, Static
+from textual.containers import Horizontal
+from textual.widgets import Footer, SelectionList, Static
 from textual.worker import Worker, get_current_worker
 
 from mesa_tui.messages import JobsPolled, MetricsBatch, MetricsHistory
-from mesa_tui.screens.base import SourceScreen
-from mesa_tui.source import HISTORY_POINTS, JobQuery
-from mesa_tui.widgets.curves import PALETTE, draw, make_plot
-from mesa_tui.widgets.series import MetricColumns, SeriesSet
+from mesa_tui.screens.base import SourceScreen, read_series
+from mesa_tui.source import JobQuery
+from mesa_tui.widgets.curves import Curves, CurvesPanel
+from mesa_tui.widgets.series import SeriesSet
 
-PAGE = 10_000
+TITLE = "compare · space picks jobs (pinned everywhere), / filters series, g groups"
 
 
 class CompareScreen(SourceScreen):
     BINDINGS = [
         Binding("escape", "app.switch_mode('jobs')", "jobs"),
-        Binding("k", "focus_key", "metric"),
+        Binding("slash", "filter_series", "filter series"),
+        Binding("g", "regroup", "group by", show=False),
+        Binding("full_stop", "plots(1)", "next plots", show=False),
+        Binding("comma", "plots(-1)", "previous plots", show=False),
     ]
 
     def __init__(self) -> None:
@@ -30,15 +34,12 @@ class CompareScreen(SourceScreen):
         self.series: dict[int, SeriesSet] = {}
         self.labels: dict[int, str] = {}
         self.reader: Worker | None = None
-        self.drawn: tuple[object, ...] = ()
 
     def compose(self) -> ComposeResult:
-        yield Static("compare · space picks jobs, k picks the metric", classes="title")
+        yield Static(TITLE, classes="title")
         with Horizontal():
             yield SelectionList[int](id="compare-jobs")
-            with Vertical(classes="plots"):
-                yield Select([], prompt="metric", id="compare-key")
-                yield make_plot("compare-plot")
+            yield CurvesPanel(id="compare-curves")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -58,15 +59,24 @@ class CompareScreen(SourceScreen):
 
     def on_jobs_polled(self, message: JobsPolled) -> None:
         chooser = self.query_one("#compare-jobs", SelectionList)
-        for row in sorted(message.page.rows, key=lambda r: r.id, reverse=True):
-            if row.id in self.labels:
-                continue
-            label = f"{row.id} {row.kind} {row.trigger or ''} {row.status}"
-            self.labels[row.id] = label
-            chooser.add_option((label, row.id))
+        with chooser.prevent(SelectionList.SelectedChanged):
+            for row in sorted(message.page.rows, key=lambda r: r.id, reverse=True):
+                if row.id not in self.labels:
+                    self.labels[row.id] = f"{row.id} {row.method or row.kind}"
+                    label = f"{row.id} {row.kind} {row.method or ''} {row.trigger or ''}"
+                    chooser.add_option((label, row.id))
+            # The pins chosen on a run screen are chosen here (and the other way round).
+            chooser.deselect_all()
+            for job_id in self.mesa.pins:
+                if job_id in self.labels:
+                    chooser.select(job_id)
+        self.poll()
+
+    def chosen(self) -> list[int]:
+        return [j for j in self.mesa.pins if j in self.labels]
 
     def poll(self) -> None:
-        chosen = tuple(self.query_one("#compare-jobs", SelectionList).selected)
+        chosen = self.chosen()
         if not chosen or (self.reader is not None and not self.reader.is_finished):
             return
         cursors = {j: self.series.setdefault(j, SeriesSet()).cursor for j in chosen}
@@ -80,89 +90,41 @@ class CompareScreen(SourceScreen):
         description="reading metrics",
     )
     def read_metrics(self, cursors: dict[int, int]) -> None:
-        source = self.mesa.source
-        worker = get_current_worker()
+        source, worker = self.mesa.source, get_current_worker()
         for job_id, cursor in cursors.items():
             runs = source.job_detail(job_id).run_ids
-            if runs and cursor == 0:  # first read: the history downsampled, then new points
-                history = source.metric_history(job_id, HISTORY_POINTS)
-                self.post_message(MetricsHistory(job_id, history))
-                cursor = history.cursor
-            while runs and not worker.is_cancelled:
-                points = source.metric_points(runs, cursor, PAGE)
-                if points:
-                    self.post_message(MetricsBatch(job_id, MetricColumns(points)))
-                    cursor = points[-1].id
-                if len(points) < PAGE:
-                    break
+            read_series(self, source, job_id, runs, cursor, cursor == 0 and bool(runs), worker)
 
     def on_metrics_history(self, message: MetricsHistory) -> None:
-        series = self.series.setdefault(message.job_id, SeriesSet())
-        if series.load_history(message.history):
-            self._update_keys()
+        self.series.setdefault(message.job_id, SeriesSet()).load_history(message.history)
 
     def on_metrics_batch(self, message: MetricsBatch) -> None:
-        series = self.series.setdefault(message.job_id, SeriesSet())
-        if series.add_columns(message.columns):
-            self._update_keys()
-
-    def _update_keys(self) -> None:
-        select = self.query_one("#compare-key", Select)
-        keys = sorted({k for s in self.series.values() for k in s.series})
-        if keys != getattr(self, "_keys", None):
-            self._keys = keys
-            current = select.value
-            select.set_options([(k, k) for k in keys])
-            if current in keys:
-                select.value = current
-            else:
-                preferred = [k for k in ("eval/asr", "train/loss", "repair/asr") if k in keys]
-                if preferred or keys:
-                    select.value = (preferred or keys)[0]
+        self.series.setdefault(message.job_id, SeriesSet()).add_columns(message.columns)
 
     @on(SelectionList.SelectedChanged, "#compare-jobs")
     def _jobs_chosen(self) -> None:
+        picked = self.query_one("#compare-jobs", SelectionList).selected
+        for job_id in set(self.mesa.pins) ^ set(picked):
+            self.mesa.toggle_pin(job_id)
         self.poll()
         self.redraw()
 
-    @on(Select.Changed, "#compare-key")
-    def _key_chosen(self) -> None:
-        self.redraw()
+    def action_filter_series(self) -> None:
+        self.query_one("#series-filter").focus()
 
-    def action_focus_key(self) -> None:
-        self.query_one("#compare-key", Select).focus()
+    def action_plots(self, delta: int) -> None:
+        self.query_one(CurvesPanel).turn_page(delta)
+
+    def action_regroup(self) -> None:
+        self.query_one(CurvesPanel).action_regroup()
 
     def redraw(self) -> None:
         if not self.is_current:
             return
-        chosen = list(self.query_one("#compare-jobs", SelectionList).selected)
-        key = self.query_one("#compare-key", Select).value
-        state = (
-            tuple(chosen),
-            key,
-            tuple(self.series[j].version for j in chosen if j in self.series),
-        )
-        if state == self.drawn:
-            return
-        self.drawn = state
-        lines = []
-        for i, job_id in enumerate(chosen):
-            s = self.series.get(job_id)
-            data = s.series.get(str(key)) if s else None
-            if data is not None and data.n:
-                lines.append(
-                    (
-                        self.labels.get(job_id, str(job_id)),
-                        data.steps,
-                        data.values,
-                        PALETTE[i % len(PALETTE)],
-                    )
-                )
-        plot = self.query_one("#compare-plot")
-        draw(plot, lines)  # type: ignore[arg-type]
-        legend = Text()
-        for i, (label, *_rest) in enumerate(lines):
-            legend.append(f"■ {label}  ", style=PALETTE[i % len(PALETTE)])
-        self.query_one(".title", Static).update(
-            legend if lines else "compare · space picks jobs, k picks the metric"
+        self.query_one(CurvesPanel).redraw(
+            [
+                Curves(j, self.labels[j], self.series[j], self.mesa.colour_of(j))
+                for j in self.chosen()
+                if j in self.series
+            ]
         )

@@ -7,12 +7,14 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import DataTable, Footer, Static
 
+from mesa_tui.config import JobsView
 from mesa_tui.messages import EngineStatusPolled, JobsPolled, RequestDone
 from mesa_tui.screens.base import SourceScreen
-from mesa_tui.screens.modals import ConfirmModal, FilterModal
+from mesa_tui.screens.modals import ColumnsModal, ConfirmModal, FilterModal, NoteModal
 from mesa_tui.source import EngineStatus, JobQuery
 from mesa_tui.widgets.engine_bar import EngineBar
-from mesa_tui.widgets.jobs_table import JobsTable
+from mesa_tui.widgets.jobs_table import COLUMNS, JobsTable
+from mesa_tui.widgets.system_pane import SystemPane
 from store.entities import FINISHED, RETRYABLE
 
 FULL_READ_EVERY = 15
@@ -26,6 +28,10 @@ class JobsScreen(SourceScreen):
         Binding("r", "retry", "retry"),
         Binding("d", "delete", "delete"),
         Binding("slash", "filter", "filter"),
+        Binding("o", "columns", "columns/sort"),
+        Binding("t", "annotate", "note/tags"),
+        Binding("p", "pin", "pin"),
+        Binding("y", "system", "system"),
         Binding("e", "start_engine", "start engine", show=False),
     ]
 
@@ -39,11 +45,16 @@ class JobsScreen(SourceScreen):
     def compose(self) -> ComposeResult:
         yield Static("mesa-tui · jobs", id="title", classes="title")
         yield EngineBar(id="engine-bar")
+        view = self.mesa.config.jobs
         yield Static(self.query_filter.describe(), id="filter-line", classes="subtle")
-        yield JobsTable(id="jobs-table")
+        yield JobsTable(
+            columns=view.columns, sort=view.sort, descending=view.descending, id="jobs-table"
+        )
+        yield SystemPane(id="system-pane")
         yield Footer()
 
     def on_mount(self) -> None:
+        self._describe()
         self.query_one(EngineBar).show(None, self.mesa.clock())
         self.set_interval(self.mesa.poll_s, self.poll)
         self.poll()
@@ -84,6 +95,9 @@ class JobsScreen(SourceScreen):
     def on_engine_status_polled(self, message: EngineStatusPolled) -> None:
         self.engine = message.status
         self.query_one(EngineBar).show(message.status, self.mesa.clock())
+        pane = self.query_one(SystemPane)
+        if pane.display:
+            pane.show(message.status)
 
     # -- actions ----------------------------------------------------------------------------
 
@@ -161,10 +175,62 @@ class JobsScreen(SourceScreen):
                 self.cursor = None
                 table.clear()
                 table.rows_by_id.clear()
-                self.query_one("#filter-line", Static).update(query.describe())
+                self._describe()
                 self.poll()
 
         self.app.push_screen(FilterModal(self.query_filter, kinds, table.studies()), chosen)
+
+    def _describe(self) -> None:
+        """The filter line: which jobs, and in which order when not newest first."""
+        order = self.query_one(JobsTable).describe_order()
+        words = self.query_filter.describe() + (f" · {order}" if order else "")
+        self.query_one("#filter-line", Static).update(words)
+
+    def action_columns(self) -> None:
+        """Choose the columns and the order; the choice is kept in the app's config."""
+        table = self.query_one(JobsTable)
+
+        def chosen(answer: tuple[tuple[str, ...], str, bool] | None) -> None:
+            if answer is not None:
+                table.arrange(*answer)
+
+        self.app.push_screen(
+            ColumnsModal(table.chosen, table.sort_column, table.descending), chosen
+        )
+
+    def on_jobs_table_arranged(self, message: JobsTable.Arranged) -> None:
+        every = all(c.key in message.columns for c in COLUMNS)
+        view = JobsView(None if every else message.columns, message.sort, message.descending)
+        problem = self.mesa.config.save_jobs_view(view)
+        if problem is not None:
+            self.notify(problem, severity="warning", timeout=10)
+        self._describe()
+
+    def action_system(self) -> None:
+        """Show or hide the system pane: each engine's host and slots."""
+        pane = self.query_one(SystemPane)
+        pane.display = not pane.display
+        if pane.display:
+            pane.show(self.engine)
+
+    def action_pin(self) -> None:
+        """Pin the job: its curves are overlaid on every run screen and chosen in compare."""
+        job = self.query_one(JobsTable).selected_job()
+        if job is not None:
+            pinned = self.mesa.toggle_pin(job.id)
+            self.notify(f"job {job.id} {'pinned' if pinned else 'unpinned'} (m compares the pins)")
+
+    def action_annotate(self) -> None:
+        job = self.query_one(JobsTable).selected_job()
+        if job is None:
+            return
+
+        def saved(answer: tuple[str, tuple[str, ...]] | None) -> None:
+            if answer is not None and answer != (job.note or "", job.tags):
+                note, tags = answer
+                self.mesa.send_request(self, "annotate", job.id, note=note, tags=tags)
+
+        self.app.push_screen(NoteModal(job), saved)
 
     def action_start_engine(self) -> None:
         if self.engine is not None and self.engine.alive:

@@ -27,25 +27,23 @@ from mesa_tui.messages import (
     RequestDone,
     SamplesLoaded,
 )
-from mesa_tui.screens.base import SourceScreen
+from mesa_tui.screens.base import SourceScreen, read_series
 from mesa_tui.screens.modals import ConfirmModal
 from mesa_tui.source import (
     BETA_KEY,
-    HISTORY_POINTS,
     JobDetail,
     pca_2d,
     read_trigger_samples,
     search_dirs,
 )
-from mesa_tui.widgets.curves import PALETTE, CurvesPanel, make_plot
+from mesa_tui.widgets.curves import PALETTE, Curves, CurvesPanel, make_plot
 from mesa_tui.widgets.format import duration, number, size, status_text
 from mesa_tui.widgets.position_map import PositionMap
-from mesa_tui.widgets.series import MetricColumns, SeriesSet
+from mesa_tui.widgets.series import SeriesSet
 from mesa_tui.widgets.trigger_grid import TriggerGrid
 from store.entities import FINISHED, RETRYABLE
 
 TABS = ("curves", "triggers", "embedding", "params", "log", "artifacts")
-METRIC_PAGE = 10_000  # small pages keep each batch's handling short on the event loop
 SAMPLES_EVERY = 4  # polls between looks at the samples on disk
 DETAIL_EVERY = 2  # polls between reads of the job's status, runs and latest values
 CURVE_SKIP = ("hinge", "mine", "loss")  # per-beta training signals live on the curves tab
@@ -81,6 +79,11 @@ class RunScreen(SourceScreen):
         Binding("c", "cancel", "cancel"),
         Binding("r", "retry", "retry"),
         Binding("x", "export", "export report", show=False),
+        Binding("p", "pin", "pin"),
+        Binding("g", "regroup", "group by", show=False),
+        Binding("slash", "filter_series", "filter series", show=False),
+        Binding("full_stop", "plots(1)", "next plots", show=False),
+        Binding("comma", "plots(-1)", "previous plots", show=False),
     ]
 
     def __init__(self, job_id: int) -> None:
@@ -89,6 +92,8 @@ class RunScreen(SourceScreen):
         self.detail: JobDetail | None = None
         self.series = SeriesSet()
         self.history_asked = False  # the history is read once, downsampled; then only new points
+        self.pinned: dict[int, SeriesSet] = {}  # the pinned runs overlaid on the curves
+        self.pin_runs: dict[int, tuple[int, ...]] = {}  # written by the (one) reading worker
         self.log_cursor = 0
         self.samples_stamp = 0.0
         self.polls = 0
@@ -136,12 +141,20 @@ class RunScreen(SourceScreen):
         want_samples = self.polls % SAMPLES_EVERY == 0
         self.polls += 1
         want_history, self.history_asked = not self.history_asked, True
+        for job_id in set(self.pinned) - set(self.mesa.pins):
+            del self.pinned[job_id]
+        pins = {
+            job_id: self.pinned.setdefault(job_id, SeriesSet()).cursor
+            for job_id in self.mesa.pins
+            if job_id != self.job_id
+        }
         self.reader = self.read_run(
             self.series.cursor,
             self.log_cursor,
             self.samples_stamp if want_samples else None,
             self.polls % DETAIL_EVERY == 1 or self.detail is None,
             want_history,
+            pins,
         )
 
     @work(
@@ -158,6 +171,7 @@ class RunScreen(SourceScreen):
         samples_stamp: float | None,
         with_detail: bool,
         with_history: bool = False,
+        pins: dict[int, int] | None = None,
     ) -> None:
         source = self.mesa.source
         worker = get_current_worker()
@@ -166,22 +180,11 @@ class RunScreen(SourceScreen):
             self.post_message(JobDetailLoaded(detail))
         else:
             detail = self.detail  # status and runs change slowly; metrics are read every poll
+        self.read_pins(pins or {}, with_detail)
         runs = detail.run_ids
         if not runs:
             return
-        if with_history:
-            # Every point so far in one downsampled read (a few thousand values per series,
-            # however long the run); the loop below then reads only the points after it.
-            history = source.metric_history(self.job_id, HISTORY_POINTS)
-            self.post_message(MetricsHistory(self.job_id, history))
-            metric_cursor = max(metric_cursor, history.cursor)
-        while not worker.is_cancelled:
-            points = source.metric_points(runs, metric_cursor, METRIC_PAGE)
-            if points:
-                self.post_message(MetricsBatch(self.job_id, MetricColumns(points)))
-                metric_cursor = points[-1].id
-            if len(points) < METRIC_PAGE:
-                break
+        read_series(self, source, self.job_id, runs, metric_cursor, with_history, worker)
         lines = source.logs(runs, log_cursor)
         if lines:
             self.post_message(LogBatch(self.job_id, lines))
@@ -189,6 +192,21 @@ class RunScreen(SourceScreen):
             samples = read_trigger_samples(search_dirs(detail), samples_stamp)
             if samples is not None:
                 self.post_message(SamplesLoaded(self.job_id, samples, pca_2d(samples.by_beta)))
+
+    def read_pins(self, pins: dict[int, int], with_detail: bool) -> None:
+        """The pinned runs' series (in the reading worker): a history at a pin's first read; a
+        pinned job deleted meanwhile is skipped, not an error."""
+        from mesa_tui.source import SourceError
+
+        source, worker = self.mesa.source, get_current_worker()
+        for job_id, cursor in pins.items():
+            if with_detail or job_id not in self.pin_runs:
+                try:
+                    self.pin_runs[job_id] = source.job_detail(job_id).run_ids
+                except (SourceError, LookupError):
+                    continue
+            runs = self.pin_runs[job_id]
+            read_series(self, source, job_id, runs, cursor, cursor == 0 and bool(runs), worker)
 
     def on_job_detail_loaded(self, message: JobDetailLoaded) -> None:
         self.detail = message.detail
@@ -209,11 +227,16 @@ class RunScreen(SourceScreen):
         for row in rows:
             table.add_row(*row)
 
+    def _series_of(self, job_id: int) -> SeriesSet | None:
+        return self.series if job_id == self.job_id else self.pinned.get(job_id)
+
     def on_metrics_history(self, message: MetricsHistory) -> None:
-        self.series.load_history(message.history)
+        if (series := self._series_of(message.job_id)) is not None:
+            series.load_history(message.history)
 
     def on_metrics_batch(self, message: MetricsBatch) -> None:
-        self.series.add_columns(message.columns)
+        if (series := self._series_of(message.job_id)) is not None:
+            series.add_columns(message.columns)
 
     def on_log_batch(self, message: LogBatch) -> None:
         log = self.query_one("#log-view", RichLog)
@@ -312,11 +335,25 @@ class RunScreen(SourceScreen):
         if not self.is_current:
             return
         if self.query_one("#tabs", TabbedContent).active == "curves":
-            self.query_one(CurvesPanel).redraw(self.series)
+            self.query_one(CurvesPanel).redraw(self.curves())
+
+    def curves(self) -> list[Curves]:
+        """This run's series, then each pinned run's, in its own colour."""
+        out = [Curves(self.job_id, self.job_label(self.job_id), self.series, self.colour())]
+        for job_id, series in self.pinned.items():
+            out.append(Curves(job_id, f"job {job_id}", series, self.mesa.colour_of(job_id)))
+        return out
+
+    def colour(self) -> str:
+        return self.mesa.colour_of(self.job_id)
+
+    def job_label(self, job_id: int) -> str:
+        job = self.detail.job if self.detail is not None else None
+        return f"job {job_id}" + (f" {job.method}" if job and job.method else "")
 
     @on(SelectionList.SelectedChanged, "#series")
     def _series_chosen(self) -> None:
-        self.query_one(CurvesPanel).redraw(self.series)
+        self.query_one(CurvesPanel).redraw(self.curves())
 
     @on(TabbedContent.TabActivated)
     def _tab_activated(self) -> None:
@@ -326,6 +363,27 @@ class RunScreen(SourceScreen):
 
     def action_back(self) -> None:
         self.app.pop_screen()
+
+    def action_pin(self) -> None:
+        """Pin this run: its curves are overlaid on every other run's and chosen in compare."""
+        pinned = self.mesa.toggle_pin(self.job_id)
+        others = [str(j) for j in self.mesa.pins if j != self.job_id]
+        self.notify(
+            f"job {self.job_id} {'pinned' if pinned else 'unpinned'}"
+            + (f"; overlaid here: job {', '.join(others)}" if others else "")
+        )
+
+    def action_regroup(self) -> None:
+        panel = self.query_one(CurvesPanel)
+        panel.action_regroup()
+        self.notify(f"curves grouped by {panel.grouping}")
+
+    def action_plots(self, delta: int) -> None:
+        self.query_one(CurvesPanel).turn_page(delta)
+
+    def action_filter_series(self) -> None:
+        self.action_tab("curves")
+        self.query_one("#series-filter").focus()
 
     def action_tab(self, tab: str) -> None:
         self.query_one("#tabs", TabbedContent).active = tab

@@ -4,6 +4,7 @@ bad input (exit 2, one line, no row) and the schema upgrade."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -62,6 +63,8 @@ def test_invalid_specs_exit_2_with_one_line_and_no_row(args):
         ["cancel", "99"],
         ["retry", "99"],
         ["rm", "99", "--yes"],
+        ["tag", "99", "baseline"],
+        ["note", "99", "text"],
         ["study", "show", "nope"],
     ],
 )
@@ -116,6 +119,24 @@ def test_pipeline_jobs_ls_show_cancel_retry_rm():
     assert len(json.loads(run("ls", "--json").stdout)["jobs"]) == 3
 
 
+def test_tag_and_note_then_ls_finds_them():
+    from store.entities import NewJob
+
+    a, b = Store().submit([NewJob("train", {}, "a", label="bw:1"), NewJob("train", {}, "b")])
+    assert run("tag", str(a), "baseline", "paper").stdout == f"job {a} tags: baseline paper\n"
+    assert run("tag", str(a), "paper", "--remove").stdout == f"job {a} tags: baseline\n"
+    assert run("note", str(b), "odd loss spike at epoch 3").exit_code == 0
+    found = json.loads(run("ls", "--find", "SPIKE", "--json").stdout)["jobs"]
+    assert [(j["id"], j["note"]) for j in found] == [(b, "odd loss spike at epoch 3")]
+    by_tag = json.loads(run("ls", "--find", "basel", "--json").stdout)["jobs"]
+    assert [j["id"] for j in by_tag] == [a]
+    assert "#baseline" in run("ls").stdout
+    assert "note: odd loss spike" in run("show", str(b)).stdout
+    bad = run("tag", str(a), "two words")
+    assert bad.exit_code == 2 and "'two words' is not one word" in bad.stderr
+    assert run("note", str(b), "").stdout == f"job {b} note cleared\n"
+
+
 def test_older_schema_gives_the_upgrade_message_then_db_upgrade_works():
     url = paths.default_db_url()
     paths.data_home().mkdir(parents=True, exist_ok=True)
@@ -132,6 +153,7 @@ def test_older_schema_gives_the_upgrade_message_then_db_upgrade_works():
 def test_paths_and_study_create_show_export(tmp_path):
     where = json.loads(run("paths", "--json").stdout)
     assert where["store"].startswith("sqlite:///") and where["artifacts"].endswith("artifacts")
+    assert where["app_config"] == os.path.join(os.environ["MESA_TUI_HOME"], "config", "app.toml")
     result = run("study", "create", "mini", "--template", "cpu-mini", "--json")
     assert result.exit_code == 0, result.output
     created = json.loads(result.stdout)

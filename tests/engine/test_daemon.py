@@ -75,6 +75,7 @@ def test_child_is_pinned_to_its_gpu_slot(tmp_path, store_url):
     assert run.gpu == "3" and run.env["cuda_visible_devices"] == "3"
     (engine,) = store.engines()
     assert engine.slots == 1 and engine.gpus[0].index == 3 and not engine.alive
+    assert engine.system.cpus >= 1 and [s.gpu for s in engine.system.slots] == ["3"]
 
 
 def test_daemon_runner_store_and_cli_modules_do_not_import_torch():

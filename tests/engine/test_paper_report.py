@@ -173,3 +173,21 @@ def test_a_gpu_pilot_record_of_another_schema_is_refused(folder, tmp_path):
     with pytest.raises(UserError, match="the record of bw:0 has schema 7"):
         build_report(None, str(folder), tmp_path / "out", gpu_results=[path])
     assert not (tmp_path / "out").exists()
+
+
+def test_the_report_of_a_result_folder_never_opens_the_store(folder, tmp_path, monkeypatch):
+    """A result folder is files only: a store that cannot be opened (here not a database at all,
+    as an old schema would also refuse) does not stop its report."""
+    from typer.testing import CliRunner
+
+    from mesa_tui.cli import app
+
+    broken = tmp_path / "not-a-store.db"
+    broken.write_text("not SQLite")
+    monkeypatch.setenv("MESA_TUI_DB", f"sqlite:///{broken}")
+    out = tmp_path / "report"
+    result = CliRunner().invoke(app, ["report", str(folder), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "report.md").exists() and broken.read_text() == "not SQLite"
+    job = CliRunner().invoke(app, ["report", "1", "--out", str(tmp_path / "job")])
+    assert job.exit_code == 2  # a job id still needs the store, and says so in one line

@@ -178,6 +178,18 @@ def test_metric_tail_reads_the_last_points_of_each_jobs_newest_run_in_order(stor
     assert store.metric_tail([], "train/loss", 3) == {}
 
 
+def test_metric_range_is_the_least_and_greatest_value_of_each_jobs_newest_run(store):
+    a, run_a = foreground(store, "a")
+    b, run_b = foreground(store, "b")
+    c, _ = foreground(store, "c")  # no points at all
+    log_series(store, run_a, a, "eval/asr", [0, 1, 2, 3], [0.9, 0.05, 0.2, 0.1])
+    log_series(store, run_b, b, "eval/asr", [0], [math.inf])
+    log_series(store, run_b, b, "train/loss", [0, 1], [7.0, -3.0])
+    assert store.metric_range([a, b, c], "eval/asr") == {a: (0.05, 0.9), b: (math.inf, math.inf)}
+    assert store.metric_range([a], "train/loss") == {}
+    assert store.metric_range([], "eval/asr") == {}
+
+
 def test_job_ids_are_the_ids_list_jobs_returns(store):
     a, b, c = (store.submit([NewJob("train", {"seed": i}, f"h{i}")])[0] for i in range(3))
     cursor = store.job(a).updated_at

@@ -271,3 +271,36 @@ def test_nan_points_are_dropped_and_said_without_losing_the_batch(store):
     assert [m for m in messages if "NaN" in m] == [
         "metric train/loss was NaN at step 1; NaN points are not stored"
     ]
+
+
+def test_notes_and_tags_are_found_by_the_text_filter(store):
+    a, b = store.submit([NewJob("train", {}, "a", label="point bw:85"), NewJob("train", {}, "b")])
+    cursor = max(j.updated_at for j in store.list_jobs())
+    job = store.set_note(a, "  lr too high, rerun with 0.01 ")
+    assert job.note == "lr too high, rerun with 0.01"
+    assert store.tag(b, ["Baseline", "paper", "paper"]).tags == ("Baseline", "paper")
+    assert store.tag(b, remove=["paper"]).tags == ("Baseline",)
+    assert {j.id for j in store.list_jobs(changed_since=cursor)} == {a, b}  # the app sees them
+    assert [j.id for j in store.list_jobs(text="LR TOO")] == [a]
+    assert [j.id for j in store.list_jobs(text="basel")] == [b]
+    assert [j.id for j in store.list_jobs(text="bw:85")] == [a]  # the label too
+    assert store.list_jobs(text="100%") == []  # % is literal
+    assert store.job_ids(text="baseline") == [b]
+    assert store.set_note(a, "").note is None
+    with pytest.raises(UserError, match="'two words' is not one word"):
+        store.tag(a, ["two words"])
+
+
+def test_the_heartbeat_carries_the_hosts_system(store):
+    engine = store.register_engine("here", 1, "test", 2)
+    assert engine.system is None
+    system = {
+        "cpus": 2,
+        "cpu_pct": 50.0,
+        "mem_used_mb": 1000.0,
+        "mem_total_mb": 4000.0,
+        "slots": [{"slot": 0, "gpu": None, "job_id": 3, "cpu_pct": 99.0, "rss_mb": 500.0}],
+    }
+    beat = store.engine_heartbeat(engine.id, 1, [], system)
+    assert beat.system.cpus == 2 and beat.system.slots[0].job_id == 3
+    assert store.engines()[0].system == beat.system

@@ -10,7 +10,7 @@ from textual.widgets import DataTable, Input, SelectionList, Static, TabbedConte
 from engine.specs import PRESETS
 from mesa_tui.screens.compare import CompareScreen
 from mesa_tui.screens.jobs import JobsScreen
-from mesa_tui.screens.modals import ConfirmModal, FilterModal, HelpModal
+from mesa_tui.screens.modals import ConfirmModal, FilterModal, HelpModal, NoteModal
 from mesa_tui.screens.new import NewJobScreen
 from mesa_tui.screens.run import RunScreen
 from mesa_tui.screens.study import StudyScreen
@@ -202,11 +202,14 @@ async def test_curves_follow_new_points_and_series_choice(demo, clock):
         demo.log_metrics(run_id, 260, {"mesa/beta=0.9/hinge": 0.89})
         await refresh_screen(pilot)
         assert run.series.series["mesa/beta=0.9/hinge"].last() == pytest.approx(0.89)
-        assert panel.drawn[0] == run.series.version
+        assert panel.drawn_versions() == {2: run.series.version}
         chooser = run.query_one("#series", SelectionList)
         chooser.deselect("train/loss")
         await pilot.pause()
         assert "train/loss" not in panel.selected()
+        run.redraw()
+        await settle(pilot, 1)
+        assert "loss" not in panel.panels()  # no plot without a series
 
 
 async def test_run_screen_cancel_with_confirmation(demo, clock):
@@ -244,6 +247,70 @@ async def test_filter_by_status(demo, clock):
         assert len(table_ids(app)) == 5
 
 
+async def test_note_and_tags_are_saved_then_found_by_the_filter(demo, clock):
+    app = make_app(demo, clock)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot)
+        await move_to(pilot, 3)
+        await pilot.press("t")
+        await pilot.pause()
+        assert isinstance(app.screen, NoteModal)
+        app.screen.query_one("#tags", Input).value = "two words,"  # a comma ends a tag
+        app.screen.query_one("#note", Input).value = "loss spikes at epoch 3"
+        await pilot.press("ctrl+s")
+        await settle(pilot)
+        assert demo.calls[-1] == ("annotate", (3, "loss spikes at epoch 3", ("two", "words")))
+        await refresh_screen(pilot)
+        note = app.screen.query_one(JobsTable).get_row("3")[-1].plain
+        assert note.startswith("#two #wor")  # 10 cells wide at 120 columns
+        await pilot.press("slash")
+        await pilot.pause()
+        app.screen.query_one("#find", Input).value = "SPIKES"
+        await pilot.press("ctrl+s")
+        await settle(pilot)
+        assert table_ids(app) == [3]
+        assert "finding 'SPIKES'" in str(app.screen.query_one("#filter-line", Static).render())
+
+
+async def test_a_tag_that_is_not_one_word_is_said_in_the_dialog(demo, clock):
+    app = make_app(demo, clock)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        await pilot.press("t")
+        await pilot.pause()
+        app.screen.query_one("#tags", Input).value = "x" * 61
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert isinstance(app.screen, NoteModal)  # still open, saying why
+        assert "not one word" in str(app.screen.query_one("#note-error").render())
+        await pilot.press("escape")
+        await pilot.pause()
+        assert not any(call[0] == "annotate" for call in demo.calls)
+
+
+async def test_system_pane_shows_each_slot_of_the_engine(demo, clock):
+    from mesa_tui.source import GpuInfo
+    from mesa_tui.widgets.system_pane import SystemPane
+
+    app = make_app(demo, clock)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        pane = app.screen.query_one(SystemPane)
+        assert not pane.display
+        await pilot.press("y")
+        await refresh_screen(pilot)
+        rows = [[str(c) for c in pane.get_row_at(i)] for i in range(pane.row_count)]
+        assert rows[0][:3] == ["gpu-box", "1/4", "41%/16"]
+        assert rows[1][:7] == ["  slot 0", "2", "97%", "3.0G", "gpu0", "21/80G", "87%"]
+        assert rows[2][1:5] == ["idle", "", "", "none"]  # a CPU slot: no GPU, said so
+        demo.set_engine(alive=True, gpus=(GpuInfo(0, "gpu 0"),))  # no NVML figures
+        await refresh_screen(pilot)
+        assert [str(c) for c in pane.get_row_at(1)][4:6] == ["gpu0", ""]
+        demo.set_engine(alive=False)
+        await refresh_screen(pilot)
+        assert str(pane.get_row_at(0)[0]) == "no engine running"
+
+
 async def test_help_lists_bindings_and_closes(demo, clock):
     app = make_app(demo, clock)
     async with app.run_test(size=(80, 24)) as pilot:
@@ -252,7 +319,8 @@ async def test_help_lists_bindings_and_closes(demo, clock):
         await pilot.pause()
         assert isinstance(app.screen, HelpModal)
         described = {d for _, d in app.screen.rows}
-        assert {"new", "cancel", "retry", "delete", "filter", "quit"} <= described
+        assert {"new", "cancel", "retry", "delete", "filter", "columns/sort", "quit"} <= described
+        assert ("^q, q", "quit") in app.screen.rows  # keys that do the same share a row
         await pilot.press("escape")
         await pilot.pause()
         assert isinstance(app.screen, JobsScreen)
@@ -322,10 +390,11 @@ async def test_compare_overlays_chosen_jobs(demo, clock):
         chooser.select(1)
         chooser.select(2)
         await refresh_screen(pilot)
+        assert app.pins == [1, 2]  # what compare picks is pinned on the run screens too
         assert compare.series[1].series["train/loss"].n == 8
-        compare.query_one("#compare-key").value = "train/loss"
-        await settle(pilot)
-        assert compare.drawn[1] == "train/loss"
+        await refresh_screen(pilot)
+        loss = compare.query_one(CurvesPanel).panels()["train/loss"]
+        assert [colour for *_, colour in loss.lines] == [app.colour_of(1), app.colour_of(2)]
         await pilot.press("j")
         await pilot.pause()
         assert isinstance(app.screen, JobsScreen)

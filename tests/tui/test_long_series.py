@@ -13,6 +13,7 @@ from textual_plot import PlotWidget
 from mesa_tui.demo import FakeSource
 from mesa_tui.screens.run import RunScreen
 from mesa_tui.source import HISTORY_POINTS, MetricHistory, MetricPoint
+from mesa_tui.widgets.curves import CurvesPanel
 from mesa_tui.widgets.series import MetricColumns, SeriesSet, downsample
 from store.downsample import minmax
 
@@ -80,7 +81,9 @@ async def test_a_run_with_many_points_opens_and_shows_a_plot(clock):
         loss = run.series.series["train/loss"]
         assert loss.n <= 2 * HISTORY_POINTS and loss.steps[-1] == 149_999
         assert 5.0 in loss.values  # the spike is kept
-        plot = run.query_one("#loss-plot", PlotWidget)
+        run.redraw()
+        await settle(pilot, 1)
+        plot = run.query_one(CurvesPanel).panels()["loss"].query_one(PlotWidget)
         assert plot._datasets, "the loss plot draws nothing"
         drawn = plot._datasets[0]
         width = plot.size.width

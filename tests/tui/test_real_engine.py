@@ -39,7 +39,9 @@ async def test_real_engine_fills_curves_and_trigger_grid(tmp_path):
             await wait_until(pilot, lambda: run.series.series[hinge].n > first, timeout=60)
             panel = run.query_one(CurvesPanel)
             await wait_until(
-                pilot, lambda: hinge in panel.selected() and panel.drawn[0] > 1, timeout=30
+                pilot,
+                lambda: hinge in panel.selected() and panel.drawn_versions().get(job, 0) > 1,
+                timeout=30,
             )
             grid = run.query_one(TriggerGrid)
             await wait_until(pilot, lambda: set(grid.by_beta) == {"0.9", "0.5"}, timeout=60)

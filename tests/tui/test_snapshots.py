@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from textual.widgets import Input, SelectionList
+from textual.widgets import Input, Select, SelectionList
 
 from .conftest import make_app, refresh_screen, settle
 
@@ -120,20 +120,83 @@ def test_compare(snap_compare, snapshot_demo, clock, size):
         chooser.select(1)
         chooser.select(2)
 
-    def key(pilot) -> None:
-        pilot.app.screen.query_one("#compare-key").value = "train/loss"
-
     assert snap_compare(
-        make_app(snapshot_demo, clock), terminal_size=size, run_before=run_before("m", pick, key)
+        make_app(snapshot_demo, clock), terminal_size=size, run_before=run_before("m", pick)
     )
 
 
-def test_cancel_confirmation(snap_compare, snapshot_demo, clock):
-    def to_running(pilot) -> None:
-        table = pilot.app.screen.query_one("#jobs-table")
-        table.move_cursor(row=table.get_row_index("2"))
+def to_running(pilot) -> None:
+    table = pilot.app.screen.query_one("#jobs-table")
+    table.move_cursor(row=table.get_row_index("2"))
 
-    assert snap_compare(make_app(snapshot_demo, clock), run_before=run_before(to_running, "c"))
+
+@SIZES
+def test_cancel_confirmation(snap_compare, snapshot_demo, clock, size):
+    assert snap_compare(
+        make_app(snapshot_demo, clock), terminal_size=size, run_before=run_before(to_running, "c")
+    )
+
+
+@SIZES
+def test_jobs_system_pane(snap_compare, snapshot_demo, clock, size):
+    assert snap_compare(
+        make_app(snapshot_demo, clock), terminal_size=size, run_before=run_before("y")
+    )
+
+
+@SIZES
+def test_note_dialog(snap_compare, snapshot_demo, clock, size):
+    def write(pilot) -> None:
+        pilot.app.screen.query_one("#tags", Input).value = "baseline paper"
+        pilot.app.screen.query_one("#note", Input).value = "loss spikes at step 200"
+
+    assert snap_compare(
+        make_app(snapshot_demo, clock),
+        terminal_size=size,
+        run_before=run_before(to_running, "t", write),
+    )
+
+
+@SIZES
+def test_filter_dialog(snap_compare, snapshot_demo, clock, size):
+    def find(pilot) -> None:
+        pilot.app.screen.query_one("#find", Input).value = "baseline"
+
+    assert snap_compare(
+        make_app(snapshot_demo, clock), terminal_size=size, run_before=run_before("slash", find)
+    )
+
+
+@SIZES
+def test_columns_dialog(snap_compare, snapshot_demo, clock, size):
+    def choose(pilot) -> None:
+        pilot.app.screen.query_one("#columns", SelectionList).deselect("study")
+        pilot.app.screen.query_one("#sort", Select).value = "best"
+
+    assert snap_compare(
+        make_app(snapshot_demo, clock), terminal_size=size, run_before=run_before("o", choose)
+    )
+
+
+@SIZES
+def test_jobs_sorted_by_a_column_of_the_users_choice(snap_compare, snapshot_demo, clock, size):
+    def arrange(pilot) -> None:
+        table = pilot.app.screen.query_one("#jobs-table")
+        table.arrange([c for c in table.chosen if c != "kind"], "prog", True)
+
+    assert snap_compare(
+        make_app(snapshot_demo, clock), terminal_size=size, run_before=run_before(arrange)
+    )
+
+
+@SIZES
+def test_run_curves_with_a_pinned_run(snap_compare, snapshot_demo, clock, size):
+    def pin(pilot) -> None:
+        pilot.app.toggle_pin(1)
+
+    assert snap_compare(
+        make_app(snapshot_demo, clock), terminal_size=size, run_before=run_before(pin, open_job(2))
+    )
 
 
 @SIZES

@@ -184,3 +184,62 @@ def test_the_method_column_is_the_label_before_its_trigger_else_the_spec_method(
     assert label_method(None, {"method": "anp"}) == "anp"
     assert label_method("bw:7 -> 0", {"method": "finetune"}) == "finetune"
     assert label_method("clean model", {}) == "clean model" and label_method(None, {}) is None
+
+
+def test_store_source_annotates_and_finds_by_note_or_tag(store_source):
+    (job_id,) = store_source.store.job_ids()
+    row = store_source.annotate(job_id, "first clean run", ["baseline"])
+    assert (row.note, row.tags) == ("first clean run", ("baseline",))
+    assert store_source.annotate(job_id, "first clean run", ["paper"]).tags == ("paper",)
+    found = store_source.jobs(JobQuery(text="CLEAN"), None)
+    assert [r.id for r in found.rows] == [job_id] and found.ids == {job_id}
+    assert store_source.jobs(JobQuery(text="baseline"), None).rows == ()  # removed above
+    page = store_source.jobs(JobQuery(text="paper"), utc_now(), all_ids=True)
+    assert page.ids == {job_id}
+
+
+def test_store_source_gives_each_engine_its_host_and_slots(store_source):
+    store = store_source.store
+    engine = store.register_engine("box", 42, "t", 2, [{"index": 0, "name": "H100"}])
+    system = {"cpus": 8, "cpu_pct": 12.0, "mem_used_mb": 2048.0, "mem_total_mb": 8192.0,
+              "slots": [{"slot": 0, "gpu": "0", "job_id": 5, "cpu_pct": 99.0, "rss_mb": 700.0},
+                        {"slot": 1, "gpu": "1", "job_id": None}]}  # fmt: skip
+    store.engine_heartbeat(engine.id, 1, [{"index": 0, "name": "H100"}], system)
+    (view,) = store_source.engine_status().engines
+    assert (view.host, view.cpus, view.slots_busy, view.slots_total) == ("box", 8, 1, 2)
+    first, second = view.slots
+    assert first.gpu.name == "H100" and first.job_id == 5
+    assert second.gpu is None and second.gpu_index == "1"  # no NVML figures for gpu 1
+
+
+def test_store_source_gives_a_defense_its_lowest_asr_and_an_attack_its_highest(store_source):
+    from store.repository import RunEvents
+
+    store = store_source.store
+    rows = {}
+    for kind, values in (("defend", [0.9, 0.05, 0.2]), ("train", [0.5, 0.97, 0.9])):
+        job_id, run_id = store.start_foreground(
+            kind, {"kind": kind}, kind * 8, label=kind, host="h", pid=1, code_version="t"
+        )
+        events = RunEvents(run_id, job_id)
+        events.metrics = [("eval/asr", step, v, time.time()) for step, v in enumerate(values)]
+        store.record_events([events])
+        rows[kind] = job_id
+    page = {r.id: r for r in store_source.jobs(JobQuery(), None).rows}
+    defend, train = page[rows["defend"]], page[rows["train"]]
+    assert (defend.asr, defend.asr_best) == (pytest.approx(0.2), pytest.approx(0.05))
+    assert (train.asr, train.asr_best) == (pytest.approx(0.9), pytest.approx(0.97))
+    mesa = next(r for r in page.values() if r.kind == "mesa")
+    assert mesa.asr is None and mesa.asr_best is None  # a search logs no ASR
+
+
+def test_store_source_never_shows_an_earlier_runs_best_asr_for_a_retried_job():
+    from types import SimpleNamespace
+
+    store = SimpleNamespace(metric_range=lambda ids, key: {1: (0.1, 0.9)})
+    source = StoreSource(store)
+    first = SimpleNamespace(id=1, latest={"eval/asr": 0.2}, current_run_id=10, status="succeeded")
+    assert source._asr_ranges([first]) == {1: (0.1, 0.9)}
+    assert source._asr_ranges([first]) == {1: (0.1, 0.9)}  # from the cache
+    again = SimpleNamespace(id=1, latest={}, current_run_id=11, status="running")  # no ASR yet
+    assert source._asr_ranges([again]) == {}
