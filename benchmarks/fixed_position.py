@@ -155,6 +155,8 @@ def detection(model: str, seed: int, folder: Path, placement: str = "learned") -
             c: {k: v for k, v in where.items() if k != "probs"}
             for c, where in report.get("positions", {}).items()
         },
+        # The position scan: per class its lift (peak minus median), peak offset and robust z.
+        "scan": report.get("scan"),
         "seconds": seconds,
     }
 
@@ -352,7 +354,10 @@ def summary(results: Path) -> str:
         det = r.get("detection", {})
         score = det.get("scores", {}).get(str(TARGET))
         others = [v for c, v in det.get("scores", {}).items() if c != str(TARGET)]
-        where = det.get("positions", {}).get(str(TARGET), {})
+        scan = (det.get("scan") or {}).get("classes", {})
+        lift = scan.get(str(TARGET), {}).get("lift")
+        other_lifts = [v["lift"] for c, v in scan.items() if c != str(TARGET)]
+        top = scan.get(str(TARGET), {})
         cells = [
             r["unit"] + (" (partial)" if partial else ""),
             pct(r.get("attack", {}).get("acc_clean")),
@@ -360,7 +365,9 @@ def summary(results: Path) -> str:
             ",".join(map(str, det.get("flagged", []))) or "none",
             pct(score),
             pct(max(others)) if others else "-",
-            str(where.get("top", [[None, None]])[0][:2]) if where else "-",
+            "-" if lift is None else f"{lift:.2f}",
+            f"{max(other_lifts):.2f}" if other_lifts else "-",
+            f"{top['peak_row']},{top['peak_col']}" if top else "-",
         ]
         for method in METHODS:
             e = r.get("repairs", {}).get(method)
@@ -372,10 +379,62 @@ def summary(results: Path) -> str:
         rows.append("| " + " | ".join(cells) + " |")
     head = (
         "| unit | clean acc % | ASR % | flagged | validity of target % | max other % | "
-        "top offset of target | " + " | ".join(f"{m} ASR % [95 %]" for m in METHODS) + " |"
+        "scan lift of target | max other lift | scan peak | "
+        + " | ".join(f"{m} ASR % [95 %]" for m in METHODS)
+        + " |"
     )
-    rule = "|" + "---|" * (7 + len(METHODS))
+    rule = "|" + "---|" * (9 + len(METHODS))
     return "\n".join([head, rule, *rows])
+
+
+README_HEAD = """# Fixed-position backdoors: detection and repair (issue 31)
+
+Written by `python benchmarks/fixed_position.py --summary` from the unit records in this folder;
+the units, their settings and the command that runs them are in that script's docstring. One
+seed per model: every repair of a model sees the same batches, stamped images and held-out
+images, so the ASR columns are paired (`paired_with_mesa` in each record counts the held-out
+images where each repair and MESA's disagree). Intervals are 95 % Wilson intervals over the
+held-out images. `scan lift` is the position scan's peak minus median of the target's
+probability map (docs/method.md); `flagged` is the union of the validity and scan flags.
+`first-design/` keeps the records of the first design (pi learned from rewards alone), which
+failed: detection flagged nothing and MESA left 94-99 % ASR.
+
+"""
+
+
+def false_positives(results: Path) -> str:
+    clean = [json.loads(p.read_text()) for p in sorted(results.glob("clean-s*.json"))]
+    clean = [r for r in clean if r.get("kind") == "clean"]
+    if not clean:
+        return "Clean models: none finished yet.\n"
+    flagged = sum(bool(r["false_positive"]) for r in clean)
+    from engine.report.stats import wilson
+
+    low, high = wilson(flagged, len(clean))
+    return (
+        f"Clean models flagged by detection: {flagged} of {len(clean)} "
+        f"(95 % Wilson interval {pct(low)}-{pct(high)} %).\n"
+    )
+
+
+def readme(results: Path) -> str:
+    finished = [p for p in results.glob("*.json") if not p.name.endswith(".partial.json")]
+    runs = [json.loads(p.read_text()).get("run", {}).get("machine", {}) for p in finished]
+    machines = sorted({f"{m.get('cpu', '?')} ({m.get('precision', '?')})" for m in runs})
+    return (
+        README_HEAD
+        + summary(results)
+        + "\n\n"
+        + false_positives(results)
+        + f"\nMachines (CPU) of the finished units: {', '.join(machines) or 'none yet'}.\n"
+    )
+
+
+def write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def select(value: str, paper_triggers: list[str]) -> list[dict[str, Any]]:
@@ -409,7 +468,9 @@ def main(argv: list[str] | None = None) -> int:
     paper_triggers = [t.strip() for t in args.paper_triggers.split(",") if t.strip()]
     units = select(args.units, paper_triggers)
     if args.summary:
-        print(summary(args.results))
+        text = readme(args.results)
+        write_text(args.results / "README.md", text)
+        print(text, end="")
         return 0
     if args.list:
         for u in units:

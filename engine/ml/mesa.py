@@ -421,9 +421,9 @@ class _Run:
     def position_probs(self, grid: tuple[int, int], config: MesaConfig) -> torch.Tensor:
         """pi (Hp, Wp) float32: softmax of the offsets' shrunk mean rewards / position_alpha."""
         assert self.pos_sums is not None and self.pos_counts is not None
-        return position_distribution(
-            self.pos_sums, self.pos_counts, config, self.support
-        ).view(grid)
+        return position_distribution(self.pos_sums, self.pos_counts, config, self.support).view(
+            grid
+        )
 
 
 def position_distribution(

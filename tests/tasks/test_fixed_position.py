@@ -72,3 +72,8 @@ def test_the_driver_writes_a_record_per_unit_and_skips_it_next_time(cifar10, tmp
     assert again.returncode == 0 and again.stdout.strip() == ""
     table = run("--summary", "--results", str(results))
     assert "square-white_corner_s0" in table.stdout and "clean-s0" in table.stdout
+    written = (results / "README.md").read_text()
+    assert written == table.stdout and "Clean models flagged by detection: " in written
+    assert f"{int(clean['false_positive'])} of 1" in written
+    scan = record["detection"]["scan"]["classes"]["0"]
+    assert {"lift", "peak_row", "peak_col"} <= set(scan)
