@@ -27,6 +27,16 @@ def check_trigger_syntax(spec: str) -> str:
     return spec
 
 
+def trigger_kind(spec: str | None) -> str | None:
+    """The kind of a trigger spec (``bw:170`` -> ``"bw"``, ``file:/t.png`` -> ``"file"``), or None
+    for no trigger or text of no known kind. The arguments are not checked
+    (``check_trigger_syntax`` does that)."""
+    if not isinstance(spec, str):
+        return None
+    kind, colon, _ = spec.partition(":")
+    return kind if colon and kind in KINDS else None
+
+
 AT_PATTERN = re.compile(r"at:(\d+),(\d+)")
 
 

@@ -40,7 +40,7 @@ from mesa_tui.source import (
     best_asr,
     label_method,
 )
-from store.entities import FINISHED, RETRYABLE, tag_problem
+from store.entities import FINISHED, RETRYABLE, backdoor_of, tag_problem
 
 
 class FrozenClock:
@@ -137,15 +137,20 @@ class FakeSource:
         spec: Mapping[str, Any] | None = None,
         study: str | None = None,
         trigger: str | None = None,
+        target: int | None = None,
         workdir: str | None = None,
         label: str | None = None,
         **row: Any,
     ) -> int:
+        """A job whose trigger and target are given, as the store's upstream job would give
+        them, or taken from its spec by the store's rule (``backdoor_of``)."""
         with self._lock:
             job_id = self._next_job
             self._next_job += 1
             now = self.clock()
             spec = dict(spec or {"kind": kind})
+            own_trigger, own_target = backdoor_of(spec)
+            trigger = trigger or own_trigger
             self._jobs[job_id] = JobRow(
                 id=job_id,
                 kind=kind,
@@ -153,9 +158,10 @@ class FakeSource:
                 created_at=now,
                 updated_at=now,
                 study=study,
-                trigger=trigger or spec.get("trigger"),
+                trigger=trigger,
+                target=target if target is not None else own_target,
                 label=label,
-                method=row.pop("method", None) or label_method(label, spec),
+                method=row.pop("method", None) or label_method(label, spec, trigger),
                 **row,
             )
             self._specs[job_id] = spec
@@ -383,13 +389,19 @@ class FakeSource:
             if kind != "pipeline":
                 return [self.add_job(kind, "queued", spec=spec, study=study)]
             methods = str(spec["methods"]).split(",")
+            target = int(spec["target"]) if str(spec["target"]).isdigit() else None  # or auto
             stages = ["train"] + (["detect"] if spec["target"] == "auto" else [])
             stages += ["mesa"] * any(m.startswith("mesa") for m in methods) + ["defend"] * len(
                 methods
             )
             return [
                 self.add_job(
-                    stage, "queued", spec={"kind": stage}, study=study, trigger=spec["trigger"]
+                    stage,
+                    "queued",
+                    spec={"kind": stage},
+                    study=study,
+                    trigger=spec["trigger"],
+                    target=target,
                 )
                 for stage in stages
             ]
@@ -530,6 +542,7 @@ def _demo_mesa(src: FakeSource, search_dir: Path) -> int:
         spec={"kind": "mesa", "betas": [0.9, 0.8, 0.5], "alpha": 0.1, "steps": 620},
         study="mini",
         trigger="bw:170",
+        target=0,
         label="mesa bw:170 -> 0",
         workdir=str(search_dir),
         progress=0.42,
@@ -569,12 +582,14 @@ def _demo_other_jobs(src: FakeSource) -> None:
         spec={"kind": "defend", "method": "mesa-ensemble"},
         study="mini",
         trigger="bw:170",
+        target=0,
         label="mesa-ensemble bw:170 -> 0",
     )
     failed = src.add_job(
         "train",
         "failed",
         spec={"kind": "train", "trigger": "bw:7", "epochs": 8},
+        target=0,
         study="mini",
         label="attack bw:7 -> 0",
         progress=0.25,
@@ -586,6 +601,7 @@ def _demo_other_jobs(src: FakeSource) -> None:
         "cancelled",
         spec={"kind": "train", "trigger": "square:white"},
         trigger="square:white",
+        target=0,
         label="attack square:white -> 0",
         progress=0.1,
         stage="train",

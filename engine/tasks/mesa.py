@@ -20,6 +20,7 @@ from typing import Any
 from engine.errors import UserError
 from engine.reporter import Reporter, TaskResult
 from engine.specs import MesaSpec
+from engine.triggerspec import trigger_kind
 
 CHECKPOINT = "checkpoints/search.safetensors"
 # How often the search saves its state: every N steps when set (tests), else by the clock.
@@ -116,7 +117,7 @@ def run(spec: MesaSpec, reporter: Reporter) -> TaskResult:
     # Evaluation only: the search below receives none of it.
     truth = load_ground_truth(spec.model)
     true_pattern = truth.pattern if truth is not None else None
-    bw_task = truth is not None and truth.trigger.startswith("bw:")
+    bw_task = truth is not None and trigger_kind(truth.trigger) == "bw"
     reporter.text(
         f"MESA search: target {spec.target}, betas {spec.betas}, {spec.steps} steps, "
         f"{images.shape[0]} defender images, {device} {precision}"
