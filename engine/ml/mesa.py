@@ -1349,11 +1349,10 @@ def write_search_artifact(
     true_pattern: torch.Tensor | None = None,
 ) -> Path:
     """Write weights, samples, pictures, stats.json and the manifest (written last)."""
-    from engine.ml.artifacts import save_array, write_manifest
+    from engine.ml.artifacts import write_manifest
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    cfg = result.config
     truth = true_pattern.detach().float().cpu().numpy() if true_pattern is not None else None
     files: list[str] = []
     samples_by_beta: dict[str, np.ndarray] = {}
@@ -1361,65 +1360,20 @@ def write_search_artifact(
     entropies = result.entropies()
     for i, beta in enumerate(result.betas):
         label = beta_label(beta)
-        sub = directory / f"beta={label}"
-        sub.mkdir(exist_ok=True)
-        G = result.generators[i]
-        net_meta = {
-            "beta": beta,
-            "target": result.targets[i],
-            "hidden": cfg.hidden,
-            "channels": G.channels,
-            "size": G.size,
-            "noise_dim": cfg.noise_dim,
-            "noise_chunks": cfg.noise_chunks,
-            "noise": cfg.noise,
-        }
-        _save_module(sub / "G.safetensors", G, net_meta)
-        _save_module(sub / "T.safetensors", result.statistics[i], net_meta)
-        samples = result.samples[i].numpy().astype(np.float32)
-        save_array(sub / "samples.npy", samples)
-        write_png(sub / "grid.png", trigger_grid(samples, truth))
-        samples_by_beta[label] = samples
-        files += [
-            f"beta={label}/{name}"
-            for name in ("G.safetensors", "T.safetensors", "samples.npy", "grid.png")
-        ]
-        pi = result.positions[i] if i < len(result.positions) else None
-        if pi is not None:  # learned placement: pi and where its stamps hit the target
-            save_array(sub / "positions.npy", pi.float().numpy())
-            files.append(f"beta={label}/positions.npy")
-            land = result.landing[i] if i < len(result.landing) else None
-            if land is not None:
-                save_array(sub / "landing.npy", land.float().numpy())
-                files.append(f"beta={label}/landing.npy")
-            position_summary[label] = {
-                **position_stats(pi),
-                "grid": list(pi.shape),
-                "top": top_positions(pi),
-            }
+        samples_by_beta[label] = _write_pair(result, i, directory, truth, files)
+        summary = _write_pair_positions(result, i, directory, files)
+        if summary is not None:
+            position_summary[label] = summary
     if result.pca is not None:
         plot_embedding(directory / "embedding.png", samples_by_beta, result.pca, truth)
         files.append("embedding.png")
-    stats = {
-        "betas": result.betas,
-        "target": result.target,
-        "config": cfg.to_json(),
-        "final": result.metrics,
-        "histograms": result.histograms,
-        "knn_entropy": {beta_label(b): h for b, h in zip(result.betas, entropies, strict=True)},
-        "history": result.history,
-        "evaluations": result.evaluations,
-        "pca": result.pca,
-        "seconds": result.seconds,
-    }
-    if position_summary:
-        stats["positions"] = position_summary
+    stats = _search_stats(result, entropies, position_summary)
     (directory / "stats.json").write_text(json.dumps(stats, indent=1, allow_nan=True))
     files.append("stats.json")
     manifest_meta = {
         "betas": result.betas,
         "target": result.target,
-        "config": cfg.to_json(),
+        "config": result.config.to_json(),
         **(meta or {}),
     }
     write_manifest(
@@ -1433,6 +1387,82 @@ def write_search_artifact(
         metrics=result.metrics,
     )
     return directory
+
+
+def _write_pair(
+    result: SearchResult, i: int, directory: Path, truth: np.ndarray | None, files: list[str]
+) -> np.ndarray:
+    """Pair ``i``'s networks, samples and sample grid under ``beta=<label>/`` (their names join
+    ``files``); returns the samples for the embedding picture."""
+    from engine.ml.artifacts import save_array
+
+    cfg = result.config
+    label = beta_label(result.betas[i])
+    sub = directory / f"beta={label}"
+    sub.mkdir(exist_ok=True)
+    G = result.generators[i]
+    net_meta = {
+        "beta": result.betas[i],
+        "target": result.targets[i],
+        "hidden": cfg.hidden,
+        "channels": G.channels,
+        "size": G.size,
+        "noise_dim": cfg.noise_dim,
+        "noise_chunks": cfg.noise_chunks,
+        "noise": cfg.noise,
+    }
+    _save_module(sub / "G.safetensors", G, net_meta)
+    _save_module(sub / "T.safetensors", result.statistics[i], net_meta)
+    samples = result.samples[i].numpy().astype(np.float32)
+    save_array(sub / "samples.npy", samples)
+    write_png(sub / "grid.png", trigger_grid(samples, truth))
+    files += [
+        f"beta={label}/{name}"
+        for name in ("G.safetensors", "T.safetensors", "samples.npy", "grid.png")
+    ]
+    return samples
+
+
+def _write_pair_positions(
+    result: SearchResult, i: int, directory: Path, files: list[str]
+) -> dict[str, Any] | None:
+    """A learned pair's pi and where its stamps hit the target (``positions.npy``,
+    ``landing.npy``); returns pi's summary for stats.json, None for the random placements."""
+    from engine.ml.artifacts import save_array
+
+    pi = result.positions[i] if i < len(result.positions) else None
+    if pi is None:
+        return None
+    label = beta_label(result.betas[i])
+    sub = directory / f"beta={label}"
+    save_array(sub / "positions.npy", pi.float().numpy())
+    files.append(f"beta={label}/positions.npy")
+    land = result.landing[i] if i < len(result.landing) else None
+    if land is not None:
+        save_array(sub / "landing.npy", land.float().numpy())
+        files.append(f"beta={label}/landing.npy")
+    return {**position_stats(pi), "grid": list(pi.shape), "top": top_positions(pi)}
+
+
+def _search_stats(
+    result: SearchResult, entropies: list[float], position_summary: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """stats.json: the final statistics, their history and the search's settings."""
+    stats = {
+        "betas": result.betas,
+        "target": result.target,
+        "config": result.config.to_json(),
+        "final": result.metrics,
+        "histograms": result.histograms,
+        "knn_entropy": {beta_label(b): h for b, h in zip(result.betas, entropies, strict=True)},
+        "history": result.history,
+        "evaluations": result.evaluations,
+        "pca": result.pca,
+        "seconds": result.seconds,
+    }
+    if position_summary:
+        stats["positions"] = position_summary
+    return stats
 
 
 # ---------------------------------------------------------------------------------------------
