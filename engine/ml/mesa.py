@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from engine.errors import UserError
+from engine.ml import checkpoint as ckpt
 from engine.ml.data import Normalizer, to_float
 from engine.ml.models import fold_batchnorm
 from engine.ml.position_scan import (
@@ -57,7 +59,7 @@ from engine.ml.position_scan import (
 from engine.ml.repair import TriggerSampler
 from engine.ml.runtime import autocast, resolve_precision
 from engine.ml.triggers import Placement, position_grid, sample_positions, stamp
-from engine.reporter import Reporter, stop_point
+from engine.reporter import Reporter, or_null, stop_point
 
 ENSEMBLES = ("round-robin", "equal", "staircase")
 SEARCH_PLACEMENTS = ("per-image", "per-batch", "learned")
@@ -868,16 +870,259 @@ def scan_for(
     reporter: Reporter | None = None,
 ) -> PositionScan:
     """The position scan with a search's settings (the model in eval mode, as searched)."""
-    if reporter is not None:
-        reporter.text(
-            f"position scan: {cfg.scan_probes} probe patterns at every offset on "
-            f"{cfg.scan_images} images"
-        )
+    or_null(reporter).text(
+        f"position scan: {cfg.scan_probes} probe patterns at every offset on "
+        f"{cfg.scan_images} images"
+    )
     model.eval()
     scan_cfg = ScanConfig(probes=cfg.scan_probes, images=cfg.scan_images, seed=seed)
     return scan_positions(
         model, normalizer, images_u8, cfg.trigger_size, scan_cfg, precision=precision
     )
+
+
+def _fingerprint(
+    trainer: MesaTrainer, pairs: list[tuple[float, int, str]], seed: int, pca_step: int
+) -> dict[str, Any]:
+    """What a checkpoint must have been written by to continue this search."""
+    return {
+        "config": trainer.config.to_json(),
+        "pairs": [[b, t, key] for b, t, key in pairs],
+        "seed": seed,
+        "images": list(trainer.images.shape),
+        "precision": trainer.precision,
+        "pca_step": pca_step,
+    }
+
+
+@dataclass
+class _SearchLoop:
+    """One running search: its trainer, what it has recorded so far, and where it reports and
+    saves. ``search_targets`` sets it up; its methods are the search's stages (resume, train,
+    evaluate, save, finish)."""
+
+    trainer: MesaTrainer
+    eval_sets: dict[int, _EvalSet]
+    reporter: Reporter
+    stage: str
+    seed: int
+    true_pattern: torch.Tensor | None
+    bw_stats: bool
+    fingerprint: dict[str, Any]
+    pca_step: int
+    checkpoint: SearchCheckpoint | None
+    cadence: ckpt.Cadence | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+    pca_basis: dict[str, list] | None = None
+    start_step: int = 0
+    seconds_before: float = 0.0
+    last_eval_s: float = 0.0
+    started: float = 0.0
+    # Per pair, where the last evaluation's stamps hit the target (learned placement; else None).
+    landing: list[torch.Tensor | None] = field(default_factory=list)
+
+    @property
+    def config(self) -> MesaConfig:
+        return self.trainer.config
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def resume(self, fresh_trainer: Callable[[], MesaTrainer]) -> None:
+        """Continue after the checkpoint's step when its file fits this search; a state that
+        does not load is reported and the search starts from step 0 on ``fresh_trainer()``."""
+        assert self.checkpoint is not None
+        path = self.checkpoint.path
+        state = ckpt.load_or_none(path, CHECKPOINT_KIND, self.fingerprint, self.reporter)
+        if state is None:
+            return
+        try:
+            self.trainer.load_state_dict(state["trainer"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+            self.reporter.text(
+                f"checkpoint {path} does not fit this search "
+                f"({str(exc)[:100]}); starting from the beginning",
+                "warning",
+            )
+            self.trainer = fresh_trainer()
+            return
+        ckpt.set_global_rng_state(state["rng"])
+        self.history, self.evaluations = state["history"], state["evaluations"]
+        self.pca_basis = state["pca"]
+        self.start_step = self.trainer.step_count
+        self.seconds_before = float(state["seconds"])
+        self.reporter.text(f"{self.stage}: resumed from the checkpoint at step {self.start_step}")
+
+    def save(self, step: int) -> None:
+        """Write the whole state after ``step``; the check-in first flushes the metrics so far."""
+        assert self.checkpoint is not None and self.cadence is not None
+        per_step = (time.monotonic() - self.started) / max(step - self.start_step, 1)
+        self.reporter.check_in(
+            max(
+                60.0,
+                5 * per_step * self.config.stats_every
+                + 3 * self.last_eval_s
+                + 3 * self.cadence.cost,
+            )
+        )
+        state = {
+            "trainer": self.trainer.state_dict(),
+            "rng": ckpt.global_rng_state(),
+            "history": self.history,
+            "evaluations": self.evaluations,
+            "pca": self.pca_basis,
+            "seconds": self.seconds_before + time.monotonic() - self.started,
+        }
+        self.cadence.wrote(
+            ckpt.save_checkpoint(self.checkpoint.path, CHECKPOINT_KIND, state, self.fingerprint)
+        )
+
+    # -- training ------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        """The steps after ``start_step``: statistics, evaluations and checkpoints on their
+        cadences, progress after every step (none of them at the last step but statistics)."""
+        cfg = self.config
+        for step in range(self.start_step + 1, cfg.steps + 1):
+            stop_point(self.reporter)
+            self.trainer.step()
+            if step % cfg.stats_every == 0 or step == cfg.steps:
+                self._log_window(step)
+            if step % cfg.sample_every == 0 and step != cfg.steps:
+                self._evaluate_between_steps(step)
+            if self.cadence is not None and step < cfg.steps and self.cadence.due(step):
+                self.save(step)
+            rate = (step - self.start_step) / max(time.monotonic() - self.started, 1e-9)
+            self.reporter.progress(self.stage, step, cfg.steps, {"step/s": rate})
+
+    def _log_window(self, step: int) -> None:
+        """The live statistics' means since the last log, into the history and the reporter."""
+        window = self.trainer.take_window()
+        self.history.append({"step": step, **window})
+        self.reporter.log(window, step)
+        per_step = (time.monotonic() - self.started) / (step - self.start_step)
+        self.reporter.check_in(
+            max(60.0, 5 * per_step * self.config.stats_every + 3 * self.last_eval_s)
+        )
+
+    def _evaluate_between_steps(self, step: int) -> None:
+        """An evaluation during training; the first one at or after ``pca_step`` fixes the PCA
+        axes of the embedding picture."""
+        t0 = time.monotonic()
+        flat, hists, all_samples = self.evaluate(self.config.samples)
+        self.last_eval_s = time.monotonic() - t0
+        self.evaluations.append({"step": step, "metrics": flat, "histograms": hists})
+        self.reporter.log(flat, step)
+        if self.pca_basis is None and step >= self.pca_step:
+            self.pca_basis = pca_fit(torch.cat(all_samples))
+
+    # -- evaluation ----------------------------------------------------------------------------
+
+    def evaluate(self, n: int) -> tuple[dict[str, float], dict[str, list[int]], list[torch.Tensor]]:
+        """Every pair's statistics (flat, keyed ``<run key>/<name>``), validity histograms and
+        ``n`` samples (float32 on the CPU); ``landing`` is refilled."""
+        flat: dict[str, float] = {}
+        hists: dict[str, list[int]] = {}
+        all_samples = []
+        self.landing.clear()
+        runs = self.trainer.runs
+        for i, run in enumerate(runs):
+            samples, hists[run.key] = self._evaluate_run(run, n, flat)
+            all_samples.append(samples.float().cpu())
+            self.reporter.progress(f"{self.stage}: sampling", i + 1, len(runs), {})
+        return flat, hists, all_samples
+
+    def _evaluate_run(
+        self, run: _Run, n: int, flat: dict[str, float]
+    ) -> tuple[torch.Tensor, list[int]]:
+        """One pair: ``n`` samples from a fixed stream (the same generator gives the same
+        numbers whenever it is evaluated), the first ``n_eval_triggers`` stamped on the pair's
+        evaluation images. Adds its statistics to ``flat`` and its landing counts to
+        ``landing``; returns the samples and the validity histogram."""
+        trainer, cfg = self.trainer, self.config
+        g = torch.Generator().manual_seed(_run_seed(self.seed + 1, run.beta, run.target))
+        samples = trainer.sample(run, n, g)
+        ev = self.eval_sets[run.target]
+        positions, probs = self._eval_positions(run, ev)
+        hits = trigger_success(
+            trainer.model,  # the frozen copy (BN folded, channels_last) the search uses
+            trainer.normalizer,
+            samples[: cfg.n_eval_triggers],
+            ev.images,
+            positions,
+            run.target,
+            precision=trainer.precision,
+            channels_last=trainer.use_channels_last,
+            per_image=True,
+        )
+        success = hits.mean(1)
+        if probs is not None:
+            self.landing.append(self._landing_counts(positions, hits))
+            for name, value in position_stats(probs).items():
+                flat[f"{run.key}/{name}"] = value
+        else:
+            self.landing.append(None)
+        vstats, hist = validity_stats(success, run.beta)
+        dstats = diversity_stats(
+            samples, k=cfg.knn_k, true_pattern=self.true_pattern, bw=self.bw_stats
+        )
+        for name, value in {**vstats, **dstats}.items():
+            flat[f"{run.key}/{name}"] = value
+        return samples, hist
+
+    def _eval_positions(self, run: _Run, ev: _EvalSet) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Where a pair's evaluation stamps, and its pi when learned (else None): a learned
+        pair's validity is that of its distribution, so its patterns go to places drawn from
+        pi; the random placements use the fixed per-image places."""
+        if not run.learned:
+            return ev.positions, None
+        gp = torch.Generator().manual_seed(_run_seed(self.seed + 2, run.beta, run.target))
+        probs = run.position_probs(self.trainer.grid, self.config)
+        positions = sample_positions(probs, ev.images.shape[0], gp)
+        return positions.to(ev.images.device), probs
+
+    def _landing_counts(self, positions: torch.Tensor, hits: torch.Tensor) -> torch.Tensor:
+        """Per offset (Hp, Wp), how many evaluated stamps there sent their image to the target."""
+        grid = self.trainer.grid
+        cells = positions[:, 0].cpu() * grid[1] + positions[:, 1].cpu()
+        counts = torch.zeros(grid[0] * grid[1])
+        counts.index_add_(0, cells, hits.sum(0))
+        return counts.view(grid)
+
+    # -- the end -------------------------------------------------------------------------------
+
+    def finish(self, device: torch.device) -> SearchResult:
+        """The last evaluation (at the last step, always) and the result."""
+        cfg, runs = self.config, self.trainer.runs
+        train_seconds = self.seconds_before + time.monotonic() - self.started
+        flat, hists, final_samples = self.evaluate(cfg.samples)
+        self.evaluations.append({"step": cfg.steps, "metrics": flat, "histograms": hists})
+        self.reporter.log(flat, cfg.steps)
+        if self.pca_basis is None:
+            self.pca_basis = pca_fit(torch.cat(final_samples))
+        metrics = dict(self.history[-1]) if self.history else {}
+        metrics.pop("step", None)
+        metrics.update(flat)
+        return SearchResult(
+            betas=[r.beta for r in runs],
+            targets=[r.target for r in runs],
+            keys=[r.key for r in runs],
+            generators=[r.G.eval() for r in runs],
+            statistics=[r.T.eval() for r in runs],
+            samples=final_samples,
+            metrics=metrics,
+            histograms=hists,
+            config=cfg,
+            history=self.history,
+            evaluations=self.evaluations,
+            pca=self.pca_basis,
+            seconds=train_seconds,
+            device=str(device),
+            positions=[
+                r.position_probs(self.trainer.grid, cfg) if r.learned else None for r in runs
+            ],
+            landing=list(self.landing),
+        )
 
 
 def search_targets(
@@ -907,203 +1152,53 @@ def search_targets(
     file there is loaded and the search continues after its step, logging only later steps, and
     ends with exactly the generators an uninterrupted search would have (same device and
     precision). A damaged or foreign file is reported and the search starts from step 0."""
-    from engine.ml import checkpoint as ckpt
-
     device = torch.device(device)
-    cfg = config
+    # Checkpoints depend on ``checkpoint`` alone, never on the reporter, so the null one is safe.
+    reporter = or_null(reporter)
     frozen_flags = [p.requires_grad for p in model.parameters()]
     was_training = model.training
     try:
-        if cfg.learned and position_scan is None:
-            position_scan = scan_for(model, normalizer, images_u8, cfg, precision, seed, reporter)
-        trainer = MesaTrainer(
-            model,
-            normalizer,
-            images_u8,
-            pairs,
-            cfg,
-            device=device,
-            precision=precision,
-            seed=seed,
-            position_scan=position_scan,
-        )
-        eval_sets = _eval_sets(trainer, labels, seed)
-        history: list[dict[str, Any]] = []
-        evaluations: list[dict[str, Any]] = []
-        pca_basis: dict[str, list] | None = None
-        pca_step = pca_warmup if pca_warmup is not None else min(cfg.sample_every, cfg.steps)
-        last_eval_s = 0.0
-        start_step, seconds_before = 0, 0.0
-        fingerprint = {
-            "config": cfg.to_json(),
-            "pairs": [[b, t, key] for b, t, key in pairs],
-            "seed": seed,
-            "images": list(trainer.images.shape),
-            "precision": trainer.precision,
-            "pca_step": pca_step,
-        }
-        if checkpoint is not None and checkpoint.resume:
-            state = ckpt.load_or_none(checkpoint.path, CHECKPOINT_KIND, fingerprint, reporter)
-            if state is not None:
-                try:
-                    trainer.load_state_dict(state["trainer"])
-                except (KeyError, ValueError, RuntimeError, TypeError) as exc:
-                    if reporter is not None:
-                        reporter.text(
-                            f"checkpoint {checkpoint.path} does not fit this search "
-                            f"({str(exc)[:100]}); starting from the beginning",
-                            "warning",
-                        )
-                    trainer = MesaTrainer(
-                        model,
-                        normalizer,
-                        images_u8,
-                        pairs,
-                        cfg,
-                        device=device,
-                        precision=precision,
-                        seed=seed,
-                    )
-                else:
-                    ckpt.set_global_rng_state(state["rng"])
-                    history, evaluations = state["history"], state["evaluations"]
-                    pca_basis = state["pca"]
-                    start_step = trainer.step_count
-                    seconds_before = float(state["seconds"])
-                    if reporter is not None:
-                        reporter.text(f"{stage}: resumed from the checkpoint at step {start_step}")
-        cadence = (
-            ckpt.Cadence(checkpoint.every_steps, checkpoint.every_s)
-            if checkpoint is not None
-            else None
-        )
-
-        def save(step: int) -> None:
-            assert checkpoint is not None and cadence is not None
-            if reporter is not None:  # flushes the metrics up to this step first
-                per_step = (time.monotonic() - started) / max(step - start_step, 1)
-                reporter.check_in(
-                    max(60.0, 5 * per_step * cfg.stats_every + 3 * last_eval_s + 3 * cadence.cost)
-                )
-            state = {
-                "trainer": trainer.state_dict(),
-                "rng": ckpt.global_rng_state(),
-                "history": history,
-                "evaluations": evaluations,
-                "pca": pca_basis,
-                "seconds": seconds_before + time.monotonic() - started,
-            }
-            cadence.wrote(
-                ckpt.save_checkpoint(checkpoint.path, CHECKPOINT_KIND, state, fingerprint)
+        if config.learned and position_scan is None:
+            position_scan = scan_for(
+                model, normalizer, images_u8, config, precision, seed, reporter
             )
 
-        started = time.monotonic()
-        landing: list[torch.Tensor | None] = []
+        def new_trainer(scan: PositionScan | None) -> MesaTrainer:
+            return MesaTrainer(
+                model,
+                normalizer,
+                images_u8,
+                pairs,
+                config,
+                device=device,
+                precision=precision,
+                seed=seed,
+                position_scan=scan,
+            )
 
-        def evaluate(step: int, n: int) -> tuple[dict[str, float], dict, list[torch.Tensor]]:
-            flat: dict[str, float] = {}
-            hists: dict[str, list[int]] = {}
-            all_samples = []
-            landing.clear()
-            for i, run in enumerate(trainer.runs):
-                g = torch.Generator().manual_seed(_run_seed(seed + 1, run.beta, run.target))
-                samples = trainer.sample(run, n, g)
-                ev = eval_sets[run.target]
-                positions = ev.positions
-                if run.learned:
-                    # The validity of the pair's distribution: the patterns at places from pi.
-                    gp = torch.Generator().manual_seed(_run_seed(seed + 2, run.beta, run.target))
-                    probs = run.position_probs(trainer.grid, cfg)
-                    positions = sample_positions(probs, ev.images.shape[0], gp)
-                    positions = positions.to(ev.images.device)
-                hits = trigger_success(
-                    trainer.model,  # the frozen copy (BN folded, channels_last) the search uses
-                    normalizer,
-                    samples[: cfg.n_eval_triggers],
-                    ev.images,
-                    positions,
-                    run.target,
-                    precision=trainer.precision,
-                    channels_last=trainer.use_channels_last,
-                    per_image=True,
-                )
-                success = hits.mean(1)
-                if run.learned:
-                    cells = positions[:, 0].cpu() * trainer.grid[1] + positions[:, 1].cpu()
-                    counts = torch.zeros(trainer.grid[0] * trainer.grid[1])
-                    counts.index_add_(0, cells, hits.sum(0))
-                    landing.append(counts.view(trainer.grid))
-                    for name, value in position_stats(probs).items():
-                        flat[f"{run.key}/{name}"] = value
-                else:
-                    landing.append(None)
-                vstats, hist = validity_stats(success, run.beta)
-                dstats = diversity_stats(
-                    samples, k=cfg.knn_k, true_pattern=true_pattern, bw=bw_stats
-                )
-                for name, value in {**vstats, **dstats}.items():
-                    flat[f"{run.key}/{name}"] = value
-                hists[run.key] = hist
-                all_samples.append(samples.float().cpu())
-                if reporter is not None:
-                    reporter.progress(f"{stage}: sampling", i + 1, len(trainer.runs), {})
-            return flat, hists, all_samples
-
-        for step in range(start_step + 1, cfg.steps + 1):
-            if reporter is not None:
-                stop_point(reporter)
-            trainer.step()
-            if step % cfg.stats_every == 0 or step == cfg.steps:
-                window = trainer.take_window()
-                history.append({"step": step, **window})
-                if reporter is not None:
-                    reporter.log(window, step)
-                    per_step = (time.monotonic() - started) / (step - start_step)
-                    reporter.check_in(max(60.0, 5 * per_step * cfg.stats_every + 3 * last_eval_s))
-            if step % cfg.sample_every == 0 and step != cfg.steps:
-                t0 = time.monotonic()
-                flat, hists, all_samples = evaluate(step, cfg.samples)
-                last_eval_s = time.monotonic() - t0
-                evaluations.append({"step": step, "metrics": flat, "histograms": hists})
-                if reporter is not None:
-                    reporter.log(flat, step)
-                if pca_basis is None and step >= pca_step:
-                    pca_basis = pca_fit(torch.cat(all_samples))
-            if cadence is not None and step < cfg.steps and cadence.due(step):
-                save(step)
-            if reporter is not None:
-                rate = (step - start_step) / max(time.monotonic() - started, 1e-9)
-                reporter.progress(stage, step, cfg.steps, {"step/s": rate})
-        train_seconds = seconds_before + time.monotonic() - started
-        flat, hists, final_samples = evaluate(cfg.steps, cfg.samples)
-        evaluations.append({"step": cfg.steps, "metrics": flat, "histograms": hists})
-        if reporter is not None:
-            reporter.log(flat, cfg.steps)
-        if pca_basis is None:
-            pca_basis = pca_fit(torch.cat(final_samples))
-        metrics = dict(history[-1]) if history else {}
-        metrics.pop("step", None)
-        metrics.update(flat)
-        return SearchResult(
-            betas=[r.beta for r in trainer.runs],
-            targets=[r.target for r in trainer.runs],
-            keys=[r.key for r in trainer.runs],
-            generators=[r.G.eval() for r in trainer.runs],
-            statistics=[r.T.eval() for r in trainer.runs],
-            samples=final_samples,
-            metrics=metrics,
-            histograms=hists,
-            config=cfg,
-            history=history,
-            evaluations=evaluations,
-            pca=pca_basis,
-            seconds=train_seconds,
-            device=str(device),
-            positions=[
-                r.position_probs(trainer.grid, cfg) if r.learned else None for r in trainer.runs
-            ],
-            landing=list(landing),
+        trainer = new_trainer(position_scan)
+        pca_step = pca_warmup if pca_warmup is not None else min(config.sample_every, config.steps)
+        loop = _SearchLoop(
+            trainer=trainer,
+            eval_sets=_eval_sets(trainer, labels, seed),
+            reporter=reporter,
+            stage=stage,
+            seed=seed,
+            true_pattern=true_pattern,
+            bw_stats=bw_stats,
+            fingerprint=_fingerprint(trainer, pairs, seed, pca_step),
+            pca_step=pca_step,
+            checkpoint=checkpoint,
         )
+        if checkpoint is not None and checkpoint.resume:
+            # The restart after a state that does not load has always been built without the
+            # position scan; kept so (a refactor), though it differs from the first trainer.
+            loop.resume(lambda: new_trainer(None))
+        if checkpoint is not None:
+            loop.cadence = ckpt.Cadence(checkpoint.every_steps, checkpoint.every_s)
+        loop.started = time.monotonic()
+        loop.train()
+        return loop.finish(device)
     finally:
         for p, flag in zip(model.parameters(), frozen_flags, strict=True):
             p.requires_grad_(flag)
@@ -1254,11 +1349,10 @@ def write_search_artifact(
     true_pattern: torch.Tensor | None = None,
 ) -> Path:
     """Write weights, samples, pictures, stats.json and the manifest (written last)."""
-    from engine.ml.artifacts import save_array, write_manifest
+    from engine.ml.artifacts import write_manifest
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    cfg = result.config
     truth = true_pattern.detach().float().cpu().numpy() if true_pattern is not None else None
     files: list[str] = []
     samples_by_beta: dict[str, np.ndarray] = {}
@@ -1266,65 +1360,20 @@ def write_search_artifact(
     entropies = result.entropies()
     for i, beta in enumerate(result.betas):
         label = beta_label(beta)
-        sub = directory / f"beta={label}"
-        sub.mkdir(exist_ok=True)
-        G = result.generators[i]
-        net_meta = {
-            "beta": beta,
-            "target": result.targets[i],
-            "hidden": cfg.hidden,
-            "channels": G.channels,
-            "size": G.size,
-            "noise_dim": cfg.noise_dim,
-            "noise_chunks": cfg.noise_chunks,
-            "noise": cfg.noise,
-        }
-        _save_module(sub / "G.safetensors", G, net_meta)
-        _save_module(sub / "T.safetensors", result.statistics[i], net_meta)
-        samples = result.samples[i].numpy().astype(np.float32)
-        save_array(sub / "samples.npy", samples)
-        write_png(sub / "grid.png", trigger_grid(samples, truth))
-        samples_by_beta[label] = samples
-        files += [
-            f"beta={label}/{name}"
-            for name in ("G.safetensors", "T.safetensors", "samples.npy", "grid.png")
-        ]
-        pi = result.positions[i] if i < len(result.positions) else None
-        if pi is not None:  # learned placement: pi and where its stamps hit the target
-            save_array(sub / "positions.npy", pi.float().numpy())
-            files.append(f"beta={label}/positions.npy")
-            land = result.landing[i] if i < len(result.landing) else None
-            if land is not None:
-                save_array(sub / "landing.npy", land.float().numpy())
-                files.append(f"beta={label}/landing.npy")
-            position_summary[label] = {
-                **position_stats(pi),
-                "grid": list(pi.shape),
-                "top": top_positions(pi),
-            }
+        samples_by_beta[label] = _write_pair(result, i, directory, truth, files)
+        summary = _write_pair_positions(result, i, directory, files)
+        if summary is not None:
+            position_summary[label] = summary
     if result.pca is not None:
         plot_embedding(directory / "embedding.png", samples_by_beta, result.pca, truth)
         files.append("embedding.png")
-    stats = {
-        "betas": result.betas,
-        "target": result.target,
-        "config": cfg.to_json(),
-        "final": result.metrics,
-        "histograms": result.histograms,
-        "knn_entropy": {beta_label(b): h for b, h in zip(result.betas, entropies, strict=True)},
-        "history": result.history,
-        "evaluations": result.evaluations,
-        "pca": result.pca,
-        "seconds": result.seconds,
-    }
-    if position_summary:
-        stats["positions"] = position_summary
+    stats = _search_stats(result, entropies, position_summary)
     (directory / "stats.json").write_text(json.dumps(stats, indent=1, allow_nan=True))
     files.append("stats.json")
     manifest_meta = {
         "betas": result.betas,
         "target": result.target,
-        "config": cfg.to_json(),
+        "config": result.config.to_json(),
         **(meta or {}),
     }
     write_manifest(
@@ -1338,6 +1387,82 @@ def write_search_artifact(
         metrics=result.metrics,
     )
     return directory
+
+
+def _write_pair(
+    result: SearchResult, i: int, directory: Path, truth: np.ndarray | None, files: list[str]
+) -> np.ndarray:
+    """Pair ``i``'s networks, samples and sample grid under ``beta=<label>/`` (their names join
+    ``files``); returns the samples for the embedding picture."""
+    from engine.ml.artifacts import save_array
+
+    cfg = result.config
+    label = beta_label(result.betas[i])
+    sub = directory / f"beta={label}"
+    sub.mkdir(exist_ok=True)
+    G = result.generators[i]
+    net_meta = {
+        "beta": result.betas[i],
+        "target": result.targets[i],
+        "hidden": cfg.hidden,
+        "channels": G.channels,
+        "size": G.size,
+        "noise_dim": cfg.noise_dim,
+        "noise_chunks": cfg.noise_chunks,
+        "noise": cfg.noise,
+    }
+    _save_module(sub / "G.safetensors", G, net_meta)
+    _save_module(sub / "T.safetensors", result.statistics[i], net_meta)
+    samples = result.samples[i].numpy().astype(np.float32)
+    save_array(sub / "samples.npy", samples)
+    write_png(sub / "grid.png", trigger_grid(samples, truth))
+    files += [
+        f"beta={label}/{name}"
+        for name in ("G.safetensors", "T.safetensors", "samples.npy", "grid.png")
+    ]
+    return samples
+
+
+def _write_pair_positions(
+    result: SearchResult, i: int, directory: Path, files: list[str]
+) -> dict[str, Any] | None:
+    """A learned pair's pi and where its stamps hit the target (``positions.npy``,
+    ``landing.npy``); returns pi's summary for stats.json, None for the random placements."""
+    from engine.ml.artifacts import save_array
+
+    pi = result.positions[i] if i < len(result.positions) else None
+    if pi is None:
+        return None
+    label = beta_label(result.betas[i])
+    sub = directory / f"beta={label}"
+    save_array(sub / "positions.npy", pi.float().numpy())
+    files.append(f"beta={label}/positions.npy")
+    land = result.landing[i] if i < len(result.landing) else None
+    if land is not None:
+        save_array(sub / "landing.npy", land.float().numpy())
+        files.append(f"beta={label}/landing.npy")
+    return {**position_stats(pi), "grid": list(pi.shape), "top": top_positions(pi)}
+
+
+def _search_stats(
+    result: SearchResult, entropies: list[float], position_summary: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """stats.json: the final statistics, their history and the search's settings."""
+    stats = {
+        "betas": result.betas,
+        "target": result.target,
+        "config": result.config.to_json(),
+        "final": result.metrics,
+        "histograms": result.histograms,
+        "knn_entropy": {beta_label(b): h for b, h in zip(result.betas, entropies, strict=True)},
+        "history": result.history,
+        "evaluations": result.evaluations,
+        "pca": result.pca,
+        "seconds": result.seconds,
+    }
+    if position_summary:
+        stats["positions"] = position_summary
+    return stats
 
 
 # ---------------------------------------------------------------------------------------------
