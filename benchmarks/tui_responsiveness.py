@@ -30,6 +30,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -331,6 +332,82 @@ def summary(ms: list[float]) -> dict[str, float]:
     }
 
 
+class Opened(NamedTuple):
+    """Opening the run screen: the history it loaded, how long that took, and the reference."""
+
+    target: int  # points in the run's history when it was opened
+    load_s: float
+    shown_points: int  # the most points any one series kept (downsampled)
+    full_read_s: float  # reading every point row by row, the old way
+
+
+class Presses(NamedTuple):
+    """One round of tab-switching key presses (``measure``'s results)."""
+
+    ms: list[float]
+    cpu_ms: list[float]
+    slowest: list[dict]
+    by_tab: dict[str, list[float]] | None
+
+
+def start_sampler() -> StallSampler:
+    sampler = StallSampler(asyncio.get_running_loop())
+    sampler.tick()
+    sampler.watch_gc()
+    sampler.start()
+    return sampler
+
+
+async def open_run(app, pilot, source, job_id: int, sent_to) -> Opened:
+    """Open the job's run screen before anything streams, wait until its history is shown, then
+    time the reference read of every point (the reads alone)."""
+    target = sent_to(job_id)  # nothing streams yet
+    app.open_job(job_id)
+    t_open = time.perf_counter()
+    while app.screen.series.cursor == 0 or app.screen.series.received < target:
+        await asyncio.sleep(0.01)
+        if time.perf_counter() - t_open > 120:
+            raise RuntimeError("the run's history did not load within 120 s")
+    load_s = time.perf_counter() - t_open
+    shown_points = max(s.n for s in app.screen.series.series.values())
+    await pilot.pause(1.0)
+    full_read_s = await asyncio.to_thread(read_every_point, source, job_id)
+    return Opened(target, load_s, shown_points, full_read_s)
+
+
+async def press_round(app, pilot, presses: int, by_tab: bool = False) -> Presses:
+    tabs: dict[str, list[float]] | None = {} if by_tab else None
+    ms = await measure(app, pilot, presses, tabs)
+    return Presses(ms, measure.cpu_ms, measure.slowest, tabs)  # type: ignore[attr-defined]
+
+
+def start_streamer(args, source, feed, job_ids: list[int], history: int):
+    """The load: a writer process on the store, or a thread writing into the fake."""
+    if args.source == "store":
+        streamer = StoreStreamer(source, feed, history, args.rate)
+    else:
+        streamer = Streamer(feed, job_ids, history, args.rate)
+    streamer.start()
+    return streamer
+
+
+async def stop_and_count(app, streamer, sent_to, job_id: int) -> tuple[int, int]:
+    """Stop the load, then wait (20 s at most) until the open run shows every point streamed to
+    it: (points expected, points received)."""
+    if isinstance(streamer, Streamer):
+        streamer.stop_event.set()
+    streamer.join()
+    expected = sent_to(job_id)
+    deadline = time.perf_counter() + 20
+    received = 0
+    while time.perf_counter() < deadline:
+        received = app.screen.series.received
+        if received >= expected:
+            break
+        await asyncio.sleep(0.1)
+    return expected, received
+
+
 async def main_async(args) -> dict:
     from mesa_tui.app import create_app
     from mesa_tui.source import utc_now
@@ -343,48 +420,15 @@ async def main_async(args) -> dict:
     )(args.points, args.jobs)
     build_s = time.perf_counter() - t0
     app = create_app(source, utc_now, quiet_gc=not args.default_gc)
-    sampler = StallSampler(asyncio.get_running_loop()) if args.profile else None
-    if sampler is not None:
-        sampler.tick()
-        sampler.watch_gc()
-        sampler.start()
+    sampler = start_sampler() if args.profile else None
     async with app.run_test(size=(120, 40)) as pilot:
         await pilot.pause(0.5)
-        target = sent_to(job_ids[0])  # nothing streams yet
-        app.open_job(job_ids[0])
-        t_open = time.perf_counter()
-        while app.screen.series.cursor == 0 or app.screen.series.received < target:
-            await asyncio.sleep(0.01)
-            if time.perf_counter() - t_open > 120:
-                raise RuntimeError("the run's history did not load within 120 s")
-        load_s = time.perf_counter() - t_open
-        shown_points = max(s.n for s in app.screen.series.series.values())
-        await pilot.pause(1.0)
-        full_read_s = await asyncio.to_thread(read_every_point, source, job_ids[0])
-        idle = await measure(app, pilot, args.presses)
-        idle_cpu = measure.cpu_ms
-        idle_slowest = measure.slowest
-        if args.source == "store":
-            streamer = StoreStreamer(source, feed, history, args.rate)
-        else:
-            streamer = Streamer(feed, job_ids, history, args.rate)
-        streamer.start()
-        await asyncio.sleep(2.0)
-        loaded_by_tab: dict[str, list[float]] = {}
-        loaded = await measure(app, pilot, args.presses, loaded_by_tab)
-        loaded_cpu = measure.cpu_ms
-        loaded_slowest = measure.slowest
-        if isinstance(streamer, Streamer):
-            streamer.stop_event.set()
-        streamer.join()
-        expected = sent_to(job_ids[0])
-        deadline = time.perf_counter() + 20
-        received = 0
-        while time.perf_counter() < deadline:
-            received = app.screen.series.received
-            if received >= expected:
-                break
-            await asyncio.sleep(0.1)
+        opened = await open_run(app, pilot, source, job_ids[0], sent_to)
+        idle = await press_round(app, pilot, args.presses)
+        streamer = start_streamer(args, source, feed, job_ids, history)
+        await asyncio.sleep(2.0)  # let the load settle before measuring under it
+        loaded = await press_round(app, pilot, args.presses, by_tab=True)
+        expected, received = await stop_and_count(app, streamer, sent_to, job_ids[0])
     if sampler is not None:
         sampler.stop_event.set()
     return {
@@ -393,6 +437,20 @@ async def main_async(args) -> dict:
             if sampler is not None
             else {}
         ),
+        **report(args, build_s, opened, idle, loaded),
+        "points_streamed": streamer.sent,
+        "open_run_points_expected": expected,
+        "open_run_points_received": received,
+        "budget_ms": 100,
+        "within_budget": summary(loaded.ms)["p95_ms"] <= 100,
+        "loadavg_start": load_start,
+        "loadavg_end": open("/proc/loadavg").read().split()[:3],
+    }
+
+
+def report(args, build_s: float, opened: Opened, idle: Presses, loaded: Presses) -> dict:
+    """The settings, the opening of the run and both rounds of presses, in the output's order."""
+    return {
         "benchmark": "tui_responsiveness",
         "source": args.source,
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f}",
@@ -400,26 +458,19 @@ async def main_async(args) -> dict:
         "streaming_jobs": args.jobs,
         "points_per_s_per_job": args.rate,
         "setup_s": round(build_s, 1),
-        "open_run_history_points": target,
-        "open_run_load_s": round(load_s, 2),
-        "open_run_points_kept_per_series": shown_points,
-        "open_run_read_every_point_s_reference": round(full_read_s, 2),
-        "idle_reference": summary(idle),
-        "idle_cpu_ms_per_press_p50": round(statistics.median(idle_cpu), 1),
-        "idle_slowest_presses": idle_slowest,
-        "under_load_slowest_presses": loaded_slowest,
-        "under_load_cpu_ms_per_press_p50": round(statistics.median(loaded_cpu), 1),
-        "under_load": summary(loaded),
+        "open_run_history_points": opened.target,
+        "open_run_load_s": round(opened.load_s, 2),
+        "open_run_points_kept_per_series": opened.shown_points,
+        "open_run_read_every_point_s_reference": round(opened.full_read_s, 2),
+        "idle_reference": summary(idle.ms),
+        "idle_cpu_ms_per_press_p50": round(statistics.median(idle.cpu_ms), 1),
+        "idle_slowest_presses": idle.slowest,
+        "under_load_slowest_presses": loaded.slowest,
+        "under_load_cpu_ms_per_press_p50": round(statistics.median(loaded.cpu_ms), 1),
+        "under_load": summary(loaded.ms),
         "under_load_p50_ms_by_tab": {
-            t: round(statistics.median(v), 1) for t, v in loaded_by_tab.items()
+            t: round(statistics.median(v), 1) for t, v in (loaded.by_tab or {}).items()
         },
-        "points_streamed": streamer.sent,
-        "open_run_points_expected": expected,
-        "open_run_points_received": received,
-        "budget_ms": 100,
-        "within_budget": summary(loaded)["p95_ms"] <= 100,
-        "loadavg_start": load_start,
-        "loadavg_end": open("/proc/loadavg").read().split()[:3],
     }
 
 

@@ -101,11 +101,18 @@ def _choice_takers(stages: list[str], key: str, value: Any) -> list[str]:
     from typing import Literal, get_args, get_origin
 
     from engine.specs import SPEC_CLASSES
+    from engine.triggerspec import check_placement_syntax
 
     takers = []
     for stage in stages:
         annotation = SPEC_CLASSES[stage].model_fields[key].annotation
-        if get_origin(annotation) is not Literal or value in get_args(annotation):
+        if stage == "train" and key == "placement":  # a choice or a fixed offset at:ROW,COL
+            try:
+                check_placement_syntax(str(value))
+            except ValueError:
+                continue
+            takers.append(stage)
+        elif get_origin(annotation) is not Literal or value in get_args(annotation):
             takers.append(stage)
     return takers
 
@@ -154,7 +161,7 @@ def routing_notes(overrides: dict[str, Any]) -> list[str]:
             others = [s for s in having if s not in takers]
             choices = " or ".join(
                 map(str, get_args(SPEC_CLASSES[others[0]].model_fields[key].annotation))
-            )
+            ) or str(SPEC_CLASSES[others[0]].model_fields[key].description)
             flag = key.replace("_", "-")
             notes.append(
                 f"note: --{flag} {value} applies to the {' and '.join(takers)} stage only; "

@@ -25,10 +25,13 @@ from pydantic import (
 from engine.catalog import dataset_info
 from engine.errors import UserError
 from engine.spec_fields import default_of, list_item, option_name, split_list, value_text
-from engine.triggerspec import check_trigger_syntax, trigger_size
+from engine.triggerspec import check_placement_syntax, check_trigger_syntax, trigger_size
 
 Precision = Literal["auto", "fp32", "bf16"]
 PlacementMode = Literal["per-image", "per-batch", "corner"]
+# Where a MESA search or a detection stamps its triggers: the paper's random places, or
+# ``learned`` (a distribution over positions searched with the patterns; docs/method.md).
+SearchPlacement = Literal["per-image", "per-batch", "learned"]
 
 
 class SpecBase(BaseModel):
@@ -142,10 +145,10 @@ class TrainSpec(SpecBase):
     poison_rate: float = Field(
         0.1, ge=0, le=1, description="probability that a training image is poisoned"
     )
-    placement: PlacementMode = Field(
+    placement: str = Field(
         "per-image",
-        description="where the trigger is stamped: a random place per image or per batch, or "
-        "the bottom-right corner",
+        description="where the trigger is stamped: per-image or per-batch (a random place per "
+        "image or per batch), corner (bottom right) or at:ROW,COL (a fixed top-left offset)",
     )
     channels_last: bool = Field(True, description="channels-last memory format")
     eval_every: int = Field(
@@ -167,6 +170,11 @@ class TrainSpec(SpecBase):
         if v is None or v.lower() in ("", "none", "clean"):
             return None
         return check_trigger_syntax(v)
+
+    @field_validator("placement")
+    @classmethod
+    def _placement(cls, v: str) -> str:
+        return check_placement_syntax(v)
 
     @property
     def poisoned(self) -> bool:
@@ -374,6 +382,23 @@ EvalTriggers = Annotated[
 EvalImages = Annotated[
     int, Field(128, ge=1, description="clean non-target images per validity check")
 ]
+# The position scan of a ``learned`` search or detection (engine.ml.position_scan).
+ScanProbes = Annotated[
+    int,
+    Field(16, ge=1, le=1024, description="probe patterns the position scan stamps at every offset"),
+]
+ScanImages = Annotated[
+    int, Field(16, ge=1, le=4096, description="defender images each scan probe is stamped on")
+]
+ScanMinLift = Annotated[
+    float,
+    Field(
+        0.25,
+        ge=0,
+        le=1,
+        description="a class's scan map must peak this far above its median to count as a place",
+    ),
+]
 
 
 class MesaSpec(SpecBase):
@@ -399,9 +424,14 @@ class MesaSpec(SpecBase):
     )
     jitter: float = Field(0.1, ge=0, le=1, description="std of the pixel noise added when stamping")
     jitter_clamp: bool = Field(True, description="clamp jittered triggers to [0, 1]")
-    placement: Literal["per-image", "per-batch"] = Field(
-        "per-image", description="a random place per image or one per batch"
+    placement: SearchPlacement = Field(
+        "learned",
+        description="per-image, per-batch (the paper's random places) or learned (a position "
+        "distribution searched with the patterns: fixed-position backdoors too)",
     )
+    scan_probes: ScanProbes
+    scan_images: ScanImages
+    scan_min_lift: ScanMinLift
     stats_every: int = Field(20, ge=1, description="log live statistics every N steps")
     sample_every: int = Field(200, ge=1, description="evaluate sampled triggers every N steps")
     n_eval_triggers: EvalTriggers
@@ -448,6 +478,9 @@ class MesaSpec(SpecBase):
             jitter=self.jitter,
             jitter_clamp=self.jitter_clamp,
             placement=self.placement,
+            scan_probes=self.scan_probes,
+            scan_images=self.scan_images,
+            scan_min_lift=self.scan_min_lift,
             stats_every=self.stats_every,
             sample_every=self.sample_every,
             n_eval_triggers=self.n_eval_triggers,
@@ -476,6 +509,14 @@ class DetectSpec(SpecBase):
     classes_per_pass: int = Field(
         10, ge=1, le=1000, description="classes whose generators share one model pass"
     )
+    placement: SearchPlacement = Field(
+        "learned",
+        description="where the searches stamp: learned (a position distribution per class, "
+        "finds fixed-position backdoors too), per-image or per-batch (random places)",
+    )
+    scan_probes: ScanProbes
+    scan_images: ScanImages
+    scan_min_lift: ScanMinLift
     z_threshold: float = Field(
         2.0, gt=0, description="flag a class whose score is this many MADs above the median"
     )
@@ -508,6 +549,10 @@ class DetectSpec(SpecBase):
             n_eval_triggers=self.n_eval_triggers,
             eval_images=self.eval_images,
             samples=max(self.n_eval_triggers, 256),
+            placement=self.placement,
+            scan_probes=self.scan_probes,
+            scan_images=self.scan_images,
+            scan_min_lift=self.scan_min_lift,
         )
 
 

@@ -27,6 +27,38 @@ def check_trigger_syntax(spec: str) -> str:
     return spec
 
 
+def trigger_kind(spec: str | None) -> str | None:
+    """The kind of a trigger spec (``bw:170`` -> ``"bw"``, ``file:/t.png`` -> ``"file"``), or None
+    for no trigger or text of no known kind. The arguments are not checked
+    (``check_trigger_syntax`` does that)."""
+    if not isinstance(spec, str):
+        return None
+    kind, colon, _ = spec.partition(":")
+    return kind if colon and kind in KINDS else None
+
+
+AT_PATTERN = re.compile(r"at:(\d+),(\d+)")
+
+
+def parse_at_placement(mode: str) -> tuple[int, int] | None:
+    """(row, col) of an ``at:ROW,COL`` placement (a fixed top-left offset), else None."""
+    match = AT_PATTERN.fullmatch(mode.replace(" ", "")) if isinstance(mode, str) else None
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def check_placement_syntax(mode: str) -> str:
+    """A training placement: per-image, per-batch, corner or at:ROW,COL; ValueError otherwise."""
+    if mode in ("per-image", "per-batch", "corner"):
+        return mode
+    at = parse_at_placement(mode)
+    if at is None:
+        raise ValueError(
+            f"placement '{mode}' is unknown; use per-image, per-batch, corner or at:ROW,COL "
+            "(the patch's top-left pixel, e.g. at:8,8)"
+        )
+    return f"at:{at[0]},{at[1]}"
+
+
 def trigger_size(spec: str, read_files: bool = False) -> int | None:
     """Side of the patch; for files read from the PNG or .npy header when ``read_files``."""
     kind, _, arg = spec.partition(":")

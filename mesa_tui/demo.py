@@ -40,7 +40,7 @@ from mesa_tui.source import (
     best_asr,
     label_method,
 )
-from store.entities import FINISHED, RETRYABLE, tag_problem
+from store.entities import FINISHED, RETRYABLE, backdoor_of, tag_problem
 
 
 class FrozenClock:
@@ -137,15 +137,20 @@ class FakeSource:
         spec: Mapping[str, Any] | None = None,
         study: str | None = None,
         trigger: str | None = None,
+        target: int | None = None,
         workdir: str | None = None,
         label: str | None = None,
         **row: Any,
     ) -> int:
+        """A job whose trigger and target are given, as the store's upstream job would give
+        them, or taken from its spec by the store's rule (``backdoor_of``)."""
         with self._lock:
             job_id = self._next_job
             self._next_job += 1
             now = self.clock()
             spec = dict(spec or {"kind": kind})
+            own_trigger, own_target = backdoor_of(spec)
+            trigger = trigger or own_trigger
             self._jobs[job_id] = JobRow(
                 id=job_id,
                 kind=kind,
@@ -153,9 +158,10 @@ class FakeSource:
                 created_at=now,
                 updated_at=now,
                 study=study,
-                trigger=trigger or spec.get("trigger"),
+                trigger=trigger,
+                target=target if target is not None else own_target,
                 label=label,
-                method=row.pop("method", None) or label_method(label, spec),
+                method=row.pop("method", None) or label_method(label, spec, trigger),
                 **row,
             )
             self._specs[job_id] = spec
@@ -383,13 +389,19 @@ class FakeSource:
             if kind != "pipeline":
                 return [self.add_job(kind, "queued", spec=spec, study=study)]
             methods = str(spec["methods"]).split(",")
+            target = int(spec["target"]) if str(spec["target"]).isdigit() else None  # or auto
             stages = ["train"] + (["detect"] if spec["target"] == "auto" else [])
             stages += ["mesa"] * any(m.startswith("mesa") for m in methods) + ["defend"] * len(
                 methods
             )
             return [
                 self.add_job(
-                    stage, "queued", spec={"kind": stage}, study=study, trigger=spec["trigger"]
+                    stage,
+                    "queued",
+                    spec={"kind": stage},
+                    study=study,
+                    trigger=spec["trigger"],
+                    target=target,
                 )
                 for stage in stages
             ]
@@ -456,11 +468,27 @@ class FakeSource:
             return str(directory / "report.md")
 
 
+# The search's betas: the samples on disk and the mesa job's metrics must name the same ones.
+_DEMO_BETAS = ("0.9", "0.8", "0.5")
+
+
 def demo_source(root: Path, clock: FrozenClock | None = None) -> FakeSource:
     """A fixed scene for tests and snapshots: a pipeline in every state, a study, a search on disk."""
     clock = clock or FrozenClock()
     src = FakeSource(clock)
+    # One generator, drawn from in this order (search samples, then the study's outcomes): the
+    # snapshots depend on the exact draws. Jobs are added in id order, so keep that order too.
     rng = np.random.default_rng(0)
+    _demo_train(src)
+    search_dir = _demo_search_dir(root, rng)
+    mesa = _demo_mesa(src, search_dir)
+    _demo_other_jobs(src)
+    _demo_study(src, mesa, rng)
+    return src
+
+
+def _demo_train(src: FakeSource) -> int:
+    """The finished attack training every repair starts from: its curves, logs and model."""
     train = src.add_job(
         "train",
         "succeeded",
@@ -487,10 +515,13 @@ def demo_source(root: Path, clock: FrozenClock | None = None) -> FakeSource:
     src.add_artifact(
         train, "model", "~/.local/share/mesa-tui/artifacts/train-1", "3f2a" * 16, 1_204_512
     )
+    return train
 
+
+def _demo_search_dir(root: Path, rng: np.random.Generator) -> Path:
+    """A search's folder on disk (samples per beta and the ground truth) for the trigger views."""
     search_dir = root / "search"
-    betas = ("0.9", "0.8", "0.5")
-    for i, beta in enumerate(betas):
+    for i, beta in enumerate(_DEMO_BETAS):
         d = search_dir / f"beta={beta}"
         d.mkdir(parents=True, exist_ok=True)
         base = np.array([0, 1, 0, 1, 0, 1, 0, 1, 0], dtype=np.float32).reshape(1, 1, 3, 3)
@@ -500,12 +531,18 @@ def demo_source(root: Path, clock: FrozenClock | None = None) -> FakeSource:
     (search_dir / "ground_truth.json").write_text(
         json.dumps({"trigger": "bw:170", "pattern": pattern, "target": 0, "placement": "per-image"})
     )
+    return search_dir
+
+
+def _demo_mesa(src: FakeSource, search_dir: Path) -> int:
+    """The running MESA search over ``search_dir``: per-beta curves, final metrics and logs."""
     mesa = src.add_job(
         "mesa",
         "running",
         spec={"kind": "mesa", "betas": [0.9, 0.8, 0.5], "alpha": 0.1, "steps": 620},
         study="mini",
         trigger="bw:170",
+        target=0,
         label="mesa bw:170 -> 0",
         workdir=str(search_dir),
         progress=0.42,
@@ -515,12 +552,12 @@ def demo_source(root: Path, clock: FrozenClock | None = None) -> FakeSource:
     mrun = src.run_ids(mesa)[0]
     for step in range(0, 260, 10):
         values: dict[str, float] = {}
-        for i, beta in enumerate(betas):
+        for i, beta in enumerate(_DEMO_BETAS):
             values[f"mesa/beta={beta}/hinge"] = float(beta) * (1 - math.exp(-step / 60)) - 0.01 * i
             values[f"mesa/beta={beta}/mine"] = 0.5 + 1.5 * (1 - math.exp(-step / 90)) + 0.1 * i
         values["train/loss"] = 1.5 * math.exp(-step / 80) + 0.2
         src.log_metrics(mrun, step, values)
-    for i, beta in enumerate(betas):
+    for i, beta in enumerate(_DEMO_BETAS):
         src.log_metrics(
             mrun,
             250,
@@ -534,18 +571,25 @@ def demo_source(root: Path, clock: FrozenClock | None = None) -> FakeSource:
         )
     for line in ("claimed by engine gpu-box", "search beta=0.9,0.8,0.5 on small", "step 250/620"):
         src.log_text(mrun, line)
+    return mesa
+
+
+def _demo_other_jobs(src: FakeSource) -> None:
+    """The remaining states: a queued repair, a failed and a cancelled training."""
     src.add_job(
         "defend",
         "queued",
         spec={"kind": "defend", "method": "mesa-ensemble"},
         study="mini",
         trigger="bw:170",
+        target=0,
         label="mesa-ensemble bw:170 -> 0",
     )
     failed = src.add_job(
         "train",
         "failed",
         spec={"kind": "train", "trigger": "bw:7", "epochs": 8},
+        target=0,
         study="mini",
         label="attack bw:7 -> 0",
         progress=0.25,
@@ -557,10 +601,15 @@ def demo_source(root: Path, clock: FrozenClock | None = None) -> FakeSource:
         "cancelled",
         spec={"kind": "train", "trigger": "square:white"},
         trigger="square:white",
+        target=0,
         label="attack square:white -> 0",
         progress=0.1,
         stage="train",
     )
+
+
+def _demo_study(src: FakeSource, mesa: int, rng: np.random.Generator) -> None:
+    """The study "mini": a grid of methods by triggers, its cells pointing at the mesa job."""
     methods = ("ideal", "mesa-0.9", "mesa-ensemble", "point", "finetune")
     triggers = ("bw:170", "bw:7", "bw:42", "bw:86")
     cells = {}
@@ -570,7 +619,6 @@ def demo_source(root: Path, clock: FrozenClock | None = None) -> FakeSource:
             cells[(trig, method)] = StudyCell(round(asr, 4), 0.81 - 0.01 * mi, job_id=mesa)
     statistics = demo_statistics(methods, triggers, cells, rng)
     src.add_study(StudySummary("mini", methods, triggers, cells, statistics=statistics))
-    return src
 
 
 def demo_statistics(

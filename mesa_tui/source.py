@@ -47,7 +47,7 @@ class JobRow:
     created_at: datetime
     updated_at: datetime
     study: str | None = None
-    trigger: str | None = None
+    trigger: str | None = None  # the job's own field (the store's), never read from its label
     progress: float | None = None  # 0..1 of the current stage
     stage: str | None = None
     eta_s: float | None = None
@@ -59,6 +59,7 @@ class JobRow:
     method: str | None = None  # what tells a pipeline's rows apart: "point #3", "mesa-0.9", ...
     note: str | None = None  # the researcher's words (``t`` in the app, ``mesa-tui note``)
     tags: tuple[str, ...] = ()
+    target: int | None = None  # the target class of that trigger's backdoor (the job's field)
 
     def finds(self, text: str) -> bool:
         """Whether the jobs filter's text is in the label, the note or a tag (any case), as
@@ -358,6 +359,8 @@ class TriggerSamples:
     by_beta: Mapping[str, np.ndarray]
     original: np.ndarray | None = None  # (C, k, k) from ground_truth.json
     stamp: float = 0.0  # newest mtime, to skip rereads
+    # Learned placement: per beta the position distribution pi (Hp, Wp) from positions.npy.
+    positions: Mapping[str, np.ndarray] = field(default_factory=dict)
 
 
 def _as_chw(array: np.ndarray) -> np.ndarray:
@@ -393,7 +396,15 @@ def read_trigger_samples(dirs: Iterable[Path], known_stamp: float = 0.0) -> Trig
             f.parent.name.removeprefix("beta="): _as_chw(np.load(f, allow_pickle=False))
             for f in files
         }
-        return TriggerSamples(str(directory), by_beta, _ground_truth(directory), stamp)
+        positions = {}
+        for f in sorted(directory.glob("beta=*/positions.npy")):
+            try:
+                pi = np.load(f, allow_pickle=False)
+            except (OSError, ValueError):
+                continue  # half-written or damaged: the next poll reads it again
+            if pi.ndim == 2:
+                positions[f.parent.name.removeprefix("beta=")] = pi.astype(np.float32)
+        return TriggerSamples(str(directory), by_beta, _ground_truth(directory), stamp, positions)
     return None
 
 
@@ -455,29 +466,23 @@ def _eta(progress: Any) -> float | None:
     return max(0.0, elapsed * (1 - fraction) / fraction) if elapsed > 0 else None
 
 
-_TRIGGER_IN_LABEL = re.compile(r"\b(?:bw|color|square|file):\S+")
-
-
-def _label_trigger(label: str | None) -> str | None:
-    """The trigger named in a job's label ("point bw:85 -> 0" -> "bw:85"): search, detect and
-    defend specs refer to their model instead of naming a trigger; else the label itself."""
-    if not label:
-        return None
-    found = _TRIGGER_IN_LABEL.search(label)
-    return found.group(0) if found else label
-
-
-def label_method(label: str | None, spec: Mapping[str, Any]) -> str | None:
-    """What a job does, from its label's words before the trigger ("point #3 bw:85 -> 0" ->
-    "point #3", "mesa-0.9 square:white -> 0" -> "mesa-0.9"), else the spec's method, else the
-    whole label: the pipeline's defend rows share kind and trigger and differ only here."""
+def label_method(label: str | None, spec: Mapping[str, Any], trigger: str | None) -> str | None:
+    """What a job does: its label's words before the job's own ``trigger`` ("point #3 bw:85 -> 0"
+    with trigger bw:85 -> "point #3", "mesa-0.9 square:white -> 0" -> "mesa-0.9"), else the spec's
+    method, else the whole label: the pipeline's defend rows share kind and trigger and differ
+    only here. The trigger is the job's field; nothing is looked for in the label but that text."""
     head = label or ""
-    found = _TRIGGER_IN_LABEL.search(head)
-    if found:
-        head = head[: found.start()]
-    head = head.strip()
+    found = _trigger_at(head, trigger) if trigger else None
+    head = head[:found].strip() if found is not None else ""
     method = spec.get("method")
     return head or (str(method) if method else None) or label or None
+
+
+def _trigger_at(label: str, trigger: str) -> int | None:
+    """Where ``trigger`` stands in ``label`` as a word of its own (not inside a longer trigger:
+    bw:1 is not in "bw:170"), else None."""
+    found = re.search(rf"(?<!\w){re.escape(trigger)}(?!\S)", label)
+    return found.start() if found else None
 
 
 def _gpu(g: Any) -> GpuInfo:
@@ -534,9 +539,10 @@ class StoreSource:
             created_at=s.created_at,
             updated_at=s.updated_at,
             study=s.studies[0] if s.studies else None,
-            trigger=spec.get("trigger") or _label_trigger(s.label),
+            trigger=s.trigger,
+            target=s.target,
             label=s.label,
-            method=label_method(s.label, spec),
+            method=label_method(s.label, spec, s.trigger),
             progress=progress.fraction
             if progress is not None
             else (1.0 if s.status == "succeeded" else None),

@@ -142,6 +142,8 @@ class JobSummary:
     cancel_requested: bool
     note: str | None = None  # the researcher's words on the job (``mesa-tui note``)
     tags: tuple[str, ...] = ()  # sorted (``mesa-tui tag``)
+    trigger: str | None = None  # the backdoor it plants or works against (``backdoor_of``)
+    target: int | None = None  # that backdoor's target class
 
 
 @dataclass(frozen=True)
@@ -342,10 +344,48 @@ class StudySummary:
     protocol_notes: tuple[str, ...]
 
 
+# Spec fields that name the job whose model a job reads (``"model": "job:12"``), in the order
+# a job inherits its trigger and target from them.
+UPSTREAM_FIELDS = ("model", "search", "init_from")
+_NO_TRIGGER = ("", "none", "clean")
+
+
+def spec_target(spec: dict[str, Any]) -> int | None:
+    """The spec's target class when it gives one (not a reference like ``job:13:flagged``)."""
+    value = spec.get("target")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def backdoor_of(
+    spec: dict[str, Any],
+    upstream: tuple[str | None, int | None] | None = None,
+    fallback_trigger: str | None = None,
+) -> tuple[str | None, int | None]:
+    """A job's ``(trigger, target)``: the backdoor it plants (an attack) or searches, detects or
+    repairs (a job reading an upstream model), stored with the job so no face reads them from
+    its label.
+
+    A spec with a ``trigger`` field (train) decides: its trigger and target, or neither when it
+    trains clean. Any other job takes the trigger of ``upstream`` (the ``(trigger, target)`` of
+    the job its first ``UPSTREAM_FIELDS`` field names), else ``fallback_trigger`` (the study's);
+    its target is the spec's, else the upstream one (a search told to use the class a detection
+    flags attacks the upstream model's target)."""
+    target = spec_target(spec)
+    if "trigger" in spec:
+        value = spec["trigger"]
+        trigger = value if isinstance(value, str) and value.lower() not in _NO_TRIGGER else None
+        return trigger, (target if trigger is not None else None)
+    up_trigger, up_target = upstream or (None, None)
+    return up_trigger or fallback_trigger, (target if target is not None else up_target)
+
+
 @dataclass(frozen=True)
 class NewJob:
     """A job to submit. ``depends_on`` items are ``(upstream, input_field)`` where upstream is an
-    existing job id (int) or ``"#i"``, the i-th job of the same submission."""
+    existing job id (int) or ``"#i"``, the i-th job of the same submission. ``role``,
+    ``trigger``, ``method`` and ``seed`` place the job in its study. The job's own trigger and
+    target come from its spec or its upstream job (``backdoor_of``, at insert); ``trigger``
+    stands in only where neither names one."""
 
     kind: str
     spec: dict[str, Any]

@@ -93,6 +93,9 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     note: Mapped[str | None] = mapped_column(Text, nullable=True)  # the researcher's, free text
+    # The backdoor the job plants or works against (entities.backdoor_of), set at insert.
+    trigger: Mapped[str | None] = mapped_column(Text, nullable=True)
+    target: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
     __table_args__ = (
         Index("ix_jobs_status_priority_id", "status", "priority", "id"),

@@ -45,6 +45,7 @@ from store.entities import (
     ACTIVE,
     RETRYABLE,
     STATUSES,
+    UPSTREAM_FIELDS,
     ArtifactInfo,
     ClaimedJob,
     Dependency,
@@ -68,6 +69,7 @@ from store.entities import (
     StudyRepair,
     StudySummary,
     SystemInfo,
+    backdoor_of,
     tag_problem,
 )
 from store.errors import UserError
@@ -390,6 +392,21 @@ def _upstream(item: NewJob, ids: list[int]) -> list[tuple[int, str | None]]:
     return upstream
 
 
+def _upstream_backdoor(
+    conn: Connection, upstream: list[tuple[int, str | None]]
+) -> tuple[str | None, int | None] | None:
+    """The trigger and target of the job a new job's model comes from: the upstream job its
+    first ``UPSTREAM_FIELDS`` field names (``model`` before ``search`` before ``init_from``)."""
+    by_field: dict[str | None, int] = {}
+    for up, input_field in upstream:
+        by_field.setdefault(input_field, up)
+    up = next((by_field[f] for f in UPSTREAM_FIELDS if f in by_field), None)
+    if up is None:
+        return None
+    row = conn.execute(select(jobs_t.c.trigger, jobs_t.c.target).where(jobs_t.c.id == up)).first()
+    return (row.trigger, row.target) if row is not None else None
+
+
 def _insert_job(
     conn: Connection,
     item: NewJob,
@@ -399,12 +416,15 @@ def _insert_job(
 ) -> int:
     """A queued job and its dependencies; cancelled at once when an upstream job already failed."""
     spec = {k: _number_reference(v, ids) if isinstance(v, str) else v for k, v in item.spec.items()}
+    trigger, target = backdoor_of(spec, _upstream_backdoor(conn, upstream), item.trigger)
     job_id = conn.execute(
         insert(jobs_t)
         .values(
             kind=item.kind,
             label=item.label,
             spec=spec,
+            trigger=trigger,
+            target=target,
             spec_hash=item.spec_hash,
             status="queued",
             priority=item.priority,
@@ -1161,6 +1181,8 @@ class Store:
                     cancel_requested=r.cancel_requested_at is not None,
                     note=r.note,
                     tags=tuple(tags.get(job_id, ())),
+                    trigger=r.trigger,
+                    target=r.target,
                 )
             )
         return out
@@ -2102,7 +2124,9 @@ class Store:
         code_version: str,
         workdir: str | None = None,
     ) -> tuple[int, int]:
-        """A job and its run for a foreground ``mesa-tui run`` (that process writes its own run)."""
+        """A job and its run for a foreground ``mesa-tui run`` (that process writes its own run);
+        its trigger and target come from the spec (it names models by path, not by job)."""
+        trigger, target = backdoor_of(spec)
         with self._write() as conn:
             now = utcnow()
             job_id = conn.execute(
@@ -2117,6 +2141,8 @@ class Store:
                     max_attempts=1,
                     attempts=1,
                     executor="foreground",
+                    trigger=trigger,
+                    target=target,
                     workdir=workdir,
                     code_version=code_version,
                     created_at=now,

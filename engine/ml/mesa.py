@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,15 +46,35 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from engine.errors import UserError
+from engine.ml import checkpoint as ckpt
 from engine.ml.data import Normalizer, to_float
 from engine.ml.models import fold_batchnorm
+from engine.ml.position_scan import (
+    PositionScan,
+    ScanConfig,
+    position_prior,
+    position_support,
+    scan_positions,
+)
 from engine.ml.repair import TriggerSampler
 from engine.ml.runtime import autocast, resolve_precision
-from engine.ml.triggers import Placement, stamp
-from engine.reporter import Reporter, stop_point
+from engine.ml.triggers import Placement, position_grid, sample_positions, stamp
+from engine.reporter import Reporter, or_null, stop_point
 
 ENSEMBLES = ("round-robin", "equal", "staircase")
+SEARCH_PLACEMENTS = ("per-image", "per-batch", "learned")
+# Share of the position grid's cells whose mass ``pos_top_mass`` reports (the top 5 %).
+TOP_CELLS = 0.05
 HIST_BINS = 10
+# MesaConfig fields that only the ``learned`` placement reads (left out of the others' JSON).
+LEARNED_ONLY = (
+    "position_alpha",
+    "position_prior",
+    "position_memory",
+    "scan_probes",
+    "scan_images",
+    "scan_min_lift",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,7 +101,7 @@ class MesaConfig:
     score: str = "prob"
     jitter: float = 0.1
     jitter_clamp: bool = True
-    placement: str = "per-image"
+    placement: str = "learned"  # the spec's default (engine.specs.MesaSpec)
     trigger_size: int = 3
     ma_rate: float = 0.001
     stats_every: int = 20
@@ -90,6 +111,20 @@ class MesaConfig:
     samples: int = 1024
     knn_k: int = 3
     channels_last: bool = True
+    # ``learned`` placement only (docs/method.md): pi = softmax(r / position_alpha), the
+    # maximiser of E_pi[r] + position_alpha * H(pi), with r per offset the running mean of
+    # min(log F, log beta) of the stamps that landed there, shrunk towards the mean offset by
+    # ``position_prior`` pseudo-visits and forgotten with a time constant of
+    # ``position_memory`` steps (the generator improves; old visits count less).
+    position_alpha: float = 0.5
+    position_prior: float = 2.0
+    position_memory: float = 100.0
+    # Before the search, the position scan (engine.ml.position_scan): probe patterns at every
+    # offset. A target whose map peaks (lift >= scan_min_lift) is searched only where it peaks,
+    # the scan's probabilities as the first pseudo-visits; otherwise pi starts uniform.
+    scan_probes: int = 16
+    scan_images: int = 16
+    scan_min_lift: float = 0.25
 
     def __post_init__(self) -> None:
         # The settings a person gives are checked by engine.specs.MesaSpec; these two are not
@@ -100,10 +135,17 @@ class MesaConfig:
                 "use a multiple of the chunk count (at least 2 chunks)"
             )
 
+    @property
+    def learned(self) -> bool:
+        return self.placement == "learned"
+
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["betas"] = list(self.betas)
         d["adam_betas"] = list(self.adam_betas)
+        if not self.learned:  # the random placements' configs read as they always did
+            for key in LEARNED_ONLY:
+                d.pop(key)
         return d
 
 
@@ -275,9 +317,11 @@ def trigger_success(
     precision: str = "fp32",
     channels_last: bool = False,
     max_batch: int = 2048,
+    per_image: bool = False,
 ) -> torch.Tensor:
     """Each trigger's own ASR: share of ``images_u8`` stamped with it (at fixed ``positions``)
-    that the model classifies as ``target``. Returns (K,) floats on the CPU."""
+    that the model classifies as ``target``. Returns (K,) floats on the CPU; with ``per_image``
+    the (K, M) hits (1.0: image m stamped with trigger k went to ``target``) instead."""
     device = images_u8.device
     m = images_u8.shape[0]
     x = to_float(images_u8)
@@ -293,8 +337,40 @@ def trigger_success(
             xs = xs.contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
             pred = model(xs).argmax(1)
-        out.append((pred == target).float().view(kc, m).mean(1).cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+        hits = (pred == target).float().view(kc, m)
+        out.append(hits.cpu() if per_image else hits.mean(1).cpu())
+    if not out:
+        return torch.zeros(0, m) if per_image else torch.zeros(0)
+    return torch.cat(out)
+
+
+def position_stats(probs: torch.Tensor | np.ndarray) -> dict[str, float]:
+    """Summary of a distribution over the position grid (Hp, Wp): its entropy in nats and as a
+    share of the uniform's (1.0: uniform), the mass of the top 5 % of cells, the largest cell's
+    mass and that cell (row, col of the patch's top-left pixel)."""
+    p = torch.as_tensor(np.asarray(probs, dtype=np.float64))
+    flat = p.flatten()
+    flat = flat / flat.sum().clamp_min(1e-300)
+    n = flat.numel()
+    entropy = float(-(flat * flat.clamp_min(1e-300).log()).sum())
+    top = max(1, math.ceil(TOP_CELLS * n))
+    best = int(flat.argmax())
+    return {
+        "pos_entropy": entropy,
+        "pos_entropy_ratio": entropy / math.log(n) if n > 1 else 1.0,
+        "pos_top_mass": float(flat.topk(top).values.sum()),
+        "pos_top_share": float(flat[best]),
+        "pos_top_row": float(best // p.shape[-1]),
+        "pos_top_col": float(best % p.shape[-1]),
+    }
+
+
+def top_positions(probs: torch.Tensor | np.ndarray, count: int = 5) -> list[list[float]]:
+    """The ``count`` most likely cells as [row, col, mass], most likely first."""
+    p = np.asarray(probs, dtype=np.float64)
+    flat = p.reshape(-1) / max(p.sum(), 1e-300)
+    order = np.argsort(-flat, kind="stable")[:count]
+    return [[int(i // p.shape[-1]), int(i % p.shape[-1]), float(flat[i])] for i in order]
 
 
 def validity_stats(success: torch.Tensor, beta: float) -> tuple[dict[str, float], list[int]]:
@@ -333,6 +409,46 @@ class _Run:
     mine_objective: MineObjective
     order: torch.Tensor | None = None
     cursor: int = 0
+    # ``learned`` placement: per offset (flat grid, float64 on the CPU) the decayed sum of the
+    # capped log scores of the stamps that landed there, and the decayed count of them.
+    pos_sums: torch.Tensor | None = None
+    pos_counts: torch.Tensor | None = None
+    # The offsets the scan allowed (flat bool), None for all of them.
+    support: torch.Tensor | None = None
+
+    @property
+    def learned(self) -> bool:
+        return self.pos_sums is not None
+
+    def position_probs(self, grid: tuple[int, int], config: MesaConfig) -> torch.Tensor:
+        """pi (Hp, Wp) float32: softmax of the offsets' shrunk mean rewards / position_alpha."""
+        assert self.pos_sums is not None and self.pos_counts is not None
+        return position_distribution(self.pos_sums, self.pos_counts, config, self.support).view(
+            grid
+        )
+
+
+def position_distribution(
+    sums: torch.Tensor,
+    counts: torch.Tensor,
+    config: MesaConfig,
+    support: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The max-entropy position distribution for the current reward estimates (flat, float32).
+
+    r_j = (sum_j + n0 * m) / (count_j + n0), with m the mean of the visited offsets' own means
+    (an offset never visited, or long ago, reads as an average one) and n0 = position_prior;
+    pi = softmax(r / position_alpha) maximises E_pi[r] + position_alpha * H(pi). Before any
+    visit every r_j is equal: pi is uniform, the paper's per-image placement. Offsets outside
+    ``support`` (the position scan's peak) get no mass."""
+    allowed = torch.ones_like(sums, dtype=torch.bool) if support is None else support
+    visited = (counts > 1e-6) & allowed
+    if not bool(visited.any()):
+        return (allowed.float() / allowed.sum()).float()
+    mean = float((sums[visited] / counts[visited]).mean())
+    reward = (sums + config.position_prior * mean) / (counts + config.position_prior)
+    reward = reward.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(reward / config.position_alpha, 0).float()
 
 
 class MesaTrainer:
@@ -354,6 +470,7 @@ class MesaTrainer:
         device: torch.device | str = "cpu",
         precision: str = "fp32",
         seed: int = 0,
+        position_scan: PositionScan | None = None,
     ):
         self.device = torch.device(device)
         self.precision = resolve_precision(precision, self.device)
@@ -374,7 +491,9 @@ class MesaTrainer:
                 f"the defender split has {self.images.shape[0]} images, fewer than the batch size "
                 f"{config.batch_size}; lower --batch-size"
             )
-        self.placement = Placement(config.placement)
+        self.learned = config.learned
+        self.placement = Placement("per-image" if self.learned else config.placement)
+        self.grid = position_grid(self.image_size, config.trigger_size)
         self.use_channels_last = config.channels_last and self.device.type != "mps"
         self.step_count = 0
         self.runs: list[_Run] = []
@@ -388,6 +507,9 @@ class MesaTrainer:
                 )
                 T = StatisticsNetwork(config.noise_dim, self.channels * k * k, config.hidden)
             G, T = G.to(self.device).train(), T.to(self.device).train()
+            pos_sums = pos_counts = support = None
+            if self.learned:
+                pos_sums, pos_counts, support = self._position_start(position_scan, beta, target)
             self.runs.append(
                 _Run(
                     beta=beta,
@@ -399,6 +521,9 @@ class MesaTrainer:
                     opt_t=torch.optim.Adam(T.parameters(), lr=config.lr_t, betas=config.adam_betas),
                     stream=torch.Generator().manual_seed(run_seed),
                     mine_objective=MineObjective(config.ma_rate),
+                    pos_sums=pos_sums,
+                    pos_counts=pos_counts,
+                    support=support,
                 )
             )
         self.targets = torch.tensor(
@@ -435,7 +560,11 @@ class MesaTrainer:
             zs.append(self._noise(run, b))
             zms.append(self._noise(run, b))
             eps.append(torch.randn(b, self.channels, k, k, generator=run.stream) * cfg.jitter)
-            pos.append(self.placement.sample(b, self.image_size, k, run.stream))
+            if self.learned:
+                probs = run.position_probs(self.grid, cfg)
+                pos.append(sample_positions(probs, b, run.stream))
+            else:
+                pos.append(self.placement.sample(b, self.image_size, k, run.stream))
         idx_all = torch.cat(idx).to(dev, non_blocking=True)
         eps_all = torch.cat(eps).to(dev, non_blocking=True)
         pos_all = torch.cat(pos).to(dev, non_blocking=True)
@@ -472,6 +601,8 @@ class MesaTrainer:
         loss.sum().backward()
         for run in self.runs:
             run.opt_g.step()
+        if self.learned:
+            self._update_positions(p.detach(), betas, torch.cat(pos).view(len(self.runs), b, 2))
 
         for run in self.runs:
             z2, zm2 = self._noise(run, b).to(dev), self._noise(run, b).to(dev)
@@ -491,6 +622,43 @@ class MesaTrainer:
         self.step_count += 1
         return row
 
+    def _position_start(
+        self, scan: PositionScan | None, beta: float, target: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Sums, counts and support of a learned pi before the first step: uniform (the paper's
+        per-image placement) unless the scan found a peak for ``target``; then only the peak's
+        offsets, each with ``position_prior`` pseudo-visits at the scan's capped log score."""
+        cells = self.grid[0] * self.grid[1]
+        sums = torch.zeros(cells, dtype=torch.float64)
+        counts = torch.zeros_like(sums)
+        support = None
+        if scan is not None:
+            if scan.grid != self.grid:
+                raise UserError(
+                    f"the position scan covers a {scan.grid[0]}x{scan.grid[1]} grid, the search "
+                    f"a {self.grid[0]}x{self.grid[1]} one; scan with the search's trigger size"
+                )
+            support = position_support(scan, target, self.config.scan_min_lift)
+        if support is not None:
+            visits = self.config.position_prior
+            prior = position_prior(scan, target, beta)  # type: ignore[arg-type]
+            sums = torch.where(support, visits * prior, sums)
+            counts = torch.where(support, torch.full_like(counts, visits), counts)
+        return sums, counts, support
+
+    def _update_positions(
+        self, p: torch.Tensor, betas: torch.Tensor, positions: torch.Tensor
+    ) -> None:
+        """Each stamp's reward min(log F, log beta) joins the running sums of its offset."""
+        reward = torch.minimum(p.float().clamp_min(1e-12).log(), betas.float().log()[:, None])
+        reward = reward.double().cpu()
+        cells = positions[..., 0] * self.grid[1] + positions[..., 1]
+        keep = 1.0 - 1.0 / self.config.position_memory
+        for i, run in enumerate(self.runs):
+            assert run.pos_sums is not None and run.pos_counts is not None
+            run.pos_sums.mul_(keep).index_add_(0, cells[i], reward[i])
+            run.pos_counts.mul_(keep).index_add_(0, cells[i], torch.ones_like(reward[i]))
+
     def take_window(self) -> dict[str, float]:
         """Means of the live statistics since the last call, keyed ``<run key>/<name>``."""
         if self._window_steps == 0:
@@ -502,6 +670,10 @@ class MesaTrainer:
         for run, row in zip(self.runs, means, strict=True):
             for name, value in zip(("hinge", "mine", "p_target", "above_beta"), row, strict=True):
                 out[f"{run.key}/{name}"] = float(value)
+            if run.learned:
+                stats = position_stats(run.position_probs(self.grid, self.config))
+                out[f"{run.key}/pos_entropy"] = stats["pos_entropy"]
+                out[f"{run.key}/pos_top_mass"] = stats["pos_top_mass"]
         return out
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -525,6 +697,11 @@ class MesaTrainer:
                     "moving_average": r.mine_objective.moving_average,
                     "order": r.order,
                     "cursor": r.cursor,
+                    **(
+                        {"pos_sums": r.pos_sums.clone(), "pos_counts": r.pos_counts.clone()}
+                        if r.pos_sums is not None and r.pos_counts is not None
+                        else {}
+                    ),
                 }
                 for r in self.runs
             ],
@@ -546,6 +723,9 @@ class MesaTrainer:
             run.mine_objective.moving_average = None if ma is None else ma.to(self.device)
             run.order = s["order"]
             run.cursor = int(s["cursor"])
+            if run.pos_sums is not None and run.pos_counts is not None:
+                run.pos_sums.copy_(s["pos_sums"])
+                run.pos_counts.copy_(s["pos_counts"])
         self._window = state["window"].to(self.device)
         self._window_steps = int(state["window_steps"])
         self.step_count = int(state["step"])
@@ -622,6 +802,10 @@ class SearchResult:
     pca: dict[str, list] | None = None
     seconds: float = 0.0
     device: str = "cpu"
+    # ``learned`` placement: per pair pi (Hp, Wp) and where its evaluated stamps hit the target
+    # (counts per offset); None for the random placements.
+    positions: list[torch.Tensor | None] = field(default_factory=list)
+    landing: list[torch.Tensor | None] = field(default_factory=list)
 
     @property
     def target(self) -> int:
@@ -654,6 +838,9 @@ class SearchResult:
             beta,
             ensemble,
             torch.device(self.device),
+            positions={
+                b: p for b, p in zip(self.betas, self.positions, strict=False) if p is not None
+            },
         )
 
 
@@ -673,6 +860,271 @@ class SearchCheckpoint:
 CHECKPOINT_KIND = "mesa-search"
 
 
+def scan_for(
+    model: nn.Module,
+    normalizer: Normalizer,
+    images_u8: torch.Tensor,
+    cfg: MesaConfig,
+    precision: str,
+    seed: int,
+    reporter: Reporter | None = None,
+) -> PositionScan:
+    """The position scan with a search's settings (the model in eval mode, as searched)."""
+    or_null(reporter).text(
+        f"position scan: {cfg.scan_probes} probe patterns at every offset on "
+        f"{cfg.scan_images} images"
+    )
+    model.eval()
+    scan_cfg = ScanConfig(probes=cfg.scan_probes, images=cfg.scan_images, seed=seed)
+    return scan_positions(
+        model, normalizer, images_u8, cfg.trigger_size, scan_cfg, precision=precision
+    )
+
+
+def _fingerprint(
+    trainer: MesaTrainer, pairs: list[tuple[float, int, str]], seed: int, pca_step: int
+) -> dict[str, Any]:
+    """What a checkpoint must have been written by to continue this search."""
+    return {
+        "config": trainer.config.to_json(),
+        "pairs": [[b, t, key] for b, t, key in pairs],
+        "seed": seed,
+        "images": list(trainer.images.shape),
+        "precision": trainer.precision,
+        "pca_step": pca_step,
+    }
+
+
+@dataclass
+class _SearchLoop:
+    """One running search: its trainer, what it has recorded so far, and where it reports and
+    saves. ``search_targets`` sets it up; its methods are the search's stages (resume, train,
+    evaluate, save, finish)."""
+
+    trainer: MesaTrainer
+    eval_sets: dict[int, _EvalSet]
+    reporter: Reporter
+    stage: str
+    seed: int
+    true_pattern: torch.Tensor | None
+    bw_stats: bool
+    fingerprint: dict[str, Any]
+    pca_step: int
+    checkpoint: SearchCheckpoint | None
+    cadence: ckpt.Cadence | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+    pca_basis: dict[str, list] | None = None
+    start_step: int = 0
+    seconds_before: float = 0.0
+    last_eval_s: float = 0.0
+    started: float = 0.0
+    # Per pair, where the last evaluation's stamps hit the target (learned placement; else None).
+    landing: list[torch.Tensor | None] = field(default_factory=list)
+
+    @property
+    def config(self) -> MesaConfig:
+        return self.trainer.config
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def resume(self, fresh_trainer: Callable[[], MesaTrainer]) -> None:
+        """Continue after the checkpoint's step when its file fits this search; a state that
+        does not load is reported and the search starts from step 0 on ``fresh_trainer()``."""
+        assert self.checkpoint is not None
+        path = self.checkpoint.path
+        state = ckpt.load_or_none(path, CHECKPOINT_KIND, self.fingerprint, self.reporter)
+        if state is None:
+            return
+        try:
+            self.trainer.load_state_dict(state["trainer"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+            self.reporter.text(
+                f"checkpoint {path} does not fit this search "
+                f"({str(exc)[:100]}); starting from the beginning",
+                "warning",
+            )
+            self.trainer = fresh_trainer()
+            return
+        ckpt.set_global_rng_state(state["rng"])
+        self.history, self.evaluations = state["history"], state["evaluations"]
+        self.pca_basis = state["pca"]
+        self.start_step = self.trainer.step_count
+        self.seconds_before = float(state["seconds"])
+        self.reporter.text(f"{self.stage}: resumed from the checkpoint at step {self.start_step}")
+
+    def save(self, step: int) -> None:
+        """Write the whole state after ``step``; the check-in first flushes the metrics so far."""
+        assert self.checkpoint is not None and self.cadence is not None
+        per_step = (time.monotonic() - self.started) / max(step - self.start_step, 1)
+        self.reporter.check_in(
+            max(
+                60.0,
+                5 * per_step * self.config.stats_every
+                + 3 * self.last_eval_s
+                + 3 * self.cadence.cost,
+            )
+        )
+        state = {
+            "trainer": self.trainer.state_dict(),
+            "rng": ckpt.global_rng_state(),
+            "history": self.history,
+            "evaluations": self.evaluations,
+            "pca": self.pca_basis,
+            "seconds": self.seconds_before + time.monotonic() - self.started,
+        }
+        self.cadence.wrote(
+            ckpt.save_checkpoint(self.checkpoint.path, CHECKPOINT_KIND, state, self.fingerprint)
+        )
+
+    # -- training ------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        """The steps after ``start_step``: statistics, evaluations and checkpoints on their
+        cadences, progress after every step (none of them at the last step but statistics)."""
+        cfg = self.config
+        for step in range(self.start_step + 1, cfg.steps + 1):
+            stop_point(self.reporter)
+            self.trainer.step()
+            if step % cfg.stats_every == 0 or step == cfg.steps:
+                self._log_window(step)
+            if step % cfg.sample_every == 0 and step != cfg.steps:
+                self._evaluate_between_steps(step)
+            if self.cadence is not None and step < cfg.steps and self.cadence.due(step):
+                self.save(step)
+            rate = (step - self.start_step) / max(time.monotonic() - self.started, 1e-9)
+            self.reporter.progress(self.stage, step, cfg.steps, {"step/s": rate})
+
+    def _log_window(self, step: int) -> None:
+        """The live statistics' means since the last log, into the history and the reporter."""
+        window = self.trainer.take_window()
+        self.history.append({"step": step, **window})
+        self.reporter.log(window, step)
+        per_step = (time.monotonic() - self.started) / (step - self.start_step)
+        self.reporter.check_in(
+            max(60.0, 5 * per_step * self.config.stats_every + 3 * self.last_eval_s)
+        )
+
+    def _evaluate_between_steps(self, step: int) -> None:
+        """An evaluation during training; the first one at or after ``pca_step`` fixes the PCA
+        axes of the embedding picture."""
+        t0 = time.monotonic()
+        flat, hists, all_samples = self.evaluate(self.config.samples)
+        self.last_eval_s = time.monotonic() - t0
+        self.evaluations.append({"step": step, "metrics": flat, "histograms": hists})
+        self.reporter.log(flat, step)
+        if self.pca_basis is None and step >= self.pca_step:
+            self.pca_basis = pca_fit(torch.cat(all_samples))
+
+    # -- evaluation ----------------------------------------------------------------------------
+
+    def evaluate(self, n: int) -> tuple[dict[str, float], dict[str, list[int]], list[torch.Tensor]]:
+        """Every pair's statistics (flat, keyed ``<run key>/<name>``), validity histograms and
+        ``n`` samples (float32 on the CPU); ``landing`` is refilled."""
+        flat: dict[str, float] = {}
+        hists: dict[str, list[int]] = {}
+        all_samples = []
+        self.landing.clear()
+        runs = self.trainer.runs
+        for i, run in enumerate(runs):
+            samples, hists[run.key] = self._evaluate_run(run, n, flat)
+            all_samples.append(samples.float().cpu())
+            self.reporter.progress(f"{self.stage}: sampling", i + 1, len(runs), {})
+        return flat, hists, all_samples
+
+    def _evaluate_run(
+        self, run: _Run, n: int, flat: dict[str, float]
+    ) -> tuple[torch.Tensor, list[int]]:
+        """One pair: ``n`` samples from a fixed stream (the same generator gives the same
+        numbers whenever it is evaluated), the first ``n_eval_triggers`` stamped on the pair's
+        evaluation images. Adds its statistics to ``flat`` and its landing counts to
+        ``landing``; returns the samples and the validity histogram."""
+        trainer, cfg = self.trainer, self.config
+        g = torch.Generator().manual_seed(_run_seed(self.seed + 1, run.beta, run.target))
+        samples = trainer.sample(run, n, g)
+        ev = self.eval_sets[run.target]
+        positions, probs = self._eval_positions(run, ev)
+        hits = trigger_success(
+            trainer.model,  # the frozen copy (BN folded, channels_last) the search uses
+            trainer.normalizer,
+            samples[: cfg.n_eval_triggers],
+            ev.images,
+            positions,
+            run.target,
+            precision=trainer.precision,
+            channels_last=trainer.use_channels_last,
+            per_image=True,
+        )
+        success = hits.mean(1)
+        if probs is not None:
+            self.landing.append(self._landing_counts(positions, hits))
+            for name, value in position_stats(probs).items():
+                flat[f"{run.key}/{name}"] = value
+        else:
+            self.landing.append(None)
+        vstats, hist = validity_stats(success, run.beta)
+        dstats = diversity_stats(
+            samples, k=cfg.knn_k, true_pattern=self.true_pattern, bw=self.bw_stats
+        )
+        for name, value in {**vstats, **dstats}.items():
+            flat[f"{run.key}/{name}"] = value
+        return samples, hist
+
+    def _eval_positions(self, run: _Run, ev: _EvalSet) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Where a pair's evaluation stamps, and its pi when learned (else None): a learned
+        pair's validity is that of its distribution, so its patterns go to places drawn from
+        pi; the random placements use the fixed per-image places."""
+        if not run.learned:
+            return ev.positions, None
+        gp = torch.Generator().manual_seed(_run_seed(self.seed + 2, run.beta, run.target))
+        probs = run.position_probs(self.trainer.grid, self.config)
+        positions = sample_positions(probs, ev.images.shape[0], gp)
+        return positions.to(ev.images.device), probs
+
+    def _landing_counts(self, positions: torch.Tensor, hits: torch.Tensor) -> torch.Tensor:
+        """Per offset (Hp, Wp), how many evaluated stamps there sent their image to the target."""
+        grid = self.trainer.grid
+        cells = positions[:, 0].cpu() * grid[1] + positions[:, 1].cpu()
+        counts = torch.zeros(grid[0] * grid[1])
+        counts.index_add_(0, cells, hits.sum(0))
+        return counts.view(grid)
+
+    # -- the end -------------------------------------------------------------------------------
+
+    def finish(self, device: torch.device) -> SearchResult:
+        """The last evaluation (at the last step, always) and the result."""
+        cfg, runs = self.config, self.trainer.runs
+        train_seconds = self.seconds_before + time.monotonic() - self.started
+        flat, hists, final_samples = self.evaluate(cfg.samples)
+        self.evaluations.append({"step": cfg.steps, "metrics": flat, "histograms": hists})
+        self.reporter.log(flat, cfg.steps)
+        if self.pca_basis is None:
+            self.pca_basis = pca_fit(torch.cat(final_samples))
+        metrics = dict(self.history[-1]) if self.history else {}
+        metrics.pop("step", None)
+        metrics.update(flat)
+        return SearchResult(
+            betas=[r.beta for r in runs],
+            targets=[r.target for r in runs],
+            keys=[r.key for r in runs],
+            generators=[r.G.eval() for r in runs],
+            statistics=[r.T.eval() for r in runs],
+            samples=final_samples,
+            metrics=metrics,
+            histograms=hists,
+            config=cfg,
+            history=self.history,
+            evaluations=self.evaluations,
+            pca=self.pca_basis,
+            seconds=train_seconds,
+            device=str(device),
+            positions=[
+                r.position_probs(self.trainer.grid, cfg) if r.learned else None for r in runs
+            ],
+            landing=list(self.landing),
+        )
+
+
 def search_targets(
     model: nn.Module,
     normalizer: Normalizer,
@@ -690,176 +1142,63 @@ def search_targets(
     stage: str = "mesa",
     pca_warmup: int | None = None,
     checkpoint: SearchCheckpoint | None = None,
+    position_scan: PositionScan | None = None,
 ) -> SearchResult:
     """Train one generator per (beta, target, metric-key prefix) in one process; see ``search``.
+    A ``learned`` search first scans the positions (``engine.ml.position_scan``) unless
+    ``position_scan`` is given (a detection scans once for all its classes).
 
     With ``checkpoint``, the state is saved now and then; with ``checkpoint.resume`` a usable
     file there is loaded and the search continues after its step, logging only later steps, and
     ends with exactly the generators an uninterrupted search would have (same device and
     precision). A damaged or foreign file is reported and the search starts from step 0."""
-    from engine.ml import checkpoint as ckpt
-
     device = torch.device(device)
-    cfg = config
+    # Checkpoints depend on ``checkpoint`` alone, never on the reporter, so the null one is safe.
+    reporter = or_null(reporter)
     frozen_flags = [p.requires_grad for p in model.parameters()]
     was_training = model.training
     try:
-        trainer = MesaTrainer(
-            model, normalizer, images_u8, pairs, cfg, device=device, precision=precision, seed=seed
-        )
-        eval_sets = _eval_sets(trainer, labels, seed)
-        history: list[dict[str, Any]] = []
-        evaluations: list[dict[str, Any]] = []
-        pca_basis: dict[str, list] | None = None
-        pca_step = pca_warmup if pca_warmup is not None else min(cfg.sample_every, cfg.steps)
-        last_eval_s = 0.0
-        start_step, seconds_before = 0, 0.0
-        fingerprint = {
-            "config": cfg.to_json(),
-            "pairs": [[b, t, key] for b, t, key in pairs],
-            "seed": seed,
-            "images": list(trainer.images.shape),
-            "precision": trainer.precision,
-            "pca_step": pca_step,
-        }
-        if checkpoint is not None and checkpoint.resume:
-            state = ckpt.load_or_none(checkpoint.path, CHECKPOINT_KIND, fingerprint, reporter)
-            if state is not None:
-                try:
-                    trainer.load_state_dict(state["trainer"])
-                except (KeyError, ValueError, RuntimeError, TypeError) as exc:
-                    if reporter is not None:
-                        reporter.text(
-                            f"checkpoint {checkpoint.path} does not fit this search "
-                            f"({str(exc)[:100]}); starting from the beginning",
-                            "warning",
-                        )
-                    trainer = MesaTrainer(
-                        model,
-                        normalizer,
-                        images_u8,
-                        pairs,
-                        cfg,
-                        device=device,
-                        precision=precision,
-                        seed=seed,
-                    )
-                else:
-                    ckpt.set_global_rng_state(state["rng"])
-                    history, evaluations = state["history"], state["evaluations"]
-                    pca_basis = state["pca"]
-                    start_step = trainer.step_count
-                    seconds_before = float(state["seconds"])
-                    if reporter is not None:
-                        reporter.text(f"{stage}: resumed from the checkpoint at step {start_step}")
-        cadence = (
-            ckpt.Cadence(checkpoint.every_steps, checkpoint.every_s)
-            if checkpoint is not None
-            else None
-        )
-
-        def save(step: int) -> None:
-            assert checkpoint is not None and cadence is not None
-            if reporter is not None:  # flushes the metrics up to this step first
-                per_step = (time.monotonic() - started) / max(step - start_step, 1)
-                reporter.check_in(
-                    max(60.0, 5 * per_step * cfg.stats_every + 3 * last_eval_s + 3 * cadence.cost)
-                )
-            state = {
-                "trainer": trainer.state_dict(),
-                "rng": ckpt.global_rng_state(),
-                "history": history,
-                "evaluations": evaluations,
-                "pca": pca_basis,
-                "seconds": seconds_before + time.monotonic() - started,
-            }
-            cadence.wrote(
-                ckpt.save_checkpoint(checkpoint.path, CHECKPOINT_KIND, state, fingerprint)
+        if config.learned and position_scan is None:
+            position_scan = scan_for(
+                model, normalizer, images_u8, config, precision, seed, reporter
             )
 
-        started = time.monotonic()
+        def new_trainer(scan: PositionScan | None) -> MesaTrainer:
+            return MesaTrainer(
+                model,
+                normalizer,
+                images_u8,
+                pairs,
+                config,
+                device=device,
+                precision=precision,
+                seed=seed,
+                position_scan=scan,
+            )
 
-        def evaluate(step: int, n: int) -> tuple[dict[str, float], dict, list[torch.Tensor]]:
-            flat: dict[str, float] = {}
-            hists: dict[str, list[int]] = {}
-            all_samples = []
-            for i, run in enumerate(trainer.runs):
-                g = torch.Generator().manual_seed(_run_seed(seed + 1, run.beta, run.target))
-                samples = trainer.sample(run, n, g)
-                ev = eval_sets[run.target]
-                success = trigger_success(
-                    trainer.model,  # the frozen copy (BN folded, channels_last) the search uses
-                    normalizer,
-                    samples[: cfg.n_eval_triggers],
-                    ev.images,
-                    ev.positions,
-                    run.target,
-                    precision=trainer.precision,
-                    channels_last=trainer.use_channels_last,
-                )
-                vstats, hist = validity_stats(success, run.beta)
-                dstats = diversity_stats(
-                    samples, k=cfg.knn_k, true_pattern=true_pattern, bw=bw_stats
-                )
-                for name, value in {**vstats, **dstats}.items():
-                    flat[f"{run.key}/{name}"] = value
-                hists[run.key] = hist
-                all_samples.append(samples.float().cpu())
-                if reporter is not None:
-                    reporter.progress(f"{stage}: sampling", i + 1, len(trainer.runs), {})
-            return flat, hists, all_samples
-
-        for step in range(start_step + 1, cfg.steps + 1):
-            if reporter is not None:
-                stop_point(reporter)
-            trainer.step()
-            if step % cfg.stats_every == 0 or step == cfg.steps:
-                window = trainer.take_window()
-                history.append({"step": step, **window})
-                if reporter is not None:
-                    reporter.log(window, step)
-                    per_step = (time.monotonic() - started) / (step - start_step)
-                    reporter.check_in(max(60.0, 5 * per_step * cfg.stats_every + 3 * last_eval_s))
-            if step % cfg.sample_every == 0 and step != cfg.steps:
-                t0 = time.monotonic()
-                flat, hists, all_samples = evaluate(step, cfg.samples)
-                last_eval_s = time.monotonic() - t0
-                evaluations.append({"step": step, "metrics": flat, "histograms": hists})
-                if reporter is not None:
-                    reporter.log(flat, step)
-                if pca_basis is None and step >= pca_step:
-                    pca_basis = pca_fit(torch.cat(all_samples))
-            if cadence is not None and step < cfg.steps and cadence.due(step):
-                save(step)
-            if reporter is not None:
-                rate = (step - start_step) / max(time.monotonic() - started, 1e-9)
-                reporter.progress(stage, step, cfg.steps, {"step/s": rate})
-        train_seconds = seconds_before + time.monotonic() - started
-        flat, hists, final_samples = evaluate(cfg.steps, cfg.samples)
-        evaluations.append({"step": cfg.steps, "metrics": flat, "histograms": hists})
-        if reporter is not None:
-            reporter.log(flat, cfg.steps)
-        if pca_basis is None:
-            pca_basis = pca_fit(torch.cat(final_samples))
-        metrics = dict(history[-1]) if history else {}
-        metrics.pop("step", None)
-        metrics.update(flat)
-        return SearchResult(
-            betas=[r.beta for r in trainer.runs],
-            targets=[r.target for r in trainer.runs],
-            keys=[r.key for r in trainer.runs],
-            generators=[r.G.eval() for r in trainer.runs],
-            statistics=[r.T.eval() for r in trainer.runs],
-            samples=final_samples,
-            metrics=metrics,
-            histograms=hists,
-            config=cfg,
-            history=history,
-            evaluations=evaluations,
-            pca=pca_basis,
-            seconds=train_seconds,
-            device=str(device),
+        trainer = new_trainer(position_scan)
+        pca_step = pca_warmup if pca_warmup is not None else min(config.sample_every, config.steps)
+        loop = _SearchLoop(
+            trainer=trainer,
+            eval_sets=_eval_sets(trainer, labels, seed),
+            reporter=reporter,
+            stage=stage,
+            seed=seed,
+            true_pattern=true_pattern,
+            bw_stats=bw_stats,
+            fingerprint=_fingerprint(trainer, pairs, seed, pca_step),
+            pca_step=pca_step,
+            checkpoint=checkpoint,
         )
+        if checkpoint is not None and checkpoint.resume:
+            # The restart after a state that does not load has always been built without the
+            # position scan; kept so (a refactor), though it differs from the first trainer.
+            loop.resume(lambda: new_trainer(None))
+        if checkpoint is not None:
+            loop.cadence = ckpt.Cadence(checkpoint.every_steps, checkpoint.every_s)
+        loop.started = time.monotonic()
+        loop.train()
+        return loop.finish(device)
     finally:
         for p, flag in zip(model.parameters(), frozen_flags, strict=True):
             p.requires_grad_(flag)
@@ -1010,61 +1349,31 @@ def write_search_artifact(
     true_pattern: torch.Tensor | None = None,
 ) -> Path:
     """Write weights, samples, pictures, stats.json and the manifest (written last)."""
-    from engine.ml.artifacts import save_array, write_manifest
+    from engine.ml.artifacts import write_manifest
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    cfg = result.config
     truth = true_pattern.detach().float().cpu().numpy() if true_pattern is not None else None
     files: list[str] = []
     samples_by_beta: dict[str, np.ndarray] = {}
+    position_summary: dict[str, dict[str, Any]] = {}
     entropies = result.entropies()
     for i, beta in enumerate(result.betas):
         label = beta_label(beta)
-        sub = directory / f"beta={label}"
-        sub.mkdir(exist_ok=True)
-        G = result.generators[i]
-        net_meta = {
-            "beta": beta,
-            "target": result.targets[i],
-            "hidden": cfg.hidden,
-            "channels": G.channels,
-            "size": G.size,
-            "noise_dim": cfg.noise_dim,
-            "noise_chunks": cfg.noise_chunks,
-            "noise": cfg.noise,
-        }
-        _save_module(sub / "G.safetensors", G, net_meta)
-        _save_module(sub / "T.safetensors", result.statistics[i], net_meta)
-        samples = result.samples[i].numpy().astype(np.float32)
-        save_array(sub / "samples.npy", samples)
-        write_png(sub / "grid.png", trigger_grid(samples, truth))
-        samples_by_beta[label] = samples
-        files += [
-            f"beta={label}/{name}"
-            for name in ("G.safetensors", "T.safetensors", "samples.npy", "grid.png")
-        ]
+        samples_by_beta[label] = _write_pair(result, i, directory, truth, files)
+        summary = _write_pair_positions(result, i, directory, files)
+        if summary is not None:
+            position_summary[label] = summary
     if result.pca is not None:
         plot_embedding(directory / "embedding.png", samples_by_beta, result.pca, truth)
         files.append("embedding.png")
-    stats = {
-        "betas": result.betas,
-        "target": result.target,
-        "config": cfg.to_json(),
-        "final": result.metrics,
-        "histograms": result.histograms,
-        "knn_entropy": {beta_label(b): h for b, h in zip(result.betas, entropies, strict=True)},
-        "history": result.history,
-        "evaluations": result.evaluations,
-        "pca": result.pca,
-        "seconds": result.seconds,
-    }
+    stats = _search_stats(result, entropies, position_summary)
     (directory / "stats.json").write_text(json.dumps(stats, indent=1, allow_nan=True))
     files.append("stats.json")
     manifest_meta = {
         "betas": result.betas,
         "target": result.target,
-        "config": cfg.to_json(),
+        "config": result.config.to_json(),
         **(meta or {}),
     }
     write_manifest(
@@ -1080,18 +1389,121 @@ def write_search_artifact(
     return directory
 
 
+def _write_pair(
+    result: SearchResult, i: int, directory: Path, truth: np.ndarray | None, files: list[str]
+) -> np.ndarray:
+    """Pair ``i``'s networks, samples and sample grid under ``beta=<label>/`` (their names join
+    ``files``); returns the samples for the embedding picture."""
+    from engine.ml.artifacts import save_array
+
+    cfg = result.config
+    label = beta_label(result.betas[i])
+    sub = directory / f"beta={label}"
+    sub.mkdir(exist_ok=True)
+    G = result.generators[i]
+    net_meta = {
+        "beta": result.betas[i],
+        "target": result.targets[i],
+        "hidden": cfg.hidden,
+        "channels": G.channels,
+        "size": G.size,
+        "noise_dim": cfg.noise_dim,
+        "noise_chunks": cfg.noise_chunks,
+        "noise": cfg.noise,
+    }
+    _save_module(sub / "G.safetensors", G, net_meta)
+    _save_module(sub / "T.safetensors", result.statistics[i], net_meta)
+    samples = result.samples[i].numpy().astype(np.float32)
+    save_array(sub / "samples.npy", samples)
+    write_png(sub / "grid.png", trigger_grid(samples, truth))
+    files += [
+        f"beta={label}/{name}"
+        for name in ("G.safetensors", "T.safetensors", "samples.npy", "grid.png")
+    ]
+    return samples
+
+
+def _write_pair_positions(
+    result: SearchResult, i: int, directory: Path, files: list[str]
+) -> dict[str, Any] | None:
+    """A learned pair's pi and where its stamps hit the target (``positions.npy``,
+    ``landing.npy``); returns pi's summary for stats.json, None for the random placements."""
+    from engine.ml.artifacts import save_array
+
+    pi = result.positions[i] if i < len(result.positions) else None
+    if pi is None:
+        return None
+    label = beta_label(result.betas[i])
+    sub = directory / f"beta={label}"
+    save_array(sub / "positions.npy", pi.float().numpy())
+    files.append(f"beta={label}/positions.npy")
+    land = result.landing[i] if i < len(result.landing) else None
+    if land is not None:
+        save_array(sub / "landing.npy", land.float().numpy())
+        files.append(f"beta={label}/landing.npy")
+    return {**position_stats(pi), "grid": list(pi.shape), "top": top_positions(pi)}
+
+
+def _search_stats(
+    result: SearchResult, entropies: list[float], position_summary: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """stats.json: the final statistics, their history and the search's settings."""
+    stats = {
+        "betas": result.betas,
+        "target": result.target,
+        "config": result.config.to_json(),
+        "final": result.metrics,
+        "histograms": result.histograms,
+        "knn_entropy": {beta_label(b): h for b, h in zip(result.betas, entropies, strict=True)},
+        "history": result.history,
+        "evaluations": result.evaluations,
+        "pca": result.pca,
+        "seconds": result.seconds,
+    }
+    if position_summary:
+        stats["positions"] = position_summary
+    return stats
+
+
 # ---------------------------------------------------------------------------------------------
 # Sampling from a finished search (the repair loop's contract)
 
 
 class _GeneratorSampler(TriggerSampler):
     def __init__(
-        self, generators: list[TriggerGenerator], noise: str, noise_dim: int, device: torch.device
+        self,
+        generators: list[TriggerGenerator],
+        noise: str,
+        noise_dim: int,
+        device: torch.device,
+        positions: list[torch.Tensor | None] | None = None,
     ):
         self.generators = [g.to(device).eval() for g in generators]
         self.noise, self.noise_dim, self.device = noise, noise_dim, device
         self.size = generators[0].size
         self.channels = generators[0].channels
+        # The learned position distribution of each generator (None: random places).
+        self.positions = positions if positions and all(p is not None for p in positions) else None
+
+    def _position_probs(self) -> torch.Tensor | None:
+        return None if self.positions is None else self.positions[0]
+
+    def sample_positions(
+        self, n: int, image_size: tuple[int, int], generator: torch.Generator
+    ) -> torch.Tensor | None:
+        """Top-left offsets (n, 2) from the search's learned position distribution, drawn from
+        ``generator`` (the trigger source's stream); None when the search placed its triggers at
+        random (the repair's own placement then stands)."""
+        probs = self._position_probs()
+        if probs is None:
+            return None
+        grid = position_grid(image_size, self.size)
+        if tuple(probs.shape) != grid:
+            raise UserError(
+                f"the search's positions cover a {probs.shape[0]}x{probs.shape[1]} grid, these "
+                f"images a {grid[0]}x{grid[1]} one; repair images of the size searched"
+            )
+        return sample_positions(probs, n, generator)
 
     @torch.no_grad()
     def _from(self, i: int, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -1117,13 +1529,25 @@ class RoundRobinSampler(_GeneratorSampler):
     def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
         return self._from(self.epoch % len(self.generators), n, generator)
 
+    def _position_probs(self) -> torch.Tensor | None:
+        if self.positions is None:
+            return None
+        return self.positions[self.epoch % len(self.generators)]
+
 
 class MixtureSampler(_GeneratorSampler):
     """Per-sample mixing: each trigger comes from generator i with probability weights[i]."""
 
-    def __init__(self, generators, noise, noise_dim, device, weights: list[float]):
-        super().__init__(generators, noise, noise_dim, device)
+    def __init__(self, generators, noise, noise_dim, device, weights: list[float], positions=None):
+        super().__init__(generators, noise, noise_dim, device, positions)
         self.weights = torch.tensor(weights, dtype=torch.float64)
+
+    def _position_probs(self) -> torch.Tensor | None:
+        """The mixture's marginal over positions (each generator's pi, weighted)."""
+        if self.positions is None:
+            return None
+        mixed = [w * p.double() for w, p in zip(self.weights.tolist(), self.positions, strict=True)]
+        return torch.stack(mixed).sum(0)
 
     def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
         weights = self.weights.to(generator.device)
@@ -1157,6 +1581,7 @@ def _make_sampler(
     beta: float | None,
     ensemble: str | None,
     device: torch.device,
+    positions: dict[float, torch.Tensor] | None = None,
 ) -> TriggerSampler:
     if beta is not None and ensemble is not None:
         raise UserError("give either a beta or an ensemble, not both")
@@ -1171,14 +1596,20 @@ def _make_sampler(
             raise UserError(
                 f"beta {beta} is not in this search; use one of {', '.join(map(beta_label, betas))}"
             )
-        return SingleSampler([generators[match[0]]], noise, noise_dim, device)
+        pi = positions.get(match[0]) if positions else None
+        return SingleSampler([generators[match[0]]], noise, noise_dim, device, [pi])
     gens = [generators[b] for b in betas]
+    pis = [positions.get(b) for b in betas] if positions else None
     if ensemble == "round-robin":
-        return RoundRobinSampler(gens, noise, noise_dim, device)
+        return RoundRobinSampler(gens, noise, noise_dim, device, pis)
     if ensemble == "equal":
-        return MixtureSampler(gens, noise, noise_dim, device, [1.0 / len(gens)] * len(gens))
+        return MixtureSampler(
+            gens, noise, noise_dim, device, [1.0 / len(gens)] * len(gens), positions=pis
+        )
     if ensemble == "staircase":
-        return MixtureSampler(gens, noise, noise_dim, device, staircase_weights(betas, entropies))
+        return MixtureSampler(
+            gens, noise, noise_dim, device, staircase_weights(betas, entropies), positions=pis
+        )
     raise UserError(f"ensemble '{ensemble}' is unknown; use one of {', '.join(ENSEMBLES)}")
 
 
@@ -1206,6 +1637,8 @@ class SearchArtifact:
     generators: dict[float, TriggerGenerator]
     noise: str
     noise_dim: int
+    # ``learned`` placement: pi (Hp, Wp) per beta; empty for the random placements.
+    positions: dict[float, torch.Tensor] = field(default_factory=dict)
 
     def samples(self, beta: float) -> np.ndarray:
         from engine.ml.artifacts import load_array
@@ -1227,6 +1660,7 @@ class SearchArtifact:
             beta,
             ensemble,
             self.device,
+            positions=self.positions,
         )
 
 
@@ -1244,6 +1678,14 @@ def open_search(directory: str | Path, device: torch.device | str = "cpu") -> Se
         for b in betas
     }
     cfg = meta.get("config", {})
+    from engine.ml.artifacts import load_array
+
+    listed = set(manifest.get("files", {}))
+    positions = {
+        b: torch.from_numpy(load_array(directory / f"beta={beta_label(b)}" / "positions.npy"))
+        for b in betas
+        if f"beta={beta_label(b)}/positions.npy" in listed
+    }
     return SearchArtifact(
         directory=directory,
         betas=betas,
@@ -1253,4 +1695,5 @@ def open_search(directory: str | Path, device: torch.device | str = "cpu") -> Se
         generators=generators,
         noise=cfg.get("noise", "uniform"),
         noise_dim=int(cfg.get("noise_dim", 64)),
+        positions=positions,
     )

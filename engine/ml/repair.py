@@ -7,7 +7,8 @@ the trigger source differs between methods:
 
 - a ``TriggerSampler`` of k x k patches (MESA's generators, ``FixedPatternSampler`` for the point
   reversal and the ideal oracle, ``RandomPatchSampler`` for the random-patch control), stamped at
-  placements drawn per image (``engine.ml.triggers.Placement``);
+  placements drawn per image (``engine.ml.triggers.Placement``), or, for a MESA search with a
+  learned position distribution, at places drawn from that distribution;
 - a full-image ``MaskTrigger`` (Neural Cleanse), blended at its fixed place;
 - nothing (plain fine-tuning, the control the paper lacks).
 
@@ -45,7 +46,7 @@ from engine.ml.data import Normalizer, augment, batch_indices, to_float
 from engine.ml.metrics import evaluate
 from engine.ml.runtime import autocast
 from engine.ml.triggers import MaskTrigger, PatchTrigger, Placement, blend, stamp
-from engine.reporter import Reporter, stop_point
+from engine.reporter import Reporter, or_null, stop_point
 
 
 class TriggerSampler(Protocol):
@@ -252,8 +253,11 @@ def build_repair_batch(
     Returns (images, labels, stamped mask). Which images are stamped and where (one placement per
     image, for ``patch_size`` patches unless the source has its own size) are drawn from
     ``generator`` for every source, none included, so the repair's stream advances alike for
-    every method; the patterns come from ``trigger_generator`` (default: ``generator``). Every
-    step is one vectorised operation on the images' device.
+    every method; the patterns come from ``trigger_generator`` (default: ``generator``). A source
+    with a learned position distribution (a MESA search with ``learned`` placement) stamps at
+    places drawn from it, from ``trigger_generator`` too, after the patterns: the repair's stream
+    still draws its placements, so every method's batches stay the same. Every step is one
+    vectorised operation on the images' device.
     """
     n = x.shape[0]
     chosen = (torch.rand(n, generator=generator) < rate).to(x.device)
@@ -265,6 +269,11 @@ def build_repair_batch(
         stamped = blend(x, source.mask.to(x.device), source.pattern.to(x.device))
     else:
         patterns = source.sample(n, trigger_generator or generator).to(x.device, x.dtype)
+        own_places = getattr(source, "sample_positions", None)
+        if callable(own_places):  # a learned MESA search: where its distribution says they work
+            learned = own_places(n, (x.shape[2], x.shape[3]), trigger_generator or generator)
+            if learned is not None:
+                positions = learned.to(x.device)
         stamped = stamp(x, patterns, positions)
     return torch.where(chosen[:, None, None, None], stamped, x), y, chosen
 
@@ -304,6 +313,117 @@ def evaluate_repair(
     )
 
 
+@dataclass
+class _Repair:
+    """What stays fixed through a repair's epochs; ``repair`` builds it, and its methods are the
+    stages of an epoch (start, batches, evaluation)."""
+
+    model: nn.Module
+    normalizer: Normalizer
+    images_u8: torch.Tensor
+    labels: torch.Tensor  # on the images' device
+    source: TriggerSource
+    config: RepairConfig
+    held_out: EvalSet
+    step: RepairStep
+    optimizer: torch.optim.Optimizer
+    placement: Placement
+    use_cl: bool
+    generator: torch.Generator
+    trigger_generator: torch.Generator | None
+    patch_size: int
+    precision: str
+    reporter: Reporter
+
+    def epoch(self, epoch: int) -> tuple[dict[str, float], dict[str, float]]:
+        """Train one epoch and evaluate; returns the epoch's metrics (logged with ``epoch + 1``
+        as the step) and its ``eval/...`` part."""
+        started = time.perf_counter()
+        lr, step_metrics = self._start_epoch(epoch)
+        loss_sum, stamped = self._train_batches(epoch)
+        n = self.images_u8.shape[0]
+        metrics = {
+            "repair/loss": float(loss_sum / n),
+            "repair/stamped": float(stamped / n),
+            "repair/epoch": epoch + 1,
+            "time/epoch_s": time.perf_counter() - started,
+            **step_metrics,
+        }
+        if lr is not None:
+            metrics["repair/lr"] = lr
+        evaluation = evaluate_repair(
+            self.model,
+            self.normalizer,
+            self.held_out,
+            precision=self.precision,
+            channels_last=self.use_cl,
+            batch_size=self.config.eval_batch_size,
+        )
+        last = {f"eval/{k}": v for k, v in evaluation.items()}
+        metrics.update(last)
+        self.reporter.log(metrics, epoch + 1)
+        self.reporter.check_in(max(120.0, 5 * metrics["time/epoch_s"]))
+        return metrics, last
+
+    def _start_epoch(self, epoch: int) -> tuple[float | None, dict[str, float]]:
+        """The source's epoch (round-robin ensemble), the step's rate for the epoch (None: the
+        optimiser's own) and the step's own start (I-BAU's perturbation), whose metrics come back."""
+        self.model.train(self.step.train_mode)
+        if self.source is not None and not isinstance(self.source, MaskTrigger):
+            self.source.set_epoch(epoch)
+        lr = self.step.learning_rate(epoch)
+        if lr is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+        step_metrics = self.step.start_epoch(self.model, epoch, self.reporter)
+        self.model.train(self.step.train_mode)  # the step's start may leave another mode
+        return lr, step_metrics
+
+    def _train_batches(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass over the defender's images; returns the summed loss (per image) and the
+        count of stamped images, on the device (no host sync per batch)."""
+        config, device = self.config, self.images_u8.device
+        n = self.images_u8.shape[0]
+        steps_per_epoch = math.ceil(n / config.batch_size)
+        loss_sum = torch.zeros((), device=device)
+        stamped = torch.zeros((), device=device)
+        for i, idx in enumerate(batch_indices(n, config.batch_size, self.generator, device=device)):
+            stop_point(self.reporter)
+            x, y, chosen = self._batch(idx)
+            loss = self.step.update(self.model, x, y, self.optimizer)
+            loss_sum += loss * y.shape[0]
+            stamped += chosen.sum()
+            self.reporter.progress(
+                "repair",
+                epoch * steps_per_epoch + i + 1,
+                config.epochs * steps_per_epoch,
+                {"epoch": epoch + 1},
+            )
+        return loss_sum, stamped
+
+    def _batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batch at ``idx``, augmented, stamped and normalised: (x, y, stamped mask)."""
+        x = self.images_u8[idx]
+        y = self.labels[idx]
+        if self.config.augment:
+            x = augment(x, self.generator)  # on the uint8 batch: a quarter of the bytes
+        x = to_float(x)
+        x, y, chosen = build_repair_batch(
+            x,
+            y,
+            self.source,
+            self.config.stamp_rate,
+            self.generator,
+            self.placement,
+            trigger_generator=self.trigger_generator,
+            patch_size=self.patch_size,
+        )
+        x = self.normalizer.inplace(x)  # x is this step's own batch
+        if self.use_cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y, chosen
+
+
 def repair(
     model: nn.Module,
     normalizer: Normalizer,
@@ -329,6 +449,8 @@ def repair(
     called after each epoch (checkpoints); ``start_epoch`` and ``optimizer_state`` resume.
     ``trigger_generator`` is the source's own stream (see the module's note on pairing).
     ``step``: how a batch updates the model (default ``PlainStep``: cross-entropy and SGD)."""
+    # Checkpoints are the caller's (``on_epoch``), never the reporter's: the null one is safe.
+    reporter = or_null(reporter)
     device = images_u8.device
     placement = Placement(config.placement)
     use_cl = config.channels_last and device.type != "mps"
@@ -338,76 +460,27 @@ def repair(
     optimizer = step.make_optimizer(model, config)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
-    n = images_u8.shape[0]
-    labels = labels.to(device)
-    steps_per_epoch = math.ceil(n / config.batch_size)
+    run = _Repair(
+        model=model,
+        normalizer=normalizer,
+        images_u8=images_u8,
+        labels=labels.to(device),
+        source=source,
+        config=config,
+        held_out=held_out,
+        step=step,
+        optimizer=optimizer,
+        placement=placement,
+        use_cl=use_cl,
+        generator=generator,
+        trigger_generator=trigger_generator,
+        patch_size=patch_size,
+        precision=precision,
+        reporter=reporter,
+    )
     last: dict[str, float] = {}
     for epoch in range(start_epoch, config.epochs):
-        started = time.perf_counter()
-        model.train(step.train_mode)
-        if source is not None and not isinstance(source, MaskTrigger):
-            source.set_epoch(epoch)
-        lr = step.learning_rate(epoch)
-        if lr is not None:
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-        step_metrics = step.start_epoch(model, epoch, reporter)
-        model.train(step.train_mode)
-        loss_sum = torch.zeros((), device=device)
-        stamped = torch.zeros((), device=device)
-        for i, idx in enumerate(batch_indices(n, config.batch_size, generator, device=device)):
-            if reporter is not None:
-                stop_point(reporter)
-            x = images_u8[idx]
-            y = labels[idx]
-            if config.augment:
-                x = augment(x, generator)  # on the uint8 batch: a quarter of the bytes
-            x = to_float(x)
-            x, y, chosen = build_repair_batch(
-                x,
-                y,
-                source,
-                config.stamp_rate,
-                generator,
-                placement,
-                trigger_generator=trigger_generator,
-                patch_size=patch_size,
-            )
-            x = normalizer.inplace(x)  # x is this step's own batch
-            if use_cl:
-                x = x.contiguous(memory_format=torch.channels_last)
-            loss = step.update(model, x, y, optimizer)
-            loss_sum += loss * y.shape[0]
-            stamped += chosen.sum()
-            if reporter is not None:
-                reporter.progress(
-                    "repair",
-                    epoch * steps_per_epoch + i + 1,
-                    config.epochs * steps_per_epoch,
-                    {"epoch": epoch + 1},
-                )
-        metrics = {
-            "repair/loss": float(loss_sum / n),
-            "repair/stamped": float(stamped / n),
-            "repair/epoch": epoch + 1,
-            "time/epoch_s": time.perf_counter() - started,
-            **step_metrics,
-        }
-        if lr is not None:
-            metrics["repair/lr"] = lr
-        evaluation = evaluate_repair(
-            model,
-            normalizer,
-            held_out,
-            precision=precision,
-            channels_last=use_cl,
-            batch_size=config.eval_batch_size,
-        )
-        last = {f"eval/{k}": v for k, v in evaluation.items()}
-        metrics.update(last)
-        if reporter is not None:
-            reporter.log(metrics, epoch + 1)
-            reporter.check_in(max(120.0, 5 * metrics["time/epoch_s"]))
+        metrics, last = run.epoch(epoch)
         if on_epoch is not None:
             on_epoch(epoch + 1, metrics, optimizer)
     return last, optimizer

@@ -17,6 +17,8 @@ from engine.errors import UserError
 from engine.triggerspec import pattern_array
 
 PLACEMENTS = ("per-image", "per-batch", "corner")
+# A fixed top-left offset chosen by the attacker: ``at:ROW,COL`` (``engine.triggerspec``).
+AT_HELP = "use per-image, per-batch, corner or at:ROW,COL (the patch's top-left pixel)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,15 +79,21 @@ def parse_trigger(spec: str, channels: int = 3) -> torch.Tensor:
 class Placement:
     """Where patches go. ``per-image``: uniform over every valid offset, independently per image
     (the corrected default); ``per-batch``: one offset per batch drawn from 0..H-k-1 exactly as the
-    authors' script did (off-by-one included); ``corner``: fixed bottom-right corner."""
+    authors' script did (off-by-one included); ``corner``: fixed bottom-right corner;
+    ``at:ROW,COL``: a fixed top-left offset (BadNets-style fixed positions off the corner). On
+    images too small for it (the crop epochs' windows) the offset is clamped so the patch fits:
+    it keeps its distance to the top and left edges."""
 
     mode: str = "per-image"
 
     def __post_init__(self) -> None:
-        if self.mode not in PLACEMENTS:
-            raise UserError(
-                f"placement '{self.mode}' is unknown; use one of {', '.join(PLACEMENTS)}"
-            )
+        if self.mode not in PLACEMENTS and parse_at(self.mode) is None:
+            raise UserError(f"placement '{self.mode}' is unknown; {AT_HELP}")
+
+    @property
+    def fixed(self) -> bool:
+        """True when every patch goes to the same place (corner, at:ROW,COL)."""
+        return self.mode == "corner" or self.mode.startswith("at:")
 
     def sample(
         self,
@@ -104,6 +112,10 @@ class Placement:
         if self.mode == "corner":
             pos = torch.tensor([h - k, w - k], dtype=torch.long)
             return pos.expand(n, 2).to(device)
+        at = parse_at(self.mode)
+        if at is not None:
+            pos = torch.tensor([min(at[0], h - k), min(at[1], w - k)], dtype=torch.long)
+            return pos.expand(n, 2).to(device)
         if self.mode == "per-batch":
             # The script's randint(0, 32 - 3) is exclusive: offsets 0..28 on CIFAR.
             hi_r, hi_c = max(h - k, 1), max(w - k, 1)
@@ -113,6 +125,33 @@ class Placement:
         r = torch.randint(0, h - k + 1, (n,), generator=generator)
         c = torch.randint(0, w - k + 1, (n,), generator=generator)
         return torch.stack([r, c], dim=1).to(device)
+
+
+def parse_at(mode: str) -> tuple[int, int] | None:
+    """(row, col) of an ``at:ROW,COL`` placement, None for anything else (or a malformed one)."""
+    from engine.triggerspec import parse_at_placement
+
+    return parse_at_placement(mode)
+
+
+def position_grid(image_size: tuple[int, int], k: int) -> tuple[int, int]:
+    """Rows and columns of valid top-left offsets of a k x k patch: (H - k + 1, W - k + 1)."""
+    h, w = image_size
+    if k > h or k > w:
+        raise UserError(f"trigger size {k} is bigger than the image {h}x{w}; use a smaller patch")
+    return h - k + 1, w - k + 1
+
+
+def sample_positions(
+    probs: torch.Tensor, n: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """``n`` top-left offsets ``(n, 2)`` drawn from a distribution over the position grid
+    ``probs`` (Hp, Wp) (a learned MESA position distribution). Drawn on the CPU from
+    ``generator``; returned on the CPU as int64."""
+    hp, wp = probs.shape
+    flat = probs.detach().double().flatten().cpu().clamp_min(0)
+    idx = torch.multinomial(flat, n, replacement=True, generator=generator)
+    return torch.stack([idx // wp, idx % wp], dim=1)
 
 
 def stamp(images: torch.Tensor, patterns: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -166,7 +166,8 @@ def load_job(store: Any, job_id: int, member: Any | None = None) -> JobData:
     run_ids = [r.id for r in detail.runs]
     latest = store.latest_metrics(run_ids) if run_ids else {}
     spec = dict(job.spec or {})
-    trigger = member.trigger if member is not None and member.trigger else spec.get("trigger")
+    # The study's trigger, else the job's own (its spec's, or its attack's for a search or repair).
+    trigger = member.trigger if member is not None and member.trigger else job.trigger
     return JobData(
         id=job.id,
         kind=job.kind,

@@ -458,6 +458,10 @@ def _source_mesa(d: _Defense) -> None:
     d.upstream.append(str(spec.search))
     d.extra["beta"] = spec.beta
     d.extra["ensemble"] = ensemble
+    # A search with learned placement: its triggers are stamped where its pi says.
+    d.extra["positions"] = "learned" if search.positions else spec.placement
+    if search.positions:
+        d.reporter.text("mesa: stamping at the places the search's position distribution gives")
 
 
 def _source_ideal(d: _Defense) -> None:

@@ -14,12 +14,14 @@ continues from that step with the same generators an uninterrupted search would 
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from engine.errors import UserError
 from engine.reporter import Reporter, TaskResult
 from engine.specs import MesaSpec
+from engine.triggerspec import trigger_kind
 
 CHECKPOINT = "checkpoints/search.safetensors"
 # How often the search saves its state: every N steps when set (tests), else by the clock.
@@ -87,8 +89,34 @@ def load_defender_data(model_dir: str, device, defender_fraction: float, split_s
 
 
 def run(spec: MesaSpec, reporter: Reporter) -> TaskResult:
+    check_spec(spec)
+    loaded = _load(spec, reporter)
+    result = _search(spec, loaded, reporter)
+    workdir = Path(reporter.workdir)
+    _write(spec, loaded, result, workdir)
+    shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
+    reporter.artifact(workdir, "search")
+    return _task_result(spec, loaded, result, workdir)
+
+
+@dataclass
+class _Loaded:
+    """What the search runs on: the model and defender images, and (evaluation only) the
+    ground-truth pattern, which the search itself never receives."""
+
+    device: Any
+    precision: str
+    model: Any
+    meta: Any
+    normalizer: Any
+    images: Any
+    labels: Any
+    true_pattern: Any
+    bw_task: bool
+
+
+def _load(spec: MesaSpec, reporter: Reporter) -> _Loaded:
     from engine.ml.artifacts import load_ground_truth
-    from engine.ml.mesa import SearchCheckpoint, search, write_search_artifact
     from engine.ml.runtime import (
         configure_cpu,
         configure_device,
@@ -97,8 +125,6 @@ def run(spec: MesaSpec, reporter: Reporter) -> TaskResult:
         seed_everything,
     )
 
-    check_spec(spec)
-    config = spec.mesa_config()
     configure_cpu()
     device = pick_device(spec.device)
     configure_device(device)
@@ -113,35 +139,52 @@ def run(spec: MesaSpec, reporter: Reporter) -> TaskResult:
             "(hash mismatch); results may not be comparable",
             "warning",
         )
-    # Evaluation only: the search below receives none of it.
     truth = load_ground_truth(spec.model)
-    true_pattern = truth.pattern if truth is not None else None
-    bw_task = truth is not None and truth.trigger.startswith("bw:")
-    reporter.text(
-        f"MESA search: target {spec.target}, betas {spec.betas}, {spec.steps} steps, "
-        f"{images.shape[0]} defender images, {device} {precision}"
-    )
-    workdir = Path(reporter.workdir)
-    result = search(
-        model,
-        normalizer,
-        images,
-        spec.target,
-        config,
-        labels=labels,
+    return _Loaded(
         device=device,
         precision=precision,
+        model=model,
+        meta=meta,
+        normalizer=normalizer,
+        images=images,
+        labels=labels,
+        true_pattern=truth.pattern if truth is not None else None,
+        bw_task=truth is not None and trigger_kind(truth.trigger) == "bw",
+    )
+
+
+def _search(spec: MesaSpec, d: _Loaded, reporter: Reporter):  # noqa: ANN202  (SearchResult: torch)
+    from engine.ml.mesa import SearchCheckpoint, search
+
+    reporter.text(
+        f"MESA search: target {spec.target}, betas {spec.betas}, {spec.steps} steps, "
+        f"{d.images.shape[0]} defender images, {d.device} {d.precision}"
+    )
+    return search(
+        d.model,
+        d.normalizer,
+        d.images,
+        spec.target,
+        spec.mesa_config(),
+        labels=d.labels,
+        device=d.device,
+        precision=d.precision,
         reporter=reporter,
-        true_pattern=true_pattern,
-        bw_stats=bw_task,
+        true_pattern=d.true_pattern,
+        bw_stats=d.bw_task,
         seed=spec.seed,
         checkpoint=SearchCheckpoint(
-            workdir / CHECKPOINT,
+            Path(reporter.workdir) / CHECKPOINT,
             resume=reporter.resume,
             every_steps=CHECKPOINT_EVERY_STEPS,
             every_s=CHECKPOINT_EVERY_S,
         ),
     )
+
+
+def _write(spec: MesaSpec, d: _Loaded, result: Any, workdir: Path) -> None:
+    from engine.ml.mesa import write_search_artifact
+
     write_search_artifact(
         result,
         workdir,
@@ -150,19 +193,20 @@ def run(spec: MesaSpec, reporter: Reporter) -> TaskResult:
         upstream=[spec.model],
         meta={
             "model": str(Path(spec.model).resolve()),
-            "dataset": meta.dataset,
-            "num_classes": meta.num_classes,
-            "channels": meta.in_channels,
-            "image_size": list(meta.image_size),
+            "dataset": d.meta.dataset,
+            "num_classes": d.meta.num_classes,
+            "channels": d.meta.in_channels,
+            "image_size": list(d.meta.image_size),
             "defender_fraction": spec.defender_fraction,
             "split_seed": spec.split_seed,
             "seed": spec.seed,
-            "precision": precision,
+            "precision": d.precision,
         },
-        true_pattern=true_pattern,
+        true_pattern=d.true_pattern,
     )
-    shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
-    reporter.artifact(workdir, "search")
+
+
+def _task_result(spec: MesaSpec, d: _Loaded, result: Any, workdir: Path) -> TaskResult:
     total_steps = spec.steps * len(spec.betas)
     return TaskResult(
         artifact=str(workdir),
@@ -173,7 +217,7 @@ def run(spec: MesaSpec, reporter: Reporter) -> TaskResult:
             "histograms": result.histograms,
             "seconds": round(result.seconds, 2),
             "generator_steps_per_s": round(total_steps / max(result.seconds, 1e-9), 3),
-            "device": str(device),
-            "precision": precision,
+            "device": str(d.device),
+            "precision": d.precision,
         },
     )

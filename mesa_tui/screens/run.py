@@ -38,6 +38,7 @@ from mesa_tui.source import (
 )
 from mesa_tui.widgets.curves import PALETTE, Curves, CurvesPanel, make_plot
 from mesa_tui.widgets.format import duration, number, size, status_text
+from mesa_tui.widgets.position_map import PositionMap
 from mesa_tui.widgets.series import SeriesSet
 from mesa_tui.widgets.trigger_grid import TriggerGrid
 from store.entities import FINISHED, RETRYABLE
@@ -107,6 +108,7 @@ class RunScreen(SourceScreen):
                 yield CurvesPanel(id="curves-panel")
             with TabPane("Triggers", id="triggers"), VerticalScroll():
                 yield TriggerGrid(id="trigger-grid")
+                yield PositionMap(id="position-map")
                 yield DataTable(id="trigger-stats", cursor_type="row", zebra_stripes=True)
             with TabPane("Embedding", id="embedding"):
                 yield Static(
@@ -248,6 +250,7 @@ class RunScreen(SourceScreen):
     def on_samples_loaded(self, message: SamplesLoaded) -> None:
         self.samples_stamp = message.samples.stamp
         self.query_one(TriggerGrid).show(message.samples.by_beta, message.samples.original)
+        self.query_one(PositionMap).show(message.samples.positions)
         plot = self.query_one("#embedding-plot", PlotWidget)
         plot.clear()
         for i, (beta, xy) in enumerate(sorted(message.embedding.items(), reverse=True)):

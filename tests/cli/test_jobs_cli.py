@@ -333,4 +333,6 @@ def test_submit_pipeline_placement_corner_goes_to_the_attack():
         Store().job(j["id"]) for j in json.loads(run("ls", "--json").stdout)["jobs"]
     )
     assert train.spec["placement"] == "corner"
-    assert mesa.spec["placement"] == defend.spec["placement"] == "per-image"
+    # The search keeps its own default (learned: the position scan, then pi); the repair's
+    # placements are its own too.
+    assert mesa.spec["placement"] == "learned" and defend.spec["placement"] == "per-image"

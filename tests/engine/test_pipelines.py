@@ -98,14 +98,14 @@ def test_a_choice_only_the_attack_offers_goes_to_the_attack(isolated_home):
     assert routed["train"] == {"placement": "corner"}
     assert "placement" not in routed["mesa"] and "placement" not in routed["defend"]
     (note,) = routing_notes({"placement": "corner"})
-    assert "train stage only" in note and "--mesa-placement" in note
+    assert "train stage only" in note and "--detect-placement" in note
     assert split_overrides({"placement": "per-batch"})["defend"] == {"placement": "per-batch"}
     assert routing_notes({"placement": "per-batch", "epochs": 2}) == []
     built = build_pipeline(
         preset="cpu-quick", trigger="bw:170", target="0", methods=["mesa"],
         overrides={"placement": "corner"},
     )  # fmt: skip
-    assert [j.spec.get("placement") for j in built.jobs] == ["corner", "per-image", "per-image"]
+    assert [j.spec.get("placement") for j in built.jobs] == ["corner", "learned", "per-image"]
     with pytest.raises(UserError, match="invalid --placement 'diagonal'"):
         build_pipeline(
             preset="cpu-quick", trigger="bw:170", target="0", methods=["mesa"],
@@ -285,6 +285,36 @@ def test_reuse_needs_equal_spec_code_dataset_and_upstream(store):
     assert [j.reuse_of for j in apply_reuse(store, other_trigger.jobs)] == [None, None]
     _fake_dataset("e" * 64)  # the data changed: nothing is reused
     assert [j.reuse_of for j in apply_reuse(store, first.jobs)] == [None, None]
+
+
+def test_a_pipelines_jobs_carry_their_attacks_trigger_and_target(store):
+    """Every stage stores the attack's trigger and target as fields (labels blanked: nothing is
+    read from them); the search told to use the class detect flags, and the repairs, inherit the
+    attack's target; a later pipeline reusing the finished attack inherits from that job."""
+    import dataclasses
+
+    def blank(jobs):
+        return [dataclasses.replace(j, label="") for j in jobs]
+
+    built = build_pipeline(
+        preset="cpu-quick", trigger="color:3", target="auto", methods=["mesa", "point"],
+        overrides={"train_target": "2"},
+    )  # fmt: skip
+    ids = store.submit(blank(built.jobs))
+    jobs = [store.job(i) for i in ids]
+    assert [j.kind for j in jobs] == ["train", "detect", "mesa", "defend", "defend"]
+    assert jobs[2].spec["target"] == f"job:{ids[1]}:flagged"
+    assert [(j.trigger, j.target) for j in jobs] == [("color:3", 2)] * 5
+    _fake_dataset("d" * 64)
+    _finish(store, ids[0], "a" * 64, dataset_hash="d" * 64)
+    again = apply_reuse(store, blank(build_pipeline(
+        preset="cpu-quick", trigger="color:3", target="auto", methods=["finetune"],
+        overrides={"train_target": "2"},
+    ).jobs))  # fmt: skip
+    assert again[0].reuse_of == ids[0]
+    reused, detect, finetune = store.submit(again)
+    assert reused == ids[0] and store.job(finetune).spec["model"] == f"job:{ids[0]}"
+    assert (store.job(finetune).trigger, store.job(finetune).target) == ("color:3", 2)
 
 
 def test_engine_resolves_artifacts_and_the_flagged_class(store):

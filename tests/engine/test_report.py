@@ -241,3 +241,22 @@ def test_a_real_engine_run_reports_its_wall_time_and_peak_memory(tmp_path):
     stage, device, runs, wall, *_, rss, gpu = cost[1].split(",")
     assert (stage, runs, gpu) == ("count", "1", "") and float(wall) >= 0 and float(rss) > 10
     assert "## Cost" in Path(result.report).read_text()
+
+
+def test_a_job_outside_a_study_reports_its_stored_trigger():
+    """A search submitted on its own (no study, no trigger in its spec, a label without one)
+    reports the trigger the store gave it: its attack's."""
+    from engine.report import collect
+    from store.entities import NewJob
+    from store.repository import Store
+
+    store = Store()
+    attack, search = store.submit(
+        [
+            NewJob("train", {"trigger": "bw:85", "target": 3}, "a", label="attack"),
+            NewJob("mesa", {"model": "job:#0"}, "m", label="search", depends_on=(("#0", "model"),)),
+        ]
+    )
+    assert collect.load_job(store, search).trigger == "bw:85"
+    assert collect.load_job(store, attack).trigger == "bw:85"
+    store.close()

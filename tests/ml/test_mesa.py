@@ -74,6 +74,7 @@ def tiny_config(**overrides) -> MesaConfig:
         eval_images=16,
         samples=64,
         channels_last=False,
+        placement="per-image",  # the paper's search; the learned one: tests/ml/test_positions.py
     )
     values.update(overrides)
     return MesaConfig(**values)

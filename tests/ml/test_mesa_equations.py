@@ -140,7 +140,7 @@ def test_first_steps_follow_the_equations(score):
     with torch.no_grad():  # a weaker backdoor: p lands on both sides of every beta
         model.threshold.fill_(0.0)
     images, _ = synthetic(256, seed=3)
-    cfg = MesaConfig(score=score)
+    cfg = MesaConfig(score=score, placement="per-image")  # the paper's equations
     pairs = [(beta, TARGET, f"beta={beta}") for beta in cfg.betas]
     trainer = MesaTrainer(model, Normalizer((0.0,) * 3, (1.0,) * 3), images, pairs, cfg, seed=5)
     orders, averages = [None] * len(pairs), [None] * len(pairs)

@@ -128,6 +128,19 @@ def test_bad_specs_name_the_value(spec, named):
     assert "\n" not in str(info.value)
 
 
+def test_trigger_kind_is_the_spec_kind_or_none():
+    from engine.triggerspec import trigger_kind
+
+    assert [trigger_kind(t) for t in ("bw:170", "color:3", "square:white", "file:/t.png")] == [
+        "bw",
+        "color",
+        "square",
+        "file",
+    ]
+    assert trigger_kind("bw") is None and trigger_kind("bwx:1") is None
+    assert trigger_kind("plaid:3") is None and trigger_kind(None) is None
+
+
 def test_non_square_file_refused(tmp_path):
     np.save(tmp_path / "rect.npy", np.zeros((3, 4), dtype=np.float32))
     with pytest.raises(UserError, match="square"):

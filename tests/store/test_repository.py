@@ -304,3 +304,43 @@ def test_the_heartbeat_carries_the_hosts_system(store):
     beat = store.engine_heartbeat(engine.id, 1, [], system)
     assert beat.system.cpus == 2 and beat.system.slots[0].job_id == 3
     assert store.engines()[0].system == beat.system
+
+
+def test_jobs_carry_their_trigger_and_target_from_the_spec_or_their_upstream_job(store):
+    """Stored at insert and read back as fields: an attack's from its spec, a search or repair
+    inherits its model's (in a later submission too), its own spec's target first; a clean model
+    and a repair of a model given by path name none, whatever their labels say."""
+    attack, clean = store.submit(
+        [
+            NewJob("train", {"trigger": "bw:85", "target": 3}, "a", label="x"),
+            NewJob("train", {"trigger": None, "target": 0}, "b", label="attack bw:7 -> 0"),
+        ]
+    )
+    mesa, repair, told = store.submit(
+        [
+            NewJob("mesa", {"model": f"job:{attack}"}, "c", depends_on=((attack, "model"),)),
+            NewJob(
+                "defend",
+                {"model": f"job:{attack}", "search": "job:#0", "target": None},
+                "d",
+                depends_on=((attack, "model"), ("#0", "search")),
+            ),
+            NewJob(
+                "defend",
+                {"model": f"job:{attack}", "target": 5},
+                "e",
+                depends_on=((attack, "model"),),
+            ),
+        ]
+    )
+    (by_path,) = store.submit([NewJob("defend", {"model": "/m"}, "f", label="point bw:7 -> 0")])
+    found = {s.id: (s.trigger, s.target) for s in store.list_jobs()}
+    assert found[attack] == ("bw:85", 3) and found[clean] == (None, None)
+    assert found[mesa] == found[repair] == ("bw:85", 3) and found[told] == ("bw:85", 5)
+    assert found[by_path] == (None, None)
+    assert to_json(store.job(repair))["trigger"] == "bw:85"
+    job_id, _ = store.start_foreground(
+        "train", {"trigger": "color:3", "target": 1}, "g", label="", host="h", pid=1,
+        code_version="t",
+    )  # fmt: skip
+    assert (store.job(job_id).trigger, store.job(job_id).target) == ("color:3", 1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from textual.widgets import DataTable, Input, SelectionList, Static, TabbedContent
 
@@ -431,3 +433,39 @@ async def test_pipeline_form_refuses_a_bad_method_then_queues_every_stage(demo, 
         kind, spec = next(c[1] for c in demo.calls if c[0] == "submit")
         assert kind == "pipeline" and spec["methods"] == "mesa,ideal" and spec["target"] == "auto"
         assert table_ids(app)[:5] == [10, 9, 8, 7, 6]
+
+
+async def test_position_map_shows_where_learned_triggers_land(demo, clock):
+    """A search with learned placement writes beta=*/positions.npy: the Triggers tab draws one
+    heat map per beta with its legend (the top offset, its mass, the spread); a search at random
+    places has no map and the widget stays hidden."""
+    import numpy as np
+
+    from mesa_tui.widgets.position_map import PositionMap, heat_lines, legend
+
+    app = make_app(demo, clock)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot)
+        app.open_job(2)
+        await refresh_screen(pilot)
+        run = app.screen
+        assert isinstance(run, RunScreen)
+        assert not run.query_one(PositionMap).display  # the demo search: per-image
+        search_dir = Path(demo._workdirs[2])
+        pi = np.full((30, 30), 0.1 / 899, dtype=np.float32)
+        pi[29, 29] = 0.9
+        for beta in ("0.9", "0.8", "0.5"):
+            np.save(search_dir / f"beta={beta}" / "positions.npy", pi, allow_pickle=False)
+            (search_dir / f"beta={beta}" / "samples.npy").touch()  # newer: read again
+        run.samples_stamp = 0.0
+        run.polls = 0
+        await refresh_screen(pilot)
+        await pilot.press("2")
+        await pilot.pause()
+        widget = run.query_one(PositionMap)
+        assert widget.display and set(widget.by_beta) == {"0.9", "0.8", "0.5"}
+        assert widget.by_beta["0.9"].shape == (30, 30)
+    lines = heat_lines(pi)
+    assert len(lines) == 15 and lines[0].cell_len == 30
+    bar, info = legend(pi)
+    assert "90.0%" in bar.plain and "top (29,29) 90%" in info.plain

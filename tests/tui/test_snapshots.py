@@ -6,6 +6,8 @@ look at ``snapshot_report.html`` before accepting.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from textual.widgets import Input, Select, SelectionList
 
@@ -201,4 +203,32 @@ def test_run_curves_with_a_pinned_run(snap_compare, snapshot_demo, clock, size):
 def test_help(snap_compare, snapshot_demo, clock, size):
     assert snap_compare(
         make_app(snapshot_demo, clock), terminal_size=size, run_before=run_before("question_mark")
+    )
+
+
+def with_learned_positions(source) -> None:
+    """Give the demo search (job 2) a learned position distribution: a corner backdoor's pi."""
+    import numpy as np
+
+    search_dir = Path(source._workdirs[2])
+    for i, beta in enumerate(("0.9", "0.8", "0.5")):
+        pi = np.full((30, 30), 0.02 / 896, dtype=np.float32)
+        pi[28:, 28:] = 0.98 / 4 - 0.05 * i
+        pi[27, 27] = 0.2 * i
+        np.save(search_dir / f"beta={beta}" / "positions.npy", pi / pi.sum(), allow_pickle=False)
+
+
+@pytest.mark.parametrize("size", [(120, 40)], ids=lambda size: f"{size[0]}x{size[1]}")
+def test_run_triggers_position_map(snap_compare, snapshot_demo, clock, size):
+    """The Triggers tab of a search with learned placement: the heat map of where triggers land
+    (one per beta, with its legend) under the sampled triggers; scrolled down to it."""
+    with_learned_positions(snapshot_demo)
+
+    async def scroll(pilot) -> None:
+        pilot.app.screen.query_one("#position-map").scroll_visible(animate=False)
+
+    assert snap_compare(
+        make_app(snapshot_demo, clock),
+        terminal_size=size,
+        run_before=run_before(open_job(2), "2", scroll),
     )

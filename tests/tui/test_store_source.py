@@ -130,13 +130,39 @@ def test_store_source_submits_a_pipeline_with_its_dependencies(store_source):
     assert mesa.depends_on == (ids[0],) and mesa.spec["model"] == f"job:{ids[0]}"
 
 
-def test_jobs_without_a_trigger_in_their_spec_show_the_one_in_their_label():
-    from mesa_tui.source import _label_trigger
+def test_rows_show_the_jobs_own_trigger_and_target_never_one_in_their_label(store_source):
+    """A repair whose spec names no trigger shows its attack's (the store's field); a job
+    whose label names a trigger it does not have shows none; the method is the label before the
+    job's own trigger."""
+    from store.entities import NewJob
 
-    assert _label_trigger("point bw:85 -> 0") == "bw:85"
-    assert _label_trigger("mesa-ensemble color:3 -> 1") == "color:3"
-    assert _label_trigger("trigger=bw:170 target=0") == "bw:170"
-    assert _label_trigger("clean model") == "clean model" and _label_trigger(None) is None
+    store = store_source.store
+    attack, repair, by_path = store.submit(
+        [
+            NewJob("train", {"trigger": "bw:85", "target": 3}, "a", label="attack"),
+            NewJob(
+                "defend",
+                {"model": "job:#0", "method": "point"},
+                "b",
+                label="point #3 bw:85 -> 3",
+                depends_on=(("#0", "model"),),
+            ),
+            NewJob("defend", {"model": "/m", "method": "finetune"}, "c", label="ft bw:7 -> 0"),
+        ]
+    )
+    rows = {r.id: r for r in store_source.jobs(JobQuery(), None).rows}
+    assert (rows[attack].trigger, rows[attack].target, rows[attack].method) == (
+        "bw:85",
+        3,
+        "attack",
+    )
+    assert (rows[repair].trigger, rows[repair].target, rows[repair].method) == (
+        "bw:85",
+        3,
+        "point #3",
+    )
+    assert (rows[by_path].trigger, rows[by_path].target) == (None, None)
+    assert rows[by_path].method == "finetune"  # its label's bw:7 is not its trigger
 
 
 async def test_study_screen_over_the_store_shows_the_study_statistics(tmp_path):
@@ -178,12 +204,18 @@ async def test_study_screen_over_the_store_shows_the_study_statistics(tmp_path):
 def test_the_method_column_is_the_label_before_its_trigger_else_the_spec_method():
     from mesa_tui.source import label_method
 
-    assert label_method("point #3 bw:85 -> 0", {"method": "point"}) == "point #3"
-    assert label_method("mesa-0.9 square:white -> 0", {}) == "mesa-0.9"
-    assert label_method("attack bw:170 -> 0", {}) == "attack"
-    assert label_method(None, {"method": "anp"}) == "anp"
-    assert label_method("bw:7 -> 0", {"method": "finetune"}) == "finetune"
-    assert label_method("clean model", {}) == "clean model" and label_method(None, {}) is None
+    assert label_method("point #3 bw:85 -> 0", {"method": "point"}, "bw:85") == "point #3"
+    assert label_method("mesa-0.9 square:white -> 0", {}, "square:white") == "mesa-0.9"
+    assert label_method("attack bw:170 -> 0", {}, "bw:170") == "attack"
+    assert label_method(None, {"method": "anp"}, None) == "anp"
+    assert label_method("bw:7 -> 0", {"method": "finetune"}, "bw:7") == "finetune"
+    assert (
+        label_method("clean model", {}, None) == "clean model"
+        and label_method(None, {}, None) is None
+    )
+    # Only the job's own trigger is looked for, as a word: no other trigger text is parsed.
+    assert label_method("point bw:85 -> 0", {"method": "point"}, None) == "point"
+    assert label_method("attack bw:170 -> 0", {}, "bw:1") == "attack bw:170 -> 0"
 
 
 def test_store_source_annotates_and_finds_by_note_or_tag(store_source):

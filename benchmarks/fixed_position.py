@@ -1,0 +1,489 @@
+"""Fixed-position backdoors on the CPU network (issue 31): detection, the MESA repair beside
+point, Neural Cleanse and fine-tuning, and the clean models' false positives.
+
+Units, in the order they answer the main question (``--units all``):
+
+1. BackdoorBench-style attacks (BadNets: one patch at one place, 10 % poisoning, the cpu-quick
+   preset from scratch, target 0): ``square:white`` and ``bw:0`` (black-and-white), at the
+   bottom-right ``corner`` and at the fixed off-corner offset ``at:8,8``, seeds 0 then 1. Per
+   model: clean accuracy and ASR, detection (``learned`` placement, all 10 classes: per-class
+   validity, z, flagged classes, where pi puts the triggers), the MESA search (``learned``, the
+   cpu-quick preset, the attack's target as in the paper-figure study), and the repairs at rate
+   0.1 (mesa, point restart 0, neural-cleanse, finetune) paired as in that study: one seed, so
+   every repair sees the same batches, the same stamped images and the same held-out images;
+   each with its ASR, a 95 % Wilson interval and the per-image held-out outcomes.
+2. ``clean-s0..2``: models trained without poisoning; detection must flag nothing (the
+   false-positive rate is the share of clean seeds with a flagged class).
+3. ``paper-bw-ID`` (``--units paper``): the random-position check on a kept model of the paper
+   study (its attack folder, read only): detection and the ``learned`` search + MESA repair at
+   0.1, beside the committed record of that model (``--paper-work``, ``--paper-results``).
+
+Each finished unit is written whole as ``RESULTS/<unit>.json``; a rerun skips what exists and the
+tasks of an unfinished unit resume from the work folder (``--workdir``, kept between runs), so
+the remainder runs in a later sitting with the same command. ``<unit>.partial.json`` holds what
+an unfinished unit has so far (attack and detection first: the main question), and is removed
+when the unit completes.
+
+Usage:
+  MESA_TUI_THREADS=2 python benchmarks/fixed_position.py                # everything, in order
+  MESA_TUI_THREADS=2 python benchmarks/fixed_position.py --units square-white_corner_s0
+  MESA_TUI_THREADS=2 python benchmarks/fixed_position.py --units paper --paper-triggers bw:0
+  python benchmarks/fixed_position.py --list                            # units and their state
+Progress goes to stderr; each written file's path to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._paper import commit, log, machine, repair_entry, run_task, write_json  # noqa: E402
+from benchmarks._script import run_main  # noqa: E402
+from engine.errors import UserError  # noqa: E402
+
+SCHEMA = 1
+RESULTS = ROOT / "docs/results/fixed-position"
+TARGET = 0
+RATE = 0.1
+POISON = 0.1
+TRIGGERS = ("square:white", "bw:0")
+PLACEMENTS = ("corner", "at:8,8")
+SEEDS = (0, 1)
+CLEAN_SEEDS = (0, 1, 2)
+METHODS = ("mesa", "point", "neural-cleanse", "finetune")
+# --quick: a smoke run on the cut dataset (tests), every stage at a token size.
+QUICK: dict[str, dict[str, Any]] = {
+    "train": {"dataset": "cifar10-quick", "epochs": 1, "crop_epochs": 0, "batch_size": 128},
+    "detect": {
+        "steps": 4,
+        "n_eval_triggers": 8,
+        "eval_images": 16,
+        "classes": [0, 1, 2],
+        "scan_probes": 2,
+        "scan_images": 2,
+    },
+    "mesa": {
+        "steps": 6,
+        "sample_every": 3,
+        "n_eval_triggers": 8,
+        "eval_images": 16,
+        "samples": 32,
+        "scan_probes": 2,
+        "scan_images": 2,
+    },
+    "defend": {"epochs": 1, "point_epochs": 1, "nc_epochs": 2, "nc_steps_per_epoch": 2},
+}
+CUT: dict[str, dict[str, Any]] = {}  # QUICK when --quick, else nothing
+PAPER_WORK = Path("/work/study/.paper-work")
+PAPER_RESULTS = Path("/work/main/docs/results/paper-small")
+
+
+def attack_name(trigger: str, placement: str, seed: int) -> str:
+    where = placement.replace(":", "").replace(",", "-")
+    return f"{trigger.replace(':', '-')}_{where}_s{seed}"
+
+
+def attack_units() -> list[dict[str, Any]]:
+    """Seed 0 of every attack first (white corner, bw corner, then off-corner), then the clean
+    seeds, then the second seeds."""
+    units = []
+    first = [(t, p) for p in PLACEMENTS for t in TRIGGERS]
+    for t, p in first:
+        units.append({"kind": "attack", "trigger": t, "placement": p, "seed": SEEDS[0]})
+    for s in CLEAN_SEEDS:
+        units.append({"kind": "clean", "seed": s})
+    for seed in SEEDS[1:]:
+        for t, p in first:
+            units.append({"kind": "attack", "trigger": t, "placement": p, "seed": seed})
+    for u in units:
+        u["name"] = (
+            f"clean-s{u['seed']}"
+            if u["kind"] == "clean"
+            else attack_name(u["trigger"], u["placement"], u["seed"])
+        )
+    return units
+
+
+def paper_units(triggers: list[str]) -> list[dict[str, Any]]:
+    return [
+        {"kind": "paper", "trigger": t, "name": f"paper-{t.replace(':', '-')}"} for t in triggers
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces
+
+
+def wilson_entry(bits: str) -> dict[str, Any]:
+    from engine.report.stats import wilson
+
+    k, n = bits.count("1"), len(bits)
+    low, high = wilson(k, n)
+    return {"k": k, "n": n, "rate": k / n if n else float("nan"), "wilson95": [low, high]}
+
+
+def paired(a: str, b: str) -> dict[str, int]:
+    """Held-out images where the trigger still works after repair a / b (same images)."""
+    if len(a) != len(b):
+        raise ValueError("outcomes of different held-out sets are not paired")
+    return {
+        "both": sum(x == "1" and y == "1" for x, y in zip(a, b, strict=True)),
+        "only_first": sum(x == "1" and y == "0" for x, y in zip(a, b, strict=True)),
+        "only_second": sum(x == "0" and y == "1" for x, y in zip(a, b, strict=True)),
+        "neither": sum(x == "0" and y == "0" for x, y in zip(a, b, strict=True)),
+    }
+
+
+def detection(model: str, seed: int, folder: Path, placement: str = "learned") -> dict[str, Any]:
+    values = {"model": model, "seed": seed, "placement": placement, **CUT.get("detect", {})}
+    result, seconds = run_task("detect", values, folder, "cpu-quick")
+    report = json.loads((Path(result.artifact) / "detect.json").read_text())
+    return {
+        "placement": placement,
+        "flagged": report["flagged"],
+        "scores": report["scores"],
+        "z": report["z"],
+        "positions": {
+            c: {k: v for k, v in where.items() if k != "probs"}
+            for c, where in report.get("positions", {}).items()
+        },
+        # The position scan: per class its lift (peak minus median), peak offset and robust z.
+        "scan": report.get("scan"),
+        "seconds": seconds,
+    }
+
+
+def search_stage(model: str, seed: int, folder: Path, overrides: dict | None = None) -> dict:
+    values = {"model": model, "target": TARGET, "seed": seed, "placement": "learned"}
+    values.update(overrides or {})
+    values.update(CUT.get("mesa", {}))
+    result, seconds = run_task("mesa", values, folder, "cpu-quick" if not overrides else None)
+    stats = json.loads((Path(result.artifact) / "stats.json").read_text())
+    betas = stats["betas"]
+    return {
+        "artifact": result.artifact,
+        "placement": values["placement"],
+        "validity": {f"{b:g}": result.metrics.get(f"mesa/beta={b:g}/validity") for b in betas},
+        "positions": stats.get("positions", {}),
+        "seconds": seconds,
+    }
+
+
+def repair_settings(method: str, model: str, search: str, seed: int) -> dict[str, Any]:
+    base = {
+        "model": model,
+        "seed": seed,
+        "target": TARGET,
+        "epochs": 10,
+        "stamp_rate": RATE,
+        "residual_steps": 0,
+        "variations": False,
+    }
+    if method == "mesa":
+        return {**base, "method": "mesa", "search": search}
+    if method == "point":
+        return {**base, "method": "point", "point_restarts": 3, "point_index": 0}
+    return {**base, "method": method}
+
+
+def repairs(model: str, search: str, seed: int, base: Path, methods, progress) -> dict:
+    entries: dict[str, Any] = {}
+    for method in methods:
+        log(f"{base.name}: repair {method} at rate {RATE:g}")
+        result, seconds = run_task(
+            "defend",
+            {**repair_settings(method, model, search, seed), **CUT.get("defend", {})},
+            base / f"rate-{RATE:g}" / method,
+            "cpu-quick",
+        )
+        entry = repair_entry(result, seconds)
+        entry["asr_interval"] = wilson_entry(entry["asr_outcomes"])
+        if method == "mesa":
+            entry["positions"] = result.extra.get("positions")
+        entries[method] = entry
+        progress(method, entry)
+    if "mesa" in entries:
+        for method, entry in entries.items():
+            if method != "mesa":
+                entry["paired_with_mesa"] = paired(
+                    entries["mesa"]["asr_outcomes"], entry["asr_outcomes"]
+                )
+    return entries
+
+
+# ---------------------------------------------------------------------------------------------
+# Units
+
+
+def train(unit: dict[str, Any], base: Path) -> tuple[Any, float]:
+    if unit["kind"] == "clean":
+        overrides = {"trigger": "none", "poison_rate": 0.0, "seed": unit["seed"]}
+    else:
+        overrides = {
+            "trigger": unit["trigger"],
+            "placement": unit["placement"],
+            "target": TARGET,
+            "poison_rate": POISON,
+            "seed": unit["seed"],
+        }
+    overrides.update(CUT.get("train", {}))
+    log(f"{unit['name']}: attack (cpu-quick from scratch)")
+    return run_task("train", overrides, base / "attack", "cpu-quick")
+
+
+def run_unit(unit: dict[str, Any], workdir: Path, results: Path) -> Path:
+    started = time.perf_counter()
+    base = workdir / unit["name"]
+    partial_path = results / f"{unit['name']}.partial.json"
+    record: dict[str, Any] = {"schema": SCHEMA, "unit": unit["name"], **unit}
+
+    def save_partial() -> None:
+        write_json(partial_path, {**record, "complete": False})
+        print(partial_path, flush=True)
+
+    if unit["kind"] == "paper":
+        model = str(PAPER_WORK / unit["trigger"].replace(":", "-") / "attack")
+        if not (Path(model) / "manifest.json").exists():
+            raise UserError(f"no kept paper-study model at {model}; give --paper-work")
+        seed = 0
+        record["model"] = model
+    else:
+        attack, attack_s = train(unit, base)
+        model, seed = attack.artifact, unit["seed"]
+        record["attack"] = {
+            "acc_clean": attack.metrics.get("eval/acc_clean"),
+            "asr": attack.metrics.get("eval/asr"),
+            "seconds": attack_s,
+        }
+    log(f"{unit['name']}: detection (learned placement, every class)")
+    record["detection"] = detection(model, seed, base / "detect")
+    record["detection"]["flags_target"] = TARGET in record["detection"]["flagged"]
+    save_partial()
+    if unit["kind"] == "clean":
+        record["false_positive"] = bool(record["detection"]["flagged"])
+    else:
+        log(f"{unit['name']}: MESA search (learned placement)")
+        if unit["kind"] == "paper":
+            from engine import paper_small as protocol
+
+            search = search_stage(
+                model, seed, base / "search", {**protocol.SEARCH, "placement": "learned"}
+            )
+        else:
+            search = search_stage(model, seed, base / "search")
+        record["search"] = {k: v for k, v in search.items() if k != "artifact"}
+        save_partial()
+        methods = ["mesa"] if unit["kind"] == "paper" else list(METHODS)
+        record["repairs"] = {}
+
+        def progress(method: str, entry: dict) -> None:
+            record["repairs"][method] = entry
+            save_partial()
+
+        record["repairs"] = repairs(model, search["artifact"], seed, base, methods, progress)
+        if unit["kind"] == "paper":
+            record["paper_record"] = paper_comparison(unit["trigger"], record)
+    record["run"] = {
+        "machine": machine(bool(CUT)),
+        "commit": commit(),
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        "wall_s": time.perf_counter() - started,
+    }
+    path = results / f"{unit['name']}.json"
+    write_json(path, record)
+    partial_path.unlink(missing_ok=True)
+    return path
+
+
+def paper_comparison(trigger: str, record: dict[str, Any]) -> dict[str, Any]:
+    """The committed paper-study record of the same model at the same rate: its per-image MESA
+    repair (per-image search) beside the learned one, paired on the same held-out images."""
+    path = PAPER_RESULTS / f"rate-{RATE:g}" / f"{trigger.replace(':', '-')}.json"
+    if not path.exists():
+        return {"missing": str(path)}
+    old = json.loads(path.read_text())
+    old_mesa = old["repairs"]["mesa"]
+    new_mesa = record["repairs"]["mesa"]
+    return {
+        "record": str(path),
+        "search_validity_per_image": old["search"]["validity"],
+        "mesa_per_image": {
+            "asr": old_mesa["asr"],
+            "acc_clean": old_mesa["acc_clean"],
+            "asr_interval": wilson_entry(old_mesa["asr_outcomes"]),
+        },
+        "paired_learned_vs_per_image": paired(new_mesa["asr_outcomes"], old_mesa["asr_outcomes"]),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--units", default="all", help="all, attacks, clean, paper, or unit names")
+    p.add_argument("--paper-triggers", default="bw:0,bw:1", help="kept paper models to check")
+    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--workdir", type=Path, default=ROOT / ".fixed-work")
+    p.add_argument("--paper-work", type=Path, default=PAPER_WORK)
+    p.add_argument("--paper-results", type=Path, default=PAPER_RESULTS)
+    p.add_argument("--quick", action="store_true", help="a tiny smoke run (cut dataset)")
+    p.add_argument("--list", action="store_true", help="list the units and which are done")
+    p.add_argument("--summary", action="store_true", help="print the finished units as tables")
+    return p.parse_args(argv)
+
+
+def pct(value: Any) -> str:
+    return "-" if value is None else f"{100 * float(value):.1f}"
+
+
+def summary(results: Path) -> str:
+    """Markdown tables of what has finished (and, marked, what is partial)."""
+    rows = []
+    for path in sorted(results.glob("*.json")):
+        r = json.loads(path.read_text())
+        partial = path.name.endswith(".partial.json")
+        det = r.get("detection", {})
+        score = det.get("scores", {}).get(str(TARGET))
+        others = [v for c, v in det.get("scores", {}).items() if c != str(TARGET)]
+        scan = (det.get("scan") or {}).get("classes", {})
+        lift = scan.get(str(TARGET), {}).get("lift")
+        other_lifts = [v["lift"] for c, v in scan.items() if c != str(TARGET)]
+        top = scan.get(str(TARGET), {})
+        cells = [
+            r["unit"] + (" (partial)" if partial else ""),
+            pct(r.get("attack", {}).get("acc_clean")),
+            pct(r.get("attack", {}).get("asr")),
+            ",".join(map(str, det.get("flagged", []))) or "none",
+            pct(score),
+            pct(max(others)) if others else "-",
+            "-" if lift is None else f"{lift:.2f}",
+            f"{max(other_lifts):.2f}" if other_lifts else "-",
+            f"{top['peak_row']},{top['peak_col']}" if top else "-",
+        ]
+        for method in METHODS:
+            e = r.get("repairs", {}).get(method)
+            if e is None:
+                cells.append("-")
+            else:
+                lo, hi = e["asr_interval"]["wilson95"]
+                cells.append(f"{pct(e['asr'])} [{pct(lo)}, {pct(hi)}]")
+        rows.append("| " + " | ".join(cells) + " |")
+    head = (
+        "| unit | clean acc % | ASR % | flagged | validity of target % | max other % | "
+        "scan lift of target | max other lift | scan peak | "
+        + " | ".join(f"{m} ASR % [95 %]" for m in METHODS)
+        + " |"
+    )
+    rule = "|" + "---|" * (9 + len(METHODS))
+    return "\n".join([head, rule, *rows])
+
+
+README_HEAD = """# Fixed-position backdoors: detection and repair (issue 31)
+
+Written by `python benchmarks/fixed_position.py --summary` from the unit records in this folder;
+the units, their settings and the command that runs them are in that script's docstring. One
+seed per model: every repair of a model sees the same batches, stamped images and held-out
+images, so the ASR columns are paired (`paired_with_mesa` in each record counts the held-out
+images where each repair and MESA's disagree). Intervals are 95 % Wilson intervals over the
+held-out images. `scan lift` is the position scan's peak minus median of the target's
+probability map (docs/method.md); `flagged` is the union of the validity and scan flags.
+`first-design/` keeps the records of the first design (pi learned from rewards alone), which
+failed: detection flagged nothing and MESA left 94-99 % ASR.
+
+"""
+
+
+def false_positives(results: Path) -> str:
+    clean = [json.loads(p.read_text()) for p in sorted(results.glob("clean-s*.json"))]
+    clean = [r for r in clean if r.get("kind") == "clean"]
+    if not clean:
+        return "Clean models: none finished yet.\n"
+    flagged = sum(bool(r["false_positive"]) for r in clean)
+    from engine.report.stats import wilson
+
+    low, high = wilson(flagged, len(clean))
+    return (
+        f"Clean models flagged by detection: {flagged} of {len(clean)} "
+        f"(95 % Wilson interval {pct(low)}-{pct(high)} %).\n"
+    )
+
+
+def readme(results: Path) -> str:
+    finished = [p for p in results.glob("*.json") if not p.name.endswith(".partial.json")]
+    runs = [json.loads(p.read_text()).get("run", {}).get("machine", {}) for p in finished]
+    machines = sorted({f"{m.get('cpu', '?')} ({m.get('precision', '?')})" for m in runs})
+    return (
+        README_HEAD
+        + summary(results)
+        + "\n\n"
+        + false_positives(results)
+        + f"\nMachines (CPU) of the finished units: {', '.join(machines) or 'none yet'}.\n"
+    )
+
+
+def write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def select(value: str, paper_triggers: list[str]) -> list[dict[str, Any]]:
+    units = attack_units()
+    if value == "all":
+        return units
+    if value == "attacks":
+        return [u for u in units if u["kind"] == "attack"]
+    if value == "clean":
+        return [u for u in units if u["kind"] == "clean"]
+    if value == "paper":
+        return paper_units(paper_triggers)
+    every = {u["name"]: u for u in units + paper_units(paper_triggers)}
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = [n for n in names if n not in every]
+    if unknown:
+        raise UserError(f"--units: {', '.join(unknown)} unknown; use {', '.join(every)}")
+    return [every[n] for n in names]
+
+
+def main(argv: list[str] | None = None) -> int:
+    global PAPER_WORK, PAPER_RESULTS
+    args = parse_args(argv)
+    PAPER_WORK, PAPER_RESULTS = args.paper_work, args.paper_results
+    if args.quick:
+        CUT.update(QUICK)
+    if not (args.list or args.summary):
+        from benchmarks.defense import QUICK_DATASET, ensure_dataset
+
+        ensure_dataset(QUICK_DATASET if args.quick else "cifar10")
+    paper_triggers = [t.strip() for t in args.paper_triggers.split(",") if t.strip()]
+    units = select(args.units, paper_triggers)
+    if args.summary:
+        text = readme(args.results)
+        write_text(args.results / "README.md", text)
+        print(text, end="")
+        return 0
+    if args.list:
+        for u in units:
+            done = (args.results / f"{u['name']}.json").exists()
+            part = (args.results / f"{u['name']}.partial.json").exists()
+            print(f"{u['name']}: {'done' if done else 'partial' if part else 'to do'}")
+        return 0
+    for unit in units:
+        if (args.results / f"{unit['name']}.json").exists():
+            continue
+        print(run_unit(unit, args.workdir, args.results), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
