@@ -17,6 +17,8 @@ from rich.style import Style
 from rich.text import Text
 from textual.widget import Widget
 
+from mesa_tui.widgets.blocks import beta_order, flow
+
 # Anchor colours of the scale (a viridis-like ramp), from no mass to the map's maximum.
 RAMP = np.array(
     [
@@ -120,40 +122,13 @@ class PositionMap(Widget):
         if not self.by_beta:  # hidden then; a search at random places has no map
             return [Text("")]
         out = [Text("where valid triggers land (learned placement; patch top-left offsets)")]
-        row: list[tuple[str, list[Text]]] = []
-        used = 0
-        for beta in sorted(self.by_beta, key=_beta_order, reverse=True):
+        blocks = []
+        for beta in sorted(self.by_beta, key=beta_order, reverse=True):
             probs = self.by_beta[beta]
-            lines = heat_lines(probs) + legend(probs)
-            title = f"β={beta} {probs.shape[0]}x{probs.shape[1]}"
-            w = max(len(title), *(line.cell_len for line in lines)) + 2
-            if row and used + w > width:
-                out += _join(row)
-                row, used = [], 0
-            row.append((title, lines))
-            used += w
-        out += _join(row)
-        return out
+            blocks.append(
+                (f"β={beta} {probs.shape[0]}x{probs.shape[1]}", heat_lines(probs) + legend(probs))
+            )
+        return out + flow(blocks, width)
 
     def render(self) -> RenderableType:
         return Text("\n").join(self._layout(self.size.width or 80))
-
-
-def _beta_order(beta: str) -> float:
-    try:
-        return float(beta)
-    except ValueError:
-        return -1.0
-
-
-def _join(row: list[tuple[str, list[Text]]]) -> list[Text]:
-    widths = [max(len(t), *(line.cell_len for line in lines)) + 2 for t, lines in row]
-    height = max(len(lines) for _, lines in row)
-    out = [Text() for _ in range(height + 1)]
-    for (title, lines), w in zip(row, widths, strict=True):
-        out[0].append(title.ljust(w), style="bold")
-        for i in range(height):
-            line = lines[i] if i < len(lines) else Text()
-            out[i + 1].append_text(line)
-            out[i + 1].append(" " * (w - line.cell_len))
-    return out

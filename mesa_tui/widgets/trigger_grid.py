@@ -14,6 +14,8 @@ from rich.style import Style
 from rich.text import Text
 from textual.widget import Widget
 
+from mesa_tui.widgets.blocks import beta_order, flow
+
 BORDER = 0.5  # grey between tiles, as the paper's figure
 MAX_TILES = 64
 
@@ -78,7 +80,7 @@ class TriggerGrid(Widget):
         blocks: list[tuple[str, list[Text]]] = []
         if self.original is not None:
             blocks.append(("original", image_lines(tile_image(self.original[None], 1, scale=2))))
-        betas = sorted(self.by_beta, key=_beta_order, reverse=True)
+        betas = sorted(self.by_beta, key=beta_order, reverse=True)
         room = (width - 10) // max(1, len(betas)) - 2
         cols = max(3, min(8, (room - 1) // 4))
         for beta in betas:
@@ -110,39 +112,7 @@ class TriggerGrid(Widget):
                     style="italic",
                 )
             ]
-        out: list[Text] = []
-        row: list[tuple[str, list[Text]]] = []
-        used = 0
-        for title, lines in blocks:
-            w = max(len(title), lines[0].cell_len) + 2
-            if row and used + w > width:
-                out += _join(row)
-                row, used = [], 0
-            row.append((title, lines))
-            used += w
-        out += _join(row)
-        return out
+        return flow(blocks, width)
 
     def render(self) -> RenderableType:
         return Text("\n").join(self._layout(self.size.width or 80))
-
-
-def _beta_order(beta: str) -> float:
-    try:
-        return float(beta)
-    except ValueError:
-        return -1.0
-
-
-def _join(row: list[tuple[str, list[Text]]]) -> list[Text]:
-    """Blocks side by side, each with its title above, padded to a common height."""
-    widths = [max(len(t), lines[0].cell_len) + 2 for t, lines in row]
-    height = max(len(lines) for _, lines in row)
-    out = [Text() for _ in range(height + 1)]
-    for (title, lines), w in zip(row, widths, strict=True):
-        out[0].append(title.ljust(w), style="bold")
-        for i in range(height):
-            line = lines[i] if i < len(lines) else Text()
-            out[i + 1].append_text(line)
-            out[i + 1].append(" " * (w - line.cell_len))
-    return out
