@@ -400,10 +400,11 @@ def _upstream_backdoor(
     by_field: dict[str | None, int] = {}
     for up, input_field in upstream:
         by_field.setdefault(input_field, up)
-    up = next((by_field[f] for f in UPSTREAM_FIELDS if f in by_field), None)
-    if up is None:
+    source = next((by_field[f] for f in UPSTREAM_FIELDS if f in by_field), None)
+    if source is None:
         return None
-    row = conn.execute(select(jobs_t.c.trigger, jobs_t.c.target).where(jobs_t.c.id == up)).first()
+    query = select(jobs_t.c.trigger, jobs_t.c.target).where(jobs_t.c.id == source)
+    row = conn.execute(query).first()
     return (row.trigger, row.target) if row is not None else None
 
 

@@ -31,15 +31,6 @@ from engine.ml.mesa import (
 from engine.specs import MesaSpec, build_spec
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors run fastest on one thread (and do not fight the other test processes)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class TinyNet(nn.Module):
     """A few hundred parameters: conv, BN, global max-pool, linear."""
 

@@ -39,14 +39,6 @@ TARGET = 1
 TIGHT = dict(rtol=1e-4, atol=1e-7)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # -- the equations, written out ----------------------------------------------------------------
 
 

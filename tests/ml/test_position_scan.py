@@ -80,8 +80,16 @@ def test_the_scan_is_a_function_of_its_seed(data):
 def test_the_learned_search_starts_on_the_scans_peak(data):
     images, labels, normalizer = data
     model = FixedSpotBackdoor()
-    cfg = MesaConfig(betas=(0.8,), batch_size=32, hidden=32, channels_last=False, samples=32,
-                     n_eval_triggers=8, eval_images=32, placement="learned")
+    cfg = MesaConfig(
+        betas=(0.8,),
+        batch_size=32,
+        hidden=32,
+        channels_last=False,
+        samples=32,
+        n_eval_triggers=8,
+        eval_images=32,
+        placement="learned",
+    )
     result = scan_for(model, normalizer, images, cfg, "fp32", 0)
     pairs = [(0.8, 1, "t1"), (0.8, 0, "t0")]
     trainer = MesaTrainer(model, normalizer, images, pairs, cfg, position_scan=result)

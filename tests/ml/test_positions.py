@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from engine.errors import UserError
-from engine.specs import build_spec
 from engine.ml.data import Normalizer
 from engine.ml.mesa import (
     MesaConfig,
@@ -31,18 +30,11 @@ from engine.ml.triggers import (
     sample_positions,
     stamp,
 )
+from engine.specs import build_spec
 from engine.tasks.detect import flag_classes
 from tests.ml.planted import CHECKER, CLASSES, SIZE, PlantedBackdoor, synthetic
 
 SPOT = (8, 1)  # the offset where the planted backdoor answers (grid 10 x 10 on 12 x 12 images)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class FixedSpotBackdoor(PlantedBackdoor):

@@ -33,14 +33,6 @@ CPU = torch.device("cpu")
 IDENTITY = Normalizer((0.0,) * 3, (1.0,) * 3)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class Recorder:
     """Optimiser stand-in that keeps the gradients it was asked to apply."""
 

@@ -26,14 +26,6 @@ from tests.ml.settings import repair_config
 IDENTITY = Normalizer((0.0,) * 3, (1.0,) * 3)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("rate", [0.01, 0.1, 0.5])
 def test_stamps_the_expected_share_and_keeps_labels(rate):
     n = 20000

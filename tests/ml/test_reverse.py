@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 from torch import nn
 
@@ -23,14 +22,6 @@ from engine.ml.triggers import PatchTrigger
 from tests.ml.planted import PlantedBackdoor, synthetic
 
 IDENTITY = Normalizer((0.0,) * 3, (1.0,) * 3)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------------------------------
