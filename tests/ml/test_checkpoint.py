@@ -14,7 +14,7 @@ from engine.errors import Cancelled
 from engine.ml import checkpoint as ckpt
 from engine.ml.mesa import SearchCheckpoint, search
 from engine.reporter import MemoryReporter
-from tests.ml.test_mesa import one_thread, tiny_config, tiny_setup  # noqa: F401
+from tests.ml.test_mesa import tiny_config, tiny_setup
 
 # 10 steps, statistics every 2, evaluations every 4, checkpoints every 3: the cut after step 5
 # resumes from step 3, with a half-filled statistics window (step 3 of the window 3..4).

@@ -457,6 +457,7 @@ def test_an_imported_backdoorbench_model_is_searched_and_repaired(tiny_cifar, tm
         "run", "mesa", "--model", model, "--target", "0", "--betas", "0.9", "--steps", "2",
         "--batch-size", "4", "--hidden", "8", "--n-eval-triggers", "2", "--eval-images", "4",
         "--samples", "8", "--device", "cpu", "--precision", "fp32", "--json",
+        "--scan-probes", "1", "--scan-images", "2",  # the default scan: 230k forward passes
     )  # fmt: skip
     assert search.exit_code == 0, search.output
     found = json.loads(search.stdout.strip().splitlines()[-1])
