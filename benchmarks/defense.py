@@ -370,6 +370,9 @@ def run_search(
         seed=seed,
         device=args.device,
         precision=args.precision,
+        # The paper's random places, with which every committed result of this driver was made
+        # (the search's default became `learned`, a position scan first, later).
+        placement="per-image",
     )
     if args.quick:
         values.update(sample_every=4, n_eval_triggers=8, eval_images=16, samples=32)
