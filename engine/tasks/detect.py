@@ -51,9 +51,7 @@ def scan_flags(
 ) -> tuple[list[int], dict[int, float]]:
     """Classes whose position-scan lift (peak minus median of the map) stands out, robust z
     over the classes as for the scores, and reaches ``min_lift``: fixed-position backdoors."""
-    z = robust_z(lifts, floor)
-    flagged = sorted(c for c, v in lifts.items() if z[c] > z_threshold and v >= min_lift)
-    return flagged, z
+    return flag_classes(lifts, z_threshold=z_threshold, min_score=min_lift, floor=floor)
 
 
 def _scan_stage(spec: DetectSpec, config, model, normalizer, images, precision, reporter):  # noqa: ANN001, ANN202

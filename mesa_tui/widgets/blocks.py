@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from rich.console import RenderableType
 from rich.text import Text
+from textual.widget import Widget
 
 Block = tuple[str, list[Text]]  # a title and the lines below it
 
@@ -52,3 +54,27 @@ def join(row: list[Block]) -> list[Text]:
             out[i + 1].append_text(line)
             out[i + 1].append(" " * (w - line.cell_len))
     return out
+
+
+class BlocksWidget(Widget):
+    """A widget drawn as lines built by ``_build(width)``, built once per width and data
+    (thousands of styled cells); ``_invalidate`` after new data."""
+
+    _cached: tuple[int, list[Text]] | None = None
+
+    def _build(self, width: int) -> list[Text]:
+        raise NotImplementedError
+
+    def _invalidate(self) -> None:
+        self._cached = None
+
+    def get_content_height(self, container, viewport, width: int) -> int:  # noqa: ANN001
+        return max(1, len(self._layout(width)))
+
+    def _layout(self, width: int) -> list[Text]:
+        if self._cached is None or self._cached[0] != width:
+            self._cached = (width, self._build(width))
+        return self._cached[1]
+
+    def render(self) -> RenderableType:
+        return Text("\n").join(self._layout(self.size.width or 80))

@@ -12,12 +12,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-from rich.console import RenderableType
 from rich.style import Style
 from rich.text import Text
-from textual.widget import Widget
 
-from mesa_tui.widgets.blocks import beta_order, flow
+from mesa_tui.widgets.blocks import BlocksWidget, beta_order, flow
 
 # Anchor colours of the scale (a viridis-like ramp), from no mass to the map's maximum.
 RAMP = np.array(
@@ -91,7 +89,7 @@ def legend(probs: np.ndarray) -> list[Text]:
     return [bar, info]
 
 
-class PositionMap(Widget):
+class PositionMap(BlocksWidget):
     """Heat maps of the learned position distribution, one per beta, laid out to the width."""
 
     DEFAULT_CSS = """
@@ -101,22 +99,13 @@ class PositionMap(Widget):
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
         self.by_beta: Mapping[str, np.ndarray] = {}
-        self._cached: tuple[int, list[Text]] | None = None
         self.display = False  # only searches with learned placement have a map
 
     def show(self, by_beta: Mapping[str, np.ndarray]) -> None:
         self.by_beta = by_beta
-        self._cached = None
+        self._invalidate()
         self.display = bool(by_beta)
         self.refresh(layout=True)
-
-    def get_content_height(self, container, viewport, width: int) -> int:  # noqa: ANN001
-        return max(1, len(self._layout(width)))
-
-    def _layout(self, width: int) -> list[Text]:
-        if self._cached is None or self._cached[0] != width:
-            self._cached = (width, self._build(width))
-        return self._cached[1]
 
     def _build(self, width: int) -> list[Text]:
         if not self.by_beta:  # hidden then; a search at random places has no map
@@ -129,6 +118,3 @@ class PositionMap(Widget):
                 (f"β={beta} {probs.shape[0]}x{probs.shape[1]}", heat_lines(probs) + legend(probs))
             )
         return out + flow(blocks, width)
-
-    def render(self) -> RenderableType:
-        return Text("\n").join(self._layout(self.size.width or 80))

@@ -9,12 +9,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-from rich.console import RenderableType
 from rich.style import Style
 from rich.text import Text
-from textual.widget import Widget
 
-from mesa_tui.widgets.blocks import beta_order, flow
+from mesa_tui.widgets.blocks import BlocksWidget, beta_order, flow
 
 BORDER = 0.5  # grey between tiles, as the paper's figure
 MAX_TILES = 64
@@ -57,7 +55,7 @@ def image_lines(image: np.ndarray) -> list[Text]:
     return lines
 
 
-class TriggerGrid(Widget):
+class TriggerGrid(BlocksWidget):
     """Tiles of sampled triggers per beta; the widget lays the blocks out to its width."""
 
     DEFAULT_CSS = """
@@ -68,12 +66,11 @@ class TriggerGrid(Widget):
         super().__init__(id=id)
         self.by_beta: Mapping[str, np.ndarray] = {}
         self.original: np.ndarray | None = None
-        self._cached: tuple[int, list[Text]] | None = None
 
     def show(self, by_beta: Mapping[str, np.ndarray], original: np.ndarray | None) -> None:
         self.by_beta = by_beta
         self.original = original
-        self._cached = None
+        self._invalidate()
         self.refresh(layout=True)
 
     def _blocks(self, width: int) -> list[tuple[str, list[Text]]]:
@@ -94,15 +91,6 @@ class TriggerGrid(Widget):
                 )
         return blocks
 
-    def get_content_height(self, container, viewport, width: int) -> int:  # noqa: ANN001
-        return max(1, len(self._layout(width)))
-
-    def _layout(self, width: int) -> list[Text]:
-        """The lines for this width, built once per width and data (thousands of styled cells)."""
-        if self._cached is None or self._cached[0] != width:
-            self._cached = (width, self._build(width))
-        return self._cached[1]
-
     def _build(self, width: int) -> list[Text]:
         blocks = self._blocks(width)
         if not blocks:
@@ -113,6 +101,3 @@ class TriggerGrid(Widget):
                 )
             ]
         return flow(blocks, width)
-
-    def render(self) -> RenderableType:
-        return Text("\n").join(self._layout(self.size.width or 80))
