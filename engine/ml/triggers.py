@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from engine.errors import UserError
-from engine.triggerspec import pattern_array
+from engine.triggerspec import parse_at_placement, pattern_array
 
 PLACEMENTS = ("per-image", "per-batch", "corner")
 # A fixed top-left offset chosen by the attacker: ``at:ROW,COL`` (``engine.triggerspec``).
@@ -87,7 +87,7 @@ class Placement:
     mode: str = "per-image"
 
     def __post_init__(self) -> None:
-        if self.mode not in PLACEMENTS and parse_at(self.mode) is None:
+        if self.mode not in PLACEMENTS and parse_at_placement(self.mode) is None:
             raise UserError(f"placement '{self.mode}' is unknown; {AT_HELP}")
 
     @property
@@ -112,7 +112,7 @@ class Placement:
         if self.mode == "corner":
             pos = torch.tensor([h - k, w - k], dtype=torch.long)
             return pos.expand(n, 2).to(device)
-        at = parse_at(self.mode)
+        at = parse_at_placement(self.mode)
         if at is not None:
             pos = torch.tensor([min(at[0], h - k), min(at[1], w - k)], dtype=torch.long)
             return pos.expand(n, 2).to(device)
@@ -125,13 +125,6 @@ class Placement:
         r = torch.randint(0, h - k + 1, (n,), generator=generator)
         c = torch.randint(0, w - k + 1, (n,), generator=generator)
         return torch.stack([r, c], dim=1).to(device)
-
-
-def parse_at(mode: str) -> tuple[int, int] | None:
-    """(row, col) of an ``at:ROW,COL`` placement, None for anything else (or a malformed one)."""
-    from engine.triggerspec import parse_at_placement
-
-    return parse_at_placement(mode)
 
 
 def position_grid(image_size: tuple[int, int], k: int) -> tuple[int, int]:
