@@ -474,6 +474,7 @@ def residual_reference(args, model: str, seed: int, workdir: Path) -> dict[str, 
         seed=seed + RESIDUAL_SEED_OFFSET,
         device=device,
         precision=resolve_precision(args.precision, device),
+        placement="per-image",  # as every committed result's residual was searched
     )
     workdir.mkdir(parents=True, exist_ok=True)
     write_json(saved, {"key": key, "result": result})

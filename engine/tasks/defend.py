@@ -794,6 +794,7 @@ def _residual(d: _Defense) -> dict[str, float]:
         precision=d.precision,
         reporter=d.reporter,
         true_pattern=d.truth.pattern if d.truth else None,
+        placement=d.extra.get("positions", spec.placement),
         checkpoint=SearchCheckpoint(
             d.workdir / RESIDUAL,
             resume=d.reporter.resume,
@@ -1045,10 +1046,14 @@ def residual_check(
     precision: str = "fp32",
     reporter: Reporter | None = None,
     true_pattern=None,
+    placement: str = "per-image",
     checkpoint=None,
 ) -> dict[str, float]:
     """A fresh short MESA search on the repaired model (new generators, their own seed): the best
     validity its samples reach over the search's evaluations (``residual/validity``).
+    ``placement``: where its triggers go. A repair after a ``learned`` search passes ``learned``
+    (a fixed-position backdoor is only found by scanning again); the others keep the repair's
+    random places, so a residual check costs no position scan (230k forward passes) there.
     ``checkpoint``: an ``engine.ml.mesa.SearchCheckpoint`` (resumable, like any search)."""
     from engine.ml.mesa import MesaConfig, search_targets
 
@@ -1064,6 +1069,7 @@ def residual_check(
         n_eval_triggers=64,
         eval_images=min(64, int(images.shape[0])),
         samples=256,
+        placement=placement,
     )
     key = f"residual/beta={beta:g}"
     result = search_targets(

@@ -225,6 +225,25 @@ def test_mesa_repair_uses_the_search_and_its_target(planted, tmp_path):
     assert str(search.resolve()) in upstream
 
 
+def test_the_residual_check_scans_only_after_a_learned_search(planted, tmp_path, monkeypatch):
+    """A residual check at random places costs no position scan (230k forward passes at the
+    defaults); after a ``learned`` search it scans the repaired model, where a backdoor left at
+    one position would show."""
+    import engine.ml.mesa as mesa
+    from engine.tasks.defend import run
+
+    search = make_search(planted, tmp_path / "search")  # learned: the spec's default
+    scans = []
+    real = mesa.scan_for
+    monkeypatch.setattr(mesa, "scan_for", lambda *a, **k: scans.append(1) or real(*a, **k))
+    cheap = dict(residual_steps=2, variations=False)
+    for method in ("ideal", "point"):
+        run(spec(planted, method=method, target=TARGET, **cheap), MemoryReporter(tmp_path / method))
+    assert scans == []
+    run(spec(planted, method="mesa", search=str(search), **cheap), MemoryReporter(tmp_path / "m"))
+    assert scans == [1]
+
+
 def test_stripped_ground_truth_gives_no_attack_metrics(planted, tmp_path):
     from engine.tasks.defend import run
 
