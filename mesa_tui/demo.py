@@ -23,8 +23,6 @@ from mesa_tui.source import (
     HISTORY_POINTS,
     ArtifactInfo,
     EngineStatus,
-    EngineView,
-    GpuInfo,
     JobDetail,
     JobQuery,
     JobRow,
@@ -33,14 +31,22 @@ from mesa_tui.source import (
     MetricHistory,
     MetricPoint,
     RunInfo,
-    SlotView,
     SourceError,
     StudyCell,
     StudySummary,
     best_asr,
     label_method,
 )
-from store.entities import FINISHED, RETRYABLE, backdoor_of, tag_problem
+from store.entities import (
+    FINISHED,
+    RETRYABLE,
+    EngineInfo,
+    GpuInfo,
+    SlotLoad,
+    SystemInfo,
+    backdoor_of,
+    tag_problem,
+)
 
 
 class FrozenClock:
@@ -79,7 +85,8 @@ class FakeSource:
         self._next_run = 1
         self._next_metric = 1
         self._next_log = 1
-        self.engine = EngineStatus(alive=False)
+        self._gpus: tuple[GpuInfo, ...] | None = None  # None: no engine
+        self._beat = self.clock()
         self.calls: list[tuple[str, Any]] = []
         self.fail_next: Exception | None = None
         if engine_alive:
@@ -88,46 +95,31 @@ class FakeSource:
     # -- scripting -------------------------------------------------------------------------
 
     def set_engine(self, alive: bool, gpus: tuple[GpuInfo, ...] | None = None) -> None:
+        """An engine on host gpu-box with four slots (one H100 unless ``gpus`` says otherwise),
+        its heartbeat now; or none."""
         with self._lock:
-            if not alive:
-                self.engine = EngineStatus(alive=False)
-                return
-            self.engine = EngineStatus(
-                alive=True,
-                host="gpu-box",
-                pid=4242,
-                slots_total=4,
-                slots_busy=sum(j.status == "running" for j in self._jobs.values()),
-                gpus=gpus
-                if gpus is not None
-                else (GpuInfo(0, "NVIDIA H100", 21_504, 81_559, 87.0),),
-                heartbeat_at=self.clock(),
-            )
-            self.engine = replace(self.engine, engines=(self._engine_view(self.engine),))
+            self._gpus = None
+            if alive:
+                self._gpus = (
+                    gpus if gpus is not None else (GpuInfo(0, "NVIDIA H100", 21_504, 81_559, 87.0),)
+                )
+                self._beat = self.clock()
 
-    def _engine_view(self, status: EngineStatus) -> EngineView:
-        """The scripted engine's host and slots: slot 0 on the first GPU runs the first running
-        job; the other three are CPU slots, idle."""
+    def _engine(self, gpus: tuple[GpuInfo, ...]) -> EngineInfo:
+        """The scripted engine as the store reads it: slot 0 on the first GPU runs the first
+        running job; the other three are CPU slots, idle."""
         running = [j.id for j in self._jobs.values() if j.status == "running"]
-        first = SlotView(
+        first = SlotLoad(
             0,
+            str(gpus[0].index) if gpus else None,
             running[0] if running else None,
             97.0 if running else None,
             3_100.0 if running else None,
-            status.gpus[0] if status.gpus else None,
-            str(status.gpus[0].index) if status.gpus else None,
         )
-        return EngineView(
-            host=status.host or "?",
-            pid=status.pid or 0,
-            slots_total=status.slots_total,
-            slots_busy=len(running),
-            cpus=16,
-            cpu_pct=41.0,
-            mem_used_mb=37_000.0,
-            mem_total_mb=128_000.0,
-            slots=(first, *(SlotView(i) for i in range(1, status.slots_total))),
-        )
+        system = SystemInfo(16, 41.0, 37_000.0, 128_000.0, (first, *map(SlotLoad, range(1, 4))))
+        beat = self._beat
+        return EngineInfo(1, "gpu-box", 4242, "0.1.0", "local", 4, len(running), gpus, None,
+                          beat, beat, None, None, alive=True, system=system)  # fmt: skip
 
     def add_job(
         self,
@@ -365,11 +357,7 @@ class FakeSource:
 
     def engine_status(self) -> EngineStatus:
         with self._lock:
-            if self.engine.alive:
-                busy = sum(j.status == "running" for j in self._jobs.values())
-                status = replace(self.engine, slots_busy=busy)
-                return replace(status, engines=(self._engine_view(status),))
-            return self.engine
+            return EngineStatus(() if self._gpus is None else (self._engine(self._gpus),))
 
     def studies(self) -> list[str]:
         with self._lock:

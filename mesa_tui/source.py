@@ -20,6 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from engine.paper_figures import paper_bw_numbers
+from store.entities import EngineInfo, GpuInfo
 
 BETA_KEY = re.compile(r"^(?P<stage>[^/]+)/beta=(?P<beta>[^/]+)/(?P<name>.+)$")
 
@@ -188,51 +189,44 @@ class LogLine:
 
 
 @dataclass(frozen=True)
-class GpuInfo:
-    index: int
-    name: str
-    mem_used_mb: float | None = None
-    mem_total_mb: float | None = None
-    util_pct: float | None = None
-
-
-@dataclass(frozen=True)
-class SlotView:
-    """One slot of an engine: its job, what the job's process uses, and the slot's GPU."""
-
-    slot: int
-    job_id: int | None = None
-    cpu_pct: float | None = None  # of one core
-    rss_mb: float | None = None
-    gpu: GpuInfo | None = None  # None: a CPU slot
-    gpu_index: str | None = None  # the slot's GPU as CUDA sees it, even without NVML figures
-
-
-@dataclass(frozen=True)
-class EngineView:
-    """One live engine for the system pane (None: the heartbeat had no such figure)."""
-
-    host: str
-    pid: int
-    slots_total: int
-    slots_busy: int
-    cpus: int | None = None
-    cpu_pct: float | None = None
-    mem_used_mb: float | None = None
-    mem_total_mb: float | None = None
-    slots: tuple[SlotView, ...] = ()
-
-
-@dataclass(frozen=True)
 class EngineStatus:
-    alive: bool
-    host: str | None = None
-    pid: int | None = None
-    slots_total: int = 0
-    slots_busy: int = 0
-    gpus: tuple[GpuInfo, ...] = ()
-    heartbeat_at: datetime | None = None
-    engines: tuple[EngineView, ...] = ()  # each live engine, for the system pane
+    """The live engines summed up for the engine bar (one host, slots and GPUs over them all).
+
+    Not a store value: the store hands one ``EngineInfo`` per engine; this is the app's view of
+    all of them, built from those and nothing else (the system pane shows each one as it is)."""
+
+    engines: tuple[EngineInfo, ...] = ()
+
+    @property
+    def alive(self) -> bool:
+        return bool(self.engines)
+
+    @property
+    def host(self) -> str | None:
+        if not self.engines:
+            return None
+        first, more = self.engines[0].host, len(self.engines) - 1
+        return f"{first} +{more}" if more else first
+
+    @property
+    def pid(self) -> int | None:
+        return self.engines[0].pid if self.engines else None
+
+    @property
+    def slots_total(self) -> int:
+        return sum(e.slots for e in self.engines)
+
+    @property
+    def slots_busy(self) -> int:
+        return sum(e.slots_used for e in self.engines)
+
+    @property
+    def gpus(self) -> tuple[GpuInfo, ...]:
+        return tuple(g for e in self.engines for g in e.gpus)
+
+    @property
+    def heartbeat_at(self) -> datetime | None:
+        return max((e.heartbeat_at for e in self.engines), default=None)
 
 
 @dataclass(frozen=True)
@@ -485,31 +479,6 @@ def _trigger_at(label: str, trigger: str) -> int | None:
     return found.start() if found else None
 
 
-def _gpu(g: Any) -> GpuInfo:
-    return GpuInfo(g.index, g.name, g.memory_used_mb, g.memory_total_mb, g.utilization_pct)
-
-
-def _engine_view(e: Any) -> EngineView:
-    """A store engine (its heartbeat's system figures and GPUs) as the system pane shows it."""
-    gpus = {str(g.index): _gpu(g) for g in e.gpus}
-    system = e.system
-    slots = tuple(
-        SlotView(s.slot, s.job_id, s.cpu_pct, s.rss_mb, gpus.get(s.gpu or ""), s.gpu)
-        for s in (system.slots if system is not None else ())
-    )
-    return EngineView(
-        host=e.host,
-        pid=e.pid,
-        slots_total=e.slots,
-        slots_busy=e.slots_used,
-        cpus=system.cpus if system else None,
-        cpu_pct=system.cpu_pct if system else None,
-        mem_used_mb=system.mem_used_mb if system else None,
-        mem_total_mb=system.mem_total_mb if system else None,
-        slots=slots,
-    )
-
-
 class StoreSource:
     """``DataSource`` over ``store.repository.Store``; called from worker threads only.
 
@@ -692,20 +661,7 @@ class StoreSource:
         ]
 
     def engine_status(self) -> EngineStatus:
-        alive = self.store.engines(alive_only=True)
-        if not alive:
-            return EngineStatus(alive=False)
-        first = alive[0]
-        return EngineStatus(
-            alive=True,
-            host=first.host if len(alive) == 1 else f"{first.host} +{len(alive) - 1}",
-            pid=first.pid,
-            slots_total=sum(e.slots for e in alive),
-            slots_busy=sum(e.slots_used for e in alive),
-            gpus=tuple(_gpu(g) for e in alive for g in e.gpus),
-            heartbeat_at=max(e.heartbeat_at for e in alive),
-            engines=tuple(_engine_view(e) for e in alive),
-        )
+        return EngineStatus(tuple(self.store.engines(alive_only=True)))
 
     def studies(self) -> list[str]:
         return [s.name for s in self.store.studies()]

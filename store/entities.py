@@ -98,6 +98,10 @@ class EngineInfo:
     alive: bool
     system: SystemInfo | None = None  # None: an engine from before 0.3 or without psutil
 
+    def slot_gpu(self, slot: SlotLoad) -> GpuInfo | None:
+        """The NVML figures of a slot's GPU; None for a CPU slot or a GPU NVML did not report."""
+        return next((g for g in self.gpus if str(g.index) == slot.gpu), None)
+
 
 @dataclass(frozen=True)
 class Progress:

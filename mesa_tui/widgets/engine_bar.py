@@ -28,11 +28,11 @@ def engine_line(status: EngineStatus | None, now: datetime) -> Text:
     ]
     for gpu in status.gpus:
         mem = (
-            f"{gpu.mem_used_mb / 1024:.0f}/{gpu.mem_total_mb / 1024:.0f}G"
-            if gpu.mem_used_mb is not None and gpu.mem_total_mb
+            f"{gpu.memory_used_mb / 1024:.0f}/{gpu.memory_total_mb / 1024:.0f}G"
+            if gpu.memory_used_mb is not None and gpu.memory_total_mb
             else "?G"
         )
-        util = f" {gpu.util_pct:.0f}%" if gpu.util_pct is not None else ""
+        util = f" {gpu.utilization_pct:.0f}%" if gpu.utilization_pct is not None else ""
         parts.append((f" · gpu{gpu.index} {mem}{util}", ""))
     parts.append((f" · beat {ago(status.heartbeat_at, now)}", "dim"))
     return Text.assemble(*parts, no_wrap=True, overflow="ellipsis")

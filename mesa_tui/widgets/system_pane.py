@@ -7,7 +7,8 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import DataTable
 
-from mesa_tui.source import EngineStatus, EngineView, SlotView
+from mesa_tui.source import EngineStatus
+from store.entities import EngineInfo, GpuInfo, SlotLoad
 
 COLUMNS = ("where", "job", "cpu", "memory", "gpu", "gpu mem", "util")  # fits 60 columns
 
@@ -23,26 +24,28 @@ def _pct(value: float | None) -> str:
     return "" if value is None else f"{value:.0f}%"
 
 
-def engine_row(e: EngineView) -> tuple[object, ...]:
-    cpu = f"{_pct(e.cpu_pct)}/{e.cpus}" if e.cpus else "?"
+def engine_row(e: EngineInfo) -> tuple[object, ...]:
+    system = e.system
+    cpu = f"{_pct(system.cpu_pct)}/{system.cpus}" if system and system.cpus else "?"
     host = e.host if len(e.host) <= 12 else e.host[:11] + "…"
     return (
         Text(host, style="bold"),
-        f"{e.slots_busy}/{e.slots_total}",
+        f"{e.slots_used}/{e.slots}",
         cpu,
-        _gb(e.mem_used_mb, e.mem_total_mb),
+        _gb(system.mem_used_mb, system.mem_total_mb) if system else "",
         "",
         "",
         "",
     )
 
 
-def slot_row(s: SlotView) -> tuple[object, ...]:
-    if s.gpu is not None:
-        gpu, mem = f"gpu{s.gpu.index}", _gb(s.gpu.mem_used_mb, s.gpu.mem_total_mb)
-        util = _pct(s.gpu.util_pct)
-    elif s.gpu_index is not None:  # a GPU slot whose heartbeat had no NVML figures
-        gpu, mem, util = f"gpu{s.gpu_index}", "no NVML", ""
+def slot_row(s: SlotLoad, gpu_info: GpuInfo | None) -> tuple[object, ...]:
+    """A slot's row; ``gpu_info`` is its GPU's NVML figures (``EngineInfo.slot_gpu``)."""
+    if gpu_info is not None:
+        gpu, mem = f"gpu{gpu_info.index}", _gb(gpu_info.memory_used_mb, gpu_info.memory_total_mb)
+        util = _pct(gpu_info.utilization_pct)
+    elif s.gpu is not None:  # a GPU slot whose heartbeat had no NVML figures
+        gpu, mem, util = f"gpu{s.gpu}", "no NVML", ""
     else:
         gpu, mem, util = Text("none", style="dim"), "", ""
     return (
@@ -62,9 +65,10 @@ def system_rows(status: EngineStatus | None) -> list[tuple[object, ...]]:
     rows: list[tuple[object, ...]] = []
     for engine in status.engines:
         rows.append(engine_row(engine))
-        rows += [slot_row(s) for s in engine.slots]
-        if engine.cpus is None:
+        if engine.system is None:
             rows.append((Text("  no system figures: an engine without psutil", style="dim"),))
+        else:
+            rows += [slot_row(s, engine.slot_gpu(s)) for s in engine.system.slots]
     return [row + ("",) * (len(COLUMNS) - len(row)) for row in rows]
 
 

@@ -289,8 +289,8 @@ async def test_a_tag_that_is_not_one_word_is_said_in_the_dialog(demo, clock):
 
 
 async def test_system_pane_shows_each_slot_of_the_engine(demo, clock):
-    from mesa_tui.source import GpuInfo
     from mesa_tui.widgets.system_pane import SystemPane
+    from store.entities import GpuInfo
 
     app = make_app(demo, clock)
     async with app.run_test(size=(80, 24)) as pilot:

@@ -238,10 +238,10 @@ def test_store_source_gives_each_engine_its_host_and_slots(store_source):
                         {"slot": 1, "gpu": "1", "job_id": None}]}  # fmt: skip
     store.engine_heartbeat(engine.id, 1, [{"index": 0, "name": "H100"}], system)
     (view,) = store_source.engine_status().engines
-    assert (view.host, view.cpus, view.slots_busy, view.slots_total) == ("box", 8, 1, 2)
-    first, second = view.slots
-    assert first.gpu.name == "H100" and first.job_id == 5
-    assert second.gpu is None and second.gpu_index == "1"  # no NVML figures for gpu 1
+    assert (view.host, view.system.cpus, view.slots_used, view.slots) == ("box", 8, 1, 2)
+    first, second = view.system.slots
+    assert view.slot_gpu(first).name == "H100" and first.job_id == 5
+    assert view.slot_gpu(second) is None and second.gpu == "1"  # no NVML figures for gpu 1
 
 
 def test_store_source_gives_a_defense_its_lowest_asr_and_an_attack_its_highest(store_source):
