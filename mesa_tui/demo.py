@@ -12,7 +12,7 @@ import json
 import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import fields, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,28 +21,35 @@ import numpy as np
 
 from mesa_tui.source import (
     HISTORY_POINTS,
-    ArtifactInfo,
     EngineStatus,
-    JobDetail,
+    GridCell,
     JobQuery,
     JobRow,
     JobsPage,
-    LogLine,
-    MetricHistory,
-    MetricPoint,
-    RunInfo,
+    JobView,
     SourceError,
-    StudyCell,
-    StudySummary,
+    StudyGrid,
     best_asr,
     label_method,
 )
 from store.entities import (
     FINISHED,
     RETRYABLE,
+    ArtifactInfo,
     EngineInfo,
     GpuInfo,
+    JobDetail,
+    JobSummary,
+    LogEntry,
+    MethodSummary,
+    MetricHistory,
+    MetricPoint,
+    RunInfo,
+    SeriesColumns,
     SlotLoad,
+    StudyCell,
+    StudyInfo,
+    StudySummary,
     SystemInfo,
     backdoor_of,
     tag_problem,
@@ -62,6 +69,29 @@ class FrozenClock:
         self._now += timedelta(seconds=seconds)
 
 
+def job_summary(job_id: int, kind: str, status: str, when: datetime, **given: Any) -> JobSummary:
+    """A job as the store lists it, made ``when``; what ``given`` does not set is unset."""
+    unset: dict[str, Any] = dict(
+        label="", priority=0, attempts=0, max_attempts=3, executor="local", spec={"kind": kind},
+        spec_hash="", error=None, started_at=None, ended_at=None, reused_from=None, studies=(),
+        current_run_id=None, progress=None, latest={}, cancel_requested=False,
+    )  # fmt: skip
+    return JobSummary(job_id, kind, status=status, created_at=when, updated_at=when,
+                      **{**unset, **given})  # fmt: skip
+
+
+# The row's own fields; every other change is the store summary's (``progress`` is in both:
+# the row's fraction is what a scene sets).
+_ROW_FIELDS = frozenset(f.name for f in fields(JobRow)) - {"job"}
+
+
+def changed(row: JobRow, **changes: Any) -> JobRow:
+    """``row`` with ``changes``, each made where its field lives: the row or the store's summary."""
+    own = {k: v for k, v in changes.items() if k in _ROW_FIELDS}
+    summary = {k: v for k, v in changes.items() if k not in _ROW_FIELDS}
+    return replace(row, job=replace(row.job, **summary), **own)
+
+
 class FakeSource:
     """An in-memory store with a scripted history; thread-safe (workers read while tests write).
 
@@ -72,15 +102,14 @@ class FakeSource:
         self.clock = clock or FrozenClock()
         self._lock = threading.RLock()
         self._jobs: dict[int, JobRow] = {}
-        self._specs: dict[int, dict[str, Any]] = {}
         self._runs: dict[int, list[RunInfo]] = {}
         self._artifacts: dict[int, list[ArtifactInfo]] = {}
         self._workdirs: dict[int, str] = {}
         self._metric_ids: dict[int, list[int]] = {}
         self._metrics: dict[int, list[MetricPoint]] = {}
         self._latest: dict[int, dict[str, float]] = {}
-        self._logs: dict[int, list[LogLine]] = {}
-        self._studies: dict[str, StudySummary] = {}
+        self._logs: dict[int, list[LogEntry]] = {}
+        self._studies: dict[str, StudyGrid] = {}
         self._next_job = 1
         self._next_run = 1
         self._next_metric = 1
@@ -143,20 +172,19 @@ class FakeSource:
             spec = dict(spec or {"kind": kind})
             own_trigger, own_target = backdoor_of(spec)
             trigger = trigger or own_trigger
-            self._jobs[job_id] = JobRow(
-                id=job_id,
-                kind=kind,
-                status=status,
-                created_at=now,
-                updated_at=now,
-                study=study,
+            method = row.pop("method", None) or label_method(label, spec, trigger)
+            summary = job_summary(
+                job_id,
+                kind,
+                status,
+                now,
+                spec=spec,
+                label=label or "",
+                studies=(study,) if study else (),
                 trigger=trigger,
                 target=target if target is not None else own_target,
-                label=label,
-                method=row.pop("method", None) or label_method(label, spec, trigger),
-                **row,
             )
-            self._specs[job_id] = spec
+            self._jobs[job_id] = changed(JobRow(summary, method=method), **row)
             self._runs[job_id] = []
             self._artifacts[job_id] = []
             if workdir:
@@ -170,23 +198,21 @@ class FakeSource:
             run_id = self._next_run
             self._next_run += 1
             runs = self._runs[job_id]
-            runs.append(
-                RunInfo(
-                    id=run_id,
-                    attempt=len(runs) + 1,
-                    status=status,
-                    host="gpu-box",
-                    gpu="0",
-                    started_at=self.clock(),
-                    heartbeat_at=self.clock(),
-                    seed=0,
-                    code_version="0.1.0+gdeadbeef00",
-                )
-            )
+            runs.append(self._run(job_id, run_id, len(runs) + 1, status))
             self._metric_ids[run_id] = []
             self._metrics[run_id] = []
             self._logs[run_id] = []
             return run_id
+
+    def _run(self, job_id: int, run_id: int, attempt: int, status: str) -> RunInfo:
+        """An attempt as the store reads it, on gpu 0 of gpu-box, begun now."""
+        now = self.clock()
+        return RunInfo(id=run_id, job_id=job_id, attempt=attempt, status=status, executor="local",
+                       engine_id=None, external_id=None, host="gpu-box", gpu="0", resumed=False,
+                       start_step=None, started_at=now, ended_at=None, heartbeat_at=now,
+                       expect_next_by=None, exit_code=None, error=None, seed=0,
+                       code_version="0.1.0+gdeadbeef00", spec_hash=None, dataset_hash=None,
+                       env={}, progress=None, result=None)  # fmt: skip
 
     def run_ids(self, job_id: int) -> list[int]:
         with self._lock:
@@ -195,11 +221,12 @@ class FakeSource:
     def log_metrics(self, run_id: int, step: int, values: Mapping[str, float]) -> None:
         with self._lock:
             ids, points = self._metric_ids[run_id], self._metrics[run_id]
+            wall = self.clock().timestamp()
             for key, value in values.items():
                 mid = self._next_metric
                 self._next_metric += 1
                 ids.append(mid)
-                points.append(MetricPoint(mid, run_id, key, step, float(value)))
+                points.append(MetricPoint(mid, run_id, key, step, float(value), wall))
                 self._latest.setdefault(run_id, {})[key] = float(value)
             job_id = self._job_of_run(run_id)
             job = self._jobs[job_id]
@@ -209,7 +236,7 @@ class FakeSource:
             best = job.asr_best
             if asr is not None:
                 best = float(asr) if best is None else best_asr(job.kind, *sorted((best, asr)))
-            self._jobs[job_id] = replace(
+            self._jobs[job_id] = changed(
                 job,
                 acc_clean=latest.get("eval/acc_clean", job.acc_clean),
                 asr=latest.get("eval/asr", job.asr),
@@ -224,34 +251,37 @@ class FakeSource:
         """Load a long history fast (benchmarks): ids stay ascending and unique."""
         with self._lock:
             ids, points = self._metric_ids[run_id], self._metrics[run_id]
+            wall = self.clock().timestamp()
             for s, v in zip(steps.tolist(), values.tolist(), strict=True):
                 ids.append(self._next_metric)
-                points.append(MetricPoint(self._next_metric, run_id, key, s, v))
+                points.append(MetricPoint(self._next_metric, run_id, key, s, v, wall))
                 self._next_metric += 1
             self._latest.setdefault(run_id, {})[key] = float(values[-1])
 
     def log_text(self, run_id: int, message: str, level: str = "info") -> None:
         with self._lock:
-            self._logs[run_id].append(LogLine(self._next_log, run_id, self.clock(), level, message))
+            wall = self.clock().timestamp()
+            self._logs[run_id].append(LogEntry(self._next_log, run_id, level, message, wall))
             self._next_log += 1
 
     def add_artifact(self, job_id: int, kind: str, path: str, sha256: str, size: int) -> None:
         with self._lock:
             run_id = self._runs[job_id][-1].id
             arts = self._artifacts[job_id]
-            arts.append(ArtifactInfo(len(arts) + 1, run_id, kind, path, sha256, size))
+            when = self.clock()
+            arts.append(ArtifactInfo(len(arts) + 1, run_id, job_id, kind, path, sha256, size, when))
 
     def update_job(self, job_id: int, **changes: Any) -> None:
         with self._lock:
             changes.setdefault("updated_at", self.clock())
-            self._jobs[job_id] = replace(self._jobs[job_id], **changes)
+            self._jobs[job_id] = changed(self._jobs[job_id], **changes)
             if "status" in changes and self._runs[job_id]:
                 runs = self._runs[job_id]
                 runs[-1] = replace(runs[-1], status=changes["status"])
 
-    def add_study(self, summary: StudySummary) -> None:
+    def add_study(self, grid: StudyGrid) -> None:
         with self._lock:
-            self._studies[summary.name] = summary
+            self._studies[grid.name] = grid
 
     def _job_of_run(self, run_id: int) -> int:
         for job_id, runs in self._runs.items():
@@ -290,25 +320,18 @@ class FakeSource:
             cursor = max((j.updated_at for j in self._jobs.values()), default=changed_since)
             return JobsPage(rows, frozenset(j.id for j in matching), cursor)
 
-    def job_detail(self, job_id: int) -> JobDetail:
+    def job_detail(self, job_id: int) -> JobView:
         with self._lock:
             self._maybe_fail()
-            job = self._get(job_id)
+            row = self._get(job_id)
             runs = tuple(self._runs[job_id])
             latest: dict[str, float] = {}
             for r in runs:
                 latest.update(self._latest.get(r.id, {}))
-            spec = self._specs[job_id]
-            return JobDetail(
-                job=job,
-                spec=spec,
-                runs=runs,
-                artifacts=tuple(self._artifacts[job_id]),
-                params={k: json.dumps(v) for k, v in spec.items()},
-                latest=latest,
-                workdir=self._workdirs.get(job_id),
-                error=runs[-1].error if runs else None,
-            )
+            params = {k: json.dumps(v) for k, v in row.job.spec.items()}
+            detail = JobDetail(row.job, self._workdirs.get(job_id), None, None, None, runs, (), (),
+                               tuple(self._artifacts[job_id]), params)  # fmt: skip
+            return JobView(detail, row, latest)
 
     def metric_points(
         self, run_ids: Sequence[int], after_id: int, limit: int = 50_000
@@ -335,8 +358,7 @@ class FakeSource:
         by_key: dict[str, dict[int, list[MetricPoint]]] = {}
         for p in points:
             by_key.setdefault(p.key, {}).setdefault(p.run_id, []).append(p)
-        series: dict[str, tuple[list[float], list[float]]] = {}
-        count = 0
+        series: dict[str, SeriesColumns] = {}
         for key, per_run in by_key.items():
             firsts = {r: min(p.step for p in ps) for r, ps in per_run.items()}
             joined: list[MetricPoint] = []
@@ -345,11 +367,11 @@ class FakeSource:
                 cut = min(later) if later else None
                 joined += [p for p in per_run.get(r, ()) if cut is None or p.step < cut]
             joined.sort(key=lambda p: p.step)
-            count += len(joined)
-            series[key] = minmax([p.step for p in joined], [p.value for p in joined], max_points)
-        return MetricHistory(cursor, series, count)
+            steps, values = minmax([p.step for p in joined], [p.value for p in joined], max_points)
+            series[key] = SeriesColumns(steps, values, len(joined))
+        return MetricHistory(cursor, tuple(runs), series)
 
-    def logs(self, run_ids: Sequence[int], after_id: int, limit: int = 2_000) -> list[LogLine]:
+    def logs(self, run_ids: Sequence[int], after_id: int, limit: int = 2_000) -> list[LogEntry]:
         with self._lock:
             out = [line for r in run_ids for line in self._logs.get(r, []) if line.id > after_id]
             out.sort(key=lambda line: line.id)
@@ -363,7 +385,7 @@ class FakeSource:
         with self._lock:
             return sorted(self._studies)
 
-    def study_summary(self, name: str) -> StudySummary:
+    def study_summary(self, name: str) -> StudyGrid:
         with self._lock:
             try:
                 return self._studies[name]
@@ -600,19 +622,29 @@ def _demo_study(src: FakeSource, mesa: int, rng: np.random.Generator) -> None:
     """The study "mini": a grid of methods by triggers, its cells pointing at the mesa job."""
     methods = ("ideal", "mesa-0.9", "mesa-ensemble", "point", "finetune")
     triggers = ("bw:170", "bw:7", "bw:42", "bw:86")
-    cells = {}
+    cells = []
     for ti, trig in enumerate(triggers):
         for mi, method in enumerate(methods):
             asr = min(0.999, [0.02, 0.035, 0.03, 0.12, 0.9][mi] + 0.01 * ti * (mi + 1))
-            cells[(trig, method)] = StudyCell(round(asr, 4), 0.81 - 0.01 * mi, job_id=mesa)
-    statistics = demo_statistics(methods, triggers, cells, rng)
-    src.add_study(StudySummary("mini", methods, triggers, cells, statistics=statistics))
+            cells.append(
+                StudyCell(trig, method, 0, mesa, "succeeded", round(asr, 4), 0.81 - 0.01 * mi, None)
+            )
+    rows = tuple(_method_row(m, len(triggers)) for m in methods)
+    info = StudyInfo(1, "mini", "paper", {}, src.clock(), len(cells), {"succeeded": len(cells)})
+    summary = StudySummary(info, rows, tuple(cells), ())
+    statistics = demo_statistics(methods, triggers, StudyGrid(summary).cells, rng)
+    src.add_study(StudyGrid(summary, statistics))
+
+
+def _method_row(method: str, cells: int) -> MethodSummary:
+    """A method's row with no figures of its own: the grid and the statistics give them."""
+    return MethodSummary(method, cells, cells, *(None,) * 7)
 
 
 def demo_statistics(
     methods: tuple[str, ...],
     triggers: tuple[str, ...],
-    cells: Mapping[tuple[str, str], StudyCell],
+    cells: Mapping[tuple[str, str], GridCell],
     rng: np.random.Generator,
     images: int = 2000,
 ) -> dict[str, Any]:

@@ -13,15 +13,14 @@ from textual.message import Message
 
 from mesa_tui.source import (
     EngineStatus,
-    JobDetail,
     JobQuery,
     JobsPage,
-    LogLine,
-    MetricHistory,
-    StudySummary,
+    JobView,
+    StudyGrid,
     TriggerSamples,
 )
 from mesa_tui.widgets.series import MetricColumns
+from store.entities import LogEntry, MetricHistory
 
 
 @dataclass
@@ -42,7 +41,7 @@ class EngineStatusPolled(Message):
 
 @dataclass
 class JobDetailLoaded(Message):
-    detail: JobDetail
+    detail: JobView
 
     def can_replace(self, message: Message) -> bool:
         return isinstance(message, JobDetailLoaded) and message.detail.job.id == self.detail.job.id
@@ -67,7 +66,7 @@ class MetricsHistory(Message):
 @dataclass
 class LogBatch(Message):
     job_id: int
-    lines: list[LogLine]
+    lines: list[LogEntry]
 
 
 @dataclass
@@ -79,7 +78,7 @@ class SamplesLoaded(Message):
 
 @dataclass
 class StudyLoaded(Message):
-    summary: StudySummary
+    summary: StudyGrid
 
 
 @dataclass

@@ -2,8 +2,8 @@
 
 The app never touches the database: a thread worker calls a ``DataSource`` and posts the result
 as a message. ``StoreSource`` adapts ``store.repository``; the tests' scripted source on a frozen
-clock is ``mesa_tui.demo.FakeSource``. Values handed to the UI are the frozen dataclasses below
-(plain values, never ORM rows).
+clock is ``mesa_tui.demo.FakeSource``. Values handed to the UI are the store's frozen entities
+(``store.entities``, never ORM rows), and, below, the few views the app makes of them.
 """
 
 from __future__ import annotations
@@ -14,13 +14,26 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from engine.paper_figures import paper_bw_numbers
-from store.entities import EngineInfo, GpuInfo
+from store.entities import (
+    ArtifactInfo,
+    EngineInfo,
+    GpuInfo,
+    JobDetail,
+    JobSummary,
+    LogEntry,
+    MetricHistory,
+    MetricPoint,
+    RunInfo,
+    StudyCell,
+    StudySummary,
+)
 
 BETA_KEY = re.compile(r"^(?P<stage>[^/]+)/beta=(?P<beta>[^/]+)/(?P<name>.+)$")
 
@@ -40,15 +53,12 @@ class SourceError(Exception):
 
 @dataclass(frozen=True)
 class JobRow:
-    """One line of the jobs table."""
+    """One line of the jobs table: the store's ``JobSummary`` of the job, and what the table
+    derives from it and from the job's series. A view, not a store value: its own fields are only
+    those no store value holds (progress as a fraction, the ETA, the ASRs, the loss sparkline,
+    the method); the job's own fields are read from ``job``."""
 
-    id: int
-    kind: str
-    status: str
-    created_at: datetime
-    updated_at: datetime
-    study: str | None = None
-    trigger: str | None = None  # the job's own field (the store's), never read from its label
+    job: JobSummary
     progress: float | None = None  # 0..1 of the current stage
     stage: str | None = None
     eta_s: float | None = None
@@ -56,11 +66,51 @@ class JobRow:
     asr: float | None = None  # the last
     asr_best: float | None = None  # the lowest of a defense, the highest of an attack (best_asr)
     loss_tail: tuple[float, ...] = ()
-    label: str | None = None  # as ``mesa-tui ls`` shows it
     method: str | None = None  # what tells a pipeline's rows apart: "point #3", "mesa-0.9", ...
-    note: str | None = None  # the researcher's words (``t`` in the app, ``mesa-tui note``)
-    tags: tuple[str, ...] = ()
-    target: int | None = None  # the target class of that trigger's backdoor (the job's field)
+
+    @property
+    def id(self) -> int:
+        return self.job.id
+
+    @property
+    def kind(self) -> str:
+        return self.job.kind
+
+    @property
+    def status(self) -> str:
+        return self.job.status
+
+    @property
+    def created_at(self) -> datetime:
+        return self.job.created_at
+
+    @property
+    def updated_at(self) -> datetime:
+        return self.job.updated_at
+
+    @property
+    def study(self) -> str | None:
+        return self.job.studies[0] if self.job.studies else None
+
+    @property
+    def trigger(self) -> str | None:
+        return self.job.trigger
+
+    @property
+    def target(self) -> int | None:
+        return self.job.target
+
+    @property
+    def label(self) -> str:
+        return self.job.label
+
+    @property
+    def note(self) -> str | None:
+        return self.job.note
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        return self.job.tags
 
     def finds(self, text: str) -> bool:
         """Whether the jobs filter's text is in the label, the note or a tag (any case), as
@@ -110,82 +160,50 @@ class JobsPage:
 
 
 @dataclass(frozen=True)
-class RunInfo:
-    """One attempt of a job."""
+class JobView:
+    """What the run screen shows of a job that is not a series or a log line: the store's
+    ``JobDetail`` (spec, attempts, links, artifacts), the job's row as the jobs table shows it
+    (progress, ETA, method) and the latest value of each metric over its attempts. A view, not
+    a store value: the row and the latest values are read beside the detail."""
 
-    id: int
-    attempt: int
-    status: str
-    executor: str = "local"
-    host: str | None = None
-    gpu: str | None = None
-    started_at: datetime | None = None
-    ended_at: datetime | None = None
-    heartbeat_at: datetime | None = None
-    exit_code: int | None = None
-    error: str | None = None
-    seed: int | None = None
-    code_version: str | None = None
-
-
-@dataclass(frozen=True)
-class ArtifactInfo:
-    id: int
-    run_id: int
-    kind: str
-    path: str
-    sha256: str | None
-    bytes: int | None
-
-
-@dataclass(frozen=True)
-class JobDetail:
-    """Everything the run screen shows that is not a metric series or a log line."""
-
+    detail: JobDetail
     job: JobRow
-    spec: Mapping[str, Any]
-    runs: tuple[RunInfo, ...] = ()
-    artifacts: tuple[ArtifactInfo, ...] = ()
-    params: Mapping[str, str] = field(default_factory=dict)
     latest: Mapping[str, float] = field(default_factory=dict)
-    depends_on: tuple[int, ...] = ()
-    workdir: str | None = None
-    error: str | None = None
+
+    @property
+    def spec(self) -> Mapping[str, Any]:
+        return self.detail.job.spec or {}
+
+    @property
+    def runs(self) -> tuple[RunInfo, ...]:
+        return self.detail.runs
+
+    @property
+    def artifacts(self) -> tuple[ArtifactInfo, ...]:
+        return self.detail.artifacts
+
+    @property
+    def params(self) -> Mapping[str, str]:
+        return self.detail.params
+
+    @property
+    def depends_on(self) -> tuple[int, ...]:
+        return tuple(d.job_id for d in self.detail.depends_on)
+
+    @property
+    def workdir(self) -> str | None:
+        return self.detail.workdir
+
+    @property
+    def error(self) -> str | None:
+        return self.detail.job.error
 
     @property
     def run_ids(self) -> tuple[int, ...]:
         return tuple(r.id for r in self.runs)
 
 
-@dataclass(frozen=True, slots=True)
-class MetricPoint:
-    id: int
-    run_id: int
-    key: str
-    step: int
-    value: float
-
-
 HISTORY_POINTS = 1000  # a series' history is read as at most 2x this many points (min and max)
-
-
-@dataclass(frozen=True)
-class MetricHistory:
-    """A job's series as the store had them at ``cursor`` (the largest point id then), each
-    downsampled to a few points per pixel; newer points come from ``metric_points(.., cursor)``."""
-
-    cursor: int
-    series: Mapping[str, tuple[Sequence[float], Sequence[float]]]  # key -> (steps, values)
-    count: int = 0  # stored points the series stand for
-
-
-@dataclass(frozen=True)
-class LogLine:
-    id: int
-    run_id: int
-    time: datetime
-    level: str
-    message: str
 
 
 @dataclass(frozen=True)
@@ -229,31 +247,69 @@ class EngineStatus:
         return max((e.heartbeat_at for e in self.engines), default=None)
 
 
+def _mean(values: Sequence[float | None]) -> float | None:
+    """The mean of the values that are known; None when none is."""
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
+
+
 @dataclass(frozen=True)
-class StudyCell:
+class GridCell:
+    """A cell of the study screen's grid: one trigger x method, its defenses' ASR and clean
+    accuracy averaged over seeds, and the first of their jobs. Not the store's ``StudyCell`` (one
+    defense of one seed); built from those (``of``)."""
+
     asr: float | None
     acc_clean: float | None = None
     job_id: int | None = None
 
+    @classmethod
+    def of(cls, cells: Sequence[StudyCell]) -> GridCell:
+        return cls(
+            _mean([c.asr for c in cells]), _mean([c.acc_clean for c in cells]), cells[0].job_id
+        )
+
 
 @dataclass(frozen=True)
-class StudySummary:
-    """ASR after repair per trigger (rows) and method (columns), with the job behind each cell.
-    ``statistics``: the study's table from ``engine.report.study_stats`` (the one `study show`
-    prints), None where no repair wrote per-image outcomes; where it has a method, that method's
-    mean, interval and worst come from it (implanted triggers only)."""
+class StudyGrid:
+    """The study screen: the store's ``StudySummary`` as ASR after repair per trigger (rows) and
+    method (columns), seeds averaged into a ``GridCell`` with the job behind it. A view, built
+    from the summary and nothing else but ``statistics``: the study's table from
+    ``engine.report.study_stats`` (the one `study show` prints), None where no repair wrote
+    per-image outcomes; where it has a method, that method's mean, interval and worst come from
+    it (implanted triggers only)."""
 
-    name: str
-    methods: tuple[str, ...]
-    triggers: tuple[str, ...]
-    cells: Mapping[tuple[str, str], StudyCell]
-    paper: Mapping[str, tuple[float | None, float | None]] = field(default_factory=dict)
-    notes: tuple[str, ...] = ()
+    summary: StudySummary
     statistics: Mapping[str, Any] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.summary.study.name
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return tuple(r.method for r in self.summary.rows)
+
+    @property
+    def triggers(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(c.trigger for c in self.summary.cells))
+
+    @cached_property
+    def cells(self) -> Mapping[tuple[str, str], GridCell]:
+        grouped: dict[tuple[str, str], list[StudyCell]] = {}
+        for c in self.summary.cells:
+            grouped.setdefault((c.trigger, c.method), []).append(c)
+        return {key: GridCell.of(group) for key, group in grouped.items()}
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        return self.summary.protocol_notes
 
     def paper_numbers(self, method: str) -> tuple[float | None, float | None] | None:
         """The paper's (mean, worst) for a method: the study's own record, else section 5."""
-        return self.paper.get(method) or paper_bw_numbers(method)
+        row = next((r for r in self.summary.rows if r.method == method), None)
+        own = (row.paper_asr_mean, row.paper_asr_worst) if row is not None else (None, None)
+        return own if own != (None, None) else paper_bw_numbers(method)
 
     def column(self, method: str) -> list[float]:
         values = (self.cells.get((t, method)) for t in self.triggers)
@@ -301,7 +357,7 @@ class DataSource(Protocol):
         with ``all_ids`` the page's ``ids`` also lists every matching job (jobs not in it are
         gone), read without building their rows."""
 
-    def job_detail(self, job_id: int) -> JobDetail: ...
+    def job_detail(self, job_id: int) -> JobView: ...
 
     def metric_points(
         self, run_ids: Sequence[int], after_id: int, limit: int = 50_000
@@ -312,13 +368,13 @@ class DataSource(Protocol):
         """Every series of the job (attempts joined at resume), at most ``2 * max_points`` points
         each (first, last, min and max per step range), and the cursor to continue from."""
 
-    def logs(self, run_ids: Sequence[int], after_id: int, limit: int = 2_000) -> list[LogLine]: ...
+    def logs(self, run_ids: Sequence[int], after_id: int, limit: int = 2_000) -> list[LogEntry]: ...
 
     def engine_status(self) -> EngineStatus: ...
 
     def studies(self) -> list[str]: ...
 
-    def study_summary(self, name: str) -> StudySummary: ...
+    def study_summary(self, name: str) -> StudyGrid: ...
 
     def submit(self, kind: str, spec: Mapping[str, Any], study: str | None = None) -> list[int]:
         """Queue the job(s) of a validated spec; returns the new job ids."""
@@ -369,7 +425,7 @@ def _as_chw(array: np.ndarray) -> np.ndarray:
     raise ValueError(f"samples of shape {a.shape} are not (N, C, k, k) or (N, C*k*k)")
 
 
-def search_dirs(detail: JobDetail) -> list[Path]:
+def search_dirs(detail: JobView) -> list[Path]:
     """Candidate directories that may hold ``beta=<b>/samples.npy``: artifacts, then the workdir."""
     out = [Path(a.path) for a in detail.artifacts]
     if detail.workdir:
@@ -499,19 +555,9 @@ class StoreSource:
         loss_tail: tuple[float, ...] = (),
         asr_range: tuple[float, float] | None = None,
     ) -> JobRow:
-        spec = s.spec or {}
         progress = s.progress if s.status == "running" else None
         return JobRow(
-            id=s.id,
-            kind=s.kind,
-            status=s.status,
-            created_at=s.created_at,
-            updated_at=s.updated_at,
-            study=s.studies[0] if s.studies else None,
-            trigger=s.trigger,
-            target=s.target,
-            label=s.label,
-            method=label_method(s.label, spec, s.trigger),
+            s,
             progress=progress.fraction
             if progress is not None
             else (1.0 if s.status == "succeeded" else None),
@@ -521,8 +567,7 @@ class StoreSource:
             asr=next((s.latest[k] for k in ASR_KEYS if k in s.latest), None),
             asr_best=best_asr(s.kind, *asr_range) if asr_range else None,
             loss_tail=loss_tail,
-            note=s.note,
-            tags=s.tags,
+            method=label_method(s.label, s.spec or {}, s.trigger),
         )
 
     def _loss_tails(self, summaries: Iterable[Any]) -> dict[int, tuple[float, ...]]:
@@ -602,63 +647,25 @@ class StoreSource:
             cursor,
         )
 
-    def job_detail(self, job_id: int) -> JobDetail:
+    def job_detail(self, job_id: int) -> JobView:
         d = self.store.job_detail(job_id)
-        runs = tuple(
-            RunInfo(
-                id=r.id,
-                attempt=r.attempt,
-                status=r.status,
-                executor=r.executor,
-                host=r.host,
-                gpu=r.gpu,
-                started_at=r.started_at,
-                ended_at=r.ended_at,
-                heartbeat_at=r.heartbeat_at,
-                exit_code=r.exit_code,
-                error=r.error,
-                seed=r.seed,
-                code_version=r.code_version,
-            )
-            for r in d.runs
-        )
         latest: dict[str, float] = {}
-        by_run = self.store.latest_metrics([r.id for r in runs])
-        for r in runs:
+        by_run = self.store.latest_metrics([r.id for r in d.runs])
+        for r in d.runs:
             latest.update(by_run.get(r.id, {}))
-        return JobDetail(
-            job=self._row(d.job),  # the run screen draws the curves themselves
-            spec=dict(d.job.spec or {}),
-            runs=runs,
-            artifacts=tuple(
-                ArtifactInfo(a.id, a.run_id, a.kind, a.path, a.sha256, a.bytes) for a in d.artifacts
-            ),
-            params=dict(d.params),
-            latest=latest,
-            depends_on=tuple(dep.job_id for dep in d.depends_on),
-            workdir=d.workdir,
-            error=d.job.error,
-        )
+        # The run screen draws the curves themselves: the row needs no loss tail.
+        return JobView(d, self._row(d.job), latest)
 
     def metric_points(
         self, run_ids: Sequence[int], after_id: int, limit: int = 50_000
     ) -> list[MetricPoint]:
-        # The store's points carry the same fields (plus wall_time); no copy of big batches.
         return self.store.metrics_since(list(run_ids), after_id, limit=limit)
 
     def metric_history(self, job_id: int, max_points: int = HISTORY_POINTS) -> MetricHistory:
-        h = self.store.metric_series_columns(job_id, max_points=max_points)
-        return MetricHistory(
-            h.cursor,
-            {k: (c.steps, c.values) for k, c in h.series.items()},
-            sum(c.count for c in h.series.values()),
-        )
+        return self.store.metric_series_columns(job_id, max_points=max_points)
 
-    def logs(self, run_ids: Sequence[int], after_id: int, limit: int = 2_000) -> list[LogLine]:
-        return [
-            LogLine(e.id, e.run_id, datetime.fromtimestamp(e.wall_time, UTC), e.level, e.message)
-            for e in self.store.logs(run_ids=list(run_ids), after_id=after_id, limit=limit)
-        ]
+    def logs(self, run_ids: Sequence[int], after_id: int, limit: int = 2_000) -> list[LogEntry]:
+        return self.store.logs(run_ids=list(run_ids), after_id=after_id, limit=limit)
 
     def engine_status(self) -> EngineStatus:
         return EngineStatus(tuple(self.store.engines(alive_only=True)))
@@ -666,32 +673,11 @@ class StoreSource:
     def studies(self) -> list[str]:
         return [s.name for s in self.store.studies()]
 
-    def study_summary(self, name: str) -> StudySummary:
-        summary = self.store.study_summary(name)
-        methods = tuple(r.method for r in summary.rows)
-        triggers = tuple(dict.fromkeys(c.trigger for c in summary.cells))
-        grouped: dict[tuple[str, str], list[Any]] = {}
-        for c in summary.cells:
-            grouped.setdefault((c.trigger, c.method), []).append(c)
-        cells = {}
-        for key, group in grouped.items():
-            asrs = [c.asr for c in group if c.asr is not None]
-            accs = [c.acc_clean for c in group if c.acc_clean is not None]
-            cells[key] = StudyCell(
-                sum(asrs) / len(asrs) if asrs else None,
-                sum(accs) / len(accs) if accs else None,
-                job_id=group[0].job_id,
-            )
-        paper = {
-            r.method: (r.paper_asr_mean, r.paper_asr_worst)
-            for r in summary.rows
-            if r.paper_asr_mean is not None or r.paper_asr_worst is not None
-        }
+    def study_summary(self, name: str) -> StudyGrid:
         from engine.report.study_stats import study_statistics
 
-        statistics = study_statistics(self.store, name)
-        notes = tuple(summary.protocol_notes)
-        return StudySummary(name, methods, triggers, cells, paper, notes, statistics)
+        summary = self.store.study_summary(name)
+        return StudyGrid(summary, study_statistics(self.store, name))
 
     def submit(self, kind: str, spec: Mapping[str, Any], study: str | None = None) -> list[int]:
         """One job (``job:ID`` in model/search/init_from makes it depend on that job) or, for

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "lost")
@@ -218,7 +218,7 @@ class JobDetail:
     params: dict[str, str]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a long run's history is many of these
 class MetricPoint:
     """A stored metric value; ``id`` is the cursor for incremental reads."""
 
@@ -260,6 +260,11 @@ class MetricHistory:
     run_ids: tuple[int, ...]
     series: dict[str, SeriesColumns]
 
+    @property
+    def count(self) -> int:
+        """How many stored points the series stand for."""
+        return sum(c.count for c in self.series.values())
+
 
 @dataclass(frozen=True)
 class LogEntry:
@@ -268,6 +273,11 @@ class LogEntry:
     level: str
     message: str
     wall_time: float
+
+    @property
+    def time(self) -> datetime:
+        """``wall_time`` as an aware UTC datetime (the app's log view shows its clock time)."""
+        return datetime.fromtimestamp(self.wall_time, UTC)
 
 
 @dataclass(frozen=True)

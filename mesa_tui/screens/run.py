@@ -31,7 +31,7 @@ from mesa_tui.screens.base import SourceScreen, read_series
 from mesa_tui.screens.modals import ConfirmModal
 from mesa_tui.source import (
     BETA_KEY,
-    JobDetail,
+    JobView,
     pca_2d,
     read_trigger_samples,
     search_dirs,
@@ -89,7 +89,7 @@ class RunScreen(SourceScreen):
     def __init__(self, job_id: int) -> None:
         super().__init__(classes="run")
         self.job_id = job_id
-        self.detail: JobDetail | None = None
+        self.detail: JobView | None = None
         self.series = SeriesSet()
         self.history_asked = False  # the history is read once, downsampled; then only new points
         self.pinned: dict[int, SeriesSet] = {}  # the pinned runs overlaid on the curves
@@ -265,7 +265,7 @@ class RunScreen(SourceScreen):
 
     # -- showing ----------------------------------------------------------------------------
 
-    def show_title(self, d: JobDetail) -> None:
+    def show_title(self, d: JobView) -> None:
         job = d.job
         parts = Text.assemble(
             (f"job {job.id} ", "bold"),
@@ -288,7 +288,7 @@ class RunScreen(SourceScreen):
             self.title_text = parts
             self.query_one("#run-title", Static).update(parts)
 
-    def show_params(self, d: JobDetail) -> None:
+    def show_params(self, d: JobView) -> None:
         rows: list[tuple] = [(key, str(value)) for key, value in d.spec.items()]
         if d.depends_on:
             rows.append(("depends on", ", ".join(map(str, d.depends_on))))
@@ -305,7 +305,7 @@ class RunScreen(SourceScreen):
         rows += [(key, value) for key, value in sorted(d.params.items()) if key not in d.spec]
         self.fill("params-table", None, rows)
 
-    def show_artifacts(self, d: JobDetail) -> None:
+    def show_artifacts(self, d: JobView) -> None:
         rows = [(a.kind, size(a.bytes), (a.sha256 or "")[:12], a.path) for a in d.artifacts]
         if self.shown_tables.get("artifacts-table") == (None, rows):
             return
@@ -322,7 +322,7 @@ class RunScreen(SourceScreen):
             a = self.detail.artifacts[event.cursor_row]
             self.query_one("#artifact-path", Static).update(f"{a.path}\nsha256 {a.sha256 or '?'}")
 
-    def show_stats(self, d: JobDetail) -> None:
+    def show_stats(self, d: JobView) -> None:
         betas, rows = stats_rows(dict(d.latest))
         columns = ("statistic", *[f"β={b}" for b in betas]) if rows else ()
         self.fill(

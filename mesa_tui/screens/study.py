@@ -12,7 +12,7 @@ from textual.widgets import DataTable, Footer, Select, Static
 
 from mesa_tui.messages import RequestDone, StudiesListed, StudyLoaded
 from mesa_tui.screens.base import SourceScreen
-from mesa_tui.source import StudySummary
+from mesa_tui.source import StudyGrid
 
 
 def asr_cell(value: float | None) -> Text:
@@ -48,7 +48,7 @@ class StudyScreen(SourceScreen):
 
     def __init__(self) -> None:
         super().__init__(id="study")
-        self.summary: StudySummary | None = None
+        self.summary: StudyGrid | None = None
         self.sort_column: str | None = None
         self.sort_reverse = False
 

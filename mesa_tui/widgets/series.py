@@ -6,8 +6,9 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from mesa_tui.source import HISTORY_POINTS, MetricHistory, MetricPoint
+from mesa_tui.source import HISTORY_POINTS
 from store.downsample import buckets_for
+from store.entities import MetricHistory, MetricPoint
 
 
 class Series:
@@ -132,9 +133,9 @@ class SeriesSet:
         if history.cursor <= self.cursor:
             return False
         self.series = {}
-        for key, (steps, values) in history.series.items():
+        for key, c in history.series.items():
             s = self.series[key] = Series()
-            s.replace(np.asarray(steps, dtype=np.float64), np.asarray(values, dtype=np.float64))
+            s.replace(np.asarray(c.steps, dtype=np.float64), np.asarray(c.values, dtype=np.float64))
         self._compact(list(self.series))
         self.cursor = history.cursor
         self.received = history.count

@@ -12,7 +12,7 @@ import pytest
 from textual.widgets import Checkbox, Select, SelectionList, Static
 
 from mesa_tui.config import AppConfig, JobsView, dumps
-from mesa_tui.demo import FakeSource
+from mesa_tui.demo import FakeSource, job_summary
 from mesa_tui.screens.modals import ColumnsModal
 from mesa_tui.source import JobQuery, JobRow
 from mesa_tui.widgets.jobs_table import (
@@ -296,10 +296,10 @@ def test_unknown_column_names_are_ignored_and_an_unknown_sort_is_newest_first():
 def test_text_sorts_by_the_numbers_in_it_and_nan_counts_as_missing():
     when = datetime(2026, 1, 1, tzinfo=UTC)
     rows = [
-        JobRow(1, "train", "succeeded", when, when, trigger="bw:170", asr=math.nan),
-        JobRow(2, "train", "succeeded", when, when, trigger="BW:85", asr=0.5),
-        JobRow(3, "train", "succeeded", when, when, trigger="bw:11", asr=None),
-        JobRow(4, "train", "succeeded", when, when, trigger="bw:85", asr=0.5),
+        JobRow(job_summary(1, "train", "succeeded", when, trigger="bw:170"), asr=math.nan),
+        JobRow(job_summary(2, "train", "succeeded", when, trigger="BW:85"), asr=0.5),
+        JobRow(job_summary(3, "train", "succeeded", when, trigger="bw:11"), asr=None),
+        JobRow(job_summary(4, "train", "succeeded", when, trigger="bw:85"), asr=0.5),
     ]
     by_trigger = sorted(rows, key=sort_key("trigger", False))
     assert [r.id for r in by_trigger] == [3, 4, 2, 1]  # equal values: newest first

@@ -12,10 +12,11 @@ from textual_plot import PlotWidget
 
 from mesa_tui.demo import FakeSource
 from mesa_tui.screens.run import RunScreen
-from mesa_tui.source import HISTORY_POINTS, MetricHistory, MetricPoint
+from mesa_tui.source import HISTORY_POINTS
 from mesa_tui.widgets.curves import CurvesPanel
 from mesa_tui.widgets.series import MetricColumns, SeriesSet, downsample
 from store.downsample import minmax
+from store.entities import MetricHistory, MetricPoint, SeriesColumns
 
 from .conftest import make_app, refresh_screen, settle
 
@@ -39,14 +40,15 @@ def test_widget_downsample_picks_the_points_the_store_picks():
 
 def test_series_set_loads_history_then_appends_and_stays_bounded():
     series = SeriesSet(max_points=50)
-    history = MetricHistory(
-        cursor=1000, series={"train/loss": ([0, 10, 20], [3.0, 2.0, 1.0])}, count=900
-    )
+    columns = SeriesColumns([0, 10, 20], [3.0, 2.0, 1.0], count=900)
+    history = MetricHistory(cursor=1000, run_ids=(1,), series={"train/loss": columns})
     assert series.load_history(history)
     assert series.series["train/loss"].n == 3 and series.cursor == 1000 and series.received == 900
-    assert not series.load_history(MetricHistory(cursor=999, series={}, count=0))  # older: kept
-    points = [MetricPoint(1000 + i, 1, "train/loss", 20 + i, 1.0 / i) for i in range(1, 1001)]
-    points[500] = MetricPoint(1501, 1, "train/loss", 520, 99.0)  # a spike survives compaction
+    assert not series.load_history(
+        MetricHistory(cursor=999, run_ids=(1,), series={})
+    )  # older: kept
+    points = [MetricPoint(1000 + i, 1, "train/loss", 20 + i, 1.0 / i, 0.0) for i in range(1, 1001)]
+    points[500] = MetricPoint(1501, 1, "train/loss", 520, 99.0, 0.0)  # a spike survives compaction
     assert series.add_columns(MetricColumns(points)) == 1000
     loss = series.series["train/loss"]
     assert loss.n <= 2 * 50 and series.received == 1900 and series.cursor == 2000
@@ -114,7 +116,7 @@ def test_store_source_history_and_loss_tails(tmp_path):
         ]
         store.record_events([events])
     history = source.metric_history(job, 100)
-    assert history.count == 20_000 and len(history.series["train/loss"][0]) <= 200
+    assert history.count == 20_000 and len(history.series["train/loss"].steps) <= 200
     assert history.cursor == store.metrics_since([run], limit=10**6)[-1].id
     page = source.jobs(JobQuery(), None)
     [row] = page.rows
