@@ -724,6 +724,7 @@ def _gpu_section(w: Writer, gpu: Sequence[GpuResult]) -> None:
 
 def provenance_rows(jobs: Sequence[JobData], study: Any | None = None) -> list[list[str]]:
     runs = [r for j in jobs for r in j.runs]
+    infos = [r.info for r in runs]
 
     def distinct(values: Iterable[Any]) -> str:
         counted = Counter(str(v) for v in values if v not in (None, ""))
@@ -735,25 +736,25 @@ def provenance_rows(jobs: Sequence[JobData], study: Any | None = None) -> list[l
     for j in jobs:
         name = j.spec.get("dataset")
         if name and j.kind == "train":
-            hashes = {h for h in [j.dataset_hash, *(r.dataset_hash for r in j.runs)] if h}
+            hashes = {h for h in [j.dataset_hash, *(r.info.dataset_hash for r in j.runs)] if h}
             datasets[str(name)] |= hashes
     seeds = sorted(
-        {r.seed for r in runs if r.seed is not None}
+        {r.seed for r in infos if r.seed is not None}
         | {j.seed for j in jobs if isinstance(j.seed, int)}
     )
     rows = [
         ["report generated", _now()],
         ["report code version", _code_version()],
-        ["code version of the runs", distinct(r.code_version for r in runs)],
-        ["torch", distinct(r.env.get("torch") for r in runs)],
+        ["code version of the runs", distinct(r.code_version for r in infos)],
+        ["torch", distinct(r.env.get("torch") for r in infos)],
         [
             "CUDA",
-            distinct(r.env.get("cuda") or ("none" if r.env.get("torch") else None) for r in runs),
+            distinct(r.env.get("cuda") or ("none" if r.env.get("torch") else None) for r in infos),
         ],
-        ["python", distinct(r.env.get("python") for r in runs)],
+        ["python", distinct(r.env.get("python") for r in infos)],
         ["device", distinct(r.device for r in runs if r.device != "unknown")],
-        ["host", distinct(r.host for r in runs)],
-        ["executor", distinct(r.executor for r in runs)],
+        ["host", distinct(r.host for r in infos)],
+        ["executor", distinct(r.executor for r in infos)],
         [
             "dataset",
             "; ".join(

@@ -18,6 +18,7 @@ import numpy as np
 
 from engine.errors import UserError
 from engine.triggerspec import pattern_array
+from store.entities import ArtifactInfo, JobDetail, RunInfo, StudyMember
 
 BETA_KEY = re.compile(r"^(?P<stage>[^/]+)/beta=(?P<beta>[^/]+)/(?P<name>.+)$")
 BETA_LABEL = re.compile(r"beta=(?P<beta>[^/]+)")
@@ -67,32 +68,25 @@ def to_rgb(pattern: np.ndarray) -> np.ndarray:
 
 @dataclass
 class RunData:
-    id: int
-    attempt: int
-    status: str
-    started_at: Any
-    ended_at: Any
-    host: str | None
-    gpu: str | None
-    executor: str
-    seed: int | None
-    code_version: str | None
-    dataset_hash: str | None
-    env: dict[str, Any]
+    """A run as the cost and provenance tables read it: the store's ``RunInfo`` and the latest
+    value of each of its metrics (peak memory). Not a store value: the latest values are read
+    beside the run."""
+
+    info: RunInfo
     latest: dict[str, float]
 
     @property
     def wall_s(self) -> float | None:
-        if self.started_at is None or self.ended_at is None:
+        if self.info.started_at is None or self.info.ended_at is None:
             return None
-        return max(0.0, (self.ended_at - self.started_at).total_seconds())
+        return max(0.0, (self.info.ended_at - self.info.started_at).total_seconds())
 
     @property
     def device(self) -> str:
-        name = self.env.get("device_name")
+        name = (self.info.env or {}).get("device_name")
         if name:
             return str(name)
-        return f"gpu {self.gpu}" if self.gpu else "unknown"
+        return f"gpu {self.info.gpu}" if self.info.gpu else "unknown"
 
     def peak(self, keys: Sequence[str]) -> float | None:
         values = [self.latest[k] for k in keys if _finite(self.latest.get(k))]
@@ -117,26 +111,63 @@ class RunData:
 
 @dataclass
 class JobData:
-    """One job with everything a report shows about it."""
+    """One job with everything a report shows about it: the store's ``JobDetail``, the job as its
+    study places it (``role``, ``trigger``, ``method``, ``seed``: the membership's, else the
+    job's own), each run with its latest values, and the keys of its metrics. Not a store value:
+    the membership and the metrics are read beside the detail; the job's own fields are read
+    from ``detail``."""
 
-    id: int
-    kind: str
-    label: str
-    status: str
+    detail: JobDetail
     role: str
     trigger: str | None
     method: str | None
     seed: int | None
-    spec: dict[str, Any]
-    result: dict[str, Any] | None
-    workdir: str | None
-    dataset_hash: str | None
-    code_version: str | None
-    error: str | None
     runs: list[RunData]
-    artifacts: list[Any]
-    depends_on: list[int]
     metric_keys: list[str] = field(default_factory=list)
+
+    @property
+    def id(self) -> int:
+        return self.detail.job.id
+
+    @property
+    def kind(self) -> str:
+        return self.detail.job.kind
+
+    @property
+    def label(self) -> str:
+        return self.detail.job.label or ""
+
+    @property
+    def status(self) -> str:
+        return self.detail.job.status
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return self.detail.job.spec or {}
+
+    @property
+    def error(self) -> str | None:
+        return self.detail.job.error
+
+    @property
+    def result(self) -> dict[str, Any] | None:
+        return self.detail.result
+
+    @property
+    def workdir(self) -> str | None:
+        return self.detail.workdir
+
+    @property
+    def dataset_hash(self) -> str | None:
+        return self.detail.dataset_hash
+
+    @property
+    def artifacts(self) -> tuple[ArtifactInfo, ...]:
+        return self.detail.artifacts
+
+    @property
+    def depends_on(self) -> list[int]:
+        return [d.job_id for d in self.detail.depends_on]
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -160,49 +191,21 @@ class JobData:
         return None
 
 
-def load_job(store: Any, job_id: int, member: Any | None = None) -> JobData:
+def load_job(store: Any, job_id: int, member: StudyMember | None = None) -> JobData:
     detail = store.job_detail(job_id)
     job = detail.job
     run_ids = [r.id for r in detail.runs]
     latest = store.latest_metrics(run_ids) if run_ids else {}
-    spec = dict(job.spec or {})
+    spec = job.spec or {}
     # The study's trigger, else the job's own (its spec's, or its attack's for a search or repair).
     trigger = member.trigger if member is not None and member.trigger else job.trigger
     return JobData(
-        id=job.id,
-        kind=job.kind,
-        label=job.label or "",
-        status=job.status,
+        detail=detail,
         role=(member.role if member is not None else job.kind) or job.kind,
         trigger=trigger if isinstance(trigger, str) and trigger != "none" else None,
         method=(member.method if member is not None else None) or spec.get("method"),
         seed=member.seed if member is not None and member.seed is not None else spec.get("seed"),
-        spec=spec,
-        result=detail.result,
-        workdir=detail.workdir,
-        dataset_hash=detail.dataset_hash,
-        code_version=detail.code_version,
-        error=job.error,
-        runs=[
-            RunData(
-                id=r.id,
-                attempt=r.attempt,
-                status=r.status,
-                started_at=r.started_at,
-                ended_at=r.ended_at,
-                host=r.host,
-                gpu=r.gpu,
-                executor=r.executor,
-                seed=r.seed,
-                code_version=r.code_version,
-                dataset_hash=r.dataset_hash,
-                env=dict(r.env or {}),
-                latest=dict(latest.get(r.id, {})),
-            )
-            for r in detail.runs
-        ],
-        artifacts=list(detail.artifacts),
-        depends_on=[d.job_id for d in detail.depends_on],
+        runs=[RunData(r, dict(latest.get(r.id, {}))) for r in detail.runs],
         metric_keys=store.metric_keys(job_id),
     )
 
@@ -226,6 +229,9 @@ def upstream_chain(store: Any, job_id: int, limit: int = 20) -> list[int]:
 
 @dataclass
 class Series:
+    """One metric of a job as the figures draw it: numpy arrays (steps may become epochs), built
+    from the store's ``SeriesPoint`` list; the store has no array-valued class to share."""
+
     key: str
     steps: np.ndarray
     values: np.ndarray
@@ -266,7 +272,8 @@ def epoch_axis(store: Any, job: JobData, s: Series, epoch_key: str) -> Series:
 
 @dataclass
 class SearchData:
-    """A MESA search: its samples per beta, the original pattern when known, histograms."""
+    """A MESA search: its samples per beta, the original pattern when known, histograms. Read
+    from the search's folder on disk, which the store does not hold: no store class to share."""
 
     job: JobData
     directory: Path | None
@@ -396,6 +403,8 @@ def tsne_2d(samples: dict[str, np.ndarray], seed: int = 0) -> dict[str, np.ndarr
 
 @dataclass
 class GpuResult:
+    """A GPU benchmark's JSON file (benchmarks/gpu_bench.py); the store never holds it."""
+
     path: str
     device: str
     torch: str | None
