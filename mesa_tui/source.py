@@ -21,6 +21,9 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from engine.paper_figures import paper_bw_numbers
+
+# One reading of sample arrays for the app and the report (numpy only).
+from engine.report.collect import as_chw
 from store.entities import (
     ArtifactInfo,
     EngineInfo,
@@ -34,8 +37,6 @@ from store.entities import (
     StudyCell,
     StudySummary,
 )
-
-BETA_KEY = re.compile(r"^(?P<stage>[^/]+)/beta=(?P<beta>[^/]+)/(?P<name>.+)$")
 
 
 def utc_now() -> datetime:
@@ -413,18 +414,6 @@ class TriggerSamples:
     positions: Mapping[str, np.ndarray] = field(default_factory=dict)
 
 
-def _as_chw(array: np.ndarray) -> np.ndarray:
-    a = np.asarray(array, dtype=np.float32)
-    if a.ndim == 2 and a.shape[1] % 9 == 0:
-        c = a.shape[1] // 9
-        return a.reshape(a.shape[0], c, 3, 3)
-    if a.ndim == 4 and a.shape[-1] in (1, 3) and a.shape[1] not in (1, 3):
-        return a.transpose(0, 3, 1, 2)
-    if a.ndim == 4:
-        return a
-    raise ValueError(f"samples of shape {a.shape} are not (N, C, k, k) or (N, C*k*k)")
-
-
 def search_dirs(detail: JobView) -> list[Path]:
     """Candidate directories that may hold ``beta=<b>/samples.npy``: artifacts, then the workdir."""
     out = [Path(a.path) for a in detail.artifacts]
@@ -443,7 +432,7 @@ def read_trigger_samples(dirs: Iterable[Path], known_stamp: float = 0.0) -> Trig
         if stamp <= known_stamp:
             return None
         by_beta = {
-            f.parent.name.removeprefix("beta="): _as_chw(np.load(f, allow_pickle=False))
+            f.parent.name.removeprefix("beta="): as_chw(np.load(f, allow_pickle=False))
             for f in files
         }
         positions = {}

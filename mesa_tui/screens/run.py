@@ -19,6 +19,7 @@ from textual.widgets import (
 from textual.worker import Worker, get_current_worker
 from textual_plot import PlotWidget
 
+from engine.report.collect import BETA_KEY
 from mesa_tui.messages import (
     JobDetailLoaded,
     LogBatch,
@@ -30,7 +31,6 @@ from mesa_tui.messages import (
 from mesa_tui.screens.base import SourceScreen, read_series
 from mesa_tui.screens.modals import ConfirmModal
 from mesa_tui.source import (
-    BETA_KEY,
     JobView,
     pca_2d,
     read_trigger_samples,

@@ -24,7 +24,7 @@ from textual.reactive import reactive
 from textual.widgets import Input, SelectionList, Static
 from textual_plot import HiResMode, PlotWidget
 
-from mesa_tui.source import BETA_KEY
+from engine.report.collect import BETA_KEY
 from mesa_tui.widgets.series import SeriesSet, downsample
 
 PALETTE = (
