@@ -12,6 +12,13 @@ accuracy, ASR under pattern variations, the residual check and wall time. Then:
   poisoning, repaired by MESA and by point (mean and worst);
 - the bar checks of issue 3, each with the numbers it used.
 
+The main part's recipe (the models, the search, the repairs and their order) lives in
+engine/defense_bar.py, which the study template ``defense-bar`` builds its jobs from, so
+``mesa-tui study create NAME --template defense-bar --seeds 0,1,2`` queues the same tasks (the
+test tests/engine/test_defense_bar.py compares them spec for spec). This script stays: its
+committed JSONs (benchmarks/results) were made by it, and its alpha ablation, paper-recipe part
+and the residual check of the unrepaired model have no template yet.
+
 Every setting is fixed before anything runs; nothing is chosen by looking at the held-out split
 (the defenses see only the defender split; the held-out split only scores them).
 
@@ -45,22 +52,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from engine import defense_bar as bar  # noqa: E402
 from engine.errors import DatasetMissing  # noqa: E402
 from engine.reporter import MemoryReporter, TaskResult  # noqa: E402
 from engine.specs import build_spec  # noqa: E402
 
 SHARED_CIFAR = Path(__file__).resolve().parent.parent.parent / "shared/data/cifar10-jpeg.tar.gz"
-ALL_METHODS = (
-    "mesa",
-    "mesa:0.9",
-    "mesa:0.8",
-    "mesa:0.5",
-    "ideal",
-    "point",
-    "neural-cleanse",
-    "finetune",
-    "random-patch",
-)
+# The recipe's methods in the driver's spelling (mesa:0.9 for mesa-0.9, as its reports name them).
+ALL_METHODS = tuple(m.replace("mesa-", "mesa:") for m in bar.METHODS)
 VARIATION_KEYS = ("asr_noise", "asr_rot90", "asr_invert", "asr_flip1", "asr_occlude1", "asr_corner")
 QUICK_DATASET = "cifar10-quick"
 
@@ -103,30 +102,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _models_and_methods(p: argparse.ArgumentParser) -> None:
     """The main part: which models, which search, which repairs."""
-    p.add_argument("--triggers", type=csv(str), default=["bw:170", "bw:0", "bw:85"])
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per trigger")
+    p.add_argument("--triggers", type=csv(str), default=list(bar.TRIGGERS))
+    p.add_argument("--seeds", type=int, default=bar.SEEDS, help="seeds 0..N-1 per trigger")
     p.add_argument(
         "--first-seed",
         type=int,
         default=0,
         help="start the main part's seeds here (seeds F..F+N-1): a later sitting adds seeds",
     )
-    p.add_argument("--rates", type=csv(float), default=[0.01, 0.1, 0.2])
-    p.add_argument("--headline-rate", type=float, default=0.1)
+    p.add_argument("--rates", type=csv(float), default=list(bar.RATES))
+    p.add_argument("--headline-rate", type=float, default=bar.HEADLINE_RATE)
     p.add_argument("--methods", type=csv(str), default=list(ALL_METHODS))
-    p.add_argument("--target", type=int, default=0)
-    p.add_argument("--dataset", default="cifar10")
-    p.add_argument("--train-epochs", type=int, default=None, help="default: 10 (RESULTS_RECIPE)")
-    p.add_argument("--steps", type=int, default=620, help="MESA search steps per beta")
-    p.add_argument("--betas", type=csv(float), default=[0.9, 0.8, 0.5])
-    p.add_argument("--search-batch", type=int, default=128)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--repair-epochs", type=int, default=10)
-    p.add_argument("--point-restarts", type=int, default=3)
-    p.add_argument("--point-epochs", type=int, default=5)
-    p.add_argument("--nc-epochs", type=int, default=100, help="Neural Cleanse outer steps")
-    p.add_argument("--nc-steps-per-epoch", type=int, default=31)
-    p.add_argument("--residual-steps", type=int, default=200)
+    p.add_argument("--target", type=int, default=bar.TARGET)
+    p.add_argument("--dataset", default=bar.TRAIN["dataset"])
+    p.add_argument(
+        "--train-epochs", type=int, default=None, help="default: 10 (bar.RESULTS_RECIPE)"
+    )
+    p.add_argument("--steps", type=int, default=bar.SEARCH["steps"], help="search steps per beta")
+    p.add_argument("--betas", type=csv(float), default=list(bar.SEARCH["betas"]))
+    p.add_argument("--search-batch", type=int, default=bar.SEARCH["batch_size"])
+    p.add_argument("--hidden", type=int, default=bar.SEARCH["hidden"])
+    p.add_argument("--repair-epochs", type=int, default=bar.REPAIR["epochs"])
+    p.add_argument("--point-restarts", type=int, default=bar.REPAIR["point_restarts"])
+    p.add_argument("--point-epochs", type=int, default=bar.REPAIR["point_epochs"])
+    p.add_argument(
+        "--nc-epochs", type=int, default=bar.REPAIR["nc_epochs"], help="Neural Cleanse outer steps"
+    )
+    p.add_argument("--nc-steps-per-epoch", type=int, default=bar.REPAIR["nc_steps_per_epoch"])
+    p.add_argument("--residual-steps", type=int, default=bar.REPAIR["residual_steps"])
     p.add_argument(
         "--residual-rates",
         type=csv(float),
@@ -313,38 +316,23 @@ def reused_model(args, trigger: str, seed: int) -> TaskResult | None:
     return TaskResult(str(path), manifest.get("metrics", {}), {"wall_s": None, "reused": True})
 
 
-# The recipe every committed defense result was trained with: the cpu-quick preset before it
-# moved to batch 512, lr 0.8, crop epochs, reflect padding, a whitened stem and no weight decay on
-# the BatchNorm parameters. Pinned, so a rerun reproduces those models.
-RESULTS_RECIPE = dict(
-    arch="small",
-    batch_size=256,
-    lr=0.2,
-    eval_every=2,
-    crop_epochs=0,
-    epochs=10,
-    crop_padding=4,
-    padding_mode="zeros",
-    whiten_stem=False,
-    norm_weight_decay=5e-4,  # = weight_decay: one group, as before the field existed
-)
-
-
 def train_model(args, trigger: str | None, seed: int, workdir: Path, **overrides) -> TaskResult:
-    preset = overrides.pop("preset", "cpu-quick")
+    """A backdoored (or, with no trigger, clean) model: the recipe of engine.defense_bar over its
+    preset, or another preset's own recipe (the paper part's attack)."""
+    preset = overrides.pop("preset", bar.TRAIN_PRESET)
     given = dict(
         dataset=args.dataset,
-        trigger=trigger or "none",
         target=args.target,
-        seed=seed,
         epochs=args.train_epochs,
         device=args.device,
         precision=args.precision,
     )
     given.update(overrides)
-    # None means "not given": it must not hide the pinned recipe's value either.
-    values = dict(RESULTS_RECIPE) if preset == "cpu-quick" else {}
-    values.update({k: v for k, v in given.items() if v is not None})
+    if preset == bar.TRAIN_PRESET:
+        values = bar.train_values(trigger or "none", seed, given)
+    else:  # None means "not given", as in the recipe
+        values = {"trigger": trigger or "none", "seed": seed}
+        values.update({k: v for k, v in given.items() if v is not None})
     if trigger is None:
         values["poison_rate"] = 0.0
     return run_task("train", build_spec("train", preset=preset, overrides=values), workdir)
@@ -355,11 +343,11 @@ def run_search(
     model: str,
     seed: int,
     workdir: Path,
-    alpha: float = 0.1,
+    alpha: float | None = None,
     steps: int | None = None,
     betas: list[float] | None = None,
 ) -> TaskResult:
-    values = dict(
+    given = dict(
         model=model,
         target=args.target,
         betas=betas or args.betas,
@@ -367,42 +355,54 @@ def run_search(
         steps=steps or args.steps,
         batch_size=args.search_batch,
         hidden=args.hidden,
-        seed=seed,
         device=args.device,
         precision=args.precision,
-        # The paper's random places, with which every committed result of this driver was made
-        # (the search's default became `learned`, a position scan first, later).
-        placement="per-image",
     )
     if args.quick:
-        values.update(sample_every=4, n_eval_triggers=8, eval_images=16, samples=32)
+        given.update(sample_every=4, n_eval_triggers=8, eval_images=16, samples=32)
+    values = bar.search_values(seed, given)
     return run_task("mesa", build_spec("mesa", overrides=values), workdir)
 
 
-def defend(args, model: str, method: str, rate: float, seed: int, workdir: Path, **extra):
-    residual = rate in args.residual_rates and (
-        args.residual_methods is None or method in args.residual_methods
-    )
-    values = dict(
-        model=model,
-        method=method,
-        stamp_rate=rate,
+def repair_settings(args) -> dict[str, Any]:
+    """The driver's options as defend settings over engine.defense_bar's (the residual search
+    has the main search's batch and width)."""
+    return dict(
         epochs=args.repair_epochs,
         target=args.target,
         point_restarts=args.point_restarts,
         point_epochs=args.point_epochs,
         nc_epochs=args.nc_epochs,
         nc_steps_per_epoch=args.nc_steps_per_epoch,
-        residual_steps=args.residual_steps if residual else 0,
+        residual_steps=args.residual_steps,
         residual_hidden=args.hidden,
         residual_batch_size=args.search_batch,
-        seed=seed,
         device=args.device,
         precision=args.precision,
     )
-    values.update(extra)
-    if method == "mesa":
-        values.pop("target")  # the search's own target is the defender's belief
+
+
+def repair_plan(args, rates: list[float], methods: list[str], **changes: Any) -> bar.Plan:
+    """The repairs the options ask for (``changes``: other Plan fields, e.g. no residual)."""
+    residual_methods = args.residual_methods
+    fields: dict[str, Any] = dict(
+        rates=tuple(rates),
+        methods=tuple(m.replace("mesa:", "mesa-") for m in methods),
+        headline_rate=args.headline_rate,
+        residual_rates=tuple(args.residual_rates),
+        residual_methods=None if residual_methods is None else tuple(residual_methods),
+    )
+    return bar.Plan(**{**fields, **changes})
+
+
+def run_repair(args, repair: bar.Repair, model: str, search: str | None, reversal: list[str],
+               workdir: Path) -> TaskResult:  # fmt: skip
+    """One repair of engine.defense_bar's list; ``reversal``: the artifacts of those before it."""
+    values = {**repair.values, "model": model}
+    if repair.uses_search:
+        values["search"] = search
+    if repair.reversal_of is not None:
+        values["reversal_from"] = reversal[repair.reversal_of]
     return run_task("defend", build_spec("defend", overrides=values), workdir)
 
 
@@ -488,47 +488,40 @@ def residual_reference(args, model: str, seed: int, workdir: Path) -> dict[str, 
 def repair_all(
     args, model: str, search: str, seed: int, root: Path, rates: list[float], methods: list[str]
 ) -> list[dict[str, Any]]:
+    """Every repair of one model in engine.defense_bar's order: the headline rate first, whose
+    runs reverse the point and Neural Cleanse triggers that every other rate repairs with (also
+    when added in a later sitting; another order would reverse again at the new rate, and the
+    headline runs' specs, which name the reversal they used, would no longer match their saved
+    results)."""
     rows = []
-    reversal: dict[str, str] = {}
-    # The headline rate first: its runs (always done) reverse the point and Neural Cleanse
-    # triggers, and every other rate repairs with those, also when added in a later sitting.
-    # (Another order would reverse again at the new rate, and the headline runs' specs, which
-    # name the reversal they used, would no longer match their saved results.)
-    for rate in sorted(rates, key=lambda r: not math.isclose(r, args.headline_rate)):
-        for method in methods:
-            runs: list[tuple[str, dict[str, Any]]] = []
-            if method == "mesa":
-                runs.append(("mesa", {"search": search, "ensemble": "round-robin"}))
-            elif method.startswith("mesa:"):
-                runs.append((method, {"search": search, "beta": float(method[5:])}))
-            elif method == "point":
-                runs += [(f"point#{r}", {"point_index": r}) for r in range(args.point_restarts)]
-            else:
-                runs.append((method, {}))
-            for name, extra in runs:
-                task_method = "mesa" if name.startswith("mesa") else name.split("#")[0]
-                if task_method in reversal:
-                    extra["reversal_from"] = reversal[task_method]
-                workdir = root / f"defend-{name.replace(':', '-')}-{rate:g}"
-                log(f"  repair {name} at rate {rate:g}")
-                result = defend(args, model, task_method, rate, seed, workdir, **extra)
-                if task_method in ("point", "neural-cleanse"):
-                    reversal.setdefault(task_method, str(result.artifact))
-                row = {"method": name, "rate": rate, **row_of(result)}
-                if task_method == "neural-cleanse":
-                    row["nc_mask_l1"] = result.metrics.get("nc/mask_l1")
-                if task_method == "point":
-                    r = extra["point_index"]
-                    row["point_success"] = result.metrics.get(f"point/restart={r}/success")
-                    row["point_distance_to_true"] = result.metrics.get(
-                        f"point/restart={r}/distance_to_true"
-                    )
-                rows.append(row)
-                log(
-                    f"    acc {row['acc_clean']:.4f}  asr {row['asr']:.4f}  ra {row['ra']:.4f}"
-                    f"  {row['wall_s']:.0f}s"
-                )
+    artifacts: list[str] = []
+    plan = repair_plan(args, rates, methods)
+    for repair in bar.repairs(plan, seed, repair_settings(args)):
+        name = repair.method.replace("mesa-", "mesa:")
+        if repair.restart is not None:
+            name += f"#{repair.restart}"
+        workdir = root / f"defend-{name.replace(':', '-')}-{repair.rate:g}"
+        log(f"  repair {name} at rate {repair.rate:g}")
+        result = run_repair(args, repair, model, search, artifacts, workdir)
+        artifacts.append(str(result.artifact))
+        rows.append(_repair_row(name, repair, result))
+        row = rows[-1]
+        log(
+            f"    acc {row['acc_clean']:.4f}  asr {row['asr']:.4f}  ra {row['ra']:.4f}"
+            f"  {row['wall_s']:.0f}s"
+        )
     return rows
+
+
+def _repair_row(name: str, repair: bar.Repair, result: TaskResult) -> dict[str, Any]:
+    row = {"method": name, "rate": repair.rate, **row_of(result)}
+    if repair.values["method"] == "neural-cleanse":
+        row["nc_mask_l1"] = result.metrics.get("nc/mask_l1")
+    if repair.restart is not None:
+        r = repair.restart
+        row["point_success"] = result.metrics.get(f"point/restart={r}/success")
+        row["point_distance_to_true"] = result.metrics.get(f"point/restart={r}/distance_to_true")
+    return row
 
 
 def summarise(rows: list[dict[str, Any]], rate: float) -> dict[str, Any]:
@@ -1016,17 +1009,10 @@ def alpha_ablation(args, model: str, seed: int, base: Path) -> list[dict[str, An
                 betas=betas,
             )
             search_dir, summary = str(result.artifact), search_summary(result, betas)
-            repaired = defend(
-                args,
-                model,
-                "mesa",
-                args.headline_rate,
-                seed,
-                base / f"{tag}-repair",
-                search=search_dir,
-                ensemble="round-robin",
-                residual_steps=0,
-            )
+            # the ensemble's repair at the headline rate, without the residual search
+            plan = repair_plan(args, [args.headline_rate], ["mesa"], residual_methods=())
+            (repair,) = bar.repairs(plan, seed, repair_settings(args))
+            repaired = run_repair(args, repair, model, search_dir, [], base / f"{tag}-repair")
             out.append(
                 {
                     "alpha": alpha,

@@ -228,12 +228,12 @@ def test_every_rate_repairs_with_the_reversal_of_the_headline_rate(bench, tmp_pa
     """A later sitting that adds rates reuses the headline runs instead of redoing them."""
     calls = []
 
-    def defend(args, model, method, rate, seed, workdir, **extra):
-        calls.append((method, rate, extra.get("reversal_from")))
+    def run_task(kind, spec, workdir):
+        calls.append((spec.method, spec.stamp_rate, spec.reversal_from))
         metrics = {"eval/acc_clean": 0.8, "eval/asr": 0.1, "eval/ra": 0.7}
         return bench.TaskResult(f"{workdir}", metrics, {"wall_s": 1.0})
 
-    monkeypatch.setattr(bench, "defend", defend)
+    monkeypatch.setattr(bench, "run_task", run_task)
     monkeypatch.setattr(bench, "log", lambda message: None)
     args = bench.parse_args(["--point-restarts", "2"])
     bench.repair_all(args, "m", "s", 0, tmp_path, [0.01, 0.1, 0.2], ["point", "neural-cleanse"])
