@@ -14,11 +14,14 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.errors import UserError
 from engine.paper_figures import PAPER_BW, PAPER_COLOR_CIFAR10, PAPER_COLOR_CIFAR100
 from store.entities import NewJob
+
+if TYPE_CHECKING:
+    from engine.defense_bar import Plan
 
 # The paper's 51 black/white triggers: the smallest id of each orbit of the 512 3x3 patterns under
 # the square's symmetries and inversion (engine.ml.triggers.canonical_bw_ids computes the same;
@@ -578,6 +581,132 @@ def _cpu_mini(
     )
 
 
+def _defense_bar(
+    seeds: list[int], overrides: dict[str, Any], target_mode: str, chosen: list[str] | None
+):
+    """The main part of ``benchmarks/defense.py`` as a study, every setting from
+    ``engine.defense_bar``: per trigger and seed the backdoored model, its search and each repair
+    the driver runs (point once per restart; the later restarts and every other rate reuse the
+    first reversal through ``reversal_from``). Stage settings pass through as in cpu-mini
+    (``--nc-epochs 30``, ``--mesa-steps 100``); ``--rates``, ``--methods``, ``--headline-rate``,
+    ``--residual-rates`` and ``--residual-methods`` pick the repairs as the driver's options do."""
+    from engine import defense_bar as bar
+
+    name = "defense-bar"
+    plan, rest = _defense_plan(overrides)
+    routed = split_overrides(rest)
+    triggers = choose_triggers(name, list(bar.TRIGGERS), chosen)
+    jobs = _Jobs()
+    for trigger in triggers:
+        for seed in seeds:
+            _defense_bar_model(jobs, trigger, seed, plan, routed)
+    attack = jobs.jobs[0].spec
+    labels = [_rate_label(m, r, plan) for r in plan.ordered_rates() for m in plan.methods]
+    paper = {k: PAPER_BW[k] for k in ("before repair", "ideal", "point")}
+    params = {
+        "template": name,
+        "dataset": attack["dataset"],
+        "triggers": triggers,
+        "targets": [attack["target"]] * len(triggers),
+        "methods": labels,
+        "seeds": seeds,
+        "target_mode": target_mode,
+        "overrides": {k: v for k, v in overrides.items() if v is not None},
+        "paper": {**paper, "mesa": PAPER_BW["mesa-ensemble"]},
+        "protocol_notes": _defense_notes(plan),
+    }
+    return params, jobs.jobs
+
+
+def _defense_bar_model(
+    jobs: _Jobs, trigger: str, seed: int, plan: Plan, routed: dict[str, dict[str, Any]]
+) -> None:
+    """One model's jobs in the driver's order: attack, search, then its repairs."""
+    from engine import defense_bar as bar
+
+    train = bar.train_values(trigger, seed, routed["train"])
+    label = f"{trigger} -> {train['target']} seed {seed}"
+    meta: dict[str, Any] = {"trigger": trigger, "seed": seed}
+    model = jobs.add("train", train, {}, bar.TRAIN_PRESET, label=f"attack {label}", **meta)
+    search_values = bar.search_values(seed, routed["mesa"])
+    search = jobs.add("mesa", search_values, {"model": model}, label=f"mesa {label}", **meta)
+    made: list[str] = []
+    for repair in bar.repairs(plan, seed, routed["defend"]):
+        refs = {"model": model}
+        if repair.uses_search:
+            refs["search"] = search
+        if repair.reversal_of is not None:
+            refs["reversal_from"] = made[repair.reversal_of]
+        method = _rate_label(repair.method, repair.rate, plan)
+        restart = "" if repair.restart is None else f" #{repair.restart}"
+        made.append(
+            jobs.add(
+                "defend",
+                repair.values,
+                refs,
+                method=method,
+                label=f"{repair.method}{restart} @{repair.rate:g} {label}",
+                **meta,
+            )
+        )
+
+
+def _rate_label(method: str, rate: float, plan: Plan) -> str:
+    """A repair's method in the study's table: the name at the headline rate, ``name @rate`` at
+    the others (so rates are not pooled)."""
+    return method if plan.is_headline(rate) else f"{method} @{rate:g}"
+
+
+DEFENSE_PLAN_KEYS = {
+    "rates": float,
+    "methods": str,
+    "headline_rate": float,
+    "residual_rates": float,
+    "residual_methods": str,
+}
+
+
+def _defense_plan(overrides: dict[str, Any]) -> tuple[Plan, dict[str, Any]]:
+    """The plan's settings out of the overrides (text from the command line or values), and the
+    stage settings left."""
+    from engine.defense_bar import Plan
+
+    rest = {k: v for k, v in overrides.items() if v is not None}
+    plan: dict[str, Any] = {}
+    for key, kind in DEFENSE_PLAN_KEYS.items():
+        if key not in rest:
+            continue
+        value = rest.pop(key)
+        items = value if isinstance(value, list | tuple) else str(value).split(",")
+        try:
+            parsed = [kind(str(item).strip()) for item in items if str(item).strip()]
+        except ValueError:
+            parsed = []
+        if not parsed or (key == "headline_rate" and len(parsed) != 1):
+            example = {"headline_rate": "0.1", "methods": "mesa,point"}.get(key, "0.01,0.1")
+            raise UserError(f"invalid --{key.replace('_', '-')} {value!r}: give e.g. {example}")
+        plan[key] = parsed[0] if key == "headline_rate" else tuple(parsed)
+    return Plan(**plan), rest
+
+
+def _defense_notes(plan: Plan) -> list[str]:
+    from engine import defense_bar as bar
+
+    rates = ", ".join(f"{r:g}" for r in plan.ordered_rates())
+    return [
+        "model: the small CPU network trained from scratch with 10 % poisoning, the recipe "
+        "pinned in engine/defense_bar.py (RESULTS_RECIPE), not the paper's fine-tuned ResNet-18",
+        f"search: {bar.SEARCH['steps']} steps of betas "
+        f"{', '.join(f'{b:g}' for b in bar.SEARCH['betas'])} at random per-image places "
+        "(unless overridden); the target is the oracle's",
+        f"repairs at stamping rates {rates}; a method at another rate than {plan.headline_rate:g} "
+        "is listed as 'method @rate'; point: each restart its own repair",
+        "benchmarks/defense.py's residual check of the unrepaired model (its residual scale) is "
+        "no job: no job kind runs that check on a model that was not repaired",
+        "data: the local CIFAR-10 copy; ASR and clean accuracy on the 2,000 held-out images",
+    ]
+
+
 def _paper_bw_small(
     seeds: list[int], overrides: dict[str, Any], target_mode: str, chosen: list[str] | None
 ):
@@ -607,27 +736,10 @@ def _paper_small_jobs(triggers: list[str], rate: float) -> list[NewJob]:
     """The clean model, then per trigger its attack, search and paired repairs."""
     from engine import paper_small as protocol
 
-    seed, target = protocol.SEED, protocol.TARGET
-    jobs: list[NewJob] = []
-
-    def add(
-        kind: str,
-        values: dict[str, Any],
-        refs: dict[str, str],
-        preset: str | None = None,
-        **meta: Any,
-    ) -> str:
-        """Validate one stage (references as placeholders) and append it; returns its ref."""
-        spec = _stage_spec(kind, preset, {k: v for k, v in values.items() if k not in refs}, refs)
-        deps = tuple((ref[4:], name) for name, ref in refs.items())
-        role = meta.pop("role", kind)
-        jobs.append(
-            NewJob(kind, spec, reference_hash(spec), depends_on=deps, role=role, seed=seed, **meta)
-        )
-        return f"job:#{len(jobs) - 1}"
-
+    target = protocol.TARGET
+    jobs = _Jobs(seed=protocol.SEED)
     clean_values = {k: v for k, v in protocol.CLEAN.items() if k != "preset"}
-    clean = add(
+    clean = jobs.add(
         "train",
         clean_values,
         {},
@@ -637,7 +749,7 @@ def _paper_small_jobs(triggers: list[str], rate: float) -> list[NewJob]:
     )
     for trigger in triggers:
         label = f"{trigger} -> {target}"
-        model = add(
+        model = jobs.add(
             "train",
             protocol.attack_overrides(trigger, clean),
             {"init_from": clean},
@@ -645,7 +757,7 @@ def _paper_small_jobs(triggers: list[str], rate: float) -> list[NewJob]:
             trigger=trigger,
             label=f"attack {label}",
         )
-        search = add(
+        search = jobs.add(
             "mesa",
             protocol.search_overrides(model),
             {"model": model},
@@ -660,7 +772,7 @@ def _paper_small_jobs(triggers: list[str], rate: float) -> list[NewJob]:
                     refs["search"] = search
                 if reversal is not None:
                     refs["reversal_from"] = reversal
-                ref = add(
+                ref = jobs.add(
                     "defend",
                     values,
                     refs,
@@ -670,7 +782,30 @@ def _paper_small_jobs(triggers: list[str], rate: float) -> list[NewJob]:
                 )
                 if values["method"] == "point" and reversal is None:
                     reversal = ref
-    return jobs
+    return jobs.jobs
+
+
+@dataclass
+class _Jobs:
+    """A template's jobs as they are added; ``seed`` is each job's study seed unless given."""
+
+    seed: int | None = None
+    jobs: list[NewJob] = field(default_factory=list)
+
+    def add(
+        self,
+        kind: str,
+        values: dict[str, Any],
+        refs: dict[str, str],
+        preset: str | None = None,
+        **meta: Any,
+    ) -> str:
+        """Validate one stage (references as placeholders) and append it; returns its ref."""
+        spec = _stage_spec(kind, preset, {k: v for k, v in values.items() if k not in refs}, refs)
+        deps = tuple((ref[4:], name) for name, ref in refs.items())
+        meta = {"role": kind, "seed": self.seed, **meta}
+        self.jobs.append(NewJob(kind, spec, reference_hash(spec), depends_on=deps, **meta))
+        return f"job:#{len(self.jobs) - 1}"
 
 
 def _paper_small_params(
@@ -766,6 +901,13 @@ TEMPLATES: dict[str, Template] = {
         "3 black/white triggers, quick CPU preset, reduced budgets (under an hour here)",
         _cpu_mini,
     ),
+    "defense-bar": Template(
+        "defense-bar",
+        "benchmarks/defense.py's main part (engine/defense_bar.py): 3 black/white triggers per "
+        "seed, the committed results' recipe, every method at every stamping rate",
+        _defense_bar,
+        target_modes=("oracle",),
+    ),
 }
 
 
@@ -789,7 +931,7 @@ def build_study(
         )
     if target_mode not in chosen.target_modes:
         raise UserError(
-            f"{template} runs with --target {' or '.join(chosen.target_modes)} only (the paper's "
+            f"{template} runs with --target {' or '.join(chosen.target_modes)} only (its "
             "protocol tells the search the target); leave --target out"
         )
     return chosen.build(seeds, overrides, target_mode, triggers)

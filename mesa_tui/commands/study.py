@@ -37,7 +37,7 @@ def create(
         "--template",
         "-t",
         help="paper-cifar10-bw, paper-cifar10-bw-small, paper-cifar10-color, "
-        "paper-cifar100-color or cpu-mini",
+        "paper-cifar100-color, cpu-mini or defense-bar",
     ),
     seeds: str = typer.Option(
         "0", "--seeds", help="repeat every pipeline with these seeds, e.g. 0,1,2"
@@ -58,7 +58,9 @@ def create(
 ) -> None:
     """Create a study and queue its jobs. Stage settings pass through as in `submit pipeline`
     (--train-epochs 2, --mesa-steps 100, --stamp-rate 0.1; --clean-epochs for the clean model);
-    paper-cifar10-bw-small takes every setting from engine/paper_small.py but --stamp-rate."""
+    paper-cifar10-bw-small takes every setting from engine/paper_small.py but --stamp-rate;
+    defense-bar (benchmarks/defense.py's main part) also takes --rates 0.01,0.1 and --methods
+    mesa,point (and --headline-rate, --residual-rates, --residual-methods) as the driver does."""
     from engine.pipelines import apply_reuse, build_study, dedupe
     from mesa_tui.commands.jobs import open_store
     from mesa_tui.commands.submit import parse_extra
