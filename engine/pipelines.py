@@ -613,7 +613,7 @@ def _defense_bar(
         "target_mode": target_mode,
         "overrides": {k: v for k, v in overrides.items() if v is not None},
         "paper": {**paper, "mesa": PAPER_BW["mesa-ensemble"]},
-        "protocol_notes": _defense_notes(plan),
+        "protocol_notes": _defense_notes(plan, jobs.jobs),
     }
     return params, jobs.jobs
 
@@ -689,21 +689,22 @@ def _defense_plan(overrides: dict[str, Any]) -> tuple[Plan, dict[str, Any]]:
     return Plan(**plan), rest
 
 
-def _defense_notes(plan: Plan) -> list[str]:
-    from engine import defense_bar as bar
-
+def _defense_notes(plan: Plan, jobs: list[NewJob]) -> list[str]:
+    """How the study differs from the paper, with the values its first model's jobs ran with."""
+    attack, search = (next(j.spec for j in jobs if j.kind == k) for k in ("train", "mesa"))
     rates = ", ".join(f"{r:g}" for r in plan.ordered_rates())
+    betas = ", ".join(f"{b:g}" for b in search["betas"])
     return [
-        "model: the small CPU network trained from scratch with 10 % poisoning, the recipe "
-        "pinned in engine/defense_bar.py (RESULTS_RECIPE), not the paper's fine-tuned ResNet-18",
-        f"search: {bar.SEARCH['steps']} steps of betas "
-        f"{', '.join(f'{b:g}' for b in bar.SEARCH['betas'])} at random per-image places "
-        "(unless overridden); the target is the oracle's",
+        f"model: the {attack['arch']} network trained from scratch for {attack['epochs']} epochs "
+        f"with {attack['poison_rate']:.0%} poisoning (engine/defense_bar.py's RESULTS_RECIPE "
+        "unless overridden), not the paper's fine-tuned ResNet-18",
+        f"search: {search['steps']} steps of betas {betas}, placement {search['placement']}; "
+        "the target is the oracle's",
         f"repairs at stamping rates {rates}; a method at another rate than {plan.headline_rate:g} "
         "is listed as 'method @rate'; point: each restart its own repair",
         "benchmarks/defense.py's residual check of the unrepaired model (its residual scale) is "
         "no job: no job kind runs that check on a model that was not repaired",
-        "data: the local CIFAR-10 copy; ASR and clean accuracy on the 2,000 held-out images",
+        f"data: {attack['dataset']}; ASR and clean accuracy on the held-out images",
     ]
 
 
