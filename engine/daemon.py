@@ -407,26 +407,30 @@ class Engine:
 
     def resolve_inputs(self, inputs: dict[str, int]) -> dict[str, Any]:
         """Spec values from upstream jobs: an artifact path, or the class a detect job flagged
-        (input ``target:flagged``)."""
+        (input ``target:flagged``); one upstream job may feed several fields, comma-separated
+        (``target:flagged,scan_from``: a search's target and the detection it reuses)."""
+        values: dict[str, Any] = {}
+        for input_fields, upstream in inputs.items():
+            for input_field in input_fields.split(","):
+                field, _, source = input_field.partition(":")
+                values[field] = self._input_value(field, source, upstream)
+        return values
+
+    def _input_value(self, field: str, source: str, upstream: int) -> Any:
         from engine.pipelines import flagged_target
 
-        values: dict[str, Any] = {}
-        for input_field, upstream in inputs.items():
-            field, _, source = input_field.partition(":")
-            if source == "flagged":
-                target = flagged_target(self.store.job_detail(upstream).result)
-                if target is None:
-                    raise RuntimeError(
-                        f"detect job {upstream} flagged no class (the model looks clean); "
-                        "submit with --target N to search a class anyway"
-                    )
-                values[field] = target
-                continue
-            artifact = self.store.upstream_artifact(upstream)
-            if artifact is None:
-                raise RuntimeError(f"upstream job {upstream} left no artifact for {field}")
-            values[field] = artifact.path
-        return values
+        if source == "flagged":
+            target = flagged_target(self.store.job_detail(upstream).result)
+            if target is None:
+                raise RuntimeError(
+                    f"detect job {upstream} flagged no class (the model looks clean); "
+                    "submit with --target N to search a class anyway"
+                )
+            return target
+        artifact = self.store.upstream_artifact(upstream)
+        if artifact is None:
+            raise RuntimeError(f"upstream job {upstream} left no artifact for {field}")
+        return artifact.path
 
     # -------------------------------------------------------------------------------- events
 

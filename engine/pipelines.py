@@ -250,6 +250,7 @@ class _Pipeline:
     target_refs: dict[str, str] = field(default_factory=dict)
     target_deps: Deps = field(default_factory=list)
     target_values: dict[str, Any] = field(default_factory=dict)
+    detect_ref: str = ""
 
     @property
     def auto(self) -> bool:
@@ -302,13 +303,18 @@ class _Pipeline:
         values = {"seed": self.seed, **self.routed["detect"]}
         spec = _stage_spec("detect", self.preset, values, {"model": self.model})
         detect = self.add("detect", spec, [(self.train_ref, "model")], label=f"detect {self.label}")
-        self.target_refs["target"] = f"job:{self.ref(detect)}:flagged"
-        self.target_deps.append((self.ref(detect), "target:flagged"))
+        self.detect_ref = self.ref(detect)
+        self.target_refs["target"] = f"job:{self.detect_ref}:flagged"
+        self.target_deps.append((self.detect_ref, "target:flagged"))
 
     def search(self) -> int:
         values = {"seed": self.seed, **self.target_values, **self.routed["mesa"]}
-        spec = _stage_spec("mesa", self.preset, values, {"model": self.model, **self.target_refs})
-        deps: Deps = [(self.train_ref, "model"), *self.target_deps]
+        refs = {"model": self.model, **self.target_refs}
+        deps: Deps = [(self.train_ref, "model")]
+        if self.detect_ref:  # the detection's scan serves the search (when its settings match)
+            refs["scan_from"] = f"job:{self.detect_ref}"
+            deps.append((self.detect_ref, "target:flagged,scan_from"))
+        spec = _stage_spec("mesa", self.preset, values, refs)
         return self.add("mesa", spec, deps, label=f"mesa {self.label}")
 
     def defend(self, method: str, search: int | None, split_point_restarts: bool) -> None:

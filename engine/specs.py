@@ -432,6 +432,11 @@ class MesaSpec(SpecBase):
     scan_probes: ScanProbes
     scan_images: ScanImages
     scan_min_lift: ScanMinLift
+    scan_from: str | None = Field(
+        None,
+        description="a detection artifact of this model whose position scan the search reuses "
+        "when it ran with the same scan settings (else the search scans; a pipeline sets it)",
+    )
     stats_every: int = Field(20, ge=1, description="log live statistics every N steps")
     sample_every: int = Field(200, ge=1, description="evaluate sampled triggers every N steps")
     n_eval_triggers: EvalTriggers

@@ -1220,6 +1220,7 @@ def search(
     bw_stats: bool = False,
     seed: int = 0,
     checkpoint: SearchCheckpoint | None = None,
+    position_scan: PositionScan | None = None,
 ) -> SearchResult:
     """A MESA search on any classifier: one generator per beta in ``config.betas``.
 
@@ -1227,6 +1228,7 @@ def search(
     labels: their labels, used only to pick the non-target images of the validity check (without
     them the model's clean predictions decide). true_pattern: the original trigger, for the
     ``nearest_to_true`` evaluation metric only; the search itself never sees it.
+    position_scan: a ``learned`` search's scan made already (a detection's), else it scans.
     The model is left as it came (training mode and requires_grad flags restored).
     """
     pairs = [(b, target, f"mesa/beta={beta_label(b)}") for b in config.betas]
@@ -1244,6 +1246,7 @@ def search(
         bw_stats=bw_stats,
         seed=seed,
         checkpoint=checkpoint,
+        position_scan=position_scan,
     )
 
 

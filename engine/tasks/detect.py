@@ -333,6 +333,8 @@ def _write_report(
 
 
 def run(spec: DetectSpec, reporter: Reporter) -> TaskResult:
+    from engine.tasks.mesa import scan_settings
+
     classes = check_spec(spec)
     ld = _load(spec, classes, reporter)
     scan = _scan_stage(spec, ld.config, ld.model, ld.normalizer, ld.images, ld.precision, reporter)
@@ -340,6 +342,11 @@ def run(spec: DetectSpec, reporter: Reporter) -> TaskResult:
     finished = _search_classes(spec, ld, classes, scan, workdir, reporter)
     metrics, scores, histograms, positions = _class_metrics(classes, finished)
     flagged, z, scan_report = _flags(spec, ld.config, classes, scores, scan, metrics)
+    if scan_report is not None:  # what a search must match to reuse this scan (scan_from)
+        split = (spec.defender_fraction, spec.split_seed)
+        scan_report["settings"] = scan_settings(
+            spec.model, ld.config, spec.seed, ld.precision, ld.device, split
+        )
     reporter.log(metrics, spec.steps)
     _write_report(
         spec,

@@ -13,6 +13,7 @@ continues from that step with the same generators an uninterrupted search would 
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,63 @@ def load_defender_data(model_dir: str, device, defender_fraction: float, split_s
     labels = data.test_y[defender]
     normalizer = Normalizer(meta.mean, meta.std, device)
     return model, meta, normalizer, images, labels, data
+
+
+def scan_settings(
+    model_dir: str, config: Any, seed: int, precision: str, device: Any, split: tuple[float, int]
+) -> dict[str, Any]:
+    """Everything a position scan's map depends on: the model's weights, the scan's settings,
+    its seed, precision and device, and the defender split it stamps. A detection records them
+    beside its scan; a search reuses that scan only when its own are equal."""
+    from engine.ml.artifacts import read_manifest
+
+    weights = read_manifest(model_dir, verify=False)["files"]["model.safetensors"]["sha256"]
+    return {
+        "model_sha256": weights,
+        "probes": config.scan_probes,
+        "images": config.scan_images,
+        "trigger_size": config.trigger_size,
+        "seed": seed,
+        "precision": precision,
+        "device": str(device),
+        "defender_fraction": split[0],
+        "split_seed": split[1],
+    }
+
+
+def reused_scan(spec: MesaSpec, d: _Loaded, reporter: Reporter):  # noqa: ANN201  (PositionScan)
+    """The position scan of the detection ``spec.scan_from`` when it was made with this
+    search's scan settings on this model (then scanning again would give the same map), else
+    None (the search scans, saying why)."""
+    import torch
+
+    from engine.ml.artifacts import load_array, read_manifest
+    from engine.ml.position_scan import PositionScan
+
+    config = spec.mesa_config()
+    if spec.scan_from is None or not config.learned:
+        return None
+    path = Path(spec.scan_from).expanduser()
+    mine = scan_settings(
+        spec.model,
+        config,
+        spec.seed,
+        d.precision,
+        d.device,
+        (spec.defender_fraction, spec.split_seed),
+    )
+    try:
+        read_manifest(path, kind="detection")
+        recorded = json.loads((path / "detect.json").read_text()).get("scan", {})
+    except (UserError, OSError, json.JSONDecodeError) as exc:
+        reporter.text(f"scan_from {path}: not a readable detection ({exc}); scanning", "warning")
+        return None
+    if recorded.get("settings") != mine:
+        reporter.text(f"scan_from {path}: made with other scan settings; scanning")
+        return None
+    probs = torch.from_numpy(load_array(path / "scan.npy"))
+    reporter.text(f"position scan: reusing the detection's ({path})")
+    return PositionScan(probs, config.trigger_size)
 
 
 def run(spec: MesaSpec, reporter: Reporter) -> TaskResult:
@@ -173,6 +231,7 @@ def _search(spec: MesaSpec, d: _Loaded, reporter: Reporter):  # noqa: ANN202  (S
         true_pattern=d.true_pattern,
         bw_stats=d.bw_task,
         seed=spec.seed,
+        position_scan=reused_scan(spec, d, reporter),
         checkpoint=SearchCheckpoint(
             Path(reporter.workdir) / CHECKPOINT,
             resume=reporter.resume,

@@ -75,8 +75,15 @@ def test_pipeline_with_auto_target_detects_first():
     kinds = [j.kind for j in built.jobs]
     assert kinds == ["train", "detect", "mesa", "defend", "defend"]
     mesa = built.jobs[2]
-    assert mesa.spec["target"] == "job:#1:flagged" and ("#1", "target:flagged") in mesa.depends_on
+    assert mesa.spec["target"] == "job:#1:flagged"
+    # The search takes the flagged class and the detection's position scan from one input.
+    assert mesa.spec["scan_from"] == "job:#1"
+    assert ("#1", "target:flagged,scan_from") in mesa.depends_on
     assert ("#1", "target:flagged") in built.jobs[4].depends_on  # point needs the class too
+    oracle = build_pipeline(
+        preset="cpu-quick", trigger="bw:170", target="0", methods=["mesa"], overrides={}
+    )
+    assert oracle.jobs[1].spec["scan_from"] is None  # no detection: the search scans
 
 
 def test_overrides_route_to_stages_and_unknown_ones_are_refused():
@@ -333,6 +340,8 @@ def test_engine_resolves_artifacts_and_the_flagged_class(store):
         "model": f"/tmp/art-{train}",
         "target": 5,
     }
+    both = engine.resolve_inputs({"model": train, "target:flagged,scan_from": detect})
+    assert both == {"model": f"/tmp/art-{train}", "target": 5, "scan_from": f"/tmp/art-{detect}"}
     assert flagged_target({"flagged": []}) is None
 
 
