@@ -625,6 +625,13 @@ class DefendSpec(SpecBase):
         None, description="ensemble of the search's generators (default round-robin)"
     )
     stamp_rate: float = Field(0.01, ge=0, le=1, description="probability an image is stamped")
+    probe_share: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="mesa from a learned search: share of the stamped triggers taken from the "
+        "position scan's probes that pass the search's validity test (0: its generators only)",
+    )
     epochs: int = Field(
         10, ge=1, le=10000, description="repair epochs (ft-sam: sam_epochs, i-bau: ibau_rounds)"
     )

@@ -54,6 +54,7 @@ from engine.ml.position_scan import (
     ScanConfig,
     position_prior,
     position_support,
+    scan_draws,
     scan_positions,
 )
 from engine.ml.repair import TriggerSampler
@@ -749,6 +750,13 @@ class _EvalSet:
     positions: torch.Tensor
 
 
+def _validity_order(n: int, seed: int) -> tuple[torch.Tensor, torch.Generator]:
+    """The fixed order in which validity checks take the defender's images, and its stream
+    (which goes on to draw their per-image places)."""
+    g = torch.Generator().manual_seed(seed + 7)
+    return torch.randperm(n, generator=g), g
+
+
 def _eval_sets(
     trainer: MesaTrainer,
     labels: torch.Tensor | None,
@@ -756,9 +764,8 @@ def _eval_sets(
 ) -> dict[int, _EvalSet]:
     """A fixed clean batch of non-target images per target, with fixed per-image positions."""
     cfg = trainer.config
-    g = torch.Generator().manual_seed(seed + 7)
     images = trainer.images
-    perm = torch.randperm(images.shape[0], generator=g)
+    perm, g = _validity_order(images.shape[0], seed)
     if labels is None:
         from engine.ml.metrics import predict
 
@@ -1700,3 +1707,64 @@ def open_search(directory: str | Path, device: torch.device | str = "cpu") -> Se
         noise_dim=int(cfg.get("noise_dim", 64)),
         positions=positions,
     )
+
+
+@dataclass(frozen=True)
+class ProbeValidity:
+    """The position scan's probes judged as a search's triggers: per beta, each probe's own ASR
+    at places drawn from that beta's pi, on the images the search's validity check uses."""
+
+    probes: torch.Tensor  # (P, C, k, k), the scan's probes in its order
+    success: dict[float, torch.Tensor]  # beta -> (P,)
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """(P,) bool: valid for at least one beta (own ASR >= beta, the search's rule)."""
+        hits = [s >= b for b, s in self.success.items()]
+        return torch.stack(hits).any(0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "valid": self.valid.nonzero().flatten().tolist(),
+            "success": {
+                beta_label(b): [round(float(v), 4) for v in s] for b, s in self.success.items()
+            },
+        }
+
+
+@torch.no_grad()
+def probe_validity(
+    search: SearchArtifact,
+    betas: list[float],
+    model: nn.Module,
+    normalizer: Normalizer,
+    images_u8: torch.Tensor,
+    labels: torch.Tensor,
+    scanned_images: int,
+    *,
+    precision: str = "fp32",
+) -> ProbeValidity | None:
+    """The search's validity test applied to its scan's probes (drawn again from the search's
+    seed; ``scanned_images``: the size of the defender split the search scanned), for each of
+    ``betas`` with that beta's learned pi. The same images and places as the search's last
+    validity check when ``images_u8`` and ``labels`` are the search's defender split. None for
+    a search at random places (it had no scan). The model is put in eval mode."""
+    if not search.positions:
+        return None
+    meta = search.manifest["meta"]
+    cfg, seed, target = meta["config"], int(meta["seed"]), search.target
+    scan = ScanConfig(probes=int(cfg["scan_probes"]), images=int(cfg["scan_images"]), seed=seed)
+    channels, size = int(meta["channels"]), int(cfg.get("trigger_size", 3))
+    _, probes = scan_draws(scan, scanned_images, channels, size)
+    perm, _ = _validity_order(images_u8.shape[0], seed)
+    keep = perm[labels.cpu()[perm] != target][: int(cfg["eval_images"])]
+    images = images_u8[keep.to(images_u8.device)]
+    model.eval()
+    success = {}
+    for beta in betas:
+        g = torch.Generator().manual_seed(_run_seed(seed + 2, beta, target))
+        where = sample_positions(search.positions[beta], images.shape[0], g)
+        success[beta] = trigger_success(
+            model, normalizer, probes, images, where.to(images.device), target, precision=precision
+        )
+    return ProbeValidity(probes, success)

@@ -105,6 +105,17 @@ def probe_patterns(channels: int, k: int, count: int, generator: torch.Generator
     return torch.stack(fixed + random)
 
 
+def scan_draws(
+    config: ScanConfig, n_images: int, channels: int, trigger_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scan's random draws, in its order, from ``config.seed`` alone: which of ``n_images``
+    defender images it stamps, and its probes (``probe_patterns``). A MESA repair draws them
+    again to find the probes that are valid triggers (``engine.ml.mesa.probe_validity``)."""
+    generator = torch.Generator().manual_seed(config.seed)
+    pick = torch.randperm(n_images, generator=generator)[: config.images]
+    return pick, probe_patterns(channels, trigger_size, config.probes, generator)
+
+
 @torch.no_grad()
 def scan_positions(
     model: nn.Module,
@@ -118,14 +129,13 @@ def scan_positions(
     """Stamp every probe at every offset on ``config.images`` of ``images_u8`` (drawn with
     ``config.seed``) and return the per-offset, per-class map. The model is used as it is
     (put it in eval mode first)."""
-    generator = torch.Generator().manual_seed(config.seed)
     device = images_u8.device
-    pick = torch.randperm(images_u8.shape[0], generator=generator)[: config.images]
+    pick, probes = scan_draws(config, images_u8.shape[0], images_u8.shape[1], trigger_size)
     x = to_float(images_u8[pick.to(device)])
-    m, channels = x.shape[0], x.shape[1]
+    m = x.shape[0]
     rows, cols = position_grid((x.shape[2], x.shape[3]), trigger_size)
     offsets = torch.cartesian_prod(torch.arange(rows), torch.arange(cols)).to(device)
-    probes = probe_patterns(channels, trigger_size, config.probes, generator).to(device)
+    probes = probes.to(device)
     per_pass = max(1, config.chunk // m)  # offsets whose stamped images share one pass
     best: torch.Tensor | None = None
     for probe in probes:

@@ -5,10 +5,12 @@ Fine-tune the model on the defender's images (train mode, SGD lr 1e-3, momentum 
 probability ``stamp_rate`` and keeps its correct label, so the model unlearns the trigger. Only
 the trigger source differs between methods:
 
-- a ``TriggerSampler`` of k x k patches (MESA's generators, ``FixedPatternSampler`` for the point
-  reversal and the ideal oracle, ``RandomPatchSampler`` for the random-patch control), stamped at
-  placements drawn per image (``engine.ml.triggers.Placement``), or, for a MESA search with a
-  learned position distribution, at places drawn from that distribution;
+- a ``TriggerSampler`` of k x k patches (MESA's generators, with the scan's valid probes mixed
+  in by ``ProbeMixSampler``; ``FixedPatternSampler`` for the point reversal and the ideal oracle,
+  ``RandomPatchSampler`` for the random-patch control), stamped at placements drawn per image
+  (``engine.ml.triggers.Placement``), or, for a MESA search with a learned position
+  distribution, at places drawn from that distribution, or, for the ideal oracle of a backdoor
+  at one fixed place, at that place;
 - a full-image ``MaskTrigger`` (Neural Cleanse), blended at its fixed place;
 - nothing (plain fine-tuning, the control the paper lacks).
 
@@ -64,9 +66,14 @@ class TriggerSampler(Protocol):
 
 class FixedPatternSampler:
     """Known patterns (the point reversal's restarts, or the original trigger for ``ideal``),
-    handed out in turn so that every pattern is used equally often."""
+    handed out in turn so that every pattern is used equally often. ``at``: a fixed placement
+    the patterns are stamped at (the ideal repair of a backdoor that lives at one place: where
+    the attack stamped); None leaves the repair's own random placements."""
 
-    def __init__(self, patterns: torch.Tensor):
+    def __init__(self, patterns: torch.Tensor, at: Placement | None = None):
+        if at is not None and not at.fixed:
+            raise UserError(f"placement '{at.mode}' is not a fixed place; use corner or at:ROW,COL")
+        self.at = at
         if patterns.dim() == 3:
             patterns = patterns.unsqueeze(0)
         if patterns.dim() != 4 or patterns.shape[-1] != patterns.shape[-2]:
@@ -86,6 +93,12 @@ class FixedPatternSampler:
 
     def set_epoch(self, epoch: int) -> None:
         """Every epoch sees the same patterns; nothing to switch."""
+
+    def sample_positions(
+        self, n: int, image_size: tuple[int, int], generator: torch.Generator
+    ) -> torch.Tensor | None:
+        """The fixed place for every stamp (no draws), or None: the repair's placements."""
+        return None if self.at is None else self.at.sample(n, image_size, self.size)
 
     def state_dict(self) -> dict[str, int]:
         """Which pattern comes next (a resumed repair continues the rotation)."""
@@ -120,6 +133,44 @@ class RandomPatchSampler:
 
     def set_epoch(self, epoch: int) -> None:
         """Stateless."""
+
+
+class ProbeMixSampler:
+    """A sampler whose patterns are replaced, each with probability ``share``, by one of
+    ``probes`` drawn uniformly (a MESA repair's valid scan probes beside its generators'
+    samples; docs/method.md). The positions, the epoch and the state are the inner sampler's.
+    Its draws follow the inner sampler's on the trigger stream: the share's coin, then the
+    probe."""
+
+    def __init__(self, inner: TriggerSampler, probes: torch.Tensor, share: float):
+        if probes.dim() != 4 or probes.shape[0] == 0 or not 0.0 <= share <= 1.0:
+            raise UserError("a probe mix needs (N, C, k, k) probes, N >= 1, and a share in [0, 1]")
+        self.inner, self.probes, self.share = inner, probes.float(), float(share)
+        self.size, self.channels = inner.size, inner.channels
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        patterns = self.inner.sample(n, generator)
+        take = torch.rand(n, generator=generator, device=generator.device) < self.share
+        pick = torch.randint(
+            self.probes.shape[0], (n,), generator=generator, device=generator.device
+        )
+        probes = self.probes.to(patterns.device)[pick.to(patterns.device)]
+        return torch.where(take.to(patterns.device)[:, None, None, None], probes, patterns)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.inner.set_epoch(epoch)
+
+    def sample_positions(
+        self, n: int, image_size: tuple[int, int], generator: torch.Generator
+    ) -> torch.Tensor | None:
+        own = getattr(self.inner, "sample_positions", None)
+        return own(n, image_size, generator) if callable(own) else None
+
+    def state_dict(self) -> dict:
+        return source_state(self.inner)
+
+    def load_state_dict(self, state: dict) -> None:
+        load_source_state(self.inner, state)
 
 
 TriggerSource = TriggerSampler | MaskTrigger | None
@@ -255,8 +306,9 @@ def build_repair_batch(
     ``generator`` for every source, none included, so the repair's stream advances alike for
     every method; the patterns come from ``trigger_generator`` (default: ``generator``). A source
     with a learned position distribution (a MESA search with ``learned`` placement) stamps at
-    places drawn from it, from ``trigger_generator`` too, after the patterns: the repair's stream
-    still draws its placements, so every method's batches stay the same. Every step is one
+    places drawn from it, from ``trigger_generator`` too, after the patterns, and the ideal of a
+    fixed-position attack at the attack's place: the repair's stream still draws its placements,
+    so every method's batches stay the same. Every step is one
     vectorised operation on the images' device.
     """
     n = x.shape[0]
@@ -270,10 +322,10 @@ def build_repair_batch(
     else:
         patterns = source.sample(n, trigger_generator or generator).to(x.device, x.dtype)
         own_places = getattr(source, "sample_positions", None)
-        if callable(own_places):  # a learned MESA search: where its distribution says they work
-            learned = own_places(n, (x.shape[2], x.shape[3]), trigger_generator or generator)
-            if learned is not None:
-                positions = learned.to(x.device)
+        if callable(own_places):  # a learned search's pi, or the ideal's fixed place
+            own = own_places(n, (x.shape[2], x.shape[3]), trigger_generator or generator)
+            if own is not None:
+                positions = own.to(x.device)
         stamped = stamp(x, patterns, positions)
     return torch.where(chosen[:, None, None, None], stamped, x), y, chosen
 

@@ -462,15 +462,51 @@ def _source_mesa(d: _Defense) -> None:
     d.extra["positions"] = "learned" if search.positions else spec.placement
     if search.positions:
         d.reporter.text("mesa: stamping at the places the search's position distribution gives")
+        if spec.probe_share > 0:
+            _mix_probes(d, search)
+
+
+def _mix_probes(d: _Defense, search) -> None:
+    """The scan's probes that are valid triggers of the search join its samples at
+    ``probe_share`` (docs/method.md): the defender's own test, no ground truth."""
+    from engine.ml.mesa import probe_validity
+    from engine.ml.repair import ProbeMixSampler
+
+    spec = d.spec
+    betas = [b for b in search.betas if spec.beta is None or math.isclose(b, spec.beta)]
+    test_count = d.images.shape[0] + d.held_out.images.shape[0]
+    scanned = int(round(test_count * float(search.manifest["meta"]["defender_fraction"])))
+    check = probe_validity(
+        search, betas, d.model, d.normalizer, d.images, d.labels, scanned, precision=d.precision
+    )
+    assert check is not None  # a search with positions had a scan
+    valid = check.valid
+    d.extra["probes"] = {"share": spec.probe_share, **check.to_json()}
+    d.metrics["mesa/probes_valid"] = float(valid.sum())
+    if not bool(valid.any()):
+        d.reporter.text("mesa: no scan probe is a valid trigger; the generators' samples only")
+        return
+    d.source = ProbeMixSampler(d.source, check.probes[valid], spec.probe_share)
+    d.reporter.text(
+        f"mesa: {int(valid.sum())} of {len(valid)} scan probes are valid triggers; they make "
+        f"{spec.probe_share:.0%} of the stamped ones"
+    )
 
 
 def _source_ideal(d: _Defense) -> None:
     from engine.ml.repair import FixedPatternSampler
+    from engine.ml.triggers import Placement
 
     assert d.truth is not None  # check_spec refused a model without ground truth
     d.target = d.truth.target
-    d.source = FixedPatternSampler(d.truth.pattern)
-    d.reporter.text("ideal: repairing with the original trigger (the oracle bound)")
+    # A backdoor at one fixed place answers there only: the oracle stamps where the attack did.
+    where = Placement(d.truth.placement)
+    d.source = FixedPatternSampler(d.truth.pattern, at=where if where.fixed else None)
+    d.extra["positions"] = d.truth.placement if where.fixed else d.spec.placement
+    d.reporter.text(
+        "ideal: repairing with the original trigger (the oracle bound)"
+        + (f", stamped where the attack stamped ({where.mode})" if where.fixed else "")
+    )
 
 
 def _source_random_patch(d: _Defense) -> None:

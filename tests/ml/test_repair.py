@@ -239,3 +239,60 @@ def test_every_source_leaves_the_repair_stream_where_the_others_do(source):
     )
     assert torch.equal(g.get_state(), reference.get_state())
     assert chosen.any() == (source is not None)
+
+
+def test_the_ideal_of_a_fixed_position_attack_stamps_where_the_attack_stamped():
+    """``at``: every stamp at the attack's place (no draws); without it the repair's own
+    random placements stand, as for a random-position attack."""
+    x, y = torch.full((64, 3, 12, 12), 0.5), torch.zeros(64, dtype=torch.long)
+    pattern = torch.zeros(3, 3, 3)
+    fixed = FixedPatternSampler(pattern, at=Placement("at:8,1"))
+    g, tg = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    out, _, chosen = build_repair_batch(x, y, fixed, 1.0, g, Placement("per-image"), tg)
+    assert bool(chosen.all())
+    assert bool((out[:, :, 8:11, 1:4] == 0).all())  # the black patch at rows 8-10, cols 1-3
+    assert int((out == 0).flatten(1).sum(1).max()) == 27  # and nowhere else
+    assert torch.equal(tg.get_state(), torch.Generator().manual_seed(2).get_state())
+    anywhere = FixedPatternSampler(pattern)
+    assert anywhere.sample_positions(4, (12, 12), g) is None
+    with pytest.raises(UserError, match="not a fixed place"):
+        FixedPatternSampler(pattern, at=Placement("per-image"))
+
+
+class _Grey:
+    """A stand-in generator sampler: grey patches, its own places (a learned pi at 2,3)."""
+
+    size, channels = 3, 3
+
+    def __init__(self):
+        self.epochs: list[int] = []
+
+    def sample(self, n, generator):
+        torch.rand(n, generator=generator)  # draws like a generator does
+        return torch.full((n, 3, 3, 3), 0.5)
+
+    def set_epoch(self, epoch):
+        self.epochs.append(epoch)
+
+    def sample_positions(self, n, image_size, generator):
+        return torch.tensor([[2, 3]]).expand(n, 2)
+
+
+def test_the_probe_mix_replaces_a_share_of_the_samples_by_the_valid_probes():
+    from engine.ml.repair import ProbeMixSampler
+
+    probes = torch.stack([torch.zeros(3, 3, 3), torch.ones(3, 3, 3)])
+    mixed = ProbeMixSampler(_Grey(), probes, 0.3)
+    out = mixed.sample(20000, torch.Generator().manual_seed(0))
+    grey = (out == 0.5).flatten(1).all(1)
+    black, white = (out == 0).flatten(1).all(1), (out == 1).flatten(1).all(1)
+    assert bool((grey | black | white).all())
+    assert abs(float((black | white).float().mean()) - 0.3) < 0.02
+    assert abs(float(black.float().mean()) - float(white.float().mean())) < 0.02
+    assert torch.equal(mixed.sample_positions(2, (12, 12), None), torch.tensor([[2, 3], [2, 3]]))
+    mixed.set_epoch(4)
+    assert mixed.inner.epochs == [4]
+    none = ProbeMixSampler(_Grey(), probes, 0.0).sample(100, torch.Generator().manual_seed(0))
+    assert bool((none == 0.5).all())  # share 0: the generator's samples alone
+    with pytest.raises(UserError, match="probe mix"):
+        ProbeMixSampler(_Grey(), probes[:0], 0.5)
