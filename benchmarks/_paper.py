@@ -63,6 +63,16 @@ def write_json(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
+def same_spec(saved: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether a saved task's spec is the current one. An optional setting added since (absent
+    from the saved spec) matches when it is unset (None): unset, it is the behaviour from before
+    it existed, so a kept attack or search is still reused; any other new value runs anew."""
+    added = {k: v for k, v in current.items() if k not in saved}
+    return all(v is None for v in added.values()) and saved == {
+        k: v for k, v in current.items() if k not in added
+    }
+
+
 def run_task(
     kind: str,
     overrides: dict[str, Any],
@@ -81,7 +91,7 @@ def run_task(
     spec_json = spec.model_dump(mode="json")
     if saved.exists():
         data = json.loads(saved.read_text())
-        if data["spec"] == spec_json and Path(data["artifact"]).exists():
+        if same_spec(data["spec"], spec_json) and Path(data["artifact"]).exists():
             return TaskResult(data["artifact"], data["metrics"], data["extra"]), data["seconds"]
     reporter = MemoryReporter(workdir, resume=True)
     if should_stop is not None:

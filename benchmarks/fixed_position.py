@@ -9,7 +9,8 @@ Units, in the order they answer the main question (``--units all``):
    model: clean accuracy and ASR, detection (``learned`` placement, all 10 classes: per-class
    validity, z, flagged classes, where pi puts the triggers), the MESA search (``learned``, the
    cpu-quick preset, the attack's target as in the paper-figure study), and the repairs at rate
-   0.1 (mesa, point restart 0, neural-cleanse, finetune) paired as in that study: one seed, so
+   0.1 (mesa, ideal: the oracle floor with the true trigger stamped where the attack stamped,
+   point restart 0, neural-cleanse, finetune) paired as in that study: one seed, so
    every repair sees the same batches, the same stamped images and the same held-out images;
    each with its ASR, a 95 % Wilson interval and the per-image held-out outcomes.
 2. ``clean-s0..2``: models trained without poisoning; detection must flag nothing (the
@@ -20,7 +21,10 @@ Units, in the order they answer the main question (``--units all``):
 
 Each finished unit is written whole as ``RESULTS/<unit>.json``; a rerun skips what exists and the
 tasks of an unfinished unit resume from the work folder (``--workdir``, kept between runs), so
-the remainder runs in a later sitting with the same command. ``<unit>.partial.json`` holds what
+the remainder runs in a later sitting with the same command. A finished unit whose record lacks
+a method of ``METHODS`` (one added since, such as ``ideal``) gets that repair alone, on the kept
+attack and search of its work folder; its finished repairs are not run again (``added`` in the
+record says what was added, when and by which commit). ``<unit>.partial.json`` holds what
 an unfinished unit has so far (attack and detection first: the main question), and is removed
 when the unit completes.
 
@@ -58,7 +62,8 @@ TRIGGERS = ("square:white", "bw:0")
 PLACEMENTS = ("corner", "at:8,8")
 SEEDS = (0, 1)
 CLEAN_SEEDS = (0, 1, 2)
-METHODS = ("mesa", "point", "neural-cleanse", "finetune")
+# ``ideal``: the oracle floor, the true trigger stamped where the attack stamped.
+METHODS = ("mesa", "ideal", "point", "neural-cleanse", "finetune")
 # --quick: a smoke run on the cut dataset (tests), every stage at a token size.
 QUICK: dict[str, dict[str, Any]] = {
     "train": {"dataset": "cifar10-quick", "epochs": 1, "crop_epochs": 0, "batch_size": 128},
@@ -210,13 +215,17 @@ def repairs(model: str, search: str, seed: int, base: Path, methods, progress) -
             entry["positions"] = result.extra.get("positions")
         entries[method] = entry
         progress(method, entry)
+    return entries
+
+
+def pair_with_mesa(entries: dict[str, Any]) -> None:
+    """Each other repair's held-out outcomes counted against MESA's (same images)."""
     if "mesa" in entries:
         for method, entry in entries.items():
             if method != "mesa":
                 entry["paired_with_mesa"] = paired(
                     entries["mesa"]["asr_outcomes"], entry["asr_outcomes"]
                 )
-    return entries
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,6 +248,37 @@ def train(unit: dict[str, Any], base: Path) -> tuple[Any, float]:
     return run_task("train", overrides, base / "attack", "cpu-quick")
 
 
+def the_model(unit: dict[str, Any], base: Path, record: dict[str, Any]) -> tuple[str, int]:
+    """(model artifact, seed): the kept paper-study model, or the attack (reused when kept)."""
+    if unit["kind"] == "paper":
+        model = str(PAPER_WORK / unit["trigger"].replace(":", "-") / "attack")
+        if not (Path(model) / "manifest.json").exists():
+            raise UserError(f"no kept paper-study model at {model}; give --paper-work")
+        record["model"] = model
+        return model, 0
+    attack, attack_s = train(unit, base)
+    record["attack"] = {
+        "acc_clean": attack.metrics.get("eval/acc_clean"),
+        "asr": attack.metrics.get("eval/asr"),
+        "seconds": attack_s,
+    }
+    return attack.artifact, unit["seed"]
+
+
+def the_search(unit: dict[str, Any], model: str, seed: int, base: Path) -> dict[str, Any]:
+    log(f"{unit['name']}: MESA search (learned placement)")
+    if unit["kind"] == "paper":
+        from engine import paper_small as protocol
+
+        overrides = {**protocol.SEARCH, "placement": "learned"}
+        return search_stage(model, seed, base / "search", overrides)
+    return search_stage(model, seed, base / "search")
+
+
+def unit_methods(unit: dict[str, Any]) -> list[str]:
+    return ["mesa"] if unit["kind"] == "paper" else list(METHODS)
+
+
 def run_unit(unit: dict[str, Any], workdir: Path, results: Path) -> Path:
     started = time.perf_counter()
     base = workdir / unit["name"]
@@ -249,20 +289,7 @@ def run_unit(unit: dict[str, Any], workdir: Path, results: Path) -> Path:
         write_json(partial_path, {**record, "complete": False})
         print(partial_path, flush=True)
 
-    if unit["kind"] == "paper":
-        model = str(PAPER_WORK / unit["trigger"].replace(":", "-") / "attack")
-        if not (Path(model) / "manifest.json").exists():
-            raise UserError(f"no kept paper-study model at {model}; give --paper-work")
-        seed = 0
-        record["model"] = model
-    else:
-        attack, attack_s = train(unit, base)
-        model, seed = attack.artifact, unit["seed"]
-        record["attack"] = {
-            "acc_clean": attack.metrics.get("eval/acc_clean"),
-            "asr": attack.metrics.get("eval/asr"),
-            "seconds": attack_s,
-        }
+    model, seed = the_model(unit, base, record)
     log(f"{unit['name']}: detection (learned placement, every class)")
     record["detection"] = detection(model, seed, base / "detect")
     record["detection"]["flags_target"] = TARGET in record["detection"]["flagged"]
@@ -270,25 +297,18 @@ def run_unit(unit: dict[str, Any], workdir: Path, results: Path) -> Path:
     if unit["kind"] == "clean":
         record["false_positive"] = bool(record["detection"]["flagged"])
     else:
-        log(f"{unit['name']}: MESA search (learned placement)")
-        if unit["kind"] == "paper":
-            from engine import paper_small as protocol
-
-            search = search_stage(
-                model, seed, base / "search", {**protocol.SEARCH, "placement": "learned"}
-            )
-        else:
-            search = search_stage(model, seed, base / "search")
+        search = the_search(unit, model, seed, base)
         record["search"] = {k: v for k, v in search.items() if k != "artifact"}
         save_partial()
-        methods = ["mesa"] if unit["kind"] == "paper" else list(METHODS)
         record["repairs"] = {}
 
         def progress(method: str, entry: dict) -> None:
             record["repairs"][method] = entry
             save_partial()
 
+        methods = unit_methods(unit)
         record["repairs"] = repairs(model, search["artifact"], seed, base, methods, progress)
+        pair_with_mesa(record["repairs"])
         if unit["kind"] == "paper":
             record["paper_record"] = paper_comparison(unit["trigger"], record)
     record["run"] = {
@@ -300,6 +320,51 @@ def run_unit(unit: dict[str, Any], workdir: Path, results: Path) -> Path:
     path = results / f"{unit['name']}.json"
     write_json(path, record)
     partial_path.unlink(missing_ok=True)
+    return path
+
+
+def missing_methods(unit: dict[str, Any], record: dict[str, Any]) -> list[str]:
+    """The repairs a finished unit's record lacks (a method added to ``METHODS`` since)."""
+    if unit["kind"] == "clean":
+        return []
+    return [m for m in unit_methods(unit) if m not in record.get("repairs", {})]
+
+
+def complete_unit(unit: dict[str, Any], workdir: Path, results: Path) -> Path | None:
+    """Add the missing repairs to a finished unit's record: the kept attack and search are
+    reused (``run_task`` finds them in the work folder), the finished repairs are kept as
+    recorded and not run again. None when nothing is missing."""
+    path = results / f"{unit['name']}.json"
+    record = json.loads(path.read_text())
+    missing = missing_methods(unit, record)
+    if not missing:
+        return None
+    started = time.perf_counter()
+    base = workdir / unit["name"]
+    model, seed = the_model(unit, base, {})
+    search = the_search(unit, model, seed, base)
+    if search["validity"] != record["search"]["validity"]:
+        raise UserError(
+            f"{unit['name']}: the search in {base / 'search'} is not the recorded one; give the "
+            "work folder the unit was made in (--workdir)"
+        )
+
+    def progress(method: str, entry: dict) -> None:
+        record["repairs"][method] = entry
+        write_json(path, record)
+
+    repairs(model, search["artifact"], seed, base, missing, progress)
+    pair_with_mesa(record["repairs"])
+    record.setdefault("added", []).append(
+        {
+            "methods": missing,
+            "machine": machine(bool(CUT)),
+            "commit": commit(),
+            "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+            "wall_s": time.perf_counter() - started,
+        }
+    )
+    write_json(path, record)
     return path
 
 
@@ -480,6 +545,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for unit in units:
         if (args.results / f"{unit['name']}.json").exists():
+            added = complete_unit(unit, args.workdir, args.results)
+            if added is not None:
+                print(added, flush=True)
             continue
         print(run_unit(unit, args.workdir, args.results), flush=True)
     return 0

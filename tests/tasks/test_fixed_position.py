@@ -45,6 +45,52 @@ def test_the_units_answer_the_main_question_first():
     )
 
 
+def test_a_rerun_adds_a_missing_method_to_a_finished_unit_and_redoes_nothing(tmp_path, monkeypatch):
+    """A finished unit recorded before ``ideal`` existed: the rerun repairs with ``ideal`` alone
+    on the kept model and search, keeps the recorded repairs, pairs the new one with MESA's and
+    says what it added; a unit with every method is left alone."""
+    sys.path.insert(0, str(ROOT))
+    import benchmarks.fixed_position as driver
+
+    unit = next(u for u in driver.attack_units() if u["name"] == "bw-0_corner_s0")
+    kept = {m: {"asr_outcomes": "1100", "asr": 0.5} for m in ("mesa", "point", "finetune")}
+    kept["neural-cleanse"] = {"asr_outcomes": "1000", "asr": 0.25}
+    record = {"unit": unit["name"], "search": {"validity": {"0.9": 0.9}}, "repairs": kept}
+    (tmp_path / f"{unit['name']}.json").write_text(json.dumps(record))
+    ran: list[list[str]] = []
+
+    def repairs(model, search, seed, base, methods, progress):
+        assert (model, search, seed) == ("attack", "search", 0)
+        ran.append(list(methods))
+        for method in methods:
+            progress(method, {"asr_outcomes": "0100", "asr": 0.25})
+
+    monkeypatch.setattr(driver, "the_model", lambda unit, base, record: ("attack", 0))
+    found = {"artifact": "search", "validity": {"0.9": 0.9}}
+    monkeypatch.setattr(driver, "the_search", lambda unit, model, seed, base: found)
+    monkeypatch.setattr(driver, "repairs", repairs)
+    path = driver.complete_unit(unit, tmp_path / "work", tmp_path)
+    assert ran == [["ideal"]]
+    after = json.loads(path.read_text())
+    assert set(after["repairs"]) == set(driver.METHODS)
+    assert {m: after["repairs"][m]["asr"] for m in kept} == {m: e["asr"] for m, e in kept.items()}
+    assert after["repairs"]["ideal"]["paired_with_mesa"] == {
+        "both": 1, "only_first": 1, "only_second": 0, "neither": 2
+    }  # fmt: skip
+    assert after["added"][0]["methods"] == ["ideal"]
+    assert driver.complete_unit(unit, tmp_path / "work", tmp_path) is None and len(ran) == 1
+
+
+def test_a_kept_task_is_reused_across_an_unset_setting_added_since():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks._paper import same_spec
+
+    saved = {"model": "m", "steps": 300}
+    assert same_spec(saved, {"model": "m", "steps": 300, "scan_from": None})
+    assert not same_spec(saved, {"model": "m", "steps": 300, "probe_share": 0.5})
+    assert not same_spec(saved, {"model": "m", "steps": 200, "scan_from": None})
+
+
 @pytest.mark.slow
 def test_the_driver_writes_a_record_per_unit_and_skips_it_next_time(cifar10, tmp_path):
     results, work = tmp_path / "results", tmp_path / "work"
@@ -56,7 +102,7 @@ def test_the_driver_writes_a_record_per_unit_and_skips_it_next_time(cifar10, tmp
     assert record["detection"]["placement"] == "learned"
     assert set(record["detection"]["scores"]) == {"0", "1", "2"}
     assert set(record["detection"]["positions"]["0"]) >= {"pos_entropy_ratio", "top"}
-    assert set(record["repairs"]) == {"mesa", "point", "neural-cleanse", "finetune"}
+    assert set(record["repairs"]) == {"mesa", "ideal", "point", "neural-cleanse", "finetune"}
     n = len(record["repairs"]["mesa"]["asr_outcomes"])
     for method, entry in record["repairs"].items():
         assert len(entry["asr_outcomes"]) == n  # the same held-out images
