@@ -9,15 +9,18 @@ Units, in the order they answer the main question (``--units all``):
    model: clean accuracy and ASR, detection (``learned`` placement, all 10 classes: per-class
    validity, z, flagged classes, where pi puts the triggers), the MESA search (``learned``, the
    cpu-quick preset, the attack's target as in the paper-figure study), and the repairs at rate
-   0.1 (mesa, ideal: the oracle floor with the true trigger stamped where the attack stamped,
-   point restart 0, neural-cleanse, finetune) paired as in that study: one seed, so
+   0.1 (mesa, its generators' samples alone as first measured; mesa-probes, with the position
+   scan's valid probes mixed in at the default share; ideal: the oracle floor with the true
+   trigger stamped where the attack stamped; point restart 0, neural-cleanse, finetune) paired
+   as in that study: one seed, so
    every repair sees the same batches, the same stamped images and the same held-out images;
    each with its ASR, a 95 % Wilson interval and the per-image held-out outcomes.
 2. ``clean-s0..2``: models trained without poisoning; detection must flag nothing (the
    false-positive rate is the share of clean seeds with a flagged class).
 3. ``paper-bw-ID`` (``--units paper``): the random-position check on a kept model of the paper
-   study (its attack folder, read only): detection and the ``learned`` search + MESA repair at
-   0.1, beside the committed record of that model (``--paper-work``, ``--paper-results``).
+   study (its attack folder, read only): detection and the ``learned`` search + MESA repairs
+   (mesa, mesa-probes) at 0.1, beside the committed record of that model (``--paper-work``,
+   ``--paper-results``).
 
 Each finished unit is written whole as ``RESULTS/<unit>.json``; a rerun skips what exists and the
 tasks of an unfinished unit resume from the work folder (``--workdir``, kept between runs), so
@@ -62,8 +65,11 @@ TRIGGERS = ("square:white", "bw:0")
 PLACEMENTS = ("corner", "at:8,8")
 SEEDS = (0, 1)
 CLEAN_SEEDS = (0, 1, 2)
+# ``mesa``: MESA's repair as first measured, its generators' samples alone (probe_share 0);
+# ``mesa-probes``: with the position scan's valid probes mixed in at the default share;
 # ``ideal``: the oracle floor, the true trigger stamped where the attack stamped.
-METHODS = ("mesa", "ideal", "point", "neural-cleanse", "finetune")
+METHODS = ("mesa", "mesa-probes", "ideal", "point", "neural-cleanse", "finetune")
+MESA_METHODS = ("mesa", "mesa-probes")
 # --quick: a smoke run on the cut dataset (tests), every stage at a token size.
 QUICK: dict[str, dict[str, Any]] = {
     "train": {"dataset": "cifar10-quick", "epochs": 1, "crop_epochs": 0, "batch_size": 128},
@@ -193,6 +199,8 @@ def repair_settings(method: str, model: str, search: str, seed: int) -> dict[str
         "variations": False,
     }
     if method == "mesa":
+        return {**base, "method": "mesa", "search": search, "probe_share": 0.0}
+    if method == "mesa-probes":
         return {**base, "method": "mesa", "search": search}
     if method == "point":
         return {**base, "method": "point", "point_restarts": 3, "point_index": 0}
@@ -211,8 +219,9 @@ def repairs(model: str, search: str, seed: int, base: Path, methods, progress) -
         )
         entry = repair_entry(result, seconds)
         entry["asr_interval"] = wilson_entry(entry["asr_outcomes"])
-        if method == "mesa":
+        if method in MESA_METHODS:
             entry["positions"] = result.extra.get("positions")
+            entry["probes"] = result.extra.get("probes")  # absent: no probe mixed in
         entries[method] = entry
         progress(method, entry)
     return entries
@@ -276,7 +285,7 @@ def the_search(unit: dict[str, Any], model: str, seed: int, base: Path) -> dict[
 
 
 def unit_methods(unit: dict[str, Any]) -> list[str]:
-    return ["mesa"] if unit["kind"] == "paper" else list(METHODS)
+    return list(MESA_METHODS) if unit["kind"] == "paper" else list(METHODS)
 
 
 def run_unit(unit: dict[str, Any], workdir: Path, results: Path) -> Path:

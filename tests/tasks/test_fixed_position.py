@@ -46,9 +46,9 @@ def test_the_units_answer_the_main_question_first():
 
 
 def test_a_rerun_adds_a_missing_method_to_a_finished_unit_and_redoes_nothing(tmp_path, monkeypatch):
-    """A finished unit recorded before ``ideal`` existed: the rerun repairs with ``ideal`` alone
-    on the kept model and search, keeps the recorded repairs, pairs the new one with MESA's and
-    says what it added; a unit with every method is left alone."""
+    """A finished unit recorded before ``mesa-probes`` and ``ideal`` existed: the rerun repairs
+    with those alone on the kept model and search, keeps the recorded repairs, pairs the new
+    ones with MESA's and says what it added; a unit with every method is left alone."""
     sys.path.insert(0, str(ROOT))
     import benchmarks.fixed_position as driver
 
@@ -70,14 +70,14 @@ def test_a_rerun_adds_a_missing_method_to_a_finished_unit_and_redoes_nothing(tmp
     monkeypatch.setattr(driver, "the_search", lambda unit, model, seed, base: found)
     monkeypatch.setattr(driver, "repairs", repairs)
     path = driver.complete_unit(unit, tmp_path / "work", tmp_path)
-    assert ran == [["ideal"]]
+    assert ran == [["mesa-probes", "ideal"]]
     after = json.loads(path.read_text())
     assert set(after["repairs"]) == set(driver.METHODS)
     assert {m: after["repairs"][m]["asr"] for m in kept} == {m: e["asr"] for m, e in kept.items()}
     assert after["repairs"]["ideal"]["paired_with_mesa"] == {
         "both": 1, "only_first": 1, "only_second": 0, "neither": 2
     }  # fmt: skip
-    assert after["added"][0]["methods"] == ["ideal"]
+    assert after["added"][0]["methods"] == ["mesa-probes", "ideal"]
     assert driver.complete_unit(unit, tmp_path / "work", tmp_path) is None and len(ran) == 1
 
 
@@ -102,7 +102,9 @@ def test_the_driver_writes_a_record_per_unit_and_skips_it_next_time(cifar10, tmp
     assert record["detection"]["placement"] == "learned"
     assert set(record["detection"]["scores"]) == {"0", "1", "2"}
     assert set(record["detection"]["positions"]["0"]) >= {"pos_entropy_ratio", "top"}
-    assert set(record["repairs"]) == {"mesa", "ideal", "point", "neural-cleanse", "finetune"}
+    assert set(record["repairs"]) == {
+        "mesa", "mesa-probes", "ideal", "point", "neural-cleanse", "finetune"
+    }  # fmt: skip
     n = len(record["repairs"]["mesa"]["asr_outcomes"])
     for method, entry in record["repairs"].items():
         assert len(entry["asr_outcomes"]) == n  # the same held-out images
