@@ -4,7 +4,8 @@ point, Neural Cleanse and fine-tuning, and the clean models' false positives.
 Units, in the order they answer the main question (``--units all``):
 
 1. BackdoorBench-style attacks (BadNets: one patch at one place, 10 % poisoning, the cpu-quick
-   preset from scratch, target 0): ``square:white`` and ``bw:0`` (black-and-white), at the
+   preset from scratch, target 0): ``square:white``, ``bw:0`` (all black) and ``bw:85`` (a
+   black-and-white pattern that is none of the scan's probes), at the
    bottom-right ``corner`` and at the fixed off-corner offset ``at:8,8``, seeds 0 then 1. Per
    model: clean accuracy and ASR, detection (``learned`` placement, all 10 classes: per-class
    validity, z, flagged classes, where pi puts the triggers), the MESA search (``learned``, the
@@ -61,7 +62,10 @@ RESULTS = ROOT / "docs/results/fixed-position"
 TARGET = 0
 RATE = 0.1
 POISON = 0.1
-TRIGGERS = ("square:white", "bw:0")
+# bw:85 is a black-and-white pattern that none of the scan's 16 probes equals (each is at least
+# 2 pixels off it for search seeds 0 and 1), so the probes cannot stand in for the true trigger
+# there, as the white and black probes can for square:white and bw:0.
+TRIGGERS = ("square:white", "bw:0", "bw:85")
 PLACEMENTS = ("corner", "at:8,8")
 SEEDS = (0, 1)
 CLEAN_SEEDS = (0, 1, 2)

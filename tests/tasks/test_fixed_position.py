@@ -31,13 +31,15 @@ def test_the_units_answer_the_main_question_first():
     from benchmarks.fixed_position import attack_units, paired, wilson_entry
 
     names = [u["name"] for u in attack_units()]
-    assert names[:4] == [
+    assert names[:6] == [
         "square-white_corner_s0",
         "bw-0_corner_s0",
+        "bw-85_corner_s0",
         "square-white_at8-8_s0",
         "bw-0_at8-8_s0",
+        "bw-85_at8-8_s0",
     ]
-    assert names[4:7] == ["clean-s0", "clean-s1", "clean-s2"] and len(names) == 11
+    assert names[6:9] == ["clean-s0", "clean-s1", "clean-s2"] and len(names) == 15
     assert paired("1100", "1010") == {"both": 1, "only_first": 1, "only_second": 1, "neither": 1}
     entry = wilson_entry("0001")
     assert (
