@@ -703,6 +703,14 @@ class DefendSpec(SpecBase):
     anp_prune_count: int | None = Field(
         None, ge=0, description="anp: prune this many smallest masks instead of by threshold"
     )
+    anp_max_acc_drop: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="anp: instead of anp_threshold, prune at the largest of the thresholds "
+        "0, 0.05, .., 0.9 (BackdoorBench's sweep) that costs at most this share of the "
+        "unpruned model's accuracy on the defender's images, e.g. 0.1",
+    )
     # I-BAU (Zeng et al., ICLR 2022): rounds of a universal perturbation and unlearning steps.
     ibau_rounds: int = Field(
         5, ge=1, le=10000, description="i-bau: rounds (one perturbation pass and one epoch each)"
@@ -743,6 +751,15 @@ class DefendSpec(SpecBase):
     defender_fraction: DefenderFraction
     split_seed: SplitSeed
 
+    @model_validator(mode="after")
+    def _one_anp_rule(self) -> DefendSpec:
+        if self.anp_prune_count is not None and self.anp_max_acc_drop is not None:
+            raise ValueError(
+                f"--anp-prune-count {self.anp_prune_count} and --anp-max-acc-drop "
+                f"{self.anp_max_acc_drop:g} are two pruning rules; give one of them"
+            )
+        return self
+
     def repair_config(self):  # noqa: ANN201  (engine.ml.repair.RepairConfig: torch, imported here)
         """The repair loop's settings for ``engine.ml.repair``."""
         from engine.ml.repair import RepairConfig
@@ -773,6 +790,7 @@ class DefendSpec(SpecBase):
             alpha=self.anp_alpha,
             threshold=self.anp_threshold,
             prune_count=self.anp_prune_count,
+            max_acc_drop=self.anp_max_acc_drop,
         )
 
 

@@ -23,6 +23,16 @@ pruning by the threshold 0.2. Where this differs:
   BackdoorBench keeps the sweep's model with the lowest test ASR among those within 10 % of the
   clean accuracy (with the mask lr 0.01 of its config): both read the attack's ground truth,
   which no defense here may.
+- ``max_acc_drop`` (off by default) is the defender's version of that selection: BackdoorBench's
+  sweep (``SCLBD/BackdoorBench``, ``config/defense/anp/config.yaml``: ``pruning_by: threshold``,
+  ``pruning_max: 0.90``, ``pruning_step: 0.05``, ``acc_ratio: 0.1``; ``defense/anp.py``,
+  ``evaluate_by_threshold``: thresholds ``arange(0, max + step, step)``, kept within
+  ``|acc - acc_ori| / acc_ori < acc_ratio``), but judged on the defender's own labelled images
+  only (the whole split the masks were learnt on: no held-out test set, no ASR), and it prunes at
+  the largest threshold whose accuracy falls by at most that share of the unpruned model's on the
+  same images (a gain is no fault, unlike BackdoorBench's two-sided test); the most pruning the
+  defender can afford, as the backdoor neurons are the ones with the smallest masks. If none is
+  within the budget, nothing is pruned.
 - The masks scale the BatchNorm parameters through ``torch.func.functional_call`` on a copy of
   the model, not through a network rebuilt with noisy BatchNorm layers; the arithmetic is the
   reference's.
@@ -31,6 +41,7 @@ pruning by the threshold 0.2. Where this differs:
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,10 +53,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from engine.errors import UserError
 from engine.ml.data import Normalizer, augment, to_float
+from engine.ml.metrics import clean_accuracy, predict
 from engine.ml.runtime import autocast
 from engine.reporter import Reporter, or_null, stop_point
 
 LOG_EVERY = 100  # iterations per logged point (anp/loss, anp/acc) and checkpoint opportunity
+# BackdoorBench's threshold grid (pruning_max 0.90, pruning_step 0.05, from 0), rounded so that
+# 0.15 is 0.15 and not numpy's 0.15000000000000002.
+SWEEP_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(19))
 
 
 @dataclass(frozen=True)
@@ -61,6 +76,7 @@ class ANPConfig:
     alpha: float
     threshold: float
     prune_count: int | None
+    max_acc_drop: float | None = None  # set: the threshold is chosen by the sweep (``select``)
     augment: bool = True  # crop and flip of the mask batches: not a setting (as the authors)
 
 
@@ -254,13 +270,18 @@ def neurons_to_prune(masks: list[torch.Tensor], config: ANPConfig) -> list[torch
     """Per layer, the boolean choice of neurons to prune: masks at most the threshold, or the
     ``prune_count`` smallest masks over all layers (ties broken by module order, then index)."""
     if config.prune_count is None:
-        return [m.detach().cpu() <= config.threshold for m in masks]
+        return at_most(masks, config.threshold)
     flat = torch.cat([m.detach().cpu().flatten() for m in masks])
     count = min(config.prune_count, flat.numel())
     order = torch.sort(flat, stable=True).indices[:count]
     chosen = torch.zeros(flat.numel(), dtype=torch.bool)
     chosen[order] = True
     return list(chosen.split([m.numel() for m in masks]))
+
+
+def at_most(masks: list[torch.Tensor], threshold: float) -> list[torch.Tensor]:
+    """Per layer, the neurons whose mask is at most ``threshold`` (ANP's pruning rule)."""
+    return [m.detach().cpu() <= threshold for m in masks]
 
 
 def prune_batchnorm(
@@ -273,3 +294,86 @@ def prune_batchnorm(
             bn.weight[prune.to(bn.weight.device)] = 0.0
             count += int(prune.sum())
     return count
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One threshold of the sweep: how many neurons it prunes, the defender accuracy left."""
+
+    threshold: float
+    pruned: int
+    defender_acc: float
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The sweep and its choice (None: no threshold kept the accuracy within the budget)."""
+
+    unpruned_acc: float
+    points: list[SweepPoint]
+    chosen: SweepPoint | None
+
+    def neurons(self, masks: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per layer, the neurons the chosen threshold prunes (none without a choice)."""
+        if self.chosen is None:
+            return [torch.zeros(m.numel(), dtype=torch.bool) for m in masks]
+        return at_most(masks, self.chosen.threshold)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "unpruned_defender_acc": self.unpruned_acc,
+            "points": [vars(p) for p in self.points],
+            "chosen": None if self.chosen is None else self.chosen.threshold,
+        }
+
+
+def sweep_thresholds(
+    model: nn.Module,
+    masks: list[torch.Tensor],
+    accuracy: Callable[[nn.Module], float],
+    thresholds: tuple[float, ...] = SWEEP_THRESHOLDS,
+) -> list[SweepPoint]:
+    """Prune a copy of ``model`` at each threshold in turn (ascending, so each adds to the last)
+    and measure ``accuracy(copy)``; ``model`` itself is not changed."""
+    pruned = copy.deepcopy(model)
+    layers = batchnorm_layers(pruned)
+    points = []
+    for threshold in sorted(thresholds):
+        count = prune_batchnorm(pruned, layers, at_most(masks, threshold))
+        points.append(SweepPoint(threshold, count, accuracy(pruned)))
+    return points
+
+
+def within_budget(
+    points: list[SweepPoint], unpruned_acc: float, max_drop: float
+) -> SweepPoint | None:
+    """The largest threshold whose accuracy fell by at most ``max_drop`` of ``unpruned_acc``
+    (a relative drop, as BackdoorBench's acc_ratio), or None."""
+    floor = unpruned_acc * (1.0 - max_drop)
+    kept = [p for p in points if p.defender_acc >= floor]
+    return max(kept, key=lambda p: p.threshold, default=None)
+
+
+def select_threshold(
+    model: nn.Module,
+    masks: list[torch.Tensor],
+    normalizer: Normalizer,
+    images_u8: torch.Tensor,
+    labels: torch.Tensor,
+    max_drop: float,
+    *,
+    precision: str = "fp32",
+    channels_last: bool = False,
+    batch_size: int = 1000,
+) -> Selection:
+    """The sweep on the defender's images (``model`` in eval mode, its running statistics) and
+    the threshold it chooses."""
+
+    def accuracy(net: nn.Module) -> float:
+        preds = predict(net, images_u8, normalizer, batch_size=batch_size, precision=precision,
+                        channels_last=channels_last)  # fmt: skip
+        return clean_accuracy(preds, labels.to(preds.device))
+
+    unpruned = accuracy(model)
+    points = sweep_thresholds(model, masks, accuracy)
+    return Selection(unpruned, points, within_budget(points, unpruned, max_drop))

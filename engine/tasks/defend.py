@@ -966,15 +966,14 @@ def _anp(d: _Defense):
         state=masks,
         on_log=_anp_saver(d, config, stream),
     )
-    chosen = anp.neurons_to_prune(masks.masks, config)
+    selection = _anp_select(d, masks.masks, config)
+    if selection is None:
+        chosen = anp.neurons_to_prune(masks.masks, config)
+    else:
+        chosen = selection.neurons(masks.masks)
     pruned = anp.prune_batchnorm(d.model, layers, chosen)
     neurons = sum(m.numel() for m in masks.masks)
-    rule = (
-        f"the {config.prune_count} smallest masks"
-        if config.prune_count is not None
-        else f"masks at most {config.threshold:g}"
-    )
-    d.reporter.text(f"anp: pruned {pruned} of {neurons} neurons ({rule})")
+    d.reporter.text(f"anp: pruned {pruned} of {neurons} neurons ({_anp_rule(config, selection)})")
     entry = {
         "pruned": pruned,
         "neurons": neurons,
@@ -986,7 +985,57 @@ def _anp(d: _Defense):
         ],
         "history": masks.history,
     }
+    if selection is not None:  # the sweep chose the threshold (None: it pruned nothing)
+        entry["threshold"] = selection.chosen.threshold if selection.chosen else None
+        entry["max_acc_drop"] = config.max_acc_drop
+        entry["sweep"] = selection.to_json()
     return entry, torch.cat([m.detach().cpu().flatten() for m in masks.masks])
+
+
+def _anp_select(d: _Defense, masks, config):
+    """The threshold sweep on the defender's images when the budget rule is on (else None); the
+    chosen threshold goes into the metrics (``anp/threshold``)."""
+    from engine.ml import anp
+
+    if config.max_acc_drop is None:
+        return None
+    selection = anp.select_threshold(
+        d.model,
+        masks,
+        d.normalizer,
+        d.images,
+        d.labels,
+        config.max_acc_drop,
+        precision=d.precision,
+        channels_last=d.use_cl,
+        batch_size=d.spec.eval_batch_size,
+    )
+    for p in selection.points:
+        d.reporter.text(
+            f"anp sweep: threshold {p.threshold:.2f} prunes {p.pruned}, defender accuracy "
+            f"{p.defender_acc:.4f} (unpruned {selection.unpruned_acc:.4f})"
+        )
+    if selection.chosen is None:
+        d.reporter.text(
+            f"anp: every threshold costs more than {config.max_acc_drop:g} of the defender "
+            "accuracy; nothing is pruned",
+            "warning",
+        )
+    else:
+        d.metrics["anp/threshold"] = selection.chosen.threshold
+        d.metrics["anp/defender_acc"] = selection.chosen.defender_acc
+    return selection
+
+
+def _anp_rule(config, selection) -> str:
+    if config.prune_count is not None:
+        return f"the {config.prune_count} smallest masks"
+    if selection is None:
+        return f"masks at most {config.threshold:g}"
+    budget = f"defender accuracy within {config.max_acc_drop:g} of the unpruned model's"
+    if selection.chosen is None:
+        return f"no threshold keeps the {budget}"
+    return f"masks at most {selection.chosen.threshold:g}, the largest threshold with the {budget}"
 
 
 def _anp_resume(d: _Defense, stream):

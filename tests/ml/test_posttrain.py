@@ -13,11 +13,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.ml.anp import (
+    SWEEP_THRESHOLDS,
     MaskState,
+    SweepPoint,
     batchnorm_layers,
     neurons_to_prune,
     optimize_masks,
     prune_batchnorm,
+    select_threshold,
+    within_budget,
 )
 from engine.ml.clp import channel_lipschitz, clp_prune, conv_bn_pairs
 from engine.ml.data import Normalizer
@@ -311,3 +315,61 @@ def test_anp_prunes_by_threshold_or_count_and_zeroes_the_bn_scale():
     bias = net.bn2.bias.detach().clone()
     assert prune_batchnorm(net, layers, chosen) == 1
     assert float(net.bn2.weight.detach()[3]) == 0.0 and torch.equal(net.bn2.bias, bias)
+
+
+def _one_neuron_per_class():
+    """A BatchNorm whose neuron k is class k's logit, and 100 one-pixel images: 50 of class 1,
+    30 of class 2, 20 of class 3, each lit in its own channel (class 0 has none: an image whose
+    neuron is pruned has all-zero logits and falls to class 0, wrong)."""
+    net = nn.Sequential(nn.BatchNorm2d(4), nn.Flatten()).eval()
+    labels = torch.tensor([1] * 50 + [2] * 30 + [3] * 20)
+    images = torch.zeros(100, 4, 1, 1, dtype=torch.uint8)
+    images[torch.arange(100), labels] = 255
+    return net, images, labels
+
+
+# Neuron 3 (20 images) goes at 0.1, neuron 2 (30) at 0.3, neuron 1 (50) at 0.5; neuron 0 never.
+MASKS = [torch.tensor([1.0, 0.5, 0.3, 0.1])]
+FOUR = Normalizer((0.0,) * 4, (1.0,) * 4)
+
+
+@pytest.mark.parametrize(
+    ("max_drop", "threshold", "acc"),
+    [(0.1, 0.05, 1.0), (0.25, 0.25, 0.8), (0.6, 0.45, 0.5), (1.0, 0.9, 0.0)],
+)
+def test_anp_sweep_prunes_at_the_largest_threshold_within_the_accuracy_budget(
+    max_drop, threshold, acc
+):
+    net, images, labels = _one_neuron_per_class()
+    before = copy.deepcopy(net.state_dict())
+    selection = select_threshold(net, MASKS, FOUR, images, labels, max_drop)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # a copy pruned
+    assert selection.unpruned_acc == 1.0
+    assert [p.threshold for p in selection.points] == list(SWEEP_THRESHOLDS)
+    assert (SWEEP_THRESHOLDS[0], SWEEP_THRESHOLDS[-1], len(SWEEP_THRESHOLDS)) == (0.0, 0.9, 19)
+    pruned = {p.threshold: p.pruned for p in selection.points}
+    assert (pruned[0.05], pruned[0.1], pruned[0.25], pruned[0.3], pruned[0.5]) == (0, 1, 1, 2, 3)
+    accs = {p.threshold: p.defender_acc for p in selection.points}
+    assert accs[0.05] == 1.0 and accs[0.45] == pytest.approx(0.5) and accs[0.9] == 0.0
+    assert selection.chosen is not None
+    assert selection.chosen.threshold == threshold
+    assert selection.chosen.defender_acc == pytest.approx(acc)
+    chosen = selection.neurons(MASKS)
+    assert chosen[0].tolist() == (MASKS[0] <= threshold).tolist()
+    assert selection.to_json()["chosen"] == threshold
+
+
+def test_anp_sweep_prunes_nothing_when_no_threshold_keeps_the_accuracy():
+    net, images, labels = _one_neuron_per_class()
+    masks = [torch.tensor([1.0, 0.5, 0.3, 0.0])]  # neuron 3 goes even at threshold 0
+    selection = select_threshold(net, masks, FOUR, images, labels, 0.1)
+    assert selection.chosen is None and selection.points[0].defender_acc == pytest.approx(0.8)
+    assert [c.tolist() for c in selection.neurons(masks)] == [[False] * 4]
+    assert selection.to_json()["chosen"] is None
+
+
+def test_anp_budget_takes_the_largest_threshold_that_fits_not_the_first_that_fails():
+    points = [SweepPoint(0.0, 0, 0.9), SweepPoint(0.05, 3, 0.7), SweepPoint(0.1, 5, 0.85)]
+    assert within_budget(points, 0.9, 0.1) == points[2]  # 0.85 >= 0.81, 0.7 < 0.81
+    assert within_budget(points, 0.9, 0.01) == points[0]
+    assert within_budget(points, 1.0, 0.05) is None

@@ -458,6 +458,23 @@ def test_anp_and_clp_prune_without_repair_epochs_and_end_like_every_method(plant
     assert [s for s, _ in reporter.series("clp/pruned")] == [1]  # with the final metrics
 
 
+def test_anp_with_an_accuracy_budget_prunes_at_the_sweeps_choice(planted_bn, tmp_path):
+    from engine.ml.anp import SWEEP_THRESHOLDS
+    from engine.tasks.defend import run
+
+    settings = dict(QUICK_POSTTRAIN, method="anp", anp_max_acc_drop=0.1)
+    result = run(spec(planted_bn, **settings), MemoryReporter(tmp_path / "anp"))
+    entry = json.loads((Path(result.artifact) / "defense.json").read_text())["anp"]
+    sweep, m = entry["sweep"], result.metrics
+    assert [p["threshold"] for p in sweep["points"]] == list(SWEEP_THRESHOLDS)
+    floor = sweep["unpruned_defender_acc"] * 0.9
+    fits = [p for p in sweep["points"] if p["defender_acc"] >= floor]
+    chosen = max(fits, key=lambda p: p["threshold"])
+    assert entry["threshold"] == sweep["chosen"] == m["anp/threshold"] == chosen["threshold"]
+    assert entry["pruned"] == chosen["pruned"] == m["anp/pruned"] and entry["max_acc_drop"] == 0.1
+    assert m["anp/defender_acc"] == chosen["defender_acc"]
+
+
 def test_an_interrupted_anp_resumes_to_the_same_masks_and_model(planted_bn, tmp_path, monkeypatch):
     from engine.errors import Cancelled
     from engine.tasks import defend
@@ -547,6 +564,11 @@ def test_cli_defend_json(planted):
         (["--method", "ideal", "--stamp-rate", "1.5"], "--stamp-rate 1.5"),
         (["--method", "ideal", "--stamp-rate", "-0.1"], "--stamp-rate -0.1"),
         (["--method", "finetune", "--ensemble", "stairs"], "--ensemble"),
+        (
+            ["--method", "anp", "--anp-prune-count", "5", "--anp-max-acc-drop", "0.1"],
+            "--anp-prune-count 5 and --anp-max-acc-drop 0.1 are two pruning rules; give one",
+        ),
+        (["--method", "anp", "--anp-max-acc-drop", "1.5"], "--anp-max-acc-drop 1.5"),
     ],
 )
 def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(planted, extra, message):
