@@ -2,12 +2,13 @@
 
 The protocol is ``engine.paper_small`` (one clean `small` model fine-tuned with 1 % poisoning per
 trigger, the 3-beta search at 620 steps, repairs by mesa, point x 3 restarts, ideal and finetune,
-each paired with the others; on the subset also mesa-0.9, neural-cleanse and the recent defenses
-anp, i-bau, clp and ft-sam). Each finished (trigger, rate) is written at once, whole, as
-``RESULTS/rate-R/bw-ID.json`` with every repair's per-image held-out outcomes, the floor (the clean
-model's ASR for the trigger), the machine, precision, thread count and commit; a rerun skips what
-exists, so the study finishes across sittings on fresh machines. The clean model is kept in
-``RESULTS/clean-model`` (committed, with its hash) so that every sitting attacks the same model.
+each paired with the others; on the subset also mesa-0.9, neural-cleanse, the recent defenses
+anp, i-bau, clp and ft-sam, and anp-acc10: ANP at the threshold the defender's accuracy allows).
+Each finished (trigger, rate) is written at once, whole, as ``RESULTS/rate-R/bw-ID.json`` with
+every repair's per-image held-out outcomes, the floor (the clean model's ASR for the trigger),
+the machine, precision, thread count and commit; a rerun skips what exists, so the study
+finishes across sittings on fresh machines. The clean model is kept in ``RESULTS/clean-model``
+(committed, with its hash) so that every sitting attacks the same model.
 
 Usage:
   python benchmarks/paper_study.py --triggers pilot --rates 0.01,0.1     # the pilot
@@ -16,6 +17,7 @@ Usage:
   python benchmarks/paper_study.py --triggers odd --rates main
   python benchmarks/paper_study.py --triggers subset --rates 0.01,0.1 --methods all
   python benchmarks/paper_study.py --triggers subset --rates 0.01,0.1 --methods anp,i-bau,clp,ft-sam
+  python benchmarks/paper_study.py --triggers subset --rates main --methods anp-acc10
 Options: --results DIR (docs/results/paper-small), --workdir DIR (kept between runs of a sitting:
 a killed run resumes its tasks from their checkpoints), --threads N, --quick (a tiny smoke run on
 a cut dataset, for tests). Progress goes to stderr; each written file's path to stdout.
@@ -116,7 +118,12 @@ def rate_list(value: str, results: Path) -> list[float]:
 
 
 def method_list(value: str) -> list[str]:
-    known = [*protocol.MAIN_METHODS, *protocol.SUBSET_METHODS, *protocol.RECENT_METHODS]
+    known = [
+        *protocol.MAIN_METHODS,
+        *protocol.SUBSET_METHODS,
+        *protocol.RECENT_METHODS,
+        *protocol.RECENT_VARIANTS,
+    ]
     methods = {"main": list(protocol.MAIN_METHODS), "all": known}.get(value)
     methods = methods or [m.strip() for m in value.split(",") if m.strip()]
     unknown = [m for m in methods if m not in known]

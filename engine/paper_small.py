@@ -36,6 +36,9 @@ SUBSET_METHODS = ("mesa-0.9", "neural-cleanse")
 # The post-training defenses researchers compare against today (BackdoorBench's leaderboard), run
 # on the subset too: ANP, I-BAU, CLP and FT-SAM at their papers' defaults (the defend spec's).
 RECENT_METHODS = ("anp", "i-bau", "clp", "ft-sam")
+# ANP pruned at the largest threshold of BackdoorBench's sweep that costs at most 10 % of the
+# defender's accuracy (its threshold 0.2 leaves this network near chance): a defender's choice.
+RECENT_VARIANTS = ("anp-acc10",)
 POINT_RESTARTS = 3
 SUBSET_WORST, SUBSET_SPACED = 4, 8
 
@@ -88,6 +91,7 @@ METHOD_SETTINGS: dict[str, dict[str, Any]] = {
     "finetune": {"method": "finetune"},
     "neural-cleanse": {"method": "neural-cleanse"},
     "anp": {"method": "anp"},
+    "anp-acc10": {"method": "anp", "anp_max_acc_drop": 0.1},
     "i-bau": {"method": "i-bau"},
     "clp": {"method": "clp"},
     "ft-sam": {"method": "ft-sam"},
@@ -141,9 +145,10 @@ def attack_overrides(trigger: str, clean_model: str, arch: str = "small") -> dic
 
 
 def uses_rate(method: str) -> bool:
-    """Whether a method's repair depends on the stamping rate (the recent defenses stamp nothing;
-    finetune keeps its rate in its spec, as the study's first records were made that way)."""
-    return method not in RECENT_METHODS
+    """Whether a method's repair depends on the stamping rate (the recent defenses and their
+    variants stamp nothing; finetune keeps its rate in its spec, as the study's first records
+    were made that way)."""
+    return METHOD_SETTINGS.get(method, {"method": method})["method"] not in RECENT_METHODS
 
 
 def search_overrides(model: str) -> dict[str, Any]:

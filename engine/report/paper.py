@@ -27,8 +27,8 @@ PAPER_ROW = {
     "point": "point",
     "ideal": "ideal",
 }
-METHOD_ORDER = ("mesa", "mesa-0.9", "point", "ideal", "finetune", "neural-cleanse", "anp", "i-bau",
-                "clp", "ft-sam")  # fmt: skip
+METHOD_ORDER = ("mesa", "mesa-0.9", "point", "ideal", "finetune", "neural-cleanse", "anp",
+                "anp-acc10", "i-bau", "clp", "ft-sam")  # fmt: skip
 SCHEMAS = (1,)
 
 

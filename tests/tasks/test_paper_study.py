@@ -62,6 +62,24 @@ def test_the_recent_defenses_run_at_their_defaults_and_one_repair_serves_every_r
     assert set(protocol.RECENT_METHODS) <= set(method_list("all"))
 
 
+def test_anp_with_the_accuracy_budget_is_a_study_method_paired_with_the_others():
+    from benchmarks.paper_study import method_list
+    from engine.report.paper import METHOD_ORDER
+    from engine.specs import DefendSpec
+
+    ((label, low),) = protocol.repair_overrides("anp-acc10", "M", "S", 0.01)
+    ((_, high),) = protocol.repair_overrides("anp-acc10", "M", "S", 0.1)
+    assert label == "anp-acc10" and low == high and "stamp_rate" not in low
+    assert low["method"] == "anp" and low["anp_max_acc_drop"] == 0.1
+    assert not protocol.uses_rate("anp-acc10")
+    ((_, anp),) = protocol.repair_overrides("anp", "M", "S", 0.1)
+    assert {k: v for k, v in low.items() if k != "anp_max_acc_drop"} == anp  # else the same
+    assert DefendSpec(**low).anp_config().max_acc_drop == 0.1
+    assert method_list("anp,anp-acc10") == ["anp", "anp-acc10"]
+    assert "anp-acc10" in method_list("all")
+    assert METHOD_ORDER.index("anp") + 1 == METHOD_ORDER.index("anp-acc10")
+
+
 def test_the_resnet18_variant_is_the_same_protocol_at_the_papers_learning_rate():
     clean, attack = protocol.settings("resnet18")
     assert clean["preset"] == "clean-cifar10" and clean["poison_rate"] == 0.0
