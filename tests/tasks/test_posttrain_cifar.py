@@ -30,9 +30,12 @@ SETTINGS = {
     "clp": dict(clp_u=1.5),
     "ft-sam": dict(sam_epochs=2, sam_lr=0.05, batch_size=64),
 }
-# The ground-truth check compares weights only, so it runs a few steps.
+# The ground-truth check compares weights only, so it runs a few steps. anp-acc10 is ANP with
+# its threshold chosen on the defender's accuracy (--anp-max-acc-drop): that must not read it
+# either.
 STRIPPED = {
     "anp": dict(anp_iterations=3, anp_batch_size=16),
+    "anp-acc10": dict(anp_iterations=3, anp_batch_size=16, anp_max_acc_drop=0.1),
     "i-bau": dict(ibau_rounds=1, ibau_k=2, batch_size=100),
     "clp": dict(),
     "ft-sam": dict(sam_epochs=1, batch_size=100),
@@ -154,9 +157,9 @@ def test_each_recent_defense_lowers_the_asr_of_a_real_backdoor(backdoored, tmp_p
     assert (Path(result.artifact) / "outcomes.json").exists()
 
 
-@pytest.mark.parametrize("method", ["anp", "i-bau", "clp", "ft-sam"])
-def test_each_recent_defense_never_reads_the_ground_truth(backdoored, tmp_path, method):
-    settings = STRIPPED[method]
+@pytest.mark.parametrize("name", ["anp", "anp-acc10", "i-bau", "clp", "ft-sam"])
+def test_each_recent_defense_never_reads_the_ground_truth(backdoored, tmp_path, name):
+    settings, method = STRIPPED[name], name.removesuffix("-acc10")
     with_truth = defend(backdoored, tmp_path / "a", method, **settings)
     (backdoored / "ground_truth.json").unlink()
     without = defend(backdoored, tmp_path / "b", method, **settings)
