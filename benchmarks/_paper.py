@@ -265,6 +265,7 @@ def trigger_record(
     record["runs"].append(
         {
             "methods": methods,
+            "same_model": same_model(record, before),
             "machine": machine(setup.quick is not None),
             "commit": commit(),
             "finished": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -272,6 +273,14 @@ def trigger_record(
         }
     )
     return record
+
+
+def same_model(record: dict[str, Any], before: dict[str, str]) -> bool:
+    """Whether this run repaired the model the record's first run attacked: a later sitting on a
+    fresh machine attacks again, and only a model that scores every held-out image as before
+    keeps the added methods paired image by image with the earlier ones."""
+    attack = record["attack"]
+    return before["asr"] == attack["asr_outcomes"] and before["clean"] == attack["clean_outcomes"]
 
 
 def protocol_settings(arch: str = "small") -> dict[str, Any]:

@@ -94,7 +94,19 @@ def rate_entry(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     dropped = set(entry.get("not_implanted", {}).get("triggers", []))
     entry["before"] = _before([r for r in records if r["trigger"] not in dropped] or records)
     entry["cost"] = cost(records)
+    entry["re_attacked"] = re_attacked(records)
     return entry
+
+
+def re_attacked(records: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
+    """Per trigger, the methods added in a later sitting whose attack, run again, scored the
+    held-out images differently: repaired on a sibling model, so paired by protocol only."""
+    out: dict[str, list[str]] = {}
+    for r in records:
+        for run in r["runs"]:
+            if run.get("same_model") is False:
+                out.setdefault(r["trigger"], []).extend(run["methods"])
+    return out
 
 
 def _before(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -337,6 +349,12 @@ def _tests(w: Any, entry: dict[str, Any]) -> None:
         f"- not implanted (attack ASR under 50 %, left out of every mean): {dropped['count']}"
         + (f" ({', '.join(dropped['triggers'])})" if dropped["triggers"] else "")
     )
+    if entry.get("re_attacked"):
+        lines.append(
+            "- added in a later sitting on a re-attacked model that scored the held-out images "
+            "differently (paired with the rest by protocol, not image by image): "
+            + "; ".join(f"{t}: {', '.join(m)}" for t, m in sorted(entry["re_attacked"].items()))
+        )
     w.md(*lines, "")
 
 

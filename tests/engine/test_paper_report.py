@@ -92,6 +92,18 @@ def test_the_report_has_the_table_beside_the_paper_and_the_figure_with_intervals
     assert float(rows[0]["mesa_minus_point"]) == pytest.approx((2 - 6) / N)
 
 
+def test_methods_added_on_a_re_attacked_model_that_scores_differently_are_named(folder, tmp_path):
+    path = folder / "rate-0.01" / "bw-85.json"
+    r = json.loads(path.read_text())
+    r["runs"][0]["same_model"] = None  # the first run: nothing to compare with
+    r["runs"].append({**r["runs"][0], "methods": ["anp", "clp"], "same_model": False})
+    path.write_text(json.dumps(r))
+    assert paper.summary(folder)["rates"]["0.01"]["re_attacked"] == {"bw:85": ["anp", "clp"]}
+    text = Path(build_report(None, str(folder), tmp_path / "out").report).read_text()
+    assert "re-attacked model that scored the held-out images differently" in text
+    assert "bw:85: anp, clp" in text
+
+
 def test_a_record_of_another_schema_or_broken_json_is_refused_in_one_line(folder, tmp_path):
     path = folder / "rate-0.01" / "bw-0.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "schema": 99}))

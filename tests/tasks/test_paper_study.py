@@ -139,6 +139,7 @@ def test_the_driver_writes_one_paired_record_per_trigger_and_skips_it_next_time(
     grown = json.loads(path.read_text())
     assert set(grown["repairs"]) == {*protocol.MAIN_METHODS, "mesa-0.9"}
     assert grown["attack"] == record["attack"] and len(grown["runs"]) == 2
+    assert grown["runs"][1]["same_model"] is True  # the kept attack, so paired image by image
 
 
 def test_the_rate_is_decided_from_the_pilot_and_written_down(tmp_path):
@@ -167,3 +168,12 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and message in done.stderr
     assert not (tmp_path / "w").exists()
+
+
+def test_a_re_attacked_model_counts_as_the_same_only_if_every_held_out_image_scores_as_before():
+    from benchmarks._paper import same_model
+
+    record = {"attack": {"asr_outcomes": "1101", "clean_outcomes": "0111"}}
+    assert same_model(record, {"asr": "1101", "clean": "0111"})
+    assert not same_model(record, {"asr": "1100", "clean": "0111"})
+    assert not same_model(record, {"asr": "1101", "clean": "1111"})
