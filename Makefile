@@ -59,7 +59,7 @@ lint: setup
 	$(BIN)/mypy
 
 test: setup test-data test-services lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 bench: setup
 	$(BIN)/python benchmarks/data_pipeline.py

@@ -14,6 +14,14 @@ import pytest
 from store.environment import RENAMED
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# `make test` runs one worker per core (pytest-xdist). Each worker and every process it starts
+# then gets one torch thread: a second thread per worker only oversubscribes the cores, and torch's
+# spinning threads slow a run several times over when they outnumber them. Set before any test
+# module imports torch; a test that needs another count sets it itself.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("MESA_TUI_THREADS", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 
