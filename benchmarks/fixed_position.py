@@ -18,10 +18,11 @@ Units, in the order they answer the main question (``--units all``):
    each with its ASR, a 95 % Wilson interval and the per-image held-out outcomes.
 2. ``clean-s0..2``: models trained without poisoning; detection must flag nothing (the
    false-positive rate is the share of clean seeds with a flagged class).
-3. ``paper-bw-ID`` (``--units paper``): the random-position check on a kept model of the paper
-   study (its attack folder, read only): detection and the ``learned`` search + MESA repairs
-   (mesa, mesa-probes) at 0.1, beside the committed record of that model (``--paper-work``,
-   ``--paper-results``).
+3. ``paper-bw-ID`` (``--units paper``): the random-position check on the paper study's model
+   for that trigger (kept in its work folder, ``--paper-work``, or attacked there again as the
+   study did): detection and the ``learned`` search + MESA repairs (mesa, mesa-probes) at 0.1,
+   beside the committed record of that model (``--paper-results``); ``same_model`` says whether
+   the model scored the held-out images before repair as the record's did.
 
 Each finished unit is written whole as ``RESULTS/<unit>.json``; a rerun skips what exists and the
 tasks of an unfinished unit resume from the work folder (``--workdir``, kept between runs), so
@@ -53,7 +54,15 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._paper import commit, log, machine, repair_entry, run_task, write_json  # noqa: E402
+from benchmarks._paper import (  # noqa: E402
+    commit,
+    log,
+    machine,
+    repair_entry,
+    run_task,
+    same_model,
+    write_json,
+)
 from benchmarks._script import run_main  # noqa: E402
 from engine.errors import UserError  # noqa: E402
 
@@ -97,8 +106,8 @@ QUICK: dict[str, dict[str, Any]] = {
     "defend": {"epochs": 1, "point_epochs": 1, "nc_epochs": 2, "nc_steps_per_epoch": 2},
 }
 CUT: dict[str, dict[str, Any]] = {}  # QUICK when --quick, else nothing
-PAPER_WORK = Path("/work/study/.paper-work")
-PAPER_RESULTS = Path("/work/main/docs/results/paper-small")
+PAPER_WORK = ROOT / ".paper-work"  # the paper study's own default work folder
+PAPER_RESULTS = ROOT / "docs/results/paper-small"
 
 
 def attack_name(trigger: str, placement: str, seed: int) -> str:
@@ -211,8 +220,11 @@ def repair_settings(method: str, model: str, search: str, seed: int) -> dict[str
     return {**base, "method": method}
 
 
-def repairs(model: str, search: str, seed: int, base: Path, methods, progress) -> dict:
+def repairs(model: str, search: str, seed: int, base: Path, methods, progress):
+    """(each method's repair entry by name, the model's held-out outcomes before repair);
+    ``progress`` gets each entry as it finishes."""
     entries: dict[str, Any] = {}
+    before = None
     for method in methods:
         log(f"{base.name}: repair {method} at rate {RATE:g}")
         result, seconds = run_task(
@@ -223,12 +235,14 @@ def repairs(model: str, search: str, seed: int, base: Path, methods, progress) -
         )
         entry = repair_entry(result, seconds)
         entry["asr_interval"] = wilson_entry(entry["asr_outcomes"])
+        if before is None:
+            before = json.loads((Path(result.artifact) / "outcomes.json").read_text())["before"]
         if method in MESA_METHODS:
             entry["positions"] = result.extra.get("positions")
             entry["probes"] = result.extra.get("probes")  # absent: no probe mixed in
         entries[method] = entry
         progress(method, entry)
-    return entries
+    return entries, before
 
 
 def pair_with_mesa(entries: dict[str, Any]) -> None:
@@ -264,9 +278,7 @@ def train(unit: dict[str, Any], base: Path) -> tuple[Any, float]:
 def the_model(unit: dict[str, Any], base: Path, record: dict[str, Any]) -> tuple[str, int]:
     """(model artifact, seed): the kept paper-study model, or the attack (reused when kept)."""
     if unit["kind"] == "paper":
-        model = str(PAPER_WORK / unit["trigger"].replace(":", "-") / "attack")
-        if not (Path(model) / "manifest.json").exists():
-            raise UserError(f"no kept paper-study model at {model}; give --paper-work")
+        model = paper_model(unit["trigger"])
         record["model"] = model
         return model, 0
     attack, attack_s = train(unit, base)
@@ -276,6 +288,24 @@ def the_model(unit: dict[str, Any], base: Path, record: dict[str, Any]) -> tuple
         "seconds": attack_s,
     }
     return attack.artifact, unit["seed"]
+
+
+def paper_model(trigger: str) -> str:
+    """The paper study's attacked model for ``trigger``: kept in its work folder, or attacked
+    again there as the study attacks it (the committed clean model, the same settings and seed),
+    so a fresh machine can run the check. The record's ``same_model`` says whether it scores the
+    held-out images as the study's model did."""
+    from engine import paper_small as protocol
+
+    clean = PAPER_RESULTS / "clean-model"
+    if not (clean / "manifest.json").exists():
+        raise UserError(f"no committed clean model at {clean}; give --paper-results")
+    overrides = protocol.attack_overrides(trigger, str(clean.resolve()))
+    preset = protocol.settings()[1]["preset"]
+    log(f"paper {trigger}: the study's attack (kept, or run again as the study ran it)")
+    folder = PAPER_WORK / trigger.replace(":", "-") / "attack"
+    attack, _ = run_task("train", overrides, folder, preset)
+    return str(attack.artifact)
 
 
 def the_search(unit: dict[str, Any], model: str, seed: int, base: Path) -> dict[str, Any]:
@@ -320,10 +350,12 @@ def run_unit(unit: dict[str, Any], workdir: Path, results: Path) -> Path:
             save_partial()
 
         methods = unit_methods(unit)
-        record["repairs"] = repairs(model, search["artifact"], seed, base, methods, progress)
+        record["repairs"], before = repairs(
+            model, search["artifact"], seed, base, methods, progress
+        )
         pair_with_mesa(record["repairs"])
         if unit["kind"] == "paper":
-            record["paper_record"] = paper_comparison(unit["trigger"], record)
+            record["paper_record"] = paper_comparison(unit["trigger"], record, before)
     record["run"] = {
         "machine": machine(bool(CUT)),
         "commit": commit(),
@@ -381,9 +413,12 @@ def complete_unit(unit: dict[str, Any], workdir: Path, results: Path) -> Path | 
     return path
 
 
-def paper_comparison(trigger: str, record: dict[str, Any]) -> dict[str, Any]:
+def paper_comparison(
+    trigger: str, record: dict[str, Any], before: dict[str, str]
+) -> dict[str, Any]:
     """The committed paper-study record of the same model at the same rate: its per-image MESA
-    repair (per-image search) beside the learned one, paired on the same held-out images."""
+    repair (per-image search) beside the learned one, paired on the same held-out images.
+    ``same_model``: whether this model scored them before repair as the study's model did."""
     path = PAPER_RESULTS / f"rate-{RATE:g}" / f"{trigger.replace(':', '-')}.json"
     if not path.exists():
         return {"missing": str(path)}
@@ -391,7 +426,8 @@ def paper_comparison(trigger: str, record: dict[str, Any]) -> dict[str, Any]:
     old_mesa = old["repairs"]["mesa"]
     new_mesa = record["repairs"]["mesa"]
     return {
-        "record": str(path),
+        "record": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path),
+        "same_model": same_model(old, before),
         "search_validity_per_image": old["search"]["validity"],
         "mesa_per_image": {
             "asr": old_mesa["asr"],

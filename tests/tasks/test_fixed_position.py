@@ -127,3 +127,41 @@ def test_the_driver_writes_a_record_per_unit_and_skips_it_next_time(cifar10, tmp
     assert f"{int(clean['false_positive'])} of 1" in written
     scan = record["detection"]["scan"]["classes"]["0"]
     assert {"lift", "peak_row", "peak_col"} <= set(scan)
+
+
+def test_the_paper_check_attacks_as_the_study_did_when_no_model_is_kept(tmp_path, monkeypatch):
+    """A fresh machine has no kept paper-study model: the check runs the study's attack (its
+    settings, on the committed clean model, in the study's folder layout) instead of stopping,
+    and the comparison says whether the model scores the held-out images as the record's."""
+    sys.path.insert(0, str(ROOT))
+    import benchmarks.fixed_position as driver
+    from engine import paper_small as protocol
+    from engine.reporter import TaskResult
+
+    (tmp_path / "results" / "clean-model").mkdir(parents=True)
+    (tmp_path / "results" / "clean-model" / "manifest.json").write_text("{}")
+    monkeypatch.setattr(driver, "PAPER_RESULTS", tmp_path / "results")
+    monkeypatch.setattr(driver, "PAPER_WORK", tmp_path / "work")
+    calls = []
+
+    def run_task(kind, overrides, folder, preset=None):
+        calls.append((kind, overrides, folder, preset))
+        return TaskResult(str(folder / "artifact"), {}, {}), 1.0
+
+    monkeypatch.setattr(driver, "run_task", run_task)
+    assert driver.paper_model("bw:85") == str(tmp_path / "work" / "bw-85" / "attack" / "artifact")
+    clean = str((tmp_path / "results" / "clean-model").resolve())
+    ((kind, overrides, folder, preset),) = calls
+    assert kind == "train" and overrides == protocol.attack_overrides("bw:85", clean)
+    assert folder == tmp_path / "work" / "bw-85" / "attack"
+    assert preset == protocol.settings()[1]["preset"]
+
+    bits = {"asr_outcomes": "0100", "asr": 0.25, "acc_clean": 0.8}
+    study = {"attack": {"asr_outcomes": "1110", "clean_outcomes": "1011"}}
+    study |= {"search": {"validity": {}}, "repairs": {"mesa": bits}}
+    (tmp_path / "results" / "rate-0.1").mkdir()
+    (tmp_path / "results" / "rate-0.1" / "bw-85.json").write_text(json.dumps(study))
+    record = {"repairs": {"mesa": bits}}
+    same = driver.paper_comparison("bw:85", record, {"asr": "1110", "clean": "1011"})
+    other = driver.paper_comparison("bw:85", record, {"asr": "1111", "clean": "1011"})
+    assert same["same_model"] and not other["same_model"]
