@@ -3,7 +3,8 @@
 The protocol is ``engine.paper_small`` (one clean `small` model fine-tuned with 1 % poisoning per
 trigger, the 3-beta search at 620 steps, repairs by mesa, point x 3 restarts, ideal and finetune,
 each paired with the others; on the subset also mesa-0.9, neural-cleanse, the recent defenses
-anp, i-bau, clp and ft-sam, and anp-acc10: ANP at the threshold the defender's accuracy allows).
+anp, i-bau, clp and ft-sam, and anp-acc10 and anp-bb10: ANP at the threshold the defender's
+accuracy allows, with the paper's mask lr and with BackdoorBench's).
 Each finished (trigger, rate) is written at once, whole, as ``RESULTS/rate-R/bw-ID.json`` with
 every repair's per-image held-out outcomes, the floor (the clean model's ASR for the trigger),
 the machine, precision, thread count and commit; a rerun skips what exists, so the study
@@ -17,7 +18,7 @@ Usage:
   python benchmarks/paper_study.py --triggers odd --rates main
   python benchmarks/paper_study.py --triggers subset --rates 0.01,0.1 --methods all
   python benchmarks/paper_study.py --triggers subset --rates 0.01,0.1 --methods anp,i-bau,clp,ft-sam
-  python benchmarks/paper_study.py --triggers subset --rates main --methods anp-acc10
+  python benchmarks/paper_study.py --triggers subset --rates main --methods anp-acc10,anp-bb10
 Options: --results DIR (docs/results/paper-small), --workdir DIR (kept between runs of a sitting:
 a killed run resumes its tasks from their checkpoints), --threads N, --quick (a tiny smoke run on
 a cut dataset, for tests). Progress goes to stderr; each written file's path to stdout.

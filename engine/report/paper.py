@@ -28,7 +28,7 @@ PAPER_ROW = {
     "ideal": "ideal",
 }
 METHOD_ORDER = ("mesa", "mesa-0.9", "point", "ideal", "finetune", "neural-cleanse", "anp",
-                "anp-acc10", "i-bau", "clp", "ft-sam")  # fmt: skip
+                "anp-acc10", "anp-bb10", "i-bau", "clp", "ft-sam")  # fmt: skip
 SCHEMAS = (1,)
 
 

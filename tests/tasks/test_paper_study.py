@@ -78,6 +78,9 @@ def test_anp_with_the_accuracy_budget_is_a_study_method_paired_with_the_others()
     assert method_list("anp,anp-acc10") == ["anp", "anp-acc10"]
     assert "anp-acc10" in method_list("all")
     assert METHOD_ORDER.index("anp") + 1 == METHOD_ORDER.index("anp-acc10")
+    ((_, bb),) = protocol.repair_overrides("anp-bb10", "M", "S", 0.1)
+    assert bb == {**low, "anp_lr": 0.01} and DefendSpec(**anp).anp_lr == 0.2  # only the mask lr
+    assert DefendSpec(**bb).anp_config().lr == 0.01 and "anp-bb10" in method_list("all")
 
 
 def test_the_resnet18_variant_is_the_same_protocol_at_the_papers_learning_rate():
