@@ -110,19 +110,42 @@ def sha256_of(path: Path) -> str:
     return sha256_file(path)
 
 
+def work_folder(workdir: Path, trigger: str) -> Path:
+    """One trigger's folder in the study's work folder (its attack, search and repairs)."""
+    return workdir / trigger.replace(":", "-")
+
+
+def paper_attack(
+    workdir: Path,
+    trigger: str,
+    clean: Path,
+    arch: str = "small",
+    quick: dict[str, Any] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+):
+    """The study's attack on ``trigger``: the committed clean model fine-tuned with 1 % poisoning,
+    kept in ``workdir`` (a later call with the same settings reuses it). Returns the task's result
+    and its seconds."""
+    overrides = protocol.attack_overrides(trigger, str(clean.resolve()), arch)
+    overrides.update(quick or {})
+    preset = protocol.settings(arch)[1]["preset"]
+    return run_task(
+        "train", overrides, work_folder(workdir, trigger) / "attack", preset, should_stop
+    )
+
+
 def attack_and_search(
     setup: Setup, trigger: str, clean: Path, partial: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """The attack (the clean model fine-tuned with 1 % poisoning) and the 3-beta search."""
-    base = setup.workdir / trigger.replace(":", "-")
+    base = work_folder(setup.workdir, trigger)
     partial = {} if partial is None else partial
-    overrides = protocol.attack_overrides(trigger, str(clean.resolve()), setup.arch)
-    if setup.quick:
-        overrides.update(setup.quick["attack"], dataset=setup.quick["dataset"])
-    preset = protocol.settings(setup.arch)[1]["preset"]
     log(f"{trigger}: attack (fine-tuning the clean {setup.arch} model, 1 % poisoning)")
     setup.task("start", "attack")
-    attack, attack_s = run_task("train", overrides, base / "attack", preset, setup.should_stop)
+    quick = setup.quick["attack"] | {"dataset": setup.quick["dataset"]} if setup.quick else None
+    attack, attack_s = paper_attack(
+        setup.workdir, trigger, clean, setup.arch, quick, setup.should_stop
+    )
     attack_metrics = {k: attack.metrics.get(f"eval/{k}") for k in ("acc_clean", "asr")}
     partial["attack"] = {**attack_metrics, "seconds": attack_s}
     setup.task("done", "attack")
@@ -147,8 +170,14 @@ def attack_and_search(
     }
 
 
-def repair_entry(result, seconds: float) -> dict[str, Any]:
-    outcomes = json.loads((Path(result.artifact) / "outcomes.json").read_text())["after"]
+def read_outcomes(result) -> dict[str, Any]:
+    """A repair's per-image held-out outcomes, ``before`` and ``after`` it."""
+    return json.loads((Path(result.artifact) / "outcomes.json").read_text())
+
+
+def repair_entry(result, seconds: float, outcomes: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A repair's record entry; ``outcomes``: its ``read_outcomes`` when the caller has them."""
+    outcomes = (outcomes or read_outcomes(result))["after"]
     m = result.metrics
     return {
         "acc_clean": m["eval/acc_clean"],

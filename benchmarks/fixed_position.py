@@ -58,6 +58,8 @@ from benchmarks._paper import (  # noqa: E402
     commit,
     log,
     machine,
+    paper_attack,
+    read_outcomes,
     repair_entry,
     run_task,
     same_model,
@@ -233,10 +235,10 @@ def repairs(model: str, search: str, seed: int, base: Path, methods, progress):
             base / f"rate-{RATE:g}" / method,
             "cpu-quick",
         )
-        entry = repair_entry(result, seconds)
+        outcomes = read_outcomes(result)
+        entry = repair_entry(result, seconds, outcomes)
         entry["asr_interval"] = wilson_entry(entry["asr_outcomes"])
-        if before is None:
-            before = json.loads((Path(result.artifact) / "outcomes.json").read_text())["before"]
+        before = before or outcomes["before"]
         if method in MESA_METHODS:
             entry["positions"] = result.extra.get("positions")
             entry["probes"] = result.extra.get("probes")  # absent: no probe mixed in
@@ -295,16 +297,11 @@ def paper_model(trigger: str) -> str:
     again there as the study attacks it (the committed clean model, the same settings and seed),
     so a fresh machine can run the check. The record's ``same_model`` says whether it scores the
     held-out images as the study's model did."""
-    from engine import paper_small as protocol
-
     clean = PAPER_RESULTS / "clean-model"
     if not (clean / "manifest.json").exists():
         raise UserError(f"no committed clean model at {clean}; give --paper-results")
-    overrides = protocol.attack_overrides(trigger, str(clean.resolve()))
-    preset = protocol.settings()[1]["preset"]
     log(f"paper {trigger}: the study's attack (kept, or run again as the study ran it)")
-    folder = PAPER_WORK / trigger.replace(":", "-") / "attack"
-    attack, _ = run_task("train", overrides, folder, preset)
+    attack, _ = paper_attack(PAPER_WORK, trigger, clean)
     return str(attack.artifact)
 
 

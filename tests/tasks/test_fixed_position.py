@@ -134,6 +134,7 @@ def test_the_paper_check_attacks_as_the_study_did_when_no_model_is_kept(tmp_path
     settings, on the committed clean model, in the study's folder layout) instead of stopping,
     and the comparison says whether the model scores the held-out images as the record's."""
     sys.path.insert(0, str(ROOT))
+    import benchmarks._paper as paper
     import benchmarks.fixed_position as driver
     from engine import paper_small as protocol
     from engine.reporter import TaskResult
@@ -144,11 +145,11 @@ def test_the_paper_check_attacks_as_the_study_did_when_no_model_is_kept(tmp_path
     monkeypatch.setattr(driver, "PAPER_WORK", tmp_path / "work")
     calls = []
 
-    def run_task(kind, overrides, folder, preset=None):
+    def run_task(kind, overrides, folder, preset=None, should_stop=None):
         calls.append((kind, overrides, folder, preset))
         return TaskResult(str(folder / "artifact"), {}, {}), 1.0
 
-    monkeypatch.setattr(driver, "run_task", run_task)
+    monkeypatch.setattr(paper, "run_task", run_task)  # the study's attack step runs it
     assert driver.paper_model("bw:85") == str(tmp_path / "work" / "bw-85" / "attack" / "artifact")
     clean = str((tmp_path / "results" / "clean-model").resolve())
     ((kind, overrides, folder, preset),) = calls
