@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any, ClassVar
 
 from textual import events
@@ -238,7 +239,7 @@ def create_app(
     return MesaApp(source, clock, **options)
 
 
-def app_for_store(db_url: str | None = None) -> App:
+def app_for_store(db_url: str | None = None, results: Sequence[Path] = ()) -> App:
     """The app over the store (``--db`` / ``MESA_TUI_DB`` / the default SQLite file), or, when the
     store cannot be used (damaged, unwritable, unreachable, another schema), the screen that
     says so in the CLI's words and exits with code 2."""
@@ -247,18 +248,19 @@ def app_for_store(db_url: str | None = None) -> App:
     from mesa_tui.source import open_store_source
 
     try:
-        return create_app(open_store_source(db_url), quiet_gc=True, config=AppConfig.load())
+        source = open_store_source(db_url, results)
+        return create_app(source, quiet_gc=True, config=AppConfig.load())
     except UserError as exc:
         return StoreErrorApp(str(exc))
 
 
-def run_app(db_url: str | None = None) -> int:
+def run_app(db_url: str | None = None, results: Sequence[Path] = ()) -> int:
     """Run the app; its exit code (2 after a store it could not use)."""
     import sys
 
     from mesa_tui.screens.store_error import StoreErrorApp
 
-    app = app_for_store(db_url)
+    app = app_for_store(db_url, results)
     app.run()
     if isinstance(app, StoreErrorApp):
         # The screen is gone with the app: the line stays in the terminal, as from a command.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import typer
 
@@ -18,6 +19,7 @@ from mesa_tui.commands import engine_control, jobs, paths, study, submit
 from mesa_tui.commands import model as model_cmd
 from mesa_tui.commands import report as report_cmd
 from mesa_tui.commands import run as run_cmd
+from mesa_tui.commands.common import cli_errors
 
 app = typer.Typer(
     name="mesa-tui",
@@ -41,19 +43,32 @@ report_cmd.register(app)
 
 
 @app.callback(invoke_without_command=True)
+@cli_errors
 def main_callback(
     ctx: typer.Context,
     db: str | None = typer.Option(
         None, "--db", envvar="MESA_TUI_DB", help="store URL (default: SQLite in the data home)"
     ),
+    results: list[Path] = typer.Option(
+        [],
+        "--results",
+        help="the app's study screen also lists this result folder of benchmarks/paper_study.py "
+        "(e.g. docs/results/paper-small), one entry per stamping rate; repeatable",
+    ),
 ) -> None:
     """Without a command, open the terminal app."""
     if db:
         os.environ["MESA_TUI_DB"] = db
+    if results and ctx.invoked_subcommand is not None:
+        from engine.errors import UserError
+
+        raise UserError(
+            "--results is for the app; give it without a command: mesa-tui --results DIR"
+        )
     if ctx.invoked_subcommand is None:
         from mesa_tui.commands.common import open_app
 
-        open_app()
+        open_app(results)
 
 
 def main() -> None:

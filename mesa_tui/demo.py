@@ -22,6 +22,7 @@ import numpy as np
 from mesa_tui.source import (
     HISTORY_POINTS,
     EngineStatus,
+    Grid,
     GridCell,
     JobQuery,
     JobRow,
@@ -109,7 +110,7 @@ class FakeSource:
         self._metrics: dict[int, list[MetricPoint]] = {}
         self._latest: dict[int, dict[str, float]] = {}
         self._logs: dict[int, list[LogEntry]] = {}
-        self._studies: dict[str, StudyGrid] = {}
+        self._studies: dict[str, Grid] = {}
         self._next_job = 1
         self._next_run = 1
         self._next_metric = 1
@@ -279,7 +280,7 @@ class FakeSource:
                 runs = self._runs[job_id]
                 runs[-1] = replace(runs[-1], status=changes["status"])
 
-    def add_study(self, grid: StudyGrid) -> None:
+    def add_study(self, grid: Grid) -> None:
         with self._lock:
             self._studies[grid.name] = grid
 
@@ -385,7 +386,7 @@ class FakeSource:
         with self._lock:
             return sorted(self._studies)
 
-    def study_summary(self, name: str) -> StudyGrid:
+    def study_summary(self, name: str) -> Grid:
         with self._lock:
             try:
                 return self._studies[name]

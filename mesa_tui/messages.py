@@ -13,10 +13,10 @@ from textual.message import Message
 
 from mesa_tui.source import (
     EngineStatus,
+    Grid,
     JobQuery,
     JobsPage,
     JobView,
-    StudyGrid,
     TriggerSamples,
 )
 from mesa_tui.widgets.series import MetricColumns
@@ -78,7 +78,7 @@ class SamplesLoaded(Message):
 
 @dataclass
 class StudyLoaded(Message):
-    summary: StudyGrid
+    summary: Grid
 
 
 @dataclass

@@ -338,9 +338,96 @@ class StudyGrid:
         values = self.column(method)
         return max(values) if values else None
 
+    def acc_clean(self, method: str) -> float | None:
+        """Clean accuracy after repair, the mean over the triggers that have one."""
+        return _mean([c.acc_clean for (_, m), c in self.cells.items() if m == method])
+
     @property
     def statistics_error(self) -> str | None:
         return (self.statistics or {}).get("error")
+
+
+@dataclass(frozen=True)
+class ResultsGrid:
+    """The study screen over one stamping rate of a result folder that
+    ``benchmarks/paper_study.py`` writes (``engine.report.paper.summary``, the numbers of
+    ``study show FOLDER``): the same questions as ``StudyGrid`` answers, no job behind a cell
+    (``record`` names the file a cell comes from)."""
+
+    folder: Path
+    rate: str
+    data: Mapping[str, Any]
+
+    @classmethod
+    def load(cls, folder: Path, rate: str) -> ResultsGrid:
+        from engine.report import paper
+
+        return cls(folder, rate, paper.summary(folder))
+
+    @property
+    def entry(self) -> Mapping[str, Any]:
+        return self.data["rates"][self.rate]
+
+    @property
+    def name(self) -> str:
+        return results_name(self.folder, self.rate, self.data["main_rate"])
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return tuple(self.entry.get("methods", {}))
+
+    @property
+    def triggers(self) -> tuple[str, ...]:
+        return tuple(self.entry["triggers"])
+
+    @cached_property
+    def cells(self) -> Mapping[tuple[str, str], GridCell]:
+        rows = self.entry.get("per_trigger", {})
+        return {
+            (t, m): GridCell(v.get("asr"), v.get("acc_clean"))
+            for t, row in rows.items()
+            for m, v in row["methods"].items()
+        }
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        dropped = self.entry.get("not_implanted", {}).get("triggers", [])
+        return (f"not implanted, left out of the means: {', '.join(dropped)}",) if dropped else ()
+
+    def record(self, trigger: str) -> Path:
+        return self.folder / f"rate-{self.rate}" / f"{trigger.replace(':', '-')}.json"
+
+    def paper_numbers(self, method: str) -> tuple[float | None, float | None] | None:
+        row = self.data["paper"].get(method)
+        return (row["mean"], row["worst"]) if row else None
+
+    def _method(self, method: str) -> Mapping[str, Any]:
+        return self.entry.get("methods", {}).get(method) or {}
+
+    def interval(self, method: str) -> tuple[float, float] | None:
+        mean = self._method(method).get("asr_mean")
+        return (mean["lo"], mean["hi"]) if mean else None
+
+    def mean(self, method: str) -> float | None:
+        return (self._method(method).get("asr_mean") or {}).get("mean")
+
+    def worst(self, method: str) -> float | None:
+        return (self._method(method).get("worst") or {}).get("asr")
+
+    def acc_clean(self, method: str) -> float | None:
+        return self._method(method).get("acc_clean_mean")
+
+    @property
+    def statistics_error(self) -> str | None:
+        return None if self.entry.get("methods") else "no MESA repair at this rate yet"
+
+
+Grid = StudyGrid | ResultsGrid  # what the study screen shows
+
+
+def results_name(folder: Path, rate: str, main_rate: float) -> str:
+    """A result folder's rate as the study screen lists it (spaces: no store study is named so)."""
+    return f"{folder.name} · rate {rate}{' (main)' if float(rate) == main_rate else ''}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,7 +462,7 @@ class DataSource(Protocol):
 
     def studies(self) -> list[str]: ...
 
-    def study_summary(self, name: str) -> StudyGrid: ...
+    def study_summary(self, name: str) -> Grid: ...
 
     def submit(self, kind: str, spec: Mapping[str, Any], study: str | None = None) -> list[int]:
         """Queue the job(s) of a validated spec; returns the new job ids."""
@@ -531,8 +618,9 @@ class StoreSource:
     Loss sparklines come from ``metric_tail`` (the last values by one indexed read), cached per job.
     """
 
-    def __init__(self, store: Any):
+    def __init__(self, store: Any, results: Sequence[Path] = ()):
         self.store = store
+        self.results = tuple(results)  # result folders of benchmarks/paper_study.py, read-only
         # job id -> (run id, key, status, value): a finished job's tail or range is read once
         self._loss: dict[int, tuple[int, str, str, Any]] = {}
         self._asr: dict[int, tuple[int, str, str, Any]] = {}
@@ -660,11 +748,26 @@ class StoreSource:
         return EngineStatus(tuple(self.store.engines(alive_only=True)))
 
     def studies(self) -> list[str]:
-        return [s.name for s in self.store.studies()]
+        return [s.name for s in self.store.studies()] + list(self._results_rates())
 
-    def study_summary(self, name: str) -> StudyGrid:
+    def _results_rates(self) -> dict[str, tuple[Path, str]]:
+        """Each rate of each result folder by its listed name (read again: a run adds rates)."""
+        from engine.report import paper
+
+        named = {}
+        for folder in self.results:
+            by_rate = paper.load_records(folder)
+            main = paper.main_rate(folder, by_rate)
+            for rate in sorted(by_rate):
+                named[results_name(folder, f"{rate:g}", main)] = (folder, f"{rate:g}")
+        return named
+
+    def study_summary(self, name: str) -> Grid:
         from engine.report.study_stats import study_statistics
 
+        if " · rate " in name:
+            folder, rate = self._results_rates()[name]
+            return ResultsGrid.load(folder, rate)
         summary = self.store.study_summary(name)
         return StudyGrid(summary, study_statistics(self.store, name))
 
@@ -774,12 +877,17 @@ class StoreSource:
     def export_report(self, kind: str, key: str | int) -> str:
         from engine.report import build_report, default_report_dir
 
+        if kind == "study" and str(key) in (rates := self._results_rates()):
+            folder = rates[str(key)][0]
+            out = default_report_dir(folder.name)
+            return build_report(None, str(folder), out, kind="results").report
         name = str(key) if kind == "study" else f"job-{key}"
         return build_report(self.store, str(key), default_report_dir(name), kind=kind).report
 
 
-def open_store_source(db_url: str | None = None) -> StoreSource:
-    """The store behind ``--db`` / ``MESA_TUI_DB`` / the default SQLite file, wrapped for the app."""
+def open_store_source(db_url: str | None = None, results: Sequence[Path] = ()) -> StoreSource:
+    """The store behind ``--db`` / ``MESA_TUI_DB`` / the default SQLite file, wrapped for the app,
+    with the result folders of ``--results`` beside its studies."""
     from store.repository import Store
 
-    return StoreSource(Store(db_url))
+    return StoreSource(Store(db_url), results)

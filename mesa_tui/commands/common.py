@@ -5,7 +5,8 @@ from __future__ import annotations
 import functools
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
@@ -60,9 +61,19 @@ def print_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
-def open_app() -> None:
+def open_app(results: Sequence[Path] = ()) -> None:
+    """The app; ``results``: result folders of benchmarks/paper_study.py for its study screen,
+    each checked here (one line and exit 2 for a folder that holds no results)."""
+    from engine.errors import UserError
+    from engine.report import paper
     from mesa_tui.app import run_app
 
-    code = run_app()
+    for folder in results:
+        if not paper.is_results_folder(folder):
+            raise UserError(
+                f"--results '{folder}' holds no rate-*/bw-*.json results; give a folder that "
+                "benchmarks/paper_study.py wrote, e.g. docs/results/paper-small"
+            )
+    code = run_app(results=results)
     if code:
         raise typer.Exit(code)

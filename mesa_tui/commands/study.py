@@ -282,7 +282,8 @@ def export(
 
 def show_results_folder(data: dict, json_output: bool) -> None:
     """The paper-figure study's result folder: per rate, each method's mean ASR with its bootstrap
-    interval, the worst trigger and the triggers left above 10 % (``report FOLDER`` has the rest)."""
+    interval, the worst trigger, the triggers left above 10 % and the clean accuracy after repair
+    (``report FOLDER`` has the rest)."""
     if json_output:
         print_json(data)
         return
@@ -291,21 +292,31 @@ def show_results_folder(data: dict, json_output: bool) -> None:
 
     from engine.report.paper import pct
 
+    def points(*values: float | None) -> str:  # percentages without the sign, for brackets
+        return ", ".join("–" if v is None else f"{100 * v:.1f}" for v in values)
+
+    def paper_cell(row: dict) -> str:
+        return f"{points(row['mean'], row['worst']).replace(', ', ' / ')} %" if row else "–"
+
     console = Console()
     for rate, entry in data["rates"].items():
         main = " (main)" if float(rate) == data["main_rate"] else ""
-        table = Table(box=None, header_style="bold", title=f"stamping rate {rate}{main}")
-        for column in ("method", "n", "mean asr [95 %]", "worst", "> 10 %", "paper mean/worst"):
-            table.add_column(column)
+        title = f"stamping rate {rate}{main}: ASR left after repair (mean, its 95 % interval, the"
+        title += " worst trigger, triggers above 10 %), clean accuracy, the paper's mean / worst"
+        table = Table(box=None, header_style="bold", title=title, padding=(0, 1, 0, 0))
+        for column in ("method", "n", "asr", "[95 %]", "worst", "at", ">10%", "acc", "paper"):
+            table.add_column(column, no_wrap=True)  # fits 80 columns with the longest names
         for method, m in entry.get("methods", {}).items():
             paper_row = data["paper"].get(method, {})
             table.add_row(
                 method,
                 str(m["n"]),
-                f"{pct(m['asr_mean']['mean'])} [{pct(m['asr_mean']['lo'])}, "
-                f"{pct(m['asr_mean']['hi'])}]",
-                f"{pct(m['worst']['asr'])} ({m['worst']['trigger']})",
+                pct(m["asr_mean"]["mean"]),
+                f"[{points(m['asr_mean']['lo'], m['asr_mean']['hi'])}]",
+                pct(m["worst"]["asr"]),
+                m["worst"]["trigger"],
                 str(m["above_threshold"]["count"]),
-                f"{pct(paper_row.get('mean'))} / {pct(paper_row.get('worst'))}",
+                pct(m["acc_clean_mean"]),  # a low ASR bought with accuracy is no repair
+                paper_cell(paper_row),
             )
         console.print(table)

@@ -12,7 +12,7 @@ from textual.widgets import DataTable, Footer, Select, Static
 
 from mesa_tui.messages import RequestDone, StudiesListed, StudyLoaded
 from mesa_tui.screens.base import SourceScreen
-from mesa_tui.source import StudyGrid
+from mesa_tui.source import Grid, ResultsGrid
 
 
 def asr_cell(value: float | None) -> Text:
@@ -37,6 +37,11 @@ def interval_cell(interval: tuple[float, float] | None) -> Text:
     return Text(f"{100 * lo:.1f}–{100 * hi:.1f}", justify="right")
 
 
+def accuracy_cell(value: float | None) -> Text:
+    """Clean accuracy in percent, uncoloured: a low ASR bought with it is no repair."""
+    return Text("–" if value is None else f"{100 * value:5.1f}", justify="right")
+
+
 class StudyScreen(SourceScreen):
     BINDINGS = [
         Binding("enter", "open", "open run"),
@@ -48,7 +53,7 @@ class StudyScreen(SourceScreen):
 
     def __init__(self) -> None:
         super().__init__(id="study")
-        self.summary: StudyGrid | None = None
+        self.summary: Grid | None = None
         self.sort_column: str | None = None
         self.sort_reverse = False
 
@@ -146,6 +151,7 @@ class StudyScreen(SourceScreen):
         if any(s.interval(m) for m in s.methods):
             summary.add_row("95% ci", *[interval_cell(s.interval(m)) for m in s.methods])
         summary.add_row("worst", *[asr_cell(s.worst(m)) for m in s.methods])
+        summary.add_row("clean acc", *[accuracy_cell(s.acc_clean(m)) for m in s.methods])
         paper = [s.paper_numbers(m) for m in s.methods]
         summary.add_row("paper mean", *[asr_cell(p[0] if p else None) for p in paper])
         summary.add_row("paper worst", *[asr_cell(p[1] if p else None) for p in paper])
@@ -182,7 +188,11 @@ class StudyScreen(SourceScreen):
         if self.summary is None or not table.row_count:
             return
         key = table.coordinate_to_cell_key(table.cursor_coordinate)
-        cell = self.summary.cells.get((str(key.row_key.value), str(key.column_key.value)))
+        trigger = str(key.row_key.value)
+        if isinstance(self.summary, ResultsGrid):  # a result folder: its file, not a job
+            self.notify(f"{trigger}: {self.summary.record(trigger)}; `mesa-tui report FOLDER`")
+            return
+        cell = self.summary.cells.get((trigger, str(key.column_key.value)))
         if cell is None or cell.job_id is None:
             self.notify("no run behind this cell; move to a method column", severity="warning")
             return

@@ -124,7 +124,11 @@ def test_study_show_reads_a_result_folder(folder):
     assert shown.exit_code == 0, shown.output
     assert json.loads(shown.output) == json.loads(json.dumps(paper.summary(folder)))
     table = CliRunner().invoke(app, ["study", "show", str(folder)])
-    assert "stamping rate 0.01 (main)" in table.output and "5.0 % [" in table.output
+    assert "stamping rate 0.01 (main)" in table.output
+    (mesa,) = [line.split() for line in table.output.splitlines() if line.startswith("mesa ")]
+    # n, mean, its interval, the worst and where, none above 10 %, 30 of 50 clean, the paper's
+    assert mesa[1:4] == ["3", "5.0", "%"] and mesa[6:9] == ["7.5", "%", "bw:85"]
+    assert mesa[9:] == ["0", "60.0", "%", "3.6", "/", "8.2", "%"]
 
 
 def gpu_result(tmp_path: Path, records: list[dict]) -> Path:
@@ -203,3 +207,23 @@ def test_the_report_of_a_result_folder_never_opens_the_store(folder, tmp_path, m
     assert (out / "report.md").exists() and broken.read_text() == "not SQLite"
     job = CliRunner().invoke(app, ["report", "1", "--out", str(tmp_path / "job")])
     assert job.exit_code == 2  # a job id still needs the store, and says so in one line
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--results", "{missing}"],  # no such folder
+        ["--results", "{empty}"],  # a folder without results
+        ["--results", "{folder}", "study", "list"],  # an app option given to a command
+    ],
+)
+def test_a_results_folder_the_app_cannot_show_is_refused_in_one_line(args, folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from mesa_tui.cli import app
+
+    (tmp_path / "empty").mkdir()
+    paths = {"missing": tmp_path / "missing", "empty": tmp_path / "empty", "folder": folder}
+    result = CliRunner().invoke(app, [a.format(**paths) for a in args])
+    assert result.exit_code == 2, result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and "--results" in result.stderr

@@ -361,9 +361,9 @@ async def test_study_sorts_and_opens_the_run(demo, clock):
         assert table.get_row_at(0)[0] == "bw:86"
         summary = study.query_one("#study-summary", DataTable)
         assert [summary.get_row_at(r)[0] for r in range(summary.row_count)] == [
-            "mean", "95% ci", "worst", "paper mean", "paper worst"
+            "mean", "95% ci", "worst", "clean acc", "paper mean", "paper worst"
         ]  # fmt: skip
-        assert summary.get_row_at(3)[1].plain.strip() == "2.4"
+        assert summary.get_row_at(4)[1].plain.strip() == "2.4"
         # The mean, its interval and the worst are the study's statistics (stats.summarize).
         statistics = demo.study_summary("mini").statistics
         for column, method in enumerate(demo.study_summary("mini").methods, start=1):

@@ -201,6 +201,63 @@ async def test_study_screen_over_the_store_shows_the_study_statistics(tmp_path):
             assert rows["worst"][column].plain.strip() == f"{100 * worst:.1f}"
 
 
+async def test_study_screen_lists_each_rate_of_a_result_folder_with_its_statistics(tmp_path):
+    """A result folder of benchmarks/paper_study.py (``--results``) is listed beside the store's
+    studies, one entry per stamping rate; its screen shows `study show FOLDER`'s numbers, clean
+    accuracy included, and its export writes the folder's report."""
+    import json
+    from pathlib import Path
+
+    from textual.widgets import DataTable, Select
+
+    from engine.report import paper
+    from mesa_tui.screens.study import StudyScreen
+    from tests.engine.test_paper_report import record
+
+    folder = tmp_path / "paper-small"
+    for rate, records in {
+        "0.1": [record("bw:0", 40, 2, (4, 6, 8)), record("bw:85", 39, 3, (20, 10, 12))],
+        "0.01": [record("bw:0", 40, 9, (30, 20, 10))],
+    }.items():
+        (folder / f"rate-{rate}").mkdir(parents=True)
+        for r in records:
+            r["rate"] = float(rate)
+            (folder / f"rate-{rate}" / f"{r['trigger'].replace(':', '-')}.json").write_text(
+                json.dumps(r)
+            )
+    (folder / "rate.json").write_text(json.dumps({"rate": 0.1}))
+    source = open_store_source(results=[folder])
+    main, other = "paper-small · rate 0.1 (main)", "paper-small · rate 0.01"
+    assert source.studies() == [other, main]  # no store study here
+    expected = paper.summary(folder)["rates"]["0.1"]["methods"]
+    app = make_store_app(source)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(pilot)
+        await pilot.press("s")
+        await settle(pilot)
+        assert isinstance(app.screen, StudyScreen)
+        app.screen.query_one("#study-name", Select).value = main
+        await settle(pilot)
+        grid = app.screen.summary
+        assert grid is not None and grid.name == main and grid.triggers == ("bw:0", "bw:85")
+        table = app.screen.query_one("#study-summary", DataTable)
+        rows = {table.get_row_at(r)[0]: table.get_row_at(r)[1:] for r in range(table.row_count)}
+        assert grid.methods == ("mesa", "point", "ideal", "finetune")
+        for column, method in enumerate(grid.methods):
+            found = expected[method]
+            mean, worst = found["asr_mean"], found["worst"]["asr"]
+            assert rows["mean"][column].plain.strip() == f"{100 * mean['mean']:.1f}"
+            assert rows["95% ci"][column].plain.strip() == (
+                f"{100 * mean['lo']:.1f}–{100 * mean['hi']:.1f}"
+            )
+            assert rows["worst"][column].plain.strip() == f"{100 * worst:.1f}"
+            assert rows["clean acc"][column].plain.strip() == "60.0"  # 30 of 50 in every record
+        grid_table = app.screen.query_one("#study-table", DataTable)
+        assert grid_table.get_row("bw:85")[1].plain.strip() == "7.5"  # mesa: 3 of 40
+    report = Path(source.export_report("study", main))
+    assert report.name == "report.md" and "2 of 51 triggers finished" in report.read_text()
+
+
 def test_the_method_column_is_the_label_before_its_trigger_else_the_spec_method():
     from mesa_tui.source import label_method
 
