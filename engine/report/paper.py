@@ -335,10 +335,7 @@ def _tests(w: Any, entry: dict[str, Any]) -> None:
     for method, test in entry["wilcoxon"].items():
         if test.get("p") is None:
             continue
-        lines.append(
-            f"- MESA vs {method}: median per-trigger difference {pct(test.get('median_diff'))}, "
-            f"Wilcoxon signed-rank p = {test['p']:.3g} over {test['n']} triggers"
-        )
+        lines.append(f"- {versus_line(method, test)}")
     removed = entry["finetune_removes"]
     dropped = entry["not_implanted"]
     lines.append(
@@ -373,6 +370,16 @@ def n_of(entry: dict[str, Any]) -> int:
 def _paper(paper: dict, method: str) -> list[float | None]:
     row = paper.get(method, {})
     return [row.get("mean"), row.get("worst")]
+
+
+def versus_line(method: str, test: dict[str, Any]) -> str:
+    """MESA against ``method`` over the triggers: where the paired per-trigger interval excludes
+    zero each way, the median difference and the signed-rank test."""
+    return (
+        f"MESA vs {method}: lower on {test['lower']} and higher on {test['higher']} of "
+        f"{test['n']} triggers (paired 95 % interval excluding zero), median difference "
+        f"{pct(test.get('median_diff'))}, Wilcoxon signed-rank p = {test['p']:.2g}"
+    )
 
 
 def pct(value: float | None) -> str:

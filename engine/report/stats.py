@@ -377,11 +377,24 @@ def _worst(names: list[str], asr: Sequence[float] | np.ndarray) -> dict[str, Any
 
 
 def _rank_test(method: str, rows: Mapping[str, Any], used: Sequence[_Trigger]) -> dict[str, Any]:
-    """Wilcoxon signed-rank test of the per-trigger differences reference - ``method``."""
-    versus = [rows[t.name]["versus_reference"] for t in used]
-    d = [v[method]["diff"] for v in versus if method in v]
+    """Wilcoxon signed-rank test of the per-trigger differences reference - ``method``, and the
+    triggers whose paired interval lies wholly below zero (``lower``: the reference left less)
+    or wholly above it (``higher``)."""
+    found = (rows[t.name]["versus_reference"].get(method) for t in used)
+    compared = [v for v in found if v is not None]
+    d = [v["diff"] for v in compared]
+    counts = {
+        "lower": sum(v["hi"] < 0 for v in compared),
+        "higher": sum(v["lo"] > 0 for v in compared),
+    }
     if not d:
-        return {"n": 0, "mean_diff": None, "median_diff": None, "statistic": None, "p": None}
+        return {
+            "n": 0,
+            "mean_diff": None,
+            "median_diff": None,
+            "statistic": None,
+            "p": None,
+        } | counts
     statistic, p = wilcoxon(d)
     return {
         "n": len(d),
@@ -389,7 +402,7 @@ def _rank_test(method: str, rows: Mapping[str, Any], used: Sequence[_Trigger]) -
         "median_diff": float(np.median(d)),
         "statistic": statistic,
         "p": p,
-    }
+    } | counts
 
 
 def _removed(t: _Trigger, method: str, threshold: float) -> bool:

@@ -5,10 +5,14 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from mesa_tui.commands.common import cli_errors, print_json
+
+if TYPE_CHECKING:
+    from rich.console import Group
 
 app = typer.Typer(
     help="Studies: pipelines from a template, summarised like the paper.", no_args_is_help=True
@@ -280,6 +284,27 @@ def export(
         typer.echo(text, nl=False)
 
 
+def versus_table(tests: dict) -> Group:
+    """MESA against each method over the triggers (``stats.summarize``'s ``wilcoxon``)."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    from engine.report.paper import pct
+
+    title = "MESA minus each method, paired per trigger: the triggers where the difference's"
+    title += " 95 % interval lies below zero (lower) or above it (higher), its median over the"
+    title += " triggers and the signed-rank test"
+    table = Table(box=None, header_style="bold", padding=(0, 1, 0, 0))
+    for column in ("versus", "n", "lower", "higher", "median", "Wilcoxon p"):
+        table.add_column(column, no_wrap=True)
+    for method, test in tests.items():
+        if test.get("p") is not None:
+            row = (test["n"], test["lower"], test["higher"], pct(test["median_diff"]))
+            table.add_row(method, *map(str, row), f"{test['p']:.2g}")
+    return Group(Text(title, style="italic"), table)  # a title that wraps at the terminal's width
+
+
 def show_results_folder(data: dict, json_output: bool) -> None:
     """The paper-figure study's result folder: per rate, each method's mean ASR with its bootstrap
     interval, the worst trigger, the triggers left above 10 % and the clean accuracy after repair
@@ -320,3 +345,4 @@ def show_results_folder(data: dict, json_output: bool) -> None:
                 paper_cell(paper_row),
             )
         console.print(table)
+        console.print(versus_table(entry.get("wilcoxon", {})))

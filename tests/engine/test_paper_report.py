@@ -129,6 +129,13 @@ def test_study_show_reads_a_result_folder(folder):
     # n, mean, its interval, the worst and where, none above 10 %, 30 of 50 clean, the paper's
     assert mesa[1:4] == ["3", "5.0", "%"] and mesa[6:9] == ["7.5", "%", "bw:85"]
     assert mesa[9:] == ["0", "60.0", "%", "3.6", "/", "8.2", "%"]
+    # MESA against point over the triggers: the second table's row, from the summary's test
+    test = paper.summary(folder)["rates"]["0.01"]["wilcoxon"]["point"]
+    versus = [line.split() for line in table.output.splitlines() if line.startswith("point ")][-1]
+    assert (
+        versus[1:4] == [str(test["n"]), str(test["lower"]), str(test["higher"])] == ["3", "2", "0"]
+    )
+    assert versus[6] == f"{test['p']:.2g}"
 
 
 def gpu_result(tmp_path: Path, records: list[dict]) -> Path:

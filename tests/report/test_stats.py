@@ -497,6 +497,10 @@ def test_summarize_wilcoxon_across_triggers_matches_scipy():
         assert got["statistic"] == pytest.approx(expected.statistic, rel=1e-12)
         assert got["p"] == pytest.approx(expected.pvalue, rel=1e-9)
         assert got["mean_diff"] == pytest.approx(np.mean(d), rel=1e-12)
+        # the triggers where the paired interval excludes zero, each way
+        assert got["lower"] == sum(v[method]["hi"] < 0 for v in versus if method in v)
+        assert got["higher"] == sum(v[method]["lo"] > 0 for v in versus if method in v)
+    assert table["wilcoxon"]["finetune"]["lower"] > 0  # finetune leaves more on some triggers
     assert "mesa" not in table["wilcoxon"]
 
 
@@ -511,6 +515,8 @@ def test_summarize_zero_differences():
         "median_diff": 0.0,
         "statistic": 0.0,
         "p": 1.0,
+        "lower": 0,
+        "higher": 0,
     }
     for name in (r["trigger"] for r in records[:-1]):
         versus = table["per_trigger"][name]["versus_reference"]["ideal"]
