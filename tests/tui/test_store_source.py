@@ -165,10 +165,26 @@ def test_rows_show_the_jobs_own_trigger_and_target_never_one_in_their_label(stor
     assert rows[by_path].method == "finetune"  # its label's bw:7 is not its trigger
 
 
+def summary_rows(screen) -> dict:
+    """The study screen's summary table: its rows by their first cell."""
+    from textual.widgets import DataTable
+
+    table = screen.query_one("#study-summary", DataTable)
+    return {table.get_row_at(r)[0]: table.get_row_at(r)[1:] for r in range(table.row_count)}
+
+
+def assert_statistics(rows: dict, column: int, found: dict) -> None:
+    """A method's column shows its mean, 95 % interval and worst as the statistics have them."""
+    mean, worst = found["asr_mean"], found["worst"]["asr"]
+    assert rows["mean"][column].plain.strip() == f"{100 * mean['mean']:.1f}"
+    interval = f"{100 * mean['lo']:.1f}–{100 * mean['hi']:.1f}"
+    assert rows["95% ci"][column].plain.strip() == interval
+    assert rows["worst"][column].plain.strip() == f"{100 * worst:.1f}"
+
+
 async def test_study_screen_over_the_store_shows_the_study_statistics(tmp_path):
     """The study screen over the real store: the mean, its 95 % interval and the worst of each
     method are the statistics `study show` prints (engine.report.study_stats), read in a worker."""
-    from textual.widgets import DataTable
 
     from engine.report.study_stats import study_statistics
     from mesa_tui.screens.study import StudyScreen
@@ -186,19 +202,13 @@ async def test_study_screen_over_the_store_shows_the_study_statistics(tmp_path):
         await pilot.press("s")
         await settle(pilot)
         assert isinstance(app.screen, StudyScreen)
-        table = app.screen.query_one("#study-summary", DataTable)
-        rows = {table.get_row_at(r)[0]: table.get_row_at(r)[1:] for r in range(table.row_count)}
+        rows = summary_rows(app.screen)
         for column, method in enumerate(summary.methods):
             found = statistics["methods"].get(method)
             if found is None:  # before repair: no statistics, the attacks' own (none here)
                 assert rows["95% ci"][column].plain.strip() == "–"
                 continue
-            mean, worst = found["asr_mean"], found["worst"]["asr"]
-            assert rows["mean"][column].plain.strip() == f"{100 * mean['mean']:.1f}"
-            assert rows["95% ci"][column].plain.strip() == (
-                f"{100 * mean['lo']:.1f}–{100 * mean['hi']:.1f}"
-            )
-            assert rows["worst"][column].plain.strip() == f"{100 * worst:.1f}"
+            assert_statistics(rows, column, found)
 
 
 async def test_study_screen_lists_each_rate_of_a_result_folder_with_its_statistics(tmp_path):
@@ -240,17 +250,10 @@ async def test_study_screen_lists_each_rate_of_a_result_folder_with_its_statisti
         await settle(pilot)
         grid = app.screen.summary
         assert grid is not None and grid.name == main and grid.triggers == ("bw:0", "bw:85")
-        table = app.screen.query_one("#study-summary", DataTable)
-        rows = {table.get_row_at(r)[0]: table.get_row_at(r)[1:] for r in range(table.row_count)}
+        rows = summary_rows(app.screen)
         assert grid.methods == ("mesa", "point", "ideal", "finetune")
         for column, method in enumerate(grid.methods):
-            found = expected[method]
-            mean, worst = found["asr_mean"], found["worst"]["asr"]
-            assert rows["mean"][column].plain.strip() == f"{100 * mean['mean']:.1f}"
-            assert rows["95% ci"][column].plain.strip() == (
-                f"{100 * mean['lo']:.1f}–{100 * mean['hi']:.1f}"
-            )
-            assert rows["worst"][column].plain.strip() == f"{100 * worst:.1f}"
+            assert_statistics(rows, column, expected[method])
             assert rows["clean acc"][column].plain.strip() == "60.0"  # 30 of 50 in every record
         grid_table = app.screen.query_one("#study-table", DataTable)
         assert grid_table.get_row("bw:85")[1].plain.strip() == "7.5"  # mesa: 3 of 40
