@@ -522,10 +522,31 @@ def false_positives(results: Path) -> str:
     from engine.report.stats import wilson
 
     low, high = wilson(flagged, len(clean))
+    wrong, classes = wrong_classes(results)
+    low_c, high_c = wilson(wrong, classes)
     return (
         f"Clean models flagged by detection: {flagged} of {len(clean)} "
-        f"(95 % Wilson interval {pct(low)}-{pct(high)} %).\n"
+        f"(95 % Wilson interval {pct(low)}-{pct(high)} %). Per class, counting every class of "
+        f"a clean model and every class but the target of an attacked one: {wrong} of {classes} "
+        f"flagged ({pct(low_c)}-{pct(high_c)} %).\n"
     )
+
+
+def wrong_classes(results: Path) -> tuple[int, int]:
+    """(classes flagged that hold no backdoor, classes detection judged that hold none) over the
+    finished units: every class of a clean model, every class but the target of an attacked one
+    (the paper check's models included)."""
+    wrong = judged = 0
+    for path in sorted(results.glob("*.json")):
+        record = json.loads(path.read_text())
+        if path.name.endswith(".partial.json") or "detection" not in record:
+            continue
+        innocent = set(record["detection"]["scores"]) - (
+            set() if record.get("kind") == "clean" else {str(TARGET)}
+        )
+        wrong += len(innocent & {str(c) for c in record["detection"]["flagged"]})
+        judged += len(innocent)
+    return wrong, judged
 
 
 def readme(results: Path) -> str:

@@ -47,6 +47,27 @@ def test_the_units_answer_the_main_question_first():
     )
 
 
+def test_false_positives_count_every_class_that_holds_no_backdoor(tmp_path):
+    """A clean model's every class, an attacked model's every class but the target; a partial
+    record does not count."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.fixed_position import false_positives, wrong_classes
+
+    scores = {str(c): 0.0 for c in range(10)}
+    records = {
+        "clean-s0": {"kind": "clean", "false_positive": True, "flagged": [3]},
+        "bw-0_corner_s0": {"kind": "attack", "flagged": [0, 5]},  # 0, the target, is right
+        "bw-85_corner_s0.partial": {"kind": "attack", "flagged": [1, 2]},
+    }
+    for name, r in records.items():
+        r["detection"] = {"flagged": r.pop("flagged"), "scores": scores}
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+    assert wrong_classes(tmp_path) == (2, 10 + 9)
+    assert "1 of 1 (95 % Wilson" in false_positives(
+        tmp_path
+    ) and "2 of 19 flagged" in false_positives(tmp_path)
+
+
 def test_a_rerun_adds_a_missing_method_to_a_finished_unit_and_redoes_nothing(tmp_path, monkeypatch):
     """A finished unit recorded before ``mesa-probes`` and ``ideal`` existed: the rerun repairs
     with those alone on the kept model and search, keeps the recorded repairs, pairs the new
