@@ -528,7 +528,8 @@ def false_positives(results: Path) -> str:
         f"Clean models flagged by detection: {flagged} of {len(clean)} "
         f"(95 % Wilson interval {pct(low)}-{pct(high)} %). Per class, counting every class of "
         f"a clean model and every class but the target of an attacked one: {wrong} of {classes} "
-        f"flagged ({pct(low_c)}-{pct(high_c)} %).\n"
+        f"flagged ({pct(low_c)}-{pct(high_c)} %, optimistic: the classes of one model are not "
+        "independent draws).\n"
     )
 
 
