@@ -16,8 +16,9 @@ Units, in the order they answer the main question (``--units all``):
    as in that study: one seed, so
    every repair sees the same batches, the same stamped images and the same held-out images;
    each with its ASR, a 95 % Wilson interval and the per-image held-out outcomes.
-2. ``clean-s0..2``: models trained without poisoning; detection must flag nothing (the
-   false-positive rate is the share of clean seeds with a flagged class).
+2. ``clean-s0..2`` (and ``clean-s3..7`` after the second seeds): models trained without
+   poisoning; detection must flag nothing (the false-positive rate is the share of clean seeds
+   with a flagged class; per class, the share of classes without a backdoor that are flagged).
 3. ``paper-bw-ID`` (``--units paper``): the random-position check on the paper study's model
    for that trigger (kept in its work folder, ``--paper-work``, or attacked there again as the
    study did): detection and the ``learned`` search + MESA repairs (mesa, mesa-probes) at 0.1,
@@ -80,6 +81,9 @@ TRIGGERS = ("square:white", "bw:0", "bw:85")
 PLACEMENTS = ("corner", "at:8,8")
 SEEDS = (0, 1)
 CLEAN_SEEDS = (0, 1, 2)
+# More clean seeds after the second attack seeds: each tightens the per-model false-positive
+# interval (0 of 3 still allows 56 %; 0 of 8 allows 32 %), and costs an attack and a detection.
+MORE_CLEAN_SEEDS = (3, 4, 5, 6, 7)
 # ``mesa``: MESA's repair as first measured, its generators' samples alone (probe_share 0);
 # ``mesa-probes``: with the position scan's valid probes mixed in at the default share;
 # ``ideal``: the oracle floor, the true trigger stamped where the attack stamped.
@@ -119,7 +123,7 @@ def attack_name(trigger: str, placement: str, seed: int) -> str:
 
 def attack_units() -> list[dict[str, Any]]:
     """Seed 0 of every attack first (white corner, bw corner, then off-corner), then the clean
-    seeds, then the second seeds."""
+    seeds, then the second seeds, then more clean seeds."""
     units = []
     first = [(t, p) for p in PLACEMENTS for t in TRIGGERS]
     for t, p in first:
@@ -129,6 +133,8 @@ def attack_units() -> list[dict[str, Any]]:
     for seed in SEEDS[1:]:
         for t, p in first:
             units.append({"kind": "attack", "trigger": t, "placement": p, "seed": seed})
+    for s in MORE_CLEAN_SEEDS:
+        units.append({"kind": "clean", "seed": s})
     for u in units:
         u["name"] = (
             f"clean-s{u['seed']}"

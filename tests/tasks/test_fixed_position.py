@@ -39,7 +39,9 @@ def test_the_units_answer_the_main_question_first():
         "bw-0_at8-8_s0",
         "bw-85_at8-8_s0",
     ]
-    assert names[6:9] == ["clean-s0", "clean-s1", "clean-s2"] and len(names) == 15
+    assert names[6:9] == ["clean-s0", "clean-s1", "clean-s2"] and len(names) == 20
+    assert names[9:15] == [n.replace("_s0", "_s1") for n in names[:6]]  # the second seeds
+    assert names[15:] == [f"clean-s{s}" for s in range(3, 8)]  # then more clean seeds
     assert paired("1100", "1010") == {"both": 1, "only_first": 1, "only_second": 1, "neither": 1}
     entry = wilson_entry("0001")
     assert (
