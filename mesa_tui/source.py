@@ -378,7 +378,11 @@ class ResultsGrid:
 
     @property
     def triggers(self) -> tuple[str, ...]:
-        return tuple(self.entry["triggers"])
+        def by_id(name: str) -> tuple[str, int]:  # bw:2 before bw:10
+            family, _, number = name.partition(":")
+            return (family, int(number)) if number.isdigit() else (name, -1)
+
+        return tuple(sorted(self.entry["triggers"], key=by_id))
 
     @cached_property
     def cells(self) -> Mapping[tuple[str, str], GridCell]:

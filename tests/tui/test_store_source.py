@@ -226,8 +226,9 @@ async def test_study_screen_lists_each_rate_of_a_result_folder_with_its_statisti
 
     folder = tmp_path / "paper-small"
     for rate, records in {
-        "0.1": [record("bw:0", 40, 2, (4, 6, 8)), record("bw:85", 39, 3, (20, 10, 12))],
+        "0.1": [record("bw:85", 39, 3, (20, 10, 12)), record("bw:0", 40, 2, (4, 6, 8))],
         "0.01": [record("bw:0", 40, 9, (30, 20, 10))],
+        "0.05": [record(f"bw:{i}", 40, 1, (1, 1, 1)) for i in (10, 2, 170)],
     }.items():
         (folder / f"rate-{rate}").mkdir(parents=True)
         for r in records:
@@ -238,7 +239,9 @@ async def test_study_screen_lists_each_rate_of_a_result_folder_with_its_statisti
     (folder / "rate.json").write_text(json.dumps({"rate": 0.1}))
     source = open_store_source(results=[folder])
     main, other = "paper-small · rate 0.1 (main)", "paper-small · rate 0.01"
-    assert source.studies() == [other, main]  # no store study here
+    assert source.studies() == [other, "paper-small · rate 0.05", main]  # no store study here
+    ordered = source.study_summary("paper-small · rate 0.05").triggers
+    assert ordered == ("bw:2", "bw:10", "bw:170")  # by id, not as text
     expected = paper.summary(folder)["rates"]["0.1"]["methods"]
     app = make_store_app(source)
     async with app.run_test(size=(100, 30)) as pilot:
