@@ -338,6 +338,13 @@ class StudyGrid:
         values = self.column(method)
         return max(values) if values else None
 
+    def detail(self, trigger: str, method: str) -> str | None:
+        """The statistics' line on a cell (one seed per trigger; with several, the rows are
+        per seed and the grid's cells their mean, so there is none)."""
+        statistics = self.statistics or {}
+        row = statistics.get("per_trigger", {}).get(trigger)
+        return cell_detail(row, method, statistics.get("reference", "mesa"))
+
     def acc_clean(self, method: str) -> float | None:
         """Clean accuracy after repair, the mean over the triggers that have one."""
         return _mean([c.acc_clean for (_, m), c in self.cells.items() if m == method])
@@ -345,6 +352,39 @@ class StudyGrid:
     @property
     def statistics_error(self) -> str | None:
         return (self.statistics or {}).get("error")
+
+
+def cell_detail(row: Mapping[str, Any] | None, method: str, reference: str) -> str | None:
+    """One line on a trigger x method cell from ``stats.summarize``'s per-trigger row: the ASR
+    with its interval (point: its restarts' range), clean accuracy, the paired difference of
+    ``reference`` (MESA) minus it with its interval and McNemar's p, and the ASR before repair
+    (alone for a method the row lacks, such as the grid's trigger column); None without a row."""
+    if not row:
+        return None
+
+    def pts(v: float) -> str:
+        return f"{100 * v:.1f}"
+
+    before = f"before repair {pts(row['attack_asr'])} %" if row.get("attack_asr") else None
+    found = row.get("methods", {}).get(method)
+    if not found:
+        return before
+    if "spread" in found:
+        lo, hi = found["spread"]
+        spread = f"{found['restarts']} restarts {pts(lo)}–{pts(hi)}"
+    else:
+        spread = f"95 % {pts(found['lo'])}–{pts(found['hi'])}, {found['n']} images"
+    parts = [f"{method} {pts(found['asr'])} % ({spread})"]
+    if found.get("acc_clean") is not None:
+        parts.append(f"clean acc {pts(found['acc_clean'])} %")
+    versus = row.get("versus_reference", {}).get(method)
+    if versus:
+        test = f", McNemar p {versus['p_mcnemar']:.2g}" if "p_mcnemar" in versus else ""
+        parts.append(
+            f"{reference} minus {method} {pts(versus['diff'])} points "
+            f"[{pts(versus['lo'])}, {pts(versus['hi'])}]{test}"
+        )
+    return " · ".join(parts + ([before] if before else []))
 
 
 @dataclass(frozen=True)
@@ -397,6 +437,10 @@ class ResultsGrid:
     def notes(self) -> tuple[str, ...]:
         dropped = self.entry.get("not_implanted", {}).get("triggers", [])
         return (f"not implanted, left out of the means: {', '.join(dropped)}",) if dropped else ()
+
+    def detail(self, trigger: str, method: str) -> str | None:
+        row = self.entry.get("per_trigger", {}).get(trigger)
+        return cell_detail(row, method, self.entry.get("reference", "mesa"))
 
     def record(self, trigger: str) -> Path:
         return self.folder / f"rate-{self.rate}" / f"{trigger.replace(':', '-')}.json"

@@ -63,6 +63,7 @@ class StudyScreen(SourceScreen):
         )
         yield Select([], prompt="choose a study", id="study-name")
         yield DataTable(id="study-table", cursor_type="cell", zebra_stripes=False)
+        yield Static("", id="study-detail", markup=False)
         yield DataTable(id="study-summary", cursor_type="none", zebra_stripes=True)
         yield Footer()
 
@@ -178,6 +179,19 @@ class StudyScreen(SourceScreen):
         else:
             self.sort_column, self.sort_reverse = column, False
         self._apply_sort()
+
+    @on(DataTable.CellHighlighted, "#study-table")
+    def _cell_highlighted(self, event: DataTable.CellHighlighted) -> None:
+        """The cell under the cursor in one line: its interval and the paired difference."""
+        detail = None
+        if self.summary is not None:
+            trigger, method = (
+                str(event.cell_key.row_key.value),
+                str(event.cell_key.column_key.value),
+            )
+            line = self.summary.detail(trigger, method)
+            detail = f"{trigger} · {line}" if line else trigger
+        self.query_one("#study-detail", Static).update(detail or "")
 
     @on(DataTable.CellSelected, "#study-table")
     def _cell_selected(self) -> None:

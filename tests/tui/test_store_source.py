@@ -184,7 +184,9 @@ def assert_statistics(rows: dict, column: int, found: dict) -> None:
 
 async def test_study_screen_over_the_store_shows_the_study_statistics(tmp_path):
     """The study screen over the real store: the mean, its 95 % interval and the worst of each
-    method are the statistics `study show` prints (engine.report.study_stats), read in a worker."""
+    method are the statistics `study show` prints (engine.report.study_stats), read in a worker;
+    the cell under the cursor gets its line with the paired difference to MESA."""
+    from textual.widgets import DataTable, Static
 
     from engine.report.study_stats import study_statistics
     from mesa_tui.screens.study import StudyScreen
@@ -209,6 +211,14 @@ async def test_study_screen_over_the_store_shows_the_study_statistics(tmp_path):
                 assert rows["95% ci"][column].plain.strip() == "–"
                 continue
             assert_statistics(rows, column, found)
+        grid_table = app.screen.query_one("#study-table", DataTable)
+        trigger = summary.triggers[0]
+        grid_table.move_cursor(row=0, column=1 + summary.methods.index("point"))
+        await pilot.pause()
+        detail = str(app.screen.query_one("#study-detail", Static).render())
+        versus = statistics["per_trigger"][trigger]["versus_reference"]["point"]
+        assert detail.startswith(f"{trigger} · point ") and "restarts" in detail
+        assert f"mesa minus point {100 * versus['diff']:.1f} points" in detail
 
 
 async def test_study_screen_lists_each_rate_of_a_result_folder_with_its_statistics(tmp_path):
@@ -218,7 +228,7 @@ async def test_study_screen_lists_each_rate_of_a_result_folder_with_its_statisti
     import json
     from pathlib import Path
 
-    from textual.widgets import DataTable, Select
+    from textual.widgets import DataTable, Select, Static
 
     from engine.report import paper
     from mesa_tui.screens.study import StudyScreen
@@ -260,6 +270,14 @@ async def test_study_screen_lists_each_rate_of_a_result_folder_with_its_statisti
             assert rows["clean acc"][column].plain.strip() == "60.0"  # 30 of 50 in every record
         grid_table = app.screen.query_one("#study-table", DataTable)
         assert grid_table.get_row("bw:85")[1].plain.strip() == "7.5"  # mesa: 3 of 40
+        # the cell under the cursor in one line: its restarts' range and the paired difference
+        grid_table.move_cursor(row=grid_table.get_row_index("bw:85"), column=2)
+        await pilot.pause()
+        versus = paper.summary(folder)["rates"]["0.1"]["per_trigger"]["bw:85"]["versus_reference"]
+        lo, hi = (f"{100 * versus['point'][k]:.1f}" for k in ("lo", "hi"))
+        detail = str(app.screen.query_one("#study-detail", Static).render())
+        assert detail.startswith("bw:85 · point 35.0 % (3 restarts 25.0–50.0)")
+        assert f"mesa minus point -27.5 points [{lo}, {hi}]" in detail
     report = Path(source.export_report("study", main))
     assert report.name == "report.md" and "2 of 51 triggers finished" in report.read_text()
 
