@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from engine.report.collect import Series, to_rgb
 DPI = 100
 COLORS = (
     "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-    "#bcbd22", "#17becf",
+    "#bcbd22", "#17becf", "#393b79", "#637939",
 )  # fmt: skip
 # The paper's figure: pixels per trigger along x, and its fixed margins.
 TRIGGER_PX = 36
@@ -59,11 +60,13 @@ def asr_by_trigger(
     sorted_by: str | None,
     title: str,
     intervals: Mapping[str, Sequence[tuple[float, float] | None]] | None = None,
+    colors: Mapping[str, int] | None = None,
 ) -> tuple[int, int]:
     """The paper's figure: ASR after repair per trigger (x, with each pattern drawn under its
     tick), one line per method, triggers sorted by the ``sorted_by`` method's ASR. ``intervals``
     (per method, per trigger: (low, high) or None) are drawn as error bars, each method's
-    shifted a little along x so that they do not hide each other."""
+    shifted a little along x so that they do not hide each other. ``colors``: each method's
+    colour index (so that it keeps its colour across figures; default, its place in ``lines``)."""
     from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 
     width, height = trigger_figure_size(len(triggers))
@@ -76,11 +79,10 @@ def asr_by_trigger(
         y = np.asarray([np.nan if v is None else 100 * v for v in values], dtype=np.float64)
         bars = (intervals or {}).get(method)
         shifted = x + (0.08 * (i - (len(lines) - 1) / 2) if intervals else 0.0)
-        ax.plot(
-            shifted, y, marker="o", markersize=3, linewidth=1.2, color=color_of(i), label=method
-        )
+        color = color_of((colors or {}).get(method, i))
+        ax.plot(shifted, y, marker="o", markersize=3, linewidth=1.2, color=color, label=method)
         if bars:
-            _error_bars(ax, shifted, y, bars, color_of(i))
+            _error_bars(ax, shifted, y, bars, color)
     ax.set_xlim(-0.7, max(len(triggers) - 0.3, 0.7))
     ax.set_ylim(-2, 102)
     ax.set_ylabel("ASR after repair (%)")
@@ -88,7 +90,8 @@ def asr_by_trigger(
     ax.set_xticklabels([])
     ax.grid(True, axis="y", alpha=0.3)
     order = f", sorted by {sorted_by}" if sorted_by else ""
-    ax.set_title(f"{title}{order}", fontsize=10)
+    # About 7 pixels a character at this size: a narrow figure's title wraps instead of clipping.
+    ax.set_title(textwrap.fill(f"{title}{order}", max(40, (width - 240) // 7)), fontsize=10)
     ax.set_xlabel("trigger", labelpad=58)
     # Thumbnails: 60 % of the space per trigger, at most 40 pixels (zoom is in points).
     per_trigger = (right - left) * width / max(len(triggers) + 0.4, 1.0)

@@ -92,6 +92,32 @@ def test_the_report_has_the_table_beside_the_paper_and_the_figure_with_intervals
     assert float(rows[0]["mesa_minus_point"]) == pytest.approx((2 - 6) / N)
 
 
+def test_a_method_run_on_a_subset_gets_its_own_figure_and_stays_out_of_the_paper_s(
+    folder, tmp_path, monkeypatch
+):
+    """A method on some triggers only (the subset's defenses) is drawn in a second figure over
+    those triggers with every method, never as a line joining far-apart triggers in the first."""
+    path = folder / "rate-0.01" / "bw-85.json"
+    record = json.loads(path.read_text())
+    record["repairs"]["anp"] = entry(5)
+    path.write_text(json.dumps(record))
+    drawn = {}
+
+    def asr_by_trigger(path, triggers, patterns, lines, sorted_by, title, **options):
+        drawn[Path(path).name] = (list(triggers), list(lines), options["colors"])
+        return figures.trigger_figure_size(len(triggers))
+
+    monkeypatch.setattr(figures, "asr_by_trigger", asr_by_trigger)
+    build_report(None, str(folder), tmp_path / "out")
+    full, subset = (
+        drawn["asr-by-trigger-rate-0.01.png"],
+        drawn["asr-by-trigger-rate-0.01-subset.png"],
+    )
+    assert full[1] == ["mesa", "point", "ideal", "finetune"] and len(full[0]) == 3
+    assert subset[:2] == (["bw:85"], ["mesa", "point", "ideal", "finetune", "anp"])
+    assert full[2]["point"] == subset[2]["point"]  # a method keeps its colour
+
+
 def test_methods_added_on_a_re_attacked_model_that_scores_differently_are_named(folder, tmp_path):
     path = folder / "rate-0.01" / "bw-85.json"
     r = json.loads(path.read_text())
