@@ -800,22 +800,34 @@ class StoreSource:
 
     def _results_rates(self) -> dict[str, tuple[Path, str]]:
         """Each rate of each result folder by its listed name (read again: a run adds rates)."""
+        from engine.errors import UserError
         from engine.report import paper
 
         named = {}
         for folder in self.results:
-            by_rate = paper.load_records(folder)
+            try:
+                by_rate = paper.load_records(folder)
+            except UserError:  # listed all the same: choosing it says what is wrong
+                named[f"{folder.name} · rate ? (unreadable)"] = (folder, "?")
+                continue
             main = paper.main_rate(folder, by_rate)
             for rate in sorted(by_rate):
                 named[results_name(folder, f"{rate:g}", main)] = (folder, f"{rate:g}")
         return named
 
     def study_summary(self, name: str) -> Grid:
+        from engine.errors import UserError
         from engine.report.study_stats import study_statistics
 
         if " · rate " in name:
-            folder, rate = self._results_rates()[name]
-            return ResultsGrid.load(folder, rate)
+            folder, rate = self._results_rates().get(name, (None, ""))
+            try:
+                grid = ResultsGrid.load(folder, rate) if folder else None
+            except UserError as exc:  # a damaged record: its one line
+                raise SourceError(str(exc)) from None
+            if grid is None or rate not in grid.data["rates"]:
+                raise SourceError(f"'{name}' is no longer in its result folder; press f5")
+            return grid
         summary = self.store.study_summary(name)
         return StudyGrid(summary, study_statistics(self.store, name))
 

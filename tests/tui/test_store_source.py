@@ -282,6 +282,23 @@ async def test_study_screen_lists_each_rate_of_a_result_folder_with_its_statisti
     assert report.name == "report.md" and "2 of 51 triggers finished" in report.read_text()
 
 
+def test_a_damaged_result_folder_is_listed_and_says_what_is_wrong_when_chosen(tmp_path):
+    """A broken record does not hide the store's studies: its folder is listed as unreadable,
+    and choosing it gives the report's one line naming the file."""
+    from mesa_tui.source import SourceError
+
+    (tmp_path / "paper-small" / "rate-0.1").mkdir(parents=True)
+    (tmp_path / "paper-small" / "rate-0.1" / "bw-0.json").write_text("{not json")
+    source = open_store_source(results=[tmp_path / "paper-small"])
+    source.store.create_study("mine", "cpu-mini", {}, [])
+    names = source.studies()
+    assert names == ["mine", "paper-small · rate ? (unreadable)"]
+    with pytest.raises(SourceError, match="bw-0.json is not valid JSON"):
+        source.study_summary(names[1])
+    with pytest.raises(SourceError, match="no longer in its result folder"):
+        source.study_summary("paper-small · rate 0.5")
+
+
 def test_the_method_column_is_the_label_before_its_trigger_else_the_spec_method():
     from mesa_tui.source import label_method
 
