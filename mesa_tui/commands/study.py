@@ -176,6 +176,8 @@ def show(
     console.print(table)
     for line in _statistics_lines(statistics):
         console.print(line, highlight=False)
+    if statistics and "wilcoxon" in statistics:
+        console.print(versus_table(statistics["wilcoxon"], statistics["reference"]))
     console.print("protocol differences from the paper:")
     for note in summary.protocol_notes:
         console.print(f"  - {note}")
@@ -215,13 +217,6 @@ def _statistics_lines(statistics: dict | None) -> list[str]:
             else ""
         )
     ]
-    reference = statistics["reference"]
-    for method, test in statistics["wilcoxon"].items():
-        if test["n"]:
-            lines.append(
-                f"{reference} - {method}: mean {100 * test['mean_diff']:+.1f} points over "
-                f"{test['n']} triggers, Wilcoxon p = {test['p']:.3g}"
-            )
     return lines
 
 
@@ -284,23 +279,25 @@ def export(
         typer.echo(text, nl=False)
 
 
-def versus_table(tests: dict) -> Group:
-    """MESA against each method over the triggers (``stats.summarize``'s ``wilcoxon``)."""
+def versus_table(tests: dict, reference: str = "mesa") -> Group:
+    """``reference`` (MESA) against each method over the triggers (``stats.summarize``'s
+    ``wilcoxon``)."""
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
 
     from engine.report.paper import pct
 
-    title = "MESA minus each method, paired per trigger: the triggers where the difference's"
-    title += " 95 % interval lies below zero (lower) or above it (higher), its median over the"
-    title += " triggers and the signed-rank test"
+    title = f"Paired per trigger, {reference} minus each method: the triggers where the"
+    title += " difference's 95 % interval lies below zero (lower) or above it (higher), its mean"
+    title += " and median over the triggers and the signed-rank test"
     table = Table(box=None, header_style="bold", padding=(0, 1, 0, 0))
-    for column in ("versus", "n", "lower", "higher", "median", "Wilcoxon p"):
+    for column in ("versus", "n", "lower", "higher", "mean", "median", "Wilcoxon p"):
         table.add_column(column, no_wrap=True)
     for method, test in tests.items():
         if test.get("p") is not None:
-            row = (test["n"], test["lower"], test["higher"], pct(test["median_diff"]))
+            row = (test["n"], test["lower"], test["higher"])
+            row += (pct(test["mean_diff"]), pct(test["median_diff"]))
             table.add_row(method, *map(str, row), f"{test['p']:.2g}")
     return Group(Text(title, style="italic"), table)  # a title that wraps at the terminal's width
 

@@ -228,7 +228,10 @@ def test_study_show_statistics(tmp_path):
         assert interval in text, (interval, text)
     flat = " ".join(text.split())  # the console wraps long lines at its width
     assert "outcomes of 4 triggers; not implanted, left out: bw:1" in flat
-    assert "mesa - finetune: mean -" in flat and "Wilcoxon p = " in flat
+    test = shown["statistics"]["wilcoxon"]["finetune"]
+    row = [line.split() for line in text.splitlines() if line.startswith("finetune ")][-1]
+    assert row[1:4] == [str(test["n"]), str(test["lower"]), str(test["higher"])]
+    assert row[4] == f"{100 * test['mean_diff']:.1f}" and row[-1] == f"{test['p']:.2g}"
 
 
 def test_help_does_not_import_the_store_or_torch():
