@@ -58,7 +58,9 @@ def create(
         "also takes pilot, even or odd)",
     ),
     reuse: bool = typer.Option(True, "--reuse/--no-reuse", help="reuse identical finished jobs"),
-    json_output: bool = typer.Option(False, "--json", help='print {"study": NAME, "jobs": [ids]}'),
+    json_output: bool = typer.Option(
+        False, "--json", help='print {"study": NAME, "jobs": a list of ids}'
+    ),
 ) -> None:
     """Create a study and queue its jobs. Stage settings pass through as in `submit pipeline`
     (--train-epochs 2, --mesa-steps 100, --stamp-rate 0.1; --clean-epochs for the clean model);

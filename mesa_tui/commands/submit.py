@@ -153,8 +153,8 @@ def pipeline(
     follow: bool = typer.Option(False, "--follow", help="follow the jobs to the results table"),
     json_output: bool = typer.Option(False, "--json", help='print {"jobs": ids, "reused": ids}'),
 ) -> None:
-    """Queue train (attack) -> [detect] -> mesa -> defend per method, passing artifacts by
-    reference. Stage settings pass through: --epochs, --steps, --stamp-rate ... go to every
+    """Queue train (attack) -> detect (with --target auto) -> mesa -> defend per method,
+    passing artifacts by reference. Stage settings pass through: --epochs, --steps, --stamp-rate ... go to every
     stage that has them; --train-epochs, --defend-epochs ... to one stage."""
     import dataclasses
 
