@@ -179,11 +179,13 @@ def _stage_spec(
 ) -> dict[str, Any]:
     """Validate a stage's spec (references stand in as valid placeholders) and return its JSON
     with the references in place."""
-    from engine.specs import PRESETS, build_spec
+    from engine.specs import PRESETS, TrainSpec, build_spec, check_against_dataset
 
     placeholders = {k: (0 if k == "target" else "job") for k in references}
     stage_preset = preset if preset and preset in PRESETS.get(kind, {}) else None
     spec = build_spec(kind, stage_preset, None, {**values, **placeholders})
+    if isinstance(spec, TrainSpec) and "target" not in references:  # as `submit train` checks
+        check_against_dataset(spec)
     data = spec.to_json()
     data.update(references)
     return data

@@ -25,7 +25,12 @@ from pydantic import (
 from engine.catalog import dataset_info
 from engine.errors import UserError
 from engine.spec_fields import default_of, list_item, option_name, split_list, value_text
-from engine.triggerspec import check_placement_syntax, check_trigger_syntax, trigger_size
+from engine.triggerspec import (
+    check_placement_syntax,
+    check_trigger_syntax,
+    parse_at_placement,
+    trigger_size,
+)
 
 Precision = Literal["auto", "fp32", "bf16"]
 PlacementMode = Literal["per-image", "per-batch", "corner"]
@@ -340,6 +345,21 @@ def check_against_dataset(spec: TrainSpec) -> None:
     if spec.crop_epochs:
         check_crop_size(spec.crop_size, info.image_size, k)
     check_padding(spec, info.image_size)
+    check_fixed_offset(spec.placement, info.image_size, k)
+
+
+def check_fixed_offset(placement: str, image_size: tuple[int, int], k: int | None) -> None:
+    """An ``at:ROW,COL`` patch must lie inside the images (only the crop epochs' smaller windows
+    move it, by design); a typo such as at:40,40 would silently become the corner."""
+    at = parse_at_placement(placement)
+    if at is None or k is None:
+        return
+    (h, w), (row, col) = image_size, at
+    if row + k > h or col + k > w:
+        raise UserError(
+            f"invalid placement {placement}: a {k}x{k} patch there leaves the {h}x{w} images; "
+            f"use ROW in 0..{h - k} and COL in 0..{w - k}"
+        )
 
 
 def check_padding(spec: TrainSpec, image_size: tuple[int, int]) -> None:

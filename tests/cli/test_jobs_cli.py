@@ -41,6 +41,9 @@ def jobs_in_store() -> int:
         ["submit", "pipeline", "--methods", "mesa,wishful"],
         ["submit", "pipeline", "--target", "sometimes"],
         ["submit", "pipeline", "--no-such-setting", "3"],
+        ["submit", "pipeline", "--target", "12"],  # cifar10 has 10 classes
+        ["submit", "pipeline", "--train-placement", "at:40,40"],  # off the 32x32 images
+        ["submit", "train", "--placement", "at:30,2"],  # a 3x3 patch at row 30 leaves them
         ["study", "create", "s", "--template", "nope"],
         ["study", "create", "s", "--template", "cpu-mini", "--seeds", "x"],
     ],

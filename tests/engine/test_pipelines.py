@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -246,7 +248,9 @@ def _fake_dataset(digest: str) -> None:
     path = catalog.imported_path("cifar10")
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(
-        {"train_x": np.zeros((1, 3, 32, 32), np.uint8)}, str(path), metadata={"sha256": digest}
+        {"train_x": np.zeros((1, 3, 32, 32), np.uint8)},
+        str(path),
+        metadata={"sha256": digest, "classes": json.dumps([str(c) for c in range(10)])},
     )
 
 
