@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from engine import defense_bar as bar
+from engine import specs
+from engine.catalog import DatasetInfo
 from engine.errors import UserError
 from engine.pipelines import build_study, dedupe, reference_hash
 
@@ -108,6 +110,15 @@ def test_the_template_queues_the_drivers_tasks(
     bench, monkeypatch, tmp_path, argv, seeds, overrides, triggers
 ):
     tasks = driver_tasks(bench, monkeypatch, tmp_path, argv)
+    real_info = specs.dataset_info
+    # The driver derives cifar10-quick (a CIFAR-10 slice) before it queues; a user imports it first.
+    monkeypatch.setattr(
+        specs,
+        "dataset_info",
+        lambda name: (
+            DatasetInfo(name, 10, 3, (32, 32)) if name == bench.QUICK_DATASET else real_info(name)
+        ),
+    )
     params, jobs = build_study("defense-bar", seeds, overrides, None, triggers)
     assert_same_tasks(jobs, tasks)
     assert len(dedupe(jobs)) == len(jobs)
