@@ -45,6 +45,17 @@ async def settle(pilot: Pilot, rounds: int = 3) -> None:
         await pilot.pause()
 
 
+async def open_study_screen(pilot: Pilot):
+    """From the started app, the study screen as the `s` key opens it."""
+    from mesa_tui.screens.study import StudyScreen
+
+    await settle(pilot)
+    await pilot.press("s")
+    await settle(pilot)
+    assert isinstance(pilot.app.screen, StudyScreen)
+    return pilot.app.screen
+
+
 async def refresh_screen(pilot: Pilot) -> None:
     """Run the current screen's poll and redraw now, as their timers would."""
     screen = pilot.app.screen

@@ -13,12 +13,11 @@ from mesa_tui.screens.jobs import JobsScreen
 from mesa_tui.screens.modals import ConfirmModal, FilterModal, HelpModal, NoteModal
 from mesa_tui.screens.new import NewJobScreen
 from mesa_tui.screens.run import RunScreen
-from mesa_tui.screens.study import StudyScreen
 from mesa_tui.widgets.curves import CurvesPanel
 from mesa_tui.widgets.jobs_table import JobsTable
 from mesa_tui.widgets.trigger_grid import TriggerGrid
 
-from .conftest import make_app, refresh_screen, settle, wait_until
+from .conftest import make_app, open_study_screen, refresh_screen, settle, wait_until
 
 
 def table_ids(app) -> list[int]:
@@ -348,11 +347,7 @@ async def test_dead_engine_offers_to_start_one(tmp_path, clock):
 async def test_study_sorts_and_opens_the_run(demo, clock):
     app = make_app(demo, clock)
     async with app.run_test(size=(80, 24)) as pilot:
-        await settle(pilot)
-        await pilot.press("s")
-        await settle(pilot)
-        study = app.screen
-        assert isinstance(study, StudyScreen)
+        study = await open_study_screen(pilot)
         table = study.query_one("#study-table", DataTable)
         assert table.row_count == 4
         table.move_cursor(row=0, column=4)

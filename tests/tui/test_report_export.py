@@ -7,10 +7,9 @@ from pathlib import Path
 
 from engine import paths
 from mesa_tui.screens.run import RunScreen
-from mesa_tui.screens.study import StudyScreen
 from mesa_tui.source import open_store_source, utc_now
 
-from .conftest import SLOW, make_app, settle, wait_until
+from .conftest import SLOW, make_app, open_study_screen, settle, wait_until
 
 
 def written(app) -> list[Path]:
@@ -23,10 +22,7 @@ def written(app) -> list[Path]:
 async def test_study_screen_exports_the_chosen_study(demo, clock):
     app = make_app(demo, clock)
     async with app.run_test(size=(80, 24)) as pilot:
-        await settle(pilot)
-        await pilot.press("s")
-        await settle(pilot)
-        assert isinstance(app.screen, StudyScreen)
+        await open_study_screen(pilot)
         await pilot.press("x")
         await settle(pilot)
         assert ("export_report", ("study", "mini")) in demo.calls

@@ -15,7 +15,7 @@ from mesa_tui.source import JobQuery, StoreSource, open_store_source, utc_now
 from mesa_tui.widgets.jobs_table import JobsTable
 from mesa_tui.widgets.trigger_grid import TriggerGrid
 
-from .conftest import SLOW, refresh_screen, settle, wait_until
+from .conftest import SLOW, open_study_screen, refresh_screen, settle, wait_until
 
 
 @pytest.fixture
@@ -189,7 +189,6 @@ async def test_study_screen_over_the_store_shows_the_study_statistics(tmp_path):
     from textual.widgets import DataTable, Static
 
     from engine.report.study_stats import study_statistics
-    from mesa_tui.screens.study import StudyScreen
     from tests.report.small_study import make_small_study
 
     source = open_store_source()
@@ -200,10 +199,7 @@ async def test_study_screen_over_the_store_shows_the_study_statistics(tmp_path):
     assert summary.methods == ("before repair", "mesa", "point", "ideal", "finetune")
     app = make_store_app(source)
     async with app.run_test(size=(80, 24)) as pilot:
-        await settle(pilot)
-        await pilot.press("s")
-        await settle(pilot)
-        assert isinstance(app.screen, StudyScreen)
+        await open_study_screen(pilot)
         rows = summary_rows(app.screen)
         for column, method in enumerate(summary.methods):
             found = statistics["methods"].get(method)
@@ -231,7 +227,6 @@ async def test_study_screen_lists_each_rate_of_a_result_folder_with_its_statisti
     from textual.widgets import DataTable, Select, Static
 
     from engine.report import paper
-    from mesa_tui.screens.study import StudyScreen
     from tests.engine.test_paper_report import record
 
     folder = tmp_path / "paper-small"
@@ -255,10 +250,7 @@ async def test_study_screen_lists_each_rate_of_a_result_folder_with_its_statisti
     expected = paper.summary(folder)["rates"]["0.1"]["methods"]
     app = make_store_app(source)
     async with app.run_test(size=(100, 30)) as pilot:
-        await settle(pilot)
-        await pilot.press("s")
-        await settle(pilot)
-        assert isinstance(app.screen, StudyScreen)
+        await open_study_screen(pilot)
         app.screen.query_one("#study-name", Select).value = main
         await settle(pilot)
         grid = app.screen.summary
