@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from mesa_tui.commands.common import cli_errors, print_json
+from mesa_tui.commands.common import cli_errors, not_results_folder, print_json
 
 if TYPE_CHECKING:
     from rich.console import Group
@@ -124,6 +124,7 @@ def show(
     repairs wrote per-image outcomes, the mean comes with its 95 % interval and the JSON carries
     the study's statistics (engine/report/study_stats.py). A result folder of the paper-figure
     study shows the same statistics per stamping rate (engine/report/paper.py)."""
+    from engine.errors import UserError
     from engine.report import paper
     from engine.report.study_stats import study_statistics
     from mesa_tui.commands.jobs import open_store
@@ -133,7 +134,12 @@ def show(
         show_results_folder(paper.summary(name), json_output)
         return
     store = open_store()
-    summary = store.study_summary(name)
+    try:
+        summary = store.study_summary(name)
+    except UserError:
+        if Path(name).is_dir():  # meant as a result folder, not as a study's name
+            raise UserError(f"study show: {not_results_folder(name)}") from None
+        raise
     statistics = study_statistics(store, name)
     if json_output:
         data = to_json(summary)

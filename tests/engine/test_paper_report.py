@@ -260,3 +260,20 @@ def test_a_results_folder_the_app_cannot_show_is_refused_in_one_line(args, folde
     result = CliRunner().invoke(app, [a.format(**paths) for a in args])
     assert result.exit_code == 2, result.output
     assert len(result.stderr.strip().splitlines()) == 1 and "--results" in result.stderr
+
+
+def test_study_show_of_a_folder_without_results_names_the_folder_not_a_study(tmp_path):
+    """A folder meant as a result folder gets the folder's line, not "study ... does not exist"."""
+    from typer.testing import CliRunner
+
+    from mesa_tui.cli import app
+
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(app, ["study", "show", str(tmp_path / "empty")])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines() == [
+        f"error: study show: '{tmp_path / 'empty'}' holds no rate-*/bw-*.json results; give a "
+        "folder that benchmarks/paper_study.py wrote, e.g. docs/results/paper-small"
+    ]
+    named = CliRunner().invoke(app, ["study", "show", "no-such-study"])
+    assert named.exit_code == 2 and "study 'no-such-study' does not exist" in named.stderr
