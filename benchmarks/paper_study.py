@@ -51,6 +51,7 @@ from benchmarks._paper import (  # noqa: E402
 from benchmarks._script import run_main  # noqa: E402
 from engine import paper_small as protocol  # noqa: E402
 from engine.errors import UserError  # noqa: E402
+from engine.triggerspec import pattern_array  # noqa: E402
 
 RESULTS = ROOT / "docs/results/paper-small"
 QUICK = {
@@ -103,6 +104,11 @@ def trigger_list(name: str, results: Path) -> list[str]:
     bad = [t for t in triggers if not t.startswith("bw:")]
     if bad or not triggers:
         raise UserError(f"--triggers {name!r}: give pilot, even, odd, all, subset or bw:ID,...")
+    for trigger in triggers:  # before hours of work, not at the first attack
+        try:
+            pattern_array(trigger)
+        except UserError as exc:
+            raise UserError(f"--triggers {trigger!r}: {exc}") from None
     return triggers
 
 
@@ -113,9 +119,12 @@ def rate_list(value: str, results: Path) -> list[float]:
             raise UserError(f"no {path} yet: run the pilot, then --decide-rate")
         return [float(json.loads(path.read_text())["rate"])]
     try:
-        return [float(r) for r in value.split(",") if r.strip()]
+        rates = [float(r) for r in value.split(",") if r.strip()]
     except ValueError:
         raise UserError(f"--rates {value!r}: give main or rates such as 0.01,0.1") from None
+    if not rates or not all(0 < r <= 1 for r in rates):
+        raise UserError(f"--rates {value!r}: a stamping rate is in (0, 1]; give e.g. 0.01,0.1")
+    return rates
 
 
 def method_list(value: str) -> list[str]:

@@ -161,6 +161,8 @@ def test_the_rate_is_decided_from_the_pilot_and_written_down(tmp_path):
     ("args", "message"),
     [
         (["--triggers", "square:white"], "--triggers 'square:white'"),
+        (["--triggers", "bw:0,bw:999"], "bw trigger id 999 is out of range"),  # before any work
+        (["--rates", "0.1,2"], "a stamping rate is in (0, 1]"),
         (["--methods", "mesa,bogus"], "bogus unknown"),
         (["--rates", "main"], "run the pilot, then --decide-rate"),
         (["--decide-rate"], "the pilot is not finished"),
