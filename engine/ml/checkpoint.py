@@ -150,7 +150,10 @@ def load_checkpoint(path: str | Path, kind: str, fingerprint: Any = None) -> dic
             f"checkpoint {path} holds a {metadata.get('kind')} state, not a {kind} state"
         )
     if metadata.get("fingerprint") != _canonical(fingerprint):
-        raise CheckpointError(f"checkpoint {path} was made with other settings")
+        raise CheckpointError(
+            f"checkpoint {path} was made with other settings"
+            + _which_differ(metadata.get("fingerprint"), fingerprint)
+        )
     try:
         state = unpack(json.loads(metadata["state"]), tensors)
     except (KeyError, TypeError, ValueError) as exc:
@@ -158,6 +161,19 @@ def load_checkpoint(path: str | Path, kind: str, fingerprint: Any = None) -> dic
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} is damaged (no state)")
     return state
+
+
+def _which_differ(stored: str | None, fingerprint: Any) -> str:
+    """ " (precision)": the top-level fingerprint keys that differ, when both are mappings."""
+    try:
+        before = json.loads(stored or "null")
+    except ValueError:
+        return ""
+    if not (isinstance(before, dict) and isinstance(fingerprint, dict)):
+        return ""
+    now = json.loads(_canonical(fingerprint))
+    keys = sorted(k for k in {*before, *now} if before.get(k) != now.get(k))
+    return f" ({', '.join(keys)})" if keys else ""
 
 
 def load_or_none(path: str | Path, kind: str, fingerprint: Any, reporter: Any = None):

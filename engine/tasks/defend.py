@@ -248,7 +248,9 @@ class _Defense:
     held_out: Any  # EvalSet: evaluation only, never seen by a defense
     truth: Any  # GroundTruth | None: evaluation (and ideal's trigger) only
     workdir: Path
-    fingerprint: str
+    fingerprint: dict[
+        str, str
+    ]  # spec and precision: a checkpoint continues only the same arithmetic
     reversal_state: dict[str, Any] | None = None
     repair_state: dict[str, Any] | None = None
     anp_state: dict[str, Any] | None = None
@@ -349,7 +351,7 @@ def _open(spec: DefendSpec, reporter: Reporter, started: float) -> _Defense:
         held_out=held_out,
         truth=truth,
         workdir=Path(reporter.workdir),
-        fingerprint=spec.spec_hash(),
+        fingerprint={"spec": spec.spec_hash(), "precision": precision},
         extra={"method": spec.method, "stamp_rate": spec.stamp_rate},
         upstream=[spec.model],
         target=spec.target,

@@ -122,14 +122,23 @@ def _load(spec: DetectSpec, classes: list[int], reporter: Reporter) -> _Loaded:
     return _Loaded(config, device, precision, model, normalizer, images, labels)
 
 
-def _resume_scores(spec: DetectSpec, workdir: Path, reporter: Reporter) -> dict[int, dict]:
+def _scores_fingerprint(spec: DetectSpec, precision: str) -> dict[str, str]:
+    """Saved scores continue only the same spec at the same precision (classes searched in fp32
+    and in bf16 are not mixed in one verdict)."""
+    return {"spec": spec.spec_hash(), "precision": precision}
+
+
+def _resume_scores(
+    spec: DetectSpec, precision: str, workdir: Path, reporter: Reporter
+) -> dict[int, dict]:
     """Finished classes of an earlier attempt: {class: {score, validity_mean, p_target,
     histogram[, positions]}}; empty on a fresh run or when the saved scores do not match."""
     from engine.ml import checkpoint as ckpt
 
     if not reporter.resume:
         return {}
-    saved = ckpt.load_or_none(workdir / SCORES, SCORES_KIND, spec.spec_hash(), reporter)
+    fingerprint = _scores_fingerprint(spec, precision)
+    saved = ckpt.load_or_none(workdir / SCORES, SCORES_KIND, fingerprint, reporter)
     if saved is None:
         return {}
     finished = {int(c): v for c, v in saved["classes"].items()}
@@ -209,7 +218,7 @@ def _search_classes(
     saved so that a resumed attempt skips its classes."""
     from engine.ml import checkpoint as ckpt
 
-    finished = _resume_scores(spec, workdir, reporter)
+    finished = _resume_scores(spec, ld.precision, workdir, reporter)
     groups = [
         classes[i : i + spec.classes_per_pass]
         for i in range(0, len(classes), spec.classes_per_pass)
@@ -226,7 +235,7 @@ def _search_classes(
             workdir / SCORES,
             SCORES_KIND,
             {"classes": {str(c): v for c, v in finished.items()}},
-            spec.spec_hash(),
+            _scores_fingerprint(spec, ld.precision),
         )
         (workdir / PASS_CHECKPOINT.format(index=gi)).unlink(missing_ok=True)
     return finished

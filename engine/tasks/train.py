@@ -313,11 +313,18 @@ def make_schedule(job: Job) -> Schedule:
     )
 
 
+def checkpoint_fingerprint(job: Job) -> dict[str, Any]:
+    """What a checkpoint must have been made with to continue this run: the spec and the
+    resolved precision (as the search's), so that no model mixes fp32 and bf16 epochs when a
+    job moves to another machine."""
+    return {"spec": job.spec.model_dump(mode="json"), "precision": job.precision}
+
+
 def resume(job: Job, schedule: Schedule) -> None:
     """Continue from the last epoch's checkpoint when the reporter resumes and one matches."""
     reporter = job.reporter
     path = job.workdir / CHECKPOINT
-    fingerprint = job.spec.model_dump(mode="json")
+    fingerprint = checkpoint_fingerprint(job)
     state = load_or_none(path, "train", fingerprint, reporter) if reporter.resume else None
     if state is None:
         return
@@ -401,7 +408,7 @@ def train_epoch(job: Job, schedule: Schedule, epoch: int) -> tuple[float, int]:
     reporter.check_in(120.0)  # flushes the epoch's metrics before the checkpoint passes them
     _save_checkpoint(
         job.workdir / CHECKPOINT,
-        spec.model_dump(mode="json"),
+        checkpoint_fingerprint(job),
         job.model,
         schedule.optimizer,
         epoch + 1,

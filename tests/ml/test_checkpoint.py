@@ -134,8 +134,14 @@ def test_other_kind_settings_or_format_are_refused(tmp_path):
     ckpt.save_checkpoint(path, "mesa-search", {"x": 1}, {"seed": 1})
     with pytest.raises(ckpt.CheckpointError, match="not a defend-repair state"):
         ckpt.load_checkpoint(path, "defend-repair", {"seed": 1})
-    with pytest.raises(ckpt.CheckpointError, match="other settings"):
+    with pytest.raises(ckpt.CheckpointError, match=r"other settings \(seed\)$"):
         ckpt.load_checkpoint(path, "mesa-search", {"seed": 2})
+    with pytest.raises(ckpt.CheckpointError, match=r"other settings \(precision, seed\)$"):
+        ckpt.load_checkpoint(path, "mesa-search", {"seed": 2, "precision": "bf16"})
+    hashed = tmp_path / "h.safetensors"  # a fingerprint that is not a mapping: no names
+    ckpt.save_checkpoint(hashed, "mesa-search", {"x": 1}, "abc")
+    with pytest.raises(ckpt.CheckpointError, match=r"other settings$"):
+        ckpt.load_checkpoint(hashed, "mesa-search", "abd")
     plain = tmp_path / "weights.safetensors"  # safetensors, but not a checkpoint
     save_file({"w": torch.zeros(2)}, str(plain))
     with pytest.raises(ckpt.CheckpointError, match="not a mesa-tui checkpoint"):

@@ -137,6 +137,26 @@ def test_same_seed_same_run_and_resume_continues_where_it_stopped(cifar10, tmp_p
 
 
 @pytest.mark.slow
+def test_a_checkpoint_made_at_another_precision_is_not_continued(cifar10, tmp_path, monkeypatch):
+    """A job moved from a bf16 machine to an fp32 one starts over: no model mixes the two."""
+    spec = tiny_spec(epochs=2, precision="auto")
+    workdir = tmp_path / "run"
+    monkeypatch.setattr(train, "resolve_precision", lambda wanted, device: "bf16")
+    with pytest.raises(Cancelled):
+        train.run(spec, MemoryReporter(workdir, stop_after=5))  # in epoch 2
+    monkeypatch.setattr(train, "resolve_precision", lambda wanted, device: "fp32")
+    moved = MemoryReporter(workdir, resume=True)
+    result = train.run(spec, moved)
+    assert not any("resumed" in line for _, line in moved.lines)
+    assert any(
+        level == "warning" and "other settings (precision); starting from the beginning" in line
+        for level, line in moved.lines
+    )
+    assert [v for _, v in moved.series("train/epoch")] == [1.0, 2.0]
+    assert result.extra["precision"] == "fp32"
+
+
+@pytest.mark.slow
 def test_fine_tune_from_a_model_artifact(cifar10, tmp_path):
     torch.manual_seed(0)
     init = build_model("small", 10, 3)
