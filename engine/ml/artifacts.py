@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -192,7 +193,10 @@ def save_model(
     upstream: list[str | Path] | None = None,
     metrics: dict[str, float] | None = None,
     ground_truth: GroundTruth | None = None,
+    extra_files: Sequence[str] = (),
 ) -> Path:
+    """The weights, then the manifest over them and ``extra_files`` (already in ``directory``):
+    written last, so that a directory with a manifest is complete."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
@@ -205,7 +209,7 @@ def save_model(
     write_manifest(
         directory,
         kind,
-        ["model.safetensors"],
+        ["model.safetensors", *extra_files],
         spec=spec,
         spec_hash=spec_hash,
         upstream=upstream,

@@ -868,6 +868,14 @@ def _save_artifact(d: _Defense) -> None:
     from engine.ml import artifacts
 
     spec, workdir = d.spec, d.workdir
+    names = [DEFENSE_FILE, OUTCOMES_FILE]
+    defense = {k: v for k, v in d.extra.items() if k != "environment"}
+    (workdir / DEFENSE_FILE).write_text(json.dumps(defense, indent=1))
+    outcomes = {"before": d.outcomes_before, "after": d.outcomes()}
+    (workdir / OUTCOMES_FILE).write_text(json.dumps(outcomes, indent=1))
+    for name, tensor in d.files.items():
+        artifacts.save_array(workdir / f"{name}.npy", tensor.detach().float().cpu())
+        names.append(f"{name}.npy")
     model_cpu = d.model.to("cpu").to(memory_format=torch.contiguous_format)
     artifacts.save_model(
         workdir,
@@ -879,24 +887,7 @@ def _save_artifact(d: _Defense) -> None:
         upstream=d.upstream,
         metrics=d.metrics,
         ground_truth=d.truth,
-    )
-    names = [DEFENSE_FILE, OUTCOMES_FILE]
-    defense = {k: v for k, v in d.extra.items() if k != "environment"}
-    (workdir / DEFENSE_FILE).write_text(json.dumps(defense, indent=1))
-    outcomes = {"before": d.outcomes_before, "after": d.outcomes()}
-    (workdir / OUTCOMES_FILE).write_text(json.dumps(outcomes, indent=1))
-    for name, tensor in d.files.items():
-        artifacts.save_array(workdir / f"{name}.npy", tensor.detach().float().cpu())
-        names.append(f"{name}.npy")
-    artifacts.write_manifest(
-        workdir,
-        "repaired-model",
-        ["model.safetensors", *names],
-        spec=spec.to_json(),
-        spec_hash=spec.spec_hash(),
-        upstream=d.upstream,
-        meta=artifacts.read_manifest(workdir, verify=False)["meta"],
-        metrics=d.metrics,
+        extra_files=names,
     )
     shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
 

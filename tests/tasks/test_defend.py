@@ -112,12 +112,24 @@ def make_search(model: Path, workdir: Path) -> Path:
     return Path(run(search_spec, MemoryReporter(workdir)).artifact)
 
 
-def test_ideal_repair_lowers_asr_and_writes_a_repaired_model(planted, tmp_path):
+def test_ideal_repair_lowers_asr_and_writes_a_repaired_model(planted, tmp_path, monkeypatch):
+    from engine.ml import artifacts
     from engine.ml.artifacts import load_ground_truth, load_model, read_manifest
     from engine.tasks.defend import run
 
+    manifests = []  # what the folder held each time a manifest was written
+    write_manifest = artifacts.write_manifest
+
+    def spy(directory, *args, **kwargs):
+        manifests.append(sorted(p.name for p in Path(directory).iterdir()))
+        return write_manifest(directory, *args, **kwargs)
+
+    monkeypatch.setattr(artifacts, "write_manifest", spy)
     reporter = MemoryReporter(tmp_path / "out")
     result = run(spec(planted), reporter)
+    # One manifest, written last over every file: a folder with a manifest is complete.
+    assert len(manifests) == 1 and "manifest.json" not in manifests[0]
+    assert {"model.safetensors", "outcomes.json", "defense.json"} <= set(manifests[0])
     m = result.metrics
     assert m["before/asr"] > 0.9
     assert m["eval/asr"] < 0.2 and m["eval/asr"] < m["before/asr"]
