@@ -45,8 +45,7 @@ DEFAULT_SERIES = (
     "*/mine",
     "eval/acc_clean",
     "eval/asr",
-    "repair/asr",
-    "repair/acc_clean",
+    "repair/loss",
 )
 GROUPINGS = ("metric", "beta")
 PANEL_ROWS = 9  # a plot's least height: its title, 5 rows of curve and the step axis

@@ -122,3 +122,17 @@ async def test_a_pinned_run_is_overlaid_in_its_own_colour(clock):
             (f"job {first}", app.colour_of(first)),
         ]
         assert app.colour_of(first) != app.colour_of(second)
+
+
+def test_a_repairs_curves_shown_first_are_keys_the_repair_logs():
+    """Each default pattern names series a task writes (engine/ml/repair.py, train, mesa): a
+    renamed key would otherwise leave the pane empty by default."""
+    from mesa_tui.widgets.curves import shown_by_default
+
+    repair = ["repair/loss", "repair/stamped", "repair/lr", "eval/asr", "eval/acc_clean", "eval/ra"]
+    assert [k for k in repair if shown_by_default(k)] == [
+        "repair/loss",
+        "eval/asr",
+        "eval/acc_clean",
+    ]
+    assert shown_by_default("mesa/beta=0.9/hinge") and shown_by_default("train/loss")
