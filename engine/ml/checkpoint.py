@@ -164,7 +164,7 @@ def load_checkpoint(path: str | Path, kind: str, fingerprint: Any = None) -> dic
 
 
 def _which_differ(stored: str | None, fingerprint: Any) -> str:
-    """ " (precision)": the top-level fingerprint keys that differ, when both are mappings."""
+    """The top-level fingerprint keys that differ, as ' (precision)', when both are mappings."""
     try:
         before = json.loads(stored or "null")
     except ValueError:
