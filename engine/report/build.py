@@ -115,6 +115,8 @@ def resolve_target(store: Any, target: str | int, kind: str | None = None) -> tu
             pass
         else:
             return "job", int(number)
+    if Path(value).is_dir():  # meant as a result folder
+        raise UserError(f"report: {paper.not_results_folder(value)}")
     raise UserError(
         f"'{value}' is neither a study nor a job id; see `mesa-tui study list` and `mesa-tui ls` "
         "for the names and ids"

@@ -38,6 +38,17 @@ def is_results_folder(path: str | Path) -> bool:
     return folder.is_dir() and any(folder.glob("rate-*/*.json"))
 
 
+def not_results_folder(path: str | Path) -> str:
+    """The end of the one line that refuses a folder without paper-study results."""
+    folder = Path(path)
+    if folder.name.startswith("rate-") and any(folder.glob("*.json")):
+        return f"'{path}' is one rate's folder; give the folder above it, {folder.parent}"
+    return (
+        f"'{path}' holds no rate-*/bw-*.json results; give a folder that "
+        "benchmarks/paper_study.py wrote, e.g. docs/results/paper-small"
+    )
+
+
 def load_records(folder: Path) -> dict[float, list[dict[str, Any]]]:
     """Every per-trigger record, by stamping rate; a record of an unknown schema is refused."""
     by_rate: dict[float, list[dict[str, Any]]] = {}

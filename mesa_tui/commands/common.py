@@ -61,14 +61,6 @@ def print_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
-def not_results_folder(folder: str | Path) -> str:
-    """The end of the one line that refuses a folder without paper-study results."""
-    return (
-        f"'{folder}' holds no rate-*/bw-*.json results; give a folder that "
-        "benchmarks/paper_study.py wrote, e.g. docs/results/paper-small"
-    )
-
-
 def open_app(results: Sequence[Path] = ()) -> None:
     """The app; ``results``: result folders of benchmarks/paper_study.py for its study screen,
     each checked here (one line and exit 2 for a folder that holds no results)."""
@@ -78,7 +70,7 @@ def open_app(results: Sequence[Path] = ()) -> None:
 
     for folder in results:
         if not paper.is_results_folder(folder):
-            raise UserError(f"--results {not_results_folder(folder)}")
+            raise UserError(f"--results {paper.not_results_folder(folder)}")
     code = run_app(results=results)
     if code:
         raise typer.Exit(code)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from mesa_tui.commands.common import cli_errors, not_results_folder, print_json
+from mesa_tui.commands.common import cli_errors, print_json
 
 if TYPE_CHECKING:
     from rich.console import Group
@@ -138,7 +138,7 @@ def show(
         summary = store.study_summary(name)
     except UserError:
         if Path(name).is_dir():  # meant as a result folder, not as a study's name
-            raise UserError(f"study show: {not_results_folder(name)}") from None
+            raise UserError(f"study show: {paper.not_results_folder(name)}") from None
         raise
     statistics = study_statistics(store, name)
     if json_output:

@@ -277,3 +277,22 @@ def test_study_show_of_a_folder_without_results_names_the_folder_not_a_study(tmp
     ]
     named = CliRunner().invoke(app, ["study", "show", "no-such-study"])
     assert named.exit_code == 2 and "study 'no-such-study' does not exist" in named.stderr
+    report = CliRunner().invoke(
+        app, ["report", str(tmp_path / "empty"), "--out", str(tmp_path / "r")]
+    )
+    assert report.exit_code == 2 and "report: '" in report.stderr and "holds no" in report.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_one_rates_folder_given_for_the_study_points_to_the_folder_above(folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from mesa_tui.cli import app
+
+    rate = folder / "rate-0.01"
+    for args in (["study", "show", str(rate)], ["report", str(rate), "--out", str(tmp_path / "r")]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2, result.output
+        assert result.stderr.strip().endswith(
+            f"'{rate}' is one rate's folder; give the folder above it, {folder}"
+        )
