@@ -607,6 +607,11 @@ def main(argv: list[str] | None = None) -> int:
     paper_triggers = [t.strip() for t in args.paper_triggers.split(",") if t.strip()]
     units = select(args.units, paper_triggers)
     if args.summary:
+        if not any(args.results.glob("*.json")):  # nothing to summarise: write nothing
+            raise UserError(
+                f"--results {args.results} holds no unit records; give the folder this script "
+                "wrote, e.g. docs/results/fixed-position"
+            )
         text = readme(args.results)
         write_text(args.results / "README.md", text)
         print(text, end="")

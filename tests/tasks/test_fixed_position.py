@@ -189,3 +189,10 @@ def test_the_paper_check_attacks_as_the_study_did_when_no_model_is_kept(tmp_path
     same = driver.paper_comparison("bw:85", record, {"asr": "1110", "clean": "1011"})
     other = driver.paper_comparison("bw:85", record, {"asr": "1111", "clean": "1011"})
     assert same["same_model"] and not other["same_model"]
+
+
+def test_a_summary_of_a_folder_without_records_is_one_line_and_writes_nothing(tmp_path):
+    missing = tmp_path / "no-results"
+    done = run("--summary", "--results", str(missing))
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert "holds no unit records" in done.stderr and not missing.exists()
