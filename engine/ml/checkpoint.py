@@ -123,6 +123,12 @@ def save_checkpoint(
     return time.perf_counter() - started
 
 
+def run_fingerprint(settings: Any, precision: str) -> dict[str, Any]:
+    """A task's fingerprint: its settings and the resolved precision, so that a job moved
+    between a bf16 and an fp32 machine starts over rather than mixing the two."""
+    return {"spec": settings, "precision": precision}
+
+
 def load_checkpoint(path: str | Path, kind: str, fingerprint: Any = None) -> dict[str, Any]:
     """Read a checkpoint written by ``save_checkpoint``; ``CheckpointError`` (one line, naming
     the file) when it is damaged, not ours, of another kind or made for other settings."""

@@ -248,9 +248,7 @@ class _Defense:
     held_out: Any  # EvalSet: evaluation only, never seen by a defense
     truth: Any  # GroundTruth | None: evaluation (and ideal's trigger) only
     workdir: Path
-    fingerprint: dict[
-        str, str
-    ]  # spec and precision: a checkpoint continues only the same arithmetic
+    fingerprint: dict[str, Any]  # ckpt.run_fingerprint: the spec hash and the precision
     reversal_state: dict[str, Any] | None = None
     repair_state: dict[str, Any] | None = None
     anp_state: dict[str, Any] | None = None
@@ -299,6 +297,7 @@ def _open(spec: DefendSpec, reporter: Reporter, started: float) -> _Defense:
     """Devices, streams, the defender split and the held-out evaluation set (in this order: the
     streams' draws depend on it)."""
     from engine.ml import artifacts
+    from engine.ml import checkpoint as ckpt
     from engine.ml.data import defender_split
     from engine.ml.repair import EvalSet, trigger_stream
     from engine.ml.runtime import (
@@ -351,7 +350,7 @@ def _open(spec: DefendSpec, reporter: Reporter, started: float) -> _Defense:
         held_out=held_out,
         truth=truth,
         workdir=Path(reporter.workdir),
-        fingerprint={"spec": spec.spec_hash(), "precision": precision},
+        fingerprint=ckpt.run_fingerprint(spec.spec_hash(), precision),
         extra={"method": spec.method, "stamp_rate": spec.stamp_rate},
         upstream=[spec.model],
         target=spec.target,

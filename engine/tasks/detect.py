@@ -122,12 +122,6 @@ def _load(spec: DetectSpec, classes: list[int], reporter: Reporter) -> _Loaded:
     return _Loaded(config, device, precision, model, normalizer, images, labels)
 
 
-def _scores_fingerprint(spec: DetectSpec, precision: str) -> dict[str, str]:
-    """Saved scores continue only the same spec at the same precision (classes searched in fp32
-    and in bf16 are not mixed in one verdict)."""
-    return {"spec": spec.spec_hash(), "precision": precision}
-
-
 def _resume_scores(
     spec: DetectSpec, precision: str, workdir: Path, reporter: Reporter
 ) -> dict[int, dict]:
@@ -137,7 +131,7 @@ def _resume_scores(
 
     if not reporter.resume:
         return {}
-    fingerprint = _scores_fingerprint(spec, precision)
+    fingerprint = ckpt.run_fingerprint(spec.spec_hash(), precision)
     saved = ckpt.load_or_none(workdir / SCORES, SCORES_KIND, fingerprint, reporter)
     if saved is None:
         return {}
@@ -235,7 +229,7 @@ def _search_classes(
             workdir / SCORES,
             SCORES_KIND,
             {"classes": {str(c): v for c, v in finished.items()}},
-            _scores_fingerprint(spec, ld.precision),
+            ckpt.run_fingerprint(spec.spec_hash(), ld.precision),
         )
         (workdir / PASS_CHECKPOINT.format(index=gi)).unlink(missing_ok=True)
     return finished

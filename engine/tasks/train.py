@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from engine.errors import UserError
 from engine.ml import artifacts
-from engine.ml.checkpoint import load_or_none, save_checkpoint
+from engine.ml.checkpoint import load_or_none, run_fingerprint, save_checkpoint
 from engine.ml.data import Normalizer, augment, batch_indices, load_dataset, to_float
 from engine.ml.metrics import evaluate, variation_asr
 from engine.ml.models import build_model, count_parameters, stem_modules, whiten_first_conv_
@@ -314,10 +314,8 @@ def make_schedule(job: Job) -> Schedule:
 
 
 def checkpoint_fingerprint(job: Job) -> dict[str, Any]:
-    """What a checkpoint must have been made with to continue this run: the spec and the
-    resolved precision (as the search's), so that no model mixes fp32 and bf16 epochs when a
-    job moves to another machine."""
-    return {"spec": job.spec.model_dump(mode="json"), "precision": job.precision}
+    """What a checkpoint must have been made with to continue this run."""
+    return run_fingerprint(job.spec.model_dump(mode="json"), job.precision)
 
 
 def resume(job: Job, schedule: Schedule) -> None:
