@@ -561,7 +561,7 @@ class MesaTrainer:
             zs.append(self._noise(run, b))
             zms.append(self._noise(run, b))
             eps.append(torch.randn(b, self.channels, k, k, generator=run.stream) * cfg.jitter)
-            if self.learned:
+            if run.learned:
                 probs = run.position_probs(self.grid, cfg)
                 pos.append(sample_positions(probs, b, run.stream))
             else:
@@ -602,7 +602,7 @@ class MesaTrainer:
         loss.sum().backward()
         for run in self.runs:
             run.opt_g.step()
-        if self.learned:
+        if any(run.learned for run in self.runs):
             self._update_positions(p.detach(), betas, torch.cat(pos).view(len(self.runs), b, 2))
 
         for run in self.runs:
@@ -625,26 +625,28 @@ class MesaTrainer:
 
     def _position_start(
         self, scan: PositionScan | None, beta: float, target: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Sums, counts and support of a learned pi before the first step: uniform (the paper's
-        per-image placement) unless the scan found a peak for ``target``; then only the peak's
-        offsets, each with ``position_prior`` pseudo-visits at the scan's capped log score."""
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Sums, counts and support of a learned pi before the first step, when the scan found
+        a peak for ``target``: only the peak's offsets, each with ``position_prior`` pseudo-visits
+        at the scan's capped log score. Without a peak all three are None and the pair is the
+        paper's search, stamped per image at uniform places: a pi learned over the whole image
+        collapses onto a few offsets that score a little higher by chance, and a repair stamped
+        there leaves more of a random-position backdoor (docs/method.md)."""
+        if scan is None:
+            return None, None, None
+        if scan.grid != self.grid:
+            raise UserError(
+                f"the position scan covers a {scan.grid[0]}x{scan.grid[1]} grid, the search "
+                f"a {self.grid[0]}x{self.grid[1]} one; scan with the search's trigger size"
+            )
+        support = position_support(scan, target, self.config.scan_min_lift)
+        if support is None:
+            return None, None, None
         cells = self.grid[0] * self.grid[1]
-        sums = torch.zeros(cells, dtype=torch.float64)
-        counts = torch.zeros_like(sums)
-        support = None
-        if scan is not None:
-            if scan.grid != self.grid:
-                raise UserError(
-                    f"the position scan covers a {scan.grid[0]}x{scan.grid[1]} grid, the search "
-                    f"a {self.grid[0]}x{self.grid[1]} one; scan with the search's trigger size"
-                )
-            support = position_support(scan, target, self.config.scan_min_lift)
-        if support is not None:
-            visits = self.config.position_prior
-            prior = position_prior(scan, target, beta)  # type: ignore[arg-type]
-            sums = torch.where(support, visits * prior, sums)
-            counts = torch.where(support, torch.full_like(counts, visits), counts)
+        visits = self.config.position_prior
+        prior = position_prior(scan, target, beta)
+        sums = torch.where(support, visits * prior, torch.zeros(cells, dtype=torch.float64))
+        counts = torch.where(support, visits, 0.0).to(torch.float64)
         return sums, counts, support
 
     def _update_positions(
@@ -656,7 +658,8 @@ class MesaTrainer:
         cells = positions[..., 0] * self.grid[1] + positions[..., 1]
         keep = 1.0 - 1.0 / self.config.position_memory
         for i, run in enumerate(self.runs):
-            assert run.pos_sums is not None and run.pos_counts is not None
+            if run.pos_sums is None or run.pos_counts is None:  # a pair without a peak
+                continue
             run.pos_sums.mul_(keep).index_add_(0, cells[i], reward[i])
             run.pos_counts.mul_(keep).index_add_(0, cells[i], torch.ones_like(reward[i]))
 
@@ -899,6 +902,8 @@ def _fingerprint(
         "images": list(trainer.images.shape),
         "precision": trainer.precision,
         "pca_step": pca_step,
+        # Which pairs learn pi (the scan's peaks): a checkpoint of an older rule is not continued.
+        "learned_pairs": [run.learned for run in trainer.runs],
     }
 
 

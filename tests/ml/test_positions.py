@@ -110,6 +110,24 @@ def test_learned_placement_finds_a_fixed_position_backdoor_that_per_image_misses
     assert "mesa/beta=0.8/pos_entropy" not in random_places.metrics
 
 
+def test_without_a_scan_peak_the_learned_search_is_the_papers_search_exactly(tmp_path):
+    """A backdoor that answers anywhere gives the scan no peak: the default (learned) search is
+    then the paper's per-image one bit for bit, with no pi, so its repair stamps at random places
+    (a pi learned over the whole image collapsed onto a few offsets and repaired worse)."""
+    images, labels = synthetic(512, seed=3)
+    normalizer = Normalizer((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    model = PlantedBackdoor(target=1).eval()
+    quick = dict(steps=60, sample_every=60, stats_every=30)
+    learned = search(model, normalizer, images, 1, config("learned", **quick), labels=labels)
+    paper = search(model, normalizer, images, 1, config("per-image", **quick), labels=labels)
+    assert learned.positions == [None] and learned.landing == [None]
+    assert learned.metrics == paper.metrics
+    torch.testing.assert_close(learned.samples[0], paper.samples[0], rtol=0, atol=0)
+    assert not any("pos_" in key for row in learned.history for key in row)
+    write_search_artifact(learned, tmp_path / "search")  # no pi: a repair stamps at random places
+    assert open_search(tmp_path / "search").positions == {}
+
+
 def test_detection_with_learned_placement_flags_the_fixed_position_target():
     model, normalizer, images, labels = setup()
     pairs = [(0.8, c, f"detect/class={c}") for c in range(CLASSES)]
