@@ -29,6 +29,9 @@ perturbation in normalised pixel space and unclamped. Where this differs:
   images in an order of its own stream.
 - The fixed-point iteration starts from v = dL/d delta, which is where the reference's first
   iteration (from v = 0) arrives, and stops early on the same tolerance (1e-10).
+- The unlearning data are the defender split, as for every repair here (in the paper-figure
+  study the 8,000 CIFAR-10 test images not held out); the reference unlearns on the first 5,000
+  test images, BackdoorBench on a share (``ratio``) of the clean training set.
 """
 
 from __future__ import annotations
