@@ -389,7 +389,9 @@ def complete_unit(unit: dict[str, Any], workdir: Path, results: Path) -> Path | 
         return None
     started = time.perf_counter()
     base = workdir / unit["name"]
-    model, seed = the_model(unit, base, {})
+    now: dict[str, Any] = {}
+    model, seed = the_model(unit, base, now)
+    check_same_attack(unit, record, now, base)
     search = the_search(unit, model, seed, base)
     if search["validity"] != record["search"]["validity"]:
         raise UserError(
@@ -414,6 +416,23 @@ def complete_unit(unit: dict[str, Any], workdir: Path, results: Path) -> Path | 
     )
     write_json(path, record)
     return path
+
+
+def check_same_attack(
+    unit: dict[str, Any], record: dict[str, Any], now: dict[str, Any], base: Path
+) -> None:
+    """Refuse to add repairs to a record when the model at hand is not the recorded one: an
+    attack made again (its kept copy lost) can differ, and the search's validity alone missed
+    that once (both s0 square-white models were re-made 0.2-0.5 points off in clean accuracy)."""
+    keys = ("acc_clean", "asr")
+    was = {k: record.get("attack", {}).get(k) for k in keys}
+    is_ = {k: now.get("attack", {}).get(k) for k in keys}
+    if unit["kind"] != "paper" and was != is_:
+        raise UserError(
+            f"{unit['name']}: the model in {base / 'attack'} is not the recorded one (clean "
+            f"accuracy and ASR {is_} against {was}); new repairs would not be paired with the "
+            "recorded ones, so run the unit again from scratch in a new work folder"
+        )
 
 
 def paper_comparison(

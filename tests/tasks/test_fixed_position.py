@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from engine.errors import UserError
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -80,7 +82,13 @@ def test_a_rerun_adds_a_missing_method_to_a_finished_unit_and_redoes_nothing(tmp
     unit = next(u for u in driver.attack_units() if u["name"] == "bw-0_corner_s0")
     kept = {m: {"asr_outcomes": "1100", "asr": 0.5} for m in ("mesa", "point", "finetune")}
     kept["neural-cleanse"] = {"asr_outcomes": "1000", "asr": 0.25}
-    record = {"unit": unit["name"], "search": {"validity": {"0.9": 0.9}}, "repairs": kept}
+    attack = {"acc_clean": 0.85, "asr": 0.97}
+    record = {
+        "unit": unit["name"],
+        "attack": {**attack, "seconds": 600.0},
+        "search": {"validity": {"0.9": 0.9}},
+        "repairs": kept,
+    }
     (tmp_path / f"{unit['name']}.json").write_text(json.dumps(record))
     ran: list[list[str]] = []
 
@@ -90,7 +98,11 @@ def test_a_rerun_adds_a_missing_method_to_a_finished_unit_and_redoes_nothing(tmp
         for method in methods:
             progress(method, {"asr_outcomes": "0100", "asr": 0.25})
 
-    monkeypatch.setattr(driver, "the_model", lambda unit, base, record: ("attack", 0))
+    def the_model(unit, base, record, made=attack):
+        record["attack"] = {**made, "seconds": 1.0}  # kept: found in no time
+        return "attack", 0
+
+    monkeypatch.setattr(driver, "the_model", the_model)
     found = {"artifact": "search", "validity": {"0.9": 0.9}}
     monkeypatch.setattr(driver, "the_search", lambda unit, model, seed, base: found)
     monkeypatch.setattr(driver, "repairs", repairs)
@@ -104,6 +116,35 @@ def test_a_rerun_adds_a_missing_method_to_a_finished_unit_and_redoes_nothing(tmp
     }  # fmt: skip
     assert after["added"][0]["methods"] == ["mesa-probes", "ideal"]
     assert driver.complete_unit(unit, tmp_path / "work", tmp_path) is None and len(ran) == 1
+
+
+def test_a_completion_refuses_a_model_made_again_that_differs_from_the_record(
+    tmp_path, monkeypatch
+):
+    """The kept attack was lost and made again 0.2 points off: the search's validity can still
+    match, but the new repairs would not be paired with the recorded ones."""
+    sys.path.insert(0, str(ROOT))
+    import benchmarks.fixed_position as driver
+
+    unit = next(u for u in driver.attack_units() if u["name"] == "square-white_corner_s0")
+    record = {
+        "unit": unit["name"],
+        "attack": {"acc_clean": 0.8525, "asr": 0.9744, "seconds": 1443.0},
+        "search": {"validity": {"0.9": 1.0}},
+        "repairs": {"mesa": {"asr_outcomes": "01", "asr": 0.5}},
+    }
+    (tmp_path / f"{unit['name']}.json").write_text(json.dumps(record))
+
+    def the_model(unit, base, record):
+        record["attack"] = {"acc_clean": 0.8505, "asr": 0.9750, "seconds": 900.0}
+        return "attack", 0
+
+    monkeypatch.setattr(driver, "the_model", the_model)
+    monkeypatch.setattr(driver, "the_search", lambda *a: {"validity": {"0.9": 1.0}})
+    monkeypatch.setattr(driver, "repairs", lambda *a: pytest.fail("repaired a different model"))
+    with pytest.raises(UserError, match="not the recorded one"):
+        driver.complete_unit(unit, tmp_path / "work", tmp_path)
+    assert json.loads((tmp_path / f"{unit['name']}.json").read_text()) == record
 
 
 def test_a_kept_task_is_reused_across_an_unset_setting_added_since():
