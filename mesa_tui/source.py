@@ -545,8 +545,10 @@ class TriggerSamples:
     by_beta: Mapping[str, np.ndarray]
     original: np.ndarray | None = None  # (C, k, k) from ground_truth.json
     stamp: float = 0.0  # newest mtime, to skip rereads
-    # Learned placement: per beta the position distribution pi (Hp, Wp) from positions.npy.
+    # Learned placement: per beta the position distribution pi (Hp, Wp) from positions.npy, and
+    # per offset how many evaluated stamps there sent their image to the target (landing.npy).
     positions: Mapping[str, np.ndarray] = field(default_factory=dict)
+    landing: Mapping[str, np.ndarray] = field(default_factory=dict)
 
 
 def search_dirs(detail: JobView) -> list[Path]:
@@ -570,16 +572,28 @@ def read_trigger_samples(dirs: Iterable[Path], known_stamp: float = 0.0) -> Trig
             f.parent.name.removeprefix("beta="): as_chw(np.load(f, allow_pickle=False))
             for f in files
         }
-        positions = {}
-        for f in sorted(directory.glob("beta=*/positions.npy")):
-            try:
-                pi = np.load(f, allow_pickle=False)
-            except (OSError, ValueError):
-                continue  # half-written or damaged: the next poll reads it again
-            if pi.ndim == 2:
-                positions[f.parent.name.removeprefix("beta=")] = pi.astype(np.float32)
-        return TriggerSamples(str(directory), by_beta, _ground_truth(directory), stamp, positions)
+        return TriggerSamples(
+            str(directory),
+            by_beta,
+            _ground_truth(directory),
+            stamp,
+            _position_maps(directory, "positions.npy"),
+            _position_maps(directory, "landing.npy"),
+        )
     return None
+
+
+def _position_maps(directory: Path, name: str) -> dict[str, np.ndarray]:
+    """Per beta the (Hp, Wp) map ``beta=<b>/<name>`` of a learned search; none for the others."""
+    maps = {}
+    for f in sorted(directory.glob(f"beta=*/{name}")):
+        try:
+            values = np.load(f, allow_pickle=False)
+        except (OSError, ValueError):
+            continue  # half-written or damaged: the next poll reads it again
+        if values.ndim == 2:
+            maps[f.parent.name.removeprefix("beta=")] = values.astype(np.float32)
+    return maps
 
 
 def _ground_truth(directory: Path) -> np.ndarray | None:

@@ -250,7 +250,7 @@ class RunScreen(SourceScreen):
     def on_samples_loaded(self, message: SamplesLoaded) -> None:
         self.samples_stamp = message.samples.stamp
         self.query_one(TriggerGrid).show(message.samples.by_beta, message.samples.original)
-        self.query_one(PositionMap).show(message.samples.positions)
+        self.query_one(PositionMap).show(message.samples.positions, message.samples.landing)
         plot = self.query_one("#embedding-plot", PlotWidget)
         plot.clear()
         for i, (beta, xy) in enumerate(sorted(message.embedding.items(), reverse=True)):

@@ -1,10 +1,12 @@
-"""Where a search's triggers land: the learned position distribution pi of each beta as a heat map.
+"""Where a search's triggers go and where they work, per beta, as heat maps: the learned position
+distribution pi (where the search stamps) and, beside it, where the evaluated stamps sent their
+image to the target (``landing.npy``, as shares of those hits: where valid triggers land).
 
 One pixel per top-left offset of the patch (row, col), two pixels per terminal cell with the
 upper half block, as the trigger tiles are drawn. Colours run from dark blue (no mass) through
 teal and green to yellow (the largest cell), on the map's own scale; the legend under each map
-gives the scale's top, the most likely offset and how spread pi is (its entropy as a share of the
-uniform's: 1.0 means uniform, the paper's random places).
+gives the scale's top, the most likely offset and how spread the map is (its entropy as a share
+of the uniform's: 1.0 means uniform, the paper's random places).
 """
 
 from __future__ import annotations
@@ -89,8 +91,15 @@ def legend(probs: np.ndarray) -> list[Text]:
     return [bar, info]
 
 
+def hit_shares(counts: np.ndarray) -> np.ndarray | None:
+    """Landing counts as shares of every hit; None when no evaluated stamp hit the target."""
+    c = np.asarray(counts, dtype=np.float64)
+    total = float(c.sum())
+    return (c / total).astype(np.float32) if total > 0 else None
+
+
 class PositionMap(BlocksWidget):
-    """Heat maps of the learned position distribution, one per beta, laid out to the width."""
+    """Per beta the heat map of pi and of where its valid triggers land, laid out to the width."""
 
     DEFAULT_CSS = """
     PositionMap { height: auto; width: 1fr; margin-top: 1; }
@@ -99,10 +108,14 @@ class PositionMap(BlocksWidget):
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
         self.by_beta: Mapping[str, np.ndarray] = {}
+        self.landing: Mapping[str, np.ndarray] = {}
         self.display = False  # only searches with learned placement have a map
 
-    def show(self, by_beta: Mapping[str, np.ndarray]) -> None:
+    def show(
+        self, by_beta: Mapping[str, np.ndarray], landing: Mapping[str, np.ndarray] | None = None
+    ) -> None:
         self.by_beta = by_beta
+        self.landing = landing or {}
         self._invalidate()
         self.display = bool(by_beta)
         self.refresh(layout=True)
@@ -110,11 +123,22 @@ class PositionMap(BlocksWidget):
     def _build(self, width: int) -> list[Text]:
         if not self.by_beta:  # hidden then; a search at random places has no map
             return [Text("")]
-        out = [Text("where valid triggers land (learned placement; patch top-left offsets)")]
+        out = [  # two short lines: an 80-column terminal shows them whole
+            Text("learned placement, patch top-left offsets:"),
+            Text("π where the search stamps · hits where its valid triggers land"),
+        ]
         blocks = []
         for beta in sorted(self.by_beta, key=beta_order, reverse=True):
             probs = self.by_beta[beta]
-            blocks.append(
-                (f"β={beta} {probs.shape[0]}x{probs.shape[1]}", heat_lines(probs) + legend(probs))
-            )
+            size = f"{probs.shape[0]}x{probs.shape[1]}"
+            blocks.append((f"β={beta} π {size}", heat_lines(probs) + legend(probs)))
+            if beta in self.landing:
+                blocks.append((f"β={beta} hits", self._hits(self.landing[beta])))
         return out + flow(blocks, width)
+
+    @staticmethod
+    def _hits(counts: np.ndarray) -> list[Text]:
+        shares = hit_shares(counts)
+        if shares is None:
+            return [Text("no evaluated stamp"), Text("hit the target")]
+        return heat_lines(shares) + legend(shares)

@@ -431,9 +431,10 @@ async def test_pipeline_form_refuses_a_bad_method_then_queues_every_stage(demo, 
 
 
 async def test_position_map_shows_where_learned_triggers_land(demo, clock):
-    """A search with learned placement writes beta=*/positions.npy: the Triggers tab draws one
-    heat map per beta with its legend (the top offset, its mass, the spread); a search at random
-    places has no map and the widget stays hidden."""
+    """A search with learned placement writes beta=*/positions.npy and landing.npy: the Triggers
+    tab draws per beta the heat map of pi and of where its evaluated stamps hit the target, each
+    with its legend (the top offset, its mass, the spread); a search at random places has no map
+    and the widget stays hidden."""
     import numpy as np
 
     from mesa_tui.widgets.position_map import PositionMap, heat_lines, legend
@@ -449,8 +450,12 @@ async def test_position_map_shows_where_learned_triggers_land(demo, clock):
         search_dir = Path(demo._workdirs[2])
         pi = np.full((30, 30), 0.1 / 899, dtype=np.float32)
         pi[29, 29] = 0.9
+        hits = np.zeros((30, 30), dtype=np.float32)
+        hits[29, 28:] = (30, 10)  # 40 hits, three quarters one column in from the corner
         for beta in ("0.9", "0.8", "0.5"):
             np.save(search_dir / f"beta={beta}" / "positions.npy", pi, allow_pickle=False)
+            landing = hits if beta != "0.5" else np.zeros_like(hits)  # 0.5: nothing hit
+            np.save(search_dir / f"beta={beta}" / "landing.npy", landing, allow_pickle=False)
             (search_dir / f"beta={beta}" / "samples.npy").touch()  # newer: read again
         run.samples_stamp = 0.0
         run.polls = 0
@@ -459,7 +464,12 @@ async def test_position_map_shows_where_learned_triggers_land(demo, clock):
         await pilot.pause()
         widget = run.query_one(PositionMap)
         assert widget.display and set(widget.by_beta) == {"0.9", "0.8", "0.5"}
-        assert widget.by_beta["0.9"].shape == (30, 30)
+        assert widget.by_beta["0.9"].shape == (30, 30) and set(widget.landing) == set(
+            widget.by_beta
+        )
+        drawn = "\n".join(line.plain for line in widget._build(120))
+        assert "β=0.9 hits" in drawn and "top (29,28) 75%" in drawn
+        assert "no evaluated stamp" in drawn  # beta 0.5's stamps hit nothing
     lines = heat_lines(pi)
     assert len(lines) == 15 and lines[0].cell_len == 30
     bar, info = legend(pi)

@@ -216,12 +216,16 @@ def with_learned_positions(source) -> None:
         pi[28:, 28:] = 0.98 / 4 - 0.05 * i
         pi[27, 27] = 0.2 * i
         np.save(search_dir / f"beta={beta}" / "positions.npy", pi / pi.sum(), allow_pickle=False)
+        hits = np.zeros((30, 30), dtype=np.float32)
+        hits[28:, 28:] = (6 - i, 3), (2, 1)
+        np.save(search_dir / f"beta={beta}" / "landing.npy", hits, allow_pickle=False)
 
 
-@pytest.mark.parametrize("size", [(120, 40)], ids=lambda size: f"{size[0]}x{size[1]}")
+@pytest.mark.parametrize("size", [(120, 40), (80, 24)], ids=lambda size: f"{size[0]}x{size[1]}")
 def test_run_triggers_position_map(snap_compare, snapshot_demo, clock, size):
-    """The Triggers tab of a search with learned placement: the heat map of where triggers land
-    (one per beta, with its legend) under the sampled triggers; scrolled down to it."""
+    """The Triggers tab of a search with learned placement: per beta the heat map of pi and of
+    where its valid triggers land, each with its legend, under the sampled triggers; scrolled
+    down to it."""
     with_learned_positions(snapshot_demo)
 
     async def scroll(pilot) -> None:
