@@ -13,7 +13,8 @@ import os
 import shutil
 import statistics
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -134,6 +135,34 @@ def check_destination(out: Path, force: bool) -> Path:
     return out
 
 
+@contextmanager
+def writing_beside(final: Path, option: str) -> Iterator[Path]:
+    """A new folder beside ``final`` for the block to write and rename into place; whatever
+    the block raises, that folder and the folders made for it go. A place that cannot hold it
+    (a file on the way, a path the system will not make) is one line naming ``option``."""
+    blocker = next((p for p in final.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UserError(
+            f"{option} '{final}': '{blocker}' is a file, not a folder; give another path"
+        )
+    missing = [p for p in (final.parent, *final.parent.parents) if not p.exists()]
+    tmp = final.parent / f".{final.name}.part-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise UserError(
+                f"{option} '{final}' cannot be made ({reason}); give a folder you can write"
+            ) from None
+        yield tmp
+    except BaseException:
+        shutil.rmtree(missing[-1] if missing else tmp, ignore_errors=True)  # the topmost made
+        raise
+
+
 def build_report(
     store: Any,
     target: str,
@@ -148,10 +177,7 @@ def build_report(
     kind, key = resolve_target(store, target, kind)
     final = check_destination(Path(out), force)
     gpu = [collect.load_gpu_result(p) for p in gpu_results]
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.part-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with writing_beside(final, "--out") as tmp:
         writer = Writer(tmp, final)
         if kind == "study":
             _study_report(writer, store, str(key), gpu)
@@ -165,9 +191,6 @@ def build_report(
             _job_report(writer, store, int(key), gpu)
         result = writer.finish()
         _move_into_place(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return result
 
 
