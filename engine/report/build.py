@@ -23,6 +23,7 @@ from typing import Any
 from engine.errors import UserError
 from engine.report import collect
 from engine.report.collect import GpuResult, JobData, SearchData, Series
+from store.entities import FINISHED
 
 SUMMARY_COLUMNS = (
     "method",
@@ -71,6 +72,7 @@ class ReportResult:
     figures: list[str]
     tables: list[str]
     sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    unfinished: str = ""  # how a reported job ended when it did not succeed (the CLI says it)
 
     def to_json(self) -> dict[str, Any]:
         return {"report": self.report, "figures": self.figures, "tables": self.tables}
@@ -175,6 +177,7 @@ def build_report(
     """Write the report of a study (by name) or a job (by id) into ``out``; ``kind`` ("study" or
     "job") settles a study named like a job id."""
     kind, key = resolve_target(store, target, kind)
+    ending = job_ending(store.job(int(key))) if kind == "job" else ""
     final = check_destination(Path(out), force)
     gpu = [collect.load_gpu_result(p) for p in gpu_results]
     with writing_beside(final, "--out") as tmp:
@@ -191,7 +194,21 @@ def build_report(
             _job_report(writer, store, int(key), gpu)
         result = writer.finish()
         _move_into_place(tmp, final)
+    result.unfinished = ending
     return result
+
+
+def job_ending(job: Any) -> str:
+    """How a finished job ended when it did not succeed ("" when it did); a job still queued or
+    running is refused: its report would hold none of its results."""
+    if job.status not in FINISHED:
+        raise UserError(
+            f"job {job.id} is {job.status}, not finished; wait for it (`mesa-tui wait {job.id}`) "
+            "and report it then"
+        )
+    if job.status == "succeeded":
+        return ""
+    return f"job {job.id} {job.status}" + (f": {job.error}" if job.error else "")
 
 
 def _move_into_place(tmp: Path, final: Path) -> None:

@@ -137,3 +137,34 @@ def test_a_report_that_fails_removes_the_folders_made_for_it(tmp_path):
     done = run("report", str(folder), "--out", str(tmp_path / "new" / "deep" / "out"))
     assert done.exit_code == 2 and "bw-1.json is not a study record" in done.stderr
     assert not (tmp_path / "new").exists()
+
+
+def test_a_job_not_finished_is_refused_and_a_failed_one_says_how_it_ended(tmp_path):
+    from engine import paths
+    from store.repository import Store
+
+    (train, _) = json.loads(
+        run("submit", "pipeline", "--target", "0", "--methods", "ideal", "--json").stdout
+    )["jobs"]
+    store = Store()
+    for status in ("queued", "running"):
+        if status == "running":
+            engine = store.register_engine("here", 1, "test", 1)
+            (claimed,) = store.claim_jobs(
+                engine.id, 1, host="here", executor="local", code_version="t",
+                workdir_for=lambda k, i: str(tmp_path / f"{k}-{i}"), startup_grace_s=60,
+            )  # fmt: skip
+        for out in (["--out", str(tmp_path / "out")], []):  # --out, or the default folder
+            done = run("report", str(train), *out)
+            assert done.exit_code == 2, done.output
+            assert done.stderr.strip().splitlines() == [
+                f"error: job {train} is {status}, not finished; wait for it "
+                f"(`mesa-tui wait {train}`) and report it then"
+            ]
+            assert not (tmp_path / "out").exists() and not (paths.data_home() / "reports").exists()
+    store.finish_run(claimed.run_id, "failed", error="boom at epoch 3")
+    done = run("report", str(train), "--out", str(tmp_path / "out"))
+    assert done.exit_code == 0, done.output
+    assert done.stdout.strip().endswith(f"tables); job {train} failed: boom at epoch 3")
+    assert "Status **failed** (boom at epoch 3)" in (tmp_path / "out" / "report.md").read_text()
+    store.close()
