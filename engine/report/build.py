@@ -118,8 +118,9 @@ def resolve_target(store: Any, target: str | int, kind: str | None = None) -> tu
             pass
         else:
             return "job", int(number)
-    if Path(value).is_dir():  # meant as a result folder
-        raise UserError(f"report: {paper.not_results_folder(value)}")
+    problem = paper.path_problem(value, "a study name, a job id")
+    if problem:  # meant as a result folder
+        raise UserError(f"report: {problem}")
     raise UserError(
         f"'{value}' is neither a study nor a job id; see `mesa-tui study list` and `mesa-tui ls` "
         "for the names and ids"

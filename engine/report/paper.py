@@ -49,6 +49,22 @@ def not_results_folder(path: str | Path) -> str:
     )
 
 
+def path_problem(value: str, wanted: str, results: bool = True) -> str | None:
+    """What ``value``, given for ``wanted`` (or, with ``results``, a result folder) and found as
+    neither, is as a path; None when it names none (then it was only an unknown name)."""
+    path = Path(value).expanduser()
+    fix = f"give {wanted}" + (
+        " or a folder that benchmarks/paper_study.py wrote" if results else ""
+    )
+    if path.is_dir():
+        return not_results_folder(value) if results else f"'{value}' is a folder; {fix}"
+    if path.exists():
+        return f"'{value}' is a file; {fix}"
+    if "/" in value or value.startswith((".", "~")):  # a path, not a name
+        return f"'{value}' does not exist, as a folder or as a name; {fix}"
+    return None
+
+
 def read_folder(folder: Path) -> tuple[dict[float, list[dict[str, Any]]], float]:
     """Every record by stamping rate, and the main rate: what the summary, the app's listing
     and its start check read, refused in one line where any file cannot be read."""

@@ -117,3 +117,44 @@ def test_a_trigger_recorded_twice_at_one_rate_is_refused(folder, tmp_path):
     copy.write_text((folder / "rate-0.01" / "bw-0.json").read_text())
     for line in refusals(folder, tmp_path / "out").values():
         assert f"{copy} and {copy.parent / 'bw-0.json'} both hold trigger bw:0 at rate 0.01" in line
+
+
+STUDY = "a study name (`mesa-tui study list`)"
+OR_FOLDER = " or a folder that benchmarks/paper_study.py wrote"
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["study", "show", "{file}"], f"study show: '{{file}}' is a file; give {STUDY}{OR_FOLDER}"),
+        (
+            ["study", "show", "{missing}"],
+            f"study show: '{{missing}}' does not exist, as a folder or as a name; give {STUDY}"
+            + OR_FOLDER,
+        ),
+        (["study", "show", "no-such-study"], "study 'no-such-study' does not exist; see `mesa-tui "
+         "study list`"),
+        (["study", "export", "{file}"], f"study export: '{{file}}' is a file; give {STUDY}"),
+        (
+            ["study", "export", "{folder}"],
+            "study export: '{folder}' is a result folder, and export reads the store's studies; "
+            "show it with `mesa-tui study show {folder}` (--json: its numbers) or write its report "
+            "with `mesa-tui report {folder}`",
+        ),
+        (
+            ["report", "{file}", "--out", "{out}"],
+            "report: '{file}' is a file; give a study name, a job id" + OR_FOLDER,
+        ),
+    ],
+)  # fmt: skip
+def test_a_path_that_is_no_study_says_what_the_path_is(folder, tmp_path, args, line):
+    """Not "study '...' does not exist" for a file, a missing folder or a result folder."""
+    from mesa_tui.cli import app
+
+    (tmp_path / "notes.txt").write_text("a file")
+    paths = {"file": tmp_path / "notes.txt", "missing": tmp_path / "gone" / "dir"}
+    paths |= {"folder": folder, "out": tmp_path / "out"}
+    result = runner.invoke(app, [a.format(**paths) for a in args])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines() == ["error: " + line.format(**paths)]
+    assert not (tmp_path / "out").exists()
