@@ -820,11 +820,10 @@ class StoreSource:
         named = {}
         for folder in self.results:
             try:
-                by_rate = paper.load_records(folder)
+                by_rate, main = paper.read_folder(folder)
             except UserError:  # listed all the same: choosing it says what is wrong
                 named[f"{folder.name} · rate ? (unreadable)"] = (folder, "?")
                 continue
-            main = paper.main_rate(folder, by_rate)
             for rate in sorted(by_rate):
                 named[results_name(folder, f"{rate:g}", main)] = (folder, f"{rate:g}")
         return named

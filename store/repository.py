@@ -124,6 +124,10 @@ class UnknownJob(UserError):
     """A job id that is not in the store."""
 
 
+class UnknownStudy(UserError):
+    """A study name that is not in the store (the faces then ask whether it meant a path)."""
+
+
 SchemaBehind = health.SchemaBehind  # the schema is not this code's (older, newer, foreign)
 
 
@@ -1641,7 +1645,7 @@ class Store:
     def _require_study(self, conn: Connection, name: str) -> Any:
         row = conn.execute(select(studies_t).where(studies_t.c.name == name)).first()
         if row is None:
-            raise UserError(f"study '{name}' does not exist; see `mesa-tui study list`")
+            raise UnknownStudy(f"study '{name}' does not exist; see `mesa-tui study list`")
         return row
 
     def _study_info(self, conn: Connection, row: Any) -> StudyInfo:

@@ -13,7 +13,8 @@ import os
 import shutil
 import statistics
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 from engine.errors import UserError
 from engine.report import collect
 from engine.report.collect import GpuResult, JobData, SearchData, Series
+from store.entities import FINISHED
 
 SUMMARY_COLUMNS = (
     "method",
@@ -70,6 +72,7 @@ class ReportResult:
     figures: list[str]
     tables: list[str]
     sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    unfinished: str = ""  # how a reported job ended when it did not succeed (the CLI says it)
 
     def to_json(self) -> dict[str, Any]:
         return {"report": self.report, "figures": self.figures, "tables": self.tables}
@@ -115,8 +118,9 @@ def resolve_target(store: Any, target: str | int, kind: str | None = None) -> tu
             pass
         else:
             return "job", int(number)
-    if Path(value).is_dir():  # meant as a result folder
-        raise UserError(f"report: {paper.not_results_folder(value)}")
+    problem = paper.path_problem(value, "a study name, a job id")
+    if problem:  # meant as a result folder
+        raise UserError(f"report: {problem}")
     raise UserError(
         f"'{value}' is neither a study nor a job id; see `mesa-tui study list` and `mesa-tui ls` "
         "for the names and ids"
@@ -134,6 +138,34 @@ def check_destination(out: Path, force: bool) -> Path:
     return out
 
 
+@contextmanager
+def writing_beside(final: Path, option: str) -> Iterator[Path]:
+    """A new folder beside ``final`` for the block to write and rename into place; whatever
+    the block raises, that folder and the folders made for it go. A place that cannot hold it
+    (a file on the way, a path the system will not make) is one line naming ``option``."""
+    blocker = next((p for p in final.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UserError(
+            f"{option} '{final}': '{blocker}' is a file, not a folder; give another path"
+        )
+    missing = [p for p in (final.parent, *final.parent.parents) if not p.exists()]
+    tmp = final.parent / f".{final.name}.part-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise UserError(
+                f"{option} '{final}' cannot be made ({reason}); give a folder you can write"
+            ) from None
+        yield tmp
+    except BaseException:
+        shutil.rmtree(missing[-1] if missing else tmp, ignore_errors=True)  # the topmost made
+        raise
+
+
 def build_report(
     store: Any,
     target: str,
@@ -146,12 +178,10 @@ def build_report(
     """Write the report of a study (by name) or a job (by id) into ``out``; ``kind`` ("study" or
     "job") settles a study named like a job id."""
     kind, key = resolve_target(store, target, kind)
+    ending = job_ending(store.job(int(key))) if kind == "job" else ""
     final = check_destination(Path(out), force)
     gpu = [collect.load_gpu_result(p) for p in gpu_results]
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.part-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with writing_beside(final, "--out") as tmp:
         writer = Writer(tmp, final)
         if kind == "study":
             _study_report(writer, store, str(key), gpu)
@@ -165,10 +195,21 @@ def build_report(
             _job_report(writer, store, int(key), gpu)
         result = writer.finish()
         _move_into_place(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    result.unfinished = ending
     return result
+
+
+def job_ending(job: Any) -> str:
+    """How a finished job ended when it did not succeed ("" when it did); a job still queued or
+    running is refused: its report would hold none of its results."""
+    if job.status not in FINISHED:
+        raise UserError(
+            f"job {job.id} is {job.status}, not finished; wait for it (`mesa-tui wait {job.id}`) "
+            "and report it then"
+        )
+    if job.status == "succeeded":
+        return ""
+    return f"job {job.id} {job.status}" + (f": {job.error}" if job.error else "")
 
 
 def _move_into_place(tmp: Path, final: Path) -> None:

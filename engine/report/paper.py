@@ -49,30 +49,163 @@ def not_results_folder(path: str | Path) -> str:
     )
 
 
+def path_problem(value: str, wanted: str, results: bool = True) -> str | None:
+    """What ``value``, given for ``wanted`` (or, with ``results``, a result folder) and found as
+    neither, is as a path; None when it names none (then it was only an unknown name)."""
+    path = Path(value).expanduser()
+    fix = f"give {wanted}" + (
+        " or a folder that benchmarks/paper_study.py wrote" if results else ""
+    )
+    if path.is_dir():
+        return not_results_folder(value) if results else f"'{value}' is a folder; {fix}"
+    if path.exists():
+        return f"'{value}' is a file; {fix}"
+    if "/" in value or value.startswith((".", "~")):  # a path, not a name
+        return f"'{value}' does not exist, as a folder or as a name; {fix}"
+    return None
+
+
+def read_folder(folder: Path) -> tuple[dict[float, list[dict[str, Any]]], float]:
+    """Every record by stamping rate, and the main rate: what the summary, the app's listing
+    and its start check read, refused in one line where any file cannot be read."""
+    by_rate = load_records(folder)
+    return by_rate, main_rate(folder, by_rate)
+
+
 def load_records(folder: Path) -> dict[float, list[dict[str, Any]]]:
-    """Every per-trigger record, by stamping rate; a record of an unknown schema is refused."""
+    """Every per-trigger record, by stamping rate, each checked (``check_record``) and no
+    trigger twice at a rate."""
     by_rate: dict[float, list[dict[str, Any]]] = {}
+    seen: dict[tuple[float, str], Path] = {}
     for path in sorted(folder.glob("rate-*/*.json")):
-        try:
-            record = json.loads(path.read_text())
-        except ValueError as exc:
-            raise UserError(f"{path} is not valid JSON ({exc}); restore it from git") from None
-        if record.get("schema") not in SCHEMAS:
+        record = read_json(path)
+        check_record(record, str(path))
+        key = (float(record["rate"]), record["trigger"])
+        if key in seen:
             raise UserError(
-                f"{path} has schema {record.get('schema')!r}; this version reads {SCHEMAS}"
+                f"{seen[key]} and {path} both hold trigger {key[1]} at rate {key[0]:g}; remove one"
             )
-        by_rate.setdefault(float(record["rate"]), []).append(record)
+        seen[key] = path
+        by_rate.setdefault(key[0], []).append(record)
     if not by_rate:
         raise UserError(f"{folder} holds no rate-*/bw-*.json results; run paper_study.py first")
     return by_rate
 
 
+def read_json(path: Path) -> Any:
+    """A result file's content (untrusted: checked by the caller)."""
+    try:
+        return json.loads(path.read_text())
+    except OSError as exc:
+        raise UserError(
+            f"{path} cannot be read ({exc.strerror or exc}); restore or remove it"
+        ) from None
+    except ValueError as exc:  # UnicodeDecodeError too
+        raise UserError(f"{path} is not valid JSON ({exc}); restore or remove it") from None
+
+
+def check_record(record: Any, name: str) -> None:
+    """Refuse, naming ``name``, a record this version cannot read: another schema, or a field
+    this module or ``stats.summarize`` reads missing or of the wrong kind."""
+    if isinstance(record, dict) and record.get("schema", SCHEMAS[0]) not in SCHEMAS:
+        raise UserError(f"{name} has schema {record['schema']!r}; this version reads {SCHEMAS}")
+    problem = _object_problem(record, RECORD_FIELDS)
+    problem = problem or _repairs_problem(record["repairs"]) or _runs_problem(record["runs"])
+    if problem is None:
+        try:
+            stats.check_record(record)
+        except ValueError as exc:
+            problem = str(exc)
+    if problem:
+        raise UserError(f"{name} is not a study record: {problem}; restore it or remove it")
+
+
+def _repairs_problem(repairs: dict[str, Any]) -> str | None:
+    for method, repair in repairs.items():
+        if not isinstance(repair, dict):
+            return f"'repairs.{method}' holds {_json_kind(repair)}, not an object"
+    return None
+
+
+def _runs_problem(runs: list[Any]) -> str | None:
+    for i, run in enumerate(runs):
+        problem = _object_problem(run, RUN_FIELDS)
+        if problem is None and run.get("same_model") is False:  # re_attacked names its methods
+            problem = _object_problem(run, (("methods", _is_names, "a list of methods"),))
+        if problem:
+            return f"runs[{i}]: {problem}"
+    return None
+
+
 def main_rate(folder: Path, by_rate: dict[float, list[dict[str, Any]]]) -> float:
     """The rate the pilot's rule chose (``rate.json``), else the rate with the most triggers."""
-    decision = folder / "rate.json"
-    if decision.exists():
-        return float(json.loads(decision.read_text())["rate"])
-    return max(by_rate, key=lambda r: (len(by_rate[r]), -r))
+    path = folder / "rate.json"
+    if not path.exists():
+        return max(by_rate, key=lambda r: (len(by_rate[r]), -r))
+    decision = read_json(path)
+    problem = _object_problem(decision, (("rate", _is_rate, "a stamping rate in (0, 1]"),))
+    if problem:
+        raise UserError(
+            f"{path} is not a rate decision: {problem}; restore it, or remove it to take the "
+            "rate with the most triggers"
+        )
+    return float(decision["rate"])
+
+
+# ---------------------------------------------------------------------------------------------
+# What a record must hold: the fields read here (``stats.check_record`` checks the outcomes)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_rate(value: Any) -> bool:
+    return _is_number(value) and 0 < value <= 1
+
+
+def _is_names(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+
+
+def _is_machine(value: Any) -> bool:
+    return isinstance(value, dict) and bool(value.get("gpu") or value.get("cpu")) and all(
+        k in value for k in ("precision", "threads")
+    )  # fmt: skip
+
+
+RECORD_FIELDS = (
+    ("schema", lambda v: True, ""),
+    ("rate", _is_rate, "a stamping rate in (0, 1]"),
+    ("trigger", lambda v: isinstance(v, str) and bool(v.strip()), "a trigger such as 'bw:0'"),
+    ("attack.held_out_asr", _is_number, "a number"),
+    ("repairs", lambda v: isinstance(v, dict), "an object of repairs by method"),
+    ("runs", lambda v: isinstance(v, list) and bool(v), "a non-empty list of runs"),
+)  # fmt: skip
+RUN_FIELDS = (
+    ("seconds.wall", _is_number, "a number"),
+    ("machine", _is_machine, "an object naming its cpu or gpu, precision and threads"),
+)
+
+
+def _object_problem(value: Any, fields: Sequence[tuple[str, Any, str]]) -> str | None:
+    """What in ``value`` breaks ``fields`` (dotted key, test, what it must be), or None."""
+    if not isinstance(value, dict):
+        return f"it holds {_json_kind(value)}, not an object"
+    for dotted, ok, want in fields:
+        found = value
+        for part in dotted.split("."):
+            if not isinstance(found, dict) or part not in found:
+                return f"no '{dotted}'"
+            found = found[part]
+        if not ok(found):
+            return f"'{dotted}' is {json.dumps(found)[:40]}, not {want}"
+    return None
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return kinds.get(type(value), "a number")
 
 
 def methods_of(records: Sequence[dict[str, Any]]) -> list[str]:
@@ -83,10 +216,10 @@ def methods_of(records: Sequence[dict[str, Any]]) -> list[str]:
 def summary(folder: str | Path) -> dict[str, Any]:
     """The study as one JSON-ready dict: per rate the statistics, costs and machines."""
     folder = Path(folder)
-    by_rate = load_records(folder)
+    by_rate, main = read_folder(folder)
     out: dict[str, Any] = {
         "folder": str(folder),
-        "main_rate": main_rate(folder, by_rate),
+        "main_rate": main,
         "main_rate_source": "the pilot's rule, rate.json"
         if (folder / "rate.json").exists()
         else "no rate.json yet: the rate with the most triggers",
@@ -177,12 +310,9 @@ def write(w: Any, folder: Path, gpu: Sequence[collect.GpuResult] = ()) -> None:
 
 def gpu_pilot_section(w: Any, result: collect.GpuResult, paper: dict) -> None:
     """The same protocol on the paper's ResNet-18, run on a GPU: a pilot of a few triggers."""
-    for record in result.records:
-        if record.get("schema") not in SCHEMAS:
-            raise UserError(
-                f"{result.path}: the record of {record.get('trigger')} has schema "
-                f"{record.get('schema')!r}; this version reads {SCHEMAS}"
-            )
+    for i, record in enumerate(result.records):
+        trigger = record.get("trigger") if isinstance(record, dict) else None
+        check_record(record, f"{result.path}: the record of {trigger or f'trigger {i + 1}'}")
     info = result.paper
     name = Path(result.path).name
     w.md(f"## ResNet-18 on {result.device}: a pilot of the same protocol", "")

@@ -10,6 +10,7 @@ with a ValueError.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -225,6 +226,23 @@ def summarize(
             [t.name for t in used if finetune in t.runs and _removed(t, finetune, threshold)]
         ),
     }
+
+
+def check_record(record: Mapping[str, Any], reference: str = "mesa") -> None:
+    """Raise the ValueError ``summarize`` would meet in one record, before any computing: its
+    outcome strings and accuracies, and repairs scored on different numbers of images (they
+    are paired image by image)."""
+    t = _read_trigger(record, list(record.get("repairs") or ()))
+    sizes = {m: run.outcomes.shape[1] for m, run in t.runs.items()}
+    if len(set(sizes.values())) > 1:
+        usual = Counter(sizes.values()).most_common(1)[0][0]
+        odd = " and ".join(f"{m} {n}" for m, n in sizes.items() if n != usual)
+        raise ValueError(
+            f"trigger {t.name}: repairs are paired on the same images, yet {odd} where the "
+            f"others scored {usual}"
+        )
+    if reference in t.runs and t.runs[reference].restarts:
+        raise ValueError(f"trigger {t.name}: the reference {reference} must be one run")
 
 
 @dataclass(frozen=True, eq=False)

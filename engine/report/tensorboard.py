@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import socket
 import struct
 import time
@@ -33,6 +32,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from engine.errors import UserError
+from engine.report.build import writing_beside
 
 INSTALL = "pip install 'mesa-tui[tensorboard]'"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -107,20 +107,13 @@ def export_jobs(store: Any, job_ids: list[int], out: str | Path) -> dict[str, An
         raise UserError(f"-o {final} is a file; give a directory for the TensorBoard runs")
     if final.is_dir() and any(final.iterdir()):
         raise UserError(f"-o {final} is not empty; give a new directory for the TensorBoard runs")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.part-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     runs: list[RunExport] = []
-    try:
-        tmp.mkdir()
+    with writing_beside(final, "-o") as tmp:
         for job_id in dict.fromkeys(job_ids):
             runs.append(_export_job(tb, store, job_id, tmp))
         if final.exists():
             final.rmdir()  # empty, checked above
         tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"directory": str(final), "runs": [r.to_json() for r in runs]}
 
 

@@ -63,7 +63,8 @@ def print_json(obj: Any) -> None:
 
 def open_app(results: Sequence[Path] = ()) -> None:
     """The app; ``results``: result folders of benchmarks/paper_study.py for its study screen,
-    each checked here (one line and exit 2 for a folder that holds no results)."""
+    each checked here (one line and exit 2 for a folder that holds no results or a file that
+    cannot be read)."""
     from engine.errors import UserError
     from engine.report import paper
     from mesa_tui.app import run_app
@@ -71,6 +72,10 @@ def open_app(results: Sequence[Path] = ()) -> None:
     for folder in results:
         if not paper.is_results_folder(folder):
             raise UserError(f"--results {paper.not_results_folder(folder)}")
+        try:  # every record, so a damaged one is this line, not an error inside the app
+            paper.read_folder(Path(folder))
+        except UserError as exc:
+            raise UserError(f"--results: {exc}") from None
     code = run_app(results=results)
     if code:
         raise typer.Exit(code)

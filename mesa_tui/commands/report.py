@@ -52,6 +52,7 @@ def report_command(
     else:
         typer.echo(
             f"wrote {result.report} ({len(result.figures)} figures, {len(result.tables)} tables)"
+            + (f"; {result.unfinished}" if result.unfinished else "")
         )
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import typer
 
@@ -17,6 +18,25 @@ if TYPE_CHECKING:
 app = typer.Typer(
     help="Studies: pipelines from a template, summarised like the paper.", no_args_is_help=True
 )
+T = TypeVar("T")
+STUDY_NAME = "a study name (`mesa-tui study list`)"
+
+
+def from_store(command: str, name: str, read: Callable[[str], T], results: bool = True) -> T:
+    """``read(name)`` from the store; a name it lacks that names a path is one line about the
+    path ("study ... does not exist" hid a file or a mistyped folder). ``results``: the command
+    also takes a result folder."""
+    from engine.errors import UserError
+    from engine.report import paper
+    from store.repository import UnknownStudy
+
+    try:
+        return read(name)
+    except UnknownStudy:
+        problem = paper.path_problem(name, STUDY_NAME, results)
+        if problem is None:
+            raise
+        raise UserError(f"study {command}: {problem}") from None
 
 
 def _seeds(value: str) -> list[int]:
@@ -124,7 +144,6 @@ def show(
     repairs wrote per-image outcomes, the mean comes with its 95 % interval and the JSON carries
     the study's statistics (engine/report/study_stats.py). A result folder of the paper-figure
     study shows the same statistics per stamping rate (engine/report/paper.py)."""
-    from engine.errors import UserError
     from engine.report import paper
     from engine.report.study_stats import study_statistics
     from mesa_tui.commands.jobs import open_store
@@ -134,12 +153,7 @@ def show(
         show_results_folder(paper.summary(name), json_output)
         return
     store = open_store()
-    try:
-        summary = store.study_summary(name)
-    except UserError:
-        if Path(name).is_dir():  # meant as a result folder, not as a study's name
-            raise UserError(f"study show: {paper.not_results_folder(name)}") from None
-        raise
+    summary = from_store("show", name, store.study_summary)
     statistics = study_statistics(store, name)
     if json_output:
         data = to_json(summary)
@@ -249,11 +263,18 @@ def export(
     import json
 
     from engine.errors import UserError
+    from engine.report import paper
     from mesa_tui.commands.jobs import open_store
     from store.entities import to_json
 
     if format not in ("csv", "json", "tensorboard"):
         raise UserError(f"invalid --format {format!r}: use csv, json or tensorboard")
+    if paper.is_results_folder(name):
+        raise UserError(
+            f"study export: '{name}' is a result folder, and export reads the store's studies; "
+            f"show it with `mesa-tui study show {name}` (--json: its numbers) or write its "
+            f"report with `mesa-tui report {name}`"
+        )
     if format == "tensorboard":
         from engine.report import tensorboard
 
@@ -261,14 +282,14 @@ def export(
         if output is None:
             raise UserError("--format tensorboard writes a directory of runs; give -o DIR")
         store = open_store()
-        members = store.study_members(name)
+        members = from_store("export", name, store.study_members, results=False)
         written = tensorboard.export_jobs(store, [m.job_id for m in members], output)
         typer.echo(
             f"wrote {len(written['runs'])} TensorBoard runs of study {name} to "
             f"{written['directory']} (view: tensorboard --logdir {written['directory']})"
         )
         return
-    summary = open_store().study_summary(name)
+    summary = from_store("export", name, open_store().study_summary, results=False)
     if format == "json":
         text = json.dumps(to_json(summary), indent=2) + "\n"
     else:

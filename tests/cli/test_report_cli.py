@@ -106,3 +106,65 @@ def test_a_non_empty_directory_needs_force(study, tmp_path):
     done = run("report", str(train), "--out", str(out), "--force", "--json")
     assert done.exit_code == 0, done.output
     assert sorted(p.name for p in out.iterdir()) == ["figures", "report.md", "tables"]
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        ("notes.txt/sub", "'{tmp}/notes.txt' is a file, not a folder; give another path"),
+        ("notes.txt/a/b", "'{tmp}/notes.txt' is a file, not a folder; give another path"),
+        ("/proc/report", "'/proc/report' cannot be made (No such file or directory)"),
+    ],
+)
+def test_an_out_that_cannot_be_made_is_one_line_and_leaves_nothing(study, tmp_path, out, message):
+    (tmp_path / "notes.txt").write_text("keep me")
+    before = sorted(tmp_path.iterdir())
+    done = run("report", "mini", "--out", out if out.startswith("/") else str(tmp_path / out))
+    assert done.exit_code == 2, done.output
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("error: --out '") and message.format(tmp=tmp_path) in line
+    assert sorted(tmp_path.iterdir()) == before and not Path("/proc/report").exists()
+
+
+def test_a_report_that_fails_removes_the_folders_made_for_it(tmp_path):
+    """A damaged record is found after --out's folders are made: they go with the report."""
+    from tests.engine.test_paper_report import record
+
+    folder = tmp_path / "results"
+    (folder / "rate-0.01").mkdir(parents=True)
+    (folder / "rate-0.01" / "bw-0.json").write_text(json.dumps(record("bw:0", 40, 2, (4, 6, 8))))
+    (folder / "rate-0.01" / "bw-1.json").write_text("[1]")
+    done = run("report", str(folder), "--out", str(tmp_path / "new" / "deep" / "out"))
+    assert done.exit_code == 2 and "bw-1.json is not a study record" in done.stderr
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_job_not_finished_is_refused_and_a_failed_one_says_how_it_ended(tmp_path):
+    from engine import paths
+    from store.repository import Store
+
+    (train, _) = json.loads(
+        run("submit", "pipeline", "--target", "0", "--methods", "ideal", "--json").stdout
+    )["jobs"]
+    store = Store()
+    for status in ("queued", "running"):
+        if status == "running":
+            engine = store.register_engine("here", 1, "test", 1)
+            (claimed,) = store.claim_jobs(
+                engine.id, 1, host="here", executor="local", code_version="t",
+                workdir_for=lambda k, i: str(tmp_path / f"{k}-{i}"), startup_grace_s=60,
+            )  # fmt: skip
+        for out in (["--out", str(tmp_path / "out")], []):  # --out, or the default folder
+            done = run("report", str(train), *out)
+            assert done.exit_code == 2, done.output
+            assert done.stderr.strip().splitlines() == [
+                f"error: job {train} is {status}, not finished; wait for it "
+                f"(`mesa-tui wait {train}`) and report it then"
+            ]
+            assert not (tmp_path / "out").exists() and not (paths.data_home() / "reports").exists()
+    store.finish_run(claimed.run_id, "failed", error="boom at epoch 3")
+    done = run("report", str(train), "--out", str(tmp_path / "out"))
+    assert done.exit_code == 0, done.output
+    assert done.stdout.strip().endswith(f"tables); job {train} failed: boom at epoch 3")
+    assert "Status **failed** (boom at epoch 3)" in (tmp_path / "out" / "report.md").read_text()
+    store.close()

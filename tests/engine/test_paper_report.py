@@ -141,6 +141,13 @@ def test_a_record_of_another_schema_or_broken_json_is_refused_in_one_line(folder
     assert not (tmp_path / "out").exists()
 
 
+def test_the_committed_study_records_pass_the_check():
+    """The check refuses what the summary cannot read, never the records the study wrote."""
+    committed = Path(__file__).parents[2] / "docs" / "results" / "paper-small"
+    by_rate, main = paper.read_folder(committed)
+    assert main in by_rate and all(len(records) > 1 for records in by_rate.values())
+
+
 def test_study_show_reads_a_result_folder(folder):
     from typer.testing import CliRunner
 

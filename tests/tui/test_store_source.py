@@ -291,6 +291,39 @@ def test_a_damaged_result_folder_is_listed_and_says_what_is_wrong_when_chosen(tm
         source.study_summary("paper-small · rate 0.5")
 
 
+@pytest.mark.parametrize(
+    ("damaged", "content"), [("rate-0.1/bw-0.json", "[1, 2]"), ("rate.json", '{"decided": 1}')]
+)
+async def test_a_result_folder_of_the_wrong_shape_keeps_the_store_s_studies(
+    tmp_path, damaged, content
+):
+    """A record or rate decision of the wrong shape (valid JSON) is listed as unreadable beside
+    the store's studies, and choosing it says in one line which file and what is wrong."""
+    import json
+
+    from textual.widgets import Select
+
+    from tests.engine.test_paper_report import record
+
+    folder = tmp_path / "paper-small"
+    (folder / "rate-0.1").mkdir(parents=True)
+    (folder / "rate-0.1" / "bw-0.json").write_text(json.dumps(record("bw:0", 40, 2, (4, 6, 8))))
+    (folder / damaged).write_text(content)
+    source = open_store_source(results=[folder])
+    source.store.create_study("mine", "cpu-mini", {}, [])
+    unreadable = "paper-small · rate ? (unreadable)"
+    app = make_store_app(source)
+    async with app.run_test(size=(100, 30)) as pilot:
+        screen = await open_study_screen(pilot)
+        select = screen.query_one("#study-name", Select)
+        assert select.value == "mine"  # listed first, and chosen
+        select.value = unreadable  # an option too (Select refuses a value it does not list)
+        await settle(pilot)
+        (notice,) = [n.message for n in app._notifications if str(folder) in n.message]
+        assert notice.startswith(f"reading the study: {folder / damaged} is not a ")
+        assert "\n" not in notice
+
+
 def test_the_method_column_is_the_label_before_its_trigger_else_the_spec_method():
     from mesa_tui.source import label_method
 
