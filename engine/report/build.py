@@ -200,15 +200,18 @@ def build_report(
 
 
 def job_ending(job: Any) -> str:
-    """How a finished job ended when it did not succeed ("" when it did); a job still queued or
-    running is refused: its report would hold none of its results."""
-    if job.status not in FINISHED:
+    """How a job stands when it did not succeed ("" when it did). A queued job is refused: its
+    report would hold nothing. A running one is reported with its curves so far (the app's export
+    of a live run), and the line says so."""
+    if job.status == "queued":
         raise UserError(
-            f"job {job.id} is {job.status}, not finished; wait for it (`mesa-tui wait {job.id}`) "
-            "and report it then"
+            f"job {job.id} is queued and has no results yet; wait for it "
+            f"(`mesa-tui wait {job.id}`) and report it then"
         )
     if job.status == "succeeded":
         return ""
+    if job.status not in FINISHED:
+        return f"job {job.id} is {job.status}: the report holds its results so far"
     return f"job {job.id} {job.status}" + (f": {job.error}" if job.error else "")
 
 

@@ -139,7 +139,7 @@ def test_a_report_that_fails_removes_the_folders_made_for_it(tmp_path):
     assert not (tmp_path / "new").exists()
 
 
-def test_a_job_not_finished_is_refused_and_a_failed_one_says_how_it_ended(tmp_path):
+def test_a_queued_job_is_refused_a_running_one_says_so_and_a_failed_one_how_it_ended(tmp_path):
     from engine import paths
     from store.repository import Store
 
@@ -147,21 +147,24 @@ def test_a_job_not_finished_is_refused_and_a_failed_one_says_how_it_ended(tmp_pa
         run("submit", "pipeline", "--target", "0", "--methods", "ideal", "--json").stdout
     )["jobs"]
     store = Store()
-    for status in ("queued", "running"):
-        if status == "running":
-            engine = store.register_engine("here", 1, "test", 1)
-            (claimed,) = store.claim_jobs(
-                engine.id, 1, host="here", executor="local", code_version="t",
-                workdir_for=lambda k, i: str(tmp_path / f"{k}-{i}"), startup_grace_s=60,
-            )  # fmt: skip
-        for out in (["--out", str(tmp_path / "out")], []):  # --out, or the default folder
-            done = run("report", str(train), *out)
-            assert done.exit_code == 2, done.output
-            assert done.stderr.strip().splitlines() == [
-                f"error: job {train} is {status}, not finished; wait for it "
-                f"(`mesa-tui wait {train}`) and report it then"
-            ]
-            assert not (tmp_path / "out").exists() and not (paths.data_home() / "reports").exists()
+    for out in (["--out", str(tmp_path / "out")], []):  # --out, or the default folder
+        done = run("report", str(train), *out)
+        assert done.exit_code == 2, done.output
+        assert done.stderr.strip().splitlines() == [
+            f"error: job {train} is queued and has no results yet; wait for it "
+            f"(`mesa-tui wait {train}`) and report it then"
+        ]
+        assert not (tmp_path / "out").exists() and not (paths.data_home() / "reports").exists()
+    engine = store.register_engine("here", 1, "test", 1)
+    (claimed,) = store.claim_jobs(
+        engine.id, 1, host="here", executor="local", code_version="t",
+        workdir_for=lambda k, i: str(tmp_path / f"{k}-{i}"), startup_grace_s=60,
+    )  # fmt: skip
+    done = run("report", str(train), "--out", str(tmp_path / "live"))
+    assert done.exit_code == 0, done.output
+    assert done.stdout.strip().endswith(
+        f"job {train} is running: the report holds its results so far"
+    )
     store.finish_run(claimed.run_id, "failed", error="boom at epoch 3")
     done = run("report", str(train), "--out", str(tmp_path / "out"))
     assert done.exit_code == 0, done.output
