@@ -174,6 +174,18 @@ def routing_notes(overrides: dict[str, Any]) -> list[str]:
     return notes
 
 
+def check_preset(preset: str | None) -> None:
+    """A pipeline's preset goes to every stage that has it, so it must be some stage's (a stage
+    without it keeps its defaults)."""
+    from engine.specs import PRESETS
+
+    names = list(dict.fromkeys(n for stage in STAGES for n in PRESETS.get(stage, {})))
+    if preset and preset not in names:
+        raise UserError(
+            f"preset '{preset}' is unknown for a pipeline; use one of {', '.join(names)}"
+        )
+
+
 def _stage_spec(
     kind: str, preset: str | None, values: dict[str, Any], references: dict[str, str]
 ) -> dict[str, Any]:
@@ -222,6 +234,7 @@ def build_pipeline(
     """
     if target != "auto" and not target.isdigit():
         raise UserError(f"invalid --target {target!r}: give a class number or auto")
+    check_preset(preset)
     build = _Pipeline(preset, trigger, target, split_overrides(overrides), seed, start, study_seed)
     train = build.attack(train_from)
     build.find_target()

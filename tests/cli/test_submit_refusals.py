@@ -1,0 +1,38 @@
+"""Input that `submit` and `study create` used to queue (or report wrongly): each is refused with
+one line naming the value given and the fix, exit 2, and nothing written."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from mesa_tui.cli import app
+from store.repository import Store
+
+runner = CliRunner()
+
+
+def refused(*args: str) -> str:
+    """The one error line of a refused command, after checking that nothing was written."""
+    result = runner.invoke(app, list(args), catch_exceptions=False)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    store = Store()
+    assert store.list_jobs() == [] and store.studies() == []
+    return lines[0]
+
+
+PIPELINE = ["submit", "pipeline", "--target", "0"]
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["--preset", "nope"], ["preset 'nope' is unknown for a pipeline", "cpu-quick"]),
+    ],
+)
+def test_pipeline_refusals(args, fragments):
+    line = refused(*PIPELINE, *args)
+    for fragment in fragments:
+        assert fragment in line, line
