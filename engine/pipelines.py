@@ -12,12 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from engine.errors import UserError
 from engine.paper_figures import PAPER_BW, PAPER_COLOR_CIFAR10, PAPER_COLOR_CIFAR100
+from engine.spec_fields import option_name, split_list
 from store.entities import NewJob
 
 if TYPE_CHECKING:
@@ -86,16 +87,35 @@ def method_settings(method: str) -> dict[str, Any]:
 
 
 def parse_methods(value: str | None) -> list[str]:
-    if not value:
+    """``--methods`` as given: None (left out) is the defaults, ``all`` every method, else a
+    comma list of known names, none of them twice (``check_distinct_methods``)."""
+    if value is None:
         return list(DEFAULT_METHODS)
     if value.strip() == "all":
         return ["mesa-0.9", "mesa-0.8", "mesa-0.5", "mesa-ensemble", "ideal", "point",
                 "neural-cleanse", "finetune", "random-patch", "anp", "i-bau", "clp",
                 "ft-sam"]  # fmt: skip
-    methods = [m.strip() for m in value.split(",") if m.strip()]
-    for m in methods:
-        method_settings(m)
-    return list(dict.fromkeys(methods))
+    methods = split_list(value)
+    if not methods:
+        raise UserError(
+            f"invalid --methods {value!r}: no method named; give e.g. mesa,point, or leave "
+            f"--methods out for {','.join(DEFAULT_METHODS)}"
+        )
+    check_distinct_methods(methods, f"--methods {value!r}")
+    return methods
+
+
+def check_distinct_methods(methods: Sequence[str], given: str) -> None:
+    """Each name known, and no repair named twice, under any spelling (mesa and mesa-ensemble,
+    mesa-0.9 and mesa-.9): the copy would only queue the same jobs again. ``given``: the option
+    and its value, for the message."""
+    seen: dict[tuple[Any, ...], str] = {}
+    for method in methods:
+        key = tuple(sorted(method_settings(method).items()))
+        if key in seen:
+            same = "is named twice" if seen[key] == method else f"is the same repair as {seen[key]}"
+            raise UserError(f"invalid {given}: {method} {same}; give each method once")
+        seen[key] = method
 
 
 def _choice_takers(stages: list[str], key: str, value: Any) -> list[str]:
@@ -120,6 +140,15 @@ def _choice_takers(stages: list[str], key: str, value: Any) -> list[str]:
     return takers
 
 
+# The defend settings a method name sets (``method_settings``), with the --methods that asks for
+# them: given as stage settings, --methods would silently override them.
+SET_BY_METHODS = {
+    "method": "--methods {value}",
+    "beta": "--methods mesa-{value} (--detect-beta sets the detection's)",
+    "ensemble": "--methods mesa (the round-robin ensemble), or submit defend for another",
+}
+
+
 def split_overrides(overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Route overrides to stages: ``train_epochs`` goes to train only; a plain ``epochs`` goes
     to every stage whose spec has that field (train and defend). A choice that only some of
@@ -132,6 +161,9 @@ def split_overrides(overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
         if value is None:
             continue
         stage, _, field = key.partition("_")
+        if key in SET_BY_METHODS or (stage == "defend" and field in SET_BY_METHODS):
+            hint = SET_BY_METHODS[field if stage == "defend" else key].format(value=value)
+            raise UserError(f"{option_name(key)} is set per defend job by --methods; use {hint}")
         if stage in STAGES and field in SPEC_CLASSES[stage].model_fields:
             routed[stage][field] = value
             continue

@@ -30,6 +30,15 @@ PIPELINE = ["submit", "pipeline", "--target", "0"]
     ("args", "fragments"),
     [
         (["--preset", "nope"], ["preset 'nope' is unknown for a pipeline", "cpu-quick"]),
+        (["--methods", ","], ["--methods ','", "no method named", "leave --methods out"]),
+        (["--methods", " "], ["--methods ' '", "no method named"]),
+        (["--methods", ""], ["--methods ''", "no method named"]),
+        (["--methods", "mesa,mesa-ensemble"], ["mesa-ensemble is the same repair as mesa"]),
+        (["--methods", "mesa-0.9,mesa-0.90"], ["mesa-0.90 is the same repair as mesa-0.9"]),
+        (["--methods", "point,point"], ["point is named twice"]),
+        (["--method", "anp"], ["--method is set per defend job by --methods", "--methods anp"]),
+        (["--methods", "anp", "--defend-method", "clp"], ["--defend-method", "--methods clp"]),
+        (["--methods", "mesa", "--beta", "0.5"], ["--beta", "--methods mesa-0.5"]),
     ],
 )
 def test_pipeline_refusals(args, fragments):
