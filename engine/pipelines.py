@@ -722,7 +722,7 @@ DEFENSE_PLAN_KEYS = {
 def _defense_plan(overrides: dict[str, Any]) -> tuple[Plan, dict[str, Any]]:
     """The plan's settings out of the overrides (text from the command line or values), and the
     stage settings left."""
-    from engine.defense_bar import Plan
+    from engine.defense_bar import Plan, check_residual_rates
 
     rest = {k: v for k, v in overrides.items() if v is not None}
     plan: dict[str, Any] = {}
@@ -736,10 +736,14 @@ def _defense_plan(overrides: dict[str, Any]) -> tuple[Plan, dict[str, Any]]:
         except ValueError:
             parsed = []
         if not parsed or (key == "headline_rate" and len(parsed) != 1):
-            example = {"headline_rate": "0.1", "methods": "mesa,point"}.get(key, "0.01,0.1")
+            example = {"headline_rate": "0.1", "methods": "mesa,point"}.get(
+                key.removeprefix("residual_"), "0.01,0.1"
+            )
             raise UserError(f"invalid --{key.replace('_', '-')} {value!r}: give e.g. {example}")
         plan[key] = parsed[0] if key == "headline_rate" else tuple(parsed)
-    return Plan(**plan), rest
+    made = Plan(**plan)
+    check_residual_rates(made)
+    return made, rest
 
 
 def _defense_notes(plan: Plan, jobs: list[NewJob]) -> list[str]:

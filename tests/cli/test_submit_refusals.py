@@ -45,3 +45,17 @@ def test_pipeline_refusals(args, fragments):
     line = refused(*PIPELINE, *args)
     for fragment in fragments:
         assert fragment in line, line
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["-t", "defense-bar", "--rates", "0.1,0.10"], ["--rates 0.1,0.1", "named twice"]),
+        (["-t", "defense-bar", "--rates", "0.1", "--headline-rate", "0.01"], ["not among"]),
+        (["-t", "defense-bar", "--residual-methods", ","], ["give e.g. mesa,point"]),
+    ],
+)
+def test_study_refusals(args, fragments):
+    line = refused("study", "create", "s", *args)
+    for fragment in fragments:
+        assert fragment in line, line

@@ -160,7 +160,17 @@ def test_rates_are_kept_apart_in_the_table_and_bad_plans_are_one_line():
     assert [j.method for j in jobs if j.kind == "defend"] == ["mesa", "mesa @0.01"]
     cases = [
         ({"rates": "x"}, None, "invalid --rates 'x'"),
-        ({"rates": "2"}, None, "invalid rates"),
+        ({"rates": "2"}, None, "invalid --rates 2: give stamping rates in"),
+        ({"rates": "0.1,0.10"}, None, "0.1 is named twice"),
+        ({"methods": "point,point"}, None, "point is named twice"),
+        ({"methods": "mesa,mesa-0.9,mesa-.9"}, None, "mesa-.9 is the same repair as mesa-0.9"),
+        ({"headline_rate": "5"}, None, "invalid --headline-rate 5"),
+        ({"rates": "0.1", "headline_rate": "0.01"}, None, "0.01: not among --rates 0.1"),
+        ({"rates": "0.01,0.2"}, None, "--headline-rate 0.1: not among --rates 0.01,0.2"),
+        ({"residual_rates": "7"}, None, "invalid --residual-rates 7"),
+        ({"residual_rates": "0.3"}, None, "0.3 is not among --rates 0.01,0.1,0.2"),
+        ({"residual_methods": "anpp"}, None, "invalid --residual-methods anpp"),
+        ({"residual_methods": ","}, None, "invalid --residual-methods ',': give e.g. mesa,point"),
         ({"methods": "anp"}, None, "invalid methods anp"),
         ({"headline_rate": "0.1,0.2"}, None, "invalid --headline-rate"),
         ({"bogus": "1"}, None, "unknown setting 'bogus'"),
