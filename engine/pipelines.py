@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -116,6 +117,18 @@ def check_distinct_methods(methods: Sequence[str], given: str) -> None:
             same = "is named twice" if seen[key] == method else f"is the same repair as {seen[key]}"
             raise UserError(f"invalid {given}: {method} {same}; give each method once")
         seen[key] = method
+
+
+def check_search_betas(methods: Sequence[str], betas: Sequence[float]) -> None:
+    """A mesa-BETA repair uses that beta's generator, so the search must make it (the defend
+    task would refuse it only after the attack and the search ran)."""
+    for method in methods:
+        beta = method_settings(method).get("beta")
+        if beta is not None and not any(math.isclose(beta, b) for b in betas):
+            raise UserError(
+                f"invalid --methods {method}: beta {beta:g} is not among the search's betas "
+                f"{','.join(f'{b:g}' for b in betas)}; add it with --mesa-betas or pick one"
+            )
 
 
 def _choice_takers(stages: list[str], key: str, value: Any) -> list[str]:
@@ -271,6 +284,8 @@ def build_pipeline(
     train = build.attack(train_from)
     build.find_target()
     search = build.search() if any(m.startswith("mesa") for m in methods) else None
+    if search is not None:
+        check_search_betas(methods, build.jobs[search].spec["betas"])
     for method in methods:
         build.defend(method, search, split_point_restarts)
     return PipelineJobs(jobs=build.jobs, train_index=train)
@@ -683,6 +698,7 @@ def _defense_bar_model(
     model = jobs.add("train", train, {}, bar.TRAIN_PRESET, label=f"attack {label}", **meta)
     search_values = bar.search_values(seed, routed["mesa"])
     search = jobs.add("mesa", search_values, {"model": model}, label=f"mesa {label}", **meta)
+    check_search_betas(plan.methods, jobs.jobs[-1].spec["betas"])
     made: list[str] = []
     for repair in bar.repairs(plan, seed, routed["defend"]):
         refs = {"model": model}

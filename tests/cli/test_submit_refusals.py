@@ -39,6 +39,8 @@ PIPELINE = ["submit", "pipeline", "--target", "0"]
         (["--method", "anp"], ["--method is set per defend job by --methods", "--methods anp"]),
         (["--methods", "anp", "--defend-method", "clp"], ["--defend-method", "--methods clp"]),
         (["--methods", "mesa", "--beta", "0.5"], ["--beta", "--methods mesa-0.5"]),
+        (["--methods", "mesa-0.3"], ["beta 0.3 is not among the search's betas 0.9,0.8,0.5"]),
+        (["--methods", "mesa-0.9", "--mesa-betas", "0.5,0.7"], ["betas 0.5,0.7", "--mesa-betas"]),
     ],
 )
 def test_pipeline_refusals(args, fragments):

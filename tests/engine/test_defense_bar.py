@@ -170,6 +170,7 @@ def test_rates_are_kept_apart_in_the_table_and_bad_plans_are_one_line():
         ({"residual_rates": "7"}, None, "invalid --residual-rates 7"),
         ({"residual_rates": "0.3"}, None, "0.3 is not among --rates 0.01,0.1,0.2"),
         ({"residual_methods": "anpp"}, None, "invalid --residual-methods anpp"),
+        ({"mesa_betas": "0.5,0.7"}, None, "beta 0.9 is not among the search's betas 0.5,0.7"),
         ({"residual_methods": ","}, None, "invalid --residual-methods ',': give e.g. mesa,point"),
         ({"methods": "anp"}, None, "invalid methods anp"),
         ({"headline_rate": "0.1,0.2"}, None, "invalid --headline-rate"),
