@@ -192,6 +192,25 @@ def split_overrides(overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return routed
 
 
+def given_flags(overrides: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """Per stage, each field given and the flag it was given as (``--train-placement`` or
+    ``--placement``), for messages about the value."""
+    from engine.specs import SPEC_CLASSES
+
+    flags: dict[str, dict[str, str]] = {stage: {} for stage in STAGES}
+    for key, value in overrides.items():
+        stage, _, field = key.partition("_")
+        if value is None:
+            continue
+        if stage in STAGES and field in SPEC_CLASSES[stage].model_fields:
+            flags[stage][field] = option_name(key)
+            continue
+        for s in STAGES:
+            if key in SPEC_CLASSES[s].model_fields:
+                flags[s].setdefault(key, option_name(key))
+    return flags
+
+
 def routing_notes(overrides: dict[str, Any]) -> list[str]:
     """One line per plain setting that went to some of the stages having it only (a choice the
     others do not offer), naming where it went and what the others keep."""
@@ -279,7 +298,11 @@ def build_pipeline(
     """
     if target != "auto" and not target.isdigit():
         raise UserError(f"invalid --target {target!r}: give a class number or auto")
+    from engine.specs import check_method_settings
+
     check_preset(preset)
+    defend_methods = [method_settings(m)["method"] for m in methods]
+    check_method_settings(defend_methods, given_flags(overrides)["defend"])
     build = _Pipeline(preset, trigger, target, split_overrides(overrides), seed, start, study_seed)
     train = build.attack(train_from)
     build.find_target()
@@ -659,10 +682,13 @@ def _defense_bar(
     (``--nc-epochs 30``, ``--mesa-steps 100``); ``--rates``, ``--methods``, ``--headline-rate``,
     ``--residual-rates`` and ``--residual-methods`` pick the repairs as the driver's options do."""
     from engine import defense_bar as bar
+    from engine.specs import check_method_settings
 
     name = "defense-bar"
     plan, rest = _defense_plan(overrides)
     routed = split_overrides(rest)
+    defend_methods = [method_settings(m)["method"] for m in plan.methods]
+    check_method_settings(defend_methods, given_flags(rest)["defend"])
     triggers = choose_triggers(name, list(bar.TRIGGERS), chosen)
     jobs = _Jobs()
     for trigger in triggers:

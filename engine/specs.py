@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tomllib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, get_args
 
@@ -609,6 +610,29 @@ DefendMethod = Literal[
 DEFEND_METHODS: tuple[str, ...] = get_args(DefendMethod)
 # The defenses that change the model without the repair loop's fine-tuning (no repair epochs).
 PRUNING_METHODS = ("anp", "clp")
+# The settings one method alone reads, by field-name prefix: given for jobs of other methods they
+# would change nothing, so submitting refuses them (check_method_settings).
+METHOD_PREFIXES = {
+    "point_": "point",
+    "nc_": "neural-cleanse",
+    "anp_": "anp",
+    "ibau_": "i-bau",
+    "clp_": "clp",
+    "sam_": "ft-sam",
+}
+
+
+def check_method_settings(methods: Sequence[str], given: Mapping[str, str]) -> None:
+    """Refuse a given setting that only a method none of the defend jobs runs reads.
+    ``methods``: the jobs' methods; ``given``: each given field and the flag it was given as."""
+    for field, flag in given.items():
+        owner = next((m for p, m in METHOD_PREFIXES.items() if field.startswith(p)), None)
+        if owner is not None and owner not in methods:
+            named = list(dict.fromkeys(methods))
+            raise UserError(
+                f"{flag} applies to {owner}; no {owner} job here (method"
+                f"{'s' if len(named) > 1 else ''} {', '.join(named)}); leave it out"
+            )
 
 
 class DefendSpec(SpecBase):

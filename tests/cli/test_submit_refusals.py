@@ -39,6 +39,8 @@ PIPELINE = ["submit", "pipeline", "--target", "0"]
         (["--method", "anp"], ["--method is set per defend job by --methods", "--methods anp"]),
         (["--methods", "anp", "--defend-method", "clp"], ["--defend-method", "--methods clp"]),
         (["--methods", "mesa", "--beta", "0.5"], ["--beta", "--methods mesa-0.5"]),
+        (["--methods", "mesa", "--anp-iterations", "5"], ["--anp-iterations applies to anp"]),
+        (["--methods", "mesa,point", "--defend-sam-rho", "3"], ["--defend-sam-rho", "methods"]),
         (["--methods", "mesa-0.3"], ["beta 0.3 is not among the search's betas 0.9,0.8,0.5"]),
         (["--methods", "mesa-0.9", "--mesa-betas", "0.5,0.7"], ["betas 0.5,0.7", "--mesa-betas"]),
     ],
@@ -55,9 +57,20 @@ def test_pipeline_refusals(args, fragments):
         (["-t", "defense-bar", "--rates", "0.1,0.10"], ["--rates 0.1,0.1", "named twice"]),
         (["-t", "defense-bar", "--rates", "0.1", "--headline-rate", "0.01"], ["not among"]),
         (["-t", "defense-bar", "--residual-methods", ","], ["give e.g. mesa,point"]),
+        (["-t", "cpu-mini", "--anp-iterations", "5"], ["applies to anp; no anp job here"]),
+        (["-t", "defense-bar", "--methods", "mesa", "--nc-epochs", "3"], ["--nc-epochs"]),
     ],
 )
 def test_study_refusals(args, fragments):
     line = refused("study", "create", "s", *args)
     for fragment in fragments:
         assert fragment in line, line
+
+
+def test_a_defend_job_refuses_the_settings_of_other_methods(tmp_path):
+    args = ["submit", "defend", "--model", str(tmp_path), "--method", "clp"]
+    line = refused(*args, "--anp-iterations", "5", "--sam-rho", "3")
+    assert "--anp-iterations applies to anp; no anp job here (method clp)" in line
+    assert "--clp-u" in refused("run", "defend", "--method", "anp", "--clp-u", "2", "--model", "m")
+    result = runner.invoke(app, [*args, "--clp-u", "2.5"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
