@@ -296,7 +296,8 @@ def build_pipeline(
     ``split_point_restarts`` each point restart is its own job (studies report mean and worst
     over restarts); otherwise one job repairs with every restart in turn.
     """
-    if target != "auto" and not target.isdigit():
+    # isdigit() alone passes "²", which int() refuses
+    if target != "auto" and not (target.isascii() and target.isdigit()):
         raise UserError(f"invalid --target {target!r}: give a class number or auto")
     from engine.specs import check_method_settings
 

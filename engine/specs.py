@@ -61,7 +61,9 @@ class SpecBase(BaseModel):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if v in ("auto", "cpu", "cuda", "mps") or (v.startswith("cuda:") and v[5:].isdigit()):
+        if v in ("auto", "cpu", "cuda", "mps") or (
+            v.startswith("cuda:") and v[5:].isascii() and v[5:].isdigit()
+        ):
             return v
         raise ValueError(f"device '{v}' is unknown; use auto, cpu, cuda or cuda:N")
 

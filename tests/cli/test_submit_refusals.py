@@ -74,3 +74,8 @@ def test_a_defend_job_refuses_the_settings_of_other_methods(tmp_path):
     assert "--clp-u" in refused("run", "defend", "--method", "anp", "--clp-u", "2", "--model", "m")
     result = runner.invoke(app, [*args, "--clp-u", "2.5"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
+
+
+def test_digits_that_int_refuses_are_refused_in_one_line():
+    assert "invalid --target '²'" in refused("submit", "pipeline", "--target", "²")
+    assert "--device 'cuda:²'" in refused("submit", "train", "--device", "cuda:²")
