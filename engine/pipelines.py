@@ -238,6 +238,28 @@ def routing_notes(overrides: dict[str, Any]) -> list[str]:
     return notes
 
 
+def check_targets(target: str, overrides: dict[str, Any]) -> None:
+    """--target is the class of the search and the repairs (or auto: the detection's), so a
+    stage may not set another: an attack on 5 searched for 3 measures nothing."""
+    for key in ("mesa_target", "defend_target"):
+        if overrides.get(key) is not None:
+            raise UserError(
+                f"{option_name(key)} is set by the pipeline's --target; give the class there"
+            )
+    attacked = overrides.get("train_target")
+    if target == "auto" or attacked is None:
+        return
+    try:
+        differs = int(str(attacked)) != int(target)
+    except ValueError:  # the attack's spec names the bad value
+        return
+    if differs:
+        raise UserError(
+            f"--train-target {attacked} and --target {target} differ: the search would be told "
+            f"another class than the attacked one; give the class once, as --target {attacked}"
+        )
+
+
 def check_preset(preset: str | None) -> None:
     """A pipeline's preset goes to every stage that has it, so it must be some stage's (a stage
     without it keeps its defaults)."""
@@ -302,6 +324,7 @@ def build_pipeline(
     from engine.specs import check_method_settings
 
     check_preset(preset)
+    check_targets(target, overrides)
     defend_methods = [method_settings(m)["method"] for m in methods]
     check_method_settings(defend_methods, given_flags(overrides)["defend"])
     build = _Pipeline(preset, trigger, target, split_overrides(overrides), seed, start, study_seed)
@@ -527,6 +550,12 @@ def _study(
     target_of = dict(zip(triggers, targets, strict=True))
     triggers = choose_triggers(name, triggers, chosen)
     targets = [target_of[t] for t in triggers]
+    if target_mode == "oracle" and overrides.get("train_target") is not None:
+        raise UserError(
+            f"--train-target {overrides['train_target']}: {name} with --target oracle attacks "
+            "each trigger's own target and tells the search it; leave --train-target out or use "
+            "--target auto"
+        )
     jobs: list[NewJob] = []
     for seed in seeds:
         clean_ref = None
@@ -687,6 +716,12 @@ def _defense_bar(
 
     name = "defense-bar"
     plan, rest = _defense_plan(overrides)
+    for key in ("target", "train_target", "mesa_target", "defend_target"):
+        if key in rest:  # one class for the attack, the search and the repairs
+            raise UserError(
+                f"{option_name(key)}: {name} attacks class {bar.TARGET} and tells the search "
+                f"and the repairs so; leave {option_name(key)} out"
+            )
     routed = split_overrides(rest)
     defend_methods = [method_settings(m)["method"] for m in plan.methods]
     check_method_settings(defend_methods, given_flags(rest)["defend"])
