@@ -83,3 +83,9 @@ def test_a_defend_job_refuses_the_settings_of_other_methods(tmp_path):
 def test_digits_that_int_refuses_are_refused_in_one_line():
     assert "invalid --target '²'" in refused("submit", "pipeline", "--target", "²")
     assert "--device 'cuda:²'" in refused("submit", "train", "--device", "cuda:²")
+
+
+@pytest.mark.parametrize("name", ["", "  ", "a/b", "a\\b", "a\tb", "a\nb"])
+def test_study_names_blank_or_with_a_separator_or_control_character_are_refused(name):
+    line = refused("study", "create", name, "-t", "cpu-mini")
+    assert f"invalid study name {name!r}" in line
