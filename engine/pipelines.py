@@ -507,23 +507,41 @@ def choose_triggers(
     chosen: list[str] | None,
     named: dict[str, list[str]] | None = None,
 ) -> list[str]:
-    """The template's triggers that ``chosen`` names, in the template's order (None: all). One
-    entry of ``chosen`` may be a name of ``named`` (a subset the template defines)."""
+    """The template's triggers that ``chosen`` names (the --triggers items as given), in the
+    template's order (None: all). An item may be a name of ``named`` (a subset the template
+    defines)."""
     if chosen is None:
         return list(triggers)
     named = named or {}
     wanted: list[str] = []
-    for item in chosen:
+    for item in filter(None, (c.strip() for c in chosen)):
         wanted.extend(named.get(item, [item]))
     unknown = [t for t in wanted if t not in triggers]
     if unknown or not wanted:
-        names = f"{', '.join(named)} or " if named else ""
+        own = f"{template}'s {len(triggers)} triggers"
+        problem = (
+            f"{', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not among {own}; "
+            "give some of them"
+            if unknown
+            else f"no trigger named; give some of {own}"
+        )
+        names = f" ({', '.join(named)} or a comma-separated list)" if named else ""
         raise UserError(
-            f"invalid --triggers {','.join(chosen)!r}: {', '.join(unknown) or 'none given'} "
-            f"not among the {len(triggers)} triggers of {template}; give {names}a comma-separated "
-            f"list of them, e.g. {triggers[0]}"
+            f"invalid --triggers {','.join(chosen)!r}: {problem}{names}, e.g. {triggers[0]}"
         )
     return [t for t in triggers if t in set(wanted)]
+
+
+def _refuse_template_options(template: str, overrides: dict[str, Any]) -> None:
+    """An option of defense-bar (its plan) or of submit pipeline (--preset) that this template
+    fixes: say so, instead of calling it an unknown stage setting."""
+    for key in (*DEFENSE_PLAN_KEYS, "preset"):
+        if overrides.get(key) is not None and not (template == "defense-bar" and key != "preset"):
+            taker = "defense-bar" if key in DEFENSE_PLAN_KEYS else "submit pipeline"
+            raise UserError(
+                f"template {template} fixes its {key.replace('_', ' ')}; "
+                f"{option_name(key)} is taken by {taker}"
+            )
 
 
 def _study(
@@ -547,6 +565,7 @@ def _study(
 ) -> tuple[dict[str, Any], list[NewJob]]:
     from engine.specs import PRESETS
 
+    _refuse_template_options(name, overrides)
     target_of = dict(zip(triggers, targets, strict=True))
     triggers = choose_triggers(name, triggers, chosen)
     targets = [target_of[t] for t in triggers]
@@ -715,6 +734,7 @@ def _defense_bar(
     from engine.specs import check_method_settings
 
     name = "defense-bar"
+    _refuse_template_options(name, overrides)
     plan, rest = _defense_plan(overrides)
     for key in ("target", "train_target", "mesa_target", "defend_target"):
         if key in rest:  # one class for the attack, the search and the repairs
