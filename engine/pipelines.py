@@ -273,15 +273,19 @@ def check_preset(preset: str | None) -> None:
 
 
 def _stage_spec(
-    kind: str, preset: str | None, values: dict[str, Any], references: dict[str, str]
+    kind: str,
+    preset: str | None,
+    values: dict[str, Any],
+    references: dict[str, str],
+    flags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Validate a stage's spec (references stand in as valid placeholders) and return its JSON
-    with the references in place."""
+    """Validate a stage's spec (references stand in as valid placeholders; ``flags``: the
+    options its values were given as) and return its JSON with the references in place."""
     from engine.specs import PRESETS, TrainSpec, build_spec, check_against_dataset
 
     placeholders = {k: (0 if k == "target" else "job") for k in references}
     stage_preset = preset if preset and preset in PRESETS.get(kind, {}) else None
-    spec = build_spec(kind, stage_preset, None, {**values, **placeholders})
+    spec = build_spec(kind, stage_preset, None, {**values, **placeholders}, flags)
     if isinstance(spec, TrainSpec) and "target" not in references:  # as `submit train` checks
         check_against_dataset(spec)
     data = spec.to_json()
@@ -327,7 +331,8 @@ def build_pipeline(
     check_targets(target, overrides)
     defend_methods = [method_settings(m)["method"] for m in methods]
     check_method_settings(defend_methods, given_flags(overrides)["defend"])
-    build = _Pipeline(preset, trigger, target, split_overrides(overrides), seed, start, study_seed)
+    routed, flags = split_overrides(overrides), given_flags(overrides)
+    build = _Pipeline(preset, trigger, target, routed, flags, seed, start, study_seed)
     train = build.attack(train_from)
     build.find_target()
     search = build.search() if any(m.startswith("mesa") for m in methods) else None
@@ -349,6 +354,7 @@ class _Pipeline:
     trigger: str | None
     target: str
     routed: dict[str, dict[str, Any]]
+    flags: dict[str, dict[str, str]]
     seed: int
     start: int
     study_seed: int | None
@@ -395,7 +401,7 @@ class _Pipeline:
         if train_from is not None:
             refs["init_from"] = f"job:{train_from[0]}"
             deps.append((train_from[0], "init_from"))
-        spec = _stage_spec("train", self.preset, values, refs)
+        spec = _stage_spec("train", self.preset, values, refs, self.flags["train"])
         if self.auto and "target" not in self.routed["train"]:
             spec["target"] = 0
         self.label = f"{spec.get('trigger') or 'clean'} -> {spec['target']}"
@@ -410,7 +416,9 @@ class _Pipeline:
             self.target_values = {"target": int(self.target)}
             return
         values = {"seed": self.seed, **self.routed["detect"]}
-        spec = _stage_spec("detect", self.preset, values, {"model": self.model})
+        spec = _stage_spec(
+            "detect", self.preset, values, {"model": self.model}, self.flags["detect"]
+        )
         detect = self.add("detect", spec, [(self.train_ref, "model")], label=f"detect {self.label}")
         self.detect_ref = self.ref(detect)
         self.target_refs["target"] = f"job:{self.detect_ref}:flagged"
@@ -423,7 +431,7 @@ class _Pipeline:
         if self.detect_ref:  # the detection's scan serves the search (when its settings match)
             refs["scan_from"] = f"job:{self.detect_ref}"
             deps.append((self.detect_ref, "target:flagged,scan_from"))
-        spec = _stage_spec("mesa", self.preset, values, refs)
+        spec = _stage_spec("mesa", self.preset, values, refs, self.flags["mesa"])
         return self.add("mesa", spec, deps, label=f"mesa {self.label}")
 
     def defend(self, method: str, search: int | None, split_point_restarts: bool) -> None:
@@ -445,7 +453,7 @@ class _Pipeline:
             spec_values = dict(values)
             if index is not None:
                 spec_values["point_index"] = index
-            spec = _stage_spec("defend", self.preset, spec_values, refs)
+            spec = _stage_spec("defend", self.preset, spec_values, refs, self.flags["defend"])
             suffix = f" #{index}" if index is not None else ""
             label = f"{method}{suffix} {self.label}"
             self.add("defend", spec, list(deps), label=label, method=method)
@@ -746,7 +754,7 @@ def _defense_bar(
     defend_methods = [method_settings(m)["method"] for m in plan.methods]
     check_method_settings(defend_methods, given_flags(rest)["defend"])
     triggers = choose_triggers(name, list(bar.TRIGGERS), chosen)
-    jobs = _Jobs()
+    jobs = _Jobs(flags=given_flags(rest))
     for trigger in triggers:
         for seed in seeds:
             _defense_bar_model(jobs, trigger, seed, plan, routed)
@@ -947,6 +955,7 @@ class _Jobs:
 
     seed: int | None = None
     jobs: list[NewJob] = field(default_factory=list)
+    flags: dict[str, dict[str, str]] = field(default_factory=dict)  # per kind, as given_flags
 
     def add(
         self,
@@ -957,7 +966,8 @@ class _Jobs:
         **meta: Any,
     ) -> str:
         """Validate one stage (references as placeholders) and append it; returns its ref."""
-        spec = _stage_spec(kind, preset, {k: v for k, v in values.items() if k not in refs}, refs)
+        given = {k: v for k, v in values.items() if k not in refs}
+        spec = _stage_spec(kind, preset, given, refs, self.flags.get(kind))
         deps = tuple((ref[4:], name) for name, ref in refs.items())
         meta = {"role": kind, "seed": self.seed, **meta}
         self.jobs.append(NewJob(kind, spec, reference_hash(spec), depends_on=deps, **meta))

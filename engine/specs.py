@@ -253,11 +253,17 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 SPEC_CLASSES: dict[str, type[SpecBase]] = {"train": TrainSpec}
 
 
-def format_validation_error(exc: ValidationError, model: type[BaseModel] | None = None) -> str:
-    """One line: the bad field, the value given, and what would be accepted."""
+def format_validation_error(
+    exc: ValidationError,
+    model: type[BaseModel] | None = None,
+    names: Mapping[str, str] | None = None,
+) -> str:
+    """One line: the bad field (as ``names`` spells its flag, e.g. ``--train-placement`` in a
+    pipeline), the value given, and what would be accepted."""
     err = exc.errors()[0]
     loc = err.get("loc", ())
     field = str(loc[0]) if loc else "spec"
+    flag = (names or {}).get(field) or option_name(field)
     value = err.get("input")
     msg = err.get("msg", "invalid").removeprefix("Value error, ")
     info = model.model_fields.get(field) if model is not None else None
@@ -265,14 +271,14 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel] | None 
         return f"unknown setting '{field}'; check the spelling (see --help for the settings)"
     if err.get("type") == "missing":
         what = f"; give the {info.description}" if info is not None and info.description else ""
-        return f"{option_name(field)} is required{what}"
+        return f"{flag} is required{what}"
     if not loc:  # a check across fields: its message names them
         return msg
     if len(loc) > 1 and info is not None and list_item(info.annotation) is not None:
         example = default_of(info)
         hint = f", e.g. {value_text(example)}" if example not in (..., None, []) else ""
-        return f"invalid {option_name(field)} item {_shown(value)}: {msg}; give a comma-separated list{hint}"
-    return f"invalid {option_name(field)} {_shown(value)}: {msg}"
+        return f"invalid {flag} item {_shown(value)}: {msg}; give a comma-separated list{hint}"
+    return f"invalid {flag} {_shown(value)}: {msg}"
 
 
 def _shown(value: Any) -> str:
@@ -304,8 +310,10 @@ def build_spec(
     preset: str | None = None,
     file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
+    names: Mapping[str, str] | None = None,
 ) -> SpecBase:
-    """Preset, then TOML file, then overrides (``None`` values in overrides are ignored)."""
+    """Preset, then TOML file, then overrides (``None`` values in overrides are ignored);
+    ``names``: the flags fields were given as, for the message about a bad value."""
     if kind not in SPEC_CLASSES:
         raise UserError(f"job kind '{kind}' is unknown; use one of {', '.join(SPEC_CLASSES)}")
     values: dict[str, Any] = {}
@@ -326,7 +334,7 @@ def build_spec(
     try:
         return SPEC_CLASSES[kind](**values)
     except ValidationError as exc:
-        raise UserError(format_validation_error(exc, SPEC_CLASSES[kind])) from None
+        raise UserError(format_validation_error(exc, SPEC_CLASSES[kind], names)) from None
 
 
 def check_against_dataset(spec: TrainSpec) -> None:

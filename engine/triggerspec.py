@@ -10,16 +10,17 @@ KINDS = ("bw", "color", "square", "file")
 
 
 def check_trigger_syntax(spec: str) -> str:
-    """Raise ValueError naming the bad spec and the fix; return the spec unchanged when valid."""
+    """Raise ValueError saying what is wrong and the fix (the caller names the value); return the
+    spec unchanged when valid."""
     kind, _, arg = spec.partition(":")
     if kind not in KINDS:
-        raise ValueError(f"trigger '{spec}' is not a known kind; {SPEC_HELP}")
+        raise ValueError(f"not a known kind; {SPEC_HELP}")
     if kind in ("bw", "color") and not re.fullmatch(r"\d+", arg):
-        raise ValueError(f"trigger '{spec}' needs a number after '{kind}:'; {SPEC_HELP}")
+        raise ValueError(f"needs a number after '{kind}:'; {SPEC_HELP}")
     if kind == "bw" and not 0 <= int(arg) <= 511:
         raise ValueError(f"bw trigger id {arg} is out of range; use an id in 0..511")
     if kind == "square" and arg not in ("white", "black"):
-        raise ValueError(f"trigger '{spec}' is unknown; use square:white or square:black")
+        raise ValueError("use square:white or square:black")
     if kind == "file" and not Path(arg).expanduser().exists():
         raise ValueError(
             f"trigger file '{arg}' does not exist; give the path of a PNG or .npy file"
@@ -47,14 +48,15 @@ def parse_at_placement(mode: str) -> tuple[int, int] | None:
 
 
 def check_placement_syntax(mode: str) -> str:
-    """A training placement: per-image, per-batch, corner or at:ROW,COL; ValueError otherwise."""
+    """A training placement: per-image, per-batch, corner or at:ROW,COL; ValueError otherwise
+    (the caller names the value)."""
     if mode in ("per-image", "per-batch", "corner"):
         return mode
     at = parse_at_placement(mode)
     if at is None:
         raise ValueError(
-            f"placement '{mode}' is unknown; use per-image, per-batch, corner or at:ROW,COL "
-            "(the patch's top-left pixel, e.g. at:8,8)"
+            "use per-image, per-batch, corner or at:ROW,COL (the patch's top-left pixel, e.g. "
+            "at:8,8)"
         )
     return f"at:{at[0]},{at[1]}"
 

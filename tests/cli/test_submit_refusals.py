@@ -43,6 +43,8 @@ PIPELINE = ["submit", "pipeline", "--target", "0"]
         (["--methods", "mesa,point", "--defend-sam-rho", "3"], ["--defend-sam-rho", "methods"]),
         (["--train-target", "5", "--methods", "point"], ["--train-target 5 and --target 0"]),
         (["--mesa-target", "5"], ["--mesa-target is set by the pipeline's --target"]),
+        (["--train-placement", "random"], ["invalid --train-placement 'random': use per-image"]),
+        (["--mesa-betas", "0.5,x"], ["invalid --mesa-betas item 'x'"]),
         (["--methods", "mesa-0.3"], ["beta 0.3 is not among the search's betas 0.9,0.8,0.5"]),
         (["--methods", "mesa-0.9", "--mesa-betas", "0.5,0.7"], ["betas 0.5,0.7", "--mesa-betas"]),
     ],
@@ -94,3 +96,8 @@ def test_digits_that_int_refuses_are_refused_in_one_line():
 def test_study_names_blank_or_with_a_separator_or_control_character_are_refused(name):
     line = refused("study", "create", name, "-t", "cpu-mini")
     assert f"invalid study name {name!r}" in line
+
+
+def test_a_bad_value_is_named_once():
+    line = refused("submit", "pipeline", "--train-placement", "random")
+    assert line.count("random") == 1, line
