@@ -27,6 +27,7 @@ from engine.catalog import dataset_info
 from engine.errors import UserError
 from engine.spec_fields import default_of, list_item, option_name, split_list, value_text
 from engine.triggerspec import (
+    absolute_trigger,
     check_placement_syntax,
     check_trigger_syntax,
     parse_at_placement,
@@ -177,7 +178,7 @@ class TrainSpec(SpecBase):
     def _trigger(cls, v: str | None) -> str | None:
         if v is None or v.lower() in ("", "none", "clean"):
             return None
-        return check_trigger_syntax(v)
+        return absolute_trigger(check_trigger_syntax(v))
 
     @field_validator("placement")
     @classmethod

@@ -3,6 +3,7 @@ one line naming the value given and the fix, exit 2, and nothing written."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -101,3 +102,24 @@ def test_study_names_blank_or_with_a_separator_or_control_character_are_refused(
 def test_a_bad_value_is_named_once():
     line = refused("submit", "pipeline", "--train-placement", "random")
     assert line.count("random") == 1, line
+
+
+def test_a_trigger_file_training_cannot_use_is_refused_at_submit(tmp_path):
+    np.save(tmp_path / "wide.npy", np.zeros((3, 4), np.float32))
+    np.save(tmp_path / "flat.npy", np.zeros(9, np.float32))
+    (tmp_path / "junk.png").write_bytes(b"not a png")
+    (tmp_path / "folder").mkdir()
+    cases = {"wide.npy": "shape (3, 4)", "flat.npy": "shape (9,)", "junk.png": "not an image",
+             "folder": "not a file"}  # fmt: skip
+    for name, reason in cases.items():
+        line = refused("submit", "pipeline", "--trigger", f"file:{tmp_path / name}")
+        assert f"trigger file {tmp_path / name}" in line and reason in line, line
+
+
+def test_a_relative_trigger_file_is_stored_with_its_absolute_path(tmp_path, monkeypatch):
+    np.save(tmp_path / "t.npy", np.ones((3, 3), np.float32))
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["submit", "train", "--trigger", "file:t.npy"])
+    assert result.exit_code == 0, result.output
+    (job,) = Store().list_jobs()
+    assert Store().job(job.id).spec["trigger"] == f"file:{tmp_path / 't.npy'}"
