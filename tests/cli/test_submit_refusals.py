@@ -123,3 +123,9 @@ def test_a_relative_trigger_file_is_stored_with_its_absolute_path(tmp_path, monk
     assert result.exit_code == 0, result.output
     (job,) = Store().list_jobs()
     assert Store().job(job.id).spec["trigger"] == f"file:{tmp_path / 't.npy'}"
+
+
+def test_run_refuses_a_job_reference_and_points_to_submit():
+    line = refused("run", "defend", "--method", "anp", "--model", "job:1")
+    assert "--model job:1: run takes artifact directories, not job references" in line
+    assert "mesa-tui submit defend" in line and "mesa-tui show 1" in line
