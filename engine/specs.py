@@ -807,6 +807,34 @@ class DefendSpec(SpecBase):
     split_seed: SplitSeed
 
     @model_validator(mode="after")
+    def _mesa_settings(self) -> DefendSpec:
+        """What mesa needs and only mesa takes: checked here, not by the task alone, so that
+        submitting refuses it before the jobs upstream run."""
+        if self.method == "mesa" and not self.search:
+            raise ValueError(
+                "--method mesa needs --search: a search artifact (mesa-tui run mesa) or, for "
+                "submit, job:ID"
+            )
+        if self.method == "mesa" and self.beta is not None and self.ensemble is not None:
+            raise ValueError("give either --beta or --ensemble, not both")
+        given = {"--search": self.search, "--beta": self.beta, "--ensemble": self.ensemble}
+        stray = [flag for flag, value in given.items() if value is not None]
+        if self.method != "mesa" and stray:
+            raise ValueError(f"{stray[0]} is only used by --method mesa; leave it out")
+        return self
+
+    @model_validator(mode="after")
+    def _reversal_settings(self) -> DefendSpec:
+        if self.reversal_from is not None and self.method not in ("point", "neural-cleanse"):
+            raise ValueError("--reversal-from is only used by --method point or neural-cleanse")
+        if self.point_index is not None and self.point_index >= self.point_restarts:
+            raise ValueError(
+                f"invalid --point-index {self.point_index}: there are {self.point_restarts} "
+                f"restarts; use 0..{self.point_restarts - 1} or leave it out to cycle through all"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _one_anp_rule(self) -> DefendSpec:
         if self.anp_prune_count is not None and self.anp_max_acc_drop is not None:
             raise ValueError(

@@ -129,3 +129,16 @@ def test_run_refuses_a_job_reference_and_points_to_submit():
     line = refused("run", "defend", "--method", "anp", "--model", "job:1")
     assert "--model job:1: run takes artifact directories, not job references" in line
     assert "mesa-tui submit defend" in line and "mesa-tui show 1" in line
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--method", "mesa"], "--method mesa needs --search"),
+        (["--method", "point", "--search", "job:1"], "--search is only used by --method mesa"),
+        (["--method", "point", "--point-restarts", "2", "--point-index", "2"], "--point-index 2"),
+        (["--method", "finetune", "--reversal-from", "job:1"], "--reversal-from is only used"),
+    ],
+)
+def test_submit_defend_refuses_what_the_task_would_before_upstream_runs(args, fragment):
+    assert fragment in refused("submit", "defend", "--model", "job:1", *args)
