@@ -744,7 +744,7 @@ def parse_gpus(value: str | None) -> list[str] | None:
         return None
     gpus = [g.strip() for g in value.split(",") if g.strip()]
     for g in gpus:
-        if not g.isdigit():
+        if not (g.isascii() and g.isdigit()):
             from engine.errors import UserError
 
             raise UserError(f"invalid --gpus {value!r}: give GPU indices like 0,1")

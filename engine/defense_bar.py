@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.errors import UserError
-from engine.pipelines import method_settings
+from engine.pipelines import check_distinct_methods, method_settings
 
 TRIGGERS = ("bw:170", "bw:0", "bw:85")
 TARGET = 0
@@ -104,9 +104,18 @@ class Plan:
                 f"invalid methods {','.join(unknown) or 'none given'}: use some of "
                 f"{','.join(METHODS)} or mesa-BETA like mesa-0.9"
             )
-        bad = [r for r in self.rates if not 0 < r <= 1]
-        if bad or not self.rates:
-            raise UserError(f"invalid rates {bad or 'none given'}: give rates in (0, 1] like 0.1")
+        check_distinct_methods(self.methods, f"--methods {','.join(self.methods)}")
+        _check_rates("--rates", self.rates)
+        _check_rates("--headline-rate", (self.headline_rate,))
+        if not any(self.is_headline(r) for r in self.rates):  # else no rate is reversed first
+            raise UserError(
+                f"invalid --headline-rate {self.headline_rate:g}: not among --rates "
+                f"{_text(self.rates)}; add it to --rates or give --headline-rate one of them"
+            )
+        if self.residual_rates is not None:
+            _check_rates("--residual-rates", self.residual_rates)
+        if self.residual_methods is not None:
+            _check_residual_methods(self.residual_methods)
 
     def is_headline(self, rate: float) -> bool:
         return math.isclose(rate, self.headline_rate)
@@ -121,6 +130,52 @@ class Plan:
         return any(math.isclose(rate, r) for r in rates) and (
             self.residual_methods is None or method in self.residual_methods
         )
+
+
+def _text(rates: tuple[float, ...]) -> str:
+    return ",".join(f"{r:g}" for r in rates)
+
+
+def _check_rates(flag: str, rates: tuple[float, ...]) -> None:
+    """Stamping rates in (0, 1], none twice (a copy would queue the same repairs again)."""
+    bad = [r for r in rates if not 0 < r <= 1]
+    if bad or not rates:
+        shown = f"{bad[0]:g}" if bad else "(none)"
+        raise UserError(f"invalid {flag} {shown}: give stamping rates in (0, 1] like 0.1")
+    for i, rate in enumerate(rates):
+        if any(math.isclose(rate, r) for r in rates[:i]):
+            raise UserError(
+                f"invalid {flag} {_text(rates)}: {rate:g} is named twice; give each rate once"
+            )
+
+
+def _check_residual_methods(methods: tuple[str, ...]) -> None:
+    """Defend methods (mesa covers mesa-0.9 too), none twice."""
+    from engine.specs import DEFEND_METHODS
+
+    for i, method in enumerate(methods):
+        if method not in DEFEND_METHODS:
+            raise UserError(
+                f"invalid --residual-methods {method}: use defend methods such as mesa,point "
+                f"(one of {', '.join(DEFEND_METHODS)})"
+            )
+        if method in methods[:i]:
+            raise UserError(
+                f"invalid --residual-methods {','.join(methods)}: {method} is named twice; "
+                "give each method once"
+            )
+
+
+def check_residual_rates(plan: Plan) -> None:
+    """A study's residual rates must be among its rates, or that residual search never runs.
+    (Plan cannot insist: the driver's paper part repairs at the headline rate alone with the
+    main part's residual rates.)"""
+    for rate in plan.residual_rates or ():
+        if not any(math.isclose(rate, r) for r in plan.rates):
+            raise UserError(
+                f"invalid --residual-rates {_text(plan.residual_rates or ())}: {rate:g} is not "
+                f"among --rates {_text(plan.rates)}; add it there or leave it out"
+            )
 
 
 def _single_beta(method: str) -> bool:

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from engine.errors import UserError
 from engine.paper_figures import PAPER_BW, PAPER_COLOR_CIFAR10, PAPER_COLOR_CIFAR100
+from engine.spec_fields import option_name, split_list
 from store.entities import NewJob
 
 if TYPE_CHECKING:
@@ -86,16 +88,47 @@ def method_settings(method: str) -> dict[str, Any]:
 
 
 def parse_methods(value: str | None) -> list[str]:
-    if not value:
+    """``--methods`` as given: None (left out) is the defaults, ``all`` every method, else a
+    comma list of known names, none of them twice (``check_distinct_methods``)."""
+    if value is None:
         return list(DEFAULT_METHODS)
     if value.strip() == "all":
         return ["mesa-0.9", "mesa-0.8", "mesa-0.5", "mesa-ensemble", "ideal", "point",
                 "neural-cleanse", "finetune", "random-patch", "anp", "i-bau", "clp",
                 "ft-sam"]  # fmt: skip
-    methods = [m.strip() for m in value.split(",") if m.strip()]
-    for m in methods:
-        method_settings(m)
-    return list(dict.fromkeys(methods))
+    methods = split_list(value)
+    if not methods:
+        raise UserError(
+            f"invalid --methods {value!r}: no method named; give e.g. mesa,point, or leave "
+            f"--methods out for {','.join(DEFAULT_METHODS)}"
+        )
+    check_distinct_methods(methods, f"--methods {value!r}")
+    return methods
+
+
+def check_distinct_methods(methods: Sequence[str], given: str) -> None:
+    """Each name known, and no repair named twice, under any spelling (mesa and mesa-ensemble,
+    mesa-0.9 and mesa-.9): the copy would only queue the same jobs again. ``given``: the option
+    and its value, for the message."""
+    seen: dict[tuple[Any, ...], str] = {}
+    for method in methods:
+        key = tuple(sorted(method_settings(method).items()))
+        if key in seen:
+            same = "is named twice" if seen[key] == method else f"is the same repair as {seen[key]}"
+            raise UserError(f"invalid {given}: {method} {same}; give each method once")
+        seen[key] = method
+
+
+def check_search_betas(methods: Sequence[str], betas: Sequence[float]) -> None:
+    """A mesa-BETA repair uses that beta's generator, so the search must make it (the defend
+    task would refuse it only after the attack and the search ran)."""
+    for method in methods:
+        beta = method_settings(method).get("beta")
+        if beta is not None and not any(math.isclose(beta, b) for b in betas):
+            raise UserError(
+                f"invalid --methods {method}: beta {beta:g} is not among the search's betas "
+                f"{','.join(f'{b:g}' for b in betas)}; add it with --mesa-betas or pick one"
+            )
 
 
 def _choice_takers(stages: list[str], key: str, value: Any) -> list[str]:
@@ -120,6 +153,15 @@ def _choice_takers(stages: list[str], key: str, value: Any) -> list[str]:
     return takers
 
 
+# The defend settings a method name sets (``method_settings``), with the --methods that asks for
+# them: given as stage settings, --methods would silently override them.
+SET_BY_METHODS = {
+    "method": "--methods {value}",
+    "beta": "--methods mesa-{value} (--detect-beta sets the detection's)",
+    "ensemble": "--methods mesa (the round-robin ensemble), or submit defend for another",
+}
+
+
 def split_overrides(overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Route overrides to stages: ``train_epochs`` goes to train only; a plain ``epochs`` goes
     to every stage whose spec has that field (train and defend). A choice that only some of
@@ -132,6 +174,9 @@ def split_overrides(overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
         if value is None:
             continue
         stage, _, field = key.partition("_")
+        if key in SET_BY_METHODS or (stage == "defend" and field in SET_BY_METHODS):
+            hint = SET_BY_METHODS[field if stage == "defend" else key].format(value=value)
+            raise UserError(f"{option_name(key)} is set per defend job by --methods; use {hint}")
         if stage in STAGES and field in SPEC_CLASSES[stage].model_fields:
             routed[stage][field] = value
             continue
@@ -145,6 +190,25 @@ def split_overrides(overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
         for s in targets:
             routed[s][key] = value
     return routed
+
+
+def given_flags(overrides: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """Per stage, each field given and the flag it was given as (``--train-placement`` or
+    ``--placement``), for messages about the value."""
+    from engine.specs import SPEC_CLASSES
+
+    flags: dict[str, dict[str, str]] = {stage: {} for stage in STAGES}
+    for key, value in overrides.items():
+        stage, _, field = key.partition("_")
+        if value is None:
+            continue
+        if stage in STAGES and field in SPEC_CLASSES[stage].model_fields:
+            flags[stage][field] = option_name(key)
+            continue
+        for s in STAGES:
+            if key in SPEC_CLASSES[s].model_fields:
+                flags[s].setdefault(key, option_name(key))
+    return flags
 
 
 def routing_notes(overrides: dict[str, Any]) -> list[str]:
@@ -174,16 +238,54 @@ def routing_notes(overrides: dict[str, Any]) -> list[str]:
     return notes
 
 
+def check_targets(target: str, overrides: dict[str, Any]) -> None:
+    """--target is the class of the search and the repairs (or auto: the detection's), so a
+    stage may not set another: an attack on 5 searched for 3 measures nothing."""
+    for key in ("mesa_target", "defend_target"):
+        if overrides.get(key) is not None:
+            raise UserError(
+                f"{option_name(key)} is set by the pipeline's --target; give the class there"
+            )
+    attacked = overrides.get("train_target")
+    if target == "auto" or attacked is None:
+        return
+    try:
+        differs = int(str(attacked)) != int(target)
+    except ValueError:  # the attack's spec names the bad value
+        return
+    if differs:
+        raise UserError(
+            f"--train-target {attacked} and --target {target} differ: the search would be told "
+            f"another class than the attacked one; give the class once, as --target {attacked}"
+        )
+
+
+def check_preset(preset: str | None) -> None:
+    """A pipeline's preset goes to every stage that has it, so it must be some stage's (a stage
+    without it keeps its defaults)."""
+    from engine.specs import PRESETS
+
+    names = list(dict.fromkeys(n for stage in STAGES for n in PRESETS.get(stage, {})))
+    if preset and preset not in names:
+        raise UserError(
+            f"preset '{preset}' is unknown for a pipeline; use one of {', '.join(names)}"
+        )
+
+
 def _stage_spec(
-    kind: str, preset: str | None, values: dict[str, Any], references: dict[str, str]
+    kind: str,
+    preset: str | None,
+    values: dict[str, Any],
+    references: dict[str, str],
+    flags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Validate a stage's spec (references stand in as valid placeholders) and return its JSON
-    with the references in place."""
+    """Validate a stage's spec (references stand in as valid placeholders; ``flags``: the
+    options its values were given as) and return its JSON with the references in place."""
     from engine.specs import PRESETS, TrainSpec, build_spec, check_against_dataset
 
     placeholders = {k: (0 if k == "target" else "job") for k in references}
     stage_preset = preset if preset and preset in PRESETS.get(kind, {}) else None
-    spec = build_spec(kind, stage_preset, None, {**values, **placeholders})
+    spec = build_spec(kind, stage_preset, None, {**values, **placeholders}, flags)
     if isinstance(spec, TrainSpec) and "target" not in references:  # as `submit train` checks
         check_against_dataset(spec)
     data = spec.to_json()
@@ -220,12 +322,22 @@ def build_pipeline(
     ``split_point_restarts`` each point restart is its own job (studies report mean and worst
     over restarts); otherwise one job repairs with every restart in turn.
     """
-    if target != "auto" and not target.isdigit():
+    # isdigit() alone passes "²", which int() refuses
+    if target != "auto" and not (target.isascii() and target.isdigit()):
         raise UserError(f"invalid --target {target!r}: give a class number or auto")
-    build = _Pipeline(preset, trigger, target, split_overrides(overrides), seed, start, study_seed)
+    from engine.specs import check_method_settings
+
+    check_preset(preset)
+    check_targets(target, overrides)
+    defend_methods = [method_settings(m)["method"] for m in methods]
+    check_method_settings(defend_methods, given_flags(overrides)["defend"])
+    routed, flags = split_overrides(overrides), given_flags(overrides)
+    build = _Pipeline(preset, trigger, target, routed, flags, seed, start, study_seed)
     train = build.attack(train_from)
     build.find_target()
     search = build.search() if any(m.startswith("mesa") for m in methods) else None
+    if search is not None:
+        check_search_betas(methods, build.jobs[search].spec["betas"])
     for method in methods:
         build.defend(method, search, split_point_restarts)
     return PipelineJobs(jobs=build.jobs, train_index=train)
@@ -242,6 +354,7 @@ class _Pipeline:
     trigger: str | None
     target: str
     routed: dict[str, dict[str, Any]]
+    flags: dict[str, dict[str, str]]
     seed: int
     start: int
     study_seed: int | None
@@ -288,7 +401,7 @@ class _Pipeline:
         if train_from is not None:
             refs["init_from"] = f"job:{train_from[0]}"
             deps.append((train_from[0], "init_from"))
-        spec = _stage_spec("train", self.preset, values, refs)
+        spec = _stage_spec("train", self.preset, values, refs, self.flags["train"])
         if self.auto and "target" not in self.routed["train"]:
             spec["target"] = 0
         self.label = f"{spec.get('trigger') or 'clean'} -> {spec['target']}"
@@ -303,7 +416,9 @@ class _Pipeline:
             self.target_values = {"target": int(self.target)}
             return
         values = {"seed": self.seed, **self.routed["detect"]}
-        spec = _stage_spec("detect", self.preset, values, {"model": self.model})
+        spec = _stage_spec(
+            "detect", self.preset, values, {"model": self.model}, self.flags["detect"]
+        )
         detect = self.add("detect", spec, [(self.train_ref, "model")], label=f"detect {self.label}")
         self.detect_ref = self.ref(detect)
         self.target_refs["target"] = f"job:{self.detect_ref}:flagged"
@@ -316,7 +431,7 @@ class _Pipeline:
         if self.detect_ref:  # the detection's scan serves the search (when its settings match)
             refs["scan_from"] = f"job:{self.detect_ref}"
             deps.append((self.detect_ref, "target:flagged,scan_from"))
-        spec = _stage_spec("mesa", self.preset, values, refs)
+        spec = _stage_spec("mesa", self.preset, values, refs, self.flags["mesa"])
         return self.add("mesa", spec, deps, label=f"mesa {self.label}")
 
     def defend(self, method: str, search: int | None, split_point_restarts: bool) -> None:
@@ -338,7 +453,7 @@ class _Pipeline:
             spec_values = dict(values)
             if index is not None:
                 spec_values["point_index"] = index
-            spec = _stage_spec("defend", self.preset, spec_values, refs)
+            spec = _stage_spec("defend", self.preset, spec_values, refs, self.flags["defend"])
             suffix = f" #{index}" if index is not None else ""
             label = f"{method}{suffix} {self.label}"
             self.add("defend", spec, list(deps), label=label, method=method)
@@ -400,23 +515,41 @@ def choose_triggers(
     chosen: list[str] | None,
     named: dict[str, list[str]] | None = None,
 ) -> list[str]:
-    """The template's triggers that ``chosen`` names, in the template's order (None: all). One
-    entry of ``chosen`` may be a name of ``named`` (a subset the template defines)."""
+    """The template's triggers that ``chosen`` names (the --triggers items as given), in the
+    template's order (None: all). An item may be a name of ``named`` (a subset the template
+    defines)."""
     if chosen is None:
         return list(triggers)
     named = named or {}
     wanted: list[str] = []
-    for item in chosen:
+    for item in filter(None, (c.strip() for c in chosen)):
         wanted.extend(named.get(item, [item]))
     unknown = [t for t in wanted if t not in triggers]
     if unknown or not wanted:
-        names = f"{', '.join(named)} or " if named else ""
+        own = f"{template}'s {len(triggers)} triggers"
+        problem = (
+            f"{', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not among {own}; "
+            "give some of them"
+            if unknown
+            else f"no trigger named; give some of {own}"
+        )
+        names = f" ({', '.join(named)} or a comma-separated list)" if named else ""
         raise UserError(
-            f"invalid --triggers {','.join(chosen)!r}: {', '.join(unknown) or 'none given'} "
-            f"not among the {len(triggers)} triggers of {template}; give {names}a comma-separated "
-            f"list of them, e.g. {triggers[0]}"
+            f"invalid --triggers {','.join(chosen)!r}: {problem}{names}, e.g. {triggers[0]}"
         )
     return [t for t in triggers if t in set(wanted)]
+
+
+def _refuse_template_options(template: str, overrides: dict[str, Any]) -> None:
+    """An option of defense-bar (its plan) or of submit pipeline (--preset) that this template
+    fixes: say so, instead of calling it an unknown stage setting."""
+    for key in (*DEFENSE_PLAN_KEYS, "preset"):
+        if overrides.get(key) is not None and not (template == "defense-bar" and key != "preset"):
+            taker = "defense-bar" if key in DEFENSE_PLAN_KEYS else "submit pipeline"
+            raise UserError(
+                f"template {template} fixes its {key.replace('_', ' ')}; "
+                f"{option_name(key)} is taken by {taker}"
+            )
 
 
 def _study(
@@ -440,9 +573,16 @@ def _study(
 ) -> tuple[dict[str, Any], list[NewJob]]:
     from engine.specs import PRESETS
 
+    _refuse_template_options(name, overrides)
     target_of = dict(zip(triggers, targets, strict=True))
     triggers = choose_triggers(name, triggers, chosen)
     targets = [target_of[t] for t in triggers]
+    if target_mode == "oracle" and overrides.get("train_target") is not None:
+        raise UserError(
+            f"--train-target {overrides['train_target']}: {name} with --target oracle attacks "
+            "each trigger's own target and tells the search it; leave --train-target out or use "
+            "--target auto"
+        )
     jobs: list[NewJob] = []
     for seed in seeds:
         clean_ref = None
@@ -599,12 +739,22 @@ def _defense_bar(
     (``--nc-epochs 30``, ``--mesa-steps 100``); ``--rates``, ``--methods``, ``--headline-rate``,
     ``--residual-rates`` and ``--residual-methods`` pick the repairs as the driver's options do."""
     from engine import defense_bar as bar
+    from engine.specs import check_method_settings
 
     name = "defense-bar"
+    _refuse_template_options(name, overrides)
     plan, rest = _defense_plan(overrides)
+    for key in ("target", "train_target", "mesa_target", "defend_target"):
+        if key in rest:  # one class for the attack, the search and the repairs
+            raise UserError(
+                f"{option_name(key)}: {name} attacks class {bar.TARGET} and tells the search "
+                f"and the repairs so; leave {option_name(key)} out"
+            )
     routed = split_overrides(rest)
+    defend_methods = [method_settings(m)["method"] for m in plan.methods]
+    check_method_settings(defend_methods, given_flags(rest)["defend"])
     triggers = choose_triggers(name, list(bar.TRIGGERS), chosen)
-    jobs = _Jobs()
+    jobs = _Jobs(flags=given_flags(rest))
     for trigger in triggers:
         for seed in seeds:
             _defense_bar_model(jobs, trigger, seed, plan, routed)
@@ -638,6 +788,7 @@ def _defense_bar_model(
     model = jobs.add("train", train, {}, bar.TRAIN_PRESET, label=f"attack {label}", **meta)
     search_values = bar.search_values(seed, routed["mesa"])
     search = jobs.add("mesa", search_values, {"model": model}, label=f"mesa {label}", **meta)
+    check_search_betas(plan.methods, jobs.jobs[-1].spec["betas"])
     made: list[str] = []
     for repair in bar.repairs(plan, seed, routed["defend"]):
         refs = {"model": model}
@@ -677,7 +828,7 @@ DEFENSE_PLAN_KEYS = {
 def _defense_plan(overrides: dict[str, Any]) -> tuple[Plan, dict[str, Any]]:
     """The plan's settings out of the overrides (text from the command line or values), and the
     stage settings left."""
-    from engine.defense_bar import Plan
+    from engine.defense_bar import Plan, check_residual_rates
 
     rest = {k: v for k, v in overrides.items() if v is not None}
     plan: dict[str, Any] = {}
@@ -691,10 +842,14 @@ def _defense_plan(overrides: dict[str, Any]) -> tuple[Plan, dict[str, Any]]:
         except ValueError:
             parsed = []
         if not parsed or (key == "headline_rate" and len(parsed) != 1):
-            example = {"headline_rate": "0.1", "methods": "mesa,point"}.get(key, "0.01,0.1")
+            example = {"headline_rate": "0.1", "methods": "mesa,point"}.get(
+                key.removeprefix("residual_"), "0.01,0.1"
+            )
             raise UserError(f"invalid --{key.replace('_', '-')} {value!r}: give e.g. {example}")
         plan[key] = parsed[0] if key == "headline_rate" else tuple(parsed)
-    return Plan(**plan), rest
+    made = Plan(**plan)
+    check_residual_rates(made)
+    return made, rest
 
 
 def _defense_notes(plan: Plan, jobs: list[NewJob]) -> list[str]:
@@ -800,6 +955,7 @@ class _Jobs:
 
     seed: int | None = None
     jobs: list[NewJob] = field(default_factory=list)
+    flags: dict[str, dict[str, str]] = field(default_factory=dict)  # per kind, as given_flags
 
     def add(
         self,
@@ -810,7 +966,8 @@ class _Jobs:
         **meta: Any,
     ) -> str:
         """Validate one stage (references as placeholders) and append it; returns its ref."""
-        spec = _stage_spec(kind, preset, {k: v for k, v in values.items() if k not in refs}, refs)
+        given = {k: v for k, v in values.items() if k not in refs}
+        spec = _stage_spec(kind, preset, given, refs, self.flags.get(kind))
         deps = tuple((ref[4:], name) for name, ref in refs.items())
         meta = {"role": kind, "seed": self.seed, **meta}
         self.jobs.append(NewJob(kind, spec, reference_hash(spec), depends_on=deps, **meta))

@@ -31,7 +31,7 @@ def thread_budget() -> int:
     value = os.environ.get(THREADS_ENV, "").strip()
     if not value:
         return usable_cores()
-    n = int(value) if value.isdigit() else 0
+    n = int(value) if value.isascii() and value.isdigit() else 0
     if n < 1:
         raise UserError(
             f"{THREADS_ENV}={value!r} is not a thread count; set it to 1 or more, or unset it"

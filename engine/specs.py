@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tomllib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, get_args
 
@@ -26,6 +27,7 @@ from engine.catalog import dataset_info
 from engine.errors import UserError
 from engine.spec_fields import default_of, list_item, option_name, split_list, value_text
 from engine.triggerspec import (
+    absolute_trigger,
     check_placement_syntax,
     check_trigger_syntax,
     parse_at_placement,
@@ -60,7 +62,9 @@ class SpecBase(BaseModel):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if v in ("auto", "cpu", "cuda", "mps") or (v.startswith("cuda:") and v[5:].isdigit()):
+        if v in ("auto", "cpu", "cuda", "mps") or (
+            v.startswith("cuda:") and v[5:].isascii() and v[5:].isdigit()
+        ):
             return v
         raise ValueError(f"device '{v}' is unknown; use auto, cpu, cuda or cuda:N")
 
@@ -174,7 +178,7 @@ class TrainSpec(SpecBase):
     def _trigger(cls, v: str | None) -> str | None:
         if v is None or v.lower() in ("", "none", "clean"):
             return None
-        return check_trigger_syntax(v)
+        return absolute_trigger(check_trigger_syntax(v))
 
     @field_validator("placement")
     @classmethod
@@ -250,11 +254,17 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 SPEC_CLASSES: dict[str, type[SpecBase]] = {"train": TrainSpec}
 
 
-def format_validation_error(exc: ValidationError, model: type[BaseModel] | None = None) -> str:
-    """One line: the bad field, the value given, and what would be accepted."""
+def format_validation_error(
+    exc: ValidationError,
+    model: type[BaseModel] | None = None,
+    names: Mapping[str, str] | None = None,
+) -> str:
+    """One line: the bad field (as ``names`` spells its flag, e.g. ``--train-placement`` in a
+    pipeline), the value given, and what would be accepted."""
     err = exc.errors()[0]
     loc = err.get("loc", ())
     field = str(loc[0]) if loc else "spec"
+    flag = (names or {}).get(field) or option_name(field)
     value = err.get("input")
     msg = err.get("msg", "invalid").removeprefix("Value error, ")
     info = model.model_fields.get(field) if model is not None else None
@@ -262,14 +272,14 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel] | None 
         return f"unknown setting '{field}'; check the spelling (see --help for the settings)"
     if err.get("type") == "missing":
         what = f"; give the {info.description}" if info is not None and info.description else ""
-        return f"{option_name(field)} is required{what}"
+        return f"{flag} is required{what}"
     if not loc:  # a check across fields: its message names them
         return msg
     if len(loc) > 1 and info is not None and list_item(info.annotation) is not None:
         example = default_of(info)
         hint = f", e.g. {value_text(example)}" if example not in (..., None, []) else ""
-        return f"invalid {option_name(field)} item {_shown(value)}: {msg}; give a comma-separated list{hint}"
-    return f"invalid {option_name(field)} {_shown(value)}: {msg}"
+        return f"invalid {flag} item {_shown(value)}: {msg}; give a comma-separated list{hint}"
+    return f"invalid {flag} {_shown(value)}: {msg}"
 
 
 def _shown(value: Any) -> str:
@@ -301,8 +311,10 @@ def build_spec(
     preset: str | None = None,
     file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
+    names: Mapping[str, str] | None = None,
 ) -> SpecBase:
-    """Preset, then TOML file, then overrides (``None`` values in overrides are ignored)."""
+    """Preset, then TOML file, then overrides (``None`` values in overrides are ignored);
+    ``names``: the flags fields were given as, for the message about a bad value."""
     if kind not in SPEC_CLASSES:
         raise UserError(f"job kind '{kind}' is unknown; use one of {', '.join(SPEC_CLASSES)}")
     values: dict[str, Any] = {}
@@ -323,7 +335,7 @@ def build_spec(
     try:
         return SPEC_CLASSES[kind](**values)
     except ValidationError as exc:
-        raise UserError(format_validation_error(exc, SPEC_CLASSES[kind])) from None
+        raise UserError(format_validation_error(exc, SPEC_CLASSES[kind], names)) from None
 
 
 def check_against_dataset(spec: TrainSpec) -> None:
@@ -609,6 +621,29 @@ DefendMethod = Literal[
 DEFEND_METHODS: tuple[str, ...] = get_args(DefendMethod)
 # The defenses that change the model without the repair loop's fine-tuning (no repair epochs).
 PRUNING_METHODS = ("anp", "clp")
+# The settings one method alone reads, by field-name prefix: given for jobs of other methods they
+# would change nothing, so submitting refuses them (check_method_settings).
+METHOD_PREFIXES = {
+    "point_": "point",
+    "nc_": "neural-cleanse",
+    "anp_": "anp",
+    "ibau_": "i-bau",
+    "clp_": "clp",
+    "sam_": "ft-sam",
+}
+
+
+def check_method_settings(methods: Sequence[str], given: Mapping[str, str]) -> None:
+    """Refuse a given setting that only a method none of the defend jobs runs reads.
+    ``methods``: the jobs' methods; ``given``: each given field and the flag it was given as."""
+    for field, flag in given.items():
+        owner = next((m for p, m in METHOD_PREFIXES.items() if field.startswith(p)), None)
+        if owner is not None and owner not in methods:
+            named = list(dict.fromkeys(methods))
+            raise UserError(
+                f"{flag} applies to {owner}; no {owner} job here (method"
+                f"{'s' if len(named) > 1 else ''} {', '.join(named)}); leave it out"
+            )
 
 
 class DefendSpec(SpecBase):
@@ -770,6 +805,34 @@ class DefendSpec(SpecBase):
     eval_batch_size: int = Field(1000, ge=1, description="images per evaluation batch")
     defender_fraction: DefenderFraction
     split_seed: SplitSeed
+
+    @model_validator(mode="after")
+    def _mesa_settings(self) -> DefendSpec:
+        """What mesa needs and only mesa takes: checked here, not by the task alone, so that
+        submitting refuses it before the jobs upstream run."""
+        if self.method == "mesa" and not self.search:
+            raise ValueError(
+                "--method mesa needs --search: a search artifact (mesa-tui run mesa) or, for "
+                "submit, job:ID"
+            )
+        if self.method == "mesa" and self.beta is not None and self.ensemble is not None:
+            raise ValueError("give either --beta or --ensemble, not both")
+        given = {"--search": self.search, "--beta": self.beta, "--ensemble": self.ensemble}
+        stray = [flag for flag, value in given.items() if value is not None]
+        if self.method != "mesa" and stray:
+            raise ValueError(f"{stray[0]} is only used by --method mesa; leave it out")
+        return self
+
+    @model_validator(mode="after")
+    def _reversal_settings(self) -> DefendSpec:
+        if self.reversal_from is not None and self.method not in ("point", "neural-cleanse"):
+            raise ValueError("--reversal-from is only used by --method point or neural-cleanse")
+        if self.point_index is not None and self.point_index >= self.point_restarts:
+            raise ValueError(
+                f"invalid --point-index {self.point_index}: there are {self.point_restarts} "
+                f"restarts; use 0..{self.point_restarts - 1} or leave it out to cycle through all"
+            )
+        return self
 
     @model_validator(mode="after")
     def _one_anp_rule(self) -> DefendSpec:

@@ -10,16 +10,17 @@ KINDS = ("bw", "color", "square", "file")
 
 
 def check_trigger_syntax(spec: str) -> str:
-    """Raise ValueError naming the bad spec and the fix; return the spec unchanged when valid."""
+    """Raise ValueError saying what is wrong and the fix (the caller names the value); return the
+    spec unchanged when valid."""
     kind, _, arg = spec.partition(":")
     if kind not in KINDS:
-        raise ValueError(f"trigger '{spec}' is not a known kind; {SPEC_HELP}")
+        raise ValueError(f"not a known kind; {SPEC_HELP}")
     if kind in ("bw", "color") and not re.fullmatch(r"\d+", arg):
-        raise ValueError(f"trigger '{spec}' needs a number after '{kind}:'; {SPEC_HELP}")
+        raise ValueError(f"needs a number after '{kind}:'; {SPEC_HELP}")
     if kind == "bw" and not 0 <= int(arg) <= 511:
         raise ValueError(f"bw trigger id {arg} is out of range; use an id in 0..511")
     if kind == "square" and arg not in ("white", "black"):
-        raise ValueError(f"trigger '{spec}' is unknown; use square:white or square:black")
+        raise ValueError("use square:white or square:black")
     if kind == "file" and not Path(arg).expanduser().exists():
         raise ValueError(
             f"trigger file '{arg}' does not exist; give the path of a PNG or .npy file"
@@ -47,40 +48,34 @@ def parse_at_placement(mode: str) -> tuple[int, int] | None:
 
 
 def check_placement_syntax(mode: str) -> str:
-    """A training placement: per-image, per-batch, corner or at:ROW,COL; ValueError otherwise."""
+    """A training placement: per-image, per-batch, corner or at:ROW,COL; ValueError otherwise
+    (the caller names the value)."""
     if mode in ("per-image", "per-batch", "corner"):
         return mode
     at = parse_at_placement(mode)
     if at is None:
         raise ValueError(
-            f"placement '{mode}' is unknown; use per-image, per-batch, corner or at:ROW,COL "
-            "(the patch's top-left pixel, e.g. at:8,8)"
+            "use per-image, per-batch, corner or at:ROW,COL (the patch's top-left pixel, e.g. "
+            "at:8,8)"
         )
     return f"at:{at[0]},{at[1]}"
 
 
 def trigger_size(spec: str, read_files: bool = False) -> int | None:
-    """Side of the patch; for files read from the PNG or .npy header when ``read_files``."""
-    kind, _, arg = spec.partition(":")
+    """Side of the patch; for a file, when ``read_files``, read as training reads it (a file it
+    cannot use raises ``UserError``, so submitting refuses it instead of the job failing)."""
+    kind, _, _ = spec.partition(":")
     if kind in ("bw", "color", "square"):
         return 3
     if kind == "file" and read_files:
-        path = Path(arg).expanduser()
-        try:
-            if path.suffix.lower() == ".npy":
-                import numpy as np
-
-                shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
-                return int(
-                    max(shape[-2:]) if len(shape) == 3 and shape[0] in (1, 3) else max(shape[:2])
-                )
-            from PIL import Image
-
-            with Image.open(path) as img:
-                return int(max(img.size))
-        except Exception:
-            return None  # the task reads it properly and says what is wrong
+        return int(pattern_array(spec).shape[-1])
     return None
+
+
+def absolute_trigger(spec: str) -> str:
+    """``file:t.npy`` -> ``file:/dir/t.npy``: a job reads it later, from the engine's directory."""
+    kind, _, arg = spec.partition(":")
+    return f"file:{Path(arg).expanduser().absolute()}" if kind == "file" else spec
 
 
 def pattern_array(spec: str, channels: int = 3):
@@ -120,25 +115,15 @@ def _file_array(path: Path, channels: int):
 
     from engine.errors import UserError
 
-    if not path.exists():
-        raise UserError(f"trigger file {path} does not exist; give the path of a PNG or .npy file")
-    if path.suffix.lower() == ".npy":
-        array = np.load(path, allow_pickle=False).astype(np.float32)
-        if array.max() > 1.0:
-            array = array / 255.0
-    else:
-        from PIL import Image
-
-        with Image.open(path) as img:
-            pixels = img.convert("L" if channels == 1 else "RGB")
-            array = np.asarray(pixels, dtype=np.float32) / 255.0
+    array = _read_file(path, channels)
+    shape = array.shape
     if array.ndim == 2:
         array = np.repeat(array[None], channels, axis=0)
     elif array.ndim == 3 and array.shape[-1] in (1, 3) and array.shape[0] not in (1, 3):
         array = array.transpose(2, 0, 1)
     if array.ndim != 3 or array.shape[1] != array.shape[2]:
         raise UserError(
-            f"trigger file {path} has shape {array.shape}; it must be a square k x k patch "
+            f"trigger file {path} has shape {shape}; it must be a square k x k patch "
             "(HxW, HxWxC or CxHxW)"
         )
     if array.shape[0] == 1 and channels == 3:
@@ -146,3 +131,30 @@ def _file_array(path: Path, channels: int):
     if array.shape[0] == 3 and channels == 1:
         array = array.mean(axis=0, keepdims=True)
     return np.clip(array, 0.0, 1.0).astype(np.float32)
+
+
+def _read_file(path: Path, channels: int):
+    """The file's pixels in [0, 1] as float32, in the file's own layout."""
+    import numpy as np
+
+    from engine.errors import UserError
+
+    if not path.exists():
+        raise UserError(f"trigger file {path} does not exist; give the path of a PNG or .npy file")
+    if not path.is_file():
+        raise UserError(f"trigger file {path} is not a file; give the path of a PNG or .npy file")
+    npy = path.suffix.lower() == ".npy"
+    try:
+        if npy:
+            array = np.load(path, allow_pickle=False).astype(np.float32)
+            return array / 255.0 if array.size and array.max() > 1.0 else array
+        from PIL import Image
+
+        with Image.open(path) as img:
+            pixels = img.convert("L" if channels == 1 else "RGB")
+            return np.asarray(pixels, dtype=np.float32) / 255.0
+    except (OSError, ValueError, TypeError):
+        what = "a numeric .npy array" if npy else "an image"
+        raise UserError(
+            f"trigger file {path} is not {what} that can be read; give a PNG or .npy file"
+        ) from None

@@ -14,6 +14,7 @@ import itertools
 import json
 import math
 import statistics
+import unicodedata
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -901,6 +902,7 @@ class Store:
         self, name: str, template: str, params: dict[str, Any], jobs: Sequence[NewJob]
     ) -> tuple[int, list[int]]:
         """A named study and its jobs, in one transaction; the name must be new."""
+        check_study_name(name)
         with self._write() as conn:
             if conn.execute(select(studies_t.c.id).where(studies_t.c.name == name)).first():
                 raise UserError(
@@ -2262,3 +2264,16 @@ def _finite(value: Any) -> float | None:
 def _stored_float(value: Any) -> float:
     """A stored metric value; NULL (how some drivers store NaN) reads back as NaN."""
     return math.nan if value is None else float(value)
+
+
+def check_study_name(name: str) -> None:
+    """A study's name is shown in lists and typed in commands: not blank, no path separator, no
+    control character."""
+    if not name.strip():
+        raise UserError(f"invalid study name {name!r}: give a name that is not blank, e.g. mini")
+    bad = next((c for c in name if c in "/\\" or unicodedata.category(c) == "Cc"), None)
+    if bad is not None:
+        raise UserError(
+            f"invalid study name {name!r}: {bad!r} is a path separator or control character; "
+            "give a name without one, e.g. mini"
+        )

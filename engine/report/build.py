@@ -104,14 +104,14 @@ def resolve_target(store: Any, target: str | int, kind: str | None = None) -> tu
         store.study(value)  # a UserError naming the study when it does not exist
         return "study", value
     if kind == "job":
-        if not value.isdigit():
+        if not (value.isascii() and value.isdigit()):
             raise UserError(f"job id '{value}' is not a number; see `mesa-tui ls` for the ids")
         store.job(int(value))
         return "job", int(value)
     if value in {s.name for s in store.studies()}:
         return "study", value
     number = value.removeprefix("job").strip(" :#")
-    if number.isdigit():
+    if number.isascii() and number.isdigit():
         try:
             store.job(int(number))
         except UserError:

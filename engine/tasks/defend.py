@@ -66,15 +66,9 @@ def check_spec(spec: DefendSpec) -> dict[str, Any]:
             f"invalid --target {spec.target}: the model has {classes} classes; "
             f"use a class in 0..{classes - 1}"
         )
-    if spec.method == "mesa":
-        if not spec.search:
-            raise UserError(
-                "--method mesa needs --search SEARCH_ARTIFACT (make one with mesa-tui run mesa)"
-            )
+    if spec.method == "mesa":  # the spec checked what needs no artifact (_mesa_settings)
         search_meta = _search_meta(spec.search)
         betas = [float(b) for b in search_meta.get("betas", [])]
-        if spec.beta is not None and spec.ensemble is not None:
-            raise UserError("give either --beta or --ensemble, not both")
         if spec.beta is not None and not any(math.isclose(spec.beta, b) for b in betas):
             raise UserError(
                 f"invalid --beta {spec.beta}: the search has betas "
@@ -91,12 +85,6 @@ def check_spec(spec: DefendSpec) -> dict[str, Any]:
                 f"the search {spec.search} targets class {search_target} but the model has "
                 f"{classes} classes; give the search made for this model"
             )
-    else:
-        for flag, value in (("--search", spec.search), ("--beta", spec.beta)):
-            if value is not None:
-                raise UserError(f"{flag} is only used by --method mesa; leave it out")
-        if spec.ensemble is not None:
-            raise UserError("--ensemble is only used by --method mesa; leave it out")
     if spec.method == "ideal" and not (Path(spec.model) / "ground_truth.json").exists():
         raise UserError(
             f"--method ideal needs the original trigger, but {spec.model} has no "
@@ -104,11 +92,6 @@ def check_spec(spec: DefendSpec) -> dict[str, Any]:
         )
     if spec.reversal_from is not None:
         _check_reversal(spec)
-    if spec.point_index is not None and spec.point_index >= spec.point_restarts:
-        raise UserError(
-            f"invalid --point-index {spec.point_index}: there are {spec.point_restarts} restarts; "
-            f"use 0..{spec.point_restarts - 1} or leave it out to cycle through all"
-        )
     size = tuple(meta.get("image_size", (32, 32)))
     if spec.patch_size > min(size):
         raise UserError(
@@ -121,8 +104,6 @@ def _check_reversal(spec: DefendSpec) -> dict[str, Any]:
     """The earlier defense whose reversed trigger is reused: same method, same model."""
     from engine.ml.artifacts import read_manifest
 
-    if spec.method not in ("point", "neural-cleanse"):
-        raise UserError("--reversal-from is only used by --method point or neural-cleanse")
     path = Path(spec.reversal_from).expanduser()
     if not (path / DEFENSE_FILE).exists():
         raise UserError(

@@ -43,9 +43,20 @@ class Given:
     config: Path | None = None
 
     def spec(self, kind: str):  # noqa: ANN201  (engine.specs.SpecBase)
-        """The spec: preset, then the TOML file, then the options given."""
+        """The spec for ``run``: preset, then the TOML file, then the options given. ``run``
+        reads its artifacts now, so a job reference (``submit``'s ``job:ID``) is refused."""
+        from engine.errors import UserError
+        from engine.pipelines import resolve_reference
+        from engine.spec_fields import option_name
         from engine.specs import build_spec
 
+        for field, value in self.values.items():
+            if reference := resolve_reference(value):
+                raise UserError(
+                    f"{option_name(field)} {value}: run takes artifact directories, not job "
+                    f"references; queue it with `mesa-tui submit {kind}`, or give the job's "
+                    f"artifact (`mesa-tui show {reference[0]}` prints it)"
+                )
         return build_spec(kind, self.preset, self.config, self.values)
 
 

@@ -41,9 +41,12 @@ def detect(given: Given, json_output: bool = JSON_OUTPUT) -> None:
 def defend(given: Given, json_output: bool = JSON_OUTPUT) -> None:
     """Repair a backdoored model: fine-tune with stamped triggers that keep their true labels,
     or run one of the post-training defenses (anp, i-bau, clp, ft-sam)."""
+    from engine.spec_fields import option_name
+    from engine.specs import check_method_settings
     from engine.tasks.defend import check_spec
     from mesa_tui.foreground import run_foreground
 
     spec = given.spec("defend")
+    check_method_settings([spec.method], {k: option_name(k) for k in given.values})
     check_spec(spec)
     run_foreground("defend", spec, json_output)

@@ -92,7 +92,7 @@ def create(
     from mesa_tui.commands.submit import parse_extra
 
     overrides = parse_extra(list(ctx.args))
-    chosen = [t.strip() for t in triggers.split(",") if t.strip()] if triggers is not None else None
+    chosen = triggers.split(",") if triggers is not None else None
     params, jobs = build_study(template, _seeds(seeds), overrides, target, chosen)
     jobs = dedupe(jobs)
     store = open_store()

@@ -52,6 +52,7 @@ def submit_one(
     kind: str, given: Given, priority: int, max_attempts: int, json_output: bool
 ) -> None:
     from engine.pipelines import reference_hash, resolve_reference
+    from engine.spec_fields import option_name
     from engine.specs import build_spec
     from mesa_tui.commands.jobs import open_store
     from store.entities import NewJob
@@ -68,6 +69,10 @@ def submit_one(
         from engine.specs import check_against_dataset
 
         check_against_dataset(spec)
+    if kind == "defend":
+        from engine.specs import check_method_settings
+
+        check_method_settings([spec.method], {k: option_name(k) for k in values})
     data = spec.to_json()
     data.update(references)
     store = open_store()

@@ -78,7 +78,7 @@ class PipelineForm(BaseModel):
     @field_validator("target")
     @classmethod
     def _target(cls, v: str) -> str:
-        if v != "auto" and not v.isdigit():
+        if v != "auto" and not (v.isascii() and v.isdigit()):
             raise ValueError(f"target '{v}' is not auto or a class number")
         return v
 

@@ -229,7 +229,7 @@ def test_paper_small_template_rate_subsets_and_refusals():
         ([0], {"mesa_steps": "10"}, None, None, "only --stamp-rate"),
         ([0], {"stamp_rate": "2"}, None, None, "invalid --stamp-rate"),
         ([0], {}, "auto", None, "runs with --target oracle only"),
-        ([0], {}, None, ["bw:4"], "bw:4 not among the 51 triggers"),
+        ([0], {}, None, ["bw:4"], "bw:4 is not among paper-cifar10-bw-small's 51 triggers"),
     ]
     for seeds, overrides, target, chosen, message in cases:
         with pytest.raises(UserError, match=message):
