@@ -472,8 +472,10 @@ class MesaTrainer:
         precision: str = "fp32",
         seed: int = 0,
         position_scan: PositionScan | None = None,
+        pi_without_peak: bool = False,
     ):
         self.device = torch.device(device)
+        self.pi_without_peak = pi_without_peak
         self.precision = resolve_precision(precision, self.device)
         self.config = config
         # Frozen: eval-mode BN (images independent) and no weight gradients, only input gradients;
@@ -628,21 +630,26 @@ class MesaTrainer:
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """Sums, counts and support of a learned pi before the first step, when the scan found
         a peak for ``target``: only the peak's offsets, each with ``position_prior`` pseudo-visits
-        at the scan's capped log score. Without a peak all three are None and the pair is the
-        paper's search, stamped per image at uniform places: a pi learned over the whole image
-        collapses onto a few offsets that score a little higher by chance, and a repair stamped
-        there leaves more of a random-position backdoor (docs/method.md)."""
-        if scan is None:
-            return None, None, None
-        if scan.grid != self.grid:
+        at the scan's capped log score. Without a peak, ``pi_without_peak`` decides: a pi over
+        every offset from uniform (detection and the residual check, which ask whether any
+        trigger works: such a pi settles where triggers work best), or none (all three None),
+        the paper's search stamped per image at uniform places (a search whose samples repair:
+        a pi over the whole image collapses onto a few offsets and the repair stamped there
+        leaves more of a random-position backdoor; docs/method.md)."""
+        cells = self.grid[0] * self.grid[1]
+        if scan is not None and scan.grid != self.grid:
             raise UserError(
                 f"the position scan covers a {scan.grid[0]}x{scan.grid[1]} grid, the search "
                 f"a {self.grid[0]}x{self.grid[1]} one; scan with the search's trigger size"
             )
-        support = position_support(scan, target, self.config.scan_min_lift)
+        support = (
+            None if scan is None else position_support(scan, target, self.config.scan_min_lift)
+        )
         if support is None:
-            return None, None, None
-        cells = self.grid[0] * self.grid[1]
+            if not self.pi_without_peak:
+                return None, None, None
+            zeros = torch.zeros(cells, dtype=torch.float64)
+            return zeros, zeros.clone(), None
         visits = self.config.position_prior
         prior = position_prior(scan, target, beta)
         sums = torch.where(support, visits * prior, torch.zeros(cells, dtype=torch.float64))
@@ -1155,10 +1162,14 @@ def search_targets(
     pca_warmup: int | None = None,
     checkpoint: SearchCheckpoint | None = None,
     position_scan: PositionScan | None = None,
+    pi_without_peak: bool = True,
 ) -> SearchResult:
     """Train one generator per (beta, target, metric-key prefix) in one process; see ``search``.
     A ``learned`` search first scans the positions (``engine.ml.position_scan``) unless
-    ``position_scan`` is given (a detection scans once for all its classes).
+    ``position_scan`` is given (a detection scans once for all its classes). A pair whose target
+    has no scan peak learns pi over every offset when ``pi_without_peak`` (the default here:
+    detection and the residual check measure validity), else it is the paper's search
+    (``search``, whose samples repair).
 
     With ``checkpoint``, the state is saved now and then; with ``checkpoint.resume`` a usable
     file there is loaded and the search continues after its step, logging only later steps, and
@@ -1186,6 +1197,7 @@ def search_targets(
                 precision=precision,
                 seed=seed,
                 position_scan=scan,
+                pi_without_peak=pi_without_peak,
             )
 
         trainer = new_trainer(position_scan)
@@ -1241,6 +1253,7 @@ def search(
     them the model's clean predictions decide). true_pattern: the original trigger, for the
     ``nearest_to_true`` evaluation metric only; the search itself never sees it.
     position_scan: a ``learned`` search's scan made already (a detection's), else it scans.
+    Without a scan peak for ``target`` it is the paper's per-image search (no pi).
     The model is left as it came (training mode and requires_grad flags restored).
     """
     pairs = [(b, target, f"mesa/beta={beta_label(b)}") for b in config.betas]
@@ -1259,6 +1272,7 @@ def search(
         seed=seed,
         checkpoint=checkpoint,
         position_scan=position_scan,
+        pi_without_peak=False,  # its samples repair: the paper's placement where no peak is
     )
 
 

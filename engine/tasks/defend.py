@@ -440,8 +440,11 @@ def _source_mesa(d: _Defense) -> None:
     d.upstream.append(str(spec.search))
     d.extra["beta"] = spec.beta
     d.extra["ensemble"] = ensemble
-    # A search with learned placement: its triggers are stamped where its pi says.
+    # A search with learned placement: its triggers are stamped where its pi says (a pair with
+    # no scan peak has no pi: the repair's own random places). The residual check searches the
+    # way this search did, so after a learned one it scans the repaired model again.
     d.extra["positions"] = "learned" if search.positions else spec.placement
+    d.extra["search_placement"] = search.manifest["meta"].get("config", {}).get("placement")
     if search.positions:
         d.reporter.text("mesa: stamping at the places the search's position distribution gives")
         if spec.probe_share > 0:
@@ -812,7 +815,7 @@ def _residual(d: _Defense) -> dict[str, float]:
         precision=d.precision,
         reporter=d.reporter,
         true_pattern=d.truth.pattern if d.truth else None,
-        placement=d.extra.get("positions", spec.placement),
+        placement=d.extra.get("search_placement") or spec.placement,
         checkpoint=SearchCheckpoint(
             d.workdir / RESIDUAL,
             resume=d.reporter.resume,

@@ -113,7 +113,8 @@ def test_learned_placement_finds_a_fixed_position_backdoor_that_per_image_misses
 def test_without_a_scan_peak_the_learned_search_is_the_papers_search_exactly(tmp_path):
     """A backdoor that answers anywhere gives the scan no peak: the default (learned) search is
     then the paper's per-image one bit for bit, with no pi, so its repair stamps at random places
-    (a pi learned over the whole image collapsed onto a few offsets and repaired worse)."""
+    (a pi learned over the whole image collapsed onto a few offsets and repaired worse); a
+    detection's pairs still learn pi there (it raised the true target's validity)."""
     images, labels = synthetic(512, seed=3)
     normalizer = Normalizer((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     model = PlantedBackdoor(target=1).eval()
@@ -126,6 +127,10 @@ def test_without_a_scan_peak_the_learned_search_is_the_papers_search_exactly(tmp
     assert not any("pos_" in key for row in learned.history for key in row)
     write_search_artifact(learned, tmp_path / "search")  # no pi: a repair stamps at random places
     assert open_search(tmp_path / "search").positions == {}
+    # Detection asks whether any trigger works: its pairs learn pi over every offset.
+    pairs = [(0.8, 1, "detect/class=1")]
+    found = search_targets(model, normalizer, images, pairs, config("learned", **quick))
+    assert found.positions[0] is not None and found.positions[0].shape == (10, 10)
 
 
 def test_detection_with_learned_placement_flags_the_fixed_position_target():
