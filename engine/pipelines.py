@@ -878,12 +878,16 @@ def _paper_bw_small(
     driver ``benchmarks/paper_study.py`` reads the same): one clean model; per trigger the
     fine-tuning attack from it, the search with the oracle target and the repairs mesa, point
     (one job per restart; the first reverses every restart and the later ones reuse its reversal
-    through ``reversal_from``), ideal and finetune. Only the stamping rate can be set."""
+    through ``reversal_from``), ideal and finetune. Only the stamping rate and the methods (any
+    of the study's: ``--methods anp,i-bau,clp,ft-sam`` adds the recent defenses' rows) can be
+    set; the search is queued only when a method repairs from it."""
     from engine import paper_small as protocol
 
     name = "paper-cifar10-bw-small"
     if seeds != [protocol.SEED]:
         raise UserError(f"{name} runs the protocol's one seed ({protocol.SEED}); leave --seeds out")
+    overrides = dict(overrides)
+    methods = _small_methods(name, overrides.pop("methods", None))
     rate = _small_rate(name, overrides, protocol.PAPER_RATE)
     named = {
         "pilot": list(protocol.PILOT_TRIGGERS),
@@ -892,12 +896,35 @@ def _paper_bw_small(
     }
     all_triggers = [protocol.trigger_name(i) for i in CANONICAL_BW_IDS]
     triggers = choose_triggers(name, all_triggers, chosen, named)
-    jobs = _paper_small_jobs(triggers, rate)
-    return _paper_small_params(name, jobs[0].spec["dataset"], triggers, rate), jobs
+    jobs = _paper_small_jobs(triggers, rate, methods)
+    params = _paper_small_params(name, jobs[0].spec["dataset"], triggers, rate, methods)
+    return params, jobs
 
 
-def _paper_small_jobs(triggers: list[str], rate: float) -> list[NewJob]:
-    """The clean model, then per trigger its attack, search and paired repairs."""
+def _small_methods(template: str, given: Any) -> list[str]:
+    """The study's methods (``engine.paper_small``; its main four unless ``given``), in the
+    order given, each once."""
+    from engine import paper_small as protocol
+
+    if given is None:
+        return list(protocol.MAIN_METHODS)
+    items = given if isinstance(given, list | tuple) else str(given).split(",")
+    names = [str(item).strip() for item in items if str(item).strip()]
+    known = ("point", *protocol.METHOD_SETTINGS)
+    unknown = [m for m in names if m not in known]
+    if unknown or not names:
+        raise UserError(
+            f"invalid --methods {given!r}: {', '.join(unknown) or 'none given'}; {template} runs "
+            f"some of {','.join(known)}"
+        )
+    if len(set(names)) != len(names):
+        raise UserError(f"invalid --methods {given!r}: a method is named twice; name each once")
+    return names
+
+
+def _paper_small_jobs(triggers: list[str], rate: float, methods: list[str]) -> list[NewJob]:
+    """The clean model, then per trigger its attack, search (when a method uses it) and paired
+    repairs."""
     from engine import paper_small as protocol
 
     target = protocol.TARGET
@@ -921,14 +948,16 @@ def _paper_small_jobs(triggers: list[str], rate: float) -> list[NewJob]:
             trigger=trigger,
             label=f"attack {label}",
         )
-        search = jobs.add(
-            "mesa",
-            protocol.search_overrides(model),
-            {"model": model},
-            trigger=trigger,
-            label=f"mesa {label}",
-        )
-        for method in protocol.MAIN_METHODS:
+        search = None
+        if any(protocol.METHOD_SETTINGS.get(m, {}).get("method") == "mesa" for m in methods):
+            search = jobs.add(
+                "mesa",
+                protocol.search_overrides(model),
+                {"model": model},
+                trigger=trigger,
+                label=f"mesa {label}",
+            )
+        for method in methods:
             reversal = None
             for repair, values in protocol.repair_overrides(method, model, search, rate):
                 refs = {"model": model}
@@ -975,7 +1004,7 @@ class _Jobs:
 
 
 def _paper_small_params(
-    name: str, dataset: str, triggers: list[str], rate: float
+    name: str, dataset: str, triggers: list[str], rate: float, methods: list[str]
 ) -> dict[str, Any]:
     """The study's params: what it runs, the paper's numbers beside it, and how it differs."""
     from engine import paper_small as protocol
@@ -1005,25 +1034,27 @@ def _paper_small_params(
         "dataset": dataset,
         "triggers": triggers,
         "targets": [protocol.TARGET] * len(triggers),
-        "methods": list(protocol.MAIN_METHODS),
+        "methods": methods,
         "seeds": [protocol.SEED],
         "target_mode": "oracle",
-        "overrides": {"stamp_rate": rate},
+        "overrides": {"stamp_rate": rate}
+        | ({} if methods == list(protocol.MAIN_METHODS) else {"methods": ",".join(methods)}),
         "paper": paper,
         "protocol_notes": notes,
     }
 
 
 def _small_rate(template: str, overrides: dict[str, Any], default: float) -> float:
-    """The stamping rate, the one setting of the CPU protocol a study may change."""
+    """The stamping rate, the one setting of the CPU protocol a study may change besides its
+    methods (taken out before)."""
     given = {k: v for k, v in overrides.items() if v is not None}
     keys = [k for k in given if k in ("stamp_rate", "defend_stamp_rate")]
     others = [k for k in given if k not in keys]
     if others:
         flags = ", ".join(f"--{k.replace('_', '-')}" for k in others)
         raise UserError(
-            f"{template} takes every setting from engine/paper_small.py; only --stamp-rate can "
-            f"be given (not {flags}); use cpu-mini for reduced budgets"
+            f"{template} takes every setting from engine/paper_small.py; only --stamp-rate and "
+            f"--methods can be given (not {flags}); use cpu-mini for reduced budgets"
         )
     if len(keys) > 1:
         raise UserError("give the stamping rate once, as --stamp-rate")

@@ -19,7 +19,7 @@ from engine.pipelines import (
     split_overrides,
 )
 from engine.reporter import MemoryReporter, TaskResult
-from engine.specs import build_spec
+from engine.specs import SPEC_CLASSES, build_spec
 from engine.version import code_version
 from store.entities import NewJob
 from store.repository import RunEvents, Store
@@ -210,6 +210,28 @@ def test_paper_small_template_is_the_protocol_of_engine_paper_small():
         assert all(j.spec["point_restarts"] == protocol.POINT_RESTARTS for j in repairs)
 
 
+def test_paper_small_template_adds_the_recent_defenses_without_a_search():
+    """--methods picks the study's methods: the recent defenses alone queue no search (none
+    repairs from it) and their specs carry no stamping rate (one repair serves every rate), as
+    the driver's records; with mesa the search is back."""
+    from engine import paper_small as protocol
+
+    recent = ",".join(protocol.RECENT_METHODS)
+    params, jobs = build_study("paper-cifar10-bw-small", [0], {"methods": recent}, None, ["bw:0"])
+    assert params["methods"] == list(protocol.RECENT_METHODS)
+    assert params["overrides"] == {"stamp_rate": protocol.PAPER_RATE, "methods": recent}
+    assert [j.kind for j in jobs] == ["train", "train", *["defend"] * 4]
+    defends = [j for j in jobs if j.kind == "defend"]
+    assert [j.spec["method"] for j in defends] == list(protocol.RECENT_METHODS)
+    unset = SPEC_CLASSES["defend"].model_fields["stamp_rate"].default
+    assert {j.spec["stamp_rate"] for j in defends} == {unset}  # not the study's rate
+    _, with_mesa = build_study(
+        "paper-cifar10-bw-small", [0], {"methods": "mesa-0.9,anp-acc10"}, None, ["bw:0"]
+    )
+    assert [j.kind for j in with_mesa] == ["train", "train", "mesa", "defend", "defend"]
+    assert with_mesa[3].spec["beta"] == 0.9 and with_mesa[4].spec["anp_max_acc_drop"] == 0.1
+
+
 def test_paper_small_template_rate_subsets_and_refusals():
     from engine import paper_small as protocol
 
@@ -226,7 +248,9 @@ def test_paper_small_template_rate_subsets_and_refusals():
     assert even["triggers"] == protocol.even_triggers()
     cases = [
         ([1], {}, None, None, "one seed"),
-        ([0], {"mesa_steps": "10"}, None, None, "only --stamp-rate"),
+        ([0], {"mesa_steps": "10"}, None, None, "only --stamp-rate and --methods"),
+        ([0], {"methods": "anp,magic"}, None, None, "invalid --methods 'anp,magic': magic"),
+        ([0], {"methods": "anp,anp"}, None, None, "named twice"),
         ([0], {"stamp_rate": "2"}, None, None, "invalid --stamp-rate"),
         ([0], {}, "auto", None, "runs with --target oracle only"),
         ([0], {}, None, ["bw:4"], "bw:4 is not among paper-cifar10-bw-small's 51 triggers"),
