@@ -56,6 +56,18 @@ async def open_study_screen(pilot: Pilot):
     return pilot.app.screen
 
 
+async def submit_form(pilot: Pilot, form, source: FakeSource) -> tuple[str, dict]:
+    """Submit the new-job form once it is valid; back on the jobs screen, the (kind, spec) the
+    source received."""
+    from mesa_tui.screens.jobs import JobsScreen
+
+    await wait_until(pilot, lambda: not form.errors and not form.validation_pending)
+    await pilot.press("ctrl+s")
+    await settle(pilot)
+    assert isinstance(pilot.app.screen, JobsScreen)
+    return next(c[1] for c in source.calls if c[0] == "submit")
+
+
 async def refresh_screen(pilot: Pilot) -> None:
     """Run the current screen's poll and redraw now, as their timers would."""
     screen = pilot.app.screen

@@ -17,7 +17,14 @@ from mesa_tui.widgets.curves import CurvesPanel
 from mesa_tui.widgets.jobs_table import JobsTable
 from mesa_tui.widgets.trigger_grid import TriggerGrid
 
-from .conftest import make_app, open_study_screen, refresh_screen, settle, wait_until
+from .conftest import (
+    make_app,
+    open_study_screen,
+    refresh_screen,
+    settle,
+    submit_form,
+    wait_until,
+)
 
 
 def table_ids(app) -> list[int]:
@@ -421,11 +428,7 @@ async def test_pipeline_form_refuses_a_bad_method_then_queues_every_stage(demo, 
         await wait_until(pilot, lambda: form.error_labels["methods"].has_class("shown"))
         assert "bogus" in str(form.error_labels["methods"].render())
         form.editors["methods"].value = "mesa,ideal"
-        await wait_until(pilot, lambda: not form.errors and not form.validation_pending)
-        await pilot.press("ctrl+s")
-        await settle(pilot)
-        assert isinstance(app.screen, JobsScreen)
-        kind, spec = next(c[1] for c in demo.calls if c[0] == "submit")
+        kind, spec = await submit_form(pilot, form, demo)
         assert kind == "pipeline" and spec["methods"] == "mesa,ideal" and spec["target"] == "auto"
         assert table_ids(app)[:5] == [10, 9, 8, 7, 6]
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from textual.widgets import Input, Select, Static
 
-from mesa_tui.screens.jobs import JobsScreen
 from mesa_tui.screens.new import NewJobScreen
 
-from .conftest import make_app, settle, wait_until
+from .conftest import make_app, settle, submit_form, wait_until
 
 
 async def open_form(pilot, app, kind: str) -> NewJobScreen:
@@ -36,11 +35,7 @@ async def test_defend_form_takes_ft_sam_and_refuses_its_radius_out_of_range(demo
         await wait_until(pilot, lambda: error.has_class("shown"))
         assert "greater than 0" in str(error.render())
         rho.value = "0.5"
-        await wait_until(pilot, lambda: not form.errors and not form.validation_pending)
-        await pilot.press("ctrl+s")
-        await settle(pilot)
-        assert isinstance(app.screen, JobsScreen)
-        kind, spec = next(c[1] for c in demo.calls if c[0] == "submit")
+        kind, spec = await submit_form(pilot, form, demo)
         assert kind == "defend" and spec["method"] == "ft-sam" and spec["sam_rho"] == 0.5
 
 
@@ -49,9 +44,5 @@ async def test_pipeline_form_queues_the_recent_defenses(demo, clock):
     async with app.run_test(size=(100, 30)) as pilot:
         form = await open_form(pilot, app, "pipeline")
         form.editors["methods"].value = "anp,i-bau,clp,ft-sam"
-        await wait_until(pilot, lambda: not form.errors and not form.validation_pending)
-        await pilot.press("ctrl+s")
-        await settle(pilot)
-        assert isinstance(app.screen, JobsScreen)
-        kind, spec = next(c[1] for c in demo.calls if c[0] == "submit")
+        kind, spec = await submit_form(pilot, form, demo)
         assert kind == "pipeline" and spec["methods"] == "anp,i-bau,clp,ft-sam"
