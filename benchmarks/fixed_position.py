@@ -532,8 +532,12 @@ images, so the ASR columns are paired (`paired_with_mesa` in each record counts 
 images where each repair and MESA's disagree). Intervals are 95 % Wilson intervals over the
 held-out images. `scan lift` is the position scan's peak minus median of the target's
 probability map (docs/method.md); `flagged` is the union of the validity and scan flags.
-`first-design/` keeps the records of the first design (pi learned from rewards alone), which
-failed: detection flagged nothing and MESA left 94-99 % ASR.
+Earlier records, each folder with a README saying why it was replaced: `first-design/` (pi
+learned from rewards alone: detection flagged nothing and MESA left 94-99 % ASR),
+`learned-pi-everywhere/` (a pi for every class without a scan peak: the repair of a
+random-position model got worse), `no-pi-without-peak/` (none in detection either: a
+random-position target went unflagged), `remade-models/` (repairs added to a model made again,
+not paired) and `probe-share/` (the probe share's measurement).
 
 """
 
