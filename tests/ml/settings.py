@@ -6,10 +6,12 @@ from engine.specs import DefendSpec
 
 
 def repair_config(**values):  # noqa: ANN201
-    """``engine.ml.repair.RepairConfig`` of a defend spec with these settings."""
-    return DefendSpec(model="(unused)", **values).repair_config()
+    """``engine.ml.repair.RepairConfig`` of a defend spec with these settings (a fine-tuning
+    repair unless ``method`` is given: the default, mesa, would need a search)."""
+    return DefendSpec(model="(unused)", **{"method": "finetune", **values}).repair_config()
 
 
 def anp_config(**values):  # noqa: ANN201
     """``engine.ml.anp.ANPConfig`` of a defend spec with these ``anp_*`` settings (unprefixed)."""
-    return DefendSpec(model="(unused)", **{f"anp_{k}": v for k, v in values.items()}).anp_config()
+    anp = {f"anp_{k}": v for k, v in values.items()}
+    return DefendSpec(model="(unused)", method="anp", **anp).anp_config()

@@ -147,8 +147,10 @@ def test_jobs_system_pane(snap_compare, snapshot_demo, clock, size):
 @SIZES
 def test_note_dialog(snap_compare, snapshot_demo, clock, size):
     def write(pilot) -> None:
-        pilot.app.screen.query_one("#tags", Input).value = "baseline paper"
-        pilot.app.screen.query_one("#note", Input).value = "loss spikes at step 200"
+        for field, text in (("#tags", "baseline paper"), ("#note", "loss spikes at step 200")):
+            editor = pilot.app.screen.query_one(field, Input)
+            editor.cursor_blink = False  # on a loaded machine the blink's phase is a race
+            editor.value = text
 
     assert snap_compare(
         make_app(snapshot_demo, clock),
@@ -160,7 +162,9 @@ def test_note_dialog(snap_compare, snapshot_demo, clock, size):
 @SIZES
 def test_filter_dialog(snap_compare, snapshot_demo, clock, size):
     def find(pilot) -> None:
-        pilot.app.screen.query_one("#find", Input).value = "baseline"
+        editor = pilot.app.screen.query_one("#find", Input)
+        editor.cursor_blink = False  # as in the note dialog: no race with the blink
+        editor.value = "baseline"
 
     assert snap_compare(
         make_app(snapshot_demo, clock), terminal_size=size, run_before=run_before("slash", find)
