@@ -961,7 +961,7 @@ def _paper_small_jobs(triggers: list[str], rate: float, methods: list[str]) -> l
             reversal = None
             for repair, values in protocol.repair_overrides(method, model, search, rate):
                 refs = {"model": model}
-                if values.get("search") is not None:
+                if search is not None and values.get("search") is not None:
                     refs["search"] = search
                 if reversal is not None:
                     refs["reversal_from"] = reversal
